@@ -1,0 +1,348 @@
+"""The engine: admits items, forms batches with the policy, runs them, settles every future.
+
+Everything here runs on the event-loop thread; the model runs behind a `Runner` (see
+`batcher.runner.ThreadRunner`). Only the dispatch task takes items out of `_pending`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Sequence
+from typing import Generic, Literal, TypeVar
+
+from batcher.config import EngineConfig
+from batcher.errors import (
+    DeadlineExceeded,
+    EngineClosed,
+    EngineError,
+    InferenceFailed,
+    ItemTooLarge,
+    QueueFull,
+)
+from batcher.items import PendingItem, Result, settle_error, settle_result
+from batcher.metrics import EngineMetrics
+from batcher.padding import bucket_length, padded_tokens
+from batcher.policy import MAX_IN_FLIGHT, Dispatch, decide, select_batch
+from batcher.runner import Runner
+
+InT = TypeVar("InT")
+OutT = TypeVar("OutT")
+
+logger = logging.getLogger("batcher.engine")
+
+State = Literal["new", "running", "draining", "closed"]
+
+
+class Engine(Generic[InT, OutT]):
+    """Dynamic micro-batching in front of one `Runner`.
+
+    Use it as an async context manager (or call `start` and `aclose`); then
+    `await engine.submit(x)` from any task on the same loop.
+    """
+
+    def __init__(
+        self,
+        runner: Runner[InT, OutT],
+        config: EngineConfig | None = None,
+        *,
+        metrics: EngineMetrics | None = None,
+    ) -> None:
+        self._runner = runner
+        self._config = config if config is not None else EngineConfig()
+        self.metrics = metrics if metrics is not None else EngineMetrics()
+        self._pending: deque[PendingItem[InT, OutT]] = deque()
+        self._has_work = asyncio.Event()
+        self._device = asyncio.Lock()
+        self._in_flight = 0
+        self._batches: set[asyncio.Task[None]] = set()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._state: State = "new"
+        self._failure: BaseException | None = None
+        self.metrics.queue_depth.set_function(lambda: len(self._pending))
+        self.metrics.in_flight.set_function(lambda: self._in_flight)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the dispatch task. Raises RuntimeError if already started."""
+        if self._state != "new":
+            raise RuntimeError(f"engine already started (state {self._state})")
+        self._state = "running"
+        self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="microbatch-dispatch")
+
+    async def aclose(self, timeout_s: float | None = None) -> None:
+        """Stop admitting, finish every admitted item, then stop.
+
+        Items still unanswered after `timeout_s` fail with `EngineClosed`. Re-raises the
+        exception of a dispatch task that died, so a bug cannot pass silently.
+        """
+        if self._state == "new":
+            self._state = "closed"
+            return
+        if self._state != "closed":
+            await self._drain(timeout_s)
+        if self._failure is not None:
+            raise RuntimeError("the engine's dispatch task failed") from self._failure
+
+    async def _drain(self, timeout_s: float | None) -> None:
+        self._state = "draining"
+        self._has_work.set()
+        assert self._dispatcher is not None
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.wait([self._dispatcher])
+                while self._batches:
+                    await asyncio.wait(set(self._batches))
+        except TimeoutError:
+            logger.warning("drain timed out after %ss; failing what is left", timeout_s)
+        finally:
+            self._state = "closed"
+            tasks = [self._dispatcher, *self._batches]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._fail_pending(EngineClosed("the engine shut down before this item ran"))
+
+    async def __aenter__(self) -> Engine[InT, OutT]:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def healthy(self) -> bool:
+        """False once the dispatch task has died; an orchestrator should restart us."""
+        return self._failure is None and self._state in ("running", "draining")
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._config
+
+    def reconfigure(self, **changes: object) -> EngineConfig:
+        """Apply new limits at once (validated; raises ValueError). Queued items stay."""
+        self._config = self._config.replace(**changes)
+        self._has_work.set()
+        return self._config
+
+    # -- admission ---------------------------------------------------------------------
+
+    async def submit(self, payload: InT, *, deadline: float | None = None) -> Result[OutT]:
+        """Queue one input and wait for its result.
+
+        `deadline` is an absolute time on the running loop's clock (`loop.time()`).
+        Raises QueueFull, EngineClosed or ItemTooLarge at once, DeadlineExceeded when the
+        deadline passes first, InferenceFailed when the model fails on this input.
+        """
+        [result] = await self.submit_many([payload], deadline=deadline)
+        return result
+
+    async def submit_many(
+        self, payloads: Sequence[InT], *, deadline: float | None = None
+    ) -> list[Result[OutT]]:
+        """Queue several inputs at once, all or none, and wait for all their results.
+
+        Each input is batched on its own merits. If one fails, the others are cancelled
+        (those not yet computed never will be) and its error is raised.
+        """
+        items = self._admit(payloads, deadline)
+        timer = None
+        if deadline is not None:
+            timer = asyncio.get_running_loop().call_at(deadline, self._expire, items)
+        try:
+            return [await item.future for item in items]
+        finally:
+            if timer is not None:
+                timer.cancel()
+            for item in items:
+                # Not yet computed (a sibling failed, or our caller was cancelled): never
+                # will be. Already settled with an error: mark it retrieved, since the
+                # first error is the one raised.
+                if item.future.cancel() or item.future.cancelled():
+                    self.metrics.outcome["cancelled"].inc()
+                else:
+                    item.future.exception()
+
+    def _expire(self, items: list[PendingItem[InT, OutT]]) -> None:
+        for item in items:
+            if settle_error(item.future, DeadlineExceeded("the deadline passed before it ran")):
+                self.metrics.outcome["expired"].inc()
+
+    def _admit(self, payloads: Sequence[InT], deadline: float | None) -> list[PendingItem[InT, OutT]]:
+        if self._state != "running":
+            self.metrics.outcome["rejected_closed"].inc(len(payloads))
+            raise EngineClosed(f"the engine is {self._state}; not admitting new items")
+        config = self._config
+        if len(self._pending) + len(payloads) > config.max_queue_size:
+            self._drop_settled()
+            if len(self._pending) + len(payloads) > config.max_queue_size:
+                self.metrics.outcome["rejected_full"].inc(len(payloads))
+                raise QueueFull(len(self._pending), config.max_queue_size)
+        costs = [self._runner.cost(payload) for payload in payloads]
+        if config.max_batch_tokens is not None:
+            for cost in costs:
+                if bucket_length(cost) > config.max_batch_tokens:
+                    raise ItemTooLarge(bucket_length(cost), config.max_batch_tokens)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        items = [
+            PendingItem(payload, loop.create_future(), now, deadline, cost)
+            for payload, cost in zip(payloads, costs, strict=True)
+        ]
+        self._pending.extend(items)
+        self._has_work.set()
+        return items
+
+    # -- dispatch ----------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                self._drop_settled_head()
+                if self._state == "draining":
+                    if not self._pending and self._in_flight == 0:
+                        return
+                    dispatch_now = bool(self._pending) and self._in_flight < MAX_IN_FLIGHT
+                    wake_at = None
+                else:
+                    decision = decide(self._pending, loop.time(), self._config, self._in_flight)
+                    dispatch_now = isinstance(decision, Dispatch)
+                    wake_at = None if isinstance(decision, Dispatch) else decision.until
+                if dispatch_now:
+                    self._launch(self._take_batch(loop.time()))
+                    continue
+                self._has_work.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(wake_at):
+                        await self._has_work.wait()
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                logger.exception("dispatch task failed; failing every queued item")
+                self._failure = exc
+                self._state = "closed"
+            self._fail_pending(EngineClosed("the engine stopped before this item ran"))
+            raise
+
+    def _take_batch(self, now: float) -> list[PendingItem[InT, OutT]]:
+        """Remove the next batch from `_pending`, dropping settled and expired items."""
+        live: list[PendingItem[InT, OutT]] = []
+        for item in self._pending:
+            if self._is_wanted(item, now):
+                live.append(item)
+        chosen = set(select_batch(live, self._config))
+        self._pending = deque(item for i, item in enumerate(live) if i not in chosen)
+        return [live[i] for i in sorted(chosen)]
+
+    def _is_wanted(self, item: PendingItem[InT, OutT], now: float) -> bool:
+        """False, and the item settled, when it must not be computed."""
+        if item.future.done():  # its caller stopped waiting, or its deadline fired
+            return False
+        if item.deadline is not None and now >= item.deadline:
+            settle_error(item.future, DeadlineExceeded("the deadline passed in the queue"))
+            self.metrics.outcome["expired"].inc()
+            return False
+        return True
+
+    def _drop_settled_head(self) -> None:
+        while self._pending and self._pending[0].future.done():
+            self._pending.popleft()
+
+    def _drop_settled(self) -> None:
+        self._pending = deque(item for item in self._pending if not item.future.done())
+
+    def _launch(self, batch: list[PendingItem[InT, OutT]]) -> None:
+        if not batch:
+            return
+        self._in_flight += 1
+        task = asyncio.create_task(self._execute(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    def _fail_pending(self, error: EngineError) -> None:
+        while self._pending:
+            settle_error(self._pending.popleft().future, error)
+
+    # -- execution ---------------------------------------------------------------------
+
+    async def _execute(self, batch: list[PendingItem[InT, OutT]]) -> None:
+        """Run one batch on the device; whatever happens, every future settles."""
+        try:
+            async with self._device:
+                now = asyncio.get_running_loop().time()
+                # Callers may have left or expired while the batch waited for the device.
+                batch = [item for item in batch if self._is_wanted(item, now)]
+                if batch:
+                    await self._run_split(batch)
+        except BaseException as exc:
+            error = EngineClosed("the batch was interrupted by shutdown")
+            if not isinstance(exc, asyncio.CancelledError):
+                logger.exception("batch execution failed; this is a bug")
+                error = EngineClosed("internal error while running the batch")
+            for item in batch:
+                settle_error(item.future, error)
+            raise
+        finally:
+            self._in_flight -= 1
+            self._has_work.set()
+
+    async def _run_split(self, batch: list[PendingItem[InT, OutT]]) -> None:
+        """Run `batch`; if the model raises, split it in halves and retry each, so only
+        the items that fail on their own get the error (out-of-memory included)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            outputs = await self._runner.run([item.payload for item in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                logger.warning("model failed on one input: %r", exc)
+                error = InferenceFailed(f"the model failed on this input: {type(exc).__name__}")
+                error.__cause__ = exc
+                if settle_error(batch[0].future, error):
+                    self.metrics.outcome["failed"].inc()
+                return
+            half = len(batch) // 2
+            await self._run_split(batch[:half])
+            await self._run_split(batch[half:])
+            return
+        inference_time_s = loop.time() - started
+        if len(outputs) != len(batch):
+            error = InferenceFailed(
+                f"the model returned {len(outputs)} outputs for {len(batch)} inputs"
+            )
+            logger.error("%s; failing the batch", error)
+            self.metrics.outcome["failed"].inc(len(batch))
+            for item in batch:
+                settle_error(item.future, error)
+            return
+        self._record(batch, started, inference_time_s)
+        size, delivered = len(batch), 0
+        for item, value in zip(batch, outputs, strict=True):
+            result = Result(value, started - item.enqueued_at, inference_time_s, size)
+            delivered += settle_result(item.future, result)
+        self.metrics.outcome["ok"].inc(delivered)
+
+    def _record(
+        self, batch: list[PendingItem[InT, OutT]], started: float, inference_time_s: float
+    ) -> None:
+        m = self.metrics
+        m.batch_size.observe(len(batch))
+        m.inference.observe(inference_time_s)
+        real = sum(item.cost for item in batch)
+        padded = padded_tokens(item.cost for item in batch)
+        m.real_tokens.inc(real)
+        m.padded_tokens.inc(padded)
+        m.padding_ratio.observe(padded / real if real else 1.0)
+        for item in batch:
+            m.queue_wait.observe(started - item.enqueued_at)

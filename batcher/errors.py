@@ -1,0 +1,46 @@
+"""Typed engine errors; the server maps each one to an HTTP status."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises to a caller."""
+
+
+class QueueFull(EngineError):
+    """The bounded queue has no room; raised at once by `submit` (HTTP 429)."""
+
+    def __init__(self, queue_size: int, max_queue_size: int) -> None:
+        super().__init__(
+            f"queue is full ({queue_size} of {max_queue_size} items waiting); "
+            "retry shortly or raise --max-queue-size"
+        )
+        self.queue_size = queue_size
+        self.max_queue_size = max_queue_size
+
+
+class EngineClosed(EngineError):
+    """The engine is not running or is draining; nothing new is admitted (HTTP 503)."""
+
+
+class DeadlineExceeded(EngineError):
+    """The item's deadline passed before it was computed (HTTP 504)."""
+
+
+class ItemTooLarge(EngineError):
+    """The item alone is over `max_batch_tokens`, so no batch can ever hold it (HTTP 422)."""
+
+    def __init__(self, cost: int, max_batch_tokens: int) -> None:
+        super().__init__(
+            f"input has {cost} padded tokens; a batch holds at most {max_batch_tokens} "
+            "(--max-batch-tokens)"
+        )
+        self.cost = cost
+        self.max_batch_tokens = max_batch_tokens
+
+
+class InferenceFailed(EngineError):
+    """The model raised for this item, alone in its batch (HTTP 500).
+
+    The model's own exception is chained as ``__cause__``.
+    """

@@ -1,0 +1,54 @@
+"""The objects that travel between the engine's stages."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+InT = TypeVar("InT")
+OutT = TypeVar("OutT")
+
+
+@dataclass(frozen=True, slots=True)
+class Result(Generic[OutT]):
+    """One item's output, with where its time went."""
+
+    value: OutT
+    queue_time_s: float
+    """From submit until its batch reached the device."""
+    inference_time_s: float
+    """Device time of the forward pass that computed it."""
+    batch_size: int
+    """Items in that forward pass."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PendingItem(Generic[InT, OutT]):
+    """A submitted input and the future its caller awaits. Touched only on the loop."""
+
+    payload: InT
+    future: asyncio.Future[Result[OutT]]
+    enqueued_at: float
+    """Loop time (monotonic seconds) of admission."""
+    deadline: float | None
+    """Loop time after which it is not computed; None for no deadline."""
+    cost: int
+    """Length in tokens (or 1 for models without a length)."""
+
+
+def settle_result(future: asyncio.Future[OutT], value: OutT) -> bool:
+    """Set `value` unless the future is already done (its caller may have gone away).
+    Returns whether it was set."""
+    if future.done():
+        return False
+    future.set_result(value)
+    return True
+
+
+def settle_error(future: asyncio.Future[OutT], error: BaseException) -> bool:
+    """Set `error` unless the future is already done. Returns whether it was set."""
+    if future.done():
+        return False
+    future.set_exception(error)
+    return True

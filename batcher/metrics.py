@@ -1,0 +1,58 @@
+"""What the engine records, as Prometheus metrics in a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+SECONDS_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1,
+    0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+PADDING_BUCKETS = (1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0)
+OUTCOMES = ("ok", "failed", "expired", "cancelled", "rejected_full", "rejected_closed")
+
+
+class EngineMetrics:
+    """Histograms and counters the engine updates; prometheus_client is thread-safe."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.batch_size = Histogram(
+            "microbatch_batch_size", "Items per forward pass.",
+            buckets=BATCH_SIZE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "microbatch_queue_wait_seconds",
+            "Per item: from admission until its batch reached the device.",
+            buckets=SECONDS_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inference = Histogram(
+            "microbatch_inference_seconds",
+            "Per batch: device time (collate, forward, split).",
+            buckets=SECONDS_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.padding_ratio = Histogram(
+            "microbatch_padding_ratio",
+            "Per batch: padded tokens / real tokens (1.0 = no padding).",
+            buckets=PADDING_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.padded_tokens = Counter(
+            "microbatch_padded_tokens", "Tokens computed, padding included.", registry=r
+        )
+        self.real_tokens = Counter(
+            "microbatch_real_tokens", "Tokens of real input computed.", registry=r
+        )
+        self.items = Counter(
+            "microbatch_items", "Submitted items by outcome.", ["outcome"], registry=r
+        )
+        self.outcome = {name: self.items.labels(name) for name in OUTCOMES}
+        self.queue_depth = Gauge(
+            "microbatch_queue_depth", "Items waiting to be batched.", registry=r
+        )
+        self.in_flight = Gauge(
+            "microbatch_batches_in_flight",
+            "Batches handed to the device and not finished (at most 2).",
+            registry=r,
+        )

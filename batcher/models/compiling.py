@@ -1,0 +1,92 @@
+"""torch.compile with dynamic shapes, and the state that proves no request recompiles."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+Stance = Literal["default", "eager_on_recompile", "fail_on_recompile"]
+
+
+def graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+@contextlib.contextmanager
+def _size_oblivious() -> Iterator[None]:
+    # Without this, dynamo specialises sizes 0 and 1, so a batch of one would cost a second
+    # graph (about 25 s more warm-up on a small CPU). The flag is private; without it we
+    # only lose that saving.
+    try:
+        from torch.fx.experimental import _config as fx_config
+
+        patch = fx_config.patch(backed_size_oblivious=True)
+    except (ImportError, AttributeError):
+        patch = contextlib.nullcontext()
+    with patch:
+        yield
+
+
+@dataclass
+class CompileState:
+    """What `/model` reports about compilation. After warm-up the stance turns to
+    `eager_on_recompile`: a shape no warm-up foresaw runs eager instead of stalling every
+    request behind a compile."""
+
+    requested: bool
+    enabled: bool = False
+    error: str | None = None
+    graphs_at_warm_up: int | None = None
+    stance: Stance = "default"
+    after_warm_up: Stance = "eager_on_recompile"
+
+    def fail(self, exc: Exception) -> None:
+        self.enabled = False
+        self.error = f"{type(exc).__name__}: {exc}"
+
+    def finish_warm_up(self) -> None:
+        self.graphs_at_warm_up = graphs_compiled()
+        self.stance = self.after_warm_up
+
+    @property
+    def graphs_since_warm_up(self) -> int:
+        if self.graphs_at_warm_up is None:
+            return 0
+        return graphs_compiled() - self.graphs_at_warm_up
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "requested": self.requested,
+            "enabled": self.enabled,
+            "error": self.error,
+            "graphs_since_warm_up": self.graphs_since_warm_up,
+        }
+
+    def __str__(self) -> str:
+        if self.enabled:
+            return "compiled, dynamic shapes"
+        return f"eager ({self.error})" if self.error else "eager"
+
+
+def compile_forward(forward: F, state: CompileState) -> F:
+    """`torch.compile(forward, dynamic=True)`; compiling happens lazily at the first call,
+    which the caller makes inside warm-up (under `_size_oblivious`)."""
+    compiled = torch.compile(forward, dynamic=True)
+    state.enabled = True
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if state.graphs_at_warm_up is None:
+            with _size_oblivious():
+                return compiled(*args, **kwargs)
+        return compiled(*args, **kwargs)
+
+    return call  # type: ignore[return-value]

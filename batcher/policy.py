@@ -1,0 +1,119 @@
+"""Batch formation: a pure function of (queue, now, limits, device state).
+
+No asyncio and no clock here: the engine passes `now` in, so tests drive it with plain
+numbers. Invariants, for every batch `select_batch` returns:
+
+1. the oldest item is in it (no starvation: every item eventually becomes the oldest);
+2. it holds at most `max_batch_size` items;
+3. with `max_batch_tokens` set, its padded tokens (items x bucketed longest length) stay
+   within the budget; an item that is over the budget on its own never reaches the queue
+   (the engine refuses it at submit);
+4. among the other items, those whose lengths are close to each other go together, so a
+   batch pays little padding; ties go to the older item.
+
+And `decide` dispatches only when the device can take a batch: at most one runs and one
+waits ready behind it (`MAX_IN_FLIGHT`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Protocol
+
+from batcher.config import EngineConfig
+from batcher.padding import bucket_length
+
+MAX_IN_FLIGHT = 2
+"""Batches handed to the device at once: one computing, one prepared behind it."""
+
+TIMER_SLACK_S = 1e-6
+"""Loop timers may fire up to the clock's resolution early; an item this close to its
+due time counts as due, so a wake-up at `due_at` always dispatches (never spins)."""
+
+
+class Queued(Protocol):
+    """What the policy reads of a queued item."""
+
+    @property
+    def enqueued_at(self) -> float: ...
+
+    @property
+    def cost(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """Form a batch now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Nothing to dispatch yet. Wake at `until` (loop seconds), or on the next event
+    (an arrival, a finished batch, a setting change) when `until` is None."""
+
+    until: float | None
+
+
+Decision = Dispatch | Wait
+
+DISPATCH = Dispatch()
+WAIT_FOR_EVENT = Wait(None)
+
+
+def is_full(pending: Sequence[Queued], config: EngineConfig) -> bool:
+    """Whether the queue already holds a batch that no arrival could grow."""
+    if len(pending) >= config.max_batch_size:
+        return True
+    if config.max_batch_tokens is None:
+        return False
+    longest = max(item.cost for item in pending)
+    return len(pending) * bucket_length(longest) >= config.max_batch_tokens
+
+
+def decide(
+    pending: Sequence[Queued], now: float, config: EngineConfig, in_flight: int
+) -> Decision:
+    """Whether to form a batch from `pending` (oldest first) now, or how long to wait.
+
+    `in_flight` counts batches handed to the device and not yet finished.
+    """
+    if not pending or in_flight >= MAX_IN_FLIGHT:
+        return WAIT_FOR_EVENT
+    due_at = pending[0].enqueued_at + config.max_wait_s
+    if now >= due_at - TIMER_SLACK_S or is_full(pending, config):
+        return DISPATCH
+    if config.policy == "adaptive" and in_flight == 0:
+        return DISPATCH
+    return Wait(due_at)
+
+
+def select_batch(pending: Sequence[Queued], config: EngineConfig) -> list[int]:
+    """Indices into `pending` (oldest first) of the items of the next batch.
+
+    Sort by length, then take the run of consecutive items that contains the oldest
+    and wastes the fewest padded tokens; shrink the run while it breaks the token budget.
+    """
+    if not pending:
+        return []
+    order = sorted(range(len(pending)), key=lambda i: (pending[i].cost, i))
+    costs = [pending[i].cost for i in order]
+    anchor = order.index(0)
+    cost_sum = list(accumulate(costs, initial=0))
+    age_sum = list(accumulate(order, initial=0))  # lower is older
+
+    for size in range(min(config.max_batch_size, len(order)), 0, -1):
+        best_start, best_key = -1, (0, 0)
+        for start in range(max(0, anchor - size + 1), min(anchor, len(order) - size) + 1):
+            end = start + size
+            padded = size * bucket_length(costs[end - 1])
+            if config.max_batch_tokens is not None and padded > config.max_batch_tokens:
+                continue
+            key = (padded - (cost_sum[end] - cost_sum[start]), age_sum[end] - age_sum[start])
+            if best_start < 0 or key < best_key:
+                best_start, best_key = start, key
+        if best_start >= 0:
+            return sorted(order[best_start : best_start + size])
+    # Only reachable when the oldest item alone breaks the budget, which submit refuses.
+    raise RuntimeError("the oldest item does not fit max_batch_tokens; this is a bug")

@@ -1,0 +1,66 @@
+"""Fake runners for engine tests: outputs derive from inputs, and the test decides when
+each forward pass finishes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+class Poison(Exception):
+    """Raised by the fake model for inputs it cannot handle."""
+
+
+@dataclass
+class Call:
+    """One forward pass the fake received, and its start on the loop's clock."""
+
+    payloads: list[str]
+    started_at: float
+
+
+@dataclass
+class GatedRunner:
+    """Runs on the event loop. While `gate` is clear every pass blocks until the test sets
+    it; the output of input `x` is `x.upper()`, so a misrouted result is caught."""
+
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    calls: list[Call] = field(default_factory=list)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    poison: str = "boom"
+    running: int = 0
+    max_running: int = 0
+
+    def cost(self, payload: str) -> int:
+        return len(payload)
+
+    async def run(self, payloads: Sequence[str]) -> list[str]:
+        loop = asyncio.get_running_loop()
+        self.calls.append(Call(list(payloads), loop.time()))
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        self.started.set()
+        try:
+            await self.gate.wait()
+        finally:
+            self.running -= 1
+        if any(self.poison in p for p in payloads):
+            raise Poison(f"cannot handle a batch holding {self.poison!r}")
+        return [p.upper() for p in payloads]
+
+    @property
+    def computed(self) -> list[str]:
+        """Every payload that reached a successful or failed forward pass."""
+        return [p for call in self.calls for p in call.payloads]
+
+    async def wait_for_calls(self, n: int) -> None:
+        while len(self.calls) < n:
+            self.started.clear()
+            await self.started.wait()
+
+
+def open_runner() -> GatedRunner:
+    runner = GatedRunner()
+    runner.gate.set()
+    return runner

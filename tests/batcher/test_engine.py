@@ -1,0 +1,318 @@
+"""The engine with fake models. Time is virtual (looptime): the loop's clock moves only
+when every task is waiting, so timing assertions are exact and nothing sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from batcher import (
+    DeadlineExceeded,
+    Engine,
+    EngineClosed,
+    EngineConfig,
+    InferenceFailed,
+    ItemTooLarge,
+    QueueFull,
+    ThreadRunner,
+)
+from tests.batcher.fakes import GatedRunner, Poison, open_runner
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
+
+
+def texts(n: int, prefix: str = "t") -> list[str]:
+    return [f"{prefix}{i}" for i in range(n)]
+
+
+async def settle(*tasks: asyncio.Task[object]) -> list[object]:
+    async with asyncio.timeout(60):
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_results_go_to_the_right_caller() -> None:
+    runner = open_runner()
+    async with Engine(runner, EngineConfig(max_batch_size=8)) as engine:
+        inputs = texts(50)
+        results = await asyncio.gather(*(engine.submit(x) for x in inputs))
+    assert [r.value for r in results] == [x.upper() for x in inputs]
+    assert sum(len(c.payloads) for c in runner.calls) == 50
+
+
+async def test_a_batch_never_exceeds_max_batch_size() -> None:
+    runner = GatedRunner()
+    async with Engine(runner, EngineConfig(max_batch_size=4, policy="adaptive")) as engine:
+        tasks = [asyncio.create_task(engine.submit(x)) for x in texts(19)]
+        await runner.wait_for_calls(1)  # first item went alone: the device was idle
+        runner.gate.set()
+        await settle(*tasks)
+    sizes = [len(c.payloads) for c in runner.calls]
+    assert max(sizes) <= 4
+    assert sum(sizes) == 19
+    assert sizes[1:3] == [4, 4], "while busy, the engine gathers full batches"
+
+
+async def test_adaptive_dispatches_at_once_when_the_device_is_idle() -> None:
+    runner = open_runner()
+    async with Engine(runner, EngineConfig(max_wait_ms=200, policy="adaptive")) as engine:
+        loop = asyncio.get_running_loop()
+        submitted_at = loop.time()
+        result = await engine.submit("x")
+    assert runner.calls[0].started_at == submitted_at
+    assert result.queue_time_s == 0
+
+
+async def test_window_waits_max_wait_ms_then_dispatches() -> None:
+    runner = open_runner()
+    async with Engine(runner, EngineConfig(max_wait_ms=200, policy="window")) as engine:
+        loop = asyncio.get_running_loop()
+        submitted_at = loop.time()
+        result = await engine.submit("x")
+    assert runner.calls[0].started_at == pytest.approx(submitted_at + 0.2)
+    assert result.queue_time_s == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("policy", ["window", "adaptive"])
+async def test_oldest_item_never_waits_past_max_wait_while_the_device_is_free(
+    policy: str,
+) -> None:
+    runner = open_runner()
+    config = EngineConfig(max_batch_size=32, max_wait_ms=50, policy=policy)  # type: ignore[arg-type]
+    async with Engine(runner, config) as engine:
+        loop = asyncio.get_running_loop()
+        tasks = []
+        for i in range(40):  # a trickle: one item every 7 ms
+            tasks.append(asyncio.create_task(engine.submit(f"x{i}")))
+            await asyncio.sleep(0.007)  # virtual time: spaces arrivals, orders nothing
+        results = await settle(*tasks)
+    assert loop is not None
+    waits = [r.queue_time_s for r in results]  # type: ignore[union-attr]
+    assert max(waits) <= 0.05 + 1e-9
+    if policy == "window":
+        assert max(len(c.payloads) for c in runner.calls) > 1, "the window gathers"
+
+
+async def test_a_full_batch_dispatches_before_the_window_closes() -> None:
+    runner = open_runner()
+    async with Engine(runner, EngineConfig(max_batch_size=4, max_wait_ms=1000, policy="window")) as engine:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.gather(*(engine.submit(x) for x in texts(4)))
+    assert runner.calls[0].started_at == start
+    assert len(runner.calls[0].payloads) == 4
+
+
+async def test_a_raising_item_fails_alone() -> None:
+    runner = open_runner()
+    async with Engine(runner, EngineConfig(max_batch_size=8, policy="window")) as engine:
+        inputs = ["a", "b", "c", "boom", "d", "e", "f", "g"]
+        results = await asyncio.gather(*(engine.submit(x) for x in inputs), return_exceptions=True)
+    for x, r in zip(inputs, results, strict=True):
+        if x == "boom":
+            assert isinstance(r, InferenceFailed)
+            assert isinstance(r.__cause__, Poison)
+        else:
+            assert not isinstance(r, BaseException), r
+            assert r.value == x.upper()
+    assert engine.metrics.outcome["failed"]._value.get() == 1
+
+
+async def test_a_model_that_returns_the_wrong_number_of_outputs_fails_the_batch_loudly() -> None:
+    class Short(GatedRunner):
+        async def run(self, payloads: Sequence[str]) -> list[str]:
+            return (await super().run(payloads))[:-1]
+
+    runner = Short()
+    runner.gate.set()
+    async with Engine(runner, EngineConfig(max_batch_size=4, policy="window")) as engine:
+        results = await asyncio.gather(*(engine.submit(x) for x in texts(4)), return_exceptions=True)
+    assert all(isinstance(r, InferenceFailed) and "3 outputs for 4" in str(r) for r in results)
+
+
+async def test_expired_items_are_never_computed() -> None:
+    runner = GatedRunner()
+    async with Engine(runner, EngineConfig(max_batch_size=4)) as engine:
+        loop = asyncio.get_running_loop()
+        blocker = asyncio.create_task(engine.submit("first"))
+        await runner.wait_for_calls(1)  # the device is now busy
+        doomed = asyncio.create_task(engine.submit("late", deadline=loop.time() + 0.01))
+        fine = asyncio.create_task(engine.submit("fine"))
+        with pytest.raises(DeadlineExceeded):
+            await doomed  # virtual time runs to the deadline while the device is stuck
+        runner.gate.set()
+        await settle(blocker, fine)
+    assert fine.result().value == "FINE"
+    assert "late" not in runner.computed
+    assert engine.metrics.outcome["expired"]._value.get() == 1
+
+
+async def test_an_item_expiring_while_its_batch_waits_for_the_device_is_not_computed() -> None:
+    runner = GatedRunner()
+    config = EngineConfig(max_batch_size=1)
+    async with Engine(runner, config) as engine:
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(engine.submit("first"))
+        await runner.wait_for_calls(1)
+        # Full at once (max_batch_size=1), so it is staged behind "first" with its deadline.
+        doomed = asyncio.create_task(engine.submit("staged", deadline=loop.time() + 5))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert engine.queue_depth == 0, "the item left the queue for the device"
+        with pytest.raises(DeadlineExceeded):
+            await doomed
+        runner.gate.set()
+        await settle(first)
+    assert runner.computed == ["first"]
+
+
+async def test_cancelled_items_are_never_computed() -> None:
+    runner = GatedRunner()
+    async with Engine(runner, EngineConfig(max_batch_size=8)) as engine:
+        blocker = asyncio.create_task(engine.submit("first"))
+        await runner.wait_for_calls(1)
+        gone = [asyncio.create_task(engine.submit(f"gone{i}")) for i in range(3)]
+        kept = asyncio.create_task(engine.submit("kept"))
+        await asyncio.sleep(0)
+        for task in gone:
+            task.cancel()
+        runner.gate.set()
+        await settle(blocker, kept, *gone)
+    assert kept.result().value == "KEPT"
+    assert not any(p.startswith("gone") for p in runner.computed)
+    assert engine.metrics.outcome["cancelled"]._value.get() == 3
+
+
+async def test_a_full_queue_rejects_at_once() -> None:
+    runner = GatedRunner()
+    async with Engine(runner, EngineConfig(max_batch_size=1, max_queue_size=3)) as engine:
+        first = asyncio.create_task(engine.submit("running"))
+        await runner.wait_for_calls(1)
+        staged = asyncio.create_task(engine.submit("staged"))
+        await asyncio.sleep(0)
+        queued = [asyncio.create_task(engine.submit(f"q{i}")) for i in range(3)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match="3 of 3"):
+            await engine.submit("one too many")
+        with pytest.raises(QueueFull):
+            await engine.submit_many(["a"])
+        runner.gate.set()
+        results = await settle(first, staged, *queued)
+    assert not any(isinstance(r, BaseException) for r in results)
+    assert engine.metrics.outcome["rejected_full"]._value.get() == 2
+
+
+async def test_submit_many_is_all_or_nothing_against_the_queue_limit() -> None:
+    runner = GatedRunner()
+    async with Engine(runner, EngineConfig(max_queue_size=4)) as engine:
+        with pytest.raises(QueueFull):
+            await engine.submit_many(texts(5))
+        assert engine.queue_depth == 0
+        runner.gate.set()
+        results = await engine.submit_many(texts(4))
+    assert [r.value for r in results] == [x.upper() for x in texts(4)]
+
+
+async def test_an_item_over_the_token_budget_fails_at_once() -> None:
+    async with Engine(open_runner(), EngineConfig(max_batch_tokens=16)) as engine:
+        with pytest.raises(ItemTooLarge, match="24 padded tokens"):
+            await engine.submit("x" * 17)
+
+
+async def test_shutdown_answers_every_admitted_item_then_refuses_new_ones() -> None:
+    runner = GatedRunner()
+    engine = Engine(runner, EngineConfig(max_batch_size=4, policy="window", max_wait_ms=10_000))
+    await engine.start()
+    tasks = [asyncio.create_task(engine.submit(x)) for x in texts(10)]
+    await runner.wait_for_calls(1)
+    closing = asyncio.create_task(engine.aclose())
+    await asyncio.sleep(0)
+    with pytest.raises(EngineClosed):
+        await engine.submit("after close")
+    runner.gate.set()
+    results = await settle(*tasks)
+    await closing
+    assert [r.value for r in results] == [x.upper() for x in texts(10)]  # type: ignore[union-attr]
+    assert engine.state == "closed"
+
+
+async def test_a_drain_that_times_out_fails_the_rest_with_engine_closed() -> None:
+    runner = GatedRunner()  # never released
+    engine = Engine(runner, EngineConfig(max_batch_size=2))
+    await engine.start()
+    tasks = [asyncio.create_task(engine.submit(x)) for x in texts(5)]
+    await runner.wait_for_calls(1)
+    await engine.aclose(timeout_s=1.0)
+    results = await settle(*tasks)
+    assert all(isinstance(r, EngineClosed) for r in results)
+
+
+async def test_reconfigure_applies_at_once_and_validates() -> None:
+    runner = GatedRunner()
+    async with Engine(runner, EngineConfig(max_batch_size=2, policy="window", max_wait_ms=10_000)) as engine:
+        with pytest.raises(ValueError, match="max_batch_size must be >= 1, got 0"):
+            engine.reconfigure(max_batch_size=0)
+        task = asyncio.create_task(engine.submit("waiting"))
+        await asyncio.sleep(0)
+        assert runner.calls == []
+        engine.reconfigure(policy="adaptive")  # the waiting item goes now, not in 10 s
+        await runner.wait_for_calls(1)
+        runner.gate.set()
+        await settle(task)
+    assert engine.config.policy == "adaptive"
+
+
+async def test_a_dying_dispatcher_fails_every_caller_and_surfaces_at_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runner = GatedRunner()
+    engine = Engine(runner, EngineConfig(max_batch_size=1))
+    await engine.start()
+    first = asyncio.create_task(engine.submit("first"))
+    await runner.wait_for_calls(1)
+
+    def broken(*args: object) -> None:
+        raise ZeroDivisionError("bug")
+
+    monkeypatch.setattr("batcher.engine.select_batch", broken)
+    second = asyncio.create_task(engine.submit("second"))
+    with pytest.raises(EngineClosed):
+        await second
+    assert not engine.healthy
+    with pytest.raises(EngineClosed):
+        await engine.submit("third")
+    runner.gate.set()
+    with pytest.raises(RuntimeError, match="dispatch task failed") as info:
+        await engine.aclose()
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+    await settle(first)
+
+
+async def test_thread_runner_keeps_the_loop_free_while_the_model_computes() -> None:
+    release = threading.Event()
+
+    class BlockingModel:
+        def cost(self, payload: str) -> int:
+            return 1
+
+        def predict(self, payloads: Sequence[str]) -> list[str]:
+            if not release.wait(timeout=30):
+                raise TimeoutError("test never released the model")
+            return [p[::-1] for p in payloads]
+
+    runner = ThreadRunner(BlockingModel())
+    try:
+        async with Engine(runner) as engine:
+            task = asyncio.create_task(engine.submit("abc"))
+            await asyncio.sleep(0)
+            # The loop still runs other work while the model blocks its thread.
+            ticked = asyncio.Event()
+            asyncio.get_running_loop().call_soon(ticked.set)
+            await ticked.wait()
+            assert not task.done()
+            release.set()
+            assert (await task).value == "cba"
+    finally:
+        runner.close()

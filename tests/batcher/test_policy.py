@@ -1,0 +1,105 @@
+"""The batch former as a pure function: plain numbers in, decisions out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from batcher.config import EngineConfig
+from batcher.padding import bucket_length, padded_tokens
+from batcher.policy import DISPATCH, WAIT_FOR_EVENT, Wait, decide, select_batch
+
+
+@dataclass(frozen=True)
+class Q:
+    enqueued_at: float
+    cost: int = 8
+
+
+def queue(*costs: int, start: float = 0.0) -> list[Q]:
+    return [Q(start + i * 0.001, c) for i, c in enumerate(costs)]
+
+
+ADAPTIVE = EngineConfig(max_batch_size=4, max_wait_ms=50, policy="adaptive")
+WINDOW = EngineConfig(max_batch_size=4, max_wait_ms=50, policy="window")
+
+
+def test_empty_queue_waits_for_an_event() -> None:
+    assert decide([], 0.0, ADAPTIVE, in_flight=0) == WAIT_FOR_EVENT
+
+
+def test_adaptive_dispatches_at_once_when_the_device_is_idle() -> None:
+    assert decide([Q(0.0)], 0.0, ADAPTIVE, in_flight=0) == DISPATCH
+
+
+def test_adaptive_gathers_while_the_device_is_busy_until_the_oldest_is_due() -> None:
+    assert decide([Q(0.0)], 0.01, ADAPTIVE, in_flight=1) == Wait(0.05)
+    assert decide([Q(0.0)], 0.05, ADAPTIVE, in_flight=1) == DISPATCH
+
+
+def test_window_waits_for_the_window_even_when_the_device_is_idle() -> None:
+    assert decide([Q(1.0)], 1.0, WINDOW, in_flight=0) == Wait(1.05)
+    assert decide([Q(1.0)], 1.049, WINDOW, in_flight=0) == Wait(1.05)
+    assert decide([Q(1.0)], 1.05, WINDOW, in_flight=0) == DISPATCH
+
+
+@pytest.mark.parametrize("config", [ADAPTIVE, WINDOW])
+def test_a_full_batch_goes_at_once(config: EngineConfig) -> None:
+    assert decide(queue(8, 8, 8, 8), 0.0, config, in_flight=1) == DISPATCH
+
+
+@pytest.mark.parametrize("config", [ADAPTIVE, WINDOW])
+def test_never_more_than_one_batch_waits_behind_the_running_one(config: EngineConfig) -> None:
+    assert decide(queue(8, 8, 8, 8), 9.0, config, in_flight=2) == WAIT_FOR_EVENT
+
+
+def test_a_token_budget_makes_a_batch_full_early() -> None:
+    config = EngineConfig(max_batch_size=32, max_wait_ms=50, max_batch_tokens=64, policy="window")
+    assert decide(queue(32), 0.0, config, in_flight=0) == Wait(0.05)
+    assert decide(queue(32, 32), 0.0, config, in_flight=0) == DISPATCH
+
+
+def test_selection_groups_similar_lengths_around_the_oldest() -> None:
+    pending = queue(100, 8, 200, 96, 7, 104, 9, 100)
+    chosen = select_batch(pending, ADAPTIVE)
+    assert sorted(pending[i].cost for i in chosen) == [96, 100, 100, 104]
+    assert 0 in chosen
+
+
+def test_selection_prefers_older_items_among_equal_lengths() -> None:
+    pending = queue(8, 8, 8, 8, 8, 8)
+    assert select_batch(pending, ADAPTIVE) == [0, 1, 2, 3]
+
+
+def test_selection_keeps_the_token_budget() -> None:
+    config = EngineConfig(max_batch_size=32, max_batch_tokens=100)
+    pending = queue(40, 40, 40, 40)
+    chosen = select_batch(pending, config)
+    assert chosen == [0, 1]  # 2 x 40 padded to 40 = 80 <= 100; 3 x 40 = 120 > 100
+
+
+@given(
+    costs=st.lists(st.integers(1, 300), min_size=1, max_size=80),
+    max_batch_size=st.integers(1, 40),
+    budget=st.one_of(st.none(), st.integers(304, 4000)),
+)
+def test_selection_invariants(costs: list[int], max_batch_size: int, budget: int | None) -> None:
+    config = EngineConfig(max_batch_size=max_batch_size, max_batch_tokens=budget)
+    pending = queue(*costs)
+    chosen = select_batch(pending, config)
+    assert 0 in chosen, "the oldest item always goes"
+    assert len(chosen) == len(set(chosen))
+    assert 1 <= len(chosen) <= max_batch_size
+    if budget is None:
+        assert len(chosen) == min(max_batch_size, len(costs)), "batches are as full as possible"
+    else:
+        assert padded_tokens(pending[i].cost for i in chosen) <= budget
+
+
+def test_bucket_length_rounds_up_to_multiples_of_eight_within_a_cap() -> None:
+    assert [bucket_length(n) for n in (1, 8, 9, 16, 17)] == [8, 8, 16, 16, 24]
+    assert bucket_length(250, cap=256) == 256
+    assert bucket_length(253, cap=254) == 254
