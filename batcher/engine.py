@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Generic, Literal, TypeVar
 
 from batcher.config import EngineConfig
@@ -40,7 +41,8 @@ class Engine(Generic[InT, OutT]):
     """Dynamic micro-batching in front of one `Runner`.
 
     Use it as an async context manager (or call `start` and `aclose`); then
-    `await engine.submit(x)` from any task on the same loop.
+    `await engine.submit(x)` from any task on the same loop. `clock` is injectable so
+    that tests can run on virtual time.
     """
 
     def __init__(
@@ -49,8 +51,11 @@ class Engine(Generic[InT, OutT]):
         config: EngineConfig | None = None,
         *,
         metrics: EngineMetrics | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._runner = runner
+        self.clock = clock
+        """Monotonic seconds; `enqueued_at`, deadlines and timings are on this clock."""
         self._config = config if config is not None else EngineConfig()
         self.metrics = metrics if metrics is not None else EngineMetrics()
         self._pending: deque[PendingItem[InT, OutT]] = deque()
@@ -141,7 +146,7 @@ class Engine(Generic[InT, OutT]):
     async def submit(self, payload: InT, *, deadline: float | None = None) -> Result[OutT]:
         """Queue one input and wait for its result.
 
-        `deadline` is an absolute time on the running loop's clock (`loop.time()`).
+        `deadline` is an absolute time on `engine.clock` (`engine.clock() + timeout_s`).
         Raises QueueFull, EngineClosed or ItemTooLarge at once, DeadlineExceeded when the
         deadline passes first, InferenceFailed when the model fails on this input.
         """
@@ -159,7 +164,8 @@ class Engine(Generic[InT, OutT]):
         items = self._admit(payloads, deadline)
         timer = None
         if deadline is not None:
-            timer = asyncio.get_running_loop().call_at(deadline, self._expire, items)
+            delay = max(0.0, deadline - self.clock())
+            timer = asyncio.get_running_loop().call_later(delay, self._expire, items)
         try:
             return [await item.future for item in items]
         finally:
@@ -179,7 +185,9 @@ class Engine(Generic[InT, OutT]):
             if settle_error(item.future, DeadlineExceeded("the deadline passed before it ran")):
                 self.metrics.outcome["expired"].inc()
 
-    def _admit(self, payloads: Sequence[InT], deadline: float | None) -> list[PendingItem[InT, OutT]]:
+    def _admit(
+        self, payloads: Sequence[InT], deadline: float | None
+    ) -> list[PendingItem[InT, OutT]]:
         if self._state != "running":
             self.metrics.outcome["rejected_closed"].inc(len(payloads))
             raise EngineClosed(f"the engine is {self._state}; not admitting new items")
@@ -195,19 +203,20 @@ class Engine(Generic[InT, OutT]):
                 if bucket_length(cost) > config.max_batch_tokens:
                     raise ItemTooLarge(bucket_length(cost), config.max_batch_tokens)
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = self.clock()
         items = [
             PendingItem(payload, loop.create_future(), now, deadline, cost)
             for payload, cost in zip(payloads, costs, strict=True)
         ]
         self._pending.extend(items)
+        self.metrics.admitted.inc(len(items))
         self._has_work.set()
         return items
 
     # -- dispatch ----------------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+        clock = self.clock
         try:
             while True:
                 self._drop_settled_head()
@@ -217,15 +226,16 @@ class Engine(Generic[InT, OutT]):
                     dispatch_now = bool(self._pending) and self._in_flight < MAX_IN_FLIGHT
                     wake_at = None
                 else:
-                    decision = decide(self._pending, loop.time(), self._config, self._in_flight)
+                    decision = decide(self._pending, clock(), self._config, self._in_flight)
                     dispatch_now = isinstance(decision, Dispatch)
                     wake_at = None if isinstance(decision, Dispatch) else decision.until
                 if dispatch_now:
-                    self._launch(self._take_batch(loop.time()))
+                    self._launch(self._take_batch(clock()))
                     continue
                 self._has_work.clear()
+                timeout = None if wake_at is None else max(0.0, wake_at - clock())
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout_at(wake_at):
+                    async with asyncio.timeout(timeout):
                         await self._has_work.wait()
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
@@ -280,7 +290,7 @@ class Engine(Generic[InT, OutT]):
         """Run one batch on the device; whatever happens, every future settles."""
         try:
             async with self._device:
-                now = asyncio.get_running_loop().time()
+                now = self.clock()
                 # Callers may have left or expired while the batch waited for the device.
                 batch = [item for item in batch if self._is_wanted(item, now)]
                 if batch:
@@ -300,8 +310,7 @@ class Engine(Generic[InT, OutT]):
     async def _run_split(self, batch: list[PendingItem[InT, OutT]]) -> None:
         """Run `batch`; if the model raises, split it in halves and retry each, so only
         the items that fail on their own get the error (out-of-memory included)."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = self.clock()
         try:
             outputs = await self._runner.run([item.payload for item in batch])
         except Exception as exc:
@@ -316,7 +325,7 @@ class Engine(Generic[InT, OutT]):
             await self._run_split(batch[:half])
             await self._run_split(batch[half:])
             return
-        inference_time_s = loop.time() - started
+        inference_time_s = self.clock() - started
         if len(outputs) != len(batch):
             error = InferenceFailed(
                 f"the model returned {len(outputs)} outputs for {len(batch)} inputs"

@@ -44,6 +44,9 @@ class EngineMetrics:
         self.real_tokens = Counter(
             "microbatch_real_tokens", "Tokens of real input computed.", registry=r
         )
+        self.admitted = Counter(
+            "microbatch_admitted_items", "Items admitted to the queue.", registry=r
+        )
         self.items = Counter(
             "microbatch_items", "Submitted items by outcome.", ["outcome"], registry=r
         )

@@ -28,9 +28,9 @@ from batcher.padding import bucket_length
 MAX_IN_FLIGHT = 2
 """Batches handed to the device at once: one computing, one prepared behind it."""
 
-TIMER_SLACK_S = 1e-6
-"""Loop timers may fire up to the clock's resolution early; an item this close to its
-due time counts as due, so a wake-up at `due_at` always dispatches (never spins)."""
+TIMER_SLACK_S = 0.001
+"""Loop timers may fire up to their resolution early (uvloop rounds to milliseconds); an
+item this close to its due time counts as due, so a wake-up for it never spins."""
 
 
 class Queued(Protocol):
@@ -50,7 +50,7 @@ class Dispatch:
 
 @dataclass(frozen=True, slots=True)
 class Wait:
-    """Nothing to dispatch yet. Wake at `until` (loop seconds), or on the next event
+    """Nothing to dispatch yet. Wake at `until` (engine clock), or on the next event
     (an arrival, a finished batch, a setting change) when `until` is None."""
 
     until: float | None
@@ -72,9 +72,7 @@ def is_full(pending: Sequence[Queued], config: EngineConfig) -> bool:
     return len(pending) * bucket_length(longest) >= config.max_batch_tokens
 
 
-def decide(
-    pending: Sequence[Queued], now: float, config: EngineConfig, in_flight: int
-) -> Decision:
+def decide(pending: Sequence[Queued], now: float, config: EngineConfig, in_flight: int) -> Decision:
     """Whether to form a batch from `pending` (oldest first) now, or how long to wait.
 
     `in_flight` counts batches handed to the device and not yet finished.

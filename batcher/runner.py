@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, Protocol, TypeVar
 
 InT = TypeVar("InT")
 OutT = TypeVar("OutT")
+T = TypeVar("T")
 InT_contra = TypeVar("InT_contra", contravariant=True)
 OutT_co = TypeVar("OutT_co", covariant=True)
 
@@ -49,6 +50,11 @@ class ThreadRunner(Generic[InT, OutT]):
     async def run(self, payloads: Sequence[InT]) -> Sequence[OutT]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.model.predict, payloads)
+
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run `fn(*args)` on the device thread (warm-up, say), in turn with batches."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
 
     def close(self) -> None:
         """Wait for the running call, then stop the thread."""

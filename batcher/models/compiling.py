@@ -29,7 +29,7 @@ def _size_oblivious() -> Iterator[None]:
     try:
         from torch.fx.experimental import _config as fx_config
 
-        patch = fx_config.patch(backed_size_oblivious=True)
+        patch = fx_config.patch(backed_size_oblivious=True)  # type: ignore[attr-defined]
     except (ImportError, AttributeError):
         patch = contextlib.nullcontext()
     with patch:

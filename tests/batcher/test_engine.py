@@ -17,11 +17,17 @@ from batcher import (
     InferenceFailed,
     ItemTooLarge,
     QueueFull,
+    Runner,
     ThreadRunner,
 )
 from tests.batcher.fakes import GatedRunner, Poison, open_runner
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
+
+
+def make_engine(runner: Runner[str, str], config: EngineConfig | None = None) -> Engine[str, str]:
+    """An engine on the loop's (virtual) clock."""
+    return Engine(runner, config, clock=asyncio.get_running_loop().time)
 
 
 def texts(n: int, prefix: str = "t") -> list[str]:
@@ -35,7 +41,7 @@ async def settle(*tasks: asyncio.Task[object]) -> list[object]:
 
 async def test_results_go_to_the_right_caller() -> None:
     runner = open_runner()
-    async with Engine(runner, EngineConfig(max_batch_size=8)) as engine:
+    async with make_engine(runner, EngineConfig(max_batch_size=8)) as engine:
         inputs = texts(50)
         results = await asyncio.gather(*(engine.submit(x) for x in inputs))
     assert [r.value for r in results] == [x.upper() for x in inputs]
@@ -44,7 +50,7 @@ async def test_results_go_to_the_right_caller() -> None:
 
 async def test_a_batch_never_exceeds_max_batch_size() -> None:
     runner = GatedRunner()
-    async with Engine(runner, EngineConfig(max_batch_size=4, policy="adaptive")) as engine:
+    async with make_engine(runner, EngineConfig(max_batch_size=4, policy="adaptive")) as engine:
         tasks = [asyncio.create_task(engine.submit(x)) for x in texts(19)]
         await runner.wait_for_calls(1)  # first item went alone: the device was idle
         runner.gate.set()
@@ -57,9 +63,8 @@ async def test_a_batch_never_exceeds_max_batch_size() -> None:
 
 async def test_adaptive_dispatches_at_once_when_the_device_is_idle() -> None:
     runner = open_runner()
-    async with Engine(runner, EngineConfig(max_wait_ms=200, policy="adaptive")) as engine:
-        loop = asyncio.get_running_loop()
-        submitted_at = loop.time()
+    async with make_engine(runner, EngineConfig(max_wait_ms=200, policy="adaptive")) as engine:
+        submitted_at = engine.clock()
         result = await engine.submit("x")
     assert runner.calls[0].started_at == submitted_at
     assert result.queue_time_s == 0
@@ -67,9 +72,8 @@ async def test_adaptive_dispatches_at_once_when_the_device_is_idle() -> None:
 
 async def test_window_waits_max_wait_ms_then_dispatches() -> None:
     runner = open_runner()
-    async with Engine(runner, EngineConfig(max_wait_ms=200, policy="window")) as engine:
-        loop = asyncio.get_running_loop()
-        submitted_at = loop.time()
+    async with make_engine(runner, EngineConfig(max_wait_ms=200, policy="window")) as engine:
+        submitted_at = engine.clock()
         result = await engine.submit("x")
     assert runner.calls[0].started_at == pytest.approx(submitted_at + 0.2)
     assert result.queue_time_s == pytest.approx(0.2)
@@ -81,14 +85,12 @@ async def test_oldest_item_never_waits_past_max_wait_while_the_device_is_free(
 ) -> None:
     runner = open_runner()
     config = EngineConfig(max_batch_size=32, max_wait_ms=50, policy=policy)  # type: ignore[arg-type]
-    async with Engine(runner, config) as engine:
-        loop = asyncio.get_running_loop()
+    async with make_engine(runner, config) as engine:
         tasks = []
         for i in range(40):  # a trickle: one item every 7 ms
             tasks.append(asyncio.create_task(engine.submit(f"x{i}")))
             await asyncio.sleep(0.007)  # virtual time: spaces arrivals, orders nothing
         results = await settle(*tasks)
-    assert loop is not None
     waits = [r.queue_time_s for r in results]  # type: ignore[union-attr]
     assert max(waits) <= 0.05 + 1e-9
     if policy == "window":
@@ -97,9 +99,10 @@ async def test_oldest_item_never_waits_past_max_wait_while_the_device_is_free(
 
 async def test_a_full_batch_dispatches_before_the_window_closes() -> None:
     runner = open_runner()
-    async with Engine(runner, EngineConfig(max_batch_size=4, max_wait_ms=1000, policy="window")) as engine:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
+    async with make_engine(
+        runner, EngineConfig(max_batch_size=4, max_wait_ms=1000, policy="window")
+    ) as engine:
+        start = engine.clock()
         await asyncio.gather(*(engine.submit(x) for x in texts(4)))
     assert runner.calls[0].started_at == start
     assert len(runner.calls[0].payloads) == 4
@@ -107,7 +110,7 @@ async def test_a_full_batch_dispatches_before_the_window_closes() -> None:
 
 async def test_a_raising_item_fails_alone() -> None:
     runner = open_runner()
-    async with Engine(runner, EngineConfig(max_batch_size=8, policy="window")) as engine:
+    async with make_engine(runner, EngineConfig(max_batch_size=8, policy="window")) as engine:
         inputs = ["a", "b", "c", "boom", "d", "e", "f", "g"]
         results = await asyncio.gather(*(engine.submit(x) for x in inputs), return_exceptions=True)
     for x, r in zip(inputs, results, strict=True):
@@ -127,18 +130,19 @@ async def test_a_model_that_returns_the_wrong_number_of_outputs_fails_the_batch_
 
     runner = Short()
     runner.gate.set()
-    async with Engine(runner, EngineConfig(max_batch_size=4, policy="window")) as engine:
-        results = await asyncio.gather(*(engine.submit(x) for x in texts(4)), return_exceptions=True)
+    async with make_engine(runner, EngineConfig(max_batch_size=4, policy="window")) as engine:
+        results = await asyncio.gather(
+            *(engine.submit(x) for x in texts(4)), return_exceptions=True
+        )
     assert all(isinstance(r, InferenceFailed) and "3 outputs for 4" in str(r) for r in results)
 
 
 async def test_expired_items_are_never_computed() -> None:
     runner = GatedRunner()
-    async with Engine(runner, EngineConfig(max_batch_size=4)) as engine:
-        loop = asyncio.get_running_loop()
+    async with make_engine(runner, EngineConfig(max_batch_size=4)) as engine:
         blocker = asyncio.create_task(engine.submit("first"))
         await runner.wait_for_calls(1)  # the device is now busy
-        doomed = asyncio.create_task(engine.submit("late", deadline=loop.time() + 0.01))
+        doomed = asyncio.create_task(engine.submit("late", deadline=engine.clock() + 0.01))
         fine = asyncio.create_task(engine.submit("fine"))
         with pytest.raises(DeadlineExceeded):
             await doomed  # virtual time runs to the deadline while the device is stuck
@@ -152,12 +156,11 @@ async def test_expired_items_are_never_computed() -> None:
 async def test_an_item_expiring_while_its_batch_waits_for_the_device_is_not_computed() -> None:
     runner = GatedRunner()
     config = EngineConfig(max_batch_size=1)
-    async with Engine(runner, config) as engine:
-        loop = asyncio.get_running_loop()
+    async with make_engine(runner, config) as engine:
         first = asyncio.create_task(engine.submit("first"))
         await runner.wait_for_calls(1)
         # Full at once (max_batch_size=1), so it is staged behind "first" with its deadline.
-        doomed = asyncio.create_task(engine.submit("staged", deadline=loop.time() + 5))
+        doomed = asyncio.create_task(engine.submit("staged", deadline=engine.clock() + 5))
         await asyncio.sleep(0)
         await asyncio.sleep(0)
         assert engine.queue_depth == 0, "the item left the queue for the device"
@@ -170,7 +173,7 @@ async def test_an_item_expiring_while_its_batch_waits_for_the_device_is_not_comp
 
 async def test_cancelled_items_are_never_computed() -> None:
     runner = GatedRunner()
-    async with Engine(runner, EngineConfig(max_batch_size=8)) as engine:
+    async with make_engine(runner, EngineConfig(max_batch_size=8)) as engine:
         blocker = asyncio.create_task(engine.submit("first"))
         await runner.wait_for_calls(1)
         gone = [asyncio.create_task(engine.submit(f"gone{i}")) for i in range(3)]
@@ -187,7 +190,7 @@ async def test_cancelled_items_are_never_computed() -> None:
 
 async def test_a_full_queue_rejects_at_once() -> None:
     runner = GatedRunner()
-    async with Engine(runner, EngineConfig(max_batch_size=1, max_queue_size=3)) as engine:
+    async with make_engine(runner, EngineConfig(max_batch_size=1, max_queue_size=3)) as engine:
         first = asyncio.create_task(engine.submit("running"))
         await runner.wait_for_calls(1)
         staged = asyncio.create_task(engine.submit("staged"))
@@ -206,7 +209,7 @@ async def test_a_full_queue_rejects_at_once() -> None:
 
 async def test_submit_many_is_all_or_nothing_against_the_queue_limit() -> None:
     runner = GatedRunner()
-    async with Engine(runner, EngineConfig(max_queue_size=4)) as engine:
+    async with make_engine(runner, EngineConfig(max_queue_size=4)) as engine:
         with pytest.raises(QueueFull):
             await engine.submit_many(texts(5))
         assert engine.queue_depth == 0
@@ -223,7 +226,9 @@ async def test_an_item_over_the_token_budget_fails_at_once() -> None:
 
 async def test_shutdown_answers_every_admitted_item_then_refuses_new_ones() -> None:
     runner = GatedRunner()
-    engine = Engine(runner, EngineConfig(max_batch_size=4, policy="window", max_wait_ms=10_000))
+    engine = make_engine(
+        runner, EngineConfig(max_batch_size=4, policy="window", max_wait_ms=10_000)
+    )
     await engine.start()
     tasks = [asyncio.create_task(engine.submit(x)) for x in texts(10)]
     await runner.wait_for_calls(1)
@@ -240,7 +245,7 @@ async def test_shutdown_answers_every_admitted_item_then_refuses_new_ones() -> N
 
 async def test_a_drain_that_times_out_fails_the_rest_with_engine_closed() -> None:
     runner = GatedRunner()  # never released
-    engine = Engine(runner, EngineConfig(max_batch_size=2))
+    engine = make_engine(runner, EngineConfig(max_batch_size=2))
     await engine.start()
     tasks = [asyncio.create_task(engine.submit(x)) for x in texts(5)]
     await runner.wait_for_calls(1)
@@ -251,7 +256,9 @@ async def test_a_drain_that_times_out_fails_the_rest_with_engine_closed() -> Non
 
 async def test_reconfigure_applies_at_once_and_validates() -> None:
     runner = GatedRunner()
-    async with Engine(runner, EngineConfig(max_batch_size=2, policy="window", max_wait_ms=10_000)) as engine:
+    async with make_engine(
+        runner, EngineConfig(max_batch_size=2, policy="window", max_wait_ms=10_000)
+    ) as engine:
         with pytest.raises(ValueError, match="max_batch_size must be >= 1, got 0"):
             engine.reconfigure(max_batch_size=0)
         task = asyncio.create_task(engine.submit("waiting"))
@@ -268,7 +275,7 @@ async def test_a_dying_dispatcher_fails_every_caller_and_surfaces_at_close(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     runner = GatedRunner()
-    engine = Engine(runner, EngineConfig(max_batch_size=1))
+    engine = make_engine(runner, EngineConfig(max_batch_size=1))
     await engine.start()
     first = asyncio.create_task(engine.submit("first"))
     await runner.wait_for_calls(1)
@@ -304,7 +311,7 @@ async def test_thread_runner_keeps_the_loop_free_while_the_model_computes() -> N
 
     runner = ThreadRunner(BlockingModel())
     try:
-        async with Engine(runner) as engine:
+        async with make_engine(runner) as engine:
             task = asyncio.create_task(engine.submit("abc"))
             await asyncio.sleep(0)
             # The loop still runs other work while the model blocks its thread.

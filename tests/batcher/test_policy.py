@@ -42,7 +42,7 @@ def test_adaptive_gathers_while_the_device_is_busy_until_the_oldest_is_due() -> 
 
 def test_window_waits_for_the_window_even_when_the_device_is_idle() -> None:
     assert decide([Q(1.0)], 1.0, WINDOW, in_flight=0) == Wait(1.05)
-    assert decide([Q(1.0)], 1.049, WINDOW, in_flight=0) == Wait(1.05)
+    assert decide([Q(1.0)], 1.048, WINDOW, in_flight=0) == Wait(1.05)
     assert decide([Q(1.0)], 1.05, WINDOW, in_flight=0) == DISPATCH
 
 

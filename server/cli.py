@@ -1,0 +1,70 @@
+"""The `microbatch` command."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from pydantic import ValidationError
+from pydantic_settings import CliApp
+
+USAGE = """usage: microbatch COMMAND [options]
+
+commands:
+  serve     start the inference server (microbatch serve --help lists every setting)
+"""
+
+
+def serve(argv: list[str]) -> int:
+    """Parse settings (flags over MICROBATCH_* variables over defaults) and run uvicorn
+    with uvloop and httptools until SIGINT/SIGTERM, then drain."""
+    from server.settings import Settings
+
+    try:
+        settings = CliApp.run(Settings, cli_args=argv)
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = "--" + "-".join(str(p) for p in error["loc"]).replace("_", "-")
+            print(f"microbatch serve: {name}: {error['msg']}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+    from transformers.utils import logging as hf_logging
+
+    from server.app import create_app
+
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "serve":
+        return serve(rest)
+    print(f"microbatch: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware: it costs a task per request):
+request ids, request timing and the body size limit.
+
+The body limit is ours rather than Starlette's `max_body_size`, which answers in plain
+text and outside the app, so the 413 would carry neither our JSON shape nor the id."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+from prometheus_client import CollectorRegistry, Histogram
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from batcher.metrics import SECONDS_BUCKETS
+
+REQUEST_ID_HEADER = "x-request-id"
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+class RequestContextMiddleware:
+    """Gives every request an id (the client's `X-Request-ID` when it is sane), returns it
+    in `X-Request-ID`, refuses bodies over `max_body_bytes` (413), and times the request
+    by route and status."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, registry: CollectorRegistry) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.duration = Histogram(
+            "microbatch_request_duration_seconds",
+            "HTTP requests: time from arrival to the last byte of the reply.",
+            ["route", "status"],
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = _request_id(scope)
+        state = scope.setdefault("state", {})
+        state["request_id"], state["started"] = request_id, started
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+            await send(message)
+
+        try:
+            if _declared_length(scope) > self.max_body_bytes:
+                detail = self._too_large()
+                body = {"detail": detail, "type": "http_error", "request_id": request_id}
+                await JSONResponse(body, status_code=413)(scope, receive, send_with_id)
+            else:
+                await self.app(scope, self._limited(receive), send_with_id)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.duration.labels(path, str(status)).observe(time.perf_counter() - started)
+
+    def _too_large(self) -> str:
+        return f"request body is over {self.max_body_bytes} bytes (--max-body-bytes)"
+
+    def _limited(self, receive: Receive) -> Receive:
+        """Counts a streamed (chunked) body; FastAPI passes the HTTPException through."""
+        seen = 0
+
+        async def receive_limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    raise HTTPException(413, self._too_large())
+            return message
+
+        return receive_limited
+
+
+def _declared_length(scope: Scope) -> int:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            candidate: str = value.decode("latin-1")
+            if _CLIENT_ID.fullmatch(candidate):
+                return candidate
+            break
+    return uuid.uuid4().hex

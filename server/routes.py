@@ -1,0 +1,211 @@
+"""The HTTP routes: validate, admit, await, shape the reply. No batching logic here."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from batcher import Engine, Result
+from batcher.models import Classification, Encoded, Output
+from server.errors import NotReady
+from server.runtime import Runtime, ServedModel
+from server.schemas import (
+    Batching,
+    BatchingPatch,
+    BatchPredictRequest,
+    BatchResponse,
+    Embedding,
+    EmbeddingResponse,
+    Label,
+    LabelResponse,
+    PredictRequest,
+    Status,
+)
+
+router = APIRouter()
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def _serving(runtime: Runtime) -> tuple[ServedModel, Engine[Encoded, Output]]:
+    if runtime.status != "ready" or runtime.model is None or runtime.engine is None:
+        raise NotReady(f"the server is {runtime.status}; retry when GET /ready says ready")
+    return runtime.model, runtime.engine
+
+
+def _check_lengths(texts: Sequence[str], limit: int, field: str) -> None:
+    errors = [
+        {
+            "loc": ("body", field, i) if field == "texts" else ("body", field),
+            "msg": f"text has {len(t)} characters; the limit is {limit} (--max-text-chars)",
+            "type": "string_too_long",
+        }
+        for i, t in enumerate(texts)
+        if len(t) > limit
+    ]
+    if errors:
+        raise RequestValidationError(errors)
+
+
+def _elapsed_ms(request: Request) -> float:
+    started: float = request.state.started
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+def _shape(
+    value: Output, item: Encoded, labels: Sequence[str], all_scores: bool
+) -> Embedding | Label:
+    if isinstance(value, Classification):
+        scores = dict(zip(labels, value.probs, strict=True)) if all_scores else None
+        return Label(label=value.label, score=value.score, scores=scores, truncated=item.truncated)
+    return Embedding(embedding=value, truncated=item.truncated)
+
+
+def _timing_headers(response: Response, results: Sequence[Result[Output]]) -> None:
+    response.headers["x-queue-time-ms"] = f"{max(r.queue_time_s for r in results) * 1000:.3f}"
+    inference_s = max(r.inference_time_s for r in results)
+    response.headers["x-inference-time-ms"] = f"{inference_s * 1000:.3f}"
+    response.headers["x-batch-size"] = str(max(r.batch_size for r in results))
+
+
+@router.post(
+    "/predict",
+    response_model=EmbeddingResponse | LabelResponse,
+    summary="Predict for one text; batched with concurrent requests",
+)
+async def predict(
+    body: PredictRequest, request: Request, response: Response, runtime: RuntimeDep
+) -> Any:
+    model, engine = _serving(runtime)
+    _check_lengths([body.text], runtime.settings.max_text_chars, "text")
+    item = model.encode(body.text)
+    deadline = engine.clock() + runtime.settings.request_timeout_s
+    result = await engine.submit(item, deadline=deadline)
+    _timing_headers(response, [result])
+    shaped = _shape(result.value, item, model.labels, body.all_scores)
+    meta = {
+        "model": model.name,
+        "request_id": request.state.request_id,
+        "processing_time_ms": _elapsed_ms(request),
+    }
+    if isinstance(shaped, Label):
+        return LabelResponse(**shaped.__dict__, **meta)
+    return EmbeddingResponse(**shaped.__dict__, **meta)
+
+
+@router.post(
+    "/predict/batch",
+    response_model=BatchResponse,
+    summary="Predict for several texts; each is batched on its own, results in order",
+)
+async def predict_batch(
+    body: BatchPredictRequest, request: Request, response: Response, runtime: RuntimeDep
+) -> Any:
+    model, engine = _serving(runtime)
+    limit = runtime.settings.max_client_batch
+    if len(body.texts) > limit:
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("body", "texts"),
+                    "msg": f"{len(body.texts)} texts; the limit is {limit} (--max-client-batch)",
+                    "type": "too_long",
+                }
+            ]
+        )
+    _check_lengths(body.texts, runtime.settings.max_text_chars, "texts")
+    items = model.encode_many(body.texts)
+    deadline = engine.clock() + runtime.settings.request_timeout_s
+    results = await engine.submit_many(items, deadline=deadline)
+    _timing_headers(response, results)
+    shaped = [
+        _shape(r.value, item, model.labels, body.all_scores)
+        for r, item in zip(results, items, strict=True)
+    ]
+    return BatchResponse(
+        results=shaped,
+        model=model.name,
+        request_id=request.state.request_id,
+        processing_time_ms=_elapsed_ms(request),
+    )
+
+
+@router.get("/health", response_model=Status, summary="Liveness")
+async def health(runtime: RuntimeDep) -> Any:
+    if runtime.healthy:
+        return Status(status="ok")
+    detail = runtime.error or "the engine's dispatch task died"
+    return JSONResponse({"status": "failed", "detail": detail}, status_code=503)
+
+
+@router.get("/ready", response_model=Status, summary="Readiness: loaded and warmed")
+async def ready(runtime: RuntimeDep) -> Any:
+    if runtime.status == "ready" and runtime.healthy:
+        return Status(status="ready")
+    return JSONResponse(
+        {"status": runtime.status, "detail": runtime.error},
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(runtime: RuntimeDep) -> Response:
+    return Response(generate_latest(runtime.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _batching(runtime: Runtime) -> Batching:
+    config = runtime.engine.config if runtime.engine else runtime.settings.engine_config()
+    return Batching(
+        max_batch_size=config.max_batch_size,
+        max_wait_ms=config.max_wait_ms,
+        max_batch_tokens=config.max_batch_tokens,
+        max_queue_size=config.max_queue_size,
+        policy=config.policy,
+    )
+
+
+@router.get("/model", summary="Model, device, compile state and batching settings")
+async def model_info(runtime: RuntimeDep) -> dict[str, Any]:
+    described = runtime.model.describe() if runtime.model else {}
+    return {
+        **described,
+        "status": runtime.status,
+        "batching": _batching(runtime).model_dump(),
+        "limits": {
+            "max_text_chars": runtime.settings.max_text_chars,
+            "max_client_batch": runtime.settings.max_client_batch,
+            "max_body_bytes": runtime.settings.max_body_bytes,
+            "request_timeout_s": runtime.settings.request_timeout_s,
+        },
+    }
+
+
+@router.get("/admin/batching", response_model=Batching, summary="Live batching settings")
+async def get_batching(runtime: RuntimeDep) -> Batching:
+    return _batching(runtime)
+
+
+@router.patch("/admin/batching", response_model=Batching, summary="Change batching at run time")
+async def patch_batching(patch: BatchingPatch, runtime: RuntimeDep) -> Batching:
+    if runtime.engine is None:
+        raise NotReady(f"the server is {runtime.status}")
+    try:
+        runtime.engine.reconfigure(**patch.model_dump(exclude_unset=True))
+    except ValueError as exc:
+        raise RequestValidationError(
+            [{"loc": ("body",), "msg": str(exc), "type": "value_error"}]
+        ) from None
+    return _batching(runtime)

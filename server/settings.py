@@ -1,0 +1,98 @@
+"""Every setting of `microbatch serve`: a flag (`--max-wait-ms 20`) and an environment
+variable (`MICROBATCH_MAX_WAIT_MS=20`) each. Flags win over the environment."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from batcher import EngineConfig, Policy
+from batcher.models import DtypeOption, LoadOptions, TaskOption
+
+
+class Settings(BaseSettings):
+    """microbatch serve: a dynamic micro-batching inference server."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MICROBATCH_",
+        cli_prog_name="microbatch serve",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_use_class_docs_for_groups=False,
+        cli_show_env_vars=True,
+        cli_hide_none_type=True,
+        frozen=True,
+        extra="ignore",
+    )
+
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    model: str | None = Field(
+        None,
+        description="Local model directory or Hugging Face hub id; default: the built-in "
+        "all-MiniLM-L6-v2.",
+    )
+    task: TaskOption = Field("auto", description="embed or classify; auto follows the model.")
+    device: str = Field("auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda:0, ...")
+    dtype: DtypeOption = Field("auto", description="auto is float16 on CUDA, float32 elsewhere.")
+    compile: bool = Field(True, description="torch.compile the forward pass (else eager).")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Truncate inputs to this many tokens; default: model's limit."
+    )
+    max_batch_size: int = Field(32, ge=1, description="Most items in one forward pass.")
+    max_wait_ms: float = Field(
+        50.0, ge=0, description="Longest the oldest queued item waits while the device is free."
+    )
+    max_batch_tokens: int | None = Field(
+        None, ge=8, description="Cap on padded tokens (items x length) in one batch."
+    )
+    policy: Policy = Field(
+        "adaptive",
+        description="adaptive: dispatch at once when the device is idle, gather while busy; "
+        "window: always wait up to max-wait-ms for a full batch.",
+    )
+    max_queue_size: int = Field(1024, ge=1, description="Waiting items before 429s.")
+    max_text_chars: int = Field(4096, ge=1, description="Longest accepted text, in characters.")
+    max_client_batch: int = Field(64, ge=1, description="Most texts in one /predict/batch call.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body (413).")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline of a request in the server; 504 after it."
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On shutdown, how long to finish admitted requests."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads; default: torch's choice."
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Log level."
+    )
+    access_log: bool = Field(False, description="Log every request (costs throughput).")
+
+    @model_validator(mode="after")
+    def _engine_limits_are_valid(self) -> Settings:
+        self.engine_config()  # raises ValueError with the bad value
+        return self
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            max_batch_size=self.max_batch_size,
+            max_wait_ms=self.max_wait_ms,
+            max_batch_tokens=self.max_batch_tokens,
+            max_queue_size=self.max_queue_size,
+            policy=self.policy,
+        )
+
+    def load_options(self) -> LoadOptions:
+        return LoadOptions(
+            source=self.model,
+            task=self.task,
+            device=self.device,
+            dtype=self.dtype,
+            compile=self.compile,
+            max_tokens=self.max_tokens,
+            trust_remote_code=self.trust_remote_code,
+        )

@@ -1,0 +1,66 @@
+"""A fake text model for in-process server tests: no torch, outputs derived from input."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from batcher.models import Classification, Encoded, Output
+
+
+def fake_embedding(text: str) -> list[float]:
+    return [float(len(text)), float(sum(map(ord, text)) % 997)]
+
+
+@dataclass
+class FakeTextModel:
+    """Embeds a text as [length, checksum]; or classifies it as `long`/`short`.
+
+    `warm_gate` blocks warm-up until the test sets it; `predict_gate` blocks forward
+    passes; `poison` makes any batch holding it raise."""
+
+    task: Literal["embed", "classify"] = "embed"
+    name: str = "fake"
+    labels: tuple[str, ...] = ("short", "long")
+    warm_gate: threading.Event = field(default_factory=threading.Event)
+    predict_gate: threading.Event = field(default_factory=threading.Event)
+    poison: str = "boom"
+    batches: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.warm_gate.set()
+        self.predict_gate.set()
+
+    def encode(self, text: str) -> Encoded:
+        return Encoded([ord(c) for c in text[:64]], truncated=len(text) > 64)
+
+    def encode_many(self, texts: Sequence[str]) -> list[Encoded]:
+        return [self.encode(t) for t in texts]
+
+    def cost(self, item: Encoded) -> int:
+        return len(item.ids)
+
+    def predict(self, items: Sequence[Encoded]) -> list[Output]:
+        if not self.predict_gate.wait(timeout=30):
+            raise TimeoutError("the test never released predict_gate")
+        self.batches.append(len(items))
+        texts = ["".join(map(chr, item.ids)) for item in items]
+        if any(self.poison in t for t in texts):
+            raise ValueError("poisoned batch")
+        if self.task == "embed":
+            return [fake_embedding(t) for t in texts]
+        out: list[Output] = []
+        for t in texts:
+            p_long = min(len(t) / 20.0, 1.0)
+            label = "long" if p_long > 0.5 else "short"
+            out.append(Classification(label, max(p_long, 1 - p_long), [1 - p_long, p_long]))
+        return out
+
+    def warm_up(self, max_batch_size: int) -> None:
+        if not self.warm_gate.wait(timeout=30):
+            raise TimeoutError("the test never released warm_gate")
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "task": self.task, "device": "cpu", "labels": list(self.labels)}

@@ -1,0 +1,289 @@
+"""The app in process: httpx over ASGI with the lifespan run, on a fake model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from server.app import create_app
+from server.settings import Settings
+from tests.server.fakes import FakeTextModel, fake_embedding
+
+pytestmark = pytest.mark.asyncio
+
+JSON = {"content-type": "application/json"}
+
+
+@asynccontextmanager
+async def serve(
+    model: FakeTextModel, *, wait_ready: bool = True, **settings: object
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(Settings(**settings), model=model)  # type: ignore[arg-type]
+    async with (
+        LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=manager.app), base_url="http://test"
+        ) as client,
+    ):
+        if wait_ready:
+            await wait_until_ready(client)
+        yield client
+
+
+async def wait_until_ready(client: httpx.AsyncClient) -> None:
+    await poll(client, "/ready", lambda r: r.status_code == 200)
+
+
+async def wait_until_admitted(client: httpx.AsyncClient, n: int) -> None:
+    await poll(client, "/metrics", lambda r: f"microbatch_admitted_items_total {n}.0" in r.text)
+
+
+async def poll(
+    client: httpx.AsyncClient, path: str, done: Callable[[httpx.Response], bool]
+) -> None:
+    """Wait for an observable state of the server (polling its status, not sleeping)."""
+    async with asyncio.timeout(30):
+        while not done(await client.get(path)):
+            await asyncio.sleep(0.005)
+
+
+async def test_predict_returns_this_texts_embedding_with_metadata() -> None:
+    async with serve(FakeTextModel()) as client:
+        r = await client.post("/predict", json={"text": "hello"}, headers={"X-Request-ID": "r-1"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["embedding"] == fake_embedding("hello")
+    assert body["model"] == "fake"
+    assert body["request_id"] == "r-1"
+    assert r.headers["x-request-id"] == "r-1"
+    assert body["processing_time_ms"] > 0
+    assert body["truncated"] is False
+    assert {"x-queue-time-ms", "x-inference-time-ms", "x-batch-size"} <= set(r.headers)
+
+
+async def test_concurrent_requests_each_get_their_own_result() -> None:
+    model = FakeTextModel()
+    async with serve(model, max_batch_size=8) as client:
+        model.predict_gate.clear()  # hold the device so the rest queue up
+        texts = [f"text number {i}" + "x" * i for i in range(40)]
+        tasks = [asyncio.create_task(client.post("/predict", json={"text": t})) for t in texts]
+        await wait_until_admitted(client, 40)
+        model.predict_gate.set()
+        replies = await asyncio.gather(*tasks)
+    assert [r.json()["embedding"] for r in replies] == [fake_embedding(t) for t in texts]
+    assert max(model.batches) <= 8
+
+
+async def test_batch_endpoint_keeps_order() -> None:
+    async with serve(FakeTextModel()) as client:
+        texts = ["a", "bb", "ccc", "dddd"]
+        r = await client.post("/predict/batch", json={"texts": texts})
+    assert r.status_code == 200
+    assert [x["embedding"] for x in r.json()["results"]] == [fake_embedding(t) for t in texts]
+
+
+async def test_classify_returns_label_score_and_all_scores_on_request() -> None:
+    async with serve(FakeTextModel(task="classify")) as client:
+        plain = (await client.post("/predict", json={"text": "a" * 18})).json()
+        full = (await client.post("/predict", json={"text": "a" * 2, "all_scores": True})).json()
+    assert plain["label"] == "long"
+    assert plain["score"] == pytest.approx(0.9)
+    assert plain["scores"] is None
+    assert full["label"] == "short"
+    assert full["scores"] == pytest.approx({"short": 0.9, "long": 0.1})
+
+
+async def test_ready_is_503_until_warm_then_200_while_health_is_200_throughout() -> None:
+    model = FakeTextModel()
+    model.warm_gate.clear()
+    async with serve(model, wait_ready=False) as client:
+        assert (await client.get("/health")).status_code == 200
+        r = await client.get("/ready")
+        assert r.status_code == 503
+        assert r.json()["status"] == "warming"
+        predict = await client.post("/predict", json={"text": "too early"})
+        assert predict.status_code == 503
+        assert "Retry-After" in predict.headers
+        model.warm_gate.set()
+        await wait_until_ready(client)
+        assert (await client.get("/ready")).json() == {"status": "ready", "detail": None}
+
+
+BAD_INPUTS = [
+    ({"json": {}}, "missing"),
+    ({"json": {"text": ""}}, "string_too_short"),
+    ({"json": {"text": 42}}, "string_type"),
+    ({"json": {"text": ["a"]}}, "string_type"),
+    ({"json": {"text": "x" * 101}}, "string_too_long"),
+    ({"json": {"text": "ok", "extra": 1}}, "extra_forbidden"),
+    (
+        {"content": b'{"text": "unterminated', "headers": {"content-type": "application/json"}},
+        "json_invalid",
+    ),
+    (
+        {"content": b"\xff\xfe not utf-8", "headers": {"content-type": "application/json"}},
+        "json_invalid",
+    ),
+]
+
+
+@pytest.mark.parametrize(("request_kwargs", "error_type"), BAD_INPUTS)
+async def test_bad_input_gets_a_clear_422_and_the_server_keeps_serving(
+    request_kwargs: dict[str, object], error_type: str
+) -> None:
+    async with serve(FakeTextModel(), max_text_chars=100) as client:
+        r = await client.post("/predict", **request_kwargs)  # type: ignore[arg-type]
+        assert r.status_code == 422, r.text
+        body = r.json()
+        assert body["type"] == "invalid_input"
+        assert body["request_id"] == r.headers["x-request-id"]
+        assert [e["type"] for e in body["detail"]] == [error_type]
+        assert "Traceback" not in r.text
+        ok = await client.post("/predict", json={"text": "still fine"})
+        assert ok.status_code == 200
+
+
+async def test_over_long_text_says_the_limit_and_the_flag() -> None:
+    async with serve(FakeTextModel(), max_text_chars=100) as client:
+        r = await client.post("/predict/batch", json={"texts": ["fine", "x" * 150]})
+    assert r.status_code == 422
+    [error] = r.json()["detail"]
+    assert error["loc"] == ["body", "texts", 1]
+    assert error["msg"] == "text has 150 characters; the limit is 100 (--max-text-chars)"
+
+
+async def test_too_many_texts_in_one_batch_request() -> None:
+    async with serve(FakeTextModel(), max_client_batch=3) as client:
+        r = await client.post("/predict/batch", json={"texts": ["a"] * 4})
+        empty = await client.post("/predict/batch", json={"texts": []})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["msg"] == "4 texts; the limit is 3 (--max-client-batch)"
+    assert empty.status_code == 422
+
+
+async def test_oversized_body_is_413_declared_or_streamed() -> None:
+    big = b'{"text": "' + b"x" * 4000 + b'"}'
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: chunked upload
+        for i in range(0, len(big), 1000):
+            yield big[i : i + 1000]
+
+    async with serve(FakeTextModel(), max_body_bytes=2048) as client:
+        declared = await client.post("/predict", content=big, headers=JSON)
+        streamed = await client.post("/predict", content=chunks(), headers=JSON)
+        ok = await client.post("/predict", json={"text": "small"})
+    for r in (declared, streamed):
+        assert r.status_code == 413
+        assert r.json()["detail"] == "request body is over 2048 bytes (--max-body-bytes)"
+        assert r.json()["request_id"] == r.headers["x-request-id"]
+    assert ok.status_code == 200
+
+
+async def test_a_failing_input_gets_500_with_its_request_id_and_neighbours_succeed() -> None:
+    model = FakeTextModel()
+    async with serve(model, max_batch_size=8, policy="window", max_wait_ms=100) as client:
+        texts = ["one", "two", "boom", "three", "four"]
+        replies = await asyncio.gather(*(client.post("/predict", json={"text": t}) for t in texts))
+    for text, r in zip(texts, replies, strict=True):
+        if text == "boom":
+            assert r.status_code == 500
+            assert r.json()["type"] == "inference_failed"
+            assert r.json()["request_id"] in r.json()["detail"]
+            assert "poisoned" not in r.text, "no internals in the reply"
+        else:
+            assert r.status_code == 200
+            assert r.json()["embedding"] == fake_embedding(text)
+
+
+async def test_full_queue_is_429_with_retry_after() -> None:
+    model = FakeTextModel()
+    async with serve(model, max_batch_size=1, max_queue_size=2) as client:
+        model.predict_gate.clear()
+        held = []
+        for i in range(4):  # 1 running, 1 staged behind it, 2 queued: the queue is full
+            held.append(asyncio.create_task(client.post("/predict", json={"text": f"t{i}"})))
+            await wait_until_admitted(client, i + 1)
+        await poll(client, "/metrics", lambda r: "microbatch_queue_depth 2.0" in r.text)
+        r = await client.post("/predict", json={"text": "no room"})
+        model.predict_gate.set()
+        await asyncio.gather(*held)
+    assert r.status_code == 429
+    assert r.headers["retry-after"] == "1"
+    assert r.json()["type"] == "queue_full"
+    assert all(t.result().status_code == 200 for t in held)
+
+
+async def test_deadline_passing_in_the_queue_is_504() -> None:
+    model = FakeTextModel()
+    async with serve(model, request_timeout_s=0.2) as client:
+        model.predict_gate.clear()
+        r = await client.post("/predict", json={"text": "slow"})
+        model.predict_gate.set()
+    assert r.status_code == 504
+    assert r.json()["type"] == "deadline_exceeded"
+
+
+async def test_admin_batching_reads_and_changes_the_live_settings() -> None:
+    async with serve(FakeTextModel()) as client:
+        before = (await client.get("/admin/batching")).json()
+        r = await client.patch("/admin/batching", json={"max_wait_ms": 5, "policy": "window"})
+        after = (await client.get("/admin/batching")).json()
+        model_info = (await client.get("/model")).json()
+        bad = await client.patch("/admin/batching", json={"max_batch_size": 0})
+        unknown = await client.patch("/admin/batching", json={"max_wait": 5})
+        lift = await client.patch("/admin/batching", json={"max_batch_tokens": None})
+    assert before == {
+        "max_batch_size": 32,
+        "max_wait_ms": 50.0,
+        "max_batch_tokens": None,
+        "max_queue_size": 1024,
+        "policy": "adaptive",
+    }
+    assert r.status_code == 200
+    assert after == {**before, "max_wait_ms": 5.0, "policy": "window"}
+    assert model_info["batching"] == after
+    assert bad.status_code == 422
+    assert unknown.status_code == 422
+    assert lift.json()["max_batch_tokens"] is None
+
+
+async def test_metrics_expose_batches_queue_and_latency() -> None:
+    async with serve(FakeTextModel()) as client:
+        await asyncio.gather(*(client.post("/predict", json={"text": f"t{i}"}) for i in range(10)))
+        text = (await client.get("/metrics")).text
+    for name in (
+        "microbatch_batch_size_bucket",
+        "microbatch_queue_wait_seconds_bucket",
+        "microbatch_request_duration_seconds_bucket",
+        "microbatch_queue_depth",
+        "microbatch_padding_ratio_bucket",
+        'microbatch_items_total{outcome="ok"} 10.0',
+    ):
+        assert name in text
+    assert 'route="/predict",status="200"' in text
+
+
+async def test_shutdown_answers_admitted_requests() -> None:
+    model = FakeTextModel()
+    app = create_app(Settings(), model=model)  # type: ignore[arg-type]
+    manager = LifespanManager(app, startup_timeout=30, shutdown_timeout=30)
+    await manager.__aenter__()
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t")
+    await wait_until_ready(client)
+    model.predict_gate.clear()
+    tasks = [asyncio.create_task(client.post("/predict", json={"text": f"t{i}"})) for i in range(5)]
+    await wait_until_admitted(client, 5)
+    closing = asyncio.create_task(manager.__aexit__(None, None, None))
+    await poll(client, "/ready", lambda r: r.json()["status"] == "draining")
+    late = await client.post("/predict", json={"text": "late"})
+    model.predict_gate.set()
+    replies = await asyncio.gather(*tasks)
+    await closing
+    await client.aclose()
+    assert all(r.status_code == 200 for r in replies)
+    assert late.status_code == 503
