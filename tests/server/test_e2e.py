@@ -1,0 +1,181 @@
+"""End to end: a real `microbatch serve` process (uvicorn, uvloop, httptools) on a free
+localhost port, with the real default model compiled, or a tiny classifier."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import re
+
+import httpx
+import pytest
+
+from tests.conftest import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while servers batch many small requests "
+    "into one large forward pass so that every device stays busy and latency stays low"
+).split()
+
+
+def varied_texts(n: int, seed: int = 0) -> list[str]:
+    """Deterministic sentences of 1 to 80 words (some get truncated at 256 tokens)."""
+    rng = random.Random(seed)
+    texts = [" ".join(rng.choices(WORDS, k=rng.randint(1, 80))) for _ in range(n)]
+    texts[0] = "x " * 600  # over the model's 256-token limit
+    return texts
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+async def post_all(
+    url: str, path: str, bodies: list[dict[str, object]], clients: int
+) -> list[httpx.Response]:
+    """Send every body with `clients` concurrent connections, in order."""
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+        semaphore = asyncio.Semaphore(clients)
+
+        async def one(body: dict[str, object]) -> httpx.Response:
+            async with semaphore:
+                return await client.post(path, json=body)
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def test_startup_reports_warming_then_ready_within_90s(default_server: ServerProcess) -> None:
+    assert default_server.ready_statuses[-1] == 200
+    assert set(default_server.ready_statuses) <= {0, 503, 200}
+    assert default_server.startup_s < 90, f"ready after {default_server.startup_s:.1f}s"
+    info = httpx.get(f"{default_server.url}/model").json()
+    assert info["name"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert info["task"] == "embed"
+    assert info["compile"]["enabled"] is True
+
+
+def test_batched_embeddings_equal_unbatched(default_server: ServerProcess) -> None:
+    texts = varied_texts(200)
+    bodies: list[dict[str, object]] = [{"text": t} for t in texts]
+    together = asyncio.run(post_all(default_server.url, "/predict", bodies, clients=64))
+    alone = asyncio.run(post_all(default_server.url, "/predict", bodies, clients=1))
+    assert all(r.status_code == 200 for r in together + alone)
+    assert max(int(r.headers["x-batch-size"]) for r in together) > 1, "nothing was batched"
+    assert {int(r.headers["x-batch-size"]) for r in alone} == {1}
+    for text, a, b in zip(texts, together, alone, strict=True):
+        similarity = cosine(a.json()["embedding"], b.json()["embedding"])
+        assert similarity >= 0.9999, f"{similarity} for {text[:40]!r}"
+    assert together[0].json()["truncated"] is True
+
+
+def test_embeddings_match_sentence_transformers(default_server: ServerProcess) -> None:
+    st = pytest.importorskip("sentence_transformers")
+    from batcher.models import default_source
+
+    texts = varied_texts(16, seed=3)
+    reference = st.SentenceTransformer(default_source(), device="cpu").encode(texts)
+    r = httpx.post(f"{default_server.url}/predict/batch", json={"texts": texts}, timeout=60)
+    assert r.status_code == 200
+    for ours, theirs in zip(r.json()["results"], reference.tolist(), strict=True):
+        assert cosine(ours["embedding"], theirs) >= 0.9999
+
+
+def test_batching_happens_under_64_concurrent_clients(default_server: ServerProcess) -> None:
+    before = httpx.get(f"{default_server.url}/metrics").text
+    bodies: list[dict[str, object]] = [{"text": t} for t in varied_texts(640, seed=4)]
+    replies = asyncio.run(post_all(default_server.url, "/predict", bodies, clients=64))
+    after = httpx.get(f"{default_server.url}/metrics").text
+    assert all(r.status_code == 200 for r in replies)
+    batches = metric(after, "microbatch_batch_size_count") - metric(
+        before, "microbatch_batch_size_count"
+    )
+    items = metric(after, "microbatch_batch_size_sum") - metric(before, "microbatch_batch_size_sum")
+    assert items == 640
+    assert items / batches > 8, f"mean batch size {items / batches:.1f}"
+
+
+def test_light_load_pays_no_window_with_adaptive_but_waits_with_window(
+    default_server: ServerProcess,
+) -> None:
+    url = default_server.url
+    with httpx.Client(base_url=url, timeout=30) as client:
+        try:
+            r = client.patch("/admin/batching", json={"policy": "adaptive", "max_wait_ms": 200})
+            assert r.status_code == 200
+            adaptive = [
+                client.post("/predict", json={"text": f"one at a time {i}"}) for i in range(20)
+            ]
+            client.patch("/admin/batching", json={"policy": "window"})
+            window = [
+                client.post("/predict", json={"text": f"one at a time {i}"}) for i in range(5)
+            ]
+        finally:
+            client.patch("/admin/batching", json={"policy": "adaptive", "max_wait_ms": 50})
+    for r in adaptive:
+        assert r.status_code == 200
+        assert float(r.headers["x-queue-time-ms"]) < 5
+        assert r.elapsed.total_seconds() < 0.1, "a lone request must not wait for a window"
+    for r in window:
+        assert float(r.headers["x-queue-time-ms"]) >= 199 - 1  # timers may fire 1 ms early
+        assert r.elapsed.total_seconds() >= 0.198
+
+
+def test_no_recompile_after_warm_up_under_traffic(default_server: ServerProcess) -> None:
+    bodies: list[dict[str, object]] = [{"text": t} for t in varied_texts(150, seed=6)]
+    for clients in (1, 5, 16, 48):  # random lengths, batch sizes from 1 to 32
+        replies = asyncio.run(
+            post_all(default_server.url, "/predict", bodies[: clients * 3], clients)
+        )
+        assert all(r.status_code == 200 for r in replies)
+    compile_state = httpx.get(f"{default_server.url}/model").json()["compile"]
+    assert compile_state["enabled"] is True
+    assert compile_state["graphs_since_warm_up"] == 0
+
+
+def test_bad_input_gets_4xx_and_the_server_keeps_serving(default_server: ServerProcess) -> None:
+    url = default_server.url
+    bad = [
+        httpx.post(f"{url}/predict", json={}),
+        httpx.post(f"{url}/predict", json={"text": ""}),
+        httpx.post(f"{url}/predict", json={"text": 3}),
+        httpx.post(f"{url}/predict", json={"text": "x" * 5000}),
+        httpx.post(
+            f"{url}/predict", content=b"{not json", headers={"content-type": "application/json"}
+        ),
+        httpx.post(f"{url}/predict/batch", json={"texts": ["a"] * 65}),
+        httpx.post(
+            f"{url}/predict", content=b"x" * 2_000_000, headers={"content-type": "application/json"}
+        ),
+    ]
+    assert [r.status_code for r in bad] == [422, 422, 422, 422, 422, 422, 413]
+    for r in bad:
+        assert r.json()["request_id"] == r.headers["x-request-id"]
+        assert "Traceback" not in r.text
+    assert httpx.post(f"{url}/predict", json={"text": "still serving"}).status_code == 200
+
+
+def test_classifier_labels_and_scores_batched_equal_unbatched(
+    classifier_server: ServerProcess,
+) -> None:
+    texts = varied_texts(100, seed=5)
+    bodies: list[dict[str, object]] = [{"text": t, "all_scores": True} for t in texts]
+    together = asyncio.run(post_all(classifier_server.url, "/predict", bodies, clients=32))
+    alone = asyncio.run(post_all(classifier_server.url, "/predict", bodies, clients=1))
+    assert max(int(r.headers["x-batch-size"]) for r in together) > 1
+    for a, b in zip(together, alone, strict=True):
+        x, y = a.json(), b.json()
+        assert x["label"] == y["label"]
+        assert x["score"] == pytest.approx(y["score"], abs=1e-4)
+        assert x["scores"] == pytest.approx(y["scores"], abs=1e-4)
+        assert set(x["scores"]) == {"negative", "neutral", "positive"}
