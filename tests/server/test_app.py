@@ -48,7 +48,7 @@ async def poll(
 ) -> None:
     """Wait for an observable state of the server (polling its status, not sleeping)."""
     async with asyncio.timeout(30):
-        while not done(await client.get(path)):
+        while not done(await client.get(path)):  # noqa: ASYNC110 (state of another party)
             await asyncio.sleep(0.005)
 
 

@@ -91,7 +91,7 @@ def test_no_recompile_after_warm_up_over_random_lengths_and_batch_sizes(
     assert model.compile_state.enabled, model.compile_state.error
     model.compile_state.stance = "fail_on_recompile"  # any recompile now raises
     rng = random.Random(1)
-    texts = sentences(400, seed=2) + ["word " * 200]  # up to the 128-token limit
+    texts = [*sentences(400, seed=2), "word " * 200]  # up to the 128-token limit
     for _ in range(40):
         batch = rng.sample(texts, rng.randint(1, 40))  # beyond max_batch_size too
         assert len(model.predict([model.encode(t) for t in batch])) == len(batch)
