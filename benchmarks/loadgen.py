@@ -74,7 +74,10 @@ async def closed_loop(
     url: str, texts: list[str], concurrency: int, duration_s: float, warmup_s: float
 ) -> StepResult:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+    async with (
+        httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client,
+        httpx.AsyncClient(base_url=url, timeout=60) as observer,  # never queues behind load
+    ):
         latencies: list[float] = []
         statuses: Counter[str] = Counter()
         start = time.perf_counter()
@@ -99,11 +102,11 @@ async def closed_loop(
         async def snapshot_after_warmup() -> None:
             nonlocal before
             await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
-            before = (await client.get("/metrics")).text
+            before = (await observer.get("/metrics")).text
 
         await asyncio.gather(snapshot_after_warmup(), *(worker(k) for k in range(concurrency)))
         elapsed = time.perf_counter() - measure_from
-        after = (await client.get("/metrics")).text
+        after = (await observer.get("/metrics")).text
     ms = np.array(latencies) * 1000
     percentiles = {
         f"p{q}": float(np.percentile(ms, q)) if len(ms) else float("nan") for q in (50, 90, 99)
