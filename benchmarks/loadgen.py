@@ -1,154 +1,238 @@
-"""Closed-loop load against a running server: N clients, each sends its next request when
-its last one returns. Reports throughput, latency percentiles, errors by status, and what
-the server did meanwhile (mean batch size and padding, from /metrics before and after).
+"""The load generator's core: closed-loop clients and open-loop Poisson arrivals against
+one endpoint, measured on an injectable clock, with no retries (a failure is a data point).
 
-    python -m benchmarks.loadgen http://127.0.0.1:8000 --concurrency 1,64 --duration 20
-
-No retries: a failure is a data point.
+Latency in the open loop is measured from each request's *scheduled* arrival, so a slow
+client or server cannot hide queueing delay (no coordinated omission).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
+import math
 import random
 import re
-import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
 
 import httpx
 import numpy as np
 
-WORDS = (
-    "the of and to in is was for on are with as by at from that this be it an or have not "
-    "batch queue model server latency throughput device token request response embedding "
-    "window policy adaptive padding length sentence vector search index cluster compute"
-).split()
+Clock = Callable[[], float]
+LoadKind = Literal["closed", "open"]
 
 
-def corpus(n: int = 2000, seed: int = 0, min_words: int = 5, max_words: int = 60) -> list[str]:
-    """A deterministic corpus of sentences of `min_words` to `max_words` words."""
-    rng = random.Random(seed)
-    return [" ".join(rng.choices(WORDS, k=rng.randint(min_words, max_words))) for _ in range(n)]
+@dataclass(frozen=True)
+class Load:
+    """`closed`: `value` clients in a loop; `open`: Poisson arrivals at `value` requests/s."""
+
+    kind: LoadKind
+    value: float
+
+    def __str__(self) -> str:
+        return f"{int(self.value)} clients" if self.kind == "closed" else f"{self.value:g} req/s"
+
+
+@dataclass(frozen=True)
+class Request:
+    endpoint: str = "/predict"
+    texts_per_request: int = 1
+    """For /predict/batch: texts in each request."""
+
+    def body(self, texts: list[str], index: int) -> dict[str, object]:
+        if self.endpoint == "/predict/batch":
+            n = len(texts)
+            return {"texts": [texts[(index + k) % n] for k in range(self.texts_per_request)]}
+        return {"text": texts[index % len(texts)]}
+
+
+@dataclass
+class Samples:
+    """Raw observations of the measured window (warm-up excluded)."""
+
+    latencies_s: list[float] = field(default_factory=list)
+    statuses: Counter[str] = field(default_factory=Counter)
+    duration_s: float = 0.0
+
+    def merge(self, other: Samples) -> None:
+        self.latencies_s += other.latencies_s
+        self.statuses.update(other.statuses)
+        self.duration_s = max(self.duration_s, other.duration_s)
 
 
 @dataclass
 class StepResult:
-    concurrency: int
+    load: str
+    kind: LoadKind
+    value: float
     duration_s: float
     requests: int
+    ok: int
     throughput_rps: float
+    """Successful requests per second of the measured window."""
     latency_ms: dict[str, float]
-    status_counts: dict[str, int]
-    server: dict[str, float] = field(default_factory=dict)
+    statuses: dict[str, int]
+    server: dict[str, float]
+
+    @property
+    def p99_ms(self) -> float:
+        return self.latency_ms["p99"]
+
+
+def poisson_arrivals(rate: float, duration_s: float, rng: random.Random) -> list[float]:
+    """Arrival offsets (seconds from 0) of a Poisson process of `rate` per second."""
+    if rate <= 0:
+        raise ValueError(f"rate must be > 0, got {rate}")
+    arrivals, t = [], rng.expovariate(rate)
+    while t < duration_s:
+        arrivals.append(t)
+        t += rng.expovariate(rate)
+    return arrivals
+
+
+async def _send(client: httpx.AsyncClient, endpoint: str, body: dict[str, object]) -> str:
+    try:
+        response = await client.post(endpoint, json=body)
+    except httpx.HTTPError as exc:
+        return type(exc).__name__
+    return str(response.status_code)
+
+
+async def closed_loop(
+    client: httpx.AsyncClient,
+    texts: list[str],
+    request: Request,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float,
+    clock: Clock = time.perf_counter,
+    first_index: int = 0,
+) -> Samples:
+    """`concurrency` clients, each sending its next request when its last one returns."""
+    samples = Samples()
+    measure_from = clock() + warmup_s
+    stop_at = measure_from + duration_s
+
+    async def client_loop(index: int) -> None:
+        while (sent_at := clock()) < stop_at:
+            status = await _send(client, request.endpoint, request.body(texts, index))
+            index += concurrency
+            if sent_at >= measure_from:
+                samples.latencies_s.append(clock() - sent_at)
+                samples.statuses[status] += 1
+
+    await asyncio.gather(*(client_loop(first_index + k) for k in range(concurrency)))
+    samples.duration_s = duration_s
+    return samples
+
+
+async def open_loop(
+    client: httpx.AsyncClient,
+    texts: list[str],
+    request: Request,
+    rate: float,
+    duration_s: float,
+    warmup_s: float,
+    seed: int = 0,
+    clock: Clock = time.perf_counter,
+) -> Samples:
+    """Poisson arrivals at `rate`/s, each sent at its time whatever is still in flight."""
+    samples = Samples()
+    arrivals = poisson_arrivals(rate, warmup_s + duration_s, random.Random(seed))
+    start = clock()
+    tasks = []
+
+    async def one(index: int, scheduled: float) -> None:
+        status = await _send(client, request.endpoint, request.body(texts, index))
+        if scheduled >= start + warmup_s:
+            samples.latencies_s.append(clock() - scheduled)
+            samples.statuses[status] += 1
+
+    for index, offset in enumerate(arrivals):
+        delay = start + offset - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)  # pacing arrivals is the generator's job
+        tasks.append(asyncio.create_task(one(index, start + offset)))
+    await asyncio.gather(*tasks)
+    samples.duration_s = duration_s
+    return samples
+
+
+async def run_load(
+    client: httpx.AsyncClient,
+    texts: list[str],
+    request: Request,
+    load: Load,
+    duration_s: float,
+    warmup_s: float,
+    clock: Clock = time.perf_counter,
+    seed: int = 0,
+) -> Samples:
+    if load.kind == "closed":
+        return await closed_loop(
+            client, texts, request, int(load.value), duration_s, warmup_s, clock
+        )
+    return await open_loop(client, texts, request, load.value, duration_s, warmup_s, seed, clock)
+
+
+def summarize(load: Load, samples: Samples, server: dict[str, float]) -> StepResult:
+    ms = np.asarray(samples.latencies_s) * 1000.0
+    if len(ms):
+        latency = {f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99)}
+        latency |= {"mean": float(ms.mean()), "max": float(ms.max())}
+    else:
+        latency = dict.fromkeys(("p50", "p90", "p99", "mean", "max"), math.nan)
+    ok = samples.statuses.get("200", 0)
+    return StepResult(
+        load=str(load),
+        kind=load.kind,
+        value=load.value,
+        duration_s=samples.duration_s,
+        requests=len(ms),
+        ok=ok,
+        throughput_rps=ok / samples.duration_s if samples.duration_s else 0.0,
+        latency_ms=latency,
+        statuses=dict(samples.statuses),
+        server=server,
+    )
+
+
+# -- what the server did, from /metrics ------------------------------------------------
 
 
 def _metric(text: str, name: str) -> float:
     match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else float("nan")
+    return float(match.group(1)) if match else math.nan
+
+
+async def scrape(client: httpx.AsyncClient) -> str:
+    """The server's /metrics text, or '' when it has none (the naive server)."""
+    try:
+        response = await client.get("/metrics")
+    except httpx.HTTPError:
+        return ""
+    return response.text if response.status_code == 200 else ""
 
 
 def server_delta(before: str, after: str) -> dict[str, float]:
+    """Mean batch size, padding ratio and mean queue wait between two scrapes."""
+    if not before or not after:
+        return {}
+
     def d(name: str) -> float:
         return _metric(after, name) - _metric(before, name)
 
-    batches = d("microbatch_batch_size_count")
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else math.nan
+
     return {
-        "batches": batches,
-        "mean_batch_size": d("microbatch_batch_size_sum") / batches if batches else 0.0,
-        "padding_ratio": d("microbatch_padded_tokens_total") / d("microbatch_real_tokens_total")
-        if d("microbatch_real_tokens_total")
-        else 0.0,
+        "batches": d("microbatch_batch_size_count"),
+        "mean_batch_size": ratio(d("microbatch_batch_size_sum"), d("microbatch_batch_size_count")),
+        "padding_ratio": ratio(
+            d("microbatch_padded_tokens_total"), d("microbatch_real_tokens_total")
+        ),
         "mean_queue_wait_ms": 1000
-        * d("microbatch_queue_wait_seconds_sum")
-        / d("microbatch_queue_wait_seconds_count")
-        if d("microbatch_queue_wait_seconds_count")
-        else 0.0,
+        * ratio(d("microbatch_queue_wait_seconds_sum"), d("microbatch_queue_wait_seconds_count")),
     }
-
-
-async def closed_loop(
-    url: str, texts: list[str], concurrency: int, duration_s: float, warmup_s: float
-) -> StepResult:
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with (
-        httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client,
-        httpx.AsyncClient(base_url=url, timeout=60) as observer,  # never queues behind load
-    ):
-        latencies: list[float] = []
-        statuses: Counter[str] = Counter()
-        start = time.perf_counter()
-        measure_from = start + warmup_s
-        stop_at = measure_from + duration_s
-        before = ""
-
-        async def worker(index: int) -> None:
-            i = index
-            while (now := time.perf_counter()) < stop_at:
-                text = texts[i % len(texts)]
-                i += concurrency
-                try:
-                    r = await client.post("/predict", json={"text": text})
-                    status = str(r.status_code)
-                except httpx.HTTPError as exc:
-                    status = type(exc).__name__
-                if now >= measure_from:
-                    latencies.append(time.perf_counter() - now)
-                    statuses[status] += 1
-
-        async def snapshot_after_warmup() -> None:
-            nonlocal before
-            await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
-            before = (await observer.get("/metrics")).text
-
-        await asyncio.gather(snapshot_after_warmup(), *(worker(k) for k in range(concurrency)))
-        elapsed = time.perf_counter() - measure_from
-        after = (await observer.get("/metrics")).text
-    ms = np.array(latencies) * 1000
-    percentiles = {
-        f"p{q}": float(np.percentile(ms, q)) if len(ms) else float("nan") for q in (50, 90, 99)
-    }
-    percentiles["max"] = float(ms.max()) if len(ms) else float("nan")
-    return StepResult(
-        concurrency=concurrency,
-        duration_s=elapsed,
-        requests=len(latencies),
-        throughput_rps=statuses["200"] / elapsed,
-        latency_ms=percentiles,
-        status_counts=dict(statuses),
-        server=server_delta(before, after),
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.loadgen", description=__doc__)
-    parser.add_argument("url")
-    parser.add_argument("--concurrency", default="1,64", help="comma-separated client counts")
-    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per step")
-    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds per step")
-    parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args(argv)
-    texts = corpus()
-    results = []
-    print(f"{'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
-          f"{'batch':>6} {'pad':>5}  statuses")  # fmt: skip
-    for n in (int(c) for c in args.concurrency.split(",")):
-        step = asyncio.run(closed_loop(args.url, texts, n, args.duration, args.warmup))
-        results.append(step)
-        lat, srv = step.latency_ms, step.server
-        print(
-            f"{n:>7} {step.throughput_rps:>8.1f} {lat['p50']:>8.1f} {lat['p90']:>8.1f} "
-            f"{lat['p99']:>8.1f} {srv['mean_batch_size']:>6.1f} {srv['padding_ratio']:>5.2f}  "
-            f"{step.status_counts}"
-        )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=2)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

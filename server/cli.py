@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import signal
 import sys
@@ -13,6 +14,9 @@ USAGE = """usage: microbatch COMMAND [options]
 
 commands:
   serve     start the inference server (microbatch serve --help lists every setting)
+  bench     load a running server: throughput and latency per load (closed or open loop)
+  sweep     try batching settings live on a server and pick the best for a p99 target
+  plot      throughput-vs-latency curves from bench/sweep JSON files
 """
 
 
@@ -66,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command == "serve":
         return serve(rest)
+    if command in ("bench", "sweep", "plot"):
+        module = importlib.import_module(f"benchmarks.{command}")
+        code: int = module.main(rest)
+        return code
     print(f"microbatch: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -1,0 +1,261 @@
+"""Naive server vs microbatch (adaptive and window) vs the raw-forward ceiling, in one run
+on this machine, written to benchmarks/results/<hardware>-<date>.md with a plot.
+
+Servers are pinned to CPU 0 with one torch thread; the load generator runs on CPU 1.
+
+    microbatch bench --compare                 # or: python -m benchmarks.compare
+    microbatch bench --compare --duration 20 --concurrency 1,16,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks import environment
+from benchmarks.bench import Run, bench, format_table, load_corpus
+from benchmarks.loadgen import Load, Request
+from benchmarks.plot import plot_runs
+
+SERVER_CPU, CLIENT_CPU = 0, 1
+
+
+def _pin(cpu: int) -> None:
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {cpu})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def server(args: list[str], log: Path) -> Iterator[str]:
+    """Run `python -m <args> --port P` pinned to the server CPU until ready."""
+    port = _free_port()
+    command = [sys.executable, "-m", *args, "--port", str(port)]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=lambda: _pin(SERVER_CPU)
+        )
+    url = f"http://127.0.0.1:{port}"
+    ready = "/ready" if args[0] == "server.cli" else "/docs"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{shlex.join(command)} did not come up; see {log}")
+            try:
+                if httpx.get(url + ready, timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)  # waiting for a child process to come up
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+
+
+def run_bench(url: str, loads: list[Load], label: str, args: argparse.Namespace) -> Run:
+    corpus = load_corpus(None)
+    print(f"\n== {label} ({url})")
+    print(format_table([]))
+    return asyncio.run(
+        bench(
+            url, loads, texts=corpus.texts, corpus_source=corpus.source, request=Request(),
+            duration_s=args.duration, warmup_s=args.warmup, label=label, progress=True,
+            on_step=lambda s: print(format_table([s]).splitlines()[1], flush=True),
+        )
+    )  # fmt: skip
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "n/a"
+
+
+def write_report(
+    out: Path, runs: dict[str, Run], ceiling: list[dict[str, Any]], generator: Run,
+    commands: list[str], plot_name: str,
+) -> None:  # fmt: skip
+    naive, adaptive, window = runs["naive"], runs["microbatch adaptive"], runs["microbatch window"]
+    best = max(ceiling, key=lambda r: r["sequences_per_s"])
+    env = adaptive.environment
+    lines = [
+        f"# microbatch vs naive vs ceiling: {env['cpu']} ({env['cpu_count']} CPUs), {date.today()}",
+        "",
+        f"Model: {adaptive.server.get('name')} ({adaptive.server.get('device')}, "
+        f"{adaptive.server.get('dtype')}, compile "
+        f"{'on' if adaptive.server.get('compile', {}).get('enabled') else 'off'}). "
+        f"Corpus: {adaptive.corpus}. Servers pinned to CPU {SERVER_CPU} with 1 torch thread; "
+        f"load generator on CPU {CLIENT_CPU}. {adaptive.duration_s:g} s measured per step "
+        f"after {adaptive.warmup_s:g} s warm-up. Commit {env['git_commit']}; "
+        f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}.",
+        "",
+        "## Throughput and latency",
+        "",
+        "| load | server | req/s | p50 ms | p90 ms | p99 ms | mean batch | padding |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for i, step in enumerate(adaptive.steps):
+        for name in runs:
+            s = runs[name].steps[i]
+            srv = s.server
+            batch = f"{srv['mean_batch_size']:.1f}" if srv else "1"
+            pad = f"{srv['padding_ratio']:.2f}" if srv else "-"
+            lines.append(
+                f"| {step.load} | {name} | {s.throughput_rps:.1f} | {s.latency_ms['p50']:.1f} | "
+                f"{s.latency_ms['p90']:.1f} | {s.latency_ms['p99']:.1f} | {batch} | {pad} |"
+            )
+    lines += [
+        "",
+        "## Ratios in this run",
+        "",
+        "| load | adaptive / naive req/s | adaptive / naive p50 | adaptive / naive p99 | "
+        "adaptive / ceiling | window / naive req/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for a, n, w in zip(adaptive.steps, naive.steps, window.steps, strict=True):
+        lines.append(
+            f"| {a.load} | {ratio(a.throughput_rps, n.throughput_rps)} | "
+            f"{ratio(a.latency_ms['p50'], n.latency_ms['p50'])} | "
+            f"{ratio(a.latency_ms['p99'], n.latency_ms['p99'])} | "
+            f"{ratio(a.throughput_rps, best['sequences_per_s'])} | "
+            f"{ratio(w.throughput_rps, n.throughput_rps)} |"
+        )
+    lines += [
+        "",
+        f"## Ceiling: raw tokenize + forward + pool, no HTTP (best: batch {best['batch_size']}, "
+        f"{best['order']}, {best['sequences_per_s']:.1f} seq/s)",
+        "",
+        "| batch | order | seq/s | ms per batch (mean) | p50 |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['batch_size']} | {r['order']} | {r['sequences_per_s']:.1f} | "
+            f"{r['batch_ms_mean']:.1f} | {r['batch_ms_p50']:.1f} |"
+            for r in ceiling
+        ),
+        "",
+        "## The load generator's own ceiling",
+        "",
+        "Against `benchmarks/trivial.py` (answers at once with an embedding-sized JSON), same "
+        "pinning, one process:",
+        "",
+        "| load | req/s | p50 ms | p99 ms |",
+        "|---|---|---|---|",
+        *(
+            f"| {s.load} | {s.throughput_rps:.0f} | {s.latency_ms['p50']:.1f} | "
+            f"{s.latency_ms['p99']:.1f} |"
+            for s in generator.steps
+        ),
+        "",
+        f"![throughput vs latency]({plot_name})",
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        *commands,
+        "```",
+        "",
+        "Raw results (every setting, versions, hardware) are in the JSON files beside this one.",
+    ]
+    out.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="microbatch bench --compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument(
+        "--open-fraction",
+        type=float,
+        default=0.5,
+        help="open-loop rate as a fraction of microbatch's top closed-loop req/s",
+    )
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--serve-args", default="--torch-threads 1",
+                        help="extra flags for microbatch serve")  # fmt: skip
+    args = parser.parse_args(argv)
+    _pin(CLIENT_CPU)
+    slug = f"{environment.hardware_slug()}-{date.today()}"
+    out_dir = Path(args.out_dir)
+    raw = out_dir / slug
+    raw.mkdir(parents=True, exist_ok=True)
+    closed = [Load("closed", int(c)) for c in args.concurrency.split(",")]
+    runs: dict[str, Run] = {}
+
+    serve = ["server.cli", "serve", *shlex.split(args.serve_args)]
+    with server(serve, raw / "microbatch.log") as url:
+        runs["microbatch adaptive"] = run_bench(url, closed, "microbatch adaptive", args)
+        rate = round(
+            args.open_fraction * max(s.throughput_rps for s in runs["microbatch adaptive"].steps)
+        )
+        open_load = Load("open", float(max(rate, 1)))
+        runs["microbatch adaptive"].steps += run_bench(url, [open_load], "adaptive", args).steps
+        httpx.patch(f"{url}/admin/batching", json={"policy": "window"}).raise_for_status()
+        runs["microbatch window"] = run_bench(url, [*closed, open_load], "microbatch window", args)
+    loads = [*closed, open_load]
+    with server(["benchmarks.naive", "--torch-threads", "1"], raw / "naive.log") as url:
+        runs["naive"] = run_bench(url, loads, "naive", args)
+    with server(["benchmarks.trivial"], raw / "trivial.log") as url:
+        generator = run_bench(url, [Load("closed", 64)], "trivial (load generator ceiling)", args)
+
+    print("\n== ceiling")
+    ceiling_json = raw / "ceiling.json"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.ceiling", "--torch-threads", "1",
+         "--json", str(ceiling_json)],
+        check=True, preexec_fn=lambda: _pin(SERVER_CPU),
+    )  # fmt: skip
+    ceiling = json.loads(ceiling_json.read_text())["rows"]
+
+    for name, run in runs.items():
+        (raw / f"{name.replace(' ', '-')}.json").write_text(json.dumps(run.to_json(), indent=2))
+    plot_name = f"{slug}.png"
+    order = ["naive", "microbatch window", "microbatch adaptive"]
+    plot_runs([runs[n].to_json() for n in order], order, str(out_dir / plot_name),
+              f"{environment.cpu_name()}: throughput vs latency")  # fmt: skip
+    concurrency = args.concurrency
+    commands = [
+        f"microbatch bench --compare --concurrency {concurrency} --duration {args.duration:g} "
+        f"--warmup {args.warmup:g}",
+        "# which runs, with servers on CPU 0 and the load generator on CPU 1:",
+        f"taskset -c 0 microbatch serve {args.serve_args} --port 8000",
+        f"taskset -c 1 microbatch bench http://127.0.0.1:8000 --concurrency {concurrency} "
+        f"--rate {open_load.value:g} --duration {args.duration:g}",
+        "curl -X PATCH localhost:8000/admin/batching -H 'content-type: application/json' "
+        '-d \'{"policy": "window"}\'   # then the same bench again',
+        "taskset -c 0 python -m benchmarks.naive --torch-threads 1 --port 8001   # same bench",
+        "taskset -c 0 python -m benchmarks.ceiling --torch-threads 1",
+    ]
+    report = out_dir / f"{slug}.md"
+    write_report(report, runs, ceiling, generator, commands, plot_name)
+    print(f"\nwrote {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
