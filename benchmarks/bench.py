@@ -14,11 +14,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import httpx
 from tqdm import tqdm
 
 from benchmarks import corpus as corpora
@@ -34,21 +32,10 @@ from benchmarks.loadgen import (
     server_delta,
     summarize,
 )
+from benchmarks.transport import TransportFactory, aiohttp_transports
 
 START_DELAY_S = 2.0
 """With several processes: time for them to start before the common start."""
-
-ClientFactory = Callable[[int], AbstractAsyncContextManager[httpx.AsyncClient]]
-
-
-def http_clients(url: str) -> ClientFactory:
-    """Clients with a pool of `n` connections to `url` (tests pass ASGI-backed ones)."""
-
-    def make(connections: int) -> AbstractAsyncContextManager[httpx.AsyncClient]:
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        return httpx.AsyncClient(base_url=url, limits=limits, timeout=120)
-
-    return make
 
 
 @dataclass
@@ -75,7 +62,7 @@ def _child(url: str, step: Step, load: Load, start_at: float, seed: int) -> Samp
 
     async def go() -> Samples:
         await asyncio.sleep(max(0.0, start_at - time.time()))
-        async with http_clients(url)(_connections(load)) as client:
+        async with aiohttp_transports(url)(_connections(load)) as client:
             return await run_load(
                 client, step.texts, step.request, load, step.duration_s, step.warmup_s, seed=seed
             )
@@ -89,7 +76,7 @@ def _connections(load: Load) -> int:
 
 async def measure(
     step: Step,
-    clients: ClientFactory,
+    clients: TransportFactory,
     *,
     url: str | None = None,
     processes: int = 1,
@@ -219,13 +206,10 @@ def write_csv(run: Run, path: str) -> None:
             )  # fmt: skip
 
 
-async def server_info(clients: ClientFactory) -> dict[str, Any]:
+async def server_info(clients: TransportFactory) -> dict[str, Any]:
     async with clients(1) as client:
-        try:
-            response = await client.get("/model")
-        except httpx.HTTPError:
-            return {}
-    info: dict[str, Any] = response.json() if response.status_code == 200 else {}
+        status, text = await client.get("/model")
+    info: dict[str, Any] = json.loads(text) if status == 200 else {}
     return info
 
 
@@ -246,11 +230,11 @@ async def bench(
     warmup_s: float,
     processes: int = 1,
     label: str = "",
-    clients: ClientFactory | None = None,
+    clients: TransportFactory | None = None,
     progress: bool = False,
     on_step: Callable[[StepResult], None] | None = None,
 ) -> Run:
-    clients = clients or http_clients(url)
+    clients = clients or aiohttp_transports(url)
     info = await server_info(clients)
     run = Run(
         label=label or str(info.get("batching", {}).get("policy", url)),

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-PACKAGES = ("microbatch", "torch", "transformers", "tokenizers", "fastapi", "uvicorn", "httpx")
+PACKAGES = ("microbatch", "torch", "transformers", "tokenizers", "fastapi", "uvicorn", "aiohttp")
 
 
 def cpu_name() -> str:

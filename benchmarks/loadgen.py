@@ -17,8 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-import httpx
 import numpy as np
+
+from benchmarks.transport import Transport
 
 Clock = Callable[[], float]
 LoadKind = Literal["closed", "open"]
@@ -92,16 +93,8 @@ def poisson_arrivals(rate: float, duration_s: float, rng: random.Random) -> list
     return arrivals
 
 
-async def _send(client: httpx.AsyncClient, endpoint: str, body: dict[str, object]) -> str:
-    try:
-        response = await client.post(endpoint, json=body)
-    except httpx.HTTPError as exc:
-        return type(exc).__name__
-    return str(response.status_code)
-
-
 async def closed_loop(
-    client: httpx.AsyncClient,
+    client: Transport,
     texts: list[str],
     request: Request,
     concurrency: int,
@@ -117,7 +110,7 @@ async def closed_loop(
 
     async def client_loop(index: int) -> None:
         while (sent_at := clock()) < stop_at:
-            status = await _send(client, request.endpoint, request.body(texts, index))
+            status = await client.post(request.endpoint, request.body(texts, index))
             index += concurrency
             if sent_at >= measure_from:
                 samples.latencies_s.append(clock() - sent_at)
@@ -129,7 +122,7 @@ async def closed_loop(
 
 
 async def open_loop(
-    client: httpx.AsyncClient,
+    client: Transport,
     texts: list[str],
     request: Request,
     rate: float,
@@ -145,7 +138,7 @@ async def open_loop(
     tasks = []
 
     async def one(index: int, scheduled: float) -> None:
-        status = await _send(client, request.endpoint, request.body(texts, index))
+        status = await client.post(request.endpoint, request.body(texts, index))
         if scheduled >= start + warmup_s:
             samples.latencies_s.append(clock() - scheduled)
             samples.statuses[status] += 1
@@ -161,7 +154,7 @@ async def open_loop(
 
 
 async def run_load(
-    client: httpx.AsyncClient,
+    client: Transport,
     texts: list[str],
     request: Request,
     load: Load,
@@ -207,13 +200,10 @@ def _metric(text: str, name: str) -> float:
     return float(match.group(1)) if match else math.nan
 
 
-async def scrape(client: httpx.AsyncClient) -> str:
+async def scrape(client: Transport) -> str:
     """The server's /metrics text, or '' when it has none (the naive server)."""
-    try:
-        response = await client.get("/metrics")
-    except httpx.HTTPError:
-        return ""
-    return response.text if response.status_code == 200 else ""
+    status, text = await client.get("/metrics")
+    return text if status == 200 else ""
 
 
 def server_delta(before: str, after: str) -> dict[str, float]:

@@ -27,16 +27,15 @@ import httpx
 
 from benchmarks import environment
 from benchmarks.bench import (
-    ClientFactory,
     Step,
     add_load_arguments,
     format_table,
-    http_clients,
     load_corpus,
     measure,
     parse_loads,
 )
 from benchmarks.loadgen import Load, Request, StepResult
+from benchmarks.transport import Transport, TransportFactory, aiohttp_transports
 
 SETTING_KEYS = ("max_batch_size", "max_wait_ms", "policy")
 
@@ -89,11 +88,12 @@ def recommend(points: Sequence[Point], slo_p99_ms: float) -> Point | None:
     return max(meeting, key=lambda p: p.result.throughput_rps, default=None)
 
 
-async def apply_setting(client: httpx.AsyncClient, setting: dict[str, Any]) -> dict[str, Any]:
+async def apply_setting(client: Transport, setting: dict[str, Any]) -> dict[str, Any]:
     """PATCH the setting, then read it back; raise if the server did not take it."""
-    response = await client.patch("/admin/batching", json=setting)
-    response.raise_for_status()
-    applied: dict[str, Any] = (await client.get("/admin/batching")).json()
+    status, text = await client.patch("/admin/batching", setting)
+    if status != 200:
+        raise RuntimeError(f"PATCH /admin/batching {setting} answered {status}: {text}")
+    applied: dict[str, Any] = json.loads((await client.get("/admin/batching"))[1])
     wrong = {k: (v, applied.get(k)) for k, v in setting.items() if applied.get(k) != v}
     if wrong:
         raise RuntimeError(f"server did not apply {wrong} (asked, read back)")
@@ -101,7 +101,7 @@ async def apply_setting(client: httpx.AsyncClient, setting: dict[str, Any]) -> d
 
 
 async def sweep(
-    clients: ClientFactory,
+    clients: TransportFactory,
     settings: Sequence[dict[str, Any]],
     loads: Sequence[Load],
     *,
@@ -113,7 +113,7 @@ async def sweep(
 ) -> list[Point]:
     points = []
     async with clients(2) as admin:
-        original = (await admin.get("/admin/batching")).json()
+        original = json.loads((await admin.get("/admin/batching"))[1])
         try:
             for setting in settings:
                 applied = await apply_setting(admin, setting)
@@ -125,7 +125,7 @@ async def sweep(
                         on_point(point)
         finally:
             restore = {k: original[k] for k in SETTING_KEYS}
-            await admin.patch("/admin/batching", json=restore)
+            await admin.patch("/admin/batching", restore)
     return points
 
 
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     request = Request(args.endpoint, args.texts_per_request)
 
     def run(url: str) -> int:
-        clients = http_clients(url)
+        clients = aiohttp_transports(url)
         print(format_points([]))
         points = asyncio.run(
             sweep(clients, settings, loads, texts=corpus.texts, request=request,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import random
 import statistics
+from contextlib import AbstractAsyncContextManager
 
-import httpx
 import numpy as np
 import pytest
 from starlette.applications import Starlette
@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from benchmarks.bench import Step, measure
 from benchmarks.loadgen import Load, Request, closed_loop, open_loop, poisson_arrivals
+from benchmarks.transport import Transport, asgi_transports
 
 DELAYS_MS = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
 
@@ -36,8 +37,8 @@ def delayed_app(delays_ms: list[int], fail_every: int = 0) -> Starlette:
     return Starlette(routes=[Route("/predict", predict, methods=["POST"])])
 
 
-def client_for(app: Starlette) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://fake")
+def client_for(app: Starlette) -> AbstractAsyncContextManager[Transport]:
+    return asgi_transports(app)(1)
 
 
 @pytest.mark.asyncio
@@ -108,11 +109,7 @@ async def test_open_loop_achieves_the_requested_rate_against_a_fast_server() -> 
 @pytest.mark.asyncio
 @pytest.mark.looptime
 async def test_a_measured_step_summarises_rate_and_percentiles() -> None:
-    app = delayed_app(DELAYS_MS)
-
-    def clients(connections: int) -> httpx.AsyncClient:
-        return client_for(app)
-
+    clients = asgi_transports(delayed_app(DELAYS_MS))
     step = Step(["x"], Request(), Load("closed", 4), duration_s=55.0, warmup_s=1.0)
     result = await measure(step, clients, clock=asyncio.get_running_loop().time)
     assert result.throughput_rps == pytest.approx(4 / 0.055, rel=0.01)

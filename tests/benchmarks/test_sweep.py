@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractAsyncContextManager
+import json
 
-import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
 from benchmarks.loadgen import Load, Request, StepResult
 from benchmarks.sweep import Point, grid, pareto_front, recommend, sweep
+from benchmarks.transport import asgi_transports
 from server.app import create_app
 from server.settings import Settings
 from tests.server.fakes import FakeTextModel
@@ -45,13 +45,9 @@ def test_grid_covers_every_combination() -> None:
 async def test_sweep_applies_every_setting_it_reports_and_restores_the_original() -> None:
     app = create_app(Settings(max_wait_ms=50, max_batch_size=32), model=FakeTextModel())  # type: ignore[arg-type]
     async with LifespanManager(app) as manager:
-
-        def clients(connections: int) -> AbstractAsyncContextManager[httpx.AsyncClient]:
-            transport = httpx.ASGITransport(app=manager.app)
-            return httpx.AsyncClient(transport=transport, base_url="http://test")
-
+        clients = asgi_transports(manager.app)
         async with clients(1) as client:
-            while (await client.get("/ready")).status_code != 200:
+            while (await client.get("/ready"))[0] != 200:
                 pass
         settings = grid([2, 8], [1.0, 20.0], ["adaptive", "window"])
         points = await sweep(
@@ -59,7 +55,7 @@ async def test_sweep_applies_every_setting_it_reports_and_restores_the_original(
             request=Request(), duration_s=0.4, warmup_s=0.1,
         )  # fmt: skip
         async with clients(1) as client:
-            restored = (await client.get("/admin/batching")).json()
+            restored = json.loads((await client.get("/admin/batching"))[1])
     assert [p.setting for p in points] == settings
     for p in points:
         assert {k: p.applied[k] for k in p.setting} == p.setting, "read back as asked"
