@@ -165,6 +165,11 @@ class Run:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, record: dict[str, Any]) -> Run:
+        steps = [StepResult(**s) for s in record["steps"]]
+        return cls(**{**record, "steps": steps})
+
 
 def format_table(steps: Sequence[StepResult]) -> str:
     head = (
@@ -244,7 +249,7 @@ async def bench(
         duration_s=duration_s,
         warmup_s=warmup_s,
         processes=processes,
-        command=sys.argv,
+        command=environment.command_line(),
         server=info,
         environment=environment.describe(),
     )

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -134,11 +135,12 @@ def write_report(
         "|---|---|---|---|---|---|",
     ]
     for a, n, w in zip(adaptive.steps, naive.steps, window.steps, strict=True):
+        # An open-loop step carries its offered rate, so against the ceiling it says nothing.
+        vs_ceiling = ratio(a.throughput_rps, best["sequences_per_s"]) if a.kind == "closed" else "-"
         lines.append(
             f"| {a.load} | {ratio(a.throughput_rps, n.throughput_rps)} | "
             f"{ratio(a.latency_ms['p50'], n.latency_ms['p50'])} | "
-            f"{ratio(a.latency_ms['p99'], n.latency_ms['p99'])} | "
-            f"{ratio(a.throughput_rps, best['sequences_per_s'])} | "
+            f"{ratio(a.latency_ms['p99'], n.latency_ms['p99'])} | {vs_ceiling} | "
             f"{ratio(w.throughput_rps, n.throughput_rps)} |"
         )
     lines += [
@@ -196,19 +198,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--render", metavar="DIR", help="only rewrite the report of a past run")
     parser.add_argument("--serve-args", default="--torch-threads 1",
                         help="extra flags for microbatch serve")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.render:
+        render(Path(args.render), args)
+        return 0
     _pin(CLIENT_CPU)
     slug = f"{environment.hardware_slug()}-{date.today()}"
-    out_dir = Path(args.out_dir)
-    raw = out_dir / slug
+    raw = Path(args.out_dir) / slug
     raw.mkdir(parents=True, exist_ok=True)
+    logs = Path(tempfile.mkdtemp(prefix="microbatch-compare-"))
+    print(f"server logs: {logs}")
     closed = [Load("closed", int(c)) for c in args.concurrency.split(",")]
     runs: dict[str, Run] = {}
 
     serve = ["server.cli", "serve", *shlex.split(args.serve_args)]
-    with server(serve, raw / "microbatch.log") as url:
+    with server(serve, logs / "microbatch.log") as url:
         runs["microbatch adaptive"] = run_bench(url, closed, "microbatch adaptive", args)
         rate = round(
             args.open_fraction * max(s.throughput_rps for s in runs["microbatch adaptive"].steps)
@@ -218,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         httpx.patch(f"{url}/admin/batching", json={"policy": "window"}).raise_for_status()
         runs["microbatch window"] = run_bench(url, [*closed, open_load], "microbatch window", args)
     loads = [*closed, open_load]
-    with server(["benchmarks.naive", "--torch-threads", "1"], raw / "naive.log") as url:
+    with server(["benchmarks.naive", "--torch-threads", "1"], logs / "naive.log") as url:
         runs["naive"] = run_bench(url, loads, "naive", args)
-    with server(["benchmarks.trivial"], raw / "trivial.log") as url:
+    with server(["benchmarks.trivial"], logs / "trivial.log") as url:
         generator = run_bench(url, [Load("closed", 64)], "trivial (load generator ceiling)", args)
 
     print("\n== ceiling")
@@ -230,31 +237,47 @@ def main(argv: list[str] | None = None) -> int:
          "--json", str(ceiling_json)],
         check=True, preexec_fn=lambda: _pin(SERVER_CPU),
     )  # fmt: skip
-    ceiling = json.loads(ceiling_json.read_text())["rows"]
-
+    runs["trivial"] = generator
     for name, run in runs.items():
         (raw / f"{name.replace(' ', '-')}.json").write_text(json.dumps(run.to_json(), indent=2))
+    (raw / "args.json").write_text(json.dumps(vars(args), indent=2))
+    render(raw, args)
+    return 0
+
+
+def render(raw: Path, args: argparse.Namespace) -> None:
+    """Write `<raw>.md` and `<raw>.png` from the JSON files a compare run left in `raw`."""
+    saved = json.loads((raw / "args.json").read_text())
+    runs = {
+        name: Run.from_json(json.loads((raw / f"{name.replace(' ', '-')}.json").read_text()))
+        for name in ("microbatch adaptive", "microbatch window", "naive", "trivial")
+    }
+    generator = runs.pop("trivial")
+    ceiling = json.loads((raw / "ceiling.json").read_text())["rows"]
+    slug = raw.name
     plot_name = f"{slug}.png"
     order = ["naive", "microbatch window", "microbatch adaptive"]
-    plot_runs([runs[n].to_json() for n in order], order, str(out_dir / plot_name),
-              f"{environment.cpu_name()}: throughput vs latency")  # fmt: skip
-    concurrency = args.concurrency
+    cpu = runs["naive"].environment["cpu"]
+    plot_runs([runs[n].to_json() for n in order], order, str(raw.parent / plot_name),
+              f"{cpu}: throughput vs latency")  # fmt: skip
+    open_load = next(s for s in runs["microbatch adaptive"].steps if s.kind == "open")
+    concurrency, duration, warmup = saved["concurrency"], saved["duration"], saved["warmup"]
     commands = [
-        f"microbatch bench --compare --concurrency {concurrency} --duration {args.duration:g} "
-        f"--warmup {args.warmup:g}",
+        f"microbatch bench --compare --concurrency {concurrency} --duration {duration:g} "
+        f"--warmup {warmup:g}",
         "# which runs, with servers on CPU 0 and the load generator on CPU 1:",
-        f"taskset -c 0 microbatch serve {args.serve_args} --port 8000",
+        f"taskset -c 0 microbatch serve {saved['serve_args']} --port 8000",
         f"taskset -c 1 microbatch bench http://127.0.0.1:8000 --concurrency {concurrency} "
-        f"--rate {open_load.value:g} --duration {args.duration:g}",
+        f"--rate {open_load.value:g} --duration {duration:g}",
         "curl -X PATCH localhost:8000/admin/batching -H 'content-type: application/json' "
         '-d \'{"policy": "window"}\'   # then the same bench again',
         "taskset -c 0 python -m benchmarks.naive --torch-threads 1 --port 8001   # same bench",
+        "taskset -c 0 python -m benchmarks.trivial --port 8002   # bench at 64 clients",
         "taskset -c 0 python -m benchmarks.ceiling --torch-threads 1",
     ]
-    report = out_dir / f"{slug}.md"
+    report = raw.parent / f"{slug}.md"
     write_report(report, runs, ceiling, generator, commands, plot_name)
-    print(f"\nwrote {report}")
-    return 0
+    print(f"wrote {report}")
 
 
 if __name__ == "__main__":

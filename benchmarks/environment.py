@@ -6,6 +6,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -66,6 +67,11 @@ def describe() -> dict[str, object]:
         "gpu": gpu_name(),
         "versions": {p: _version(p) for p in PACKAGES},
     }
+
+
+def command_line() -> list[str]:
+    """This process's command, its program by name only (no paths of this machine)."""
+    return [Path(sys.argv[0]).name, *sys.argv[1:]]
 
 
 def hardware_slug() -> str:

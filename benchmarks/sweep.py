@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 "kind": "sweep",
                 "url": url,
                 "corpus": corpus.source,
-                "command": sys.argv,
+                "command": environment.command_line(),
                 "environment": environment.describe(),
                 "slo_p99_ms": args.slo_p99_ms,
                 "recommended": asdict(best) if best else None,

@@ -1,0 +1,57 @@
+"""`bench` records everything a result needs, and `plot` draws from those files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from asgi_lifespan import LifespanManager
+
+from benchmarks import plot
+from benchmarks.bench import bench, write_csv
+from benchmarks.loadgen import Load, Request
+from benchmarks.transport import asgi_transports
+from server.app import create_app
+from server.settings import Settings
+from tests.server.fakes import FakeTextModel
+
+
+@pytest.mark.asyncio
+async def test_a_run_records_settings_environment_and_steps_and_plots(tmp_path: Path) -> None:
+    app = create_app(Settings(max_batch_size=8), model=FakeTextModel())  # type: ignore[arg-type]
+    async with LifespanManager(app) as manager:
+        clients = asgi_transports(manager.app)
+        async with clients(1) as client:
+            while (await client.get("/ready"))[0] != 200:
+                pass
+        run = await bench(
+            "http://test", [Load("closed", 4), Load("open", 50)], texts=["a", "bb"],
+            corpus_source="test", request=Request(), duration_s=0.5, warmup_s=0.1,
+            clients=clients,
+        )  # fmt: skip
+    record = run.to_json()
+    assert record["server"]["batching"]["max_batch_size"] == 8
+    assert record["environment"]["versions"]["microbatch"]
+    assert record["label"] == "adaptive"
+    assert [s["load"] for s in record["steps"]] == ["4 clients", "50 req/s"]
+    assert all(s["ok"] > 0 and s["server"]["mean_batch_size"] >= 1 for s in record["steps"])
+
+    results = tmp_path / "run.json"
+    results.write_text(json.dumps(record))
+    write_csv(run, str(tmp_path / "run.csv"))
+    rows = list(csv.DictReader((tmp_path / "run.csv").open()))
+    assert [r["load"] for r in rows] == ["4 clients", "50 req/s"]
+    assert float(rows[0]["throughput_rps"]) == pytest.approx(run.steps[0].throughput_rps, rel=1e-3)
+
+    png = tmp_path / "curve.png"
+    assert plot.main([str(results), str(results), "-o", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_refuses_a_file_that_is_not_a_bench_result(tmp_path: Path) -> None:
+    bad = tmp_path / "x.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="not a `microbatch bench --json` file"):
+        plot.load_run(str(bad))
