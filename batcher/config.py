@@ -7,6 +7,8 @@ from typing import Literal, get_args
 
 Policy = Literal["adaptive", "window"]
 POLICIES: tuple[Policy, ...] = get_args(Policy)
+BatchSizing = Literal["learned", "fill"]
+BATCH_SIZINGS: tuple[BatchSizing, ...] = get_args(BatchSizing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +22,9 @@ class EngineConfig:
     - `max_queue_size`: most items waiting; `submit` raises `QueueFull` beyond it.
     - `policy`: `adaptive` dispatches at once when the device is idle and gathers while it
       is busy; `window` always waits up to `max_wait_ms` for a full batch.
+    - `batch_sizing`: `fill` takes as many items as the limits allow; `learned` sizes each
+      batch for the most items per second under the device's learned cost (see
+      `batcher.cost`), which on a CPU means tight batches of similar lengths.
     """
 
     max_batch_size: int = 32
@@ -27,6 +32,7 @@ class EngineConfig:
     max_batch_tokens: int | None = None
     max_queue_size: int = 1024
     policy: Policy = "adaptive"
+    batch_sizing: BatchSizing = "learned"
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -39,6 +45,10 @@ class EngineConfig:
             raise ValueError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.batch_sizing not in BATCH_SIZINGS:
+            raise ValueError(
+                f"batch_sizing must be one of {', '.join(BATCH_SIZINGS)}, got {self.batch_sizing!r}"
+            )
 
     @property
     def max_wait_s(self) -> float:

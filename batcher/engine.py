@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Generic, Literal, TypeVar
 
 from batcher.config import EngineConfig
+from batcher.cost import CostModel
 from batcher.errors import (
     DeadlineExceeded,
     EngineClosed,
@@ -66,6 +67,8 @@ class Engine(Generic[InT, OutT]):
         self._dispatcher: asyncio.Task[None] | None = None
         self._state: State = "new"
         self._failure: BaseException | None = None
+        self.cost_model = CostModel()
+        """The device's cost per batch, learned from the batches run so far."""
         self.metrics.queue_depth.set_function(lambda: len(self._pending))
         self.metrics.in_flight.set_function(lambda: self._in_flight)
 
@@ -251,7 +254,7 @@ class Engine(Generic[InT, OutT]):
         for item in self._pending:
             if self._is_wanted(item, now):
                 live.append(item)
-        chosen = set(select_batch(live, self._config))
+        chosen = set(select_batch(live, self._config, self.cost_model.estimate()))
         self._pending = deque(item for i, item in enumerate(live) if i not in chosen)
         return [live[i] for i in sorted(chosen)]
 
@@ -350,6 +353,7 @@ class Engine(Generic[InT, OutT]):
         m.inference.observe(inference_time_s)
         real = sum(item.cost for item in batch)
         padded = padded_tokens(item.cost for item in batch)
+        self.cost_model.observe(padded, inference_time_s)
         m.real_tokens.inc(real)
         m.padded_tokens.inc(padded)
         m.padding_ratio.observe(padded / real if real else 1.0)

@@ -37,7 +37,7 @@ from benchmarks.bench import (
 from benchmarks.loadgen import Load, Request, StepResult
 from benchmarks.transport import Transport, TransportFactory, aiohttp_transports
 
-SETTING_KEYS = ("max_batch_size", "max_wait_ms", "policy")
+SETTING_KEYS = ("max_batch_size", "max_wait_ms", "policy", "batch_sizing")
 
 
 @dataclass

@@ -174,7 +174,15 @@ def _batching(runtime: Runtime) -> Batching:
         max_batch_tokens=config.max_batch_tokens,
         max_queue_size=config.max_queue_size,
         policy=config.policy,
+        batch_sizing=config.batch_sizing,
     )
+
+
+def _learned_cost(runtime: Runtime) -> dict[str, float] | None:
+    cost = runtime.engine.cost_model.estimate() if runtime.engine else None
+    if cost is None:
+        return None
+    return {"overhead_ms": cost.overhead_s * 1e3, "per_token_us": cost.per_token_s * 1e6}
 
 
 @router.get("/model", summary="Model, device, compile state and batching settings")
@@ -184,6 +192,7 @@ async def model_info(runtime: RuntimeDep) -> dict[str, Any]:
         **described,
         "status": runtime.status,
         "batching": _batching(runtime).model_dump(),
+        "learned_cost": _learned_cost(runtime),
         "limits": {
             "max_text_chars": runtime.settings.max_text_chars,
             "max_client_batch": runtime.settings.max_client_batch,

@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from batcher import Policy
+from batcher.config import BatchSizing
 
 Text = Annotated[StrictStr, Field(min_length=1, description="One input text.")]
 
@@ -65,6 +66,7 @@ class Batching(BaseModel):
     max_batch_tokens: int | None
     max_queue_size: int
     policy: Policy
+    batch_sizing: BatchSizing
 
 
 class BatchingPatch(BaseModel):
@@ -79,6 +81,7 @@ class BatchingPatch(BaseModel):
     max_batch_tokens: int | None = Field(None, ge=8)
     max_queue_size: int = Field(None, ge=1)  # type: ignore[assignment]
     policy: Policy = Field(None)  # type: ignore[arg-type]
+    batch_sizing: BatchSizing = Field(None)  # type: ignore[arg-type]
 
 
 class Status(BaseModel):

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from batcher import EngineConfig, Policy
+from batcher.config import BatchSizing
 from batcher.models import DtypeOption, LoadOptions, TaskOption
 
 
@@ -54,6 +55,12 @@ class Settings(BaseSettings):
         description="adaptive: dispatch at once when the device is idle, gather while busy; "
         "window: always wait up to max-wait-ms for a full batch.",
     )
+    batch_sizing: BatchSizing = Field(
+        "learned",
+        description="learned: size each batch for the most items/s under the device cost "
+        "learned from past batches (tight batches on a CPU, full ones on a GPU); fill: as "
+        "many items as the limits allow.",
+    )
     max_queue_size: int = Field(1024, ge=1, description="Waiting items before 429s.")
     max_text_chars: int = Field(4096, ge=1, description="Longest accepted text, in characters.")
     max_client_batch: int = Field(64, ge=1, description="Most texts in one /predict/batch call.")
@@ -84,6 +91,7 @@ class Settings(BaseSettings):
             max_batch_tokens=self.max_batch_tokens,
             max_queue_size=self.max_queue_size,
             policy=self.policy,
+            batch_sizing=self.batch_sizing,
         )
 
     def load_options(self) -> LoadOptions:

@@ -4,6 +4,7 @@ when every task is waiting, so timing assertions are exact and nothing sleeps.""
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 from collections.abc import Sequence
 
@@ -20,6 +21,7 @@ from batcher import (
     Runner,
     ThreadRunner,
 )
+from batcher.padding import bucket_length
 from tests.batcher.fakes import GatedRunner, Poison, open_runner
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
@@ -323,3 +325,44 @@ async def test_thread_runner_keeps_the_loop_free_while_the_model_computes() -> N
             assert (await task).value == "cba"
     finally:
         runner.close()
+
+
+async def test_the_engine_learns_the_device_cost_and_then_serves_faster_than_fill() -> None:
+    """A CPU-like fake: each pass takes 8 ms + 0.4 ms per padded token (virtual time)."""
+
+    class CpuLike(GatedRunner):
+        async def run(self, payloads: Sequence[str]) -> list[str]:
+            padded = len(payloads) * bucket_length(max(len(p) for p in payloads))
+            await asyncio.sleep(0.008 + 0.0004 * padded)
+            return await super().run(payloads)
+
+    rng = random.Random(0)
+    texts = ["x" * rng.randint(4, 120) for _ in range(600)]
+
+    async def serve(sizing: str) -> tuple[float, float, Engine[str, str]]:
+        runner = CpuLike()
+        runner.gate.set()
+        config = EngineConfig(max_batch_size=32, batch_sizing=sizing)  # type: ignore[arg-type]
+        async with make_engine(runner, config) as engine:
+            for wave in range(0, 300, 20):  # traffic in waves: batches of many sizes
+                await asyncio.gather(*(engine.submit(t) for t in texts[wave : wave + 20]))
+            learned_from, started = len(runner.calls), engine.clock()
+
+            async def client(k: int) -> None:  # closed loop: at most 64 items queued
+                for t in texts[300 + k :: 64]:
+                    await engine.submit(t)
+
+            await asyncio.gather(*(client(k) for k in range(64)))
+            elapsed = engine.clock() - started
+        later = runner.calls[learned_from:]
+        padded = sum(len(c.payloads) * bucket_length(max(map(len, c.payloads))) for c in later)
+        return elapsed, padded / sum(len(p) for c in later for p in c.payloads), engine
+
+    learned_s, learned_padding, engine = await serve("learned")
+    fill_s, fill_padding, _ = await serve("fill")
+    fit = engine.cost_model.estimate()
+    assert fit is not None
+    assert fit.overhead_s == pytest.approx(0.008, rel=0.1)
+    assert fit.per_token_s == pytest.approx(0.0004, rel=0.05)
+    assert learned_padding < fill_padding
+    assert learned_s < 0.9 * fill_s, f"learned {learned_s:.2f} s vs fill {fill_s:.2f} s"

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from batcher.config import EngineConfig
+from batcher.cost import LinearCost
 from batcher.padding import bucket_length, padded_tokens
 from batcher.policy import DISPATCH, WAIT_FOR_EVENT, Wait, decide, select_batch
 
@@ -103,3 +104,41 @@ def test_bucket_length_rounds_up_to_multiples_of_eight_within_a_cap() -> None:
     assert [bucket_length(n) for n in (1, 8, 9, 16, 17)] == [8, 8, 16, 16, 24]
     assert bucket_length(250, cap=256) == 256
     assert bucket_length(253, cap=254) == 254
+
+
+CPU_LIKE = LinearCost(overhead_s=0.008, per_token_s=0.0004)  # padding is expensive
+GPU_LIKE = LinearCost(overhead_s=0.010, per_token_s=0.000001)  # a batch is almost free
+
+
+def test_a_learned_cpu_cost_picks_a_tight_batch_over_a_full_padded_one() -> None:
+    config = EngineConfig(max_batch_size=32)
+    pending = queue(12, *([12] * 7), *range(20, 120, 4))  # 8 short items, 25 spread out
+    chosen = select_batch(pending, config, CPU_LIKE)
+    assert sorted(pending[i].cost for i in chosen) == [12] * 8
+    assert len(select_batch(pending, config, GPU_LIKE)) == 32
+    assert len(select_batch(pending, config)) == 32, "without a learned cost: fill"
+
+
+def test_fill_sizing_ignores_the_learned_cost() -> None:
+    config = EngineConfig(max_batch_size=32, batch_sizing="fill")
+    pending = queue(12, *([12] * 7), *range(20, 120, 4))
+    assert len(select_batch(pending, config, CPU_LIKE)) == 32
+
+
+@given(
+    costs=st.lists(st.integers(1, 300), min_size=1, max_size=60),
+    max_batch_size=st.integers(1, 40),
+    budget=st.one_of(st.none(), st.integers(304, 4000)),
+    overhead=st.floats(0, 0.05),
+    per_token=st.floats(0, 0.001),
+)
+def test_learned_selection_keeps_the_invariants(
+    costs: list[int], max_batch_size: int, budget: int | None, overhead: float, per_token: float
+) -> None:
+    config = EngineConfig(max_batch_size=max_batch_size, max_batch_tokens=budget)
+    pending = queue(*costs)
+    chosen = select_batch(pending, config, LinearCost(overhead, per_token))
+    assert 0 in chosen
+    assert 1 <= len(chosen) <= max_batch_size
+    if budget is not None:
+        assert padded_tokens(pending[i].cost for i in chosen) <= budget

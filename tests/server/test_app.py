@@ -243,6 +243,7 @@ async def test_admin_batching_reads_and_changes_the_live_settings() -> None:
         "max_batch_tokens": None,
         "max_queue_size": 1024,
         "policy": "adaptive",
+        "batch_sizing": "learned",
     }
     assert r.status_code == 200
     assert after == {**before, "max_wait_ms": 5.0, "policy": "window"}
