@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--render", metavar="DIR", help="only rewrite the report of a past run")
+    parser.add_argument("--name", help="report name; default: <hardware>-<date>")
     parser.add_argument("--serve-args", default="--torch-threads 1",
                         help="extra flags for microbatch serve")  # fmt: skip
     args = parser.parse_args(argv)
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         render(Path(args.render), args)
         return 0
     _pin(CLIENT_CPU)
-    slug = f"{environment.hardware_slug()}-{date.today()}"
+    slug = args.name or f"{environment.hardware_slug()}-{date.today()}"
     raw = Path(args.out_dir) / slug
     raw.mkdir(parents=True, exist_ok=True)
     logs = Path(tempfile.mkdtemp(prefix="microbatch-compare-"))
