@@ -10,8 +10,9 @@ numbers. Invariants, for every batch `select_batch` returns:
    (the engine refuses it at submit);
 4. among the other items, those whose lengths are close to each other go together, so a
    batch pays little padding; ties go to the older item;
-5. with a learned device cost, the batch size is the one that serves the most items per
-   second; without one, batches are as full as the limits allow.
+5. with a learned device cost, the batch size is the one whose items each pay the least
+   beyond their own tokens (their share of the batch overhead, plus the padding they
+   cause); without one, batches are as full as the limits allow.
 
 And `decide` dispatches only when the device can take a batch: at most one runs and one
 waits ready behind it (`MAX_IN_FLIGHT`).
@@ -97,8 +98,11 @@ def select_batch(
 
     Sort by length; for each size, take the run of consecutive items that contains the
     oldest and wastes the fewest padded tokens within the token budget. Without `cost`
-    (or with `batch_sizing="fill"`) the largest size wins; with it, the size whose batch
-    serves the most items per second of predicted device time.
+    (or with `batch_sizing="fill"`) the largest size wins; with it, the size with the
+    least overhead-plus-padding time per item. Real tokens cost the same in any batch, so
+    that is the part the choice can save: on a GPU (overhead dominates) batches fill up,
+    on a CPU (padding costs as much as work) a long oldest item is not padded onto short
+    ones that would be cheaper in their own batch.
     """
     if not pending:
         return []
@@ -109,7 +113,7 @@ def select_batch(
     age_sum = list(accumulate(order, initial=0))  # lower is older
 
     learned = cost if config.batch_sizing == "learned" else None
-    best: tuple[float, int, int] | None = None  # (items per second, size, start)
+    best: tuple[float, int, int] | None = None  # (waste seconds per item, -size, start)
     for size in range(min(config.max_batch_size, len(order)), 0, -1):
         best_start, best_key = -1, (0, 0)
         for start in range(max(0, anchor - size + 1), min(anchor, len(order) - size) + 1):
@@ -124,12 +128,12 @@ def select_batch(
             continue
         if learned is None:
             return sorted(order[best_start : best_start + size])
-        padded = size * bucket_length(costs[best_start + size - 1])
-        rate = size / max(learned.seconds(padded), 1e-9)
-        if best is None or rate > best[0]:
-            best = (rate, size, best_start)
+        waste_tokens = best_key[0]
+        per_item = (learned.overhead_s + learned.per_token_s * waste_tokens) / size
+        if best is None or (per_item, -size) < best[:2]:
+            best = (per_item, -size, best_start)
     if best is None:
         # Only reachable when the oldest item alone breaks the budget, which submit refuses.
         raise RuntimeError("the oldest item does not fit max_batch_tokens; this is a bug")
-    _, size, start = best
-    return sorted(order[start : start + size])
+    _, negative_size, start = best
+    return sorted(order[start : start + -negative_size])

@@ -190,10 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument(
-        "--open-fraction",
-        type=float,
-        default=0.5,
-        help="open-loop rate as a fraction of microbatch's top closed-loop req/s",
+        "--open-fractions",
+        default="0.5",
+        help="open-loop rates as fractions of microbatch's top closed-loop req/s, e.g. "
+        "0.25,0.5,0.75",
     )
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=3.0)
@@ -218,14 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     serve = ["server.cli", "serve", *shlex.split(args.serve_args)]
     with server(serve, logs / "microbatch.log") as url:
         runs["microbatch adaptive"] = run_bench(url, closed, "microbatch adaptive", args)
-        rate = round(
-            args.open_fraction * max(s.throughput_rps for s in runs["microbatch adaptive"].steps)
-        )
-        open_load = Load("open", float(max(rate, 1)))
-        runs["microbatch adaptive"].steps += run_bench(url, [open_load], "adaptive", args).steps
+        saturation = max(s.throughput_rps for s in runs["microbatch adaptive"].steps)
+        opened = [
+            Load("open", float(max(round(float(f) * saturation), 1)))
+            for f in args.open_fractions.split(",")
+        ]
+        runs["microbatch adaptive"].steps += run_bench(url, opened, "adaptive", args).steps
         httpx.patch(f"{url}/admin/batching", json={"policy": "window"}).raise_for_status()
-        runs["microbatch window"] = run_bench(url, [*closed, open_load], "microbatch window", args)
-    loads = [*closed, open_load]
+        runs["microbatch window"] = run_bench(url, [*closed, *opened], "microbatch window", args)
+    loads = [*closed, *opened]
     with server(["benchmarks.naive", "--torch-threads", "1"], logs / "naive.log") as url:
         runs["naive"] = run_bench(url, loads, "naive", args)
     with server(["benchmarks.trivial"], logs / "trivial.log") as url:
@@ -261,7 +262,7 @@ def render(raw: Path, args: argparse.Namespace) -> None:
     cpu = runs["naive"].environment["cpu"]
     plot_runs([runs[n].to_json() for n in order], order, str(raw.parent / plot_name),
               f"{cpu}: throughput vs latency")  # fmt: skip
-    open_load = next(s for s in runs["microbatch adaptive"].steps if s.kind == "open")
+    rates = ",".join(f"{s.value:g}" for s in runs["microbatch adaptive"].steps if s.kind == "open")
     concurrency, duration, warmup = saved["concurrency"], saved["duration"], saved["warmup"]
     commands = [
         f"microbatch bench --compare --concurrency {concurrency} --duration {duration:g} "
@@ -269,7 +270,7 @@ def render(raw: Path, args: argparse.Namespace) -> None:
         "# which runs, with servers on CPU 0 and the load generator on CPU 1:",
         f"taskset -c 0 microbatch serve {saved['serve_args']} --port 8000",
         f"taskset -c 1 microbatch bench http://127.0.0.1:8000 --concurrency {concurrency} "
-        f"--rate {open_load.value:g} --duration {duration:g}",
+        f"--rate {rates} --duration {duration:g}",
         "curl -X PATCH localhost:8000/admin/batching -H 'content-type: application/json' "
         '-d \'{"policy": "window"}\'   # then the same bench again',
         "taskset -c 0 python -m benchmarks.naive --torch-threads 1 --port 8001   # same bench",

@@ -288,3 +288,20 @@ async def test_shutdown_answers_admitted_requests() -> None:
     await client.aclose()
     assert all(r.status_code == 200 for r in replies)
     assert late.status_code == 503
+
+
+async def test_batch_sizing_can_be_switched_live_and_the_learned_cost_is_reported() -> None:
+    async with serve(FakeTextModel()) as client:
+        assert (await client.get("/model")).json()["learned_cost"] is None, "nothing run yet"
+        r = await client.patch("/admin/batching", json={"batch_sizing": "fill"})
+        bad = await client.patch("/admin/batching", json={"batch_sizing": "greedy"})
+        for wave in range(12):  # batches of several sizes, so the cost fit has data
+            texts = [f"text {wave} {i}" * (i + 1) for i in range(wave % 4 + 1)]
+            await asyncio.gather(*(client.post("/predict", json={"text": t}) for t in texts))
+        cost = (await client.get("/model")).json()["learned_cost"]
+    assert r.json()["batch_sizing"] == "fill"
+    assert bad.status_code == 422
+    assert cost is not None
+    assert set(cost) == {"overhead_ms", "per_token_us"}
+    assert cost["overhead_ms"] >= 0
+    assert cost["per_token_us"] >= 0
