@@ -31,7 +31,9 @@ from server.schemas import (
 router = APIRouter()
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    # async on purpose: FastAPI runs a plain `def` dependency in its threadpool, a thread
+    # hand-off on every request (seen in the profile of benchmarks/overhead.py).
     runtime: Runtime = request.state.runtime
     return runtime
 
