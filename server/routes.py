@@ -170,14 +170,7 @@ async def metrics(runtime: RuntimeDep) -> Response:
 
 def _batching(runtime: Runtime) -> Batching:
     config = runtime.engine.config if runtime.engine else runtime.settings.engine_config()
-    return Batching(
-        max_batch_size=config.max_batch_size,
-        max_wait_ms=config.max_wait_ms,
-        max_batch_tokens=config.max_batch_tokens,
-        max_queue_size=config.max_queue_size,
-        policy=config.policy,
-        batch_sizing=config.batch_sizing,
-    )
+    return Batching.model_validate(config, from_attributes=True)
 
 
 def _learned_cost(runtime: Runtime) -> dict[str, float] | None:

@@ -3,6 +3,7 @@ variable (`MICROBATCH_MAX_WAIT_MS=20`) each. Flags win over the environment."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -85,14 +86,8 @@ class Settings(BaseSettings):
         return self
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            max_batch_size=self.max_batch_size,
-            max_wait_ms=self.max_wait_ms,
-            max_batch_tokens=self.max_batch_tokens,
-            max_queue_size=self.max_queue_size,
-            policy=self.policy,
-            batch_sizing=self.batch_sizing,
-        )
+        """The batching limits, by name: every EngineConfig field is a setting here."""
+        return EngineConfig(**{f.name: getattr(self, f.name) for f in fields(EngineConfig)})
 
     def load_options(self) -> LoadOptions:
         return LoadOptions(
