@@ -12,16 +12,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -32,48 +26,9 @@ from benchmarks import environment
 from benchmarks.bench import Run, bench, format_table, load_corpus
 from benchmarks.loadgen import Load, Request
 from benchmarks.plot import plot_runs
+from benchmarks.processes import pin, server
 
 SERVER_CPU, CLIENT_CPU = 0, 1
-
-
-def _pin(cpu: int) -> None:
-    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
-        os.sched_setaffinity(0, {cpu})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@contextmanager
-def server(args: list[str], log: Path) -> Iterator[str]:
-    """Run `python -m <args> --port P` pinned to the server CPU until ready."""
-    port = _free_port()
-    command = [sys.executable, "-m", *args, "--port", str(port)]
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, preexec_fn=lambda: _pin(SERVER_CPU)
-        )
-    url = f"http://127.0.0.1:{port}"
-    ready = "/ready" if args[0] == "server.cli" else "/docs"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{shlex.join(command)} did not come up; see {log}")
-            try:
-                if httpx.get(url + ready, timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)  # waiting for a child process to come up
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=120)
 
 
 def run_bench(url: str, loads: list[Load], label: str, args: argparse.Namespace) -> Run:
@@ -206,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         render(Path(args.render), args)
         return 0
-    _pin(CLIENT_CPU)
+    pin(CLIENT_CPU)
     slug = args.name or f"{environment.hardware_slug()}-{date.today()}"
     raw = Path(args.out_dir) / slug
     raw.mkdir(parents=True, exist_ok=True)
@@ -216,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, Run] = {}
 
     serve = ["server.cli", "serve", *shlex.split(args.serve_args)]
-    with server(serve, logs / "microbatch.log") as url:
+    with server(serve, logs / "microbatch.log", cpu=SERVER_CPU) as url:
         runs["microbatch adaptive"] = run_bench(url, closed, "microbatch adaptive", args)
         saturation = max(s.throughput_rps for s in runs["microbatch adaptive"].steps)
         opened = [
@@ -227,9 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         httpx.patch(f"{url}/admin/batching", json={"policy": "window"}).raise_for_status()
         runs["microbatch window"] = run_bench(url, [*closed, *opened], "microbatch window", args)
     loads = [*closed, *opened]
-    with server(["benchmarks.naive", "--torch-threads", "1"], logs / "naive.log") as url:
+    with server(
+        ["benchmarks.naive", "--torch-threads", "1"], logs / "naive.log", cpu=SERVER_CPU
+    ) as url:
         runs["naive"] = run_bench(url, loads, "naive", args)
-    with server(["benchmarks.trivial"], logs / "trivial.log") as url:
+    with server(["benchmarks.trivial"], logs / "trivial.log", cpu=SERVER_CPU) as url:
         generator = run_bench(url, [Load("closed", 64)], "trivial (load generator ceiling)", args)
 
     print("\n== ceiling")
@@ -237,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run(
         [sys.executable, "-m", "benchmarks.ceiling", "--torch-threads", "1",
          "--json", str(ceiling_json)],
-        check=True, preexec_fn=lambda: _pin(SERVER_CPU),
+        check=True, preexec_fn=lambda: pin(SERVER_CPU),
     )  # fmt: skip
     runs["trivial"] = generator
     for name, run in runs.items():

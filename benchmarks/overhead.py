@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Literal
 
 from batcher.models import Encoded, Output
-from benchmarks.compare import CLIENT_CPU, _pin, run_bench, server
+from benchmarks.compare import CLIENT_CPU, SERVER_CPU, run_bench
 from benchmarks.loadgen import Load
+from benchmarks.processes import pin, server
 from benchmarks.trivial import EMBEDDING
 
 
@@ -78,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         serve(args.port)
         return 0
-    _pin(CLIENT_CPU)
+    pin(CLIENT_CPU)
     loads = [Load("closed", int(c)) for c in args.concurrency.split(",")]
     logs = Path(tempfile.mkdtemp(prefix="microbatch-overhead-"))
-    with server(["benchmarks.trivial"], logs / "trivial.log") as url:
+    with server(["benchmarks.trivial"], logs / "trivial.log", cpu=SERVER_CPU) as url:
         bare = run_bench(url, loads, "bare FastAPI", args)
-    with server(["benchmarks.overhead", "--serve"], logs / "null.log") as url:
+    with server(["benchmarks.overhead", "--serve"], logs / "null.log", cpu=SERVER_CPU) as url:
         profiler = None
         if args.profile and shutil.which("py-spy"):
             pid = _server_pid(url)

@@ -14,13 +14,10 @@ import asyncio
 import itertools
 import json
 import shlex
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -35,6 +32,7 @@ from benchmarks.bench import (
     parse_loads,
 )
 from benchmarks.loadgen import Load, Request, StepResult
+from benchmarks.processes import server
 from benchmarks.transport import Transport, TransportFactory, aiohttp_transports
 
 SETTING_KEYS = ("max_batch_size", "max_wait_ms", "policy", "batch_sizing")
@@ -181,44 +179,6 @@ def plot(points: Sequence[Point], path: str, slo_p99_ms: float | None, best: Poi
     plt.close(fig)
 
 
-@contextmanager
-def started_server(serve_args: str) -> Iterator[str]:
-    """`microbatch serve` on a free port, until the block ends."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [
-        sys.executable,
-        "-m",
-        "server.cli",
-        "serve",
-        "--port",
-        str(port),
-        *shlex.split(serve_args),
-    ]
-    process = subprocess.Popen(command)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)  # waiting for a child process to come up
-        else:
-            raise RuntimeError("server was not ready within 300 s")
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="microbatch sweep",
@@ -288,5 +248,6 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.url:
         return run(args.url.rstrip("/"))
-    with started_server(args.serve_args) as url:
+    log = Path(tempfile.mkdtemp(prefix="microbatch-sweep-")) / "server.log"
+    with server(["server.cli", "serve", *shlex.split(args.serve_args)], log) as url:
         return run(url)

@@ -1,0 +1,63 @@
+"""Servers in child processes for the benchmark tools: a free port, readiness, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+
+def pin(cpu: int) -> None:
+    """Pin this process to one CPU (where the OS allows and there is more than one)."""
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {cpu})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextmanager
+def server(
+    args: list[str], log: Path, *, cpu: int | None = None, timeout_s: float = 300
+) -> Iterator[str]:
+    """Run `python -m <args> --port P` (pinned to `cpu` if given) until ready; yield its
+    URL; stop it with SIGTERM. microbatch is ready at /ready, other servers at /docs."""
+    port = free_port()
+    command = [sys.executable, "-m", *args, "--port", str(port)]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=None if cpu is None else (lambda: pin(cpu)),
+        )
+    url = f"http://127.0.0.1:{port}"
+    ready = "/ready" if args[0] == "server.cli" else "/docs"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{shlex.join(command)} did not come up; see {log}")
+            try:
+                if httpx.get(url + ready, timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)  # waiting for a child process to come up
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
