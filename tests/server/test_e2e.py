@@ -124,8 +124,9 @@ def test_light_load_pays_no_window_with_adaptive_but_waits_with_window(
             client.patch("/admin/batching", json={"policy": "adaptive", "max_wait_ms": 50})
     for r in adaptive:
         assert r.status_code == 200
-        assert float(r.headers["x-queue-time-ms"]) < 5
-        assert r.elapsed.total_seconds() < 0.1, "a lone request must not wait for a window"
+        assert float(r.headers["x-queue-time-ms"]) < 5, "a lone request must not wait"
+        # The server's own clock: the test client shares two cores with it and pytest.
+        assert r.json()["processing_time_ms"] < 100
     for r in window:
         assert float(r.headers["x-queue-time-ms"]) >= 199 - 1  # timers may fire 1 ms early
         assert r.elapsed.total_seconds() >= 0.198
