@@ -101,7 +101,6 @@ async def closed_loop(
     duration_s: float,
     warmup_s: float,
     clock: Clock = time.perf_counter,
-    first_index: int = 0,
 ) -> Samples:
     """`concurrency` clients, each sending its next request when its last one returns."""
     samples = Samples()
@@ -116,7 +115,7 @@ async def closed_loop(
                 samples.latencies_s.append(clock() - sent_at)
                 samples.statuses[status] += 1
 
-    await asyncio.gather(*(client_loop(first_index + k) for k in range(concurrency)))
+    await asyncio.gather(*(client_loop(k) for k in range(concurrency)))
     samples.duration_s = duration_s
     return samples
 

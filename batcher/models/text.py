@@ -125,8 +125,8 @@ class TextModel:
         with torch.inference_mode(), torch.compiler.set_stance(self.compile_state.stance):
             out = self._forward(input_ids, attention_mask)
         if self.task == "embed":
-            embeddings: list[list[float]] = out.cpu().tolist()
-            return list(embeddings)
+            embeddings: list[Output] = out.cpu().tolist()
+            return embeddings
         probs = out.cpu()
         scores, indices = probs.max(dim=-1)
         return [
