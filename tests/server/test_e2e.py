@@ -102,7 +102,10 @@ def test_batching_happens_under_64_concurrent_clients(default_server: ServerProc
     )
     items = metric(after, "microbatch_batch_size_sum") - metric(before, "microbatch_batch_size_sum")
     assert items == 640
-    assert items / batches > 8, f"mean batch size {items / batches:.1f}"
+    # Unbatched serving gives 1 request per forward pass. How far above that the
+    # learned sizing goes depends on the machine and on the cost fit left by earlier
+    # traffic (from 7.6 to 21 seen on 2-core runners), so the bound is loose.
+    assert items / batches > 4, f"mean batch size {items / batches:.1f}"
 
 
 def test_light_load_pays_no_window_with_adaptive_but_waits_with_window(
