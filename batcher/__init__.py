@@ -8,6 +8,7 @@ from batcher.config import POLICIES, EngineConfig, Policy
 from batcher.engine import Engine
 from batcher.errors import (
     DeadlineExceeded,
+    DeviceOutOfMemory,
     EngineClosed,
     EngineError,
     InferenceFailed,
@@ -21,6 +22,7 @@ from batcher.runner import Model, Runner, ThreadRunner
 __all__ = [
     "POLICIES",
     "DeadlineExceeded",
+    "DeviceOutOfMemory",
     "Engine",
     "EngineClosed",
     "EngineConfig",

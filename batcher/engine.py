@@ -18,6 +18,7 @@ from batcher.config import EngineConfig
 from batcher.cost import CostModel
 from batcher.errors import (
     DeadlineExceeded,
+    DeviceOutOfMemory,
     EngineClosed,
     EngineError,
     InferenceFailed,
@@ -69,6 +70,10 @@ class Engine(Generic[InT, OutT]):
         self._failure: BaseException | None = None
         self.cost_model = CostModel()
         """The device's cost per batch, learned from the batches run so far."""
+        self.memory_cap: int | None = None
+        """Padded tokens per batch, learned from `DeviceOutOfMemory`; None until one."""
+        self._busy_since: float | None = None
+        self.metrics.busy_seconds.set_function(self.busy_for)
         self.metrics.queue_depth.set_function(lambda: len(self._pending))
         self.metrics.in_flight.set_function(lambda: self._in_flight)
 
@@ -138,11 +143,30 @@ class Engine(Generic[InT, OutT]):
     def config(self) -> EngineConfig:
         return self._config
 
+    def busy_for(self) -> float:
+        """Seconds the forward pass now on the device has run; 0.0 when idle. A value
+        far above the usual batch time means the device worker is stuck."""
+        started = self._busy_since
+        return 0.0 if started is None else max(0.0, self.clock() - started)
+
     def reconfigure(self, **changes: object) -> EngineConfig:
-        """Apply new limits at once (validated; raises ValueError). Queued items stay."""
+        """Apply new limits at once (validated; raises ValueError). Queued items stay.
+        Also forgets the memory cap, so that a new limit can be tried."""
         self._config = self._config.replace(**changes)
+        self._set_memory_cap(None)
         self._has_work.set()
         return self._config
+
+    def _set_memory_cap(self, cap: int | None) -> None:
+        self.memory_cap = cap
+        self.metrics.memory_cap.set(cap or 0)
+
+    def _batch_config(self) -> EngineConfig:
+        """The limits a new batch must keep: the configured ones and the memory cap."""
+        config, cap = self._config, self.memory_cap
+        if cap is None or (config.max_batch_tokens is not None and config.max_batch_tokens <= cap):
+            return config
+        return config.replace(max_batch_tokens=cap)
 
     # -- admission ---------------------------------------------------------------------
 
@@ -254,7 +278,8 @@ class Engine(Generic[InT, OutT]):
         for item in self._pending:
             if self._is_wanted(item, now):
                 live.append(item)
-        chosen = set(select_batch(live, self._config, self.cost_model.estimate()))
+        config = self._batch_config()
+        chosen = set(select_batch(live, config, self.cost_model.estimate()))
         self._pending = deque(item for i, item in enumerate(live) if i not in chosen)
         return [live[i] for i in sorted(chosen)]
 
@@ -312,11 +337,15 @@ class Engine(Generic[InT, OutT]):
 
     async def _run_split(self, batch: list[PendingItem[InT, OutT]]) -> None:
         """Run `batch`; if the model raises, split it in halves and retry each, so only
-        the items that fail on their own get the error (out-of-memory included)."""
+        the items that fail on their own get the error. Out of memory also lowers the
+        memory cap to half the failed batch's padded tokens, so later batches fit."""
         started = self.clock()
+        self._busy_since = started
         try:
             outputs = await self._runner.run([item.payload for item in batch])
         except Exception as exc:
+            if isinstance(exc, DeviceOutOfMemory):
+                self._shrink_after_oom(batch)
             if len(batch) == 1:
                 logger.warning("model failed on one input: %r", exc)
                 error = InferenceFailed(f"the model failed on this input: {type(exc).__name__}")
@@ -328,6 +357,8 @@ class Engine(Generic[InT, OutT]):
             await self._run_split(batch[:half])
             await self._run_split(batch[half:])
             return
+        finally:
+            self._busy_since = None
         inference_time_s = self.clock() - started
         if len(outputs) != len(batch):
             error = InferenceFailed(
@@ -344,6 +375,21 @@ class Engine(Generic[InT, OutT]):
             result = Result(value, started - item.enqueued_at, inference_time_s, size)
             delivered += settle_result(item.future, result)
         self.metrics.outcome["ok"].inc(delivered)
+
+    def _shrink_after_oom(self, batch: list[PendingItem[InT, OutT]]) -> None:
+        self.metrics.out_of_memory.inc()
+        failed = padded_tokens(item.cost for item in batch)
+        if len(batch) > 1:
+            cap = failed // 2
+            if self.memory_cap is None or cap < self.memory_cap:
+                self._set_memory_cap(cap)
+        logger.warning(
+            "device out of memory on %d items (%d padded tokens); batches now hold at most "
+            "%s padded tokens",
+            len(batch),
+            failed,
+            self.memory_cap,
+        )
 
     def _record(
         self, batch: list[PendingItem[InT, OutT]], started: float, inference_time_s: float

@@ -44,3 +44,11 @@ class InferenceFailed(EngineError):
 
     The model's own exception is chained as ``__cause__``.
     """
+
+
+class DeviceOutOfMemory(Exception):
+    """Raised by a model when a batch does not fit in device memory.
+
+    Not an `EngineError`: models raise it, the engine catches it, splits the batch and
+    lowers its padded-token cap so that later batches fit (`Engine.memory_cap`).
+    """

@@ -54,6 +54,21 @@ class EngineMetrics:
         self.queue_depth = Gauge(
             "microbatch_queue_depth", "Items waiting to be batched.", registry=r
         )
+        self.out_of_memory = Counter(
+            "microbatch_device_out_of_memory",
+            "Forward passes that ran out of device memory (the batch was split and retried).",
+            registry=r,
+        )
+        self.memory_cap = Gauge(
+            "microbatch_memory_cap_tokens",
+            "Padded-token cap learned from out-of-memory errors (0 = none yet).",
+            registry=r,
+        )
+        self.busy_seconds = Gauge(
+            "microbatch_device_busy_seconds",
+            "How long the forward pass now running has run (0 when idle).",
+            registry=r,
+        )
         self.in_flight = Gauge(
             "microbatch_batches_in_flight",
             "Batches handed to the device and not finished (at most 2).",

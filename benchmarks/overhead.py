@@ -31,6 +31,7 @@ class NullModel:
     name = "null"
     task: Literal["embed", "classify"] = "embed"
     labels: tuple[str, ...] = ()
+    max_tokens = 256
 
     def encode(self, text: str) -> Encoded:
         return Encoded([1] * min(len(text) // 4 + 2, 256), truncated=False)

@@ -8,9 +8,11 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
+from starlette.middleware.cors import CORSMiddleware
 
 from server import errors
+from server.access import AccessMiddleware, TokenBuckets
 from server.middleware import RequestContextMiddleware
 from server.routes import router
 from server.runtime import Runtime, ServedModel
@@ -33,10 +35,12 @@ def create_app(settings: Settings | None = None, model: ServedModel | None = Non
     """
     settings = settings if settings is not None else Settings()
     registry = CollectorRegistry()
+    ProcessCollector(registry=registry)  # process_resident_memory_bytes and friends
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         runtime = Runtime(settings, registry)
+        app.state.runtime = runtime  # for `microbatch serve`'s signal handler
         await runtime.load(model)
         try:
             yield {"runtime": runtime}
@@ -51,6 +55,30 @@ def create_app(settings: Settings | None = None, model: ServedModel | None = Non
     )
     errors.install(app)
     app.include_router(router)
+    # Outermost last: ids, timing and size/type checks, then CORS, then access.
+    rate = settings.rate_limit_rps
+    buckets = TokenBuckets(rate, settings.rate_limit_burst or max(1, round(rate))) if rate else None
+    app.add_middleware(
+        AccessMiddleware,
+        api_keys=settings.api_key_list(),
+        admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
+        admin_open=settings.loopback,
+        buckets=buckets,
+        registry=registry,
+    )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list(),
+            allow_methods=["GET", "POST", "PATCH"],
+            allow_headers=["authorization", "content-type", "x-request-id", "x-request-timeout-ms"],
+            expose_headers=[
+                "x-request-id",
+                "x-queue-time-ms",
+                "x-inference-time-ms",
+                "x-batch-size",
+            ],
+        )
     app.add_middleware(
         RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, registry=registry
     )

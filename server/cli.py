@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import logging
 import signal
 import sys
 
@@ -22,7 +21,7 @@ commands:
 
 def serve(argv: list[str]) -> int:
     """Parse settings (flags over MICROBATCH_* variables over defaults) and run uvicorn
-    with uvloop and httptools until SIGINT/SIGTERM, then drain."""
+    with uvloop and httptools until SIGINT/SIGTERM, then drain (see server.draining)."""
     from server.settings import Settings
 
     try:
@@ -33,28 +32,27 @@ def serve(argv: list[str]) -> int:
             print(f"microbatch serve: {name}: {error['msg']}", file=sys.stderr)
         return 2
 
-    import uvicorn
     from transformers.utils import logging as hf_logging
 
+    from server import logs
     from server.app import create_app
+    from server.draining import DrainingServer
 
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    log_config = logs.configure(settings.log_level, settings.log_format)
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-    config = uvicorn.Config(
-        create_app(settings),
+    app = create_app(settings)
+    server = DrainingServer(
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
         http="httptools",
         lifespan="on",
+        log_config=log_config,
         log_level=settings.log_level,
         access_log=settings.access_log,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1,
     )
-    server = uvicorn.Server(config)
     # uvicorn re-raises the signal it caught once it has shut down; after a clean drain
     # SIGTERM should end the process with status 0, as orchestrators expect.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)

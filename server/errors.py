@@ -27,6 +27,22 @@ class NotReady(Exception):
     """The model is still loading or warming up, or the server is draining (HTTP 503)."""
 
 
+class ClientDisconnected(Exception):
+    """The client went away while its items waited; nobody reads the answer (499)."""
+
+
+def _parse_failure(exc: HTTPException) -> str | None:
+    """A clear reason for FastAPI's generic "error parsing the body" (400)."""
+    cause = exc.__cause__
+    if isinstance(cause, RecursionError):
+        return "body is not valid JSON: nested too deeply"
+    if isinstance(cause, UnicodeDecodeError):
+        return "body is not valid JSON: not UTF-8"
+    if isinstance(cause, ValueError):
+        return f"body is not valid JSON: {cause}"
+    return None
+
+
 def error_response(
     request: Request,
     status: int,
@@ -39,10 +55,15 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+MAX_ERRORS_SHOWN = 20
+
+
 def _validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:
-    # FastAPI's own shape, minus `input`: echoing a megabyte of bad input back is a cost.
+    # FastAPI's own shape, minus `input`, and at most MAX_ERRORS_SHOWN entries: a small
+    # hostile body (20,000 unknown keys) must not buy a reply of megabytes.
     detail = []
-    for error in exc.errors():
+    errors = exc.errors()
+    for error in errors[:MAX_ERRORS_SHOWN]:
         item = {
             "loc": list(error.get("loc", ())),
             "msg": error.get("msg"),
@@ -51,6 +72,9 @@ def _validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:
         if error.get("type") == "json_invalid":
             item["msg"] = f"body is not valid JSON: {error.get('ctx', {}).get('error')}"
         detail.append(item)
+    if len(errors) > MAX_ERRORS_SHOWN:
+        more = len(errors) - MAX_ERRORS_SHOWN
+        detail.append({"loc": ["body"], "msg": f"and {more} more", "type": "too_many_errors"})
     return detail
 
 
@@ -63,7 +87,15 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        reason = _parse_failure(exc) if exc.status_code == 400 else None
+        if reason is not None:
+            return error_response(request, 400, "invalid_json", reason)
         return error_response(request, exc.status_code, "http_error", exc.detail, exc.headers)
+
+    @app.exception_handler(ClientDisconnected)
+    async def disconnected(request: Request, exc: ClientDisconnected) -> JSONResponse:
+        # Nobody reads it; 499 (nginx's "client closed request") keeps the access log honest.
+        return error_response(request, 499, "client_disconnected", "the client went away")
 
     @app.exception_handler(ItemTooLarge)
     async def too_large(request: Request, exc: ItemTooLarge) -> JSONResponse:

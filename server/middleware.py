@@ -1,11 +1,13 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware: it costs a task per request):
-request ids, request timing and the body size limit.
+request ids, request timing, the body size limit and the JSON content type.
 
 The body limit is ours rather than Starlette's `max_body_size`, which answers in plain
 text and outside the app, so the 413 would carry neither our JSON shape nor the id."""
 
 from __future__ import annotations
 
+import contextvars
+import email.message
 import re
 import time
 import uuid
@@ -19,6 +21,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from batcher.metrics import SECONDS_BUCKETS
 
 REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "microbatch_request_id", default=None
+)
+"""The id of the request being handled, for log records (see `server.logs`)."""
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
@@ -44,6 +51,7 @@ class RequestContextMiddleware:
             return
         started = time.perf_counter()
         request_id = _request_id(scope)
+        REQUEST_ID.set(request_id)
         state = scope.setdefault("state", {})
         state["request_id"], state["started"] = request_id, started
         status = 500
@@ -56,16 +64,25 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            if _declared_length(scope) > self.max_body_bytes:
-                detail = self._too_large()
-                body = {"detail": detail, "type": "http_error", "request_id": request_id}
-                await JSONResponse(body, status_code=413)(scope, receive, send_with_id)
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                code, kind, detail = refusal
+                body = {"detail": detail, "type": kind, "request_id": request_id}
+                await JSONResponse(body, status_code=code)(scope, receive, send_with_id)
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
             self.duration.labels(path, str(status)).observe(time.perf_counter() - started)
+
+    def _refusal(self, scope: Scope) -> tuple[int, str, str] | None:
+        """A request refused before its body is read: too large, or not JSON."""
+        if _declared_length(scope) > self.max_body_bytes:
+            return 413, "http_error", self._too_large()
+        if scope["method"] in _BODY_METHODS and not _is_json(scope):
+            return 415, "unsupported_media_type", "send the body as Content-Type: application/json"
+        return None
 
     def _too_large(self) -> str:
         return f"request body is over {self.max_body_bytes} bytes (--max-body-bytes)"
@@ -91,6 +108,19 @@ def _declared_length(scope: Scope) -> int:
         if name == b"content-length":
             return int(value) if value.isdigit() else 0
     return 0
+
+
+def _is_json(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            if value == b"application/json" or value.startswith(b"application/json;"):
+                return True  # the common case, without parsing
+            message = email.message.Message()
+            message["content-type"] = value.decode("latin-1")
+            subtype = message.get_content_subtype()
+            is_app = message.get_content_maintype() == "application"
+            return is_app and (subtype == "json" or subtype.endswith("+json"))
+    return False
 
 
 def _request_id(scope: Scope) -> str:

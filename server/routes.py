@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from batcher import Engine, Result
 from batcher.models import Classification, Encoded, Output
-from server.errors import NotReady
+from server.errors import ClientDisconnected, NotReady
 from server.runtime import Runtime, ServedModel
 from server.schemas import (
     Batching,
@@ -61,6 +64,86 @@ def _check_lengths(texts: Sequence[str], limit: int, field: str) -> None:
         raise RequestValidationError(errors)
 
 
+def _check_tokens(
+    items: Sequence[Encoded], model: ServedModel, runtime: Runtime, field: str
+) -> None:
+    if runtime.settings.truncate:
+        return
+    errors = [
+        {
+            "loc": ("body", field, i) if field == "texts" else ("body", field),
+            "msg": f"text is over the model's limit of {model.max_tokens} tokens "
+            "(the server runs with --no-truncate)",
+            "type": "too_many_tokens",
+        }
+        for i, item in enumerate(items)
+        if item.truncated
+    ]
+    if errors:
+        raise RequestValidationError(errors)
+
+
+TimeoutHeader = Annotated[
+    float | None,
+    Header(
+        alias="x-request-timeout-ms",
+        gt=0,
+        description="This request's deadline in milliseconds, instead of the server's "
+        "--request-timeout-s (at most --max-request-timeout-s). 504 when it passes.",
+    ),
+]
+
+
+def _deadline(engine: Engine[Encoded, Output], runtime: Runtime, timeout_ms: float | None) -> float:
+    settings = runtime.settings
+    timeout_s = settings.request_timeout_s
+    if timeout_ms is not None:
+        if not math.isfinite(timeout_ms) or timeout_ms / 1000 > settings.max_request_timeout_s:
+            limit = settings.max_request_timeout_s * 1000
+            raise RequestValidationError(
+                [
+                    {
+                        "loc": ("header", "x-request-timeout-ms"),
+                        "msg": f"must be at most {limit:g} (--max-request-timeout-s)",
+                        "type": "less_than_equal",
+                    }
+                ]
+            )
+        timeout_s = timeout_ms / 1000
+    return engine.clock() + timeout_s
+
+
+@asynccontextmanager
+async def _cancelled_on_disconnect(request: Request, runtime: Runtime) -> AsyncIterator[None]:
+    """Cancel the body of the `async with` when the client goes away: its items leave
+    the queue without being computed. One watcher task per request; the body was read
+    already, so the next ASGI message can only be the disconnect."""
+    task = asyncio.current_task()
+    assert task is not None
+    disconnected = False
+
+    async def watch() -> None:
+        nonlocal disconnected
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        if not request.state.replied:
+            disconnected = True
+            task.cancel()
+
+    request.state.replied = False
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    except asyncio.CancelledError:
+        if disconnected and task.uncancel() == 0:
+            runtime.disconnects.inc()
+            raise ClientDisconnected from None
+        raise
+    finally:
+        request.state.replied = True
+        watcher.cancel()
+
+
 def _elapsed_ms(request: Request) -> float:
     started: float = request.state.started
     return round((time.perf_counter() - started) * 1000, 3)
@@ -88,13 +171,19 @@ def _timing_headers(response: Response, results: Sequence[Result[Output]]) -> No
     summary="Predict for one text; batched with concurrent requests",
 )
 async def predict(
-    body: PredictRequest, request: Request, response: Response, runtime: RuntimeDep
+    body: PredictRequest,
+    request: Request,
+    response: Response,
+    runtime: RuntimeDep,
+    timeout_ms: TimeoutHeader = None,
 ) -> Any:
     model, engine = _serving(runtime)
     _check_lengths([body.text], runtime.settings.max_text_chars, "text")
+    deadline = _deadline(engine, runtime, timeout_ms)
     item = model.encode(body.text)
-    deadline = engine.clock() + runtime.settings.request_timeout_s
-    result = await engine.submit(item, deadline=deadline)
+    _check_tokens([item], model, runtime, "text")
+    async with _cancelled_on_disconnect(request, runtime):
+        result = await engine.submit(item, deadline=deadline)
     _timing_headers(response, [result])
     shaped = _shape(result.value, item, model.labels, body.all_scores)
     meta = {
@@ -113,7 +202,11 @@ async def predict(
     summary="Predict for several texts; each is batched on its own, results in order",
 )
 async def predict_batch(
-    body: BatchPredictRequest, request: Request, response: Response, runtime: RuntimeDep
+    body: BatchPredictRequest,
+    request: Request,
+    response: Response,
+    runtime: RuntimeDep,
+    timeout_ms: TimeoutHeader = None,
 ) -> Any:
     model, engine = _serving(runtime)
     limit = runtime.settings.max_client_batch
@@ -128,9 +221,11 @@ async def predict_batch(
             ]
         )
     _check_lengths(body.texts, runtime.settings.max_text_chars, "texts")
+    deadline = _deadline(engine, runtime, timeout_ms)
     items = model.encode_many(body.texts)
-    deadline = engine.clock() + runtime.settings.request_timeout_s
-    results = await engine.submit_many(items, deadline=deadline)
+    _check_tokens(items, model, runtime, "texts")
+    async with _cancelled_on_disconnect(request, runtime):
+        results = await engine.submit_many(items, deadline=deadline)
     _timing_headers(response, results)
     shaped = [
         _shape(r.value, item, model.labels, body.all_scores)
@@ -144,22 +239,34 @@ async def predict_batch(
     )
 
 
-@router.get("/health", response_model=Status, summary="Liveness")
+@router.get(
+    "/health",
+    response_model=Status,
+    summary="Liveness: 503 when the engine died or a forward pass is stuck (restart me)",
+)
 async def health(runtime: RuntimeDep) -> Any:
-    if runtime.healthy:
+    problem = runtime.liveness_problem()
+    if problem is None:
         return Status(status="ok")
-    detail = runtime.error or "the engine's dispatch task died"
-    return JSONResponse({"status": "failed", "detail": detail}, status_code=503)
+    return JSONResponse({"status": "failed", "detail": problem}, status_code=503)
 
 
-@router.get("/ready", response_model=Status, summary="Readiness: loaded and warmed")
+@router.get(
+    "/ready",
+    response_model=Status,
+    summary="Readiness: loaded, warmed, not draining and not saturated",
+)
 async def ready(runtime: RuntimeDep) -> Any:
-    if runtime.status == "ready" and runtime.healthy:
+    if runtime.liveness_problem() is not None:
+        status, detail = "failed", runtime.liveness_problem()
+    elif runtime.status != "ready":
+        status, detail = runtime.status, runtime.error
+    elif runtime.saturated:
+        status, detail = "saturated", "the queue is nearly full; send traffic elsewhere"
+    else:
         return Status(status="ready")
     return JSONResponse(
-        {"status": runtime.status, "detail": runtime.error},
-        status_code=503,
-        headers={"Retry-After": "5"},
+        {"status": status, "detail": detail}, status_code=503, headers={"Retry-After": "1"}
     )
 
 
@@ -188,11 +295,20 @@ async def model_info(runtime: RuntimeDep) -> dict[str, Any]:
         "status": runtime.status,
         "batching": _batching(runtime).model_dump(),
         "learned_cost": _learned_cost(runtime),
+        "memory_cap_tokens": runtime.engine.memory_cap if runtime.engine else None,
         "limits": {
-            "max_text_chars": runtime.settings.max_text_chars,
-            "max_client_batch": runtime.settings.max_client_batch,
-            "max_body_bytes": runtime.settings.max_body_bytes,
-            "request_timeout_s": runtime.settings.request_timeout_s,
+            name: getattr(runtime.settings, name)
+            for name in (
+                "max_text_chars",
+                "truncate",
+                "max_client_batch",
+                "max_body_bytes",
+                "request_timeout_s",
+                "max_request_timeout_s",
+                "watchdog_s",
+                "rate_limit_rps",
+                "rate_limit_burst",
+            )
         },
     }
 

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from batcher import Engine, EngineMetrics, ThreadRunner
+from batcher.metrics import OUTCOMES
 from batcher.models import Encoded, Output, TextModel
 from server.settings import Settings
 
@@ -26,6 +27,7 @@ class ServedModel(Protocol):
     name: str
     task: Literal["embed", "classify"]
     labels: tuple[str, ...]
+    max_tokens: int
 
     def encode(self, text: str) -> Encoded: ...
 
@@ -52,6 +54,14 @@ class Runtime:
     engine: Engine[Encoded, Output] | None = None
     _runner: ThreadRunner[Encoded, Output] | None = None
     _warm_up: asyncio.Task[None] | None = None
+    disconnects: Counter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.disconnects = Counter(
+            "microbatch_client_disconnects",
+            "Requests whose client went away while their items waited (not computed).",
+            registry=self.registry,
+        )
 
     async def load(self, model: ServedModel | None) -> None:
         """Load the model (off the loop). Raises ModelLoadError: startup then fails."""
@@ -85,21 +95,56 @@ class Runtime:
         self.status = "ready"
         logger.info("ready: %s", model.describe())
 
-    @property
-    def healthy(self) -> bool:
+    def liveness_problem(self) -> str | None:
+        """Why an orchestrator should restart this process; None while it is alive."""
         if self.status == "failed":
-            return False
-        return self.engine is None or self.engine.state == "new" or self.engine.healthy
+            return self.error or "failed"
+        engine = self.engine
+        if engine is None or engine.state == "new":
+            return None
+        if not engine.healthy:
+            return "the engine's dispatch task died"
+        busy_s = engine.busy_for()
+        if busy_s > self.settings.watchdog_s:
+            return (
+                f"the device worker is stuck: one forward pass has run {busy_s:.0f} s "
+                f"(--watchdog-s {self.settings.watchdog_s:g})"
+            )
+        return None
 
-    async def aclose(self) -> None:
-        """Stop admitting, answer every admitted request, stop the device thread."""
-        self.status = "draining"
+    @property
+    def saturated(self) -> bool:
+        """The queue is nearly full: a load balancer should send new traffic elsewhere."""
+        engine = self.engine
+        if engine is None:
+            return False
+        return engine.queue_depth >= self.settings.saturated_at * engine.config.max_queue_size
+
+    async def drain(self) -> None:
+        """Stop admitting (`/ready` and new predictions answer 503 from now on) and
+        answer every admitted request, within `drain_timeout_s`."""
+        if self.status != "failed":
+            self.status = "draining"
         if self._warm_up is not None and not self._warm_up.done():
             self._warm_up.cancel()
             await asyncio.gather(self._warm_up, return_exceptions=True)
+        if self.engine is not None:
+            logger.info("draining: %d items queued", self.engine.queue_depth)
+            await self.engine.aclose(timeout_s=self.settings.drain_timeout_s)
+
+    async def aclose(self) -> None:
+        """Drain, stop the device thread, and log what became of every item."""
         try:
-            if self.engine is not None:
-                await self.engine.aclose(timeout_s=self.settings.drain_timeout_s)
+            await self.drain()
         finally:
             if self._runner is not None:
                 await asyncio.to_thread(self._runner.close)
+            logger.info("stopped: %s", self.item_counts())
+
+    def item_counts(self) -> dict[str, int]:
+        """Items admitted and their outcomes so far (the counters of /metrics)."""
+        value = self.registry.get_sample_value
+        counts = {"admitted": int(value("microbatch_admitted_items_total") or 0)}
+        for outcome in OUTCOMES:
+            counts[outcome] = int(value("microbatch_items_total", {"outcome": outcome}) or 0)
+        return counts

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from batcher import EngineConfig, Policy
@@ -63,20 +63,62 @@ class Settings(BaseSettings):
         "many items as the limits allow.",
     )
     max_queue_size: int = Field(1024, ge=1, description="Waiting items before 429s.")
+    saturated_at: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="/ready says saturated (503, liveness unaffected) while the queue is at "
+        "least this fraction of max-queue-size.",
+    )
     max_text_chars: int = Field(4096, ge=1, description="Longest accepted text, in characters.")
+    truncate: bool = Field(True, description="Cut texts over the token limit (else they get 422).")
     max_client_batch: int = Field(64, ge=1, description="Most texts in one /predict/batch call.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body (413).")
     request_timeout_s: float = Field(
-        30.0, gt=0, description="Deadline of a request in the server; 504 after it."
+        30.0, gt=0, description="Default deadline of a request in the server; 504 after it."
+    )
+    max_request_timeout_s: float = Field(
+        300.0, gt=0, description="Longest deadline a client may ask for in X-Request-Timeout-Ms."
+    )
+    watchdog_s: float = Field(
+        60.0,
+        gt=0,
+        description="/health fails (503) while one forward pass has run longer than this, so "
+        "that an orchestrator restarts a stuck device worker.",
     )
     drain_timeout_s: float = Field(
         30.0, ge=0, description="On shutdown, how long to finish admitted requests."
+    )
+    api_keys: SecretStr | None = Field(
+        None,
+        description="Comma-separated keys; when set, /predict routes need "
+        "'Authorization: Bearer KEY'.",
+    )
+    admin_key: SecretStr | None = Field(
+        None,
+        description="Key for /admin/*. Unset: /admin/* is open on a loopback host and "
+        "refused on any other.",
+    )
+    rate_limit_rps: float | None = Field(
+        None,
+        gt=0,
+        description="Requests per second per API key (per client IP without keys) on "
+        "/predict routes; 429 above it. Default: no limit.",
+    )
+    rate_limit_burst: int | None = Field(
+        None, ge=1, description="Requests a client may send at once; default: rate-limit-rps."
+    )
+    cors_origins: str | None = Field(
+        None, description="Comma-separated origins allowed by CORS ('*' for any); default: off."
     )
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads; default: torch's choice."
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per line, with the request id."
     )
     access_log: bool = Field(False, description="Log every request (costs throughput).")
 
@@ -88,6 +130,18 @@ class Settings(BaseSettings):
     def engine_config(self) -> EngineConfig:
         """The batching limits, by name: every EngineConfig field is a setting here."""
         return EngineConfig(**{f.name: getattr(self, f.name) for f in fields(EngineConfig)})
+
+    def api_key_list(self) -> frozenset[str]:
+        keys = self.api_keys.get_secret_value() if self.api_keys else ""
+        return frozenset(k.strip() for k in keys.split(",") if k.strip())
+
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in (self.cors_origins or "").split(",") if o.strip()]
+
+    @property
+    def loopback(self) -> bool:
+        """True when only this machine can reach the server."""
+        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
 
     def load_options(self) -> LoadOptions:
         return LoadOptions(

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from batcher.errors import DeviceOutOfMemory
 from batcher.models.compiling import CompileState, compile_forward
 from batcher.models.loading import Loaded, LoadOptions, Task, load
 from batcher.padding import bucket_length
@@ -121,9 +122,19 @@ class TextModel:
 
     def predict(self, items: Sequence[Encoded]) -> list[Output]:
         """One forward pass for the whole batch; one host copy and one `tolist` per batch."""
-        input_ids, attention_mask = self.collate(items)
-        with torch.inference_mode(), torch.compiler.set_stance(self.compile_state.stance):
-            out = self._forward(input_ids, attention_mask)
+        out_of_memory = False
+        try:
+            input_ids, attention_mask = self.collate(items)
+            with torch.inference_mode(), torch.compiler.set_stance(self.compile_state.stance):
+                out = self._forward(input_ids, attention_mask)
+        except torch.OutOfMemoryError:
+            out_of_memory = True
+        if out_of_memory:
+            # Raised outside the handler, so that no traceback keeps the failed pass's
+            # tensors alive; the engine splits the batch and retries the halves.
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise DeviceOutOfMemory(f"a batch of {len(items)} did not fit on {self.device}")
         if self.task == "embed":
             embeddings: list[Output] = out.cpu().tolist()
             return embeddings

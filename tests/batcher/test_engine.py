@@ -12,6 +12,7 @@ import pytest
 
 from batcher import (
     DeadlineExceeded,
+    DeviceOutOfMemory,
     Engine,
     EngineClosed,
     EngineConfig,
@@ -21,8 +22,8 @@ from batcher import (
     Runner,
     ThreadRunner,
 )
-from batcher.padding import bucket_length
-from tests.batcher.fakes import GatedRunner, Poison, open_runner
+from batcher.padding import bucket_length, padded_tokens
+from tests.batcher.fakes import Call, GatedRunner, Poison, open_runner
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
 
@@ -123,6 +124,52 @@ async def test_a_raising_item_fails_alone() -> None:
             assert not isinstance(r, BaseException), r
             assert r.value == x.upper()
     assert engine.metrics.outcome["failed"]._value.get() == 1
+
+
+class SmallDevice(GatedRunner):
+    """Runs out of memory, like CUDA does, on any batch over `limit` padded tokens."""
+
+    limit: int = 64
+
+    async def run(self, payloads: Sequence[str]) -> list[str]:
+        if padded_tokens(len(p) for p in payloads) > self.limit:
+            self.calls.append(Call(list(payloads), asyncio.get_running_loop().time()))
+            raise DeviceOutOfMemory(f"{len(payloads)} items do not fit")
+        return await super().run(payloads)
+
+
+async def test_out_of_memory_splits_the_batch_and_caps_later_ones() -> None:
+    runner = SmallDevice()
+    runner.gate.set()
+    config = EngineConfig(max_batch_size=32, policy="window", batch_sizing="fill")
+    async with make_engine(runner, config) as engine:
+        first = texts(32, prefix="abcdef")  # 32 x 8 padded tokens: 4x the device's room
+        results = await asyncio.gather(*(engine.submit(x) for x in first))
+        assert [r.value for r in results] == [x.upper() for x in first]
+        assert engine.memory_cap is not None
+        assert engine.memory_cap <= runner.limit
+        failed_before = len(runner.calls)
+        again = await asyncio.gather(*(engine.submit(x) for x in texts(32, prefix="ghijkl")))
+    assert all(not isinstance(r, BaseException) for r in again)
+    # Once the cap is learned, no batch is sent that the device cannot hold.
+    later = runner.calls[failed_before:]
+    assert all(padded_tokens(len(p) for p in c.payloads) <= runner.limit for c in later)
+    assert engine.metrics.out_of_memory._value.get() >= 1
+    assert engine.metrics.outcome["ok"]._value.get() == 64
+    assert engine.metrics.outcome["failed"]._value.get() == 0
+
+
+async def test_busy_for_reports_how_long_a_forward_pass_has_hung() -> None:
+    runner = GatedRunner()
+    async with make_engine(runner) as engine:
+        assert engine.busy_for() == 0.0
+        task = asyncio.create_task(engine.submit("stuck"))
+        await runner.wait_for_calls(1)
+        await asyncio.sleep(90)  # virtual time: the forward pass hangs for 90 s
+        assert engine.busy_for() == pytest.approx(90, abs=0.01)
+        runner.gate.set()
+        await task
+        assert engine.busy_for() == 0.0
 
 
 async def test_a_model_that_returns_the_wrong_number_of_outputs_fails_the_batch_loudly() -> None:

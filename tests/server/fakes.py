@@ -19,15 +19,19 @@ class FakeTextModel:
     """Embeds a text as [length, checksum]; or classifies it as `long`/`short`.
 
     `warm_gate` blocks warm-up until the test sets it; `predict_gate` blocks forward
-    passes; `poison` makes any batch holding it raise."""
+    passes (`entered` is set once one has started); `poison` makes any batch holding it
+    raise; `batches` records the size of every forward pass, `seen` every text computed."""
 
     task: Literal["embed", "classify"] = "embed"
     name: str = "fake"
     labels: tuple[str, ...] = ("short", "long")
+    max_tokens: int = 64
     warm_gate: threading.Event = field(default_factory=threading.Event)
     predict_gate: threading.Event = field(default_factory=threading.Event)
+    entered: threading.Event = field(default_factory=threading.Event)
     poison: str = "boom"
     batches: list[int] = field(default_factory=list)
+    seen: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.warm_gate.set()
@@ -43,10 +47,12 @@ class FakeTextModel:
         return len(item.ids)
 
     def predict(self, items: Sequence[Encoded]) -> list[Output]:
+        self.entered.set()
         if not self.predict_gate.wait(timeout=30):
             raise TimeoutError("the test never released predict_gate")
         self.batches.append(len(items))
         texts = ["".join(map(chr, item.ids)) for item in items]
+        self.seen.extend(texts)
         if any(self.poison in t for t in texts):
             raise ValueError("poisoned batch")
         if self.task == "embed":

@@ -1,0 +1,169 @@
+"""Who may call what, and how often: API keys on the predict routes, an admin key on
+`/admin/*`, and a token-bucket rate limit per key (per client IP without keys).
+
+Pure ASGI and before the body is read, so a refused request costs a header lookup.
+Keys are compared in constant time and never logged or echoed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+PREDICT_PREFIX = "/predict"
+ADMIN_PREFIX = "/admin/"
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class TokenBuckets:
+    """One token bucket per client: `rate` tokens a second, at most `burst` saved up.
+
+    Holds at most `max_clients` buckets (least recently seen dropped first), so a flood
+    of new client addresses cannot grow memory without bound.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_clients: int = 10_000,
+    ) -> None:
+        self.rate, self.burst, self.clock, self.max_clients = rate, burst, clock, max_clients
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+
+    def take(self, client: str) -> float:
+        """Take one token for `client`: 0.0 if allowed, else seconds until one is free."""
+        now = self.clock()
+        bucket = self._buckets.pop(client, None)
+        if bucket is None:
+            bucket = _Bucket(float(self.burst), now)
+        else:
+            elapsed = now - bucket.updated
+            bucket.tokens = min(float(self.burst), bucket.tokens + elapsed * self.rate)
+            bucket.updated = now
+        self._buckets[client] = bucket
+        if len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return 0.0
+        return (1.0 - bucket.tokens) / self.rate
+
+
+class AccessMiddleware:
+    """401 without a valid API key on /predict*, 403 on /admin/* without the admin key
+    (or always, when no admin key is set and the server listens beyond loopback),
+    429 over the rate limit."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        api_keys: Iterable[str],
+        admin_key: str | None,
+        admin_open: bool,
+        buckets: TokenBuckets | None,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.app = app
+        self.api_keys = [k.encode() for k in api_keys]
+        # Rate-limit buckets are named by a digest, so no key is held in the limiter.
+        self._key_ids = {k: "key:" + hashlib.sha256(k).hexdigest()[:16] for k in self.api_keys}
+        self.admin_key = admin_key.encode() if admin_key else None
+        self.admin_open = admin_open
+        self.buckets = buckets
+        self.refused = Counter(
+            "microbatch_requests_refused",
+            "Requests refused before reading their body, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path.startswith(PREDICT_PREFIX):
+            refusal = self._predict_refusal(scope)
+        elif path.startswith(ADMIN_PREFIX):
+            refusal = self._admin_refusal(scope)
+        else:
+            refusal = None
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        status, kind, detail, headers = refusal
+        self.refused.labels(kind).inc()
+        request_id = scope.get("state", {}).get("request_id")
+        body = {"detail": detail, "type": kind, "request_id": request_id}
+        await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)
+
+    def _predict_refusal(self, scope: Scope) -> tuple[int, str, str, dict[str, str]] | None:
+        client = None
+        if self.api_keys:
+            token = _bearer(scope)
+            key = _matching(token, self.api_keys)
+            if key is None:
+                detail = "missing API key" if token is None else "invalid API key"
+                headers = {"WWW-Authenticate": 'Bearer realm="microbatch"'}
+                return 401, "unauthorized", f"{detail}: send 'Authorization: Bearer KEY'", headers
+            client = self._key_ids[key]
+        if self.buckets is not None:
+            if client is None:
+                peer = scope.get("client")
+                client = "ip:" + (peer[0] if peer else "unknown")
+            wait_s = self.buckets.take(client)
+            if wait_s > 0:
+                retry = str(max(1, math.ceil(wait_s)))
+                detail = f"rate limit of {self.buckets.rate:g} requests/s exceeded"
+                return 429, "rate_limited", detail, {"Retry-After": retry}
+        return None
+
+    def _admin_refusal(self, scope: Scope) -> tuple[int, str, str, dict[str, str]] | None:
+        if self.admin_key is None:
+            if self.admin_open:
+                return None
+            detail = "the admin API is off: set MICROBATCH_ADMIN_KEY to use it on this host"
+            return 403, "forbidden", detail, {}
+        token = _bearer(scope)
+        if _matching(token, [self.admin_key]) is None:
+            return 403, "forbidden", "admin key required: send 'Authorization: Bearer KEY'", {}
+        return None
+
+
+def _bearer(scope: Scope) -> bytes | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return bytes(token.strip())
+            return None
+    return None
+
+
+def _matching(token: bytes | None, keys: list[bytes]) -> bytes | None:
+    """The key equal to `token`, compared in constant time against every key."""
+    if token is None:
+        return None
+    found = None
+    for key in keys:
+        if secrets.compare_digest(token, key):
+            found = key
+    return found
