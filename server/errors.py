@@ -1,5 +1,6 @@
 """Typed engine errors -> HTTP statuses, in one JSON shape:
-`{"detail": ..., "type": ..., "request_id": ...}`. Never a traceback."""
+`{"detail": ..., "type": ..., "request_id": ...}`. Never a traceback: an unexpected
+exception is logged and answered 500 by `server.middleware.RequestContextMiddleware`."""
 
 from __future__ import annotations
 
@@ -126,12 +127,4 @@ def install(app: FastAPI) -> None:
             500,
             "inference_failed",
             f"the model failed on this input (request {request_id})",
-        )
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        request_id = getattr(request.state, "request_id", None)
-        logger.exception("unhandled error in request %s", request_id)
-        return error_response(
-            request, 500, "internal_error", f"internal error (request {request_id})"
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import email.message
+import logging
 import re
 import time
 import uuid
@@ -19,6 +20,8 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batcher.metrics import SECONDS_BUCKETS
+
+logger = logging.getLogger("microbatch.server")
 
 REQUEST_ID_HEADER = "x-request-id"
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -55,11 +58,12 @@ class RequestContextMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"], state["started"] = request_id, started
         status = 500
+        started_reply = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_reply
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_reply = message["status"], True
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
             await send(message)
 
@@ -71,6 +75,16 @@ class RequestContextMiddleware:
                 await JSONResponse(body, status_code=code)(scope, receive, send_with_id)
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
+        except Exception:
+            # Logged once, here, with the request id; the client gets the id, not the
+            # traceback. Caught before Starlette's ServerErrorMiddleware, which would
+            # re-raise it to the server to be logged a second time.
+            logger.exception("unhandled error in request %s", request_id)
+            if started_reply:
+                raise
+            detail = f"internal error (request {request_id})"
+            body = {"detail": detail, "type": "internal_error", "request_id": request_id}
+            await JSONResponse(body, status_code=500)(scope, receive, send_with_id)
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
