@@ -41,6 +41,7 @@ class DrainingServer(uvicorn.Server):
             return
         self._signalled = True
         self._captured_signals.append(sig)
+        runtime.stop_admitting()  # synchronous: the very next request sees it
         # A signal handler runs between two bytecodes of the loop's own thread: only
         # schedule here, do the work in a task.
         self._loop.call_soon_threadsafe(self._start_drain, runtime)

@@ -120,11 +120,14 @@ class Runtime:
             return False
         return engine.queue_depth >= self.settings.saturated_at * engine.config.max_queue_size
 
-    async def drain(self) -> None:
-        """Stop admitting (`/ready` and new predictions answer 503 from now on) and
-        answer every admitted request, within `drain_timeout_s`."""
+    def stop_admitting(self) -> None:
+        """From now on `/ready` and new predictions answer 503 (safe in a signal handler)."""
         if self.status != "failed":
             self.status = "draining"
+
+    async def drain(self) -> None:
+        """Stop admitting and answer every admitted request, within `drain_timeout_s`."""
+        self.stop_admitting()
         if self._warm_up is not None and not self._warm_up.done():
             self._warm_up.cancel()
             await asyncio.gather(self._warm_up, return_exceptions=True)

@@ -1,0 +1,46 @@
+"""The app behind a real uvicorn server on a free localhost port, in the test's own
+event loop, so that a fake model can still be held and released by the test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Generator
+
+import httpx
+import uvicorn
+
+from benchmarks.processes import free_port
+from server.app import create_app
+from server.settings import Settings
+from tests.server.fakes import FakeTextModel
+
+
+class _InLoopServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield  # pytest owns the signals of its process
+
+
+@contextlib.asynccontextmanager
+async def live_server(model: FakeTextModel, **settings: object) -> AsyncIterator[str]:
+    """Yields the base URL once `/ready` answers 200; shuts the server down after."""
+    app = create_app(Settings(**settings), model=model)  # type: ignore[arg-type]
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, http="httptools", lifespan="on", log_level="warning"
+    )
+    server = _InLoopServer(config)
+    task = asyncio.create_task(server.serve())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=url) as client, asyncio.timeout(30):
+            while True:
+                with contextlib.suppress(httpx.TransportError):
+                    if (await client.get("/ready")).status_code == 200:
+                        break
+                await asyncio.sleep(0.01)  # the server is still starting: poll its state
+        yield url
+    finally:
+        server.should_exit = True
+        await task

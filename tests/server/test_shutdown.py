@@ -1,0 +1,67 @@
+"""SIGTERM to a real `microbatch serve` process under load: readiness flips at once, new
+work is refused with 503, every admitted item is answered, and the process exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+LONG = "the servers batch many small requests into one large forward pass " * 40  # 256 tokens
+
+
+async def admitted(client: httpx.AsyncClient) -> float:
+    text = (await client.get("/metrics")).text
+    match = re.search(r"^microbatch_admitted_items_total (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_sigterm_under_load_drains_every_admitted_request_then_exits_0(tmp_path: Path) -> None:
+    # The default model, eager: 256 items of 256 tokens are seconds of CPU work, so the
+    # drain is long enough to observe from outside.
+    args = ["--no-compile", "--max-batch-size", "16", "--drain-timeout-s", "60"]
+    server = ServerProcess(args, tmp_path / "server.log").start()
+    assert server.process is not None
+
+    async def scenario() -> tuple[list[httpx.Response], httpx.Response, httpx.Response, float]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            bodies = [{"texts": [f"{i} {j} {LONG}" for j in range(64)]} for i in range(4)]
+            work = [asyncio.create_task(client.post("/predict/batch", json=b)) for b in bodies]
+            async with asyncio.timeout(60):
+                while await admitted(client) < 256:
+                    await asyncio.sleep(0.01)  # the server's state, polled
+            assert server.process is not None
+            server.process.send_signal(signal.SIGTERM)
+            signalled = time.perf_counter()
+            ready = await client.get("/ready")
+            late = await client.post("/predict", json={"text": "after SIGTERM"})
+            assert not any(t.done() for t in work), "the drain was over before we looked"
+            return await asyncio.gather(*work), ready, late, signalled
+
+    replies, ready, late, signalled = asyncio.run(scenario())
+    code = server.process.wait(timeout=90)
+    exited_after_s = time.perf_counter() - signalled
+    log = server.log()
+
+    assert ready.status_code == 503
+    assert ready.json()["status"] == "draining"
+    assert late.status_code == 503
+    assert late.json()["type"] == "not_ready"
+    assert [r.status_code for r in replies] == [200] * 4
+    assert sum(len(r.json()["results"]) for r in replies) == 256
+    assert code == 0, log
+    assert exited_after_s < 60
+    [stopped] = re.findall(r"stopped: (\{.*\})", log)
+    counts = json.loads(stopped.replace("'", '"'))
+    assert counts["admitted"] == counts["ok"] == 256
+    assert counts["rejected_closed"] == 0
