@@ -34,7 +34,7 @@ def sample(metrics: str, name: str) -> float:
 
 async def wait_for_metric(client: httpx.AsyncClient, name: str, value: float) -> None:
     async with asyncio.timeout(30):
-        while sample((await client.get("/metrics")).text, name) < value:
+        while sample((await client.get("/metrics")).text, name) < value:  # noqa: ASYNC110
             await asyncio.sleep(0.01)  # the server's state, polled
 
 

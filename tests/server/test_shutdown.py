@@ -38,7 +38,7 @@ def test_sigterm_under_load_drains_every_admitted_request_then_exits_0(tmp_path:
             bodies = [{"texts": [f"{i} {j} {LONG}" for j in range(64)]} for i in range(4)]
             work = [asyncio.create_task(client.post("/predict/batch", json=b)) for b in bodies]
             async with asyncio.timeout(60):
-                while await admitted(client) < 256:
+                while await admitted(client) < 256:  # noqa: ASYNC110
                     await asyncio.sleep(0.01)  # the server's state, polled
             assert server.process is not None
             server.process.send_signal(signal.SIGTERM)
