@@ -69,7 +69,7 @@ class TokenBuckets:
 class AccessMiddleware:
     """401 without a valid API key on /predict*, 403 on /admin/* without the admin key
     (or always, when no admin key is set and the server listens beyond loopback),
-    429 over the rate limit."""
+    429 over the rate limit or while the queue is full."""
 
     def __init__(
         self,
@@ -101,7 +101,7 @@ class AccessMiddleware:
             return
         path: str = scope["path"]
         if path.startswith(PREDICT_PREFIX):
-            refusal = self._predict_refusal(scope)
+            refusal = self._predict_refusal(scope) or _queue_full(scope)
         elif path.startswith(ADMIN_PREFIX):
             refusal = self._admin_refusal(scope)
         else:
@@ -146,6 +146,21 @@ class AccessMiddleware:
         if _matching(token, [self.admin_key]) is None:
             return 403, "forbidden", "admin key required: send 'Authorization: Bearer KEY'", {}
         return None
+
+
+def _queue_full(scope: Scope) -> tuple[int, str, str, dict[str, str]] | None:
+    """429 before the body is read or the text tokenized: under overload a refusal then
+    costs almost nothing. The engine checks again at submit, exactly."""
+    runtime = scope.get("state", {}).get("runtime")
+    engine = getattr(runtime, "engine", None)
+    if engine is None or engine.state != "running":
+        return None
+    limit = engine.config.max_queue_size
+    if engine.queue_depth < limit:
+        return None
+    engine.metrics.outcome["rejected_full"].inc()
+    detail = f"queue is full ({engine.queue_depth} of {limit} items waiting); retry shortly"
+    return 429, "queue_full", detail, {"Retry-After": "1"}
 
 
 def _bearer(scope: Scope) -> bytes | None:

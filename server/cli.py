@@ -16,6 +16,7 @@ commands:
   bench     load a running server: throughput and latency per load (closed or open loop)
   sweep     try batching settings live on a server and pick the best for a p99 target
   plot      throughput-vs-latency curves from bench/sweep JSON files
+  soak      an adversarial run (valid, malformed, hang-ups, an overload burst): nothing lost
 """
 
 
@@ -52,6 +53,7 @@ def serve(argv: list[str]) -> int:
         log_level=settings.log_level,
         access_log=settings.access_log,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1,
+        timeout_keep_alive=settings.keep_alive_s,
     )
     # uvicorn re-raises the signal it caught once it has shut down; after a clean drain
     # SIGTERM should end the process with status 0, as orchestrators expect.
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command == "serve":
         return serve(rest)
-    if command in ("bench", "sweep", "plot"):
+    if command in ("bench", "sweep", "plot", "soak"):
         module = importlib.import_module(f"benchmarks.{command}")
         code: int = module.main(rest)
         return code

@@ -86,6 +86,13 @@ class Settings(BaseSettings):
         description="/health fails (503) while one forward pass has run longer than this, so "
         "that an orchestrator restarts a stuck device worker.",
     )
+    keep_alive_s: int = Field(
+        75,
+        ge=1,
+        description="How long an idle client connection stays open. Keep it above the idle "
+        "timeout of the clients and load balancers in front, or they may reuse a connection "
+        "the server is closing and see a reset.",
+    )
     drain_timeout_s: float = Field(
         30.0, ge=0, description="On shutdown, how long to finish admitted requests."
     )

@@ -1,0 +1,341 @@
+"""`microbatch soak`: a bounded adversarial run against a real server.
+
+For `--duration-s` (default 300) it sends Poisson traffic at `--load` times the server's
+measured capacity, mixed with malformed requests (`--malformed` of the valid rate, five
+kinds) and clients that hang up mid-wait (`--disconnects`); in the middle it bursts to
+`--overload` times capacity for `--overload-s`. It reports what was sent, answered,
+rejected (by status and reason) and lost (no HTTP answer to a request we did not abandon
+ourselves: must be 0), the 429 latency, the p99 of admitted requests against their
+deadline, and the server's resident memory before, during and after.
+
+    python -m benchmarks.soak                 # starts the default model, pinned
+    python -m benchmarks.soak --url http://127.0.0.1:8000 --duration-s 60
+
+Threads: the server is pinned to CPU 0 with one torch thread, the load generator to
+CPU 1 (on a machine with at least two), so neither steals the other's core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import shlex
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from benchmarks.corpus import builtin
+from benchmarks.environment import command_line, describe
+from benchmarks.processes import pin, server
+
+DEFAULT_SERVER = "--torch-threads 1 --max-queue-size 256 --request-timeout-s 10"
+
+MALFORMED: dict[str, tuple[bytes, str]] = {
+    "bad_json": (b'{"text": "unterminated', "application/json"),
+    "wrong_type": (b'{"text": 42}', "application/json"),
+    "not_json_content_type": (b"text=hello", "application/x-www-form-urlencoded"),
+    "deep_nesting": (b'{"text": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "application/json"),
+    "too_long_text": (json.dumps({"text": "x" * 5000}).encode(), "application/json"),
+    "body_too_large": (b'{"text": "' + b"y" * 1_100_000 + b'"}', "application/json"),
+}
+
+
+@dataclass
+class Outcome:
+    phase: str
+    kind: str  # valid | malformed:<name> | disconnect
+    status: int  # 0: no HTTP answer
+    reason: str  # the error body's `type`, or the transport error's name
+    latency_s: float
+
+
+@dataclass
+class Report:
+    sent: int
+    answered_ok: int
+    rejected: dict[str, int]
+    abandoned_by_client: int
+    lost: int
+    lost_examples: list[str]
+    capacity_rps: float
+    valid_rps: float
+    overload_rps: float
+    overload: dict[str, Any]
+    memory_mb: dict[str, float]
+    server_counts: dict[str, float]
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+async def _metric_values(session: aiohttp.ClientSession) -> dict[str, float]:
+    async with session.get("/metrics") as r:
+        text = await r.text()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        match = re.match(r"^(\w+(?:\{[^}]*\})?) (\S+)$", line)
+        if match:
+            values[match.group(1)] = float(match.group(2))
+    return values
+
+
+async def measure_capacity(session: aiohttp.ClientSession, texts: list[str], s: float) -> float:
+    """Requests/s at saturation: 64 closed-loop clients for `s` seconds."""
+    done = 0
+    stop = time.perf_counter() + s
+    rng = random.Random(1)
+
+    async def client() -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            async with session.post("/predict", json={"text": rng.choice(texts)}) as r:
+                await r.read()
+                done += r.status == 200
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(64)))
+    return done / (time.perf_counter() - started)
+
+
+async def _send(
+    session: aiohttp.ClientSession, phase: str, kind: str, body: bytes, ctype: str
+) -> Outcome:
+    started = time.perf_counter()
+    try:
+        async with session.post("/predict", data=body, headers={"content-type": ctype}) as r:
+            payload = await r.read()
+            reason = ""
+            if r.status != 200:
+                try:
+                    reason = str(json.loads(payload).get("type", ""))
+                except ValueError:
+                    reason = "unparseable"
+            return Outcome(phase, kind, r.status, reason, time.perf_counter() - started)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return Outcome(phase, kind, 0, type(exc).__name__, time.perf_counter() - started)
+
+
+async def _hang_up(session: aiohttp.ClientSession, phase: str, text: str) -> Outcome:
+    """Send a valid request and abandon it after 5 ms (usually while it waits)."""
+    body = json.dumps({"text": text}).encode()
+    started = time.perf_counter()
+    task = asyncio.create_task(_send(session, phase, "disconnect", body, "application/json"))
+    done, _ = await asyncio.wait({task}, timeout=0.005)
+    if done:
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return Outcome(phase, "disconnect", 0, "abandoned", time.perf_counter() - started)
+
+
+async def soak(args: argparse.Namespace, url: str) -> Report:
+    corpus = builtin(2000, seed=7)
+    texts = list(corpus.texts)
+    rng = random.Random(args.seed)
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=args.client_timeout_s)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
+        memory: dict[str, float] = {}
+        start_metrics = await _metric_values(session)
+        capacity = args.capacity_rps or await measure_capacity(session, texts, args.probe_s)
+        before = await _metric_values(session)
+        memory["before"] = before["process_resident_memory_bytes"] / 2**20
+        valid_rps, overload_rps = capacity * args.load, capacity * args.overload
+        print(
+            f"capacity {capacity:.1f} req/s; soak at {valid_rps:.1f} req/s, "
+            f"burst at {overload_rps:.1f} req/s",
+            file=sys.stderr,
+        )
+
+        burst_from = (args.duration_s - args.overload_s) / 2
+        burst_to = burst_from + args.overload_s
+        tasks: list[asyncio.Task[Outcome]] = []
+        peak_mb = memory["before"]
+        started = time.perf_counter()
+        next_sample = started
+        now = 0.0
+        while now < args.duration_s:
+            in_burst = burst_from <= now < burst_to
+            phase = "overload" if in_burst else "steady"
+            rate = overload_rps if in_burst else valid_rps
+            total_rate = rate * (1 + args.malformed + args.disconnects)
+            await asyncio.sleep(rng.expovariate(total_rate))
+            now = time.perf_counter() - started
+            draw = rng.random() * (1 + args.malformed + args.disconnects)
+            text = rng.choice(texts)
+            if draw < 1:
+                body = json.dumps({"text": text}).encode()
+                coro = _send(session, phase, "valid", body, "application/json")
+            elif draw < 1 + args.malformed:
+                name = rng.choice(list(MALFORMED))
+                payload, ctype = MALFORMED[name]
+                coro = _send(session, phase, f"malformed:{name}", payload, ctype)
+            else:
+                coro = _hang_up(session, phase, text)
+            tasks.append(asyncio.create_task(coro))
+            if time.perf_counter() >= next_sample:
+                values = await _metric_values(session)
+                peak_mb = max(peak_mb, values["process_resident_memory_bytes"] / 2**20)
+                next_sample = time.perf_counter() + 5
+        outcomes = await asyncio.gather(*tasks)
+        await asyncio.sleep(2)  # let the server finish the abandoned ones' bookkeeping
+        after = await _metric_values(session)
+        memory["peak_during"] = peak_mb
+        memory["after"] = after["process_resident_memory_bytes"] / 2**20
+
+    return _report(args, outcomes, capacity, valid_rps, overload_rps, memory, start_metrics, after)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _report(
+    args: argparse.Namespace,
+    outcomes: list[Outcome],
+    capacity: float,
+    valid_rps: float,
+    overload_rps: float,
+    memory: dict[str, float],
+    before: dict[str, float],
+    after: dict[str, float],
+) -> Report:
+    rejected: Counter[str] = Counter()
+    lost: list[Outcome] = []
+    abandoned = 0
+    for o in outcomes:
+        if o.reason == "abandoned":
+            abandoned += 1
+        elif o.status == 0:
+            lost.append(o)
+        elif o.status != 200:
+            rejected[f"{o.status} {o.reason}"] += 1
+    burst = [o for o in outcomes if o.phase == "overload" and o.kind == "valid"]
+    admitted = [o.latency_s for o in burst if o.status == 200]
+    too_many = [o.latency_s for o in burst if o.status == 429]
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    return Report(
+        sent=len(outcomes),
+        answered_ok=sum(o.status == 200 for o in outcomes),
+        rejected=dict(sorted(rejected.items())),
+        abandoned_by_client=abandoned,
+        lost=len(lost),
+        lost_examples=[f"{o.kind}: {o.reason} after {o.latency_s:.2f}s" for o in lost[:10]],
+        capacity_rps=round(capacity, 1),
+        valid_rps=round(valid_rps, 1),
+        overload_rps=round(overload_rps, 1),
+        overload={
+            "seconds": args.overload_s,
+            "valid_sent": len(burst),
+            "admitted_and_answered": len(admitted),
+            "admitted_p50_ms": round(_percentile(admitted, 0.5) * 1000, 1),
+            "admitted_p99_ms": round(_percentile(admitted, 0.99) * 1000, 1),
+            "deadline_ms": args.deadline_s * 1000,
+            "rejected_429": len(too_many),
+            "429_p50_ms": round(_percentile(too_many, 0.5) * 1000, 2),
+            "429_p99_ms": round(_percentile(too_many, 0.99) * 1000, 2),
+            "504": sum(o.status == 504 for o in burst),
+        },
+        memory_mb={k: round(v, 1) for k, v in memory.items()},
+        server_counts={
+            "admitted": delta("microbatch_admitted_items_total"),
+            "ok": delta('microbatch_items_total{outcome="ok"}'),
+            "cancelled": delta('microbatch_items_total{outcome="cancelled"}'),
+            "expired": delta('microbatch_items_total{outcome="expired"}'),
+            "rejected_full": delta('microbatch_items_total{outcome="rejected_full"}'),
+            "client_disconnects": delta("microbatch_client_disconnects_total"),
+            "failed": delta('microbatch_items_total{outcome="failed"}'),
+        },
+    )
+
+
+def render(report: Report) -> str:
+    o, m, c = report.overload, report.memory_mb, report.server_counts
+    rows = [
+        "| | |",
+        "|---|---|",
+        f"| requests sent | {report.sent} |",
+        f"| answered 200 | {report.answered_ok} |",
+        *(f"| rejected {reason} | {n} |" for reason, n in report.rejected.items()),
+        f"| abandoned by the client (disconnect test) | {report.abandoned_by_client} |",
+        f"| **lost** (no HTTP answer) | **{report.lost}** |",
+        f"| capacity / steady / burst rate | {report.capacity_rps} / {report.valid_rps} / "
+        f"{report.overload_rps} req/s |",
+        f"| burst: valid sent / admitted and answered / 429 | {o['valid_sent']} / "
+        f"{o['admitted_and_answered']} / {o['rejected_429']} |",
+        f"| burst: admitted p50 / p99 (deadline) | {o['admitted_p50_ms']} / "
+        f"{o['admitted_p99_ms']} ms ({o['deadline_ms']:g} ms) |",
+        f"| burst: 429 latency p50 / p99 | {o['429_p50_ms']} / {o['429_p99_ms']} ms |",
+        f"| server RSS before / peak / after | {m['before']} / {m['peak_during']} / "
+        f"{m['after']} MiB |",
+        f"| server: items cancelled by disconnects | {report.server_counts['cancelled']:g} |",
+        f"| server: items admitted / answered or settled | {c['admitted']:g} / "
+        f"{c['ok'] + c['cancelled'] + c['expired'] + c['failed']:g} |",
+    ]
+    return "\n".join(rows)
+
+
+@contextmanager
+def _target(args: argparse.Namespace) -> Iterator[str]:
+    if args.url:
+        yield args.url
+        return
+    log = Path(args.server_log)
+    serve_args = ["server.cli", "serve", *shlex.split(args.server_args)]
+    with server(serve_args, log, cpu=0) as url:
+        yield url
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="microbatch soak", description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", help="a running server; default: start one (see --server-args)")
+    p.add_argument("--server-args", default=DEFAULT_SERVER, help="flags for `serve`")
+    p.add_argument("--server-log", default="soak-server.log")
+    p.add_argument("--duration-s", type=float, default=300.0)
+    p.add_argument("--overload-s", type=float, default=60.0, help="length of the burst")
+    p.add_argument("--load", type=float, default=0.5, help="steady rate / capacity")
+    p.add_argument("--overload", type=float, default=3.0, help="burst rate / capacity")
+    p.add_argument("--malformed", type=float, default=0.1, help="malformed / valid requests")
+    p.add_argument("--disconnects", type=float, default=0.05, help="hang-ups / valid requests")
+    p.add_argument("--capacity-rps", type=float, help="skip the capacity probe")
+    p.add_argument("--probe-s", type=float, default=15.0)
+    p.add_argument("--deadline-s", type=float, default=10.0, help="the server's request timeout")
+    p.add_argument("--client-timeout-s", type=float, default=60.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the report and environment here")
+    args = p.parse_args(argv)
+    if args.overload_s > args.duration_s:
+        p.error("--overload-s must not exceed --duration-s")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    with _target(args) as url:
+        if not args.url:
+            pin(1)  # the load generator on the other core
+        report = asyncio.run(soak(args, url))
+    report.config = {k: v for k, v in vars(args).items() if k not in ("json",)}
+    print(render(report))
+    if args.json:
+        document = {"report": asdict(report), "environment": describe(), "command": command_line()}
+        Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
+    return 0 if report.lost == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
