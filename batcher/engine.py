@@ -1,7 +1,9 @@
 """The engine: admits items, forms batches with the policy, runs them, settles every future.
 
 Everything here runs on the event-loop thread; the model runs behind a `Runner` (see
-`batcher.runner.ThreadRunner`). Only the dispatch task takes items out of `_pending`.
+`batcher.runner.ThreadRunner`), or behind several: one replica per device, all fed from
+the one queue, each batch going to whichever replica is free. Only the dispatch task
+takes items out of `_pending`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
 from batcher.config import EngineConfig
@@ -28,7 +31,7 @@ from batcher.errors import (
 from batcher.items import PendingItem, Result, settle_error, settle_result
 from batcher.metrics import EngineMetrics
 from batcher.padding import bucket_length, padded_tokens
-from batcher.policy import MAX_IN_FLIGHT, Dispatch, decide, select_batch
+from batcher.policy import Dispatch, decide, max_in_flight, select_batch
 from batcher.runner import Runner
 
 InT = TypeVar("InT")
@@ -38,31 +41,52 @@ logger = logging.getLogger("batcher.engine")
 
 State = Literal["new", "running", "draining", "closed"]
 
+REPLICA_STRIKES = 3
+"""A replica that fails this many inputs in a row which another replica then computes
+is taken out of rotation (while another replica is alive)."""
+
+
+@dataclass(eq=False)
+class Replica(Generic[InT, OutT]):
+    """One runner (one device) and what the engine knows of it."""
+
+    index: int
+    runner: Runner[InT, OutT]
+    busy_since: float | None = None
+    strikes: int = 0
+    alive: bool = True
+
 
 class Engine(Generic[InT, OutT]):
     """Dynamic micro-batching in front of one `Runner`.
 
     Use it as an async context manager (or call `start` and `aclose`); then
-    `await engine.submit(x)` from any task on the same loop. `clock` is injectable so
+    `await engine.submit(x)` from any task on the same loop. `runner` may be a sequence
+    of runners (one per device): each batch goes to a free one. `clock` is injectable so
     that tests can run on virtual time.
     """
 
     def __init__(
         self,
-        runner: Runner[InT, OutT],
+        runner: Runner[InT, OutT] | Sequence[Runner[InT, OutT]],
         config: EngineConfig | None = None,
         *,
         metrics: EngineMetrics | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        self._runner = runner
+        runners = list(runner) if isinstance(runner, Sequence) else [runner]
+        if not runners:
+            raise ValueError("an engine needs at least one runner")
+        self._runner = runners[0]  # for `cost`: every replica runs the same model
+        self.replicas = [Replica(i, r) for i, r in enumerate(runners)]
+        self._idle = list(self.replicas)
+        self._replica_waiters: list[asyncio.Future[None]] = []
         self.clock = clock
         """Monotonic seconds; `enqueued_at`, deadlines and timings are on this clock."""
         self._config = config if config is not None else EngineConfig()
         self.metrics = metrics if metrics is not None else EngineMetrics()
         self._pending: deque[PendingItem[InT, OutT]] = deque()
         self._has_work = asyncio.Event()
-        self._device = asyncio.Lock()
         self._in_flight = 0
         self._batches: set[asyncio.Task[None]] = set()
         self._dispatcher: asyncio.Task[None] | None = None
@@ -72,8 +96,8 @@ class Engine(Generic[InT, OutT]):
         """The device's cost per batch, learned from the batches run so far."""
         self.memory_cap: int | None = None
         """Padded tokens per batch, learned from `DeviceOutOfMemory`; None until one."""
-        self._busy_since: float | None = None
         self.metrics.busy_seconds.set_function(self.busy_for)
+        self.metrics.replicas_alive.set(len(self.replicas))
         self.metrics.queue_depth.set_function(lambda: len(self._pending))
         self.metrics.in_flight.set_function(lambda: self._in_flight)
 
@@ -144,10 +168,14 @@ class Engine(Generic[InT, OutT]):
         return self._config
 
     def busy_for(self) -> float:
-        """Seconds the forward pass now on the device has run; 0.0 when idle. A value
-        far above the usual batch time means the device worker is stuck."""
-        started = self._busy_since
-        return 0.0 if started is None else max(0.0, self.clock() - started)
+        """Seconds the longest-running forward pass now on a device has run; 0.0 when
+        all are idle. A value far above the usual batch time means a worker is stuck."""
+        starts = [r.busy_since for r in self.replicas if r.busy_since is not None]
+        return max(0.0, self.clock() - min(starts)) if starts else 0.0
+
+    @property
+    def alive_replicas(self) -> int:
+        return sum(r.alive for r in self.replicas)
 
     def reconfigure(self, **changes: object) -> EngineConfig:
         """Apply new limits at once (validated; raises ValueError). Queued items stay.
@@ -250,10 +278,13 @@ class Engine(Generic[InT, OutT]):
                 if self._state == "draining":
                     if not self._pending and self._in_flight == 0:
                         return
-                    dispatch_now = bool(self._pending) and self._in_flight < MAX_IN_FLIGHT
+                    limit = max_in_flight(self.alive_replicas)
+                    dispatch_now = bool(self._pending) and self._in_flight < limit
                     wake_at = None
                 else:
-                    decision = decide(self._pending, clock(), self._config, self._in_flight)
+                    decision = decide(
+                        self._pending, clock(), self._config, self._in_flight, self.alive_replicas
+                    )
                     dispatch_now = isinstance(decision, Dispatch)
                     wake_at = None if isinstance(decision, Dispatch) else decision.until
                 if dispatch_now:
@@ -315,14 +346,9 @@ class Engine(Generic[InT, OutT]):
     # -- execution ---------------------------------------------------------------------
 
     async def _execute(self, batch: list[PendingItem[InT, OutT]]) -> None:
-        """Run one batch on the device; whatever happens, every future settles."""
+        """Run one batch on a free replica; whatever happens, every future settles."""
         try:
-            async with self._device:
-                now = self.clock()
-                # Callers may have left or expired while the batch waited for the device.
-                batch = [item for item in batch if self._is_wanted(item, now)]
-                if batch:
-                    await self._run_split(batch)
+            await self._run_split(batch)
         except BaseException as exc:
             error = EngineClosed("the batch was interrupted by shutdown")
             if not isinstance(exc, asyncio.CancelledError):
@@ -335,30 +361,90 @@ class Engine(Generic[InT, OutT]):
             self._in_flight -= 1
             self._has_work.set()
 
-    async def _run_split(self, batch: list[PendingItem[InT, OutT]]) -> None:
-        """Run `batch`; if the model raises, split it in halves and retry each, so only
-        the items that fail on their own get the error. Out of memory also lowers the
-        memory cap to half the failed batch's padded tokens, so later batches fit."""
-        started = self.clock()
-        self._busy_since = started
+    # -- replicas ----------------------------------------------------------------------
+
+    async def _acquire(self, avoid: Replica[InT, OutT] | None) -> Replica[InT, OutT]:
+        """A free live replica, other than `avoid` while another is alive; the one with
+        the fewest strikes when several are free. Waits until one is free."""
+        while True:
+            free = [r for r in self._idle if r.alive]
+            if avoid is not None and any(r.alive and r is not avoid for r in self.replicas):
+                free = [r for r in free if r is not avoid]
+            if free:
+                replica = min(free, key=lambda r: r.strikes)
+                self._idle.remove(replica)
+                return replica
+            waiter = asyncio.get_running_loop().create_future()
+            self._replica_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._replica_waiters:
+                    self._replica_waiters.remove(waiter)
+
+    def _release(self, replica: Replica[InT, OutT]) -> None:
+        self._idle.append(replica)
+        self._wake_replica_waiters()
+
+    def _wake_replica_waiters(self) -> None:
+        waiters, self._replica_waiters = self._replica_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _strike(self, replica: Replica[InT, OutT]) -> None:
+        """`replica` failed an input that another replica then computed."""
+        replica.strikes += 1
+        logger.warning(
+            "replica %d failed an input that another replica computed (%d in a row)",
+            replica.index,
+            replica.strikes,
+        )
+        if replica.strikes >= REPLICA_STRIKES and self.alive_replicas > 1:
+            replica.alive = False
+            self.metrics.replicas_alive.set(self.alive_replicas)
+            logger.error(
+                "replica %d taken out of rotation after %d strikes; %d replicas left",
+                replica.index,
+                replica.strikes,
+                self.alive_replicas,
+            )
+            self._wake_replica_waiters()  # those avoiding it may now take any replica
+
+    # -- execution ---------------------------------------------------------------------
+
+    async def _run_split(
+        self, batch: list[PendingItem[InT, OutT]], avoid: Replica[InT, OutT] | None = None
+    ) -> bool:
+        """Run `batch` on a free replica; True if every item got its result.
+
+        If the model raises, split the batch in halves and retry each, so only the items
+        that fail on their own get the error. An item that fails alone is retried once on
+        another replica: if it succeeds there, the first replica gets a strike. Out of
+        memory also lowers the memory cap to half the failed batch's padded tokens.
+        """
+        replica = await self._acquire(avoid)
+        failure: Exception | None = None
         try:
-            outputs = await self._runner.run([item.payload for item in batch])
-        except Exception as exc:
-            if isinstance(exc, DeviceOutOfMemory):
-                self._shrink_after_oom(batch)
-            if len(batch) == 1:
-                logger.warning("model failed on one input: %r", exc)
-                error = InferenceFailed(f"the model failed on this input: {type(exc).__name__}")
-                error.__cause__ = exc
-                if settle_error(batch[0].future, error):
-                    self.metrics.outcome["failed"].inc()
-                return
-            half = len(batch) // 2
-            await self._run_split(batch[:half])
-            await self._run_split(batch[half:])
-            return
+            # Callers may have left or expired while the batch waited for a replica.
+            now = self.clock()
+            batch = [item for item in batch if self._is_wanted(item, now)]
+            if not batch:
+                return True
+            started = now
+            replica.busy_since = started
+            try:
+                outputs = await replica.runner.run([item.payload for item in batch])
+            except Exception as exc:
+                failure = exc
+            finally:
+                replica.busy_since = None
         finally:
-            self._busy_since = None
+            if not (failure is not None and len(batch) == 1 and avoid is None):
+                self._release(replica)
+        if failure is not None:
+            return await self._after_failure(batch, replica, avoid, failure)
+        replica.strikes = 0
         inference_time_s = self.clock() - started
         if len(outputs) != len(batch):
             error = InferenceFailed(
@@ -368,13 +454,48 @@ class Engine(Generic[InT, OutT]):
             self.metrics.outcome["failed"].inc(len(batch))
             for item in batch:
                 settle_error(item.future, error)
-            return
-        self._record(batch, started, inference_time_s)
+            return False
+        self._record(batch, started, inference_time_s, replica)
         size, delivered = len(batch), 0
         for item, value in zip(batch, outputs, strict=True):
             result = Result(value, started - item.enqueued_at, inference_time_s, size)
             delivered += settle_result(item.future, result)
         self.metrics.outcome["ok"].inc(delivered)
+        return True
+
+    async def _after_failure(
+        self,
+        batch: list[PendingItem[InT, OutT]],
+        replica: Replica[InT, OutT],
+        avoid: Replica[InT, OutT] | None,
+        exc: Exception,
+    ) -> bool:
+        if isinstance(exc, DeviceOutOfMemory):
+            self._shrink_after_oom(batch)
+        if len(batch) > 1:
+            half = len(batch) // 2
+            first = await self._run_split(batch[:half])
+            second = await self._run_split(batch[half:])
+            return first and second
+        if avoid is None:
+            # The input's fault, or this replica's? Ask another replica, if there is one
+            # (`replica` is held until then, so that the retry cannot land on it).
+            others = self.alive_replicas > (1 if replica.alive else 0)
+            if others:
+                try:
+                    retried = await self._run_split(batch, avoid=replica)
+                finally:
+                    self._release(replica)
+                if retried:
+                    self._strike(replica)
+                return retried
+            self._release(replica)
+        logger.warning("model failed on one input: %r", exc)
+        error = InferenceFailed(f"the model failed on this input: {type(exc).__name__}")
+        error.__cause__ = exc
+        if settle_error(batch[0].future, error):
+            self.metrics.outcome["failed"].inc()
+        return False
 
     def _shrink_after_oom(self, batch: list[PendingItem[InT, OutT]]) -> None:
         self.metrics.out_of_memory.inc()
@@ -392,10 +513,15 @@ class Engine(Generic[InT, OutT]):
         )
 
     def _record(
-        self, batch: list[PendingItem[InT, OutT]], started: float, inference_time_s: float
+        self,
+        batch: list[PendingItem[InT, OutT]],
+        started: float,
+        inference_time_s: float,
+        replica: Replica[InT, OutT],
     ) -> None:
         m = self.metrics
         m.batch_size.observe(len(batch))
+        m.replica_batches.labels(str(replica.index)).inc()
         m.inference.observe(inference_time_s)
         real = sum(item.cost for item in batch)
         padded = padded_tokens(item.cost for item in batch)

@@ -69,8 +69,20 @@ class EngineMetrics:
             "How long the forward pass now running has run (0 when idle).",
             registry=r,
         )
+        self.replica_batches = Counter(
+            "microbatch_replica_batches",
+            "Forward passes that succeeded, by replica (device).",
+            ["replica"],
+            registry=r,
+        )
+        self.replicas_alive = Gauge(
+            "microbatch_replicas_alive",
+            "Replicas in rotation (a replica that keeps failing inputs others compute is "
+            "taken out).",
+            registry=r,
+        )
         self.in_flight = Gauge(
             "microbatch_batches_in_flight",
-            "Batches handed to the device and not finished (at most 2).",
+            "Batches handed to the devices and not finished (at most replicas + 1).",
             registry=r,
         )

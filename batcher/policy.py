@@ -14,8 +14,8 @@ numbers. Invariants, for every batch `select_batch` returns:
    beyond their own tokens (their share of the batch overhead, plus the padding they
    cause); without one, batches are as full as the limits allow.
 
-And `decide` dispatches only when the device can take a batch: at most one runs and one
-waits ready behind it (`MAX_IN_FLIGHT`).
+And `decide` dispatches only when a device can take a batch: at most one runs on each
+device (replica) and one more waits ready behind them (`max_in_flight`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,13 @@ from batcher.cost import LinearCost
 from batcher.padding import bucket_length
 
 MAX_IN_FLIGHT = 2
-"""Batches handed to the device at once: one computing, one prepared behind it."""
+"""Batches handed to one device at once: one computing, one prepared behind it."""
+
+
+def max_in_flight(devices: int) -> int:
+    """Batches handed out at once: one computing per device, one prepared behind them."""
+    return devices + MAX_IN_FLIGHT - 1
+
 
 TIMER_SLACK_S = 0.001
 """Loop timers may fire up to their resolution early (uvloop rounds to milliseconds); an
@@ -76,17 +82,20 @@ def is_full(pending: Sequence[Queued], config: EngineConfig) -> bool:
     return len(pending) * bucket_length(longest) >= config.max_batch_tokens
 
 
-def decide(pending: Sequence[Queued], now: float, config: EngineConfig, in_flight: int) -> Decision:
+def decide(
+    pending: Sequence[Queued], now: float, config: EngineConfig, in_flight: int, devices: int = 1
+) -> Decision:
     """Whether to form a batch from `pending` (oldest first) now, or how long to wait.
 
-    `in_flight` counts batches handed to the device and not yet finished.
+    `in_flight` counts batches handed to the devices and not yet finished; `devices` is
+    how many replicas compute side by side.
     """
-    if not pending or in_flight >= MAX_IN_FLIGHT:
+    if not pending or in_flight >= max_in_flight(devices):
         return WAIT_FOR_EVENT
     due_at = pending[0].enqueued_at + config.max_wait_s
     if now >= due_at - TIMER_SLACK_S or is_full(pending, config):
         return DISPATCH
-    if config.policy == "adaptive" and in_flight == 0:
+    if config.policy == "adaptive" and in_flight < devices:  # a device is idle
         return DISPATCH
     return Wait(due_at)
 

@@ -158,18 +158,20 @@ async def soak(args: argparse.Namespace, url: str) -> Report:
         burst_from = (args.duration_s - args.overload_s) / 2
         burst_to = burst_from + args.overload_s
         tasks: list[asyncio.Task[Outcome]] = []
-        peak_mb = memory["before"]
+        peak_mb = [memory["before"]]
+        sampler = asyncio.create_task(_sample_memory(session, peak_mb))
+        share = 1 + args.malformed + args.disconnects
         started = time.perf_counter()
-        next_sample = started
-        now = 0.0
-        while now < args.duration_s:
-            in_burst = burst_from <= now < burst_to
+        due = 0.0  # arrivals on an absolute schedule: a slow iteration is caught up
+        while due < args.duration_s:
+            in_burst = burst_from <= due < burst_to
             phase = "overload" if in_burst else "steady"
             rate = overload_rps if in_burst else valid_rps
-            total_rate = rate * (1 + args.malformed + args.disconnects)
-            await asyncio.sleep(rng.expovariate(total_rate))
-            now = time.perf_counter() - started
-            draw = rng.random() * (1 + args.malformed + args.disconnects)
+            due += rng.expovariate(rate * share)
+            delay = started + due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            draw = rng.random() * share
             text = rng.choice(texts)
             if draw < 1:
                 body = json.dumps({"text": text}).encode()
@@ -181,17 +183,27 @@ async def soak(args: argparse.Namespace, url: str) -> Report:
             else:
                 coro = _hang_up(session, phase, text)
             tasks.append(asyncio.create_task(coro))
-            if time.perf_counter() >= next_sample:
-                values = await _metric_values(session)
-                peak_mb = max(peak_mb, values["process_resident_memory_bytes"] / 2**20)
-                next_sample = time.perf_counter() + 5
+        sent_s = time.perf_counter() - started
         outcomes = await asyncio.gather(*tasks)
+        sampler.cancel()
         await asyncio.sleep(2)  # let the server finish the abandoned ones' bookkeeping
         after = await _metric_values(session)
-        memory["peak_during"] = peak_mb
+        memory["peak_during"] = max(peak_mb)
         memory["after"] = after["process_resident_memory_bytes"] / 2**20
+        print(f"sent for {sent_s:.1f} s (scheduled {args.duration_s:g} s)", file=sys.stderr)
 
     return _report(args, outcomes, capacity, valid_rps, overload_rps, memory, start_metrics, after)
+
+
+async def _sample_memory(session: aiohttp.ClientSession, peak_mb: list[float]) -> None:
+    """The server's resident memory every 5 s, on its own task (never delays arrivals)."""
+    while True:
+        await asyncio.sleep(5)
+        try:
+            values = await _metric_values(session)
+        except (aiohttp.ClientError, TimeoutError):
+            continue
+        peak_mb.append(values["process_resident_memory_bytes"] / 2**20)
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -26,8 +26,11 @@ def _version() -> str:
         return "0+unknown"
 
 
-def create_app(settings: Settings | None = None, model: ServedModel | None = None) -> FastAPI:
-    """The ASGI app. `model` replaces the model that `settings` names (tests pass fakes).
+def create_app(
+    settings: Settings | None = None, model: ServedModel | Sequence[ServedModel] | None = None
+) -> FastAPI:
+    """The ASGI app. `model` replaces the model that `settings` names (tests pass fakes;
+    a sequence is one replica each).
 
     Startup loads the model (a load error fails startup), then warms it in the
     background: `/health` answers at once, `/ready` turns 200 once warm. Shutdown

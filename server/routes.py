@@ -296,6 +296,12 @@ async def model_info(runtime: RuntimeDep) -> dict[str, Any]:
         "batching": _batching(runtime).model_dump(),
         "learned_cost": _learned_cost(runtime),
         "memory_cap_tokens": runtime.engine.memory_cap if runtime.engine else None,
+        "replicas": [
+            {"index": r.index, "device": str(m.describe().get("device")), "alive": r.alive}
+            for r, m in zip(
+                runtime.engine.replicas if runtime.engine else [], runtime.models, strict=False
+            )
+        ],
         "limits": {
             name: getattr(runtime.settings, name)
             for name in (

@@ -51,8 +51,11 @@ class Runtime:
     status: Status = "loading"
     error: str | None = None
     model: ServedModel | None = None
+    """The first replica's model: it encodes inputs and describes the model."""
+    models: list[ServedModel] = field(default_factory=list)
+    """One per replica (device)."""
     engine: Engine[Encoded, Output] | None = None
-    _runner: ThreadRunner[Encoded, Output] | None = None
+    _runners: list[ThreadRunner[Encoded, Output]] = field(default_factory=list)
     _warm_up: asyncio.Task[None] | None = None
     disconnects: Counter = field(init=False)
 
@@ -63,37 +66,43 @@ class Runtime:
             registry=self.registry,
         )
 
-    async def load(self, model: ServedModel | None) -> None:
-        """Load the model (off the loop). Raises ModelLoadError: startup then fails."""
+    async def load(self, model: ServedModel | Sequence[ServedModel] | None) -> None:
+        """Load the model, one replica per device (off the loop). Raises ModelLoadError
+        or ValueError: startup then fails."""
         if self.settings.torch_threads is not None:
             torch.set_num_threads(self.settings.torch_threads)
         if model is None:
-            options = self.settings.load_options()
-            model = await asyncio.to_thread(TextModel.load, options)
-        self.model = model
-        self._runner = runner = ThreadRunner(model)
+            models: list[ServedModel] = []
+            for device in self.settings.device_list():
+                options = self.settings.load_options(device)
+                models.append(await asyncio.to_thread(TextModel.load, options))
+        elif isinstance(model, Sequence):
+            models = list(model)
+        else:
+            models = [model]
+        self.model, self.models = models[0], models
+        self._runners = [
+            ThreadRunner(m, thread_name=f"microbatch-device-{i}") for i, m in enumerate(models)
+        ]
         self.engine = engine = Engine(
-            runner, self.settings.engine_config(), metrics=EngineMetrics(self.registry)
+            self._runners, self.settings.engine_config(), metrics=EngineMetrics(self.registry)
         )
         self.status = "warming"
-        warm_up = self._warm_and_start(model, runner, engine)
+        warm_up = self._warm_and_start(engine)
         self._warm_up = asyncio.create_task(warm_up, name="microbatch-warm-up")
 
-    async def _warm_and_start(
-        self,
-        model: ServedModel,
-        runner: ThreadRunner[Encoded, Output],
-        engine: Engine[Encoded, Output],
-    ) -> None:
+    async def _warm_and_start(self, engine: Engine[Encoded, Output]) -> None:
         try:
-            await runner.call(model.warm_up, self.settings.max_batch_size)
+            # One replica after the other: torch.compile is not made for parallel tracing.
+            for runner, model in zip(self._runners, self.models, strict=True):
+                await runner.call(model.warm_up, self.settings.max_batch_size)
             await engine.start()
         except Exception as exc:
             logger.exception("warm-up failed; the server stays unready")
             self.status, self.error = "failed", f"warm-up failed: {type(exc).__name__}: {exc}"
             return
         self.status = "ready"
-        logger.info("ready: %s", model.describe())
+        logger.info("ready: %s on %d replica(s)", self.models[0].describe(), len(self.models))
 
     def liveness_problem(self) -> str | None:
         """Why an orchestrator should restart this process; None while it is alive."""
@@ -140,8 +149,8 @@ class Runtime:
         try:
             await self.drain()
         finally:
-            if self._runner is not None:
-                await asyncio.to_thread(self._runner.close)
+            for runner in self._runners:
+                await asyncio.to_thread(runner.close)
             logger.info("stopped: %s", self.item_counts())
 
     def item_counts(self) -> dict[str, int]:

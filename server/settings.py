@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     )
     task: TaskOption = Field("auto", description="embed or classify; auto follows the model.")
     device: str = Field("auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda:0, ...")
+    devices: str | None = Field(
+        None,
+        description="Several devices, one model replica each, all fed from one queue: "
+        "cuda:0,cuda:1 or all (every CUDA device); replaces --device.",
+    )
     dtype: DtypeOption = Field("auto", description="auto is float16 on CUDA, float32 elsewhere.")
     compile: bool = Field(True, description="torch.compile the forward pass (else eager).")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model.")
@@ -150,11 +155,24 @@ class Settings(BaseSettings):
         """True when only this machine can reach the server."""
         return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
 
-    def load_options(self) -> LoadOptions:
+    def device_list(self) -> list[str]:
+        """One device per replica. Raises ValueError for `all` without CUDA."""
+        if self.devices is None:
+            return [self.device]
+        if self.devices.strip() == "all":
+            import torch
+
+            count = torch.cuda.device_count()
+            if count == 0:
+                raise ValueError("--devices all: no CUDA device; list devices, e.g. cpu,cpu")
+            return [f"cuda:{i}" for i in range(count)]
+        return [d.strip() for d in self.devices.split(",") if d.strip()]
+
+    def load_options(self, device: str | None = None) -> LoadOptions:
         return LoadOptions(
             source=self.model,
             task=self.task,
-            device=self.device,
+            device=device if device is not None else self.device,
             dtype=self.dtype,
             compile=self.compile,
             max_tokens=self.max_tokens,

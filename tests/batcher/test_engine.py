@@ -22,13 +22,16 @@ from batcher import (
     Runner,
     ThreadRunner,
 )
+from batcher.engine import REPLICA_STRIKES
 from batcher.padding import bucket_length, padded_tokens
 from tests.batcher.fakes import Call, GatedRunner, Poison, open_runner
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
 
 
-def make_engine(runner: Runner[str, str], config: EngineConfig | None = None) -> Engine[str, str]:
+def make_engine(
+    runner: Runner[str, str] | Sequence[Runner[str, str]], config: EngineConfig | None = None
+) -> Engine[str, str]:
     """An engine on the loop's (virtual) clock."""
     return Engine(runner, config, clock=asyncio.get_running_loop().time)
 
@@ -413,3 +416,68 @@ async def test_the_engine_learns_the_device_cost_and_then_serves_faster_than_fil
     assert fit.per_token_s == pytest.approx(0.0004, rel=0.05)
     assert learned_padding < fill_padding
     assert learned_s < 0.9 * fill_s, f"learned {learned_s:.2f} s vs fill {fill_s:.2f} s"
+
+
+# -- replicas: several runners fed from one queue --------------------------------------
+
+
+async def test_batches_spread_over_replicas_from_one_queue() -> None:
+    a, b = GatedRunner(), GatedRunner()
+    async with make_engine([a, b], EngineConfig(max_batch_size=4)) as engine:
+        tasks = [asyncio.create_task(engine.submit(x)) for x in texts(20)]
+        await a.wait_for_calls(1)
+        await b.wait_for_calls(1)  # both compute at once: the second did not wait
+        assert a.running == b.running == 1
+        a.gate.set()
+        b.gate.set()
+        results = await settle(*tasks)
+    assert [r.value for r in results] == [x.upper() for x in texts(20)]  # type: ignore[attr-defined]
+    assert sorted(a.computed + b.computed) == sorted(texts(20))
+    assert engine.metrics.replica_batches.labels("0")._value.get() >= 1
+    assert engine.metrics.replica_batches.labels("1")._value.get() >= 1
+
+
+async def test_a_failed_replica_is_taken_out_and_the_others_serve_everything() -> None:
+    class Broken(GatedRunner):
+        async def run(self, payloads: Sequence[str]) -> list[str]:
+            self.calls.append(Call(list(payloads), asyncio.get_running_loop().time()))
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    class Slow(GatedRunner):
+        async def run(self, payloads: Sequence[str]) -> list[str]:
+            await asyncio.sleep(1.0)  # virtual time: busy, so the broken one gets work too
+            return await super().run(payloads)
+
+    broken, healthy = Broken(), Slow()
+    healthy.gate.set()
+    config = EngineConfig(max_batch_size=4, policy="window", max_wait_ms=1)
+    async with make_engine([broken, healthy], config) as engine:
+        inputs = texts(40)
+        results = await asyncio.gather(*(engine.submit(x) for x in inputs))
+        assert engine.alive_replicas == 1
+        assert engine.healthy
+        calls_when_removed = len(broken.calls)
+        more = await asyncio.gather(*(engine.submit(x) for x in texts(20, prefix="m")))
+    assert [r.value for r in results] == [x.upper() for x in inputs]
+    assert [r.value for r in more] == [x.upper() for x in texts(20, prefix="m")]
+    assert len(broken.calls) == calls_when_removed, "no batch reaches a replica taken out"
+    assert engine.metrics.outcome["failed"]._value.get() == 0
+    assert engine.metrics.replicas_alive._value.get() == 1
+
+
+async def test_a_poison_input_fails_alone_and_strikes_no_replica() -> None:
+    a, b = open_runner(), open_runner()
+    config = EngineConfig(max_batch_size=8, policy="window", max_wait_ms=1)
+    async with make_engine([a, b], config) as engine:
+        for _ in range(REPLICA_STRIKES + 1):  # more poison than strikes would allow
+            inputs = ["a", "b", "boom", "c"]
+            results = await asyncio.gather(
+                *(engine.submit(x) for x in inputs), return_exceptions=True
+            )
+            assert isinstance(results[2], InferenceFailed)
+            assert [r.value for r in results if not isinstance(r, BaseException)] == [
+                "A",
+                "B",
+                "C",
+            ]
+        assert engine.alive_replicas == 2, "failing the same input everywhere is the input's fault"

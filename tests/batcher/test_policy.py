@@ -142,3 +142,10 @@ def test_learned_selection_keeps_the_invariants(
     assert 1 <= len(chosen) <= max_batch_size
     if budget is not None:
         assert padded_tokens(pending[i].cost for i in chosen) <= budget
+
+
+def test_with_several_devices_adaptive_dispatches_while_any_is_idle() -> None:
+    assert decide([Q(0.0)], 0.0, ADAPTIVE, in_flight=1, devices=2) == DISPATCH
+    assert decide([Q(0.0)], 0.0, ADAPTIVE, in_flight=2, devices=2) == Wait(0.05)
+    assert decide([Q(0.0)], 0.05, ADAPTIVE, in_flight=2, devices=2) == DISPATCH  # one staged
+    assert decide([Q(0.0)], 9.0, ADAPTIVE, in_flight=3, devices=2) == WAIT_FOR_EVENT

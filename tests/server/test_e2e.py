@@ -7,6 +7,7 @@ import asyncio
 import math
 import random
 import re
+from pathlib import Path
 
 import httpx
 import pytest
@@ -183,3 +184,21 @@ def test_classifier_labels_and_scores_batched_equal_unbatched(
         assert x["score"] == pytest.approx(y["score"], abs=1e-4)
         assert x["scores"] == pytest.approx(y["scores"], abs=1e-4)
         assert set(x["scores"]) == {"negative", "neutral", "positive"}
+
+
+def test_two_cpu_replicas_share_one_queue(tiny_classifier_dir: Path, tmp_path: Path) -> None:
+    args = ["--model", str(tiny_classifier_dir), "--no-compile", "--devices", "cpu,cpu"]
+    server = ServerProcess([*args, "--torch-threads", "1"], tmp_path / "replicas.log").start()
+    try:
+        info = httpx.get(f"{server.url}/model").json()
+        bodies: list[dict[str, object]] = [{"text": t} for t in varied_texts(400, seed=6)]
+        replies = asyncio.run(post_all(server.url, "/predict", bodies, clients=32))
+        text = httpx.get(f"{server.url}/metrics").text
+    finally:
+        assert server.stop() == 0, server.log()
+    assert [r["device"] for r in info["replicas"]] == ["cpu", "cpu"]
+    assert all(r.status_code == 200 for r in replies)
+    per_replica = [
+        metric(text, f'microbatch_replica_batches_total{{replica="{i}"}}') for i in (0, 1)
+    ]
+    assert min(per_replica) > 0, f"batches per replica: {per_replica}"
