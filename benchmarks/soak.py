@@ -57,6 +57,7 @@ class Outcome:
     status: int  # 0: no HTTP answer
     reason: str  # the error body's `type`, or the transport error's name
     latency_s: float
+    sent_at: float = 0.0  # seconds since the soak started
 
 
 @dataclass
@@ -73,6 +74,10 @@ class Report:
     overload: dict[str, Any]
     memory_mb: dict[str, float]
     server_counts: dict[str, float]
+    timeline: list[dict[str, float]] = field(default_factory=list)
+    cpu_steal_percent: float | None = None
+    """Of all CPU time during the run, the share the hypervisor gave to other guests:
+    on a shared VM, the capacity measured at the start is not the capacity later."""
     config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -182,7 +187,7 @@ async def soak(args: argparse.Namespace, url: str) -> Report:
                 coro = _send(session, phase, f"malformed:{name}", payload, ctype)
             else:
                 coro = _hang_up(session, phase, text)
-            tasks.append(asyncio.create_task(coro))
+            tasks.append(asyncio.create_task(_stamped(coro, due)))
         sent_s = time.perf_counter() - started
         outcomes = await asyncio.gather(*tasks)
         sampler.cancel()
@@ -193,6 +198,12 @@ async def soak(args: argparse.Namespace, url: str) -> Report:
         print(f"sent for {sent_s:.1f} s (scheduled {args.duration_s:g} s)", file=sys.stderr)
 
     return _report(args, outcomes, capacity, valid_rps, overload_rps, memory, start_metrics, after)
+
+
+async def _stamped(coro: Any, sent_at: float) -> Outcome:
+    outcome: Outcome = await coro
+    outcome.sent_at = sent_at
+    return outcome
 
 
 async def _sample_memory(session: aiohttp.ClientSession, peak_mb: list[float]) -> None:
@@ -206,11 +217,41 @@ async def _sample_memory(session: aiohttp.ClientSession, peak_mb: list[float]) -
         peak_mb.append(values["process_resident_memory_bytes"] / 2**20)
 
 
+def _cpu_times() -> list[int] | None:
+    """The machine's cumulative CPU times (Linux /proc/stat), or None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def _steal_percent(before: list[int] | None, after: list[int] | None) -> float | None:
+    if before is None or after is None or len(before) < 8:
+        return None
+    delta = [b - a for a, b in zip(before, after, strict=False)]
+    total = sum(delta)
+    return round(100 * delta[7] / total, 1) if total else None
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _server_mean_ms(before: dict[str, float], after: dict[str, float], status: str) -> float:
+    """Mean time in the server (middleware in to reply out) of requests with `status`:
+    the part of the client's latency that is the server's own work."""
+    total = count = 0.0
+    for key, value in after.items():
+        if f'status="{status}"' in key and key.startswith("microbatch_request_duration"):
+            if "_sum{" in key:
+                total += value - before.get(key, 0.0)
+            elif "_count{" in key:
+                count += value - before.get(key, 0.0)
+    return 1000 * total / count if count else float("nan")
 
 
 def _report(
@@ -240,7 +281,24 @@ def _report(
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
+    timeline = []
+    for start in range(0, int(args.duration_s), 10):
+        window = [o for o in outcomes if start <= o.sent_at < start + 10 and o.kind == "valid"]
+        ok = [o.latency_s for o in window if o.status == 200]
+        refused = [o.latency_s for o in window if o.status == 429]
+        timeline.append(
+            {
+                "from_s": start,
+                "valid_sent": len(window),
+                "ok": len(ok),
+                "ok_p99_ms": round(_percentile(ok, 0.99) * 1000, 1),
+                "429": len(refused),
+                "429_p50_ms": round(_percentile(refused, 0.5) * 1000, 1),
+                "504": sum(o.status == 504 for o in window),
+            }
+        )
     return Report(
+        timeline=timeline,
         sent=len(outcomes),
         answered_ok=sum(o.status == 200 for o in outcomes),
         rejected=dict(sorted(rejected.items())),
@@ -261,6 +319,7 @@ def _report(
             "429_p50_ms": round(_percentile(too_many, 0.5) * 1000, 2),
             "429_p99_ms": round(_percentile(too_many, 0.99) * 1000, 2),
             "504": sum(o.status == 504 for o in burst),
+            "429_server_mean_ms": round(_server_mean_ms(before, after, "429"), 3),
         },
         memory_mb={k: round(v, 1) for k, v in memory.items()},
         server_counts={
@@ -291,10 +350,12 @@ def render(report: Report) -> str:
         f"{o['admitted_and_answered']} / {o['rejected_429']} |",
         f"| burst: admitted p50 / p99 (deadline) | {o['admitted_p50_ms']} / "
         f"{o['admitted_p99_ms']} ms ({o['deadline_ms']:g} ms) |",
-        f"| burst: 429 latency p50 / p99 | {o['429_p50_ms']} / {o['429_p99_ms']} ms |",
+        f"| burst: 429 latency p50 / p99 (client) | {o['429_p50_ms']} / {o['429_p99_ms']} ms |",
+        f"| 429: mean time in the server | {o['429_server_mean_ms']} ms |",
         f"| server RSS before / peak / after | {m['before']} / {m['peak_during']} / "
         f"{m['after']} MiB |",
         f"| server: items cancelled by disconnects | {report.server_counts['cancelled']:g} |",
+        f"| CPU time stolen by the hypervisor | {report.cpu_steal_percent} % |",
         f"| server: items admitted / answered or settled | {c['admitted']:g} / "
         f"{c['ok'] + c['cancelled'] + c['expired'] + c['failed']:g} |",
     ]
@@ -340,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     with _target(args) as url:
         if not args.url:
             pin(1)  # the load generator on the other core
+        cpu_before = _cpu_times()
         report = asyncio.run(soak(args, url))
+        report.cpu_steal_percent = _steal_percent(cpu_before, _cpu_times())
     report.config = {k: v for k, v in vars(args).items() if k not in ("json",)}
     print(render(report))
     if args.json:
