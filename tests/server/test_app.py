@@ -212,8 +212,11 @@ async def test_full_queue_is_429_with_retry_after() -> None:
         r = await client.post("/predict", json={"text": "no room"})
         model.predict_gate.set()
         await asyncio.gather(*held)
+        metrics = (await client.get("/metrics")).text
     assert r.status_code == 429
     assert r.headers["retry-after"] == "1"
+    assert "no room" not in model.seen, "a refused request never reaches the model"
+    assert 'microbatch_items_total{outcome="rejected_full"} 1.0' in metrics
     assert r.json()["type"] == "queue_full"
     assert all(t.result().status_code == 200 for t in held)
 
