@@ -8,6 +8,7 @@ from batcher.config import POLICIES, EngineConfig, Policy
 from batcher.engine import Engine
 from batcher.errors import (
     DeadlineExceeded,
+    DeadlineUnreachable,
     DeviceOutOfMemory,
     EngineClosed,
     EngineError,
@@ -22,6 +23,7 @@ from batcher.runner import Model, Runner, ThreadRunner
 __all__ = [
     "POLICIES",
     "DeadlineExceeded",
+    "DeadlineUnreachable",
     "DeviceOutOfMemory",
     "Engine",
     "EngineClosed",

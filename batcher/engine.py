@@ -21,6 +21,7 @@ from batcher.config import EngineConfig
 from batcher.cost import CostModel
 from batcher.errors import (
     DeadlineExceeded,
+    DeadlineUnreachable,
     DeviceOutOfMemory,
     EngineClosed,
     EngineError,
@@ -40,6 +41,11 @@ OutT = TypeVar("OutT")
 logger = logging.getLogger("batcher.engine")
 
 State = Literal["new", "running", "draining", "closed"]
+
+RATE_DECAY = 0.9
+"""Weight kept by past batches in the drain-rate estimate (about the last ten count)."""
+RATE_MIN_BATCHES = 8
+"""Batches seen before the drain rate is trusted for admission."""
 
 REPLICA_STRIKES = 3
 """A replica that fails this many inputs in a row which another replica then computes
@@ -97,6 +103,9 @@ class Engine(Generic[InT, OutT]):
         self.memory_cap: int | None = None
         """Padded tokens per batch, learned from `DeviceOutOfMemory`; None until one."""
         self.metrics.busy_seconds.set_function(self.busy_for)
+        self._rate_items = 0.0  # decayed items computed, and device seconds spent on them
+        self._rate_seconds = 0.0
+        self._rate_batches = 0
         self.metrics.replicas_alive.set(len(self.replicas))
         self.metrics.queue_depth.set_function(lambda: len(self._pending))
         self.metrics.in_flight.set_function(lambda: self._in_flight)
@@ -173,6 +182,18 @@ class Engine(Generic[InT, OutT]):
         starts = [r.busy_since for r in self.replicas if r.busy_since is not None]
         return max(0.0, self.clock() - min(starts)) if starts else 0.0
 
+    def drain_rate(self) -> float | None:
+        """Items per second the live replicas compute while busy (recent batches), or
+        None until enough batches have run."""
+        if self._rate_batches < RATE_MIN_BATCHES or self._rate_seconds <= 0:
+            return None
+        return self.alive_replicas * self._rate_items / self._rate_seconds
+
+    def expected_wait(self, extra: int = 0) -> float | None:
+        """Seconds until `extra` new items would reach a device, at the drain rate."""
+        rate = self.drain_rate()
+        return None if rate is None else (len(self._pending) + extra) / rate
+
     @property
     def alive_replicas(self) -> int:
         return sum(r.alive for r in self.replicas)
@@ -202,8 +223,10 @@ class Engine(Generic[InT, OutT]):
         """Queue one input and wait for its result.
 
         `deadline` is an absolute time on `engine.clock` (`engine.clock() + timeout_s`).
-        Raises QueueFull, EngineClosed or ItemTooLarge at once, DeadlineExceeded when the
-        deadline passes first, InferenceFailed when the model fails on this input.
+        Raises QueueFull, EngineClosed or ItemTooLarge at once; DeadlineUnreachable at
+        once when, at the rate the devices drain the queue, the item would reach a device
+        only after its deadline; DeadlineExceeded when the deadline passes first;
+        InferenceFailed when the model fails on this input.
         """
         [result] = await self.submit_many([payload], deadline=deadline)
         return result
@@ -252,13 +275,18 @@ class Engine(Generic[InT, OutT]):
             if len(self._pending) + len(payloads) > config.max_queue_size:
                 self.metrics.outcome["rejected_full"].inc(len(payloads))
                 raise QueueFull(len(self._pending), config.max_queue_size)
+        now = self.clock()
+        if deadline is not None and self._pending:
+            wait_s = self.expected_wait(len(payloads))
+            if wait_s is not None and now + wait_s > deadline:
+                self.metrics.outcome["rejected_deadline"].inc(len(payloads))
+                raise DeadlineUnreachable(wait_s, max(0.0, deadline - now))
         costs = [self._runner.cost(payload) for payload in payloads]
         if config.max_batch_tokens is not None:
             for cost in costs:
                 if bucket_length(cost) > config.max_batch_tokens:
                     raise ItemTooLarge(bucket_length(cost), config.max_batch_tokens)
         loop = asyncio.get_running_loop()
-        now = self.clock()
         items = [
             PendingItem(payload, loop.create_future(), now, deadline, cost)
             for payload, cost in zip(payloads, costs, strict=True)
@@ -522,6 +550,9 @@ class Engine(Generic[InT, OutT]):
         m = self.metrics
         m.batch_size.observe(len(batch))
         m.replica_batches.labels(str(replica.index)).inc()
+        self._rate_items = RATE_DECAY * self._rate_items + len(batch)
+        self._rate_seconds = RATE_DECAY * self._rate_seconds + inference_time_s
+        self._rate_batches += 1
         m.inference.observe(inference_time_s)
         real = sum(item.cost for item in batch)
         padded = padded_tokens(item.cost for item in batch)

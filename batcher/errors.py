@@ -19,6 +19,19 @@ class QueueFull(EngineError):
         self.max_queue_size = max_queue_size
 
 
+class DeadlineUnreachable(EngineError):
+    """At the rate the devices drain the queue, the item would wait past its deadline:
+    refused at once (HTTP 429) instead of answered 504 after waiting in vain."""
+
+    def __init__(self, expected_wait_s: float, allowed_s: float) -> None:
+        super().__init__(
+            f"the queue would take about {expected_wait_s:.1f} s to reach this request; its "
+            f"deadline is in {allowed_s:.1f} s. Retry shortly or elsewhere"
+        )
+        self.expected_wait_s = expected_wait_s
+        self.allowed_s = allowed_s
+
+
 class EngineClosed(EngineError):
     """The engine is not running or is draining; nothing new is admitted (HTTP 503)."""
 

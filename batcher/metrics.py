@@ -10,7 +10,15 @@ SECONDS_BUCKETS = (
     0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 PADDING_BUCKETS = (1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0)
-OUTCOMES = ("ok", "failed", "expired", "cancelled", "rejected_full", "rejected_closed")
+OUTCOMES = (
+    "ok",
+    "failed",
+    "expired",
+    "cancelled",
+    "rejected_full",
+    "rejected_deadline",
+    "rejected_closed",
+)
 
 
 class EngineMetrics:

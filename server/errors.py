@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 
 from batcher import (
     DeadlineExceeded,
+    DeadlineUnreachable,
     EngineClosed,
     InferenceFailed,
     ItemTooLarge,
@@ -105,6 +106,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
         return error_response(request, 429, "queue_full", str(exc), {"Retry-After": "1"})
+
+    @app.exception_handler(DeadlineUnreachable)
+    async def unreachable(request: Request, exc: DeadlineUnreachable) -> JSONResponse:
+        retry = str(max(1, round(exc.expected_wait_s - exc.allowed_s)))
+        return error_response(
+            request, 429, "deadline_unreachable", str(exc), {"Retry-After": retry}
+        )
 
     @app.exception_handler(NotReady)
     async def not_ready(request: Request, exc: NotReady) -> JSONResponse:

@@ -12,6 +12,7 @@ import pytest
 
 from batcher import (
     DeadlineExceeded,
+    DeadlineUnreachable,
     DeviceOutOfMemory,
     Engine,
     EngineClosed,
@@ -481,3 +482,30 @@ async def test_a_poison_input_fails_alone_and_strikes_no_replica() -> None:
                 "C",
             ]
         assert engine.alive_replicas == 2, "failing the same input everywhere is the input's fault"
+
+
+async def test_an_item_that_would_wait_past_its_deadline_is_refused_at_once() -> None:
+    class OneSecond(GatedRunner):
+        async def run(self, payloads: Sequence[str]) -> list[str]:
+            await asyncio.sleep(1.0)  # virtual: 4 items per second at batches of 4
+            return await super().run(payloads)
+
+    runner = OneSecond()
+    runner.gate.set()
+    config = EngineConfig(max_batch_size=4, batch_sizing="fill")
+    async with make_engine(runner, config) as engine:
+        assert engine.drain_rate() is None
+        await asyncio.gather(*(engine.submit(x) for x in texts(40)))  # learn the rate
+        assert engine.drain_rate() == pytest.approx(4.0)
+        backlog = [asyncio.create_task(engine.submit(x)) for x in texts(20, prefix="b")]
+        await asyncio.sleep(0)
+        now = engine.clock()
+        with pytest.raises(DeadlineUnreachable) as refused:
+            await engine.submit("hurry", deadline=now + 2.0)  # about 5 s of queue ahead
+        assert engine.clock() == now, "refused at once, not after waiting"
+        patient = await engine.submit("patient", deadline=now + 60.0)
+        await settle(*backlog)
+    assert refused.value.expected_wait_s > 2.0
+    assert "hurry" not in runner.computed
+    assert patient.value == "PATIENT"
+    assert engine.metrics.outcome["rejected_deadline"]._value.get() == 1

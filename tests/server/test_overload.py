@@ -117,3 +117,24 @@ async def test_out_of_memory_on_big_batches_is_absorbed_by_splitting() -> None:
     assert sorted(model.seen) == texts, "each text computed exactly once"
     assert info["memory_cap_tokens"] is not None
     assert sample(metrics, "microbatch_device_out_of_memory_total") >= 1
+
+
+async def test_a_deadline_the_queue_cannot_meet_gets_a_fast_429() -> None:
+    model = FakeTextModel()
+    async with serve(model, max_batch_size=1) as client:
+        for i in range(10):  # the engine learns how fast the device drains the queue
+            assert (await client.post("/predict", json={"text": f"warm {i}"})).status_code == 200
+        model.predict_gate.clear()
+        held = [
+            asyncio.create_task(client.post("/predict", json={"text": f"t{i}"})) for i in range(4)
+        ]
+        await wait_until_admitted(client, 14)
+        hurried = await client.post(
+            "/predict", json={"text": "in a hurry"}, headers={"X-Request-Timeout-Ms": "0.001"}
+        )
+        model.predict_gate.set()
+        await asyncio.gather(*held)
+    assert hurried.status_code == 429
+    assert hurried.json()["type"] == "deadline_unreachable"
+    assert int(hurried.headers["retry-after"]) >= 1
+    assert "in a hurry" not in model.seen
