@@ -27,18 +27,20 @@ async def admitted(client: httpx.AsyncClient) -> float:
 
 
 def test_sigterm_under_load_drains_every_admitted_request_then_exits_0(tmp_path: Path) -> None:
-    # The default model, eager: 256 items of 256 tokens are seconds of CPU work, so the
-    # drain is long enough to observe from outside.
-    args = ["--no-compile", "--max-batch-size", "16", "--drain-timeout-s", "60"]
+    # The default model, eager: 128 items of 256 tokens are seconds of CPU work, so the
+    # drain is long enough to observe from outside. Deadlines are long: this test is about
+    # the drain, and a slow runner must not turn it into a test of --request-timeout-s.
+    args = ["--no-compile", "--max-batch-size", "16", "--drain-timeout-s", "300"]
+    args += ["--request-timeout-s", "300"]
     server = ServerProcess(args, tmp_path / "server.log").start()
     assert server.process is not None
 
     async def scenario() -> tuple[list[httpx.Response], httpx.Response, httpx.Response, float]:
-        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
-            bodies = [{"texts": [f"{i} {j} {LONG}" for j in range(64)]} for i in range(4)]
+        async with httpx.AsyncClient(base_url=server.url, timeout=330) as client:
+            bodies = [{"texts": [f"{i} {j} {LONG}" for j in range(32)]} for i in range(4)]
             work = [asyncio.create_task(client.post("/predict/batch", json=b)) for b in bodies]
             async with asyncio.timeout(60):
-                while await admitted(client) < 256:  # noqa: ASYNC110
+                while await admitted(client) < 128:  # noqa: ASYNC110
                     await asyncio.sleep(0.01)  # the server's state, polled
             assert server.process is not None
             server.process.send_signal(signal.SIGTERM)
@@ -49,7 +51,7 @@ def test_sigterm_under_load_drains_every_admitted_request_then_exits_0(tmp_path:
             return await asyncio.gather(*work), ready, late, signalled
 
     replies, ready, late, signalled = asyncio.run(scenario())
-    code = server.process.wait(timeout=90)
+    code = server.process.wait(timeout=330)
     exited_after_s = time.perf_counter() - signalled
     log = server.log()
 
@@ -58,10 +60,10 @@ def test_sigterm_under_load_drains_every_admitted_request_then_exits_0(tmp_path:
     assert late.status_code == 503
     assert late.json()["type"] == "not_ready"
     assert [r.status_code for r in replies] == [200] * 4
-    assert sum(len(r.json()["results"]) for r in replies) == 256
+    assert sum(len(r.json()["results"]) for r in replies) == 128
     assert code == 0, log
-    assert exited_after_s < 60
+    assert exited_after_s < 300, "within the drain timeout"
     [stopped] = re.findall(r"stopped: (\{.*\})", log)
     counts = json.loads(stopped.replace("'", '"'))
-    assert counts["admitted"] == counts["ok"] == 256
+    assert counts["admitted"] == counts["ok"] == 128
     assert counts["rejected_closed"] == 0
