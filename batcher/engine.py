@@ -258,6 +258,17 @@ class Engine(Generic[InT, OutT]):
                 else:
                     item.future.exception()
 
+    def check_room(self, n: int = 1) -> None:
+        """Raise QueueFull (and count it) unless `n` more items fit in the queue now.
+        `submit` calls it; a server may call it before parsing a request, to refuse
+        cheaply under overload."""
+        config = self._config
+        if len(self._pending) + n > config.max_queue_size:
+            self._drop_settled()
+            if len(self._pending) + n > config.max_queue_size:
+                self.metrics.outcome["rejected_full"].inc(n)
+                raise QueueFull(len(self._pending), config.max_queue_size)
+
     def _expire(self, items: list[PendingItem[InT, OutT]]) -> None:
         for item in items:
             if settle_error(item.future, DeadlineExceeded("the deadline passed before it ran")):
@@ -270,11 +281,7 @@ class Engine(Generic[InT, OutT]):
             self.metrics.outcome["rejected_closed"].inc(len(payloads))
             raise EngineClosed(f"the engine is {self._state}; not admitting new items")
         config = self._config
-        if len(self._pending) + len(payloads) > config.max_queue_size:
-            self._drop_settled()
-            if len(self._pending) + len(payloads) > config.max_queue_size:
-                self.metrics.outcome["rejected_full"].inc(len(payloads))
-                raise QueueFull(len(self._pending), config.max_queue_size)
+        self.check_room(len(payloads))
         now = self.clock()
         if deadline is not None and self._pending:
             wait_s = self.expected_wait(len(payloads))

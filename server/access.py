@@ -19,6 +19,8 @@ from prometheus_client import CollectorRegistry, Counter
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from batcher import QueueFull
+
 PREDICT_PREFIX = "/predict"
 ADMIN_PREFIX = "/admin/"
 
@@ -150,17 +152,16 @@ class AccessMiddleware:
 
 def _queue_full(scope: Scope) -> tuple[int, str, str, dict[str, str]] | None:
     """429 before the body is read or the text tokenized: under overload a refusal then
-    costs almost nothing. The engine checks again at submit, exactly."""
+    costs almost nothing. The engine checks again at submit, for every item."""
     runtime = scope.get("state", {}).get("runtime")
     engine = getattr(runtime, "engine", None)
     if engine is None or engine.state != "running":
         return None
-    limit = engine.config.max_queue_size
-    if engine.queue_depth < limit:
-        return None
-    engine.metrics.outcome["rejected_full"].inc()
-    detail = f"queue is full ({engine.queue_depth} of {limit} items waiting); retry shortly"
-    return 429, "queue_full", detail, {"Retry-After": "1"}
+    try:
+        engine.check_room()
+    except QueueFull as exc:
+        return 429, "queue_full", str(exc), {"Retry-After": "1"}
+    return None
 
 
 def _bearer(scope: Scope) -> bytes | None:

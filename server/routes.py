@@ -120,17 +120,16 @@ async def _cancelled_on_disconnect(request: Request, runtime: Runtime) -> AsyncI
     already, so the next ASGI message can only be the disconnect."""
     task = asyncio.current_task()
     assert task is not None
-    disconnected = False
+    disconnected = finished = False
 
     async def watch() -> None:
         nonlocal disconnected
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        if not request.state.replied:
+        if not finished:
             disconnected = True
             task.cancel()
 
-    request.state.replied = False
     watcher = asyncio.create_task(watch())
     try:
         yield
@@ -140,7 +139,7 @@ async def _cancelled_on_disconnect(request: Request, runtime: Runtime) -> AsyncI
             raise ClientDisconnected from None
         raise
     finally:
-        request.state.replied = True
+        finished = True
         watcher.cancel()
 
 
@@ -257,8 +256,9 @@ async def health(runtime: RuntimeDep) -> Any:
     summary="Readiness: loaded, warmed, not draining and not saturated",
 )
 async def ready(runtime: RuntimeDep) -> Any:
-    if runtime.liveness_problem() is not None:
-        status, detail = "failed", runtime.liveness_problem()
+    detail: str | None
+    if (problem := runtime.liveness_problem()) is not None:
+        status, detail = "failed", problem
     elif runtime.status != "ready":
         status, detail = runtime.status, runtime.error
     elif runtime.saturated:
