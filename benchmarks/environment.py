@@ -80,3 +80,21 @@ def hardware_slug() -> str:
     if gpu:
         return "gpu-" + "-".join(gpu.lower().replace("nvidia", "").split())
     return f"cpu-{os.cpu_count()}core"
+
+
+def cpu_times() -> list[int] | None:
+    """The machine's cumulative CPU times (Linux /proc/stat), or None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_percent(before: list[int] | None, after: list[int] | None) -> float | None:
+    """Percent of CPU time the hypervisor took from this VM between two `cpu_times`."""
+    if before is None or after is None or len(before) < 8:
+        return None
+    delta = [b - a for a, b in zip(before, after, strict=False)]
+    total = sum(delta)
+    return round(100 * delta[7] / total, 1) if total else None

@@ -1,26 +1,33 @@
 """The server's own cost per request: microbatch with a model that costs nothing, against
 a bare FastAPI endpoint returning the same JSON (`benchmarks/trivial.py`), same pinning,
-same load. Optionally profiles the microbatch server with py-spy.
+same load, the two alternating round by round. Optionally profiles microbatch (py-spy).
 
-    python -m benchmarks.overhead --concurrency 1,64 --duration 10 --profile profile.txt
+    python -m benchmarks.overhead --concurrency 1,64 --rounds 3 --profile \\
+        --report benchmarks/results/overhead-cpu-2core-DATE.md
     python -m benchmarks.overhead --serve --port 8003      # just the zero-cost server
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import date
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from batcher.models import Encoded, Output
+from benchmarks import environment
 from benchmarks.compare import CLIENT_CPU, SERVER_CPU, run_bench
-from benchmarks.loadgen import Load
+from benchmarks.loadgen import Load, StepResult
 from benchmarks.processes import pin, server
 from benchmarks.trivial import EMBEDDING
 
@@ -53,15 +60,101 @@ class NullModel:
 
 
 def serve(port: int) -> None:
-    """Run microbatch on the null model, exactly as `microbatch serve` runs uvicorn."""
+    """Run microbatch on the null model, with the uvicorn settings `microbatch serve` uses."""
     import uvicorn
 
     from server.app import create_app
     from server.settings import Settings
 
-    app = create_app(Settings(port=port), model=NullModel())
+    settings = Settings(port=port)
+    app = create_app(settings, model=NullModel())
     uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
-                log_level="warning")  # fmt: skip
+                log_level="warning", access_log=settings.access_log,
+                timeout_keep_alive=settings.keep_alive_s)  # fmt: skip
+
+
+BARE, OURS = "bare FastAPI", "microbatch, null model"
+
+
+@dataclass
+class Pair:
+    """One round at one load: the two servers measured back to back."""
+
+    load: str
+    bare: StepResult
+    ours: StepResult
+
+    @property
+    def ratio(self) -> float:
+        return self.ours.throughput_rps / self.bare.throughput_rps
+
+
+def measure(urls: dict[str, str], loads: list[Load], args: argparse.Namespace) -> list[Pair]:
+    """Each load `rounds` times, the servers alternating (ABBA...), so that a drift of the
+    host's speed hits both alike."""
+    pairs = []
+    for load in loads:
+        for round_ in range(args.rounds):
+            order = [BARE, OURS] if round_ % 2 == 0 else [OURS, BARE]
+            steps = {name: run_bench(urls[name], [load], name, args).steps[0] for name in order}
+            pairs.append(Pair(str(load), steps[BARE], steps[OURS]))
+    return pairs
+
+
+def summary(pairs: list[Pair]) -> list[dict[str, Any]]:
+    """Per load: the median of each server's rounds, and the range of the round ratios."""
+    rows = []
+    for load in dict.fromkeys(p.load for p in pairs):
+        mine = [p for p in pairs if p.load == load]
+        bare = statistics.median(p.bare.throughput_rps for p in mine)
+        ours = statistics.median(p.ours.throughput_rps for p in mine)
+        rows.append(
+            {
+                "load": load,
+                "bare_rps": round(bare, 1),
+                "ours_rps": round(ours, 1),
+                "ratio": round(ours / bare, 3),
+                "round_ratios": [round(p.ratio, 3) for p in mine],
+                "bare_p50_ms": statistics.median(p.bare.latency_ms["p50"] for p in mine),
+                "ours_p50_ms": statistics.median(p.ours.latency_ms["p50"] for p in mine),
+                "bare_p99_ms": statistics.median(p.bare.latency_ms["p99"] for p in mine),
+                "ours_p99_ms": statistics.median(p.ours.latency_ms["p99"] for p in mine),
+            }
+        )
+    return rows
+
+
+def render(rows: list[dict[str, Any]], steal: float | None, profile: str | None) -> str:
+    env = environment.describe()
+    lines = [
+        f"# Server overhead: {env['cpu']} ({env['cpu_count']} CPUs), {date.today()}",
+        "",
+        "microbatch serving a model that costs nothing (`NullModel`: the same 384 floats "
+        "for every text, at once) against a bare FastAPI endpoint returning the same JSON "
+        "(`benchmarks/trivial.py`). Both servers on CPU 0, uvloop + httptools; the load "
+        f"generator on CPU 1. Commit {env['git_commit']}. CPU time stolen by the hypervisor "
+        f"during the run: {steal} %.",
+        "",
+        "Each load was measured several rounds, the two servers alternating, and the "
+        "table gives the median of each; the last column is the ratio of every round.",
+        "",
+        "| load | bare FastAPI req/s | microbatch req/s | ratio | p50 ms bare / ours "
+        "| p99 ms bare / ours | ratio per round |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['load']} | {r['bare_rps']:.0f} | {r['ours_rps']:.0f} | {r['ratio']:.2f}x "
+            f"| {r['bare_p50_ms']:.2f} / {r['ours_p50_ms']:.2f} "
+            f"| {r['bare_p99_ms']:.2f} / {r['ours_p99_ms']:.2f} "
+            f"| {', '.join(f'{x:.2f}' for x in r['round_ratios'])} |"
+        )
+    lines += ["", "Reproduce:", "", "```bash", "python -m " + " ".join(
+        ["benchmarks.overhead", *environment.command_line()[1:]]), "```"]  # fmt: skip
+    if profile:
+        lines += ["", "## Where the microbatch server's time goes (py-spy, all rounds)", "",
+                  "```", profile.rstrip(), "```"]  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,64")
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--profile", help="write py-spy's top functions of the server here")
+    parser.add_argument(
+        "--rounds", type=int, default=3,
+        help="measure each load this many times, the servers alternating (default 3)",
+    )  # fmt: skip
+    parser.add_argument("--profile", action="store_true", help="profile our server with py-spy")
+    parser.add_argument("--report", help="write the markdown report (and a .json beside it)")
     args = parser.parse_args(argv)
     if args.serve:
         serve(args.port)
@@ -83,27 +181,40 @@ def main(argv: list[str] | None = None) -> int:
     pin(CLIENT_CPU)
     loads = [Load("closed", int(c)) for c in args.concurrency.split(",")]
     logs = Path(tempfile.mkdtemp(prefix="microbatch-overhead-"))
-    with server(["benchmarks.trivial"], logs / "trivial.log", cpu=SERVER_CPU) as url:
-        bare = run_bench(url, loads, "bare FastAPI", args)
-    with server(["benchmarks.overhead", "--serve"], logs / "null.log", cpu=SERVER_CPU) as url:
-        profiler = None
-        if args.profile and shutil.which("py-spy"):
-            pid = _server_pid(url)
-            profiler = subprocess.Popen(
-                ["py-spy", "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
-                 "--duration", str(int(args.warmup + args.duration) * len(loads)),
-                 "--output", str(logs / "profile.txt"), "--nonblocking"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-        ours = run_bench(url, loads, "microbatch, null model", args)
+    cpu_before = environment.cpu_times()
+    with (
+        server(["benchmarks.trivial"], logs / "trivial.log", cpu=SERVER_CPU) as bare_url,
+        server(["benchmarks.overhead", "--serve"], logs / "null.log", cpu=SERVER_CPU) as url,
+    ):
+        profiler = _start_profiler(url, logs / "profile.txt") if args.profile else None
+        pairs = measure({BARE: bare_url, OURS: url}, loads, args)
+        profile = None
         if profiler is not None:
+            profiler.send_signal(signal.SIGINT)  # py-spy writes what it has and exits
             profiler.wait(timeout=120)
-            Path(args.profile).write_text(top_functions(logs / "profile.txt"))
-    print("\n| load | bare FastAPI req/s | microbatch req/s | ratio |\n|---|---|---|---|")
-    for b, o in zip(bare.steps, ours.steps, strict=True):
-        ratio = o.throughput_rps / b.throughput_rps
-        print(f"| {b.load} | {b.throughput_rps:.0f} | {o.throughput_rps:.0f} | {ratio:.2f}x |")
+            profile = top_functions(logs / "profile.txt")
+    steal = environment.steal_percent(cpu_before, environment.cpu_times())
+    rows = summary(pairs)
+    report = render(rows, steal, profile)
+    print("\n" + report)
+    if args.report:
+        Path(args.report).write_text(report)
+        record = {"summary": rows, "cpu_steal_percent": steal, "environment":
+                  environment.describe(), "command": environment.command_line(),
+                  "pairs": [asdict(p) for p in pairs]}  # fmt: skip
+        Path(args.report).with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     return 0
+
+
+def _start_profiler(url: str, out: Path) -> subprocess.Popen[bytes] | None:
+    if not shutil.which("py-spy"):
+        print("py-spy is not installed; no profile", file=sys.stderr)
+        return None
+    return subprocess.Popen(
+        ["py-spy", "record", "--pid", str(_server_pid(url)), "--format", "raw", "--rate", "200",
+         "--output", str(out), "--nonblocking"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
 
 
 def _server_pid(url: str) -> int:

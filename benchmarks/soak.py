@@ -34,6 +34,7 @@ from typing import Any
 
 import aiohttp
 
+from benchmarks import environment
 from benchmarks.corpus import builtin
 from benchmarks.environment import command_line, describe
 from benchmarks.processes import pin, server
@@ -217,23 +218,6 @@ async def _sample_memory(session: aiohttp.ClientSession, peak_mb: list[float]) -
         peak_mb.append(values["process_resident_memory_bytes"] / 2**20)
 
 
-def _cpu_times() -> list[int] | None:
-    """The machine's cumulative CPU times (Linux /proc/stat), or None elsewhere."""
-    try:
-        with open("/proc/stat") as f:
-            return [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-
-
-def _steal_percent(before: list[int] | None, after: list[int] | None) -> float | None:
-    if before is None or after is None or len(before) < 8:
-        return None
-    delta = [b - a for a, b in zip(before, after, strict=False)]
-    total = sum(delta)
-    return round(100 * delta[7] / total, 1) if total else None
-
-
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -401,9 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     with _target(args) as url:
         if not args.url:
             pin(1)  # the load generator on the other core
-        cpu_before = _cpu_times()
+        cpu_before = environment.cpu_times()
         report = asyncio.run(soak(args, url))
-        report.cpu_steal_percent = _steal_percent(cpu_before, _cpu_times())
+        report.cpu_steal_percent = environment.steal_percent(cpu_before, environment.cpu_times())
     report.config = {k: v for k, v in vars(args).items() if k not in ("json",)}
     print(render(report))
     if args.json:

@@ -60,6 +60,17 @@ def error_response(
 MAX_ERRORS_SHOWN = 20
 
 
+def _unparsable(exc: RequestValidationError) -> str | None:
+    """Why the body is not JSON at all (400), rather than JSON of the wrong shape (422)."""
+    errors = exc.errors()
+    if len(errors) != 1 or errors[0].get("type") != "json_invalid":
+        return None
+    error = errors[0]
+    # pydantic's parser says "Invalid JSON: <reason>"; FastAPI's puts the reason in ctx.
+    reason = error.get("ctx", {}).get("error") or str(error.get("msg", ""))
+    return f"body is not valid JSON: {reason.removeprefix('Invalid JSON: ')}"
+
+
 def _validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:
     # FastAPI's own shape, minus `input`, and at most MAX_ERRORS_SHOWN entries: a small
     # hostile body (20,000 unknown keys) must not buy a reply of megabytes.
@@ -71,8 +82,6 @@ def _validation_detail(exc: RequestValidationError) -> list[dict[str, Any]]:
             "msg": error.get("msg"),
             "type": error.get("type"),
         }
-        if error.get("type") == "json_invalid":
-            item["msg"] = f"body is not valid JSON: {error.get('ctx', {}).get('error')}"
         detail.append(item)
     if len(errors) > MAX_ERRORS_SHOWN:
         more = len(errors) - MAX_ERRORS_SHOWN
@@ -85,6 +94,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        unparsable = _unparsable(exc)
+        if unparsable is not None:
+            return error_response(request, 400, "invalid_json", unparsable)
         return error_response(request, 422, "invalid_input", _validation_detail(exc))
 
     @app.exception_handler(HTTPException)

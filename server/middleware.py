@@ -10,11 +10,12 @@ import contextvars
 import email.message
 import logging
 import re
+import secrets
 import time
-import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Histogram
-from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,7 +24,7 @@ from batcher.metrics import SECONDS_BUCKETS
 
 logger = logging.getLogger("microbatch.server")
 
-REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID_HEADER = b"x-request-id"
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "microbatch_request_id", default=None
 )
@@ -47,16 +48,19 @@ class RequestContextMiddleware:
             buckets=SECONDS_BUCKETS,
             registry=registry,
         )
+        self._children: dict[tuple[str, int], Histogram] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _request_id(scope)
+        head = _Head.read(scope["headers"])
+        request_id = head.request_id or secrets.token_hex(16)
         REQUEST_ID.set(request_id)
         state = scope.setdefault("state", {})
         state["request_id"], state["started"] = request_id, started
+        id_header = (REQUEST_ID_HEADER, request_id.encode("latin-1"))
         status = 500
         started_reply = False
 
@@ -64,17 +68,20 @@ class RequestContextMiddleware:
             nonlocal status, started_reply
             if message["type"] == "http.response.start":
                 status, started_reply = message["status"], True
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+                message["headers"] = [*message.get("headers", ()), id_header]
             await send(message)
 
         try:
-            refusal = self._refusal(scope)
+            refusal = self._refusal(scope, head)
             if refusal is not None:
                 code, kind, detail = refusal
                 body = {"detail": detail, "type": kind, "request_id": request_id}
                 await JSONResponse(body, status_code=code)(scope, receive, send_with_id)
             else:
-                await self.app(scope, self._limited(receive), send_with_id)
+                # A declared length was checked above, and the server reads no more than
+                # it; only a chunked body must be counted as it streams in.
+                limited = receive if head.content_length is not None else self._limited(receive)
+                await self.app(scope, limited, send_with_id)
         except Exception:
             # Logged once, here, with the request id; the client gets the id, not the
             # traceback. Caught before Starlette's ServerErrorMiddleware, which would
@@ -88,13 +95,22 @@ class RequestContextMiddleware:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
-            self.duration.labels(path, str(status)).observe(time.perf_counter() - started)
+            self._timer(path, status).observe(time.perf_counter() - started)
 
-    def _refusal(self, scope: Scope) -> tuple[int, str, str] | None:
+    def _timer(self, path: str, status: int) -> Histogram:
+        """The histogram child for (route, status), looked up once (`labels` takes a lock
+        and builds its key on every call)."""
+        key = (path, status)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.duration.labels(path, str(status))
+        return child
+
+    def _refusal(self, scope: Scope, head: _Head) -> tuple[int, str, str] | None:
         """A request refused before its body is read: too large, or not JSON."""
-        if _declared_length(scope) > self.max_body_bytes:
+        if (head.content_length or 0) > self.max_body_bytes:
             return 413, "http_error", self._too_large()
-        if scope["method"] in _BODY_METHODS and not _is_json(scope):
+        if scope["method"] in _BODY_METHODS and not _is_json(head.content_type):
             return 415, "unsupported_media_type", "send the body as Content-Type: application/json"
         return None
 
@@ -117,31 +133,36 @@ class RequestContextMiddleware:
         return receive_limited
 
 
-def _declared_length(scope: Scope) -> int:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            return int(value) if value.isdigit() else 0
-    return 0
+@dataclass(slots=True)
+class _Head:
+    """The request headers the middleware reads, found in one pass."""
+
+    content_length: int | None = None
+    content_type: bytes | None = None
+    request_id: str | None = None
+
+    @classmethod
+    def read(cls, headers: Iterable[tuple[bytes, bytes]]) -> _Head:
+        head = cls()
+        for name, value in headers:
+            if name == b"content-length":
+                head.content_length = int(value) if value.isdigit() else 0
+            elif name == b"content-type":
+                head.content_type = value
+            elif name == b"x-request-id":
+                candidate = value.decode("latin-1")
+                if _CLIENT_ID.fullmatch(candidate):
+                    head.request_id = candidate
+        return head
 
 
-def _is_json(scope: Scope) -> bool:
-    for name, value in scope["headers"]:
-        if name == b"content-type":
-            if value == b"application/json" or value.startswith(b"application/json;"):
-                return True  # the common case, without parsing
-            message = email.message.Message()
-            message["content-type"] = value.decode("latin-1")
-            subtype = message.get_content_subtype()
-            is_app = message.get_content_maintype() == "application"
-            return is_app and (subtype == "json" or subtype.endswith("+json"))
-    return False
-
-
-def _request_id(scope: Scope) -> str:
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            candidate: str = value.decode("latin-1")
-            if _CLIENT_ID.fullmatch(candidate):
-                return candidate
-            break
-    return uuid.uuid4().hex
+def _is_json(value: bytes | None) -> bool:
+    if value is None:
+        return False
+    if value == b"application/json" or value.startswith(b"application/json;"):
+        return True  # the common case, without parsing
+    message = email.message.Message()
+    message["content-type"] = value.decode("latin-1")
+    subtype = message.get_content_subtype()
+    is_app = message.get_content_maintype() == "application"
+    return is_app and (subtype == "json" or subtype.endswith("+json"))

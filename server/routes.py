@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from collections.abc import Coroutine, Sequence
+from typing import Annotated, Any, TypeVar, cast
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
 
 from batcher import Engine, Result
 from batcher.models import Classification, Encoded, Output
@@ -42,6 +42,14 @@ async def get_runtime(request: Request) -> Runtime:
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def _runtime(request: Request) -> Runtime:
+    """The predict routes' way to the runtime: a plain call. Their only parameter is the
+    request, since solving even one dependency costs FastAPI more than the rest of the
+    route (benchmarks/results/overhead-*.txt)."""
+    runtime: Runtime = request.state.runtime
+    return runtime
 
 
 def _serving(runtime: Runtime) -> tuple[ServedModel, Engine[Encoded, Output]]:
@@ -83,41 +91,79 @@ def _check_tokens(
         raise RequestValidationError(errors)
 
 
-TimeoutHeader = Annotated[
-    float | None,
-    Header(
-        alias="x-request-timeout-ms",
-        gt=0,
-        description="This request's deadline in milliseconds, instead of the server's "
-        "--request-timeout-s (at most --max-request-timeout-s). 504 when it passes.",
-    ),
-]
+TIMEOUT_HEADER = "x-request-timeout-ms"
+
+Body = TypeVar("Body", bound=BaseModel)
+T = TypeVar("T")
 
 
-def _deadline(engine: Engine[Encoded, Output], runtime: Runtime, timeout_ms: float | None) -> float:
+def _openapi(body: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI of a predict route, which reads its body and header itself."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": body.model_json_schema()}},
+        },
+        "parameters": [
+            {
+                "name": TIMEOUT_HEADER,
+                "in": "header",
+                "required": False,
+                "schema": {"type": "number", "exclusiveMinimum": 0},
+                "description": "This request's deadline in milliseconds, instead of the "
+                "server's --request-timeout-s (at most --max-request-timeout-s). 504 when "
+                "it passes.",
+            }
+        ],
+    }
+
+
+async def _parse(request: Request, schema: type[Body]) -> Body:
+    """The body, parsed and validated in one pass by pydantic's own JSON parser.
+
+    The predict routes do this instead of declaring a body parameter: FastAPI would parse
+    the JSON with the standard library and then validate the Python objects, which cost
+    more than the rest of the route (see benchmarks/results/)."""
+    raw = await request.body()
+    try:
+        return schema.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        raise RequestValidationError(
+            [{**error, "loc": ("body", *error["loc"])} for error in errors]
+        ) from None
+
+
+def _invalid_timeout(msg: str, kind: str) -> RequestValidationError:
+    return RequestValidationError([{"loc": ("header", TIMEOUT_HEADER), "msg": msg, "type": kind}])
+
+
+def _deadline(engine: Engine[Encoded, Output], runtime: Runtime, request: Request) -> float:
     settings = runtime.settings
     timeout_s = settings.request_timeout_s
-    if timeout_ms is not None:
+    header = request.headers.get(TIMEOUT_HEADER)
+    if header is not None:
+        try:
+            timeout_ms = float(header)
+        except ValueError:
+            raise _invalid_timeout("must be a number of milliseconds", "float_parsing") from None
+        if not timeout_ms > 0:
+            raise _invalid_timeout("must be greater than 0", "greater_than")
         if not math.isfinite(timeout_ms) or timeout_ms / 1000 > settings.max_request_timeout_s:
             limit = settings.max_request_timeout_s * 1000
-            raise RequestValidationError(
-                [
-                    {
-                        "loc": ("header", "x-request-timeout-ms"),
-                        "msg": f"must be at most {limit:g} (--max-request-timeout-s)",
-                        "type": "less_than_equal",
-                    }
-                ]
+            raise _invalid_timeout(
+                f"must be at most {limit:g} (--max-request-timeout-s)", "less_than_equal"
             )
         timeout_s = timeout_ms / 1000
     return engine.clock() + timeout_s
 
 
-@asynccontextmanager
-async def _cancelled_on_disconnect(request: Request, runtime: Runtime) -> AsyncIterator[None]:
-    """Cancel the body of the `async with` when the client goes away: its items leave
-    the queue without being computed. One watcher task per request; the body was read
-    already, so the next ASGI message can only be the disconnect."""
+async def _unless_disconnected(
+    request: Request, runtime: Runtime, waiting: Coroutine[Any, Any, T]
+) -> T:
+    """Await `waiting`, cancelling it when the client goes away: its items leave the
+    queue without being computed (ClientDisconnected). One watcher task per request; the
+    body was read already, so the next ASGI message can only be the disconnect."""
     task = asyncio.current_task()
     assert task is not None
     disconnected = finished = False
@@ -132,7 +178,7 @@ async def _cancelled_on_disconnect(request: Request, runtime: Runtime) -> AsyncI
 
     watcher = asyncio.create_task(watch())
     try:
-        yield
+        return await waiting
     except asyncio.CancelledError:
         if disconnected and task.uncancel() == 0:
             runtime.disconnects.inc()
@@ -143,70 +189,69 @@ async def _cancelled_on_disconnect(request: Request, runtime: Runtime) -> AsyncI
         watcher.cancel()
 
 
-def _elapsed_ms(request: Request) -> float:
+def _meta(request: Request, model: ServedModel) -> dict[str, Any]:
     started: float = request.state.started
-    return round((time.perf_counter() - started) * 1000, 3)
+    return {
+        "model": model.name,
+        "request_id": request.state.request_id,
+        "processing_time_ms": round((time.perf_counter() - started) * 1000, 3),
+    }
 
 
 def _shape(
     value: Output, item: Encoded, labels: Sequence[str], all_scores: bool
 ) -> Embedding | Label:
+    # model_construct: the engine typed these values already; validating them again
+    # would be a second pass over every float.
     if isinstance(value, Classification):
         scores = dict(zip(labels, value.probs, strict=True)) if all_scores else None
-        return Label(label=value.label, score=value.score, scores=scores, truncated=item.truncated)
-    return Embedding(embedding=value, truncated=item.truncated)
+        return Label.model_construct(
+            label=value.label, score=value.score, scores=scores, truncated=item.truncated
+        )
+    return Embedding.model_construct(embedding=value, truncated=item.truncated)
 
 
-def _timing_headers(response: Response, results: Sequence[Result[Output]]) -> None:
-    response.headers["x-queue-time-ms"] = f"{max(r.queue_time_s for r in results) * 1000:.3f}"
-    inference_s = max(r.inference_time_s for r in results)
-    response.headers["x-inference-time-ms"] = f"{inference_s * 1000:.3f}"
-    response.headers["x-batch-size"] = str(max(r.batch_size for r in results))
+def _reply(body: BaseModel, results: Sequence[Result[Output]]) -> Response:
+    """The JSON reply, serialized once by pydantic's Rust serializer, with the timing
+    headers. Returning a Response skips FastAPI's validation of the returned model
+    against `response_model`, which the route declares for the OpenAPI schema only."""
+    headers = {
+        "x-queue-time-ms": f"{max(r.queue_time_s for r in results) * 1000:.3f}",
+        "x-inference-time-ms": f"{max(r.inference_time_s for r in results) * 1000:.3f}",
+        "x-batch-size": str(max(r.batch_size for r in results)),
+    }
+    return Response(body.model_dump_json(), media_type="application/json", headers=headers)
 
 
 @router.post(
     "/predict",
     response_model=EmbeddingResponse | LabelResponse,
     summary="Predict for one text; batched with concurrent requests",
+    openapi_extra=_openapi(PredictRequest),
 )
-async def predict(
-    body: PredictRequest,
-    request: Request,
-    response: Response,
-    runtime: RuntimeDep,
-    timeout_ms: TimeoutHeader = None,
-) -> Any:
+async def predict(request: Request) -> Response:
+    runtime = _runtime(request)
+    body = await _parse(request, PredictRequest)
     model, engine = _serving(runtime)
     _check_lengths([body.text], runtime.settings.max_text_chars, "text")
-    deadline = _deadline(engine, runtime, timeout_ms)
+    deadline = _deadline(engine, runtime, request)
     item = model.encode(body.text)
     _check_tokens([item], model, runtime, "text")
-    async with _cancelled_on_disconnect(request, runtime):
-        result = await engine.submit(item, deadline=deadline)
-    _timing_headers(response, [result])
+    result = await _unless_disconnected(request, runtime, engine.submit(item, deadline=deadline))
     shaped = _shape(result.value, item, model.labels, body.all_scores)
-    meta = {
-        "model": model.name,
-        "request_id": request.state.request_id,
-        "processing_time_ms": _elapsed_ms(request),
-    }
-    if isinstance(shaped, Label):
-        return LabelResponse(**shaped.__dict__, **meta)
-    return EmbeddingResponse(**shaped.__dict__, **meta)
+    kind = LabelResponse if isinstance(shaped, Label) else EmbeddingResponse
+    return _reply(kind.model_construct(**shaped.__dict__, **_meta(request, model)), [result])
 
 
 @router.post(
     "/predict/batch",
     response_model=BatchResponse,
     summary="Predict for several texts; each is batched on its own, results in order",
+    openapi_extra=_openapi(BatchPredictRequest),
 )
-async def predict_batch(
-    body: BatchPredictRequest,
-    request: Request,
-    response: Response,
-    runtime: RuntimeDep,
-    timeout_ms: TimeoutHeader = None,
-) -> Any:
+async def predict_batch(request: Request) -> Response:
+    runtime = _runtime(request)
+    body = await _parse(request, BatchPredictRequest)
     model, engine = _serving(runtime)
     limit = runtime.settings.max_client_batch
     if len(body.texts) > limit:
@@ -220,22 +265,19 @@ async def predict_batch(
             ]
         )
     _check_lengths(body.texts, runtime.settings.max_text_chars, "texts")
-    deadline = _deadline(engine, runtime, timeout_ms)
+    deadline = _deadline(engine, runtime, request)
     items = model.encode_many(body.texts)
     _check_tokens(items, model, runtime, "texts")
-    async with _cancelled_on_disconnect(request, runtime):
-        results = await engine.submit_many(items, deadline=deadline)
-    _timing_headers(response, results)
+    results = await _unless_disconnected(
+        request, runtime, engine.submit_many(items, deadline=deadline)
+    )
     shaped = [
         _shape(r.value, item, model.labels, body.all_scores)
         for r, item in zip(results, items, strict=True)
     ]
-    return BatchResponse(
-        results=shaped,
-        model=model.name,
-        request_id=request.state.request_id,
-        processing_time_ms=_elapsed_ms(request),
-    )
+    # One model, one task: the results are all embeddings or all labels.
+    typed = cast("list[Embedding] | list[Label]", shaped)
+    return _reply(BatchResponse.model_construct(results=typed, **_meta(request, model)), results)
 
 
 @router.get(
