@@ -9,7 +9,6 @@ takes items out of `_pending`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -321,6 +320,7 @@ class Engine(Generic[InT, OutT]):
 
     async def _dispatch_loop(self) -> None:
         clock = self.clock
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 self._drop_settled_head()
@@ -340,10 +340,16 @@ class Engine(Generic[InT, OutT]):
                     self._launch(self._take_batch(clock()))
                     continue
                 self._has_work.clear()
-                timeout = None if wake_at is None else max(0.0, wake_at - clock())
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(timeout):
-                        await self._has_work.wait()
+                if wake_at is None:
+                    await self._has_work.wait()
+                    continue
+                # A timer that sets the event costs less than a timeout scope around the
+                # wait, and this runs once per batch.
+                timer = loop.call_later(max(0.0, wake_at - clock()), self._has_work.set)
+                try:
+                    await self._has_work.wait()
+                finally:
+                    timer.cancel()
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
                 logger.exception("dispatch task failed; failing every queued item")

@@ -44,13 +44,37 @@ def run_bench(url: str, loads: list[Load], label: str, args: argparse.Namespace)
     )  # fmt: skip
 
 
+def interleaved(
+    targets: dict[str, tuple[str, str | None]], loads: list[Load], args: argparse.Namespace,
+    first: int = 0,
+) -> dict[str, Run]:  # fmt: skip
+    """Each load on every server back to back, the order rotating from load to load, so
+    that a drift of the host's speed (CPU steal comes and goes on a VM) hits all alike.
+    `targets`: name -> (URL, microbatch policy to set first, or None)."""
+    runs: dict[str, Run] = {}
+    names = list(targets)
+    for i, load in enumerate(loads, start=first):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            url, policy = targets[name]
+            if policy is not None:
+                patch = httpx.patch(f"{url}/admin/batching", json={"policy": policy})
+                patch.raise_for_status()
+            run = run_bench(url, [load], name, args)
+            if name in runs:
+                runs[name].steps += run.steps
+            else:
+                runs[name] = run
+    return runs
+
+
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
 def write_report(
     out: Path, runs: dict[str, Run], ceiling: list[dict[str, Any]], generator: Run,
-    commands: list[str], plot_name: str,
+    commands: list[str], plot_name: str, compiled: dict[str, Any] | None = None,
+    steal_percent: float | None = None,
 ) -> None:  # fmt: skip
     naive, adaptive, window = runs["naive"], runs["microbatch adaptive"], runs["microbatch window"]
     best = max(ceiling, key=lambda r: r["sequences_per_s"])
@@ -66,6 +90,24 @@ def write_report(
         f"after {adaptive.warmup_s:g} s warm-up. Commit {env['git_commit']}; "
         f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}.",
         "",
+        "Each load ran on the three servers back to back, in an order that rotates from "
+        "load to load, so that a change in the host's speed during the run (CPU steal on a "
+        "VM) hits all three alike."
+        + (
+            f" CPU time stolen by the hypervisor during the run: {steal_percent} %."
+            if steal_percent is not None
+            else ""
+        ),
+        "",
+        *(
+            [
+                "Graphs compiled after warm-up, counted by the server at the end of the run "
+                f"(every load, every policy): **{compiled.get('graphs_since_warm_up')}**.",
+                "",
+            ]
+            if compiled
+            else []
+        ),
         "## Throughput and latency",
         "",
         "| load | server | req/s | p50 ms | p90 ms | p99 ms | mean batch | padding |",
@@ -168,24 +210,26 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path(tempfile.mkdtemp(prefix="microbatch-compare-"))
     print(f"server logs: {logs}")
     closed = [Load("closed", int(c)) for c in args.concurrency.split(",")]
-    runs: dict[str, Run] = {}
-
+    cpu_before = environment.cpu_times()
     serve = ["server.cli", "serve", *shlex.split(args.serve_args)]
-    with server(serve, logs / "microbatch.log", cpu=SERVER_CPU) as url:
-        runs["microbatch adaptive"] = run_bench(url, closed, "microbatch adaptive", args)
+    naive = ["benchmarks.naive", "--torch-threads", "1"]
+    with (
+        server(serve, logs / "microbatch.log", cpu=SERVER_CPU) as url,
+        server(naive, logs / "naive.log", cpu=SERVER_CPU) as naive_url,
+    ):
+        targets = {"microbatch adaptive": (url, "adaptive"), "microbatch window": (url, "window"),
+                   "naive": (naive_url, None)}  # fmt: skip
+        runs = interleaved(targets, closed, args)
         saturation = max(s.throughput_rps for s in runs["microbatch adaptive"].steps)
         opened = [
             Load("open", float(max(round(float(f) * saturation), 1)))
             for f in args.open_fractions.split(",")
         ]
-        runs["microbatch adaptive"].steps += run_bench(url, opened, "adaptive", args).steps
-        httpx.patch(f"{url}/admin/batching", json={"policy": "window"}).raise_for_status()
-        runs["microbatch window"] = run_bench(url, [*closed, *opened], "microbatch window", args)
-    loads = [*closed, *opened]
-    with server(
-        ["benchmarks.naive", "--torch-threads", "1"], logs / "naive.log", cpu=SERVER_CPU
-    ) as url:
-        runs["naive"] = run_bench(url, loads, "naive", args)
+        for name, run in interleaved(targets, opened, args, first=len(closed)).items():
+            runs[name].steps += run.steps
+        # The compiler's count at the end: graphs made after warm-up, under every load.
+        compiled = httpx.get(f"{url}/model").json().get("compile", {})
+        (raw / "compile-after-run.json").write_text(json.dumps(compiled, indent=2) + "\n")
     with server(["benchmarks.trivial"], logs / "trivial.log", cpu=SERVER_CPU) as url:
         generator = run_bench(url, [Load("closed", 64)], "trivial (load generator ceiling)", args)
 
@@ -199,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     runs["trivial"] = generator
     for name, run in runs.items():
         (raw / f"{name.replace(' ', '-')}.json").write_text(json.dumps(run.to_json(), indent=2))
-    (raw / "args.json").write_text(json.dumps(vars(args), indent=2))
+    steal = environment.steal_percent(cpu_before, environment.cpu_times())
+    (raw / "args.json").write_text(json.dumps({**vars(args), "cpu_steal_percent": steal}, indent=2))
     render(raw, args)
     return 0
 
@@ -231,11 +276,15 @@ def render(raw: Path, args: argparse.Namespace) -> None:
         "curl -X PATCH localhost:8000/admin/batching -H 'content-type: application/json' "
         '-d \'{"policy": "window"}\'   # then the same bench again',
         "taskset -c 0 python -m benchmarks.naive --torch-threads 1 --port 8001   # same bench",
+        "# (the tool runs each load on all three back to back, rather than server by server)",
         "taskset -c 0 python -m benchmarks.trivial --port 8002   # bench at 64 clients",
         "taskset -c 0 python -m benchmarks.ceiling --torch-threads 1",
     ]
     report = raw.parent / f"{slug}.md"
-    write_report(report, runs, ceiling, generator, commands, plot_name)
+    after = raw / "compile-after-run.json"
+    compiled = json.loads(after.read_text()) if after.exists() else None
+    write_report(report, runs, ceiling, generator, commands, plot_name, compiled,
+                 saved.get("cpu_steal_percent"))  # fmt: skip
     print(f"wrote {report}")
 
 
