@@ -25,6 +25,7 @@ from server.schemas import (
     BatchResponse,
     Embedding,
     EmbeddingResponse,
+    ErrorReply,
     Label,
     LabelResponse,
     PredictRequest,
@@ -95,6 +96,16 @@ TIMEOUT_HEADER = "x-request-timeout-ms"
 
 Body = TypeVar("Body", bound=BaseModel)
 T = TypeVar("T")
+
+
+PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorReply, "description": "The body is not JSON (invalid_json)."},
+    422: {"model": ErrorReply, "description": "JSON of the wrong shape, or over a limit."},
+    429: {"model": ErrorReply, "description": "Queue full, deadline unreachable, or rate "
+          "limited; see Retry-After."},
+    503: {"model": ErrorReply, "description": "Warming up or draining; see Retry-After."},
+    504: {"model": ErrorReply, "description": "The deadline passed before it was computed."},
+}  # fmt: skip
 
 
 def _openapi(body: type[BaseModel]) -> dict[str, Any]:
@@ -227,6 +238,7 @@ def _reply(body: BaseModel, results: Sequence[Result[Output]]) -> Response:
     "/predict",
     response_model=EmbeddingResponse | LabelResponse,
     summary="Predict for one text; batched with concurrent requests",
+    responses=PREDICT_ERRORS,
     openapi_extra=_openapi(PredictRequest),
 )
 async def predict(request: Request) -> Response:
@@ -247,6 +259,7 @@ async def predict(request: Request) -> Response:
     "/predict/batch",
     response_model=BatchResponse,
     summary="Predict for several texts; each is batched on its own, results in order",
+    responses=PREDICT_ERRORS,
     openapi_extra=_openapi(BatchPredictRequest),
 )
 async def predict_batch(request: Request) -> Response:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
@@ -87,3 +87,11 @@ class BatchingPatch(BaseModel):
 class Status(BaseModel):
     status: str
     detail: str | None = None
+
+
+class ErrorReply(BaseModel):
+    """Every error's shape."""
+
+    detail: Any = Field(description="What was wrong; for 422 a list of {loc, msg, type}.")
+    type: str = Field(description="A stable name: invalid_input, queue_full, ...")
+    request_id: str | None
