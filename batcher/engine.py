@@ -84,7 +84,6 @@ class Engine(Generic[InT, OutT]):
             raise ValueError("an engine needs at least one runner")
         self._runner = runners[0]  # for `cost`: every replica runs the same model
         self.replicas = [Replica(i, r) for i, r in enumerate(runners)]
-        self._alive = len(self.replicas)  # read on every admission: kept, not counted
         self._idle = list(self.replicas)
         self._replica_waiters: list[asyncio.Future[None]] = []
         self.clock = clock
@@ -196,7 +195,7 @@ class Engine(Generic[InT, OutT]):
 
     @property
     def alive_replicas(self) -> int:
-        return self._alive
+        return sum(r.alive for r in self.replicas)
 
     def reconfigure(self, **changes: object) -> EngineConfig:
         """Apply new limits at once (validated; raises ValueError). Queued items stay.
@@ -228,21 +227,8 @@ class Engine(Generic[InT, OutT]):
         only after its deadline; DeadlineExceeded when the deadline passes first;
         InferenceFailed when the model fails on this input.
         """
-        # `submit_many` for one item, without its lists: this runs once per request.
-        [item] = self._admit((payload,), deadline)
-        timer = None
-        if deadline is not None:
-            delay = max(0.0, deadline - self.clock())
-            timer = asyncio.get_running_loop().call_later(delay, self._expire, (item,))
-        try:
-            return await item.future
-        finally:
-            if timer is not None:
-                timer.cancel()
-            # Cancelled with our caller (asyncio cancels the awaited future), or not yet
-            # computed when the caller left: it never will be.
-            if item.future.cancel() or item.future.cancelled():
-                self.metrics.outcome["cancelled"].inc()
+        [result] = await self.submit_many([payload], deadline=deadline)
+        return result
 
     async def submit_many(
         self, payloads: Sequence[InT], *, deadline: float | None = None
@@ -282,7 +268,7 @@ class Engine(Generic[InT, OutT]):
                 self.metrics.outcome["rejected_full"].inc(n)
                 raise QueueFull(len(self._pending), config.max_queue_size)
 
-    def _expire(self, items: Sequence[PendingItem[InT, OutT]]) -> None:
+    def _expire(self, items: list[PendingItem[InT, OutT]]) -> None:
         for item in items:
             if settle_error(item.future, DeadlineExceeded("the deadline passed before it ran")):
                 self.metrics.outcome["expired"].inc()
@@ -457,8 +443,7 @@ class Engine(Generic[InT, OutT]):
         )
         if replica.strikes >= REPLICA_STRIKES and self.alive_replicas > 1:
             replica.alive = False
-            self._alive -= 1
-            self.metrics.replicas_alive.set(self._alive)
+            self.metrics.replicas_alive.set(self.alive_replicas)
             logger.error(
                 "replica %d taken out of rotation after %d strikes; %d replicas left",
                 replica.index,

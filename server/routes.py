@@ -48,7 +48,7 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 def _runtime(request: Request) -> Runtime:
     """The predict routes' way to the runtime: a plain call. Their only parameter is the
     request, since solving even one dependency costs FastAPI more than the rest of the
-    route (benchmarks/results/overhead-*.txt)."""
+    route (benchmarks/results/overhead-cpu-2core-2026-11-22.md)."""
     runtime: Runtime = request.state.runtime
     return runtime
 

@@ -54,18 +54,20 @@ def _tune_gc() -> None:
     `gc.freeze` takes it out of every later collection. And with 64 requests in flight,
     their live coroutines, futures and dicts crossed Python's default threshold of 700
     net allocations every few requests: collections took about a tenth of the server's
-    CPU under load (measured with `gc.callbacks`, benchmarks/results/overhead-*.md).
+    CPU under load (measured with `gc.callbacks` on the null-model server of
+    `benchmarks/overhead.py`).
     Short-lived objects die by reference counting anyway; the collector is only needed
     for cycles, and a higher threshold still finds them."""
     gc.collect()
     gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(max(GC_GEN0_THRESHOLD, gc.get_threshold()[0]), gen1, gen2)
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(GC_GEN0_THRESHOLD, gen0), gen1, gen2)
 
 
 @dataclass
 class Runtime:
-    """One per app. Built by the lifespan; routes reach it through `RuntimeDep`."""
+    """One per app. Built by the lifespan; routes reach it through `RuntimeDep` (the
+    predict routes through `request.state`, see `server.routes._runtime`)."""
 
     settings: Settings
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
