@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from batcher.models import Encoded, Output
+from batcher.models import DEFAULT_OPTIONS, Encoded, Options, Output, Task
 from benchmarks import environment
 from benchmarks.compare import CLIENT_CPU, SERVER_CPU, run_bench
 from benchmarks.loadgen import Load, StepResult
@@ -36,14 +36,21 @@ class NullModel:
     """Embeds every text as the same 384 numbers, at once: only the server's path costs."""
 
     name = "null"
-    task: Literal["embed", "classify"] = "embed"
+    task: Task = "embed"
     labels: tuple[str, ...] = ()
     max_tokens = 256
 
-    def encode(self, text: str) -> Encoded:
+    def encode(
+        self, text: str, pair: str | None = None, options: Options = DEFAULT_OPTIONS
+    ) -> Encoded:
         return Encoded([1] * min(len(text) // 4 + 2, 256), truncated=False)
 
-    def encode_many(self, texts: Sequence[str]) -> list[Encoded]:
+    def encode_many(
+        self,
+        texts: Sequence[str],
+        pairs: Sequence[str] | None = None,
+        options: Options = DEFAULT_OPTIONS,
+    ) -> list[Encoded]:
         return [self.encode(t) for t in texts]
 
     def cost(self, item: Encoded) -> int:

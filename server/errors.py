@@ -29,6 +29,10 @@ class NotReady(Exception):
     """The model is still loading or warming up, or the server is draining (HTTP 503)."""
 
 
+class WrongTask(Exception):
+    """The route needs a task this server's model does not do (HTTP 400)."""
+
+
 class ClientDisconnected(Exception):
     """The client went away while its items waited; nobody reads the answer (499)."""
 
@@ -105,6 +109,10 @@ def install(app: FastAPI) -> None:
         if reason is not None:
             return error_response(request, 400, "invalid_json", reason)
         return error_response(request, exc.status_code, "http_error", exc.detail, exc.headers)
+
+    @app.exception_handler(WrongTask)
+    async def wrong_task(request: Request, exc: WrongTask) -> JSONResponse:
+        return error_response(request, 400, "wrong_task", str(exc))
 
     @app.exception_handler(ClientDisconnected)
     async def disconnected(request: Request, exc: ClientDisconnected) -> JSONResponse:

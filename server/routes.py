@@ -12,11 +12,11 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from batcher import Engine, Result
-from batcher.models import Classification, Encoded, Output
-from server.errors import ClientDisconnected, NotReady
+from batcher.models import Classification, Encoded, InvalidOption, Output
+from server.errors import ClientDisconnected, NotReady, WrongTask
 from server.runtime import Runtime, ServedModel
 from server.schemas import (
     Batching,
@@ -28,7 +28,10 @@ from server.schemas import (
     ErrorReply,
     Label,
     LabelResponse,
+    OutputOptions,
     PredictRequest,
+    RerankRequest,
+    RerankResult,
     Status,
 )
 
@@ -59,10 +62,15 @@ def _serving(runtime: Runtime) -> tuple[ServedModel, Engine[Encoded, Output]]:
     return runtime.model, runtime.engine
 
 
+def _loc(field: str, index: int) -> tuple[str | int, ...]:
+    """Where an error is: a list field (`texts`, `text_pairs`) names the position too."""
+    return ("body", field, index) if field.endswith("s") else ("body", field)
+
+
 def _check_lengths(texts: Sequence[str], limit: int, field: str) -> None:
     errors = [
         {
-            "loc": ("body", field, i) if field == "texts" else ("body", field),
+            "loc": _loc(field, i),
             "msg": f"text has {len(t)} characters; the limit is {limit} (--max-text-chars)",
             "type": "string_too_long",
         }
@@ -74,15 +82,20 @@ def _check_lengths(texts: Sequence[str], limit: int, field: str) -> None:
 
 
 def _check_tokens(
-    items: Sequence[Encoded], model: ServedModel, runtime: Runtime, field: str
+    items: Sequence[Encoded],
+    model: ServedModel,
+    runtime: Runtime,
+    field: str,
+    truncate: bool | None,
 ) -> None:
-    if runtime.settings.truncate:
+    allowed = runtime.settings.truncate if truncate is None else truncate
+    if allowed:
         return
+    why = "(the server runs with --no-truncate)" if truncate is None else "(truncate: false)"
     errors = [
         {
-            "loc": ("body", field, i) if field == "texts" else ("body", field),
-            "msg": f"text is over the model's limit of {model.max_tokens} tokens "
-            "(the server runs with --no-truncate)",
+            "loc": _loc(field, i),
+            "msg": f"input is over the model's limit of {model.max_tokens} tokens {why}",
             "type": "too_many_tokens",
         }
         for i, item in enumerate(items)
@@ -90,6 +103,34 @@ def _check_tokens(
     ]
     if errors:
         raise RequestValidationError(errors)
+
+
+def _invalid(field: str, msg: str, kind: str = "value_error") -> RequestValidationError:
+    return RequestValidationError([{"loc": ("body", field), "msg": msg, "type": kind}])
+
+
+def _encode(
+    model: ServedModel,
+    texts: Sequence[str],
+    pairs: Sequence[str] | None,
+    body: OutputOptions,
+) -> list[Encoded]:
+    """Tokenize under the request's options; an option the model cannot honour is 422."""
+    if body.all_scores and model.task == "embed":
+        raise _invalid("all_scores", "all_scores applies to classify and rerank models")
+    try:
+        if len(texts) == 1 and pairs is None:
+            return [model.encode(texts[0], None, body.options())]
+        return model.encode_many(texts, pairs, body.options())
+    except InvalidOption as exc:
+        raise _invalid(exc.field, str(exc)) from None
+
+
+def _check_count(count: int, limit: int, field: str) -> None:
+    if count > limit:
+        raise _invalid(
+            field, f"{count} texts; the limit is {limit} (--max-client-batch)", "too_long"
+        )
 
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
@@ -215,14 +256,14 @@ def _shape(
     # model_construct: the engine typed these values already; validating them again
     # would be a second pass over every float.
     if isinstance(value, Classification):
-        scores = dict(zip(labels, value.probs, strict=True)) if all_scores else None
+        scores = dict(zip(labels, value.scores, strict=True)) if all_scores else None
         return Label.model_construct(
             label=value.label, score=value.score, scores=scores, truncated=item.truncated
         )
     return Embedding.model_construct(embedding=value, truncated=item.truncated)
 
 
-def _reply(body: BaseModel, results: Sequence[Result[Output]]) -> Response:
+def _reply(body: BaseModel | bytes, results: Sequence[Result[Output]]) -> Response:
     """The JSON reply, serialized once by pydantic's Rust serializer, with the timing
     headers. Returning a Response skips FastAPI's validation of the returned model
     against `response_model`, which the route declares for the OpenAPI schema only."""
@@ -231,7 +272,8 @@ def _reply(body: BaseModel, results: Sequence[Result[Output]]) -> Response:
         "x-inference-time-ms": f"{max(r.inference_time_s for r in results) * 1000:.3f}",
         "x-batch-size": str(max(r.batch_size for r in results)),
     }
-    return Response(body.model_dump_json(), media_type="application/json", headers=headers)
+    content = body if isinstance(body, bytes) else body.model_dump_json()
+    return Response(content, media_type="application/json", headers=headers)
 
 
 @router.post(
@@ -245,10 +287,14 @@ async def predict(request: Request) -> Response:
     runtime = _runtime(request)
     body = await _parse(request, PredictRequest)
     model, engine = _serving(runtime)
-    _check_lengths([body.text], runtime.settings.max_text_chars, "text")
+    limit = runtime.settings.max_text_chars
+    _check_lengths([body.text], limit, "text")
+    pair = None if body.text_pair is None else [body.text_pair]
+    if pair is not None:
+        _check_lengths(pair, limit, "text_pair")
     deadline = _deadline(engine, runtime, request)
-    item = model.encode(body.text)
-    _check_tokens([item], model, runtime, "text")
+    [item] = _encode(model, [body.text], pair, body)
+    _check_tokens([item], model, runtime, "text", body.truncate)
     result = await _unless_disconnected(request, runtime, engine.submit(item, deadline=deadline))
     shaped = _shape(result.value, item, model.labels, body.all_scores)
     kind = LabelResponse if isinstance(shaped, Label) else EmbeddingResponse
@@ -266,21 +312,20 @@ async def predict_batch(request: Request) -> Response:
     runtime = _runtime(request)
     body = await _parse(request, BatchPredictRequest)
     model, engine = _serving(runtime)
-    limit = runtime.settings.max_client_batch
-    if len(body.texts) > limit:
-        raise RequestValidationError(
-            [
-                {
-                    "loc": ("body", "texts"),
-                    "msg": f"{len(body.texts)} texts; the limit is {limit} (--max-client-batch)",
-                    "type": "too_long",
-                }
-            ]
-        )
-    _check_lengths(body.texts, runtime.settings.max_text_chars, "texts")
+    _check_count(len(body.texts), runtime.settings.max_client_batch, "texts")
+    limit = runtime.settings.max_text_chars
+    _check_lengths(body.texts, limit, "texts")
+    if body.text_pairs is not None:
+        if len(body.text_pairs) != len(body.texts):
+            raise _invalid(
+                "text_pairs",
+                f"{len(body.text_pairs)} text_pairs for {len(body.texts)} texts; send one "
+                "second text per text",
+            )
+        _check_lengths(body.text_pairs, limit, "text_pairs")
     deadline = _deadline(engine, runtime, request)
-    items = model.encode_many(body.texts)
-    _check_tokens(items, model, runtime, "texts")
+    items = _encode(model, body.texts, body.text_pairs, body)
+    _check_tokens(items, model, runtime, "texts", body.truncate)
     results = await _unless_disconnected(
         request, runtime, engine.submit_many(items, deadline=deadline)
     )
@@ -291,6 +336,50 @@ async def predict_batch(request: Request) -> Response:
     # One model, one task: the results are all embeddings or all labels.
     typed = cast("list[Embedding] | list[Label]", shaped)
     return _reply(BatchResponse.model_construct(results=typed, **_meta(request, model)), results)
+
+
+@router.post(
+    "/rerank",
+    response_model=list[RerankResult],
+    summary="Score texts against a query with a cross-encoder, best first (TEI's shape)",
+    responses={**PREDICT_ERRORS, 400: {"model": ErrorReply, "description": "Not JSON, or "
+               "the model is not a reranker (wrong_task)."}},
+    openapi_extra=_openapi(RerankRequest),
+)  # fmt: skip
+async def rerank(request: Request) -> Response:
+    """Each (query, text) pair is one item in the queue: batched, length-grouped and
+    failure-isolated like any other, so a long list does not wait behind itself."""
+    runtime = _runtime(request)
+    body = await _parse(request, RerankRequest)
+    model, engine = _serving(runtime)
+    if model.task != "rerank":
+        raise WrongTask(
+            f"this server runs a {model.task} model ({model.name}); /rerank needs a "
+            "cross-encoder with one output score"
+        )
+    _check_count(len(body.texts), runtime.settings.max_client_batch, "texts")
+    limit = runtime.settings.max_text_chars
+    _check_lengths([body.query], limit, "query")
+    _check_lengths(body.texts, limit, "texts")
+    deadline = _deadline(engine, runtime, request)
+    options = OutputOptions(raw_scores=body.raw_scores)
+    items = _encode(model, [body.query] * len(body.texts), body.texts, options)
+    _check_tokens(items, model, runtime, "texts", body.truncate)
+    results = await _unless_disconnected(
+        request, runtime, engine.submit_many(items, deadline=deadline)
+    )
+    scores = [cast("Classification", r.value).score for r in results]
+    order = sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)[: body.top_n]
+    ranked = [
+        RerankResult.model_construct(
+            index=i, score=scores[i], text=body.texts[i] if body.return_text else None
+        )
+        for i in order
+    ]
+    return _reply(_RANKED.dump_json(ranked, exclude_none=True), results)
+
+
+_RANKED = TypeAdapter(list[RerankResult])
 
 
 @router.get(

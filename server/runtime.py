@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from batcher import Engine, EngineMetrics, ThreadRunner
 from batcher.metrics import OUTCOMES
-from batcher.models import Encoded, Output, TextModel
+from batcher.models import DEFAULT_OPTIONS, Encoded, Options, Output, Task, TextModel
 from server.settings import Settings
 
 logger = logging.getLogger("microbatch.server")
@@ -26,13 +26,22 @@ class ServedModel(Protocol):
     """What the server needs of a model; `batcher.models.TextModel` is the real one."""
 
     name: str
-    task: Literal["embed", "classify"]
+    task: Task
     labels: tuple[str, ...]
     max_tokens: int
 
-    def encode(self, text: str) -> Encoded: ...
+    def encode(
+        self, text: str, pair: str | None = None, options: Options = DEFAULT_OPTIONS
+    ) -> Encoded:
+        """Raises InvalidOption for options the model cannot honour."""
+        ...
 
-    def encode_many(self, texts: Sequence[str]) -> list[Encoded]: ...
+    def encode_many(
+        self,
+        texts: Sequence[str],
+        pairs: Sequence[str] | None = None,
+        options: Options = DEFAULT_OPTIONS,
+    ) -> list[Encoded]: ...
 
     def cost(self, item: Encoded) -> int: ...
 

@@ -1,6 +1,12 @@
 """Model adapters: torch and transformers live here, behind `batcher.Model`."""
 
 from batcher.models.compiling import CompileState, graphs_compiled
+from batcher.models.description import (
+    POOLING_MODES,
+    Description,
+    PoolingMode,
+    UnsupportedModel,
+)
 from batcher.models.loading import (
     DEFAULT_HUB_ID,
     TASKS,
@@ -13,22 +19,37 @@ from batcher.models.loading import (
     default_source,
     load,
 )
-from batcher.models.text import Classification, Encoded, Output, TextModel
+from batcher.models.text import (
+    DEFAULT_OPTIONS,
+    Classification,
+    Encoded,
+    InvalidOption,
+    Options,
+    Output,
+    TextModel,
+)
 
 __all__ = [
     "DEFAULT_HUB_ID",
+    "DEFAULT_OPTIONS",
+    "POOLING_MODES",
     "TASKS",
     "Classification",
+    "Description",
     "CompileState",
     "DtypeOption",
     "Encoded",
+    "InvalidOption",
     "LoadOptions",
     "Loaded",
     "ModelLoadError",
+    "Options",
     "Output",
+    "PoolingMode",
     "Task",
     "TaskOption",
     "TextModel",
+    "UnsupportedModel",
     "default_source",
     "graphs_compiled",
     "load",

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -18,10 +18,21 @@ from transformers import (
     PreTrainedModel,
 )
 
+from batcher.models.description import (
+    PLAIN,
+    Dense,
+    Description,
+    Pooling,
+    Step,
+    UnsupportedModel,
+    read,
+)
+from batcher.models.heads import EmbeddingHead, score_activation
+
 logger = logging.getLogger("batcher.models")
 
-Task = Literal["embed", "classify"]
-TaskOption = Literal["auto", "embed", "classify"]
+Task = Literal["embed", "classify", "rerank"]
+TaskOption = Literal["auto", "embed", "classify", "rerank"]
 DtypeOption = Literal["auto", "float32", "float16", "bfloat16"]
 TASKS: tuple[Task, ...] = get_args(Task)
 
@@ -58,6 +69,14 @@ class Loaded:
     dtype: torch.dtype
     max_tokens: int
     labels: tuple[str, ...]
+    description: Description
+    """What the model's files declare (PLAIN when they declare nothing)."""
+    head: EmbeddingHead | None = None
+    """embed: pooling and the modules after it, on the device."""
+    activation: str = ""
+    """classify/rerank: the head's activation, by name."""
+    score: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """classify/rerank: logits -> scores."""
 
 
 def default_source() -> str:
@@ -95,33 +114,50 @@ def pick_dtype(option: DtypeOption, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def resolve_task(option: TaskOption, config: Any) -> Task:
-    """The task follows the architecture (a sequence-classification head means
-    `classify`) unless given; asking to classify with a model without a head fails."""
+def _has_head(config: Any, description: Description) -> bool:
     architectures = list(getattr(config, "architectures", None) or [])
-    has_head = any(a.endswith("ForSequenceClassification") for a in architectures)
+    return description.kind == "cross-encoder" or any(
+        a.endswith("ForSequenceClassification") for a in architectures
+    )
+
+
+def resolve_task(option: TaskOption, config: Any, description: Description = PLAIN) -> Task:
+    """The task follows the model unless given: a SentenceTransformer embeds; a
+    sequence-classification model (a CrossEncoder among them) with one output reranks,
+    with several it classifies; anything else embeds. Asking for a task the model has no
+    head for fails."""
+    has_head = _has_head(config, description)
+    labels = int(getattr(config, "num_labels", 0) or 0)
     if option == "auto":
-        return "classify" if has_head else "embed"
-    if option == "classify" and not has_head:
+        if description.kind == "sentence-transformers" or not has_head:
+            return "embed"
+        return "rerank" if labels == 1 else "classify"
+    if option in ("classify", "rerank") and not has_head:
+        architectures = list(getattr(config, "architectures", None) or [])
         raise ModelLoadError(
-            f"task 'classify' needs a sequence-classification model; this one is "
-            f"{architectures or 'of unknown architecture'} (use --task embed)"
+            f"task {option!r} needs a sequence-classification model (a cross-encoder); "
+            f"this one is {architectures or 'of unknown architecture'} (use --task embed)"
+        )
+    if option == "rerank" and labels != 1:
+        raise ModelLoadError(
+            f"task 'rerank' needs a model with one output score (a cross-encoder); this one "
+            f"has {labels} labels (use --task classify, which also takes text pairs)"
         )
     return option
 
 
-def _max_tokens(source: str, tokenizer: Any, config: Any, asked: int | None) -> int:
+def _max_tokens(description: Description, tokenizer: Any, config: Any, asked: int | None) -> int:
+    """sentence-transformers' limit: `max_seq_length` when the model declares one, else
+    the tokenizer's `model_max_length`; never past the position embeddings."""
     limits = []
-    model_max = getattr(tokenizer, "model_max_length", None)
-    if isinstance(model_max, int) and model_max < 1_000_000:
-        limits.append(model_max)
     positions = getattr(config, "max_position_embeddings", None)
-    if isinstance(positions, int):
+    if isinstance(positions, int) and positions > 0:
         limits.append(positions)
-    # sentence-transformers models say how long they were trained to embed.
-    sbert = Path(source) / "sentence_bert_config.json"
-    if sbert.is_file():
-        limits.append(int(json.loads(sbert.read_text())["max_seq_length"]))
+    model_max = getattr(tokenizer, "model_max_length", None)
+    if description.max_seq_length is not None:
+        limits.append(description.max_seq_length)
+    elif isinstance(model_max, int) and model_max < 1_000_000:
+        limits.append(model_max)
     ceiling = min(limits) if limits else 512
     if asked is None:
         return ceiling
@@ -130,19 +166,100 @@ def _max_tokens(source: str, tokenizer: Any, config: Any, asked: int | None) -> 
     return asked
 
 
+DESCRIPTION_FILES = ["*.json", "*Dense*/*.safetensors"]
+
+
+def _files(source: str) -> Path | None:
+    """A local directory with the model's description files: `source` itself, or the
+    hub snapshot of its JSON files and Dense weights (None when they cannot be had)."""
+    if Path(source).is_dir():
+        return Path(source)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, allow_patterns=DESCRIPTION_FILES))
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load model {source!r}: {exc}") from exc
+
+
+def _lower_case(tokenizer: Any) -> None:
+    """`do_lower_case: true`: lowercase before tokenizing, as sentence-transformers does
+    (a Lowercase normalizer in front, unless there is one)."""
+    from tokenizers import normalizers
+
+    backend = tokenizer.backend_tokenizer
+    current: Any = backend.normalizer
+    if isinstance(current, normalizers.Lowercase):
+        return
+    if isinstance(current, normalizers.Sequence):
+        parts: list[Any] = list(current)  # type: ignore[call-overload]
+        if any(isinstance(n, normalizers.Lowercase) for n in parts):
+            return
+        backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), *parts])
+    elif current is None:
+        backend.normalizer = normalizers.Sequence([normalizers.Lowercase()])
+    else:
+        backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), current])
+
+
+def _head(root: Path, description: Description, device: torch.device) -> EmbeddingHead:
+    """Pooling and the Dense modules, their weights read from safetensors."""
+    from safetensors.torch import load_file
+
+    assert description.pooling is not None
+    steps: list[tuple[Step, dict[str, torch.Tensor]]] = []
+    for step in description.steps:
+        weights: dict[str, torch.Tensor] = {}
+        if isinstance(step, Dense):
+            path = root / step.path / "model.safetensors"
+            if not path.is_file():
+                raise ModelLoadError(
+                    f"the Dense module {step.path!r} has no model.safetensors; microbatch "
+                    "loads safetensors only (convert it, e.g. by loading the model with "
+                    "sentence-transformers and saving it again)"
+                )
+            weights = load_file(path)
+        steps.append((step, weights))
+    try:
+        head = EmbeddingHead(description.pooling, steps)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+    return head.eval().requires_grad_(False).to(device)
+
+
+def _describe(source: str, task: TaskOption) -> tuple[Path | None, Description]:
+    root = _files(source)
+    try:
+        description = read(root)
+    except UnsupportedModel as exc:
+        raise ModelLoadError(f"cannot serve model {source!r}: {exc}") from None
+    if task == "embed" and description.kind == "cross-encoder":
+        # The encoder under a cross-encoder's head, mean-pooled like any plain model.
+        description = PLAIN
+    return root, description
+
+
 def load(options: LoadOptions) -> Loaded:
-    """Load tokenizer and weights (safetensors only). Raises ModelLoadError."""
+    """Load tokenizer and weights (safetensors only) and read what the model declares.
+    Raises ModelLoadError."""
     source = options.source or default_source()
     device = pick_device(options.device)
     dtype = pick_dtype(options.dtype, device)
     remote = options.trust_remote_code
+    root, description = _describe(source, options.task)
+    # A local directory is read from the transformer's folder; a hub id from its subfolder.
+    local = Path(source).is_dir()
+    where = str(Path(source) / description.transformer_path) if local else source
+    subfolder = "" if local else description.transformer_path
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=remote)
-        task = resolve_task(options.task, config)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=remote)
-        auto = AutoModelForSequenceClassification if task == "classify" else AutoModel
+        config = AutoConfig.from_pretrained(where, subfolder=subfolder, trust_remote_code=remote)
+        task = resolve_task(options.task, config, description)
+        tokenizer = AutoTokenizer.from_pretrained(
+            where, subfolder=subfolder, trust_remote_code=remote
+        )
+        auto = AutoModel if task == "embed" else AutoModelForSequenceClassification
         model = auto.from_pretrained(
-            source, use_safetensors=True, trust_remote_code=remote, dtype=dtype
+            where, subfolder=subfolder, use_safetensors=True, trust_remote_code=remote, dtype=dtype
         )
     except ModelLoadError:
         raise
@@ -150,20 +267,45 @@ def load(options: LoadOptions) -> Loaded:
         raise ModelLoadError(f"cannot load model {source!r}: {exc}") from exc
     if not getattr(tokenizer, "is_fast", True):
         raise ModelLoadError(f"model {source!r} has no fast (Rust) tokenizer")
+    if description.do_lower_case:
+        _lower_case(tokenizer)
     model.eval().requires_grad_(False).to(device)
-    labels: tuple[str, ...] = ()
-    if task == "classify":
-        id2label = config.id2label
-        labels = tuple(str(id2label[i]) for i in range(len(id2label)))
     name = DEFAULT_HUB_ID if source == default_source() else source
-    logger.info("loaded %s for %s on %s (%s)", name, task, device, dtype)
+    max_tokens = _max_tokens(description, tokenizer, config, options.max_tokens)
+    if task == "embed":
+        if description.kind == "transformers":
+            logger.info(
+                "%s declares no sentence-transformers modules (no modules.json): serving mean "
+                "pooling + L2 normalisation",
+                name,
+            )
+            description = replace(
+                PLAIN,
+                pooling=Pooling(modes=("mean",), embedding_dimension=int(config.hidden_size)),
+                normalize=True,
+            )
+        head = _head(root or Path(where), description, device)
+        logger.info("loaded %s for embed on %s (%s): %s", name, device, dtype, description)
+        return Loaded(
+            name, task, model, tokenizer, device, dtype, max_tokens, (), description, head=head
+        )
+    id2label = config.id2label
+    labels = tuple(str(id2label[i]) for i in range(len(id2label)))
+    try:
+        activation, score = score_activation(config, description.activation)
+    except ValueError as exc:
+        raise ModelLoadError(f"cannot serve model {source!r}: {exc}") from None
+    logger.info("loaded %s for %s on %s (%s), %s head", name, task, device, dtype, activation)
     return Loaded(
-        name=name,
-        task=task,
-        model=model,
-        tokenizer=tokenizer,
-        device=device,
-        dtype=dtype,
-        max_tokens=_max_tokens(source, tokenizer, config, options.max_tokens),
-        labels=labels,
+        name,
+        task,
+        model,
+        tokenizer,
+        device,
+        dtype,
+        max_tokens,
+        labels,
+        description,
+        activation=activation,
+        score=score,
     )

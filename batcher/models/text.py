@@ -3,6 +3,7 @@ tensor, run one forward pass, and split the outputs back, once per batch."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -11,10 +12,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from batcher.errors import DeviceOutOfMemory
 from batcher.models.compiling import CompileState, compile_forward
+from batcher.models.description import Dense
+from batcher.models.heads import EmbeddingHead, finish_embeddings
 from batcher.models.loading import Loaded, LoadOptions, Task, load
 from batcher.padding import bucket_length
 
@@ -22,43 +24,86 @@ logger = logging.getLogger("batcher.models")
 
 
 @dataclass(frozen=True, slots=True)
+class Options:
+    """One request's choices about its outputs; None means "as the model declares"."""
+
+    normalize: bool | None = None
+    """embed: L2-normalise (default: whether the model ends with a Normalize module)."""
+    prompt_name: str | None = None
+    """embed: one of the model's prompts (default: its `default_prompt_name`, if any)."""
+    prompt: str | None = None
+    """embed: a prompt of the caller's own, put before the text."""
+    dimensions: int | None = None
+    """embed: keep the first N values (Matryoshka), then normalise if normalising."""
+    raw_scores: bool = False
+    """classify/rerank: the logits, without the head's activation."""
+
+
+DEFAULT_OPTIONS = Options()
+
+
+class InvalidOption(ValueError):
+    """An option the model cannot honour; `field` names it, the message says what is
+    allowed."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True)
 class Encoded:
-    """One tokenized input: token ids with special tokens, truncated to the model's limit."""
+    """One tokenized input: token ids with special tokens, truncated to the model's limit,
+    and what its output must look like."""
 
     ids: list[int]
     truncated: bool
+    type_ids: list[int] | None = None
+    """Segment ids (0 for the text, 1 for its pair), for models that take them."""
+    prompt_tokens: int = 0
+    """Leading tokens (the prompt) that the model leaves out of its pooling."""
+    dimensions: int | None = None
+    normalize: bool = False
+    raw_scores: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Classification:
     label: str
+    """The label with the highest score."""
     score: float
-    probs: list[float]
-    """Every class's probability, in the order of `TextModel.labels`."""
+    scores: list[float]
+    """Every label's score (probability, or logit with `raw_scores`), in the order of
+    `TextModel.labels`."""
 
 
 Output = list[float] | Classification
 
-Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Inputs = dict[str, torch.Tensor]
+Forward = Callable[[Inputs, torch.Tensor], torch.Tensor]
 
 
-def _embed_forward(model: Any) -> Forward:
-    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        summed = (hidden * mask).sum(dim=1)
-        mean = summed / mask.sum(dim=1).clamp(min=1e-9)
-        return F.normalize(mean.float(), p=2.0, dim=-1)
+def _embed_forward(model: Any, head: EmbeddingHead) -> Forward:
+    def forward(inputs: Inputs, pool_mask: torch.Tensor) -> torch.Tensor:
+        hidden = model(**inputs).last_hidden_state
+        out: torch.Tensor = head(hidden, inputs["attention_mask"], pool_mask)
+        return out
 
     return forward
 
 
 def _classify_forward(model: Any) -> Forward:
-    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return torch.softmax(logits.float(), dim=-1)
+    def forward(inputs: Inputs, pool_mask: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = model(**inputs).logits
+        return logits.float()
 
     return forward
+
+
+def _takes_type_ids(loaded: Loaded) -> bool:
+    accepts = inspect.signature(loaded.model.forward).parameters
+    names = getattr(loaded.tokenizer, "model_input_names", ())
+    return "token_type_ids" in accepts and "token_type_ids" in names
 
 
 class TextModel:
@@ -75,12 +120,23 @@ class TextModel:
         self.max_tokens = loaded.max_tokens
         self.device = loaded.device
         self.dtype = loaded.dtype
+        self.description = loaded.description
+        self.dimension = loaded.description.embedding_dimension if self.task == "embed" else None
         self._tokenizer = loaded.tokenizer.backend_tokenizer
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=loaded.max_tokens)
+        self._special_ids = set(getattr(loaded.tokenizer, "all_special_ids", ()))
         self._pad_id = int(loaded.tokenizer.pad_token_id or 0)
-        make = _classify_forward if self.task == "classify" else _embed_forward
-        self._eager: Forward = make(loaded.model)
+        self._type_ids = _takes_type_ids(loaded)
+        pooling = loaded.description.pooling
+        self._prompt_pooled = pooling is None or pooling.include_prompt
+        self._prompt_tokens: dict[str, int] = {}
+        self._normalize = loaded.description.normalize
+        if self.task == "embed":
+            assert loaded.head is not None, "an embedding model needs its head; this is a bug"
+            self._eager: Forward = _embed_forward(loaded.model, loaded.head)
+        else:
+            self._eager = _classify_forward(loaded.model)
         self._forward: Forward = self._eager
         self.compile_state = CompileState(requested=compile)
         self.warmed = False
@@ -91,28 +147,121 @@ class TextModel:
 
     # -- on the event loop ---------------------------------------------------------------
 
-    def encode(self, text: str) -> Encoded:
-        encoding = self._tokenizer.encode(text)
-        return Encoded(encoding.ids, bool(encoding.overflowing))
+    def encode(
+        self, text: str, pair: str | None = None, options: Options = DEFAULT_OPTIONS
+    ) -> Encoded:
+        """Tokenize one input (a text, or a text pair for classify/rerank) under
+        `options`. Raises InvalidOption."""
+        if options is DEFAULT_OPTIONS and pair is None and not self.description.default_prompt:
+            encoding = self._tokenizer.encode(text)  # the common case, without the checks
+            return Encoded(encoding.ids, bool(encoding.overflowing), normalize=self._normalize)
+        return self.encode_many([text], None if pair is None else [pair], options)[0]
 
-    def encode_many(self, texts: Sequence[str]) -> list[Encoded]:
-        encodings = self._tokenizer.encode_batch(list(texts))
-        return [Encoded(e.ids, bool(e.overflowing)) for e in encodings]
+    def encode_many(
+        self,
+        texts: Sequence[str],
+        pairs: Sequence[str] | None = None,
+        options: Options = DEFAULT_OPTIONS,
+    ) -> list[Encoded]:
+        """`encode` for several inputs in one call of the Rust tokenizer."""
+        prompt, fields = self._resolve(options, pairs is not None)
+        if pairs is not None:
+            encodings = self._tokenizer.encode_batch(list(zip(texts, pairs, strict=True)))
+        elif prompt:
+            encodings = self._tokenizer.encode_batch([prompt + t for t in texts])
+        else:
+            encodings = self._tokenizer.encode_batch(list(texts))
+        prompt_tokens = 0 if self._prompt_pooled or not prompt else self._prompt_length(prompt)
+        return [
+            Encoded(
+                e.ids,
+                bool(e.overflowing),
+                type_ids=e.type_ids if self._type_ids else None,
+                prompt_tokens=prompt_tokens,
+                **fields,
+            )
+            for e in encodings
+        ]
+
+    def _resolve(self, options: Options, paired: bool) -> tuple[str, dict[str, Any]]:
+        """The prompt text and the output fields of `Encoded`, or InvalidOption."""
+        if self.task != "embed":
+            for name in ("normalize", "prompt_name", "prompt", "dimensions"):
+                if getattr(options, name) is not None:
+                    raise InvalidOption(
+                        name, f"{name} applies to embedding models; this is a {self.task} model"
+                    )
+            return "", {"raw_scores": options.raw_scores}
+        if paired:
+            raise InvalidOption(
+                "text_pair",
+                "this model embeds single texts; text pairs need a classify or rerank model",
+            )
+        if options.raw_scores:
+            raise InvalidOption(
+                "raw_scores", "raw_scores applies to classify and rerank models; this one embeds"
+            )
+        prompts = self.description.prompts
+        if options.prompt is not None and options.prompt_name is not None:
+            raise InvalidOption("prompt", "give prompt_name or prompt, not both")
+        if options.prompt is not None:
+            prompt = options.prompt
+        elif options.prompt_name is not None:
+            if options.prompt_name not in prompts:
+                known = ", ".join(repr(p) for p in sorted(prompts)) or "none"
+                raise InvalidOption(
+                    "prompt_name",
+                    f"unknown prompt {options.prompt_name!r}; this model's prompts: {known} "
+                    "(or send your own in `prompt`)",
+                )
+            prompt = prompts[options.prompt_name]
+        else:
+            prompt = self.description.default_prompt
+        dims = options.dimensions
+        if dims is not None and not (self.dimension is not None and 1 <= dims <= self.dimension):
+            raise InvalidOption(
+                "dimensions", f"dimensions must be between 1 and {self.dimension}, got {dims}"
+            )
+        normalize = self.description.normalize if options.normalize is None else options.normalize
+        return prompt, {"dimensions": dims, "normalize": normalize}
+
+    def _prompt_length(self, prompt: str) -> int:
+        """The prompt's tokens as sentence-transformers counts them: the prompt alone,
+        tokenized, less a trailing special token (SEP, EOS)."""
+        length = self._prompt_tokens.get(prompt)
+        if length is None:
+            ids = self._tokenizer.encode(prompt).ids
+            length = len(ids) - (1 if ids and ids[-1] in self._special_ids else 0)
+            if len(self._prompt_tokens) < 1024:  # callers may send prompts of their own
+                self._prompt_tokens[prompt] = length
+        return length
 
     def cost(self, item: Encoded) -> int:
         return len(item.ids)
 
     # -- on the device worker -------------------------------------------------------------
 
-    def collate(self, items: Sequence[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One padded tensor of ids and its attention mask, length rounded up to a bucket."""
+    def collate(self, items: Sequence[Encoded]) -> tuple[Inputs, torch.Tensor]:
+        """The model's inputs as padded tensors (length rounded up to a bucket), and the
+        mask of the tokens to pool."""
         length = bucket_length(max(len(item.ids) for item in items), cap=self.max_tokens)
         ids = np.full((len(items), length), self._pad_id, dtype=np.int64)
         mask = np.zeros((len(items), length), dtype=np.int64)
+        types = np.zeros((len(items), length), dtype=np.int64) if self._type_ids else None
         for row, item in enumerate(items):
             ids[row, : len(item.ids)] = item.ids
             mask[row, : len(item.ids)] = 1
-        return self._to_device(ids), self._to_device(mask)
+            if types is not None and item.type_ids is not None:
+                types[row, : len(item.type_ids)] = item.type_ids
+        inputs = {"input_ids": self._to_device(ids), "attention_mask": self._to_device(mask)}
+        if types is not None:
+            inputs["token_type_ids"] = self._to_device(types)
+        if self._prompt_pooled:
+            return inputs, inputs["attention_mask"]
+        pool = mask.copy()
+        for row, item in enumerate(items):
+            pool[row, : item.prompt_tokens] = 0
+        return inputs, self._to_device(pool)
 
     def _to_device(self, array: np.ndarray[Any, Any]) -> torch.Tensor:
         tensor = torch.from_numpy(array)
@@ -121,12 +270,13 @@ class TextModel:
         return tensor.to(self.device)
 
     def predict(self, items: Sequence[Encoded]) -> list[Output]:
-        """One forward pass for the whole batch; one host copy and one `tolist` per batch."""
+        """One forward pass for the whole batch; one host copy per batch, and one `tolist`
+        per batch (per group of items with the same options)."""
         out_of_memory = False
         try:
-            input_ids, attention_mask = self.collate(items)
+            inputs, pool_mask = self.collate(items)
             with torch.inference_mode(), torch.compiler.set_stance(self.compile_state.stance):
-                out = self._forward(input_ids, attention_mask)
+                out = self._forward(inputs, pool_mask)
         except torch.OutOfMemoryError:
             out_of_memory = True
         if out_of_memory:
@@ -135,14 +285,28 @@ class TextModel:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise DeviceOutOfMemory(f"a batch of {len(items)} did not fit on {self.device}")
+        host = out.cpu()
         if self.task == "embed":
-            embeddings: list[Output] = out.cpu().tolist()
+            embeddings: list[Output] = list(
+                finish_embeddings(host, [i.dimensions for i in items], [i.normalize for i in items])
+            )
             return embeddings
-        probs = out.cpu()
-        scores, indices = probs.max(dim=-1)
+        return self._classifications(host, [i.raw_scores for i in items])
+
+    def _classifications(self, logits: torch.Tensor, raw: Sequence[bool]) -> list[Output]:
+        assert self.loaded.score is not None, "a classifier needs its activation; this is a bug"
+        with torch.inference_mode():
+            activated = self.loaded.score(logits) if not all(raw) else logits
+        best = logits.argmax(dim=-1).tolist()
+        raw_rows = logits.tolist() if any(raw) else []
+        rows = activated.tolist() if not all(raw) else raw_rows
         return [
-            Classification(self.labels[i], s, p)
-            for i, s, p in zip(indices.tolist(), scores.tolist(), probs.tolist(), strict=True)
+            Classification(self.labels[i], chosen[i], chosen)
+            for i, chosen in zip(
+                best,
+                (raw_rows[r] if is_raw else rows[r] for r, is_raw in enumerate(raw)),
+                strict=True,
+            )
         ]
 
     def warm_up(self, max_batch_size: int) -> None:
@@ -176,7 +340,8 @@ class TextModel:
                 self.predict(items)
 
     def describe(self) -> dict[str, object]:
-        return {
+        """What `/model` shows: the task, and how outputs are computed."""
+        described: dict[str, object] = {
             "name": self.name,
             "task": self.task,
             "device": str(self.device),
@@ -184,4 +349,24 @@ class TextModel:
             "max_tokens": self.max_tokens,
             "labels": list(self.labels),
             "compile": self.compile_state.describe(),
+            "description": self.description.kind,
         }
+        if self.task == "embed":
+            d = self.description
+            assert d.pooling is not None
+            described |= {
+                "pooling": list(d.pooling.modes),
+                "pooling_includes_prompt": d.pooling.include_prompt,
+                "dense": [
+                    {"in": s.in_features, "out": s.out_features, "activation": s.activation}
+                    for s in d.steps
+                    if isinstance(s, Dense)
+                ],
+                "normalize": d.normalize,
+                "dimension": self.dimension,
+                "prompts": dict(d.prompts),
+                "default_prompt_name": d.default_prompt_name,
+            }
+        else:
+            described |= {"head_activation": self.loaded.activation, "text_pairs": True}
+        return described

@@ -5,9 +5,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
-from batcher.models import Classification, Encoded, Output
+from batcher.models import (
+    DEFAULT_OPTIONS,
+    Classification,
+    Encoded,
+    InvalidOption,
+    Options,
+    Output,
+    Task,
+)
 
 
 def fake_embedding(text: str) -> list[float]:
@@ -22,7 +29,7 @@ class FakeTextModel:
     passes (`entered` is set once one has started); `poison` makes any batch holding it
     raise; `batches` records the size of every forward pass, `seen` every text computed."""
 
-    task: Literal["embed", "classify"] = "embed"
+    task: Task = "embed"
     name: str = "fake"
     labels: tuple[str, ...] = ("short", "long")
     max_tokens: int = 64
@@ -37,11 +44,20 @@ class FakeTextModel:
         self.warm_gate.set()
         self.predict_gate.set()
 
-    def encode(self, text: str) -> Encoded:
+    def encode(
+        self, text: str, pair: str | None = None, options: Options = DEFAULT_OPTIONS
+    ) -> Encoded:
+        if options.prompt_name is not None:
+            raise InvalidOption("prompt_name", "the fake model has no prompts")
         return Encoded([ord(c) for c in text[:64]], truncated=len(text) > 64)
 
-    def encode_many(self, texts: Sequence[str]) -> list[Encoded]:
-        return [self.encode(t) for t in texts]
+    def encode_many(
+        self,
+        texts: Sequence[str],
+        pairs: Sequence[str] | None = None,
+        options: Options = DEFAULT_OPTIONS,
+    ) -> list[Encoded]:
+        return [self.encode(t, None, options) for t in texts]
 
     def cost(self, item: Encoded) -> int:
         return len(item.ids)

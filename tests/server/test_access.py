@@ -126,7 +126,7 @@ async def test_cors_is_off_by_default_and_on_for_configured_origins() -> None:
 
 async def test_an_unexpected_error_leaks_no_traceback_path_or_secret() -> None:
     class Broken(FakeTextModel):
-        def encode(self, text: str):  # type: ignore[no-untyped-def]
+        def encode(self, text: str, *args: object):  # type: ignore[no-untyped-def, override]
             raise RuntimeError("/secret/path/model.bin: key-one")
 
     async with serve(Broken(), api_keys=KEYS) as client:
@@ -147,7 +147,7 @@ async def test_json_logs_carry_the_request_id() -> None:
         root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
 
         class Broken(FakeTextModel):
-            def encode(self, text: str):  # type: ignore[no-untyped-def]
+            def encode(self, text: str, *args: object):  # type: ignore[no-untyped-def, override]
                 raise RuntimeError("boom")
 
         async with serve(Broken()) as client:

@@ -53,8 +53,8 @@ def test_batched_classification_equals_unbatched(classifier: TextModel) -> None:
         [alone] = classifier.predict([item])
         assert together.label == alone.label  # type: ignore[union-attr]
         assert together.score == pytest.approx(alone.score, abs=1e-4)  # type: ignore[union-attr]
-        assert together.probs == pytest.approx(alone.probs, abs=1e-4)  # type: ignore[union-attr]
-        assert sum(together.probs) == pytest.approx(1.0, abs=1e-5)  # type: ignore[union-attr]
+        assert together.scores == pytest.approx(alone.scores, abs=1e-4)  # type: ignore[union-attr]
+        assert sum(together.scores) == pytest.approx(1.0, abs=1e-5)  # type: ignore[union-attr]
 
 
 def test_embeddings_are_masked_mean_pooled_and_unit_length(tiny_encoder_dir: Path) -> None:
