@@ -1,0 +1,181 @@
+"""Our collate -> forward -> split path against the reference libraries themselves:
+`SentenceTransformer.encode`, `CrossEncoder.predict` and transformers' text-classification
+pipeline, on tiny models that sentence-transformers saved (both layouts)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from batcher.models import LoadOptions, Options, TextModel
+from tests.tiny_models import (
+    EMBEDDERS,
+    TEXTS,
+    Kind,
+    save_cross_encoder,
+    save_embedder,
+    save_multi_label_classifier,
+    save_nli_classifier,
+)
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def assert_same_vectors(ours: np.ndarray, reference: np.ndarray) -> None:
+    assert ours.shape == reference.shape
+    assert cosines(ours, reference).min() >= 0.9999
+    np.testing.assert_allclose(
+        np.linalg.norm(ours, axis=1), np.linalg.norm(reference, axis=1), rtol=1e-4
+    )
+
+
+def load(path: Path) -> TextModel:
+    return TextModel.load(LoadOptions(source=str(path), compile=False))
+
+
+@pytest.fixture(scope="module", params=EMBEDDERS, ids=lambda kind: kind.name)
+def embedder(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Kind, Path]:
+    kind: Kind = request.param
+    return kind, save_embedder(tmp_path_factory.mktemp(kind.name) / "model", kind)
+
+
+def test_embeddings_equal_sentence_transformers(embedder: tuple[Kind, Path]) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    kind, path = embedder
+    reference = SentenceTransformer(str(path), device="cpu").encode(TEXTS, batch_size=3)
+    model = load(path)
+    assert model.task == "embed"
+    assert model.description.normalize is kind.normalize
+    ours = np.array(model.predict(model.encode_many(TEXTS)))
+    assert_same_vectors(ours, reference)
+
+
+def test_an_item_gets_the_same_vector_alone_and_beside_longer_ones(
+    embedder: tuple[Kind, Path],
+) -> None:
+    _, path = embedder
+    model = load(path)
+    items = model.encode_many(TEXTS)
+    together = np.array(model.predict(items))
+    for row, item in enumerate(items):
+        alone = np.array(model.predict([item]))
+        assert_same_vectors(alone, together[row : row + 1])
+
+
+@pytest.mark.parametrize("kind", [k for k in EMBEDDERS if k.prompts], ids=lambda k: k.name)
+def test_prompts_by_name_and_by_text_and_matryoshka_dimensions(tmp_path: Path, kind: Kind) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    path = save_embedder(tmp_path / "model", kind)
+    st = SentenceTransformer(str(path), device="cpu")
+    model = load(path)
+    for name in kind.prompts:
+        ours = model.predict(model.encode_many(TEXTS, options=Options(prompt_name=name)))
+        assert_same_vectors(np.array(ours), st.encode(TEXTS, prompt_name=name))
+    own = "Instruct: find the answer\nQuery: "
+    ours = model.predict(model.encode_many(TEXTS, options=Options(prompt=own)))
+    assert_same_vectors(np.array(ours), st.encode(TEXTS, prompt=own))
+    options = Options(dimensions=8, normalize=True)
+    ours = model.predict(model.encode_many(TEXTS, options=options))
+    reference = st.encode(TEXTS, truncate_dim=8, normalize_embeddings=True)
+    assert_same_vectors(np.array(ours), reference)
+
+
+def test_normalize_and_dimensions_per_item_in_one_batch(tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    path = save_embedder(tmp_path / "model", Kind("plain", pooling="mean", normalize=False))
+    st = SentenceTransformer(str(path), device="cpu")
+    model = load(path)
+    items = [
+        model.encode("raw vector"),
+        model.encode("normalised", options=Options(normalize=True)),
+        model.encode("cut to 5", options=Options(dimensions=5)),
+        model.encode("cut and normalised", options=Options(dimensions=5, normalize=True)),
+    ]
+    out = model.predict(items)
+    assert_same_vectors(np.array(out[:1]), st.encode(["raw vector"]))
+    assert_same_vectors(np.array(out[1:2]), st.encode(["normalised"], normalize_embeddings=True))
+    assert_same_vectors(np.array(out[2:3]), st.encode(["cut to 5"], truncate_dim=5))
+    reference = st.encode(["cut and normalised"], truncate_dim=5, normalize_embeddings=True)
+    assert_same_vectors(np.array(out[3:]), reference)
+    assert np.linalg.norm(out[3]) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["current", "legacy"])
+def test_cross_encoder_scores_equal_cross_encoder_predict(tmp_path: Path, layout: str) -> None:
+    from sentence_transformers import CrossEncoder
+
+    path = save_cross_encoder(tmp_path / "model", layout)  # type: ignore[arg-type]
+    query = "what is micro-batching?"
+    pairs = [(query, t) for t in TEXTS]
+    reference = CrossEncoder(str(path), device="cpu").predict(pairs)
+    model = load(path)
+    assert model.task == "rerank"
+    out = model.predict(model.encode_many([query] * len(TEXTS), TEXTS))
+    scores = np.array([o.score for o in out])  # type: ignore[union-attr]
+    np.testing.assert_allclose(scores, reference, atol=1e-4)
+    assert scores.std() > 0.05, "the scores should differ from pair to pair"
+    # The text pair is one input: swapping the two changes it.
+    [swapped] = model.predict([model.encode(TEXTS[1], query)])
+    assert swapped.score != pytest.approx(scores[1], abs=1e-4)  # type: ignore[union-attr]
+
+
+def test_cross_encoder_raw_scores_are_its_logits(tmp_path: Path) -> None:
+    from sentence_transformers import CrossEncoder
+    from torch import nn
+
+    path = save_cross_encoder(tmp_path / "model")
+    pairs = [("query", t) for t in TEXTS]
+    reference = CrossEncoder(str(path), device="cpu").predict(pairs, activation_fn=nn.Identity())
+    model = load(path)
+    items = model.encode_many(["query"] * len(TEXTS), TEXTS, Options(raw_scores=True))
+    scores = [o.score for o in model.predict(items)]  # type: ignore[union-attr]
+    np.testing.assert_allclose(scores, reference, atol=1e-4)
+
+
+def _pipeline(path: Path):  # type: ignore[no-untyped-def]
+    from transformers import pipeline
+
+    return pipeline("text-classification", model=str(path), device="cpu", top_k=None)
+
+
+def test_multi_label_heads_are_independent_sigmoids(tmp_path: Path) -> None:
+    path = save_multi_label_classifier(tmp_path / "model")
+    reference = _pipeline(path)(TEXTS, truncation=True)
+    model = load(path)
+    assert (model.task, model.loaded.activation) == ("classify", "sigmoid")
+    out = model.predict(model.encode_many(TEXTS))
+    for ours, expected in zip(out, reference, strict=True):
+        by_label = {e["label"]: e["score"] for e in expected}
+        assert dict(zip(model.labels, ours.scores, strict=True)) == pytest.approx(  # type: ignore[union-attr]
+            by_label, abs=1e-4
+        )
+        assert ours.label == max(by_label, key=by_label.__getitem__)  # type: ignore[union-attr]
+    sums = [sum(o.scores) for o in out]  # type: ignore[union-attr]
+    assert max(abs(s - 1.0) for s in sums) > 0.01, "independent sigmoids do not sum to one"
+
+
+def test_pair_classifier_softmax_equals_the_pipeline_on_pairs(tmp_path: Path) -> None:
+    path = save_nli_classifier(tmp_path / "model")
+    premise = "A man is playing a guitar on stage."
+    pipe = _pipeline(path)
+    model = load(path)
+    assert (model.task, model.loaded.activation) == ("classify", "softmax")
+    out = model.predict(model.encode_many([premise] * len(TEXTS), TEXTS))
+    for text, ours in zip(TEXTS, out, strict=True):
+        expected = pipe({"text": premise, "text_pair": text}, truncation=True)
+        by_label = {e["label"]: e["score"] for e in expected}
+        assert dict(zip(model.labels, ours.scores, strict=True)) == pytest.approx(  # type: ignore[union-attr]
+            by_label, abs=1e-4
+        )
