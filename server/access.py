@@ -21,7 +21,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from batcher import QueueFull
 
-PREDICT_PREFIX = "/predict"
+INFERENCE_PATHS = ("/predict", "/rerank")
+"""Routes that reach the model: API keys, rate limits and the early 429 apply."""
 ADMIN_PREFIX = "/admin/"
 
 
@@ -69,7 +70,7 @@ class TokenBuckets:
 
 
 class AccessMiddleware:
-    """401 without a valid API key on /predict*, 403 on /admin/* without the admin key
+    """401 without a valid API key on /predict* and /rerank, 403 on /admin/* without the admin key
     (or always, when no admin key is set and the server listens beyond loopback),
     429 over the rate limit or while the queue is full."""
 
@@ -102,7 +103,7 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        if path.startswith(PREDICT_PREFIX):
+        if path.startswith(INFERENCE_PATHS):
             refusal = self._predict_refusal(scope) or _queue_full(scope)
         elif path.startswith(ADMIN_PREFIX):
             refusal = self._admin_refusal(scope)

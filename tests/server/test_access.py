@@ -23,17 +23,18 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-async def test_api_keys_guard_the_predict_routes_only() -> None:
+async def test_api_keys_guard_the_inference_routes_only() -> None:
     model = FakeTextModel()
     async with serve(model, api_keys=KEYS) as client:
         missing = await client.post("/predict", json={"text": "no key"})
         wrong = await client.post("/predict", json={"text": "bad key"}, headers=bearer("nope"))
         batch = await client.post("/predict/batch", json={"texts": ["x"]})
+        rerank = await client.post("/rerank", json={"query": "q", "texts": ["x"]})
         one = await client.post("/predict", json={"text": "k1"}, headers=bearer("key-one"))
         two = await client.post("/predict", json={"text": "k2"}, headers=bearer("key-two"))
         health = await client.get("/health")
         metrics = await client.get("/metrics")
-    for r in (missing, wrong, batch):
+    for r in (missing, wrong, batch, rerank):
         assert r.status_code == 401
         assert r.json()["type"] == "unauthorized"
         assert r.headers["www-authenticate"].startswith("Bearer")

@@ -81,15 +81,17 @@ def test_batched_embeddings_equal_unbatched(default_server: ServerProcess) -> No
 
 
 def test_embeddings_match_sentence_transformers(default_server: ServerProcess) -> None:
-    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers import SentenceTransformer
+
     from batcher.models import default_source
 
     texts = varied_texts(16, seed=3)
-    reference = st.SentenceTransformer(default_source(), device="cpu").encode(texts)
+    reference = SentenceTransformer(default_source(), device="cpu").encode(texts)
     r = httpx.post(f"{default_server.url}/predict/batch", json={"texts": texts}, timeout=60)
     assert r.status_code == 200
     for ours, theirs in zip(r.json()["results"], reference.tolist(), strict=True):
         assert cosine(ours["embedding"], theirs) >= 0.9999
+        assert math.hypot(*ours["embedding"]) == pytest.approx(math.hypot(*theirs), rel=1e-4)
 
 
 def test_batching_happens_under_64_concurrent_clients(default_server: ServerProcess) -> None:
