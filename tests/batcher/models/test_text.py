@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from batcher.models import LoadOptions, ModelLoadError, TextModel, load
+from batcher.models import LoadOptions, ModelLoadError, Options, TextModel, load
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:
@@ -119,3 +119,25 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(
         "graphs_since_warm_up": 0,
     }
     assert len(model.predict([model.encode("still works")])) == 1
+
+
+def test_no_recompile_with_prompts_left_out_of_pooling_and_a_dense_head(tmp_path: Path) -> None:
+    from tests.tiny_models import Kind, save_embedder
+
+    kind = Kind("compiled", pooling=("cls", "mean"), dense=True, prompts={"q": "query: "},
+                include_prompt=False)  # fmt: skip
+    model = TextModel.load(LoadOptions(source=str(save_embedder(tmp_path / "m", kind))))
+    model.warm_up(max_batch_size=16)
+    assert model.compile_state.enabled, model.compile_state.error
+    model.compile_state.stance = "fail_on_recompile"
+    rng = random.Random(3)
+    texts = sentences(200, seed=4)
+    for _ in range(20):
+        batch = rng.sample(texts, rng.randint(1, 20))
+        items = [
+            model.encode(t, options=Options(prompt_name="q" if rng.random() < 0.5 else None,
+                                            dimensions=rng.choice([None, 4])))
+            for t in batch
+        ]  # fmt: skip
+        assert len(model.predict(items)) == len(batch)
+    assert model.compile_state.graphs_since_warm_up == 0
