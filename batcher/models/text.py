@@ -1,5 +1,6 @@
-"""Text models behind the engine: tokenize one input, collate a batch into one padded
-tensor, run one forward pass, and split the outputs back, once per batch."""
+"""Text models behind the engine: tokenize one input (or text pair) under its request's
+options, collate a batch into padded tensors, run one forward pass, and split the outputs
+back, finished per item (`batcher.models.heads`), once per batch."""
 
 from __future__ import annotations
 
@@ -152,7 +153,7 @@ class TextModel:
     ) -> Encoded:
         """Tokenize one input (a text, or a text pair for classify/rerank) under
         `options`. Raises InvalidOption."""
-        if options is DEFAULT_OPTIONS and pair is None and not self.description.default_prompt:
+        if options == DEFAULT_OPTIONS and pair is None and not self.description.default_prompt:
             encoding = self._tokenizer.encode(text)  # the common case, without the checks
             return Encoded(encoding.ids, bool(encoding.overflowing), normalize=self._normalize)
         return self.encode_many([text], None if pair is None else [pair], options)[0]

@@ -162,7 +162,7 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(default_server: ServerP
         httpx.post(
             f"{url}/predict", content=b"{not json", headers={"content-type": "application/json"}
         ),
-        httpx.post(f"{url}/predict/batch", json={"texts": ["a"] * 65}),
+        httpx.post(f"{url}/predict/batch", json={"texts": ["a"] * 257}),
         httpx.post(
             f"{url}/predict", content=b"x" * 2_000_000, headers={"content-type": "application/json"}
         ),
