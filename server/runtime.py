@@ -76,7 +76,7 @@ def _tune_gc() -> None:
 @dataclass
 class Runtime:
     """One per app. Built by the lifespan; routes reach it through `RuntimeDep` (the
-    predict routes through `request.state`, see `server.routes._runtime`)."""
+    predict routes through `request.state`, see `server.routes.parsing.runtime_of`)."""
 
     settings: Settings
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)

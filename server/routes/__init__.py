@@ -1,0 +1,12 @@
+"""The HTTP routes, one module per family: validate, admit, await, shape the reply. No
+batching logic here."""
+
+from fastapi import APIRouter
+
+from server.routes import admin, predict, probes
+
+router = APIRouter()
+for family in (predict, probes, admin):
+    router.include_router(family.router)
+
+__all__ = ["router"]

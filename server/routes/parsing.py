@@ -1,0 +1,248 @@
+"""What every inference route shares: reaching the runtime, parsing and checking the
+body, the deadline, watching for a disconnect, and the reply with its timing headers."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
+from batcher import Engine, Result
+from batcher.models import Encoded, InvalidOption, Output
+from server.errors import ClientDisconnected, NotReady
+from server.runtime import Runtime, ServedModel
+from server.schemas import (
+    ErrorReply,
+    OutputOptions,
+)
+
+
+async def get_runtime(request: Request) -> Runtime:
+    # async on purpose: FastAPI runs a plain `def` dependency in its threadpool, a thread
+    # hand-off on every request (seen in the profile of benchmarks/overhead.py).
+    runtime: Runtime = request.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def runtime_of(request: Request) -> Runtime:
+    """The predict routes' way to the runtime: a plain call. Their only parameter is the
+    request, since solving even one dependency costs FastAPI more than the rest of the
+    route (benchmarks/results/overhead-cpu-2core-2026-11-22.md)."""
+    runtime: Runtime = request.state.runtime
+    return runtime
+
+
+def serving(runtime: Runtime) -> tuple[ServedModel, Engine[Encoded, Output]]:
+    if runtime.status != "ready" or runtime.model is None or runtime.engine is None:
+        raise NotReady(f"the server is {runtime.status}; retry when GET /ready says ready")
+    return runtime.model, runtime.engine
+
+
+def loc(field: str, index: int) -> tuple[str | int, ...]:
+    """Where an error is: a list field (`texts`, `text_pairs`) names the position too."""
+    return ("body", field, index) if field.endswith("s") else ("body", field)
+
+
+def check_lengths(texts: Sequence[str], limit: int, field: str) -> None:
+    errors = [
+        {
+            "loc": loc(field, i),
+            "msg": f"text has {len(t)} characters; the limit is {limit} (--max-text-chars)",
+            "type": "string_too_long",
+        }
+        for i, t in enumerate(texts)
+        if len(t) > limit
+    ]
+    if errors:
+        raise RequestValidationError(errors)
+
+
+def check_tokens(
+    items: Sequence[Encoded],
+    model: ServedModel,
+    runtime: Runtime,
+    field: str,
+    truncate: bool | None,
+) -> None:
+    allowed = runtime.settings.truncate if truncate is None else truncate
+    if allowed:
+        return
+    why = "(the server runs with --no-truncate)" if truncate is None else "(truncate: false)"
+    errors = [
+        {
+            "loc": loc(field, i),
+            "msg": f"input is over the model's limit of {model.max_tokens} tokens {why}",
+            "type": "too_many_tokens",
+        }
+        for i, item in enumerate(items)
+        if item.truncated
+    ]
+    if errors:
+        raise RequestValidationError(errors)
+
+
+def invalid(field: str, msg: str, kind: str = "value_error") -> RequestValidationError:
+    return RequestValidationError([{"loc": ("body", field), "msg": msg, "type": kind}])
+
+
+def encode(
+    model: ServedModel,
+    texts: Sequence[str],
+    pairs: Sequence[str] | None,
+    body: OutputOptions,
+) -> list[Encoded]:
+    """Tokenize under the request's options; an option the model cannot honour is 422."""
+    if body.all_scores and model.task == "embed":
+        raise invalid("all_scores", "all_scores applies to classify and rerank models")
+    try:
+        if len(texts) == 1 and pairs is None:
+            return [model.encode(texts[0], None, body.options())]
+        return model.encode_many(texts, pairs, body.options())
+    except InvalidOption as exc:
+        raise invalid(exc.field, str(exc)) from None
+
+
+def check_count(count: int, limit: int, field: str) -> None:
+    if count > limit:
+        raise invalid(
+            field, f"{count} texts; the limit is {limit} (--max-client-batch)", "too_long"
+        )
+
+
+TIMEOUT_HEADER = "x-request-timeout-ms"
+
+Body = TypeVar("Body", bound=BaseModel)
+T = TypeVar("T")
+
+
+PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorReply, "description": "The body is not JSON (invalid_json)."},
+    422: {"model": ErrorReply, "description": "JSON of the wrong shape, or over a limit."},
+    429: {"model": ErrorReply, "description": "Queue full, deadline unreachable, or rate "
+          "limited; see Retry-After."},
+    503: {"model": ErrorReply, "description": "Warming up or draining; see Retry-After."},
+    504: {"model": ErrorReply, "description": "The deadline passed before it was computed."},
+}  # fmt: skip
+
+
+def openapi_body(body: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI of a predict route, which reads its body and header itself."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": body.model_json_schema()}},
+        },
+        "parameters": [
+            {
+                "name": TIMEOUT_HEADER,
+                "in": "header",
+                "required": False,
+                "schema": {"type": "number", "exclusiveMinimum": 0},
+                "description": "This request's deadline in milliseconds, instead of the "
+                "server's --request-timeout-s (at most --max-request-timeout-s). 504 when "
+                "it passes.",
+            }
+        ],
+    }
+
+
+async def parse(request: Request, schema: type[Body]) -> Body:
+    """The body, parsed and validated in one pass by pydantic's own JSON parser.
+
+    The predict routes do this instead of declaring a body parameter: FastAPI would parse
+    the JSON with the standard library and then validate the Python objects, which cost
+    more than the rest of the route (see benchmarks/results/)."""
+    raw = await request.body()
+    try:
+        return schema.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        raise RequestValidationError(
+            [{**error, "loc": ("body", *error["loc"])} for error in errors]
+        ) from None
+
+
+def invalid_timeout(msg: str, kind: str) -> RequestValidationError:
+    return RequestValidationError([{"loc": ("header", TIMEOUT_HEADER), "msg": msg, "type": kind}])
+
+
+def deadline_of(engine: Engine[Encoded, Output], runtime: Runtime, request: Request) -> float:
+    settings = runtime.settings
+    timeout_s = settings.request_timeout_s
+    header = request.headers.get(TIMEOUT_HEADER)
+    if header is not None:
+        try:
+            timeout_ms = float(header)
+        except ValueError:
+            raise invalid_timeout("must be a number of milliseconds", "float_parsing") from None
+        if not timeout_ms > 0:
+            raise invalid_timeout("must be greater than 0", "greater_than")
+        if not math.isfinite(timeout_ms) or timeout_ms / 1000 > settings.max_request_timeout_s:
+            limit = settings.max_request_timeout_s * 1000
+            raise invalid_timeout(
+                f"must be at most {limit:g} (--max-request-timeout-s)", "less_than_equal"
+            )
+        timeout_s = timeout_ms / 1000
+    return engine.clock() + timeout_s
+
+
+async def unless_disconnected(
+    request: Request, runtime: Runtime, waiting: Coroutine[Any, Any, T]
+) -> T:
+    """Await `waiting`, cancelling it when the client goes away: its items leave the
+    queue without being computed (ClientDisconnected). One watcher task per request; the
+    body was read already, so the next ASGI message can only be the disconnect."""
+    task = asyncio.current_task()
+    assert task is not None
+    disconnected = finished = False
+
+    async def watch() -> None:
+        nonlocal disconnected
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        if not finished:
+            disconnected = True
+            task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await waiting
+    except asyncio.CancelledError:
+        if disconnected and task.uncancel() == 0:
+            runtime.disconnects.inc()
+            raise ClientDisconnected from None
+        raise
+    finally:
+        finished = True
+        watcher.cancel()
+
+
+def meta(request: Request, model: ServedModel) -> dict[str, Any]:
+    started: float = request.state.started
+    return {
+        "model": model.name,
+        "request_id": request.state.request_id,
+        "processing_time_ms": round((time.perf_counter() - started) * 1000, 3),
+    }
+
+
+def reply(body: BaseModel | bytes, results: Sequence[Result[Output]]) -> Response:
+    """The JSON reply, serialized once by pydantic's Rust serializer, with the timing
+    headers. Returning a Response skips FastAPI's validation of the returned model
+    against `response_model`, which the route declares for the OpenAPI schema only."""
+    headers = {
+        "x-queue-time-ms": f"{max(r.queue_time_s for r in results) * 1000:.3f}",
+        "x-inference-time-ms": f"{max(r.inference_time_s for r in results) * 1000:.3f}",
+        "x-batch-size": str(max(r.batch_size for r in results)),
+    }
+    content = body if isinstance(body, bytes) else body.model_dump_json()
+    return Response(content, media_type="application/json", headers=headers)
