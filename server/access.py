@@ -16,10 +16,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from batcher import QueueFull
+from server.errors import Refusal
 
 INFERENCE_PATHS = ("/predict", "/rerank")
 """Routes that reach the model: API keys, rate limits and the early 429 apply."""
@@ -72,7 +71,7 @@ class TokenBuckets:
 class AccessMiddleware:
     """401 without a valid API key on /predict* and /rerank, 403 on /admin/* without the admin key
     (or always, when no admin key is set and the server listens beyond loopback),
-    429 over the rate limit or while the queue is full."""
+    429 over the rate limit or, through `admission`, while the queue is full."""
 
     def __init__(
         self,
@@ -82,6 +81,7 @@ class AccessMiddleware:
         admin_key: str | None,
         admin_open: bool,
         buckets: TokenBuckets | None,
+        admission: Callable[[Scope], Refusal | None],
         registry: CollectorRegistry,
     ) -> None:
         self.app = app
@@ -91,6 +91,9 @@ class AccessMiddleware:
         self.admin_key = admin_key.encode() if admin_key else None
         self.admin_open = admin_open
         self.buckets = buckets
+        self.admission = admission
+        """The engine's early queue check (`server.admission.queue_gate`), after the key
+        and the rate limit, so that every refusal before the body is counted here."""
         self.refused = Counter(
             "microbatch_requests_refused",
             "Requests refused before reading their body, by reason.",
@@ -104,7 +107,7 @@ class AccessMiddleware:
             return
         path: str = scope["path"]
         if path.startswith(INFERENCE_PATHS):
-            refusal = self._predict_refusal(scope) or _queue_full(scope)
+            refusal = self._predict_refusal(scope) or self.admission(scope)
         elif path.startswith(ADMIN_PREFIX):
             refusal = self._admin_refusal(scope)
         else:
@@ -112,13 +115,11 @@ class AccessMiddleware:
         if refusal is None:
             await self.app(scope, receive, send)
             return
-        status, kind, detail, headers = refusal
-        self.refused.labels(kind).inc()
+        self.refused.labels(refusal.kind).inc()
         request_id = scope.get("state", {}).get("request_id")
-        body = {"detail": detail, "type": kind, "request_id": request_id}
-        await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)
+        await refusal.response(request_id)(scope, receive, send)
 
-    def _predict_refusal(self, scope: Scope) -> tuple[int, str, str, dict[str, str]] | None:
+    def _predict_refusal(self, scope: Scope) -> Refusal | None:
         client = None
         if self.api_keys:
             token = _bearer(scope)
@@ -126,7 +127,8 @@ class AccessMiddleware:
             if key is None:
                 detail = "missing API key" if token is None else "invalid API key"
                 headers = {"WWW-Authenticate": 'Bearer realm="microbatch"'}
-                return 401, "unauthorized", f"{detail}: send 'Authorization: Bearer KEY'", headers
+                message = f"{detail}: send 'Authorization: Bearer KEY'"
+                return Refusal(401, "unauthorized", message, headers)
             client = self._key_ids[key]
         if self.buckets is not None:
             if client is None:
@@ -136,33 +138,20 @@ class AccessMiddleware:
             if wait_s > 0:
                 retry = str(max(1, math.ceil(wait_s)))
                 detail = f"rate limit of {self.buckets.rate:g} requests/s exceeded"
-                return 429, "rate_limited", detail, {"Retry-After": retry}
+                return Refusal(429, "rate_limited", detail, {"Retry-After": retry})
         return None
 
-    def _admin_refusal(self, scope: Scope) -> tuple[int, str, str, dict[str, str]] | None:
+    def _admin_refusal(self, scope: Scope) -> Refusal | None:
         if self.admin_key is None:
             if self.admin_open:
                 return None
             detail = "the admin API is off: set MICROBATCH_ADMIN_KEY to use it on this host"
-            return 403, "forbidden", detail, {}
+            return Refusal(403, "forbidden", detail)
         token = _bearer(scope)
         if _matching(token, [self.admin_key]) is None:
-            return 403, "forbidden", "admin key required: send 'Authorization: Bearer KEY'", {}
+            detail = "admin key required: send 'Authorization: Bearer KEY'"
+            return Refusal(403, "forbidden", detail)
         return None
-
-
-def _queue_full(scope: Scope) -> tuple[int, str, str, dict[str, str]] | None:
-    """429 before the body is read or the text tokenized: under overload a refusal then
-    costs almost nothing. The engine checks again at submit, for every item."""
-    runtime = scope.get("state", {}).get("runtime")
-    engine = getattr(runtime, "engine", None)
-    if engine is None or engine.state != "running":
-        return None
-    try:
-        engine.check_room()
-    except QueueFull as exc:
-        return 429, "queue_full", str(exc), {"Retry-After": "1"}
-    return None
 
 
 def _bearer(scope: Scope) -> bytes | None:

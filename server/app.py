@@ -13,6 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from server import errors
 from server.access import AccessMiddleware, TokenBuckets
+from server.admission import queue_gate
 from server.middleware import RequestContextMiddleware
 from server.routes import router
 from server.runtime import Runtime, ServedModel
@@ -67,6 +68,7 @@ def create_app(
         admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
         admin_open=settings.loopback,
         buckets=buckets,
+        admission=queue_gate,
         registry=registry,
     )
     if settings.cors_origins:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -49,6 +50,25 @@ def _parse_failure(exc: HTTPException) -> str | None:
     return None
 
 
+def error_body(kind: str, detail: Any, request_id: str | None) -> dict[str, Any]:
+    """Every error's JSON, whoever answers it (routes, middleware, access)."""
+    return {"detail": detail, "type": kind, "request_id": request_id}
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An error answer: its status, stable `type`, detail and headers."""
+
+    status: int
+    kind: str
+    detail: Any
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def response(self, request_id: str | None) -> JSONResponse:
+        body = error_body(self.kind, self.detail, request_id)
+        return JSONResponse(body, status_code=self.status, headers=dict(self.headers) or None)
+
+
 def error_response(
     request: Request,
     status: int,
@@ -57,8 +77,7 @@ def error_response(
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None)
-    body = {"detail": detail, "type": kind, "request_id": request_id}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return Refusal(status, kind, detail, headers or {}).response(request_id)
 
 
 MAX_ERRORS_SHOWN = 20

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Histogram
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batcher.metrics import SECONDS_BUCKETS
+from server.errors import Refusal
 
 logger = logging.getLogger("microbatch.server")
 
@@ -74,9 +74,7 @@ class RequestContextMiddleware:
         try:
             refusal = self._refusal(scope, head)
             if refusal is not None:
-                code, kind, detail = refusal
-                body = {"detail": detail, "type": kind, "request_id": request_id}
-                await JSONResponse(body, status_code=code)(scope, receive, send_with_id)
+                await refusal.response(request_id)(scope, receive, send_with_id)
             else:
                 # A declared length was checked above, and the server reads no more than
                 # it; only a chunked body must be counted as it streams in.
@@ -90,8 +88,8 @@ class RequestContextMiddleware:
             if started_reply:
                 raise
             detail = f"internal error (request {request_id})"
-            body = {"detail": detail, "type": "internal_error", "request_id": request_id}
-            await JSONResponse(body, status_code=500)(scope, receive, send_with_id)
+            refusal = Refusal(500, "internal_error", detail)
+            await refusal.response(request_id)(scope, receive, send_with_id)
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
@@ -106,12 +104,13 @@ class RequestContextMiddleware:
             child = self._children[key] = self.duration.labels(path, str(status))
         return child
 
-    def _refusal(self, scope: Scope, head: _Head) -> tuple[int, str, str] | None:
+    def _refusal(self, scope: Scope, head: _Head) -> Refusal | None:
         """A request refused before its body is read: too large, or not JSON."""
         if (head.content_length or 0) > self.max_body_bytes:
-            return 413, "http_error", self._too_large()
+            return Refusal(413, "http_error", self._too_large())
         if scope["method"] in _BODY_METHODS and not _is_json(head.content_type):
-            return 415, "unsupported_media_type", "send the body as Content-Type: application/json"
+            detail = "send the body as Content-Type: application/json"
+            return Refusal(415, "unsupported_media_type", detail)
         return None
 
     def _too_large(self) -> str:

@@ -1,0 +1,24 @@
+"""The early admission gate: 429 before the body is read or the text tokenized, so that
+under overload a refusal costs almost nothing. The engine checks again at submit, for
+every item."""
+
+from __future__ import annotations
+
+from starlette.types import Scope
+
+from batcher import QueueFull
+from server.errors import Refusal
+from server.runtime import Runtime
+
+
+def queue_gate(scope: Scope) -> Refusal | None:
+    """A 429 while the engine's queue is full; None otherwise (and before it runs)."""
+    runtime: Runtime | None = scope.get("state", {}).get("runtime")
+    engine = runtime.engine if runtime is not None else None
+    if engine is None or engine.state != "running":
+        return None
+    try:
+        engine.check_room()
+    except QueueFull as exc:
+        return Refusal(429, "queue_full", str(exc), {"Retry-After": "1"})
+    return None
