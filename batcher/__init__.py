@@ -4,7 +4,7 @@ Importing it loads neither an HTTP framework nor torch; the torch model adapters
 `batcher.models` and are imported on their own.
 """
 
-from batcher.config import POLICIES, EngineConfig, Policy
+from batcher.config import BATCH_SIZINGS, POLICIES, BatchSizing, EngineConfig, Policy
 from batcher.engine import Engine
 from batcher.errors import (
     DeadlineExceeded,
@@ -17,11 +17,15 @@ from batcher.errors import (
     QueueFull,
 )
 from batcher.items import Result
-from batcher.metrics import EngineMetrics
+from batcher.metrics import OUTCOMES, SECONDS_BUCKETS, EngineMetrics
 from batcher.runner import Model, Runner, ThreadRunner
 
 __all__ = [
+    "BATCH_SIZINGS",
+    "OUTCOMES",
     "POLICIES",
+    "SECONDS_BUCKETS",
+    "BatchSizing",
     "DeadlineExceeded",
     "DeadlineUnreachable",
     "DeviceOutOfMemory",

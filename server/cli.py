@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 import signal
 import sys
+from collections.abc import Callable
 
 from pydantic import ValidationError
 from pydantic_settings import CliApp
@@ -33,14 +33,13 @@ def serve(argv: list[str]) -> int:
             print(f"microbatch serve: {name}: {error['msg']}", file=sys.stderr)
         return 2
 
-    from transformers.utils import logging as hf_logging
-
+    from batcher.models import disable_progress_bars
     from server import logs
     from server.app import create_app
     from server.draining import DrainingServer
 
     log_config = logs.configure(settings.log_level, settings.log_format)
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    disable_progress_bars()
     app = create_app(settings)
     server = DrainingServer(
         app,
@@ -62,6 +61,40 @@ def serve(argv: list[str]) -> int:
     return 0 if server.started else 1
 
 
+def _bench(argv: list[str]) -> int:
+    from benchmarks import bench
+
+    return bench.main(argv)
+
+
+def _sweep(argv: list[str]) -> int:
+    from benchmarks import sweep
+
+    return sweep.main(argv)
+
+
+def _plot(argv: list[str]) -> int:
+    from benchmarks import plot
+
+    return plot.main(argv)
+
+
+def _soak(argv: list[str]) -> int:
+    from benchmarks import soak
+
+    return soak.main(argv)
+
+
+TOOLS: dict[str, Callable[[list[str]], int]] = {
+    "bench": _bench,
+    "sweep": _sweep,
+    "plot": _plot,
+    "soak": _soak,
+}
+"""The load-testing tools of `benchmarks/` (the `bench` extra), imported when called so
+that `microbatch serve` loads none of them."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
@@ -70,10 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command == "serve":
         return serve(rest)
-    if command in ("bench", "sweep", "plot", "soak"):
-        module = importlib.import_module(f"benchmarks.{command}")
-        code: int = module.main(rest)
-        return code
+    tool = TOOLS.get(command)
+    if tool is not None:
+        return tool(rest)
     print(f"microbatch: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

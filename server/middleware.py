@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from batcher.metrics import SECONDS_BUCKETS
+from batcher import SECONDS_BUCKETS
 from server.errors import Refusal
 
 logger = logging.getLogger("microbatch.server")

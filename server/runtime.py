@@ -9,12 +9,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-import torch
 from prometheus_client import CollectorRegistry, Counter
 
-from batcher import Engine, EngineMetrics, ThreadRunner
-from batcher.metrics import OUTCOMES
-from batcher.models import DEFAULT_OPTIONS, Encoded, Options, Output, Task, TextModel
+from batcher import OUTCOMES, Engine, EngineMetrics, ThreadRunner
+from batcher.models import (
+    DEFAULT_OPTIONS,
+    Encoded,
+    Options,
+    Output,
+    Task,
+    TextModel,
+    set_threads,
+)
 from server.settings import Settings
 
 logger = logging.getLogger("microbatch.server")
@@ -102,7 +108,7 @@ class Runtime:
         """Load the model, one replica per device (off the loop). Raises ModelLoadError
         or ValueError: startup then fails."""
         if self.settings.torch_threads is not None:
-            torch.set_num_threads(self.settings.torch_threads)
+            set_threads(self.settings.torch_threads)
         if model is None:
             models: list[ServedModel] = []
             for device in self.settings.device_list():

@@ -6,8 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from batcher import Policy
-from batcher.config import BatchSizing
+from batcher import BatchSizing, Policy
 from batcher.models import Options
 
 Text = Annotated[StrictStr, Field(min_length=1, description="One input text.")]

