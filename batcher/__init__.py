@@ -4,7 +4,16 @@ Importing it loads neither an HTTP framework nor torch; the torch model adapters
 `batcher.models` and are imported on their own.
 """
 
-from batcher.config import BATCH_SIZINGS, POLICIES, BatchSizing, EngineConfig, Policy
+from batcher.config import (
+    BATCH_SIZINGS,
+    LIMITS,
+    POLICIES,
+    BatchSizing,
+    EngineConfig,
+    Limit,
+    Policy,
+    check_limit,
+)
 from batcher.engine import Engine
 from batcher.errors import (
     DeadlineExceeded,
@@ -22,6 +31,7 @@ from batcher.runner import Model, Runner, ThreadRunner
 
 __all__ = [
     "BATCH_SIZINGS",
+    "LIMITS",
     "OUTCOMES",
     "POLICIES",
     "SECONDS_BUCKETS",
@@ -35,6 +45,7 @@ __all__ = [
     "EngineError",
     "EngineMetrics",
     "InferenceFailed",
+    "Limit",
     "ItemTooLarge",
     "Model",
     "Policy",
@@ -42,4 +53,5 @@ __all__ = [
     "Result",
     "Runner",
     "ThreadRunner",
+    "check_limit",
 ]

@@ -2,13 +2,69 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Literal, get_args
+
+from batcher.padding import PAD_MULTIPLE
 
 Policy = Literal["adaptive", "window"]
 POLICIES: tuple[Policy, ...] = get_args(Policy)
 BatchSizing = Literal["learned", "fill"]
 BATCH_SIZINGS: tuple[BatchSizing, ...] = get_args(BatchSizing)
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One batching limit: what it means and the values it may take. `LIMITS` is the one
+    definition from which `EngineConfig`'s checks, the server's settings and the admin
+    API's schemas are made."""
+
+    description: str
+    minimum: float | None = None
+    nullable: bool = False
+    choices: tuple[str, ...] = ()
+
+
+LIMITS: dict[str, Limit] = {
+    "max_batch_size": Limit("Most items in one forward pass.", minimum=1),
+    "max_wait_ms": Limit(
+        "Longest the oldest queued item waits while the device is free.", minimum=0
+    ),
+    "max_batch_tokens": Limit(
+        "Cap on padded tokens (items x length) in one batch; null: no cap.",
+        minimum=PAD_MULTIPLE,  # no padded item is shorter
+        nullable=True,
+    ),
+    "max_queue_size": Limit("Waiting items before 429s.", minimum=1),
+    "policy": Limit(
+        "adaptive: dispatch at once when the device is idle, gather while busy; window: "
+        "always wait up to max-wait-ms for a full batch.",
+        choices=POLICIES,
+    ),
+    "batch_sizing": Limit(
+        "learned: size each batch for the most items/s under the device cost learned from "
+        "past batches (tight batches on a CPU, full ones on a GPU); fill: as many items as "
+        "the limits allow.",
+        choices=BATCH_SIZINGS,
+    ),
+}
+
+
+def check_limit(name: str, value: object) -> None:
+    """Raise ValueError, showing the bad value, unless `value` suits limit `name`."""
+    limit = LIMITS[name]
+    if value is None:
+        if not limit.nullable:
+            raise ValueError(f"{name} must not be null")
+        return
+    if limit.choices and value not in limit.choices:
+        raise ValueError(f"{name} must be one of {', '.join(limit.choices)}, got {value!r}")
+    if limit.minimum is not None and not (
+        isinstance(value, int | float) and value >= limit.minimum
+    ):
+        # `not >=` also rejects NaN.
+        nullable = " or null" if limit.nullable else ""
+        raise ValueError(f"{name} must be >= {limit.minimum:g}{nullable}, got {value}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,20 +91,13 @@ class EngineConfig:
     batch_sizing: BatchSizing = "learned"
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if not self.max_wait_ms >= 0:  # also rejects NaN
-            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
-        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be >= 1 or None, got {self.max_batch_tokens}")
-        if self.max_queue_size < 1:
-            raise ValueError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        if self.batch_sizing not in BATCH_SIZINGS:
-            raise ValueError(
-                f"batch_sizing must be one of {', '.join(BATCH_SIZINGS)}, got {self.batch_sizing!r}"
-            )
+        for field in fields(self):
+            check_limit(field.name, getattr(self, field.name))
+
+    @classmethod
+    def defaults(cls) -> dict[str, object]:
+        """Each limit's default, by name."""
+        return {f.name: f.default for f in fields(cls)}
 
     @property
     def max_wait_s(self) -> float:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
-from batcher import OUTCOMES, Engine, EngineMetrics, ThreadRunner
+from batcher import OUTCOMES, Engine, EngineConfig, EngineMetrics, ThreadRunner
 from batcher.models import (
     DEFAULT_OPTIONS,
     Encoded,
@@ -95,6 +95,7 @@ class Runtime:
     engine: Engine[Encoded, Output] | None = None
     _runners: list[ThreadRunner[Encoded, Output]] = field(default_factory=list)
     _warm_up: asyncio.Task[None] | None = None
+    _warmed_batch_size: int = 0
     disconnects: Counter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -132,8 +133,10 @@ class Runtime:
     async def _warm_and_start(self, engine: Engine[Encoded, Output]) -> None:
         try:
             # One replica after the other: torch.compile is not made for parallel tracing.
+            size = engine.config.max_batch_size
             for runner, model in zip(self._runners, self.models, strict=True):
-                await runner.call(model.warm_up, self.settings.max_batch_size)
+                await runner.call(model.warm_up, size)
+            self._warmed_batch_size = size
             await engine.start()
         except Exception as exc:
             logger.exception("warm-up failed; the server stays unready")
@@ -142,6 +145,20 @@ class Runtime:
         _tune_gc()
         self.status = "ready"
         logger.info("ready: %s on %d replica(s)", self.models[0].describe(), len(self.models))
+
+    async def reconfigure(self, changes: Mapping[str, object]) -> EngineConfig:
+        """Change the live batching limits (ValueError for a bad value). A larger
+        `max_batch_size` than any warmed so far first warms the new shapes on every
+        replica, in turn with their batches, so that no request triggers a compile."""
+        engine = self.engine
+        if engine is None:
+            raise RuntimeError("reconfigure before load; this is a bug")
+        config = engine.config.replace(**changes)  # validates before any warm-up
+        if config.max_batch_size > self._warmed_batch_size:
+            for runner, model in zip(self._runners, self.models, strict=True):
+                await runner.call(model.warm_up, config.max_batch_size)
+            self._warmed_batch_size = config.max_batch_size
+        return engine.reconfigure(**changes)
 
     def liveness_problem(self) -> str | None:
         """Why an orchestrator should restart this process; None while it is alive."""

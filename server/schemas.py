@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
-from batcher import BatchSizing, Policy
+from batcher import BatchSizing, Policy, check_limit
 from batcher.models import Options
+from server.limits import limit_field
 
 Text = Annotated[StrictStr, Field(min_length=1, description="One input text.")]
 
@@ -136,27 +145,37 @@ class BatchResponse(PredictMeta):
 class Batching(BaseModel):
     """The live batching settings."""
 
-    max_batch_size: int
-    max_wait_ms: float
-    max_batch_tokens: int | None
-    max_queue_size: int
-    policy: Policy
-    batch_sizing: BatchSizing
+    max_batch_size: int = limit_field("max_batch_size")
+    max_wait_ms: float = limit_field("max_wait_ms")
+    max_batch_tokens: int | None = limit_field("max_batch_tokens")
+    max_queue_size: int = limit_field("max_queue_size")
+    policy: Policy = limit_field("policy")
+    batch_sizing: BatchSizing = limit_field("batch_sizing")
 
 
 class BatchingPatch(BaseModel):
-    """Fields to change; the others keep their value. `max_batch_tokens: null` lifts
-    the token cap."""
+    """Fields to change; omitted ones keep their value. `max_batch_tokens: null` lifts
+    the token cap; no other limit takes null."""
 
     model_config = ConfigDict(extra="forbid")
 
-    # Omitted fields keep their value; only max_batch_tokens accepts null.
-    max_batch_size: int = Field(None, ge=1)  # type: ignore[assignment]
-    max_wait_ms: float = Field(None, ge=0)  # type: ignore[assignment]
-    max_batch_tokens: int | None = Field(None, ge=8)
-    max_queue_size: int = Field(None, ge=1)  # type: ignore[assignment]
-    policy: Policy = Field(None)  # type: ignore[arg-type]
-    batch_sizing: BatchSizing = Field(None)  # type: ignore[arg-type]
+    max_batch_size: int | None = limit_field("max_batch_size", patch=True)
+    max_wait_ms: float | None = limit_field("max_wait_ms", patch=True)
+    max_batch_tokens: int | None = limit_field("max_batch_tokens", patch=True)
+    max_queue_size: int | None = limit_field("max_queue_size", patch=True)
+    policy: Policy | None = limit_field("policy", patch=True)
+    batch_sizing: BatchSizing | None = limit_field("batch_sizing", patch=True)
+
+    @model_validator(mode="after")
+    def _null_only_where_allowed(self) -> BatchingPatch:
+        for name in self.model_fields_set:
+            if getattr(self, name) is None:
+                check_limit(name, None)  # ValueError: `name` must not be null
+        return self
+
+    def changes(self) -> dict[str, object]:
+        """The limits to change, by name."""
+        return self.model_dump(exclude_unset=True)
 
 
 class Status(BaseModel):

@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from batcher import BatchSizing, EngineConfig, Policy
 from batcher.models import DtypeOption, LoadOptions, TaskOption
+from server.limits import limit_field
 
 
 class Settings(BaseSettings):
@@ -48,25 +49,12 @@ class Settings(BaseSettings):
     max_tokens: int | None = Field(
         None, ge=1, description="Truncate inputs to this many tokens; default: model's limit."
     )
-    max_batch_size: int = Field(32, ge=1, description="Most items in one forward pass.")
-    max_wait_ms: float = Field(
-        50.0, ge=0, description="Longest the oldest queued item waits while the device is free."
-    )
-    max_batch_tokens: int | None = Field(
-        None, ge=8, description="Cap on padded tokens (items x length) in one batch."
-    )
-    policy: Policy = Field(
-        "adaptive",
-        description="adaptive: dispatch at once when the device is idle, gather while busy; "
-        "window: always wait up to max-wait-ms for a full batch.",
-    )
-    batch_sizing: BatchSizing = Field(
-        "learned",
-        description="learned: size each batch for the most items/s under the device cost "
-        "learned from past batches (tight batches on a CPU, full ones on a GPU); fill: as "
-        "many items as the limits allow.",
-    )
-    max_queue_size: int = Field(1024, ge=1, description="Waiting items before 429s.")
+    max_batch_size: int = limit_field("max_batch_size")
+    max_wait_ms: float = limit_field("max_wait_ms")
+    max_batch_tokens: int | None = limit_field("max_batch_tokens")
+    policy: Policy = limit_field("policy")
+    batch_sizing: BatchSizing = limit_field("batch_sizing")
+    max_queue_size: int = limit_field("max_queue_size")
     saturated_at: float = Field(
         0.8,
         gt=0,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from batcher.errors import DeviceOutOfMemory
-from batcher.models.compiling import CompileState, compile_forward
+from batcher.models.compiling import CompileState, compile_forward, graphs_compiled
 from batcher.models.description import Dense
 from batcher.models.heads import EmbeddingHead, finish_embeddings
 from batcher.models.loading import Loaded, LoadOptions, Task, load
@@ -313,7 +313,12 @@ class TextModel:
     def warm_up(self, max_batch_size: int) -> None:
         """Compile (when asked) and run every kind of shape that can occur, so that no
         request ever triggers a compile. Falls back to eager, with a warning, if
-        compiling fails."""
+        compiling fails. Called again with a larger `max_batch_size` (a live change of
+        the limit), it runs the new shapes only, compiling what they need now rather than
+        when a request meets them."""
+        if self.warmed:
+            self._warm_more(max_batch_size)
+            return
         started = time.perf_counter()
         try:
             if self.compile_state.requested:
@@ -329,6 +334,19 @@ class TextModel:
         self.compile_state.finish_warm_up()
         self.warmed = True
         logger.info("warm-up done in %.1fs (%s)", time.perf_counter() - started, self.compile_state)
+
+    def _warm_more(self, max_batch_size: int) -> None:
+        state = self.compile_state
+        before, stance = graphs_compiled(), state.stance
+        state.stance = "default"
+        try:
+            self._run_shapes(max_batch_size)
+        finally:
+            state.stance = stance
+            if state.graphs_at_warm_up is not None:
+                # Graphs made here were made on purpose: they are not request recompiles.
+                state.graphs_at_warm_up += graphs_compiled() - before
+        logger.info("warmed batches of up to %d", max_batch_size)
 
     def _run_shapes(self, max_batch_size: int) -> None:
         # With dynamic shapes one graph serves every (batch, length); these calls make any

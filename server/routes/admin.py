@@ -67,12 +67,16 @@ async def get_batching(runtime: RuntimeDep) -> Batching:
     return _batching(runtime)
 
 
-@router.patch("/admin/batching", response_model=Batching, summary="Change batching at run time")
+@router.patch(
+    "/admin/batching",
+    response_model=Batching,
+    summary="Change batching at run time (a larger max_batch_size is warmed first)",
+)
 async def patch_batching(patch: BatchingPatch, runtime: RuntimeDep) -> Batching:
     if runtime.engine is None:
         raise NotReady(f"the server is {runtime.status}")
     try:
-        runtime.engine.reconfigure(**patch.model_dump(exclude_unset=True))
+        await runtime.reconfigure(patch.changes())
     except ValueError as exc:
         raise RequestValidationError(
             [{"loc": ("body",), "msg": str(exc), "type": "value_error"}]

@@ -27,7 +27,8 @@ class FakeTextModel:
 
     `warm_gate` blocks warm-up until the test sets it; `predict_gate` blocks forward
     passes (`entered` is set once one has started); `poison` makes any batch holding it
-    raise; `batches` records the size of every forward pass, `seen` every text computed."""
+    raise; `batches` records the size of every forward pass, `seen` every text computed,
+    `warmed` the batch size of every warm-up."""
 
     task: Task = "embed"
     name: str = "fake"
@@ -38,6 +39,7 @@ class FakeTextModel:
     entered: threading.Event = field(default_factory=threading.Event)
     poison: str = "boom"
     batches: list[int] = field(default_factory=list)
+    warmed: list[int] = field(default_factory=list)
     seen: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -83,6 +85,7 @@ class FakeTextModel:
     def warm_up(self, max_batch_size: int) -> None:
         if not self.warm_gate.wait(timeout=30):
             raise TimeoutError("the test never released warm_gate")
+        self.warmed.append(max_batch_size)
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "task": self.task, "device": "cpu", "labels": list(self.labels)}

@@ -341,3 +341,24 @@ async def test_openapi_documents_the_predict_bodies_header_and_replies() -> None
     refs = str(reply["application/json"]["schema"])
     assert "EmbeddingResponse" in refs
     assert "LabelResponse" in refs
+
+
+async def test_raising_max_batch_size_warms_the_new_shapes_before_it_applies() -> None:
+    model = FakeTextModel()
+    async with serve(model) as client:
+        raised = await client.patch("/admin/batching", json={"max_batch_size": 64})
+        lowered = await client.patch("/admin/batching", json={"max_batch_size": 16})
+        again = await client.patch("/admin/batching", json={"max_batch_size": 48})
+        null = await client.patch("/admin/batching", json={"max_batch_size": None})
+        bad_then = await client.patch(
+            "/admin/batching", json={"max_batch_size": 99, "max_wait_ms": -1}
+        )
+        live = (await client.get("/admin/batching")).json()
+    assert [r.status_code for r in (raised, lowered, again)] == [200, 200, 200]
+    assert model.warmed == [32, 64]  # start, then the one size above any warmed before
+    assert null.status_code == 422
+    assert "max_batch_size must not be null" in null.text
+    assert bad_then.status_code == 422
+    assert "max_wait_ms" in bad_then.text
+    assert model.warmed == [32, 64]  # a refused change warms nothing
+    assert live["max_batch_size"] == 48
