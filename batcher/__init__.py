@@ -28,6 +28,7 @@ from batcher.errors import (
 from batcher.items import Result
 from batcher.metrics import OUTCOMES, SECONDS_BUCKETS, EngineMetrics
 from batcher.runner import Model, Runner, ThreadRunner
+from batcher.stats import EngineStats, ReplicaStats, State
 
 __all__ = [
     "BATCH_SIZINGS",
@@ -44,14 +45,17 @@ __all__ = [
     "EngineConfig",
     "EngineError",
     "EngineMetrics",
+    "EngineStats",
     "InferenceFailed",
     "Limit",
     "ItemTooLarge",
     "Model",
     "Policy",
     "QueueFull",
+    "ReplicaStats",
     "Result",
     "Runner",
+    "State",
     "ThreadRunner",
     "check_limit",
 ]

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
+from typing import Generic, TypeVar
 
 from batcher.config import EngineConfig
 from batcher.cost import CostModel
@@ -33,13 +33,13 @@ from batcher.metrics import EngineMetrics
 from batcher.padding import bucket_length, padded_tokens
 from batcher.policy import Dispatch, decide, max_in_flight, select_batch
 from batcher.runner import Runner
+from batcher.stats import EngineStats, ReplicaStats, State
 
 InT = TypeVar("InT")
 OutT = TypeVar("OutT")
 
 logger = logging.getLogger("batcher.engine")
 
-State = Literal["new", "running", "draining", "closed"]
 
 RATE_DECAY = 0.9
 """Weight kept by past batches in the drain-rate estimate (about the last ten count)."""
@@ -157,6 +157,22 @@ class Engine(Generic[InT, OutT]):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's state, limits and replicas."""
+        return EngineStats(
+            state=self._state,
+            healthy=self.healthy,
+            config=self._config,
+            queue_depth=len(self._pending),
+            in_flight=self._in_flight,
+            busy_for_s=self.busy_for(),
+            memory_cap_tokens=self.memory_cap,
+            learned_cost=self.cost_model.estimate(),
+            replicas=tuple(
+                ReplicaStats(r.index, r.alive, r.busy_since is not None) for r in self.replicas
+            ),
+        )
 
     @property
     def state(self) -> State:

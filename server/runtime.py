@@ -164,12 +164,14 @@ class Runtime:
         """Why an orchestrator should restart this process; None while it is alive."""
         if self.status == "failed":
             return self.error or "failed"
-        engine = self.engine
-        if engine is None or engine.state == "new":
+        if self.engine is None:
             return None
-        if not engine.healthy:
+        stats = self.engine.stats()
+        if stats.state == "new":
+            return None
+        if not stats.healthy:
             return "the engine's dispatch task died"
-        busy_s = engine.busy_for()
+        busy_s = stats.busy_for_s
         if busy_s > self.settings.watchdog_s:
             return (
                 f"the device worker is stuck: one forward pass has run {busy_s:.0f} s "
@@ -180,10 +182,10 @@ class Runtime:
     @property
     def saturated(self) -> bool:
         """The queue is nearly full: a load balancer should send new traffic elsewhere."""
-        engine = self.engine
-        if engine is None:
+        if self.engine is None:
             return False
-        return engine.queue_depth >= self.settings.saturated_at * engine.config.max_queue_size
+        stats = self.engine.stats()
+        return stats.queue_depth >= self.settings.saturated_at * stats.config.max_queue_size
 
     def stop_admitting(self) -> None:
         """From now on `/ready` and new predictions answer 503 (safe in a signal handler)."""

@@ -178,6 +178,37 @@ class BatchingPatch(BaseModel):
         return self.model_dump(exclude_unset=True)
 
 
+class LearnedCost(BaseModel):
+    overhead_ms: float = Field(description="Fixed cost of one forward pass.")
+    per_token_us: float = Field(description="Cost per padded token.")
+
+
+class ReplicaInfo(BaseModel):
+    index: int
+    device: str
+    alive: bool = Field(description="False once taken out of rotation.")
+
+
+class ModelInfo(BaseModel):
+    """`GET /model`: what the model is and computes (its task, device, dtype, token
+    limit, labels, compile state, pooling or head: more fields, by task), and the
+    engine's live state."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str | None = None
+    task: str | None = None
+    device: str | None = None
+    status: str
+    batching: Batching
+    learned_cost: LearnedCost | None = Field(description="None until enough batches ran.")
+    memory_cap_tokens: int | None = Field(
+        description="Padded tokens per batch learned from out-of-memory errors."
+    )
+    replicas: list[ReplicaInfo]
+    limits: dict[str, Any] = Field(description="The request limits in force.")
+
+
 class Status(BaseModel):
     status: str
     detail: str | None = None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter
 from fastapi.exceptions import RequestValidationError
 
@@ -13,9 +11,25 @@ from server.runtime import Runtime
 from server.schemas import (
     Batching,
     BatchingPatch,
+    LearnedCost,
+    ModelInfo,
+    ReplicaInfo,
 )
 
 router = APIRouter()
+
+
+LIMITS_SHOWN = (
+    "max_text_chars",
+    "truncate",
+    "max_client_batch",
+    "max_body_bytes",
+    "request_timeout_s",
+    "max_request_timeout_s",
+    "watchdog_s",
+    "rate_limit_rps",
+    "rate_limit_burst",
+)
 
 
 def _batching(runtime: Runtime) -> Batching:
@@ -23,43 +37,26 @@ def _batching(runtime: Runtime) -> Batching:
     return Batching.model_validate(config, from_attributes=True)
 
 
-def _learned_cost(runtime: Runtime) -> dict[str, float] | None:
-    cost = runtime.engine.cost_model.estimate() if runtime.engine else None
-    if cost is None:
-        return None
-    return {"overhead_ms": cost.overhead_s * 1e3, "per_token_us": cost.per_token_s * 1e6}
-
-
-@router.get("/model", summary="Model, device, compile state and batching settings")
-async def model_info(runtime: RuntimeDep) -> dict[str, Any]:
-    described = runtime.model.describe() if runtime.model else {}
-    return {
-        **described,
-        "status": runtime.status,
-        "batching": _batching(runtime).model_dump(),
-        "learned_cost": _learned_cost(runtime),
-        "memory_cap_tokens": runtime.engine.memory_cap if runtime.engine else None,
-        "replicas": [
-            {"index": r.index, "device": str(m.describe().get("device")), "alive": r.alive}
-            for r, m in zip(
-                runtime.engine.replicas if runtime.engine else [], runtime.models, strict=False
-            )
-        ],
-        "limits": {
-            name: getattr(runtime.settings, name)
-            for name in (
-                "max_text_chars",
-                "truncate",
-                "max_client_batch",
-                "max_body_bytes",
-                "request_timeout_s",
-                "max_request_timeout_s",
-                "watchdog_s",
-                "rate_limit_rps",
-                "rate_limit_burst",
-            )
-        },
-    }
+@router.get("/model", response_model=ModelInfo, summary="Model, task, compile state, batching")
+async def model_info(runtime: RuntimeDep) -> ModelInfo:
+    stats = runtime.engine.stats() if runtime.engine else None
+    cost = stats.learned_cost if stats else None
+    devices = [str(m.describe().get("device")) for m in runtime.models]
+    return ModelInfo.model_validate(
+        {
+            **(runtime.model.describe() if runtime.model else {}),
+            "status": runtime.status,
+            "batching": _batching(runtime),
+            "learned_cost": cost
+            and LearnedCost(overhead_ms=cost.overhead_s * 1e3, per_token_us=cost.per_token_s * 1e6),
+            "memory_cap_tokens": stats.memory_cap_tokens if stats else None,
+            "replicas": [
+                ReplicaInfo(index=r.index, device=devices[r.index], alive=r.alive)
+                for r in (stats.replicas if stats else ())
+            ],
+            "limits": {name: getattr(runtime.settings, name) for name in LIMITS_SHOWN},
+        }
+    )
 
 
 @router.get("/admin/batching", response_model=Batching, summary="Live batching settings")

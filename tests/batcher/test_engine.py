@@ -509,3 +509,23 @@ async def test_an_item_that_would_wait_past_its_deadline_is_refused_at_once() ->
     assert "hurry" not in runner.computed
     assert patient.value == "PATIENT"
     assert engine.metrics.outcome["rejected_deadline"]._value.get() == 1
+
+
+async def test_stats_is_a_snapshot_of_queue_device_and_replicas() -> None:
+    runner = GatedRunner()
+    config = EngineConfig(max_batch_size=2, batch_sizing="fill")
+    async with make_engine([runner], config) as engine:
+        assert engine.stats().state == "running"
+        tasks = [asyncio.create_task(engine.submit(x)) for x in texts(5)]
+        await runner.started.wait()
+        stats = engine.stats()
+        runner.gate.set()  # before any assert: a failed one must not leave the drain waiting
+        await settle(*tasks)
+        after = engine.stats()
+    # Two on the device, the next two taken out as its next batch (one batch is prepared
+    # while one runs), one still queued.
+    assert (stats.queue_depth, stats.in_flight) == (1, 2)
+    assert [(r.index, r.alive, r.busy) for r in stats.replicas] == [(0, True, True)]
+    assert (stats.config, stats.healthy, stats.memory_cap_tokens) == (config, True, None)
+    assert (after.queue_depth, after.in_flight, after.replicas[0].busy) == (0, 0, False)
+    assert engine.stats().state == "closed"
