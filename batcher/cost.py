@@ -3,7 +3,8 @@
 The fit is `seconds ≈ overhead_s + per_token_s * padded tokens`, by least squares over
 recent batches (older ones decay). On a GPU the overhead dominates, so full batches pay;
 on a CPU the per-token term does, so a tight batch of similar lengths beats a full one
-that is mostly padding. The policy uses the fit to size batches (`batch_sizing="learned"`).
+that is mostly padding. The policy uses the fit to size batches
+(`batch_sizing="learned"`); `DrainRate`, how fast the queue empties, serves admission.
 """
 
 from __future__ import annotations
@@ -52,3 +53,28 @@ class CostModel:
         slope = max(0.0, (self._n * self._sxy - self._sx * self._sy) / spread)
         intercept = max(0.0, (self._sy - slope * self._sx) / self._n)
         return LinearCost(intercept, slope)
+
+
+@dataclass
+class DrainRate:
+    """Items per device-second, over recent batches (older ones decay): how fast one
+    replica empties the queue, for deadline-aware admission."""
+
+    decay: float = 0.9
+    """Weight kept by past batches at each new one (about the last ten count)."""
+    min_batches: int = 8
+    """Batches seen before the rate is trusted."""
+    _items: float = 0.0
+    _seconds: float = 0.0
+    _seen: int = 0
+
+    def observe(self, items: int, seconds: float) -> None:
+        self._items = self.decay * self._items + items
+        self._seconds = self.decay * self._seconds + seconds
+        self._seen += 1
+
+    def per_replica(self) -> float | None:
+        """Items per second while busy, or None until enough batches ran."""
+        if self._seen < self.min_batches or self._seconds <= 0:
+            return None
+        return self._items / self._seconds

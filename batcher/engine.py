@@ -13,11 +13,10 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from batcher.config import EngineConfig
-from batcher.cost import CostModel
+from batcher.cost import CostModel, DrainRate
 from batcher.errors import (
     DeadlineExceeded,
     DeadlineUnreachable,
@@ -32,6 +31,7 @@ from batcher.items import PendingItem, Result, settle_error, settle_result
 from batcher.metrics import EngineMetrics
 from batcher.padding import bucket_length, padded_tokens
 from batcher.policy import Dispatch, decide, max_in_flight, select_batch
+from batcher.replicas import Replica, ReplicaPool
 from batcher.runner import Runner
 from batcher.stats import EngineStats, ReplicaStats, State
 
@@ -39,27 +39,6 @@ InT = TypeVar("InT")
 OutT = TypeVar("OutT")
 
 logger = logging.getLogger("batcher.engine")
-
-
-RATE_DECAY = 0.9
-"""Weight kept by past batches in the drain-rate estimate (about the last ten count)."""
-RATE_MIN_BATCHES = 8
-"""Batches seen before the drain rate is trusted for admission."""
-
-REPLICA_STRIKES = 3
-"""A replica that fails this many inputs in a row which another replica then computes
-is taken out of rotation (while another replica is alive)."""
-
-
-@dataclass(eq=False)
-class Replica(Generic[InT, OutT]):
-    """One runner (one device) and what the engine knows of it."""
-
-    index: int
-    runner: Runner[InT, OutT]
-    busy_since: float | None = None
-    strikes: int = 0
-    alive: bool = True
 
 
 class Engine(Generic[InT, OutT]):
@@ -80,16 +59,12 @@ class Engine(Generic[InT, OutT]):
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         runners = list(runner) if isinstance(runner, Sequence) else [runner]
-        if not runners:
-            raise ValueError("an engine needs at least one runner")
+        self.metrics = metrics if metrics is not None else EngineMetrics()
+        self._pool = ReplicaPool(runners, self.metrics.replicas_alive.set)
         self._runner = runners[0]  # for `cost`: every replica runs the same model
-        self.replicas = [Replica(i, r) for i, r in enumerate(runners)]
-        self._idle = list(self.replicas)
-        self._replica_waiters: list[asyncio.Future[None]] = []
         self.clock = clock
         """Monotonic seconds; `enqueued_at`, deadlines and timings are on this clock."""
         self._config = config if config is not None else EngineConfig()
-        self.metrics = metrics if metrics is not None else EngineMetrics()
         self._pending: deque[PendingItem[InT, OutT]] = deque()
         self._has_work = asyncio.Event()
         self._in_flight = 0
@@ -101,11 +76,8 @@ class Engine(Generic[InT, OutT]):
         """The device's cost per batch, learned from the batches run so far."""
         self.memory_cap: int | None = None
         """Padded tokens per batch, learned from `DeviceOutOfMemory`; None until one."""
+        self._drain_rate = DrainRate()
         self.metrics.busy_seconds.set_function(self.busy_for)
-        self._rate_items = 0.0  # decayed items computed, and device seconds spent on them
-        self._rate_seconds = 0.0
-        self._rate_batches = 0
-        self.metrics.replicas_alive.set(len(self.replicas))
         self.metrics.queue_depth.set_function(lambda: len(self._pending))
         self.metrics.in_flight.set_function(lambda: self._in_flight)
 
@@ -170,7 +142,8 @@ class Engine(Generic[InT, OutT]):
             memory_cap_tokens=self.memory_cap,
             learned_cost=self.cost_model.estimate(),
             replicas=tuple(
-                ReplicaStats(r.index, r.alive, r.busy_since is not None) for r in self.replicas
+                ReplicaStats(r.index, r.alive, r.busy_since is not None)
+                for r in self._pool.replicas
             ),
         )
 
@@ -194,15 +167,14 @@ class Engine(Generic[InT, OutT]):
     def busy_for(self) -> float:
         """Seconds the longest-running forward pass now on a device has run; 0.0 when
         all are idle. A value far above the usual batch time means a worker is stuck."""
-        starts = [r.busy_since for r in self.replicas if r.busy_since is not None]
-        return max(0.0, self.clock() - min(starts)) if starts else 0.0
+        since = self._pool.busy_since()
+        return 0.0 if since is None else max(0.0, self.clock() - since)
 
     def drain_rate(self) -> float | None:
         """Items per second the live replicas compute while busy (recent batches), or
         None until enough batches have run."""
-        if self._rate_batches < RATE_MIN_BATCHES or self._rate_seconds <= 0:
-            return None
-        return self.alive_replicas * self._rate_items / self._rate_seconds
+        rate = self._drain_rate.per_replica()
+        return None if rate is None else self._pool.alive * rate
 
     def expected_wait(self, extra: int = 0) -> float | None:
         """Seconds until `extra` new items would reach a device, at the drain rate."""
@@ -211,7 +183,7 @@ class Engine(Generic[InT, OutT]):
 
     @property
     def alive_replicas(self) -> int:
-        return sum(r.alive for r in self.replicas)
+        return self._pool.alive
 
     def reconfigure(self, **changes: object) -> EngineConfig:
         """Apply new limits at once (validated; raises ValueError). Queued items stay.
@@ -418,58 +390,6 @@ class Engine(Generic[InT, OutT]):
             self._in_flight -= 1
             self._has_work.set()
 
-    # -- replicas ----------------------------------------------------------------------
-
-    async def _acquire(self, avoid: Replica[InT, OutT] | None) -> Replica[InT, OutT]:
-        """A free live replica, other than `avoid` while another is alive; the one with
-        the fewest strikes when several are free. Waits until one is free."""
-        while True:
-            free = [r for r in self._idle if r.alive]
-            if avoid is not None and any(r.alive and r is not avoid for r in self.replicas):
-                free = [r for r in free if r is not avoid]
-            if free:
-                replica = min(free, key=lambda r: r.strikes)
-                self._idle.remove(replica)
-                return replica
-            waiter = asyncio.get_running_loop().create_future()
-            self._replica_waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._replica_waiters:
-                    self._replica_waiters.remove(waiter)
-
-    def _release(self, replica: Replica[InT, OutT]) -> None:
-        self._idle.append(replica)
-        self._wake_replica_waiters()
-
-    def _wake_replica_waiters(self) -> None:
-        waiters, self._replica_waiters = self._replica_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def _strike(self, replica: Replica[InT, OutT]) -> None:
-        """`replica` failed an input that another replica then computed."""
-        replica.strikes += 1
-        logger.warning(
-            "replica %d failed an input that another replica computed (%d in a row)",
-            replica.index,
-            replica.strikes,
-        )
-        if replica.strikes >= REPLICA_STRIKES and self.alive_replicas > 1:
-            replica.alive = False
-            self.metrics.replicas_alive.set(self.alive_replicas)
-            logger.error(
-                "replica %d taken out of rotation after %d strikes; %d replicas left",
-                replica.index,
-                replica.strikes,
-                self.alive_replicas,
-            )
-            self._wake_replica_waiters()  # those avoiding it may now take any replica
-
-    # -- execution ---------------------------------------------------------------------
-
     async def _run_split(
         self, batch: list[PendingItem[InT, OutT]], avoid: Replica[InT, OutT] | None = None
     ) -> bool:
@@ -480,9 +400,7 @@ class Engine(Generic[InT, OutT]):
         another replica: if it succeeds there, the first replica gets a strike. Out of
         memory also lowers the memory cap to half the failed batch's padded tokens.
         """
-        replica = await self._acquire(avoid)
-        failure: Exception | None = None
-        try:
+        async with self._pool.lease(avoid) as replica:
             # Callers may have left or expired while the batch waited for a replica.
             now = self.clock()
             batch = [item for item in batch if self._is_wanted(item, now)]
@@ -493,14 +411,24 @@ class Engine(Generic[InT, OutT]):
             try:
                 outputs = await replica.runner.run([item.payload for item in batch])
             except Exception as exc:
-                failure = exc
+                failure: Exception | None = exc
+            else:
+                failure = None
             finally:
                 replica.busy_since = None
-        finally:
-            if not (failure is not None and len(batch) == 1 and avoid is None):
-                self._release(replica)
+            if failure is not None and len(batch) == 1 and avoid is None:
+                if isinstance(failure, DeviceOutOfMemory):
+                    self._shrink_after_oom(batch)
+                if self._pool.others_alive(replica):
+                    # The input's fault, or this replica's? Ask another one, still
+                    # holding this one so that the retry cannot land on it.
+                    retried = await self._run_split(batch, avoid=replica)
+                    if retried:
+                        self._pool.strike(replica)
+                    return retried
+                return self._fail_alone(batch[0], failure)
         if failure is not None:
-            return await self._after_failure(batch, replica, avoid, failure)
+            return await self._after_failure(batch, failure)
         replica.strikes = 0
         inference_time_s = self.clock() - started
         if len(outputs) != len(batch):
@@ -520,13 +448,8 @@ class Engine(Generic[InT, OutT]):
         self.metrics.outcome["ok"].inc(delivered)
         return True
 
-    async def _after_failure(
-        self,
-        batch: list[PendingItem[InT, OutT]],
-        replica: Replica[InT, OutT],
-        avoid: Replica[InT, OutT] | None,
-        exc: Exception,
-    ) -> bool:
+    async def _after_failure(self, batch: list[PendingItem[InT, OutT]], exc: Exception) -> bool:
+        """A batch (or a retried single item) failed: split it, or fail the item."""
         if isinstance(exc, DeviceOutOfMemory):
             self._shrink_after_oom(batch)
         if len(batch) > 1:
@@ -534,23 +457,13 @@ class Engine(Generic[InT, OutT]):
             first = await self._run_split(batch[:half])
             second = await self._run_split(batch[half:])
             return first and second
-        if avoid is None:
-            # The input's fault, or this replica's? Ask another replica, if there is one
-            # (`replica` is held until then, so that the retry cannot land on it).
-            others = self.alive_replicas > (1 if replica.alive else 0)
-            if others:
-                try:
-                    retried = await self._run_split(batch, avoid=replica)
-                finally:
-                    self._release(replica)
-                if retried:
-                    self._strike(replica)
-                return retried
-            self._release(replica)
+        return self._fail_alone(batch[0], exc)
+
+    def _fail_alone(self, item: PendingItem[InT, OutT], exc: Exception) -> bool:
         logger.warning("model failed on one input: %r", exc)
         error = InferenceFailed(f"the model failed on this input: {type(exc).__name__}")
         error.__cause__ = exc
-        if settle_error(batch[0].future, error):
+        if settle_error(item.future, error):
             self.metrics.outcome["failed"].inc()
         return False
 
@@ -579,9 +492,7 @@ class Engine(Generic[InT, OutT]):
         m = self.metrics
         m.batch_size.observe(len(batch))
         m.replica_batches.labels(str(replica.index)).inc()
-        self._rate_items = RATE_DECAY * self._rate_items + len(batch)
-        self._rate_seconds = RATE_DECAY * self._rate_seconds + inference_time_s
-        self._rate_batches += 1
+        self._drain_rate.observe(len(batch), inference_time_s)
         m.inference.observe(inference_time_s)
         real = sum(item.cost for item in batch)
         padded = padded_tokens(item.cost for item in batch)

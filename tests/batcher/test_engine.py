@@ -23,8 +23,8 @@ from batcher import (
     Runner,
     ThreadRunner,
 )
-from batcher.engine import REPLICA_STRIKES
 from batcher.padding import bucket_length, padded_tokens
+from batcher.replicas import REPLICA_STRIKES
 from tests.batcher.fakes import Call, GatedRunner, Poison, open_runner
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
