@@ -40,7 +40,9 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)  # second signal, or nothing to drain yet
             return
         self._signalled = True
-        self._captured_signals.append(sig)
+        # Unlike uvicorn's own handler, this one does not record the signal for uvicorn
+        # to raise again once it has shut down: after a clean drain the process exits 0
+        # (SIGTERM and Ctrl-C alike), as orchestrators and terminals expect.
         runtime.stop_admitting()  # synchronous: the very next request sees it
         # A signal handler runs between two bytecodes of the loop's own thread: only
         # schedule here, do the work in a task.

@@ -67,3 +67,18 @@ def test_sigterm_under_load_drains_every_admitted_request_then_exits_0(tmp_path:
     counts = json.loads(stopped.replace("'", '"'))
     assert counts["admitted"] == counts["ok"] == 128
     assert counts["rejected_closed"] == 0
+
+
+def test_ctrl_c_drains_and_exits_0_without_a_traceback(
+    tmp_path: Path, tiny_encoder_dir: Path
+) -> None:
+    args = ["--model", str(tiny_encoder_dir), "--no-compile"]
+    server = ServerProcess(args, tmp_path / "server.log").start()
+    assert httpx.post(f"{server.url}/predict", json={"text": "hello"}).status_code == 200
+    assert server.process is not None
+    server.process.send_signal(signal.SIGINT)
+    assert server.process.wait(timeout=60) == 0, server.log()
+    log = server.log()
+    assert "stopped: {'admitted': 1, 'ok': 1" in log
+    assert "Traceback" not in log
+    assert "KeyboardInterrupt" not in log
