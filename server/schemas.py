@@ -5,20 +5,59 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
     StrictInt,
     StrictStr,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from batcher import BatchSizing, Policy, check_limit
 from batcher.models import Options
 from server.limits import limit_field
 
-Text = Annotated[StrictStr, Field(min_length=1, description="One input text.")]
+
+def _within_chars(text: str, info: ValidationInfo) -> str:
+    limit = (info.context or {}).get("max_text_chars")
+    if limit is not None and len(text) > limit:
+        raise PydanticCustomError(
+            "string_too_long",
+            "text has {chars} characters; the limit is {limit} (--max-text-chars)",
+            {"chars": len(text), "limit": limit},
+        )
+    return text
+
+
+def _within_count(texts: Any, info: ValidationInfo) -> Any:
+    # Before the items are validated: an oversized list gets one error, not one per item.
+    limit = (info.context or {}).get("max_client_batch")
+    if limit is not None and isinstance(texts, list) and len(texts) > limit:
+        raise PydanticCustomError(
+            "too_long",
+            "{count} texts; the limit is {limit} (--max-client-batch)",
+            {"count": len(texts), "limit": limit},
+        )
+    return texts
+
+
+Text = Annotated[
+    StrictStr, Field(min_length=1, description="One input text."), AfterValidator(_within_chars)
+]
+"""A text, at most `max_text_chars` long when the request limits are in the context."""
+Texts = Annotated[list[Text], BeforeValidator(_within_count)]
+"""At most `max_client_batch` texts when the request limits are in the context."""
+
+
+def request_limits(max_text_chars: int, max_client_batch: int) -> dict[str, int]:
+    """The validation context that applies the server's request limits to a body."""
+    return {"max_text_chars": max_text_chars, "max_client_batch": max_client_batch}
 
 
 class OutputOptions(BaseModel):
@@ -77,10 +116,22 @@ class PredictRequest(OutputOptions):
 class BatchPredictRequest(OutputOptions):
     model_config = ConfigDict(extra="forbid")
 
-    texts: list[Text] = Field(min_length=1, description="Texts, each batched on its own.")
-    text_pairs: list[Text] | None = Field(
+    texts: Texts = Field(min_length=1, description="Texts, each batched on its own.")
+    text_pairs: Texts | None = Field(
         None, description="classify/rerank: one second text per text, in the same order."
     )
+
+    @field_validator("text_pairs")
+    @classmethod
+    def _one_pair_per_text(cls, pairs: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        texts = info.data.get("texts")
+        if pairs is not None and texts is not None and len(pairs) != len(texts):
+            raise PydanticCustomError(
+                "value_error",
+                "{pairs} text_pairs for {texts} texts; send one second text per text",
+                {"pairs": len(pairs), "texts": len(texts)},
+            )
+        return pairs
 
 
 class RerankRequest(BaseModel):
@@ -89,7 +140,7 @@ class RerankRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     query: Text
-    texts: list[Text] = Field(
+    texts: Texts = Field(
         min_length=1, description="Texts to score against the query; each pair is batched."
     )
     top_n: StrictInt | None = Field(None, ge=1, description="Return only the best N.")

@@ -20,6 +20,7 @@ from server.runtime import Runtime, ServedModel
 from server.schemas import (
     ErrorReply,
     OutputOptions,
+    request_limits,
 )
 
 
@@ -50,20 +51,6 @@ def serving(runtime: Runtime) -> tuple[ServedModel, Engine[Encoded, Output]]:
 def loc(field: str, index: int) -> tuple[str | int, ...]:
     """Where an error is: a list field (`texts`, `text_pairs`) names the position too."""
     return ("body", field, index) if field.endswith("s") else ("body", field)
-
-
-def check_lengths(texts: Sequence[str], limit: int, field: str) -> None:
-    errors = [
-        {
-            "loc": loc(field, i),
-            "msg": f"text has {len(t)} characters; the limit is {limit} (--max-text-chars)",
-            "type": "string_too_long",
-        }
-        for i, t in enumerate(texts)
-        if len(t) > limit
-    ]
-    if errors:
-        raise RequestValidationError(errors)
 
 
 def check_tokens(
@@ -111,13 +98,6 @@ def encode(
         raise invalid(exc.field, str(exc)) from None
 
 
-def check_count(count: int, limit: int, field: str) -> None:
-    if count > limit:
-        raise invalid(
-            field, f"{count} texts; the limit is {limit} (--max-client-batch)", "too_long"
-        )
-
-
 TIMEOUT_HEADER = "x-request-timeout-ms"
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -155,15 +135,19 @@ def openapi_body(body: type[BaseModel]) -> dict[str, Any]:
     }
 
 
-async def parse(request: Request, schema: type[Body]) -> Body:
+async def parse(request: Request, schema: type[Body], runtime: Runtime) -> Body:
     """The body, parsed and validated in one pass by pydantic's own JSON parser.
 
-    The predict routes do this instead of declaring a body parameter: FastAPI would parse
+    The server's request limits (text length, texts per call) are checked here too,
+    by the schema's validators. The predict routes do this instead of declaring a body
+    parameter: FastAPI would parse
     the JSON with the standard library and then validate the Python objects, which cost
     more than the rest of the route (see benchmarks/results/)."""
     raw = await request.body()
+    settings = runtime.settings
+    limits = request_limits(settings.max_text_chars, settings.max_client_batch)
     try:
-        return schema.model_validate_json(raw)
+        return schema.model_validate_json(raw, context=limits)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
         raise RequestValidationError(

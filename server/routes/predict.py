@@ -12,12 +12,9 @@ from batcher.models import Classification, Encoded, Output
 from server.errors import WrongTask
 from server.routes.parsing import (
     PREDICT_ERRORS,
-    check_count,
-    check_lengths,
     check_tokens,
     deadline_of,
     encode,
-    invalid,
     meta,
     openapi_body,
     parse,
@@ -65,13 +62,9 @@ def _shape(
 )
 async def predict(request: Request) -> Response:
     runtime = runtime_of(request)
-    body = await parse(request, PredictRequest)
+    body = await parse(request, PredictRequest, runtime)
     model, engine = serving(runtime)
-    limit = runtime.settings.max_text_chars
-    check_lengths([body.text], limit, "text")
     pair = None if body.text_pair is None else [body.text_pair]
-    if pair is not None:
-        check_lengths(pair, limit, "text_pair")
     deadline = deadline_of(engine, runtime, request)
     [item] = encode(model, [body.text], pair, body)
     check_tokens([item], model, runtime, "text", body.truncate)
@@ -90,19 +83,8 @@ async def predict(request: Request) -> Response:
 )
 async def predict_batch(request: Request) -> Response:
     runtime = runtime_of(request)
-    body = await parse(request, BatchPredictRequest)
+    body = await parse(request, BatchPredictRequest, runtime)
     model, engine = serving(runtime)
-    check_count(len(body.texts), runtime.settings.max_client_batch, "texts")
-    limit = runtime.settings.max_text_chars
-    check_lengths(body.texts, limit, "texts")
-    if body.text_pairs is not None:
-        if len(body.text_pairs) != len(body.texts):
-            raise invalid(
-                "text_pairs",
-                f"{len(body.text_pairs)} text_pairs for {len(body.texts)} texts; send one "
-                "second text per text",
-            )
-        check_lengths(body.text_pairs, limit, "text_pairs")
     deadline = deadline_of(engine, runtime, request)
     items = encode(model, body.texts, body.text_pairs, body)
     check_tokens(items, model, runtime, "texts", body.truncate)
@@ -130,17 +112,13 @@ async def rerank(request: Request) -> Response:
     """Each (query, text) pair is one item in the queue: batched, length-grouped and
     failure-isolated like any other, so a long list does not wait behind itself."""
     runtime = runtime_of(request)
-    body = await parse(request, RerankRequest)
+    body = await parse(request, RerankRequest, runtime)
     model, engine = serving(runtime)
     if model.task != "rerank":
         raise WrongTask(
             f"this server runs a {model.task} model ({model.name}); /rerank needs a "
             "cross-encoder with one output score"
         )
-    check_count(len(body.texts), runtime.settings.max_client_batch, "texts")
-    limit = runtime.settings.max_text_chars
-    check_lengths([body.query], limit, "query")
-    check_lengths(body.texts, limit, "texts")
     deadline = deadline_of(engine, runtime, request)
     options = OutputOptions(raw_scores=body.raw_scores)
     items = encode(model, [body.query] * len(body.texts), body.texts, options)
