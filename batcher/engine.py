@@ -30,7 +30,7 @@ from batcher.errors import (
 from batcher.items import PendingItem, Result, settle_error, settle_result
 from batcher.metrics import EngineMetrics
 from batcher.padding import bucket_length, padded_tokens
-from batcher.policy import Dispatch, decide, max_in_flight, select_batch
+from batcher.policy import Dispatch, batch_limits, decide, select_batch
 from batcher.replicas import Replica, ReplicaPool
 from batcher.runner import Runner
 from batcher.stats import EngineStats, ReplicaStats, State
@@ -197,13 +197,6 @@ class Engine(Generic[InT, OutT]):
         self.memory_cap = cap
         self.metrics.memory_cap.set(cap or 0)
 
-    def _batch_config(self) -> EngineConfig:
-        """The limits a new batch must keep: the configured ones and the memory cap."""
-        config, cap = self._config, self.memory_cap
-        if cap is None or (config.max_batch_tokens is not None and config.max_batch_tokens <= cap):
-            return config
-        return config.replace(max_batch_tokens=cap)
-
     # -- admission ---------------------------------------------------------------------
 
     async def submit(self, payload: InT, *, deadline: float | None = None) -> Result[OutT]:
@@ -298,22 +291,16 @@ class Engine(Generic[InT, OutT]):
         try:
             while True:
                 self._drop_settled_head()
-                if self._state == "draining":
-                    if not self._pending and self._in_flight == 0:
-                        return
-                    limit = max_in_flight(self.alive_replicas)
-                    dispatch_now = bool(self._pending) and self._in_flight < limit
-                    wake_at = None
-                else:
-                    decision = decide(
-                        self._pending, clock(), self._config, self._in_flight, self.alive_replicas
-                    )
-                    dispatch_now = isinstance(decision, Dispatch)
-                    wake_at = None if isinstance(decision, Dispatch) else decision.until
-                if dispatch_now:
+                draining = self._state == "draining"
+                if draining and not self._pending and self._in_flight == 0:
+                    return
+                decision = decide(self._pending, clock(), self._config, self._in_flight,
+                                  self.alive_replicas, draining=draining)  # fmt: skip
+                if isinstance(decision, Dispatch):
                     self._launch(self._take_batch(clock()))
                     continue
                 self._has_work.clear()
+                wake_at = decision.until
                 if wake_at is None:
                     await self._has_work.wait()
                     continue
@@ -338,7 +325,7 @@ class Engine(Generic[InT, OutT]):
         for item in self._pending:
             if self._is_wanted(item, now):
                 live.append(item)
-        config = self._batch_config()
+        config = batch_limits(self._config, self.memory_cap)
         chosen = set(select_batch(live, config, self.cost_model.estimate()))
         self._pending = deque(item for i, item in enumerate(live) if i not in chosen)
         return [live[i] for i in sorted(chosen)]

@@ -15,7 +15,10 @@ numbers. Invariants, for every batch `select_batch` returns:
    cause); without one, batches are as full as the limits allow.
 
 And `decide` dispatches only when a device can take a batch: at most one runs on each
-device (replica) and one more waits ready behind them (`max_in_flight`).
+device (replica) and one more waits ready behind them (`max_in_flight`). While the engine
+drains, nothing waits for a window: every queued item goes as soon as a device can take
+it. `batch_limits` merges the memory cap learned from out-of-memory errors into the token
+budget of the next batch.
 """
 
 from __future__ import annotations
@@ -83,21 +86,40 @@ def is_full(pending: Sequence[Queued], config: EngineConfig) -> bool:
 
 
 def decide(
-    pending: Sequence[Queued], now: float, config: EngineConfig, in_flight: int, devices: int = 1
+    pending: Sequence[Queued],
+    now: float,
+    config: EngineConfig,
+    in_flight: int,
+    devices: int = 1,
+    *,
+    draining: bool = False,
 ) -> Decision:
     """Whether to form a batch from `pending` (oldest first) now, or how long to wait.
 
     `in_flight` counts batches handed to the devices and not yet finished; `devices` is
-    how many replicas compute side by side.
+    how many replicas compute side by side; `draining`: the engine is shutting down and
+    admits nothing more, so no window is worth waiting for.
     """
     if not pending or in_flight >= max_in_flight(devices):
         return WAIT_FOR_EVENT
+    if draining:
+        return DISPATCH
     due_at = pending[0].enqueued_at + config.max_wait_s
     if now >= due_at - TIMER_SLACK_S or is_full(pending, config):
         return DISPATCH
     if config.policy == "adaptive" and in_flight < devices:  # a device is idle
         return DISPATCH
     return Wait(due_at)
+
+
+def batch_limits(config: EngineConfig, memory_cap: int | None) -> EngineConfig:
+    """The limits the next batch must keep: the configured ones, with the token budget
+    lowered to `memory_cap` (padded tokens that fit the device, learned from
+    out-of-memory errors) when that is lower."""
+    budget = config.max_batch_tokens
+    if memory_cap is None or (budget is not None and budget <= memory_cap):
+        return config
+    return config.replace(max_batch_tokens=memory_cap)
 
 
 def select_batch(

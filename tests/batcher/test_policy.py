@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from batcher.config import EngineConfig
 from batcher.cost import LinearCost
 from batcher.padding import bucket_length, padded_tokens
-from batcher.policy import DISPATCH, WAIT_FOR_EVENT, Wait, decide, select_batch
+from batcher.policy import DISPATCH, WAIT_FOR_EVENT, Wait, batch_limits, decide, select_batch
 
 
 @dataclass(frozen=True)
@@ -149,3 +149,19 @@ def test_with_several_devices_adaptive_dispatches_while_any_is_idle() -> None:
     assert decide([Q(0.0)], 0.0, ADAPTIVE, in_flight=2, devices=2) == Wait(0.05)
     assert decide([Q(0.0)], 0.05, ADAPTIVE, in_flight=2, devices=2) == DISPATCH  # one staged
     assert decide([Q(0.0)], 9.0, ADAPTIVE, in_flight=3, devices=2) == WAIT_FOR_EVENT
+
+
+def test_draining_dispatches_without_waiting_for_the_window_while_a_device_can_take_it() -> None:
+    pending = queue(5)
+    assert decide(pending, 0.0, WINDOW, in_flight=0) == Wait(0.05)
+    assert decide(pending, 0.0, WINDOW, in_flight=0, draining=True) == DISPATCH
+    assert decide(pending, 0.0, WINDOW, in_flight=2, draining=True) == WAIT_FOR_EVENT
+    assert decide([], 0.0, WINDOW, in_flight=0, draining=True) == WAIT_FOR_EVENT
+
+
+def test_the_memory_cap_lowers_the_token_budget_never_raises_it() -> None:
+    assert batch_limits(ADAPTIVE, None) is ADAPTIVE
+    assert batch_limits(ADAPTIVE, 64).max_batch_tokens == 64
+    capped = EngineConfig(max_batch_tokens=32)
+    assert batch_limits(capped, 64) is capped
+    assert batch_limits(EngineConfig(max_batch_tokens=128), 64).max_batch_tokens == 64
