@@ -476,16 +476,11 @@ class Engine(Generic[InT, OutT]):
         inference_time_s: float,
         replica: Replica[InT, OutT],
     ) -> None:
-        m = self.metrics
-        m.batch_size.observe(len(batch))
-        m.replica_batches.labels(str(replica.index)).inc()
-        self._drain_rate.observe(len(batch), inference_time_s)
-        m.inference.observe(inference_time_s)
+        """What one computed batch teaches: the device's cost and drain rate, and the
+        metrics."""
         real = sum(item.cost for item in batch)
         padded = padded_tokens(item.cost for item in batch)
         self.cost_model.observe(padded, inference_time_s)
-        m.real_tokens.inc(real)
-        m.padded_tokens.inc(padded)
-        m.padding_ratio.observe(padded / real if real else 1.0)
-        for item in batch:
-            m.queue_wait.observe(started - item.enqueued_at)
+        self._drain_rate.observe(len(batch), inference_time_s)
+        waits = (started - item.enqueued_at for item in batch)
+        self.metrics.record_batch(replica.index, inference_time_s, real, padded, waits)

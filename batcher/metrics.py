@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
@@ -94,3 +96,22 @@ class EngineMetrics:
             "Batches handed to the devices and not finished (at most replicas + 1).",
             registry=r,
         )
+
+    def record_batch(
+        self,
+        replica: int,
+        inference_time_s: float,
+        real_tokens: int,
+        padded_tokens: int,
+        queue_waits_s: Iterable[float],
+    ) -> None:
+        """One computed batch: its size, device time, tokens and each item's wait."""
+        waits = list(queue_waits_s)
+        self.batch_size.observe(len(waits))
+        self.replica_batches.labels(str(replica)).inc()
+        self.inference.observe(inference_time_s)
+        self.real_tokens.inc(real_tokens)
+        self.padded_tokens.inc(padded_tokens)
+        self.padding_ratio.observe(padded_tokens / real_tokens if real_tokens else 1.0)
+        for wait in waits:
+            self.queue_wait.observe(wait)
