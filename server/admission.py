@@ -14,8 +14,10 @@ from server.runtime import Runtime
 def queue_gate(scope: Scope) -> Refusal | None:
     """A 429 while the engine's queue is full; None otherwise (and before it runs)."""
     runtime: Runtime | None = scope.get("state", {}).get("runtime")
-    engine = runtime.engine if runtime is not None else None
-    if engine is None or engine.state != "running":
+    if runtime is None:  # the lifespan has not run (or failed)
+        return None
+    engine = runtime.engine
+    if engine.state != "running":
         return None
     try:
         engine.check_room()

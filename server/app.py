@@ -43,9 +43,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        runtime = Runtime(settings, registry)
+        runtime = await Runtime.load(settings, registry, model)
         app.state.runtime = runtime  # for `microbatch serve`'s signal handler
-        await runtime.load(model)
         try:
             yield {"runtime": runtime}
         finally:

@@ -6,7 +6,6 @@ import asyncio
 import gc
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
@@ -25,7 +24,7 @@ from server.settings import Settings
 
 logger = logging.getLogger("microbatch.server")
 
-Status = Literal["loading", "warming", "ready", "draining", "failed"]
+Status = Literal["warming", "ready", "draining", "failed"]
 
 
 class ServedModel(Protocol):
@@ -79,56 +78,64 @@ def _tune_gc() -> None:
     gc.set_threshold(max(GC_GEN0_THRESHOLD, gen0), gen1, gen2)
 
 
-@dataclass
 class Runtime:
-    """One per app. Built by the lifespan; routes reach it through `RuntimeDep` (the
-    predict routes through `request.state`, see `server.routes.parsing.runtime_of`)."""
+    """One per app, fully built by `Runtime.load` inside the lifespan: the models, the
+    engine and its device threads exist for as long as the app serves. Routes reach it
+    through `RuntimeDep` (the predict routes through `request.state`, see
+    `server.routes.parsing.runtime_of`)."""
 
-    settings: Settings
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-    status: Status = "loading"
-    error: str | None = None
-    model: ServedModel | None = None
-    """The first replica's model: it encodes inputs and describes the model."""
-    models: list[ServedModel] = field(default_factory=list)
-    """One per replica (device)."""
-    engine: Engine[Encoded, Output] | None = None
-    _runners: list[ThreadRunner[Encoded, Output]] = field(default_factory=list)
-    _warm_up: asyncio.Task[None] | None = None
-    _warmed_batch_size: int = 0
-    disconnects: Counter = field(init=False)
-
-    def __post_init__(self) -> None:
+    def __init__(
+        self, settings: Settings, registry: CollectorRegistry, models: Sequence[ServedModel]
+    ) -> None:
+        if not models:
+            raise ValueError("a runtime needs at least one model")
+        self.settings = settings
+        self.registry = registry
+        self.status: Status = "warming"
+        self.error: str | None = None
+        self.models = list(models)
+        """One per replica (device)."""
+        self.model = self.models[0]
+        """The first replica's model: it encodes inputs and describes the model."""
+        self._runners = [
+            ThreadRunner(m, thread_name=f"microbatch-device-{i}") for i, m in enumerate(self.models)
+        ]
+        self.engine: Engine[Encoded, Output] = Engine(
+            self._runners, settings.engine_config(), metrics=EngineMetrics(registry)
+        )
         self.disconnects = Counter(
             "microbatch_client_disconnects",
             "Requests whose client went away while their items waited (not computed).",
-            registry=self.registry,
+            registry=registry,
         )
+        self._warm_up: asyncio.Task[None] | None = None
+        self._warmed_batch_size = 0
 
-    async def load(self, model: ServedModel | Sequence[ServedModel] | None) -> None:
-        """Load the model, one replica per device (off the loop). Raises ModelLoadError
-        or ValueError: startup then fails."""
-        if self.settings.torch_threads is not None:
-            set_threads(self.settings.torch_threads)
+    @classmethod
+    async def load(
+        cls,
+        settings: Settings,
+        registry: CollectorRegistry,
+        model: ServedModel | Sequence[ServedModel] | None = None,
+    ) -> Runtime:
+        """Load the model named by `settings` (or take `model`), one replica per device
+        (off the loop), and start warming it up in the background. Raises
+        ModelLoadError or ValueError: startup then fails."""
+        if settings.torch_threads is not None:
+            set_threads(settings.torch_threads)
         if model is None:
             models: list[ServedModel] = []
-            for device in self.settings.device_list():
-                options = self.settings.load_options(device)
+            for device in settings.device_list():
+                options = settings.load_options(device)
                 models.append(await asyncio.to_thread(TextModel.load, options))
         elif isinstance(model, Sequence):
             models = list(model)
         else:
             models = [model]
-        self.model, self.models = models[0], models
-        self._runners = [
-            ThreadRunner(m, thread_name=f"microbatch-device-{i}") for i, m in enumerate(models)
-        ]
-        self.engine = engine = Engine(
-            self._runners, self.settings.engine_config(), metrics=EngineMetrics(self.registry)
-        )
-        self.status = "warming"
-        warm_up = self._warm_and_start(engine)
-        self._warm_up = asyncio.create_task(warm_up, name="microbatch-warm-up")
+        runtime = cls(settings, registry, models)
+        warm_up = runtime._warm_and_start(runtime.engine)
+        runtime._warm_up = asyncio.create_task(warm_up, name="microbatch-warm-up")
+        return runtime
 
     async def _warm_and_start(self, engine: Engine[Encoded, Output]) -> None:
         try:
@@ -151,8 +158,6 @@ class Runtime:
         `max_batch_size` than any warmed so far first warms the new shapes on every
         replica, in turn with their batches, so that no request triggers a compile."""
         engine = self.engine
-        if engine is None:
-            raise RuntimeError("reconfigure before load; this is a bug")
         config = engine.config.replace(**changes)  # validates before any warm-up
         if config.max_batch_size > self._warmed_batch_size:
             for runner, model in zip(self._runners, self.models, strict=True):
@@ -164,8 +169,6 @@ class Runtime:
         """Why an orchestrator should restart this process; None while it is alive."""
         if self.status == "failed":
             return self.error or "failed"
-        if self.engine is None:
-            return None
         stats = self.engine.stats()
         if stats.state == "new":
             return None
@@ -182,8 +185,6 @@ class Runtime:
     @property
     def saturated(self) -> bool:
         """The queue is nearly full: a load balancer should send new traffic elsewhere."""
-        if self.engine is None:
-            return False
         stats = self.engine.stats()
         return stats.queue_depth >= self.settings.saturated_at * stats.config.max_queue_size
 
@@ -198,9 +199,8 @@ class Runtime:
         if self._warm_up is not None and not self._warm_up.done():
             self._warm_up.cancel()
             await asyncio.gather(self._warm_up, return_exceptions=True)
-        if self.engine is not None:
-            logger.info("draining: %d items queued", self.engine.queue_depth)
-            await self.engine.aclose(timeout_s=self.settings.drain_timeout_s)
+        logger.info("draining: %d items queued", self.engine.queue_depth)
+        await self.engine.aclose(timeout_s=self.settings.drain_timeout_s)
 
     async def aclose(self) -> None:
         """Drain, stop the device thread, and log what became of every item."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.exceptions import RequestValidationError
 
-from server.errors import NotReady
 from server.routes.parsing import RuntimeDep
 from server.runtime import Runtime
 from server.schemas import (
@@ -33,26 +32,25 @@ LIMITS_SHOWN = (
 
 
 def _batching(runtime: Runtime) -> Batching:
-    config = runtime.engine.config if runtime.engine else runtime.settings.engine_config()
-    return Batching.model_validate(config, from_attributes=True)
+    return Batching.model_validate(runtime.engine.config, from_attributes=True)
 
 
 @router.get("/model", response_model=ModelInfo, summary="Model, task, compile state, batching")
 async def model_info(runtime: RuntimeDep) -> ModelInfo:
-    stats = runtime.engine.stats() if runtime.engine else None
-    cost = stats.learned_cost if stats else None
+    stats = runtime.engine.stats()
+    cost = stats.learned_cost
     devices = [str(m.describe().get("device")) for m in runtime.models]
     return ModelInfo.model_validate(
         {
-            **(runtime.model.describe() if runtime.model else {}),
+            **runtime.model.describe(),
             "status": runtime.status,
             "batching": _batching(runtime),
             "learned_cost": cost
             and LearnedCost(overhead_ms=cost.overhead_s * 1e3, per_token_us=cost.per_token_s * 1e6),
-            "memory_cap_tokens": stats.memory_cap_tokens if stats else None,
+            "memory_cap_tokens": stats.memory_cap_tokens,
             "replicas": [
                 ReplicaInfo(index=r.index, device=devices[r.index], alive=r.alive)
-                for r in (stats.replicas if stats else ())
+                for r in stats.replicas
             ],
             "limits": {name: getattr(runtime.settings, name) for name in LIMITS_SHOWN},
         }
@@ -70,8 +68,6 @@ async def get_batching(runtime: RuntimeDep) -> Batching:
     summary="Change batching at run time (a larger max_batch_size is warmed first)",
 )
 async def patch_batching(patch: BatchingPatch, runtime: RuntimeDep) -> Batching:
-    if runtime.engine is None:
-        raise NotReady(f"the server is {runtime.status}")
     try:
         await runtime.reconfigure(patch.changes())
     except ValueError as exc:

@@ -43,7 +43,7 @@ def runtime_of(request: Request) -> Runtime:
 
 
 def serving(runtime: Runtime) -> tuple[ServedModel, Engine[Encoded, Output]]:
-    if runtime.status != "ready" or runtime.model is None or runtime.engine is None:
+    if runtime.status != "ready":
         raise NotReady(f"the server is {runtime.status}; retry when GET /ready says ready")
     return runtime.model, runtime.engine
 
