@@ -140,6 +140,7 @@ class Engine(Generic[InT, OutT]):
             in_flight=self._in_flight,
             busy_for_s=self.busy_for(),
             memory_cap_tokens=self.memory_cap,
+            items=dict(self.metrics.counts),
             learned_cost=self.cost_model.estimate(),
             replicas=tuple(
                 ReplicaStats(r.index, r.alive, r.busy_since is not None)
@@ -234,7 +235,7 @@ class Engine(Generic[InT, OutT]):
                 # will be. Already settled with an error: mark it retrieved, since the
                 # first error is the one raised.
                 if item.future.cancel() or item.future.cancelled():
-                    self.metrics.outcome["cancelled"].inc()
+                    self.metrics.count("cancelled")
                 else:
                     item.future.exception()
 
@@ -246,19 +247,19 @@ class Engine(Generic[InT, OutT]):
         if len(self._pending) + n > config.max_queue_size:
             self._drop_settled()
             if len(self._pending) + n > config.max_queue_size:
-                self.metrics.outcome["rejected_full"].inc(n)
+                self.metrics.count("rejected_full", n)
                 raise QueueFull(len(self._pending), config.max_queue_size)
 
     def _expire(self, items: list[PendingItem[InT, OutT]]) -> None:
         for item in items:
             if settle_error(item.future, DeadlineExceeded("the deadline passed before it ran")):
-                self.metrics.outcome["expired"].inc()
+                self.metrics.count("expired")
 
     def _admit(
         self, payloads: Sequence[InT], deadline: float | None
     ) -> list[PendingItem[InT, OutT]]:
         if self._state != "running":
-            self.metrics.outcome["rejected_closed"].inc(len(payloads))
+            self.metrics.count("rejected_closed", len(payloads))
             raise EngineClosed(f"the engine is {self._state}; not admitting new items")
         config = self._config
         self.check_room(len(payloads))
@@ -266,7 +267,7 @@ class Engine(Generic[InT, OutT]):
         if deadline is not None and self._pending:
             wait_s = self.expected_wait(len(payloads))
             if wait_s is not None and now + wait_s > deadline:
-                self.metrics.outcome["rejected_deadline"].inc(len(payloads))
+                self.metrics.count("rejected_deadline", len(payloads))
                 raise DeadlineUnreachable(wait_s, max(0.0, deadline - now))
         costs = [self._runner.cost(payload) for payload in payloads]
         if config.max_batch_tokens is not None:
@@ -279,7 +280,7 @@ class Engine(Generic[InT, OutT]):
             for payload, cost in zip(payloads, costs, strict=True)
         ]
         self._pending.extend(items)
-        self.metrics.admitted.inc(len(items))
+        self.metrics.count("admitted", len(items))
         self._has_work.set()
         return items
 
@@ -336,7 +337,7 @@ class Engine(Generic[InT, OutT]):
             return False
         if item.deadline is not None and now >= item.deadline:
             settle_error(item.future, DeadlineExceeded("the deadline passed in the queue"))
-            self.metrics.outcome["expired"].inc()
+            self.metrics.count("expired")
             return False
         return True
 
@@ -423,7 +424,7 @@ class Engine(Generic[InT, OutT]):
                 f"the model returned {len(outputs)} outputs for {len(batch)} inputs"
             )
             logger.error("%s; failing the batch", error)
-            self.metrics.outcome["failed"].inc(len(batch))
+            self.metrics.count("failed", len(batch))
             for item in batch:
                 settle_error(item.future, error)
             return False
@@ -432,7 +433,7 @@ class Engine(Generic[InT, OutT]):
         for item, value in zip(batch, outputs, strict=True):
             result = Result(value, started - item.enqueued_at, inference_time_s, size)
             delivered += settle_result(item.future, result)
-        self.metrics.outcome["ok"].inc(delivered)
+        self.metrics.count("ok", delivered)
         return True
 
     async def _after_failure(self, batch: list[PendingItem[InT, OutT]], exc: Exception) -> bool:
@@ -451,7 +452,7 @@ class Engine(Generic[InT, OutT]):
         error = InferenceFailed(f"the model failed on this input: {type(exc).__name__}")
         error.__cause__ = exc
         if settle_error(item.future, error):
-            self.metrics.outcome["failed"].inc()
+            self.metrics.count("failed")
         return False
 
     def _shrink_after_oom(self, batch: list[PendingItem[InT, OutT]]) -> None:

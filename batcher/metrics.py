@@ -61,6 +61,8 @@ class EngineMetrics:
             "microbatch_items", "Submitted items by outcome.", ["outcome"], registry=r
         )
         self.outcome = {name: self.items.labels(name) for name in OUTCOMES}
+        self.counts: dict[str, int] = dict.fromkeys(("admitted", *OUTCOMES), 0)
+        """The same counts as plain numbers, for `Engine.stats()` (loop thread only)."""
         self.queue_depth = Gauge(
             "microbatch_queue_depth", "Items waiting to be batched.", registry=r
         )
@@ -96,6 +98,14 @@ class EngineMetrics:
             "Batches handed to the devices and not finished (at most replicas + 1).",
             registry=r,
         )
+
+    def count(self, outcome: str, n: int = 1) -> None:
+        """`n` items ended with `outcome` ("admitted" for admissions)."""
+        if outcome == "admitted":
+            self.admitted.inc(n)
+        else:
+            self.outcome[outcome].inc(n)
+        self.counts[outcome] += n
 
     def record_batch(
         self,

@@ -3,6 +3,7 @@ thing readers outside the engine (routes, `/model`, probes) look at."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,3 +38,5 @@ class EngineStats:
     learned_cost: LinearCost | None
     """The device's cost per batch, fitted to past batches; None until enough ran."""
     replicas: tuple[ReplicaStats, ...]
+    items: Mapping[str, int]
+    """Items admitted, and how many ended in each outcome (`batcher.OUTCOMES`)."""

@@ -10,7 +10,7 @@ from typing import Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
-from batcher import OUTCOMES, Engine, EngineConfig, EngineMetrics, ThreadRunner
+from batcher import Engine, EngineConfig, EngineMetrics, ThreadRunner
 from batcher.models import (
     DEFAULT_OPTIONS,
     Encoded,
@@ -213,8 +213,4 @@ class Runtime:
 
     def item_counts(self) -> dict[str, int]:
         """Items admitted and their outcomes so far (the counters of /metrics)."""
-        value = self.registry.get_sample_value
-        counts = {"admitted": int(value("microbatch_admitted_items_total") or 0)}
-        for outcome in OUTCOMES:
-            counts[outcome] = int(value("microbatch_items_total", {"outcome": outcome}) or 0)
-        return counts
+        return dict(self.engine.stats().items)

@@ -528,4 +528,6 @@ async def test_stats_is_a_snapshot_of_queue_device_and_replicas() -> None:
     assert [(r.index, r.alive, r.busy) for r in stats.replicas] == [(0, True, True)]
     assert (stats.config, stats.healthy, stats.memory_cap_tokens) == (config, True, None)
     assert (after.queue_depth, after.in_flight, after.replicas[0].busy) == (0, 0, False)
+    assert (after.items["admitted"], after.items["ok"], after.items["failed"]) == (5, 5, 0)
+    assert stats.items["ok"] == 0
     assert engine.stats().state == "closed"
