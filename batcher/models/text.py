@@ -295,20 +295,17 @@ class TextModel:
         return self._classifications(host, [i.raw_scores for i in items])
 
     def _classifications(self, logits: torch.Tensor, raw: Sequence[bool]) -> list[Output]:
+        """One `tolist` of the logits and one of the activated scores, each only when
+        some item asked for it."""
         assert self.loaded.score is not None, "a classifier needs its activation; this is a bug"
-        with torch.inference_mode():
-            activated = self.loaded.score(logits) if not all(raw) else logits
         best = logits.argmax(dim=-1).tolist()
-        raw_rows = logits.tolist() if any(raw) else []
-        rows = activated.tolist() if not all(raw) else raw_rows
-        return [
-            Classification(self.labels[i], chosen[i], chosen)
-            for i, chosen in zip(
-                best,
-                (raw_rows[r] if is_raw else rows[r] for r, is_raw in enumerate(raw)),
-                strict=True,
-            )
-        ]
+        logit_rows = logits.tolist() if any(raw) else []
+        score_rows = self.loaded.score(logits).tolist() if not all(raw) else []
+        out: list[Output] = []
+        for row, (label, is_raw) in enumerate(zip(best, raw, strict=True)):
+            scores = logit_rows[row] if is_raw else score_rows[row]
+            out.append(Classification(self.labels[label], scores[label], scores))
+        return out
 
     def warm_up(self, max_batch_size: int) -> None:
         """Compile (when asked) and run every kind of shape that can occur, so that no

@@ -42,7 +42,7 @@ def test_server_imports_no_torch_no_engine_internals_and_no_benchmarks_at_module
                 assert (path.name, in_function) == ("cli.py", True), f"{path.name}: {module}"
 
 
-def test_every_tool_of_the_command_is_declared_and_importable() -> None:
+def test_every_tool_of_the_command_is_declared_and_listed_in_the_usage() -> None:
     assert sorted(cli.TOOLS) == ["bench", "plot", "soak", "sweep"]
     for name in cli.TOOLS:
         assert f"  {name} " in cli.USAGE
