@@ -4,7 +4,9 @@ The fit is `seconds ≈ overhead_s + per_token_s * padded tokens`, by least squa
 recent batches (older ones decay). On a GPU the overhead dominates, so full batches pay;
 on a CPU the per-token term does, so a tight batch of similar lengths beats a full one
 that is mostly padding. The policy uses the fit to size batches
-(`batch_sizing="learned"`); `DrainRate`, how fast the queue empties, serves admission.
+(`batch_sizing="learned"`); `DrainRate`, how fast the queue empties, serves admission;
+`MemoryCap`, the padded tokens that fit the device, bounds every batch after an
+out-of-memory error.
 """
 
 from __future__ import annotations
@@ -78,3 +80,24 @@ class DrainRate:
         if self._seen < self.min_batches or self._seconds <= 0:
             return None
         return self._items / self._seconds
+
+
+@dataclass
+class MemoryCap:
+    """Padded tokens per batch that fit the device, learned from out-of-memory errors;
+    `tokens` is None until one. The policy merges it into the token budget
+    (`policy.batch_limits`)."""
+
+    tokens: int | None = None
+
+    def after_oom(self, items: int, padded_tokens: int) -> None:
+        """A batch of `items` holding `padded_tokens` ran out of memory: later batches
+        hold at most half as many (a single item teaches nothing about batches)."""
+        if items > 1:
+            cap = padded_tokens // 2
+            if self.tokens is None or cap < self.tokens:
+                self.tokens = cap
+
+    def forget(self) -> None:
+        """New limits were set: let them be tried."""
+        self.tokens = None

@@ -1,9 +1,10 @@
 """The engine: admits items, forms batches with the policy, runs them, settles every future.
 
 Everything here runs on the event-loop thread; the model runs behind a `Runner` (see
-`batcher.runner.ThreadRunner`), or behind several: one replica per device, all fed from
-the one queue, each batch going to whichever replica is free. Only the dispatch task
-takes items out of `_pending`.
+`batcher.runner.ThreadRunner`), or behind several: one replica per device
+(`batcher.replicas`), all fed from the one queue (`batcher.queue`), each batch going to
+whichever replica is free. What to run and when is the policy's (`batcher.policy`); what
+the device taught is in `batcher.cost`.
 """
 
 from __future__ import annotations
@@ -11,27 +12,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 from batcher.config import EngineConfig
-from batcher.cost import CostModel, DrainRate
-from batcher.errors import (
-    DeadlineExceeded,
-    DeadlineUnreachable,
-    DeviceOutOfMemory,
-    EngineClosed,
-    EngineError,
-    InferenceFailed,
-    ItemTooLarge,
-    QueueFull,
-)
-from batcher.items import PendingItem, Result, settle_error, settle_result
+from batcher.errors import DeadlineExceeded, DeadlineUnreachable, EngineClosed, ItemTooLarge
+from batcher.execution import Executor
+from batcher.items import PendingItem, Result, settle_error
 from batcher.metrics import EngineMetrics
-from batcher.padding import bucket_length, padded_tokens
-from batcher.policy import Dispatch, batch_limits, decide, select_batch
-from batcher.replicas import Replica, ReplicaPool
+from batcher.padding import bucket_length
+from batcher.policy import Dispatch, batch_limits, decide
+from batcher.queue import PendingQueue
+from batcher.replicas import ReplicaPool
 from batcher.runner import Runner
 from batcher.stats import EngineStats, ReplicaStats, State
 
@@ -65,21 +57,20 @@ class Engine(Generic[InT, OutT]):
         self.clock = clock
         """Monotonic seconds; `enqueued_at`, deadlines and timings are on this clock."""
         self._config = config if config is not None else EngineConfig()
-        self._pending: deque[PendingItem[InT, OutT]] = deque()
+        self._queue: PendingQueue[InT, OutT] = PendingQueue(self.metrics)
         self._has_work = asyncio.Event()
         self._in_flight = 0
         self._batches: set[asyncio.Task[None]] = set()
         self._dispatcher: asyncio.Task[None] | None = None
         self._state: State = "new"
         self._failure: BaseException | None = None
-        self.cost_model = CostModel()
-        """The device's cost per batch, learned from the batches run so far."""
-        self.memory_cap: int | None = None
-        """Padded tokens per batch, learned from `DeviceOutOfMemory`; None until one."""
-        self._drain_rate = DrainRate()
+        self._executor: Executor[InT, OutT] = Executor(
+            self._pool, self._queue.wanted, self.metrics, clock
+        )
         self.metrics.busy_seconds.set_function(self.busy_for)
-        self.metrics.queue_depth.set_function(lambda: len(self._pending))
+        self.metrics.queue_depth.set_function(lambda: len(self._queue))
         self.metrics.in_flight.set_function(lambda: self._in_flight)
+        self.metrics.memory_cap.set_function(lambda: self._executor.memory_cap.tokens or 0)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -121,7 +112,7 @@ class Engine(Generic[InT, OutT]):
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self._fail_pending(EngineClosed("the engine shut down before this item ran"))
+            self._queue.fail_all(EngineClosed("the engine shut down before this item ran"))
 
     async def __aenter__(self) -> Engine[InT, OutT]:
         await self.start()
@@ -136,12 +127,12 @@ class Engine(Generic[InT, OutT]):
             state=self._state,
             healthy=self.healthy,
             config=self._config,
-            queue_depth=len(self._pending),
+            queue_depth=len(self._queue),
             in_flight=self._in_flight,
             busy_for_s=self.busy_for(),
-            memory_cap_tokens=self.memory_cap,
+            memory_cap_tokens=self._executor.memory_cap.tokens,
             items=dict(self.metrics.counts),
-            learned_cost=self.cost_model.estimate(),
+            learned_cost=self._executor.cost.estimate(),
             replicas=tuple(
                 ReplicaStats(r.index, r.alive, r.busy_since is not None)
                 for r in self._pool.replicas
@@ -159,7 +150,7 @@ class Engine(Generic[InT, OutT]):
 
     @property
     def queue_depth(self) -> int:
-        return len(self._pending)
+        return len(self._queue)
 
     @property
     def config(self) -> EngineConfig:
@@ -174,13 +165,13 @@ class Engine(Generic[InT, OutT]):
     def drain_rate(self) -> float | None:
         """Items per second the live replicas compute while busy (recent batches), or
         None until enough batches have run."""
-        rate = self._drain_rate.per_replica()
+        rate = self._executor.drain_rate.per_replica()
         return None if rate is None else self._pool.alive * rate
 
     def expected_wait(self, extra: int = 0) -> float | None:
         """Seconds until `extra` new items would reach a device, at the drain rate."""
         rate = self.drain_rate()
-        return None if rate is None else (len(self._pending) + extra) / rate
+        return None if rate is None else (len(self._queue) + extra) / rate
 
     @property
     def alive_replicas(self) -> int:
@@ -190,13 +181,9 @@ class Engine(Generic[InT, OutT]):
         """Apply new limits at once (validated; raises ValueError). Queued items stay.
         Also forgets the memory cap, so that a new limit can be tried."""
         self._config = self._config.replace(**changes)
-        self._set_memory_cap(None)
+        self._executor.memory_cap.forget()
         self._has_work.set()
         return self._config
-
-    def _set_memory_cap(self, cap: int | None) -> None:
-        self.memory_cap = cap
-        self.metrics.memory_cap.set(cap or 0)
 
     # -- admission ---------------------------------------------------------------------
 
@@ -243,12 +230,7 @@ class Engine(Generic[InT, OutT]):
         """Raise QueueFull (and count it) unless `n` more items fit in the queue now.
         `submit` calls it; a server may call it before parsing a request, to refuse
         cheaply under overload."""
-        config = self._config
-        if len(self._pending) + n > config.max_queue_size:
-            self._drop_settled()
-            if len(self._pending) + n > config.max_queue_size:
-                self.metrics.count("rejected_full", n)
-                raise QueueFull(len(self._pending), config.max_queue_size)
+        self._queue.check_room(n, self._config.max_queue_size)
 
     def _expire(self, items: list[PendingItem[InT, OutT]]) -> None:
         for item in items:
@@ -264,7 +246,7 @@ class Engine(Generic[InT, OutT]):
         config = self._config
         self.check_room(len(payloads))
         now = self.clock()
-        if deadline is not None and self._pending:
+        if deadline is not None and len(self._queue):
             wait_s = self.expected_wait(len(payloads))
             if wait_s is not None and now + wait_s > deadline:
                 self.metrics.count("rejected_deadline", len(payloads))
@@ -279,7 +261,7 @@ class Engine(Generic[InT, OutT]):
             PendingItem(payload, loop.create_future(), now, deadline, cost)
             for payload, cost in zip(payloads, costs, strict=True)
         ]
-        self._pending.extend(items)
+        self._queue.extend(items)
         self.metrics.count("admitted", len(items))
         self._has_work.set()
         return items
@@ -291,14 +273,15 @@ class Engine(Generic[InT, OutT]):
         loop = asyncio.get_running_loop()
         try:
             while True:
-                self._drop_settled_head()
+                self._queue.drop_settled_head()
                 draining = self._state == "draining"
-                if draining and not self._pending and self._in_flight == 0:
+                if draining and not len(self._queue) and self._in_flight == 0:
                     return
-                decision = decide(self._pending, clock(), self._config, self._in_flight,
+                decision = decide(self._queue.items, clock(), self._config, self._in_flight,
                                   self.alive_replicas, draining=draining)  # fmt: skip
                 if isinstance(decision, Dispatch):
-                    self._launch(self._take_batch(clock()))
+                    limits = batch_limits(self._config, self._executor.memory_cap.tokens)
+                    self._launch(self._queue.take(clock(), limits, self._executor.cost.estimate()))
                     continue
                 self._has_work.clear()
                 wake_at = decision.until
@@ -317,36 +300,8 @@ class Engine(Generic[InT, OutT]):
                 logger.exception("dispatch task failed; failing every queued item")
                 self._failure = exc
                 self._state = "closed"
-            self._fail_pending(EngineClosed("the engine stopped before this item ran"))
+            self._queue.fail_all(EngineClosed("the engine stopped before this item ran"))
             raise
-
-    def _take_batch(self, now: float) -> list[PendingItem[InT, OutT]]:
-        """Remove the next batch from `_pending`, dropping settled and expired items."""
-        live: list[PendingItem[InT, OutT]] = []
-        for item in self._pending:
-            if self._is_wanted(item, now):
-                live.append(item)
-        config = batch_limits(self._config, self.memory_cap)
-        chosen = set(select_batch(live, config, self.cost_model.estimate()))
-        self._pending = deque(item for i, item in enumerate(live) if i not in chosen)
-        return [live[i] for i in sorted(chosen)]
-
-    def _is_wanted(self, item: PendingItem[InT, OutT], now: float) -> bool:
-        """False, and the item settled, when it must not be computed."""
-        if item.future.done():  # its caller stopped waiting, or its deadline fired
-            return False
-        if item.deadline is not None and now >= item.deadline:
-            settle_error(item.future, DeadlineExceeded("the deadline passed in the queue"))
-            self.metrics.count("expired")
-            return False
-        return True
-
-    def _drop_settled_head(self) -> None:
-        while self._pending and self._pending[0].future.done():
-            self._pending.popleft()
-
-    def _drop_settled(self) -> None:
-        self._pending = deque(item for item in self._pending if not item.future.done())
 
     def _launch(self, batch: list[PendingItem[InT, OutT]]) -> None:
         if not batch:
@@ -356,16 +311,12 @@ class Engine(Generic[InT, OutT]):
         self._batches.add(task)
         task.add_done_callback(self._batches.discard)
 
-    def _fail_pending(self, error: EngineError) -> None:
-        while self._pending:
-            settle_error(self._pending.popleft().future, error)
-
     # -- execution ---------------------------------------------------------------------
 
     async def _execute(self, batch: list[PendingItem[InT, OutT]]) -> None:
         """Run one batch on a free replica; whatever happens, every future settles."""
         try:
-            await self._run_split(batch)
+            await self._executor.run(batch)
         except BaseException as exc:
             error = EngineClosed("the batch was interrupted by shutdown")
             if not isinstance(exc, asyncio.CancelledError):
@@ -377,111 +328,3 @@ class Engine(Generic[InT, OutT]):
         finally:
             self._in_flight -= 1
             self._has_work.set()
-
-    async def _run_split(
-        self, batch: list[PendingItem[InT, OutT]], avoid: Replica[InT, OutT] | None = None
-    ) -> bool:
-        """Run `batch` on a free replica; True if every item got its result.
-
-        If the model raises, split the batch in halves and retry each, so only the items
-        that fail on their own get the error. An item that fails alone is retried once on
-        another replica: if it succeeds there, the first replica gets a strike. Out of
-        memory also lowers the memory cap to half the failed batch's padded tokens.
-        """
-        async with self._pool.lease(avoid) as replica:
-            # Callers may have left or expired while the batch waited for a replica.
-            now = self.clock()
-            batch = [item for item in batch if self._is_wanted(item, now)]
-            if not batch:
-                return True
-            started = now
-            replica.busy_since = started
-            try:
-                outputs = await replica.runner.run([item.payload for item in batch])
-            except Exception as exc:
-                failure: Exception | None = exc
-            else:
-                failure = None
-            finally:
-                replica.busy_since = None
-            if failure is not None and len(batch) == 1 and avoid is None:
-                if isinstance(failure, DeviceOutOfMemory):
-                    self._shrink_after_oom(batch)
-                if self._pool.others_alive(replica):
-                    # The input's fault, or this replica's? Ask another one, still
-                    # holding this one so that the retry cannot land on it.
-                    retried = await self._run_split(batch, avoid=replica)
-                    if retried:
-                        self._pool.strike(replica)
-                    return retried
-                return self._fail_alone(batch[0], failure)
-        if failure is not None:
-            return await self._after_failure(batch, failure)
-        replica.strikes = 0
-        inference_time_s = self.clock() - started
-        if len(outputs) != len(batch):
-            error = InferenceFailed(
-                f"the model returned {len(outputs)} outputs for {len(batch)} inputs"
-            )
-            logger.error("%s; failing the batch", error)
-            self.metrics.count("failed", len(batch))
-            for item in batch:
-                settle_error(item.future, error)
-            return False
-        self._record(batch, started, inference_time_s, replica)
-        size, delivered = len(batch), 0
-        for item, value in zip(batch, outputs, strict=True):
-            result = Result(value, started - item.enqueued_at, inference_time_s, size)
-            delivered += settle_result(item.future, result)
-        self.metrics.count("ok", delivered)
-        return True
-
-    async def _after_failure(self, batch: list[PendingItem[InT, OutT]], exc: Exception) -> bool:
-        """A batch (or a retried single item) failed: split it, or fail the item."""
-        if isinstance(exc, DeviceOutOfMemory):
-            self._shrink_after_oom(batch)
-        if len(batch) > 1:
-            half = len(batch) // 2
-            first = await self._run_split(batch[:half])
-            second = await self._run_split(batch[half:])
-            return first and second
-        return self._fail_alone(batch[0], exc)
-
-    def _fail_alone(self, item: PendingItem[InT, OutT], exc: Exception) -> bool:
-        logger.warning("model failed on one input: %r", exc)
-        error = InferenceFailed(f"the model failed on this input: {type(exc).__name__}")
-        error.__cause__ = exc
-        if settle_error(item.future, error):
-            self.metrics.count("failed")
-        return False
-
-    def _shrink_after_oom(self, batch: list[PendingItem[InT, OutT]]) -> None:
-        self.metrics.out_of_memory.inc()
-        failed = padded_tokens(item.cost for item in batch)
-        if len(batch) > 1:
-            cap = failed // 2
-            if self.memory_cap is None or cap < self.memory_cap:
-                self._set_memory_cap(cap)
-        logger.warning(
-            "device out of memory on %d items (%d padded tokens); batches now hold at most "
-            "%s padded tokens",
-            len(batch),
-            failed,
-            self.memory_cap,
-        )
-
-    def _record(
-        self,
-        batch: list[PendingItem[InT, OutT]],
-        started: float,
-        inference_time_s: float,
-        replica: Replica[InT, OutT],
-    ) -> None:
-        """What one computed batch teaches: the device's cost and drain rate, and the
-        metrics."""
-        real = sum(item.cost for item in batch)
-        padded = padded_tokens(item.cost for item in batch)
-        self.cost_model.observe(padded, inference_time_s)
-        self._drain_rate.observe(len(batch), inference_time_s)
-        waits = (started - item.enqueued_at for item in batch)
-        self.metrics.record_batch(replica.index, inference_time_s, real, padded, waits)

@@ -150,8 +150,8 @@ async def test_out_of_memory_splits_the_batch_and_caps_later_ones() -> None:
         first = texts(32, prefix="abcdef")  # 32 x 8 padded tokens: 4x the device's room
         results = await asyncio.gather(*(engine.submit(x) for x in first))
         assert [r.value for r in results] == [x.upper() for x in first]
-        assert engine.memory_cap is not None
-        assert engine.memory_cap <= runner.limit
+        assert engine.stats().memory_cap_tokens is not None
+        assert engine.stats().memory_cap_tokens <= runner.limit
         failed_before = len(runner.calls)
         again = await asyncio.gather(*(engine.submit(x) for x in texts(32, prefix="ghijkl")))
     assert all(not isinstance(r, BaseException) for r in again)
@@ -336,7 +336,7 @@ async def test_a_dying_dispatcher_fails_every_caller_and_surfaces_at_close(
     def broken(*args: object) -> None:
         raise ZeroDivisionError("bug")
 
-    monkeypatch.setattr("batcher.engine.select_batch", broken)
+    monkeypatch.setattr("batcher.queue.select_batch", broken)
     second = asyncio.create_task(engine.submit("second"))
     with pytest.raises(EngineClosed):
         await second
@@ -411,7 +411,7 @@ async def test_the_engine_learns_the_device_cost_and_then_serves_faster_than_fil
 
     learned_s, learned_padding, engine = await serve("learned")
     fill_s, fill_padding, _ = await serve("fill")
-    fit = engine.cost_model.estimate()
+    fit = engine.stats().learned_cost
     assert fit is not None
     assert fit.overhead_s == pytest.approx(0.008, rel=0.1)
     assert fit.per_token_s == pytest.approx(0.0004, rel=0.05)

@@ -1,0 +1,78 @@
+"""The queue: items admitted and not yet handed to a device, oldest first.
+
+The engine owns one. Admission appends to it; only the dispatch task takes batches out
+of it (`take`). Items whose callers left, or whose deadline passed, are dropped on the
+way out and never computed. Touched only on the event-loop thread.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import Generic, TypeVar
+
+from batcher.config import EngineConfig
+from batcher.cost import LinearCost
+from batcher.errors import DeadlineExceeded, EngineError, QueueFull
+from batcher.items import PendingItem, settle_error
+from batcher.metrics import EngineMetrics
+from batcher.policy import select_batch
+
+InT = TypeVar("InT")
+OutT = TypeVar("OutT")
+
+
+class PendingQueue(Generic[InT, OutT]):
+    def __init__(self, metrics: EngineMetrics) -> None:
+        self._items: deque[PendingItem[InT, OutT]] = deque()
+        self._metrics = metrics
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def items(self) -> deque[PendingItem[InT, OutT]]:
+        """Oldest first; for the policy to read. Change it only through this class."""
+        return self._items
+
+    def check_room(self, n: int, max_size: int) -> None:
+        """Raise QueueFull (and count it) unless `n` more items fit in `max_size`."""
+        if len(self._items) + n > max_size:
+            self._items = deque(item for item in self._items if not item.future.done())
+            if len(self._items) + n > max_size:
+                self._metrics.count("rejected_full", n)
+                raise QueueFull(len(self._items), max_size)
+
+    def extend(self, items: Iterable[PendingItem[InT, OutT]]) -> None:
+        self._items.extend(items)
+
+    def drop_settled_head(self) -> None:
+        """Forget items at the front whose futures are done, so the policy sees a live
+        oldest item."""
+        while self._items and self._items[0].future.done():
+            self._items.popleft()
+
+    def wanted(self, item: PendingItem[InT, OutT], now: float) -> bool:
+        """False, and the item settled, when it must not be computed: its caller stopped
+        waiting, or its deadline passed."""
+        if item.future.done():
+            return False
+        if item.deadline is not None and now >= item.deadline:
+            settle_error(item.future, DeadlineExceeded("the deadline passed in the queue"))
+            self._metrics.count("expired")
+            return False
+        return True
+
+    def take(
+        self, now: float, limits: EngineConfig, cost: LinearCost | None
+    ) -> list[PendingItem[InT, OutT]]:
+        """Remove and return the next batch (`policy.select_batch`), dropping the items
+        no longer wanted."""
+        live = [item for item in self._items if self.wanted(item, now)]
+        chosen = set(select_batch(live, limits, cost))
+        self._items = deque(item for i, item in enumerate(live) if i not in chosen)
+        return [live[i] for i in sorted(chosen)]
+
+    def fail_all(self, error: EngineError) -> None:
+        while self._items:
+            settle_error(self._items.popleft().future, error)
