@@ -23,10 +23,10 @@ from typing import Any
 import httpx
 
 from benchmarks import environment
-from benchmarks.bench import Run, bench, format_table, load_corpus
 from benchmarks.loadgen import Load, Request
 from benchmarks.plot import plot_runs
 from benchmarks.processes import pin, server
+from benchmarks.runs import Run, bench, format_table, load_corpus
 
 SERVER_CPU, CLIENT_CPU = 0, 1
 

@@ -1,5 +1,6 @@
-"""The load generator's core: closed-loop clients and open-loop Poisson arrivals against
-one endpoint, measured on an injectable clock, with no retries (a failure is a data point).
+"""The load generator's core, used by every tool (bench, sweep, compare, soak):
+closed-loop clients and open-loop Poisson arrivals, measured on an injectable clock, with
+no retries (a failure is a data point), and one definition of a latency percentile.
 
 Latency in the open loop is measured from each request's *scheduled* arrival, so a slow
 client or server cannot hide queueing delay (no coordinated omission).
@@ -10,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -23,6 +23,16 @@ from benchmarks.transport import Transport
 
 Clock = Callable[[], float]
 LoadKind = Literal["closed", "open"]
+T = TypeVar("T")
+
+PERCENTILES = (50, 90, 99)
+
+
+def percentile(values: Sequence[float] | np.ndarray[Any, Any], q: float) -> float:
+    """The `q`-th percentile (0-100) of `values`, linearly interpolated between the
+    closest ranks (numpy's default); NaN when there are none. Every tool reports this
+    one."""
+    return float(np.percentile(values, q)) if len(values) else math.nan
 
 
 @dataclass(frozen=True)
@@ -82,15 +92,40 @@ class StepResult:
         return self.latency_ms["p99"]
 
 
-def poisson_arrivals(rate: float, duration_s: float, rng: random.Random) -> list[float]:
-    """Arrival offsets (seconds from 0) of a Poisson process of `rate` per second."""
-    if rate <= 0:
-        raise ValueError(f"rate must be > 0, got {rate}")
-    arrivals, t = [], rng.expovariate(rate)
-    while t < duration_s:
+def poisson_arrivals(
+    rate: float | Callable[[float], float], duration_s: float, rng: random.Random
+) -> list[float]:
+    """Arrival offsets (seconds from 0) of a Poisson process of `rate` per second; `rate`
+    may be a function of the time (piecewise: a steady load with a burst)."""
+    rate_at = rate if callable(rate) else lambda _t: rate
+    arrivals: list[float] = []
+    t = 0.0
+    while True:
+        now_rate = rate_at(t)
+        if now_rate <= 0:
+            raise ValueError(f"rate must be > 0, got {now_rate}")
+        t += rng.expovariate(now_rate)
+        if t >= duration_s:
+            return arrivals
         arrivals.append(t)
-        t += rng.expovariate(rate)
-    return arrivals
+
+
+async def paced(
+    arrivals: Iterable[float],
+    fire: Callable[[int, float], Coroutine[Any, Any, T]],
+    clock: Clock = time.perf_counter,
+) -> list[T]:
+    """Start `fire(index, scheduled_at)` at each arrival offset (seconds from now, on
+    `clock`), whatever is still in flight, and return their results in order. Arrivals
+    keep an absolute schedule: a late start is caught up, never shifts the rest."""
+    start = clock()
+    tasks = []
+    for index, offset in enumerate(arrivals):
+        delay = start + offset - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)  # pacing arrivals is the generator's job
+        tasks.append(asyncio.create_task(fire(index, start + offset)))
+    return list(await asyncio.gather(*tasks))
 
 
 async def closed_loop(
@@ -133,21 +168,15 @@ async def open_loop(
     """Poisson arrivals at `rate`/s, each sent at its time whatever is still in flight."""
     samples = Samples()
     arrivals = poisson_arrivals(rate, warmup_s + duration_s, random.Random(seed))
-    start = clock()
-    tasks = []
+    measure_from = clock() + warmup_s
 
     async def one(index: int, scheduled: float) -> None:
         status = await client.post(request.endpoint, request.body(texts, index))
-        if scheduled >= start + warmup_s:
+        if scheduled >= measure_from:
             samples.latencies_s.append(clock() - scheduled)
             samples.statuses[status] += 1
 
-    for index, offset in enumerate(arrivals):
-        delay = start + offset - clock()
-        if delay > 0:
-            await asyncio.sleep(delay)  # pacing arrivals is the generator's job
-        tasks.append(asyncio.create_task(one(index, start + offset)))
-    await asyncio.gather(*tasks)
+    await paced(arrivals, one, clock)
     samples.duration_s = duration_s
     return samples
 
@@ -171,11 +200,11 @@ async def run_load(
 
 def summarize(load: Load, samples: Samples, server: dict[str, float]) -> StepResult:
     ms = np.asarray(samples.latencies_s) * 1000.0
+    latency = {f"p{q}": percentile(ms, q) for q in PERCENTILES}
     if len(ms):
-        latency = {f"p{q}": float(np.percentile(ms, q)) for q in (50, 90, 99)}
         latency |= {"mean": float(ms.mean()), "max": float(ms.max())}
     else:
-        latency = dict.fromkeys(("p50", "p90", "p99", "mean", "max"), math.nan)
+        latency |= dict.fromkeys(("mean", "max"), math.nan)
     ok = samples.statuses.get("200", 0)
     return StepResult(
         load=str(load),
@@ -189,39 +218,3 @@ def summarize(load: Load, samples: Samples, server: dict[str, float]) -> StepRes
         statuses=dict(samples.statuses),
         server=server,
     )
-
-
-# -- what the server did, from /metrics ------------------------------------------------
-
-
-def _metric(text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else math.nan
-
-
-async def scrape(client: Transport) -> str:
-    """The server's /metrics text, or '' when it has none (the naive server)."""
-    status, text = await client.get("/metrics")
-    return text if status == 200 else ""
-
-
-def server_delta(before: str, after: str) -> dict[str, float]:
-    """Mean batch size, padding ratio and mean queue wait between two scrapes."""
-    if not before or not after:
-        return {}
-
-    def d(name: str) -> float:
-        return _metric(after, name) - _metric(before, name)
-
-    def ratio(a: float, b: float) -> float:
-        return a / b if b else math.nan
-
-    return {
-        "batches": d("microbatch_batch_size_count"),
-        "mean_batch_size": ratio(d("microbatch_batch_size_sum"), d("microbatch_batch_size_count")),
-        "padding_ratio": ratio(
-            d("microbatch_padded_tokens_total"), d("microbatch_real_tokens_total")
-        ),
-        "mean_queue_wait_ms": 1000
-        * ratio(d("microbatch_queue_wait_seconds_sum"), d("microbatch_queue_wait_seconds_count")),
-    }

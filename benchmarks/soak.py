@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import random
-import re
 import shlex
 import sys
 import time
@@ -37,7 +36,10 @@ import aiohttp
 from benchmarks import environment
 from benchmarks.corpus import builtin
 from benchmarks.environment import command_line, describe
+from benchmarks.loadgen import Request, closed_loop, paced, percentile, poisson_arrivals
 from benchmarks.processes import pin, server
+from benchmarks.scrape import Scrape, mean_request_ms, scrape
+from benchmarks.transport import AiohttpTransport
 
 DEFAULT_SERVER = "--torch-threads 1 --max-queue-size 256 --request-timeout-s 10"
 
@@ -82,33 +84,11 @@ class Report:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-async def _metric_values(session: aiohttp.ClientSession) -> dict[str, float]:
-    async with session.get("/metrics") as r:
-        text = await r.text()
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        match = re.match(r"^(\w+(?:\{[^}]*\})?) (\S+)$", line)
-        if match:
-            values[match.group(1)] = float(match.group(2))
-    return values
-
-
 async def measure_capacity(session: aiohttp.ClientSession, texts: list[str], s: float) -> float:
     """Requests/s at saturation: 64 closed-loop clients for `s` seconds."""
-    done = 0
-    stop = time.perf_counter() + s
-    rng = random.Random(1)
-
-    async def client() -> None:
-        nonlocal done
-        while time.perf_counter() < stop:
-            async with session.post("/predict", json={"text": rng.choice(texts)}) as r:
-                await r.read()
-                done += r.status == 200
-
-    started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(64)))
-    return done / (time.perf_counter() - started)
+    samples = await closed_loop(AiohttpTransport(session), texts, Request(), 64, s, 0.0)
+    ok: int = samples.statuses.get("200", 0)
+    return ok / s
 
 
 async def _send(
@@ -149,11 +129,11 @@ async def soak(args: argparse.Namespace, url: str) -> Report:
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=args.client_timeout_s)
     async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
+        observer = AiohttpTransport(session)
         memory: dict[str, float] = {}
-        start_metrics = await _metric_values(session)
+        start_metrics = await scrape(observer)
         capacity = args.capacity_rps or await measure_capacity(session, texts, args.probe_s)
-        before = await _metric_values(session)
-        memory["before"] = before["process_resident_memory_bytes"] / 2**20
+        memory["before"] = _resident_mb(await scrape(observer))
         valid_rps, overload_rps = capacity * args.load, capacity * args.overload
         print(
             f"capacity {capacity:.1f} req/s; soak at {valid_rps:.1f} req/s, "
@@ -163,79 +143,56 @@ async def soak(args: argparse.Namespace, url: str) -> Report:
 
         burst_from = (args.duration_s - args.overload_s) / 2
         burst_to = burst_from + args.overload_s
-        tasks: list[asyncio.Task[Outcome]] = []
-        peak_mb = [memory["before"]]
-        sampler = asyncio.create_task(_sample_memory(session, peak_mb))
         share = 1 + args.malformed + args.disconnects
+
+        def phase(t: float) -> str:
+            return "overload" if burst_from <= t < burst_to else "steady"
+
+        def rate(t: float) -> float:
+            return float((overload_rps if phase(t) == "overload" else valid_rps) * share)
+
+        arrivals = poisson_arrivals(rate, args.duration_s, rng)
         started = time.perf_counter()
-        due = 0.0  # arrivals on an absolute schedule: a slow iteration is caught up
-        while due < args.duration_s:
-            in_burst = burst_from <= due < burst_to
-            phase = "overload" if in_burst else "steady"
-            rate = overload_rps if in_burst else valid_rps
-            due += rng.expovariate(rate * share)
-            delay = started + due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            draw = rng.random() * share
-            text = rng.choice(texts)
+
+        async def fire(index: int, scheduled_at: float) -> Outcome:
+            due = arrivals[index]
+            draw, text = rng.random() * share, rng.choice(texts)
             if draw < 1:
                 body = json.dumps({"text": text}).encode()
-                coro = _send(session, phase, "valid", body, "application/json")
+                outcome = await _send(session, phase(due), "valid", body, "application/json")
             elif draw < 1 + args.malformed:
                 name = rng.choice(list(MALFORMED))
                 payload, ctype = MALFORMED[name]
-                coro = _send(session, phase, f"malformed:{name}", payload, ctype)
+                outcome = await _send(session, phase(due), f"malformed:{name}", payload, ctype)
             else:
-                coro = _hang_up(session, phase, text)
-            tasks.append(asyncio.create_task(_stamped(coro, due)))
+                outcome = await _hang_up(session, phase(due), text)
+            outcome.sent_at = due
+            return outcome
+
+        peak_mb = [memory["before"]]
+        sampler = asyncio.create_task(_sample_memory(observer, peak_mb))
+        outcomes = await paced(arrivals, fire)
         sent_s = time.perf_counter() - started
-        outcomes = await asyncio.gather(*tasks)
         sampler.cancel()
         await asyncio.sleep(2)  # let the server finish the abandoned ones' bookkeeping
-        after = await _metric_values(session)
+        after = await scrape(observer)
         memory["peak_during"] = max(peak_mb)
-        memory["after"] = after["process_resident_memory_bytes"] / 2**20
+        memory["after"] = _resident_mb(after)
         print(f"sent for {sent_s:.1f} s (scheduled {args.duration_s:g} s)", file=sys.stderr)
-
     return _report(args, outcomes, capacity, valid_rps, overload_rps, memory, start_metrics, after)
 
 
-async def _stamped(coro: Any, sent_at: float) -> Outcome:
-    outcome: Outcome = await coro
-    outcome.sent_at = sent_at
-    return outcome
+def _resident_mb(metrics: Scrape) -> float:
+    return metrics.value("process_resident_memory_bytes") / 2**20
 
 
-async def _sample_memory(session: aiohttp.ClientSession, peak_mb: list[float]) -> None:
+async def _sample_memory(observer: AiohttpTransport, peak_mb: list[float]) -> None:
     """The server's resident memory every 5 s, on its own task (never delays arrivals)."""
     while True:
         await asyncio.sleep(5)
-        try:
-            values = await _metric_values(session)
-        except (aiohttp.ClientError, TimeoutError):
-            continue
-        peak_mb.append(values["process_resident_memory_bytes"] / 2**20)
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _server_mean_ms(before: dict[str, float], after: dict[str, float], status: str) -> float:
-    """Mean time in the server (middleware in to reply out) of requests with `status`:
-    the part of the client's latency that is the server's own work."""
-    total = count = 0.0
-    for key, value in after.items():
-        if f'status="{status}"' in key and key.startswith("microbatch_request_duration"):
-            if "_sum{" in key:
-                total += value - before.get(key, 0.0)
-            elif "_count{" in key:
-                count += value - before.get(key, 0.0)
-    return 1000 * total / count if count else float("nan")
+        metrics = await scrape(observer)
+        if metrics:
+            peak_mb.append(_resident_mb(metrics))
 
 
 def _report(
@@ -245,8 +202,8 @@ def _report(
     valid_rps: float,
     overload_rps: float,
     memory: dict[str, float],
-    before: dict[str, float],
-    after: dict[str, float],
+    before: Scrape,
+    after: Scrape,
 ) -> Report:
     rejected: Counter[str] = Counter()
     lost: list[Outcome] = []
@@ -262,8 +219,11 @@ def _report(
     admitted = [o.latency_s for o in burst if o.status == 200]
     too_many = [o.latency_s for o in burst if o.status == 429]
 
-    def delta(name: str) -> float:
-        return after.get(name, 0.0) - before.get(name, 0.0)
+    def items(outcome: str) -> float:
+        return after.since(before, "microbatch_items_total", outcome=outcome)
+
+    def ms(values: list[float], q: float) -> float:
+        return round(percentile(values, q) * 1000, 1)
 
     timeline = []
     for start in range(0, int(args.duration_s), 10):
@@ -275,9 +235,9 @@ def _report(
                 "from_s": start,
                 "valid_sent": len(window),
                 "ok": len(ok),
-                "ok_p99_ms": round(_percentile(ok, 0.99) * 1000, 1),
+                "ok_p99_ms": ms(ok, 99),
                 "429": len(refused),
-                "429_p50_ms": round(_percentile(refused, 0.5) * 1000, 1),
+                "429_p50_ms": ms(refused, 50),
                 "504": sum(o.status == 504 for o in window),
             }
         )
@@ -296,24 +256,24 @@ def _report(
             "seconds": args.overload_s,
             "valid_sent": len(burst),
             "admitted_and_answered": len(admitted),
-            "admitted_p50_ms": round(_percentile(admitted, 0.5) * 1000, 1),
-            "admitted_p99_ms": round(_percentile(admitted, 0.99) * 1000, 1),
+            "admitted_p50_ms": ms(admitted, 50),
+            "admitted_p99_ms": ms(admitted, 99),
             "deadline_ms": args.deadline_s * 1000,
             "rejected_429": len(too_many),
-            "429_p50_ms": round(_percentile(too_many, 0.5) * 1000, 2),
-            "429_p99_ms": round(_percentile(too_many, 0.99) * 1000, 2),
+            "429_p50_ms": round(percentile(too_many, 50) * 1000, 2),
+            "429_p99_ms": round(percentile(too_many, 99) * 1000, 2),
             "504": sum(o.status == 504 for o in burst),
-            "429_server_mean_ms": round(_server_mean_ms(before, after, "429"), 3),
+            "429_server_mean_ms": round(mean_request_ms(before, after, "429"), 3),
         },
         memory_mb={k: round(v, 1) for k, v in memory.items()},
         server_counts={
-            "admitted": delta("microbatch_admitted_items_total"),
-            "ok": delta('microbatch_items_total{outcome="ok"}'),
-            "cancelled": delta('microbatch_items_total{outcome="cancelled"}'),
-            "expired": delta('microbatch_items_total{outcome="expired"}'),
-            "rejected_full": delta('microbatch_items_total{outcome="rejected_full"}'),
-            "client_disconnects": delta("microbatch_client_disconnects_total"),
-            "failed": delta('microbatch_items_total{outcome="failed"}'),
+            "admitted": after.since(before, "microbatch_admitted_items_total"),
+            "ok": items("ok"),
+            "cancelled": items("cancelled"),
+            "expired": items("expired"),
+            "rejected_full": items("rejected_full"),
+            "client_disconnects": after.since(before, "microbatch_client_disconnects_total"),
+            "failed": items("failed"),
         },
     )
 

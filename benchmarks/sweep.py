@@ -23,7 +23,9 @@ from typing import Any
 import httpx
 
 from benchmarks import environment
-from benchmarks.bench import (
+from benchmarks.loadgen import Load, Request, StepResult
+from benchmarks.processes import server
+from benchmarks.runs import (
     Step,
     add_load_arguments,
     format_table,
@@ -31,8 +33,6 @@ from benchmarks.bench import (
     measure,
     parse_loads,
 )
-from benchmarks.loadgen import Load, Request, StepResult
-from benchmarks.processes import server
 from benchmarks.transport import Transport, TransportFactory, aiohttp_transports
 
 SETTING_KEYS = ("max_batch_size", "max_wait_ms", "policy", "batch_sizing")

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from benchmarks import compare
-from benchmarks.bench import Run
 from benchmarks.loadgen import Load
+from benchmarks.runs import Run
 
 
 def test_each_load_runs_on_every_server_and_each_server_leads_in_turn(

@@ -15,8 +15,8 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from benchmarks.bench import Step, measure
 from benchmarks.loadgen import Load, Request, closed_loop, open_loop, poisson_arrivals
+from benchmarks.runs import Step, measure
 from benchmarks.transport import Transport, asgi_transports
 
 DELAYS_MS = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]

@@ -11,8 +11,8 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from benchmarks import plot
-from benchmarks.bench import bench, write_csv
 from benchmarks.loadgen import Load, Request
+from benchmarks.runs import bench, write_csv
 from benchmarks.transport import asgi_transports
 from server.app import create_app
 from server.settings import Settings
