@@ -25,7 +25,7 @@ import shlex
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -109,20 +109,36 @@ async def _send(
         return Outcome(phase, kind, 0, type(exc).__name__, time.perf_counter() - started)
 
 
-async def _hang_up(session: aiohttp.ClientSession, phase: str, text: str) -> Outcome:
-    """Send a valid request and abandon it after 5 ms (usually while it waits)."""
+@dataclass
+class HangUp:
+    """When a disconnecting client hangs up: once `when()` returns (by default after 5 ms,
+    usually while its request waits in the queue); `then()` runs right after it has.
+    A test holds its fake model and hangs up while it is held, then lets it go."""
+
+    when: Callable[[], Awaitable[object]] = field(default=lambda: asyncio.sleep(0.005))
+    then: Callable[[], object] = field(default=lambda: None)
+
+
+async def _hang_up(
+    session: aiohttp.ClientSession, phase: str, text: str, hang_up: HangUp
+) -> Outcome:
+    """Send a valid request and abandon it when `hang_up` says, unless answered first."""
     body = json.dumps({"text": text}).encode()
     started = time.perf_counter()
     task = asyncio.create_task(_send(session, phase, "disconnect", body, "application/json"))
-    done, _ = await asyncio.wait({task}, timeout=0.005)
-    if done:
+    trigger = asyncio.ensure_future(hang_up.when())
+    done, _ = await asyncio.wait({task, trigger}, return_when=asyncio.FIRST_COMPLETED)
+    trigger.cancel()
+    if task in done:
         return task.result()
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+    hang_up.then()
     return Outcome(phase, "disconnect", 0, "abandoned", time.perf_counter() - started)
 
 
-async def soak(args: argparse.Namespace, url: str) -> Report:
+async def soak(args: argparse.Namespace, url: str, hang_up: HangUp | None = None) -> Report:
+    hang_up = hang_up or HangUp()
     corpus = builtin(2000, seed=7)
     texts = list(corpus.texts)
     rng = random.Random(args.seed)
@@ -165,7 +181,7 @@ async def soak(args: argparse.Namespace, url: str) -> Report:
                 payload, ctype = MALFORMED[name]
                 outcome = await _send(session, phase(due), f"malformed:{name}", payload, ctype)
             else:
-                outcome = await _hang_up(session, phase(due), text)
+                outcome = await _hang_up(session, phase(due), text, hang_up)
             outcome.sent_at = due
             return outcome
 
