@@ -28,6 +28,8 @@ from batcher.models.text import (
     Options,
     Output,
     TextModel,
+    Token,
+    TruncationDirection,
 )
 
 __all__ = [
@@ -50,6 +52,8 @@ __all__ = [
     "Task",
     "TaskOption",
     "TextModel",
+    "Token",
+    "TruncationDirection",
     "UnsupportedModel",
     "cuda_device_count",
     "default_source",

@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -79,6 +79,21 @@ class Classification:
 
 
 Output = list[float] | Classification
+TruncationDirection = Literal["right", "left"]
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """One token of a tokenized text, as TEI's `/tokenize` shows it."""
+
+    id: int
+    text: str
+    """The characters of the input it covers; a special token's own text ([CLS])."""
+    special: bool
+    start: int | None
+    """Character offsets in the input; None for special tokens."""
+    stop: int | None
+
 
 Inputs = dict[str, torch.Tensor]
 Forward = Callable[[Inputs, torch.Tensor], torch.Tensor]
@@ -126,7 +141,9 @@ class TextModel:
         self._tokenizer = loaded.tokenizer.backend_tokenizer
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=loaded.max_tokens)
+        self._left_tokenizer: Any = None
         self._special_ids = set(getattr(loaded.tokenizer, "all_special_ids", ()))
+        self.vocab_size = int(self._tokenizer.get_vocab_size(with_added_tokens=True))
         self._pad_id = int(loaded.tokenizer.pad_token_id or 0)
         self._type_ids = _takes_type_ids(loaded)
         pooling = loaded.description.pooling
@@ -163,15 +180,18 @@ class TextModel:
         texts: Sequence[str],
         pairs: Sequence[str] | None = None,
         options: Options = DEFAULT_OPTIONS,
+        truncation_direction: TruncationDirection = "right",
     ) -> list[Encoded]:
-        """`encode` for several inputs in one call of the Rust tokenizer."""
+        """`encode` for several inputs in one call of the Rust tokenizer. An input over
+        the limit loses its end (or, with `truncation_direction="left"`, its start)."""
         prompt, fields = self._resolve(options, pairs is not None)
+        tokenizer = self._tokenizer if truncation_direction == "right" else self._left()
         if pairs is not None:
-            encodings = self._tokenizer.encode_batch(list(zip(texts, pairs, strict=True)))
+            encodings = tokenizer.encode_batch(list(zip(texts, pairs, strict=True)))
         elif prompt:
-            encodings = self._tokenizer.encode_batch([prompt + t for t in texts])
+            encodings = tokenizer.encode_batch([prompt + t for t in texts])
         else:
-            encodings = self._tokenizer.encode_batch(list(texts))
+            encodings = tokenizer.encode_batch(list(texts))
         prompt_tokens = 0 if self._prompt_pooled or not prompt else self._prompt_length(prompt)
         return [
             Encoded(
@@ -183,6 +203,60 @@ class TextModel:
             )
             for e in encodings
         ]
+
+    def _left(self) -> Any:
+        """A copy of the tokenizer that cuts over-long inputs from the left."""
+        if self._left_tokenizer is None:
+            left = type(self._tokenizer).from_str(self._tokenizer.to_str())
+            left.no_padding()
+            left.enable_truncation(max_length=self.max_tokens, direction="left")
+            self._left_tokenizer = left
+        return self._left_tokenizer
+
+    def encode_ids(
+        self, sequences: Sequence[Sequence[int]], options: Options = DEFAULT_OPTIONS
+    ) -> list[Encoded]:
+        """Inputs given as token ids, used as they are: no special tokens are added and
+        no prompt is put before them (ids from `tokenize` with special tokens give the
+        text's own vector). Cut to the model's limit. Raises InvalidOption for an id
+        outside the vocabulary, or a prompt asked for."""
+        if options.prompt is not None or options.prompt_name is not None:
+            raise InvalidOption("input", "prompts apply to texts, not to token ids")
+        _, fields = self._resolve(options, paired=False)
+        encoded = []
+        for index, ids in enumerate(sequences):
+            bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+            if bad is not None:
+                raise InvalidOption(
+                    "input",
+                    f"input {index}: token id {bad} is outside the vocabulary "
+                    f"(0 to {self.vocab_size - 1})",
+                )
+            kept = list(ids[: self.max_tokens])
+            type_ids = [0] * len(kept) if self._type_ids else None
+            encoded.append(Encoded(kept, len(ids) > len(kept), type_ids=type_ids, **fields))
+        return encoded
+
+    def tokenize(
+        self, texts: Sequence[str], add_special_tokens: bool = True, prompt_name: str | None = None
+    ) -> list[list[Token]]:
+        """Each text's tokens, as `encode` would feed them to the model (prompt included,
+        cut to the model's limit). Raises InvalidOption for an unknown prompt."""
+        prompt, _ = self._resolve(Options(prompt_name=prompt_name), paired=False)
+        inputs = [prompt + t for t in texts]
+        encodings = self._tokenizer.encode_batch(inputs, add_special_tokens=add_special_tokens)
+        out = []
+        for text, e in zip(inputs, encodings, strict=True):
+            tokens = []
+            for tid, token, (start, stop), special in zip(
+                e.ids, e.tokens, e.offsets, e.special_tokens_mask, strict=True
+            ):
+                if special:
+                    tokens.append(Token(tid, token, True, None, None))
+                else:
+                    tokens.append(Token(tid, text[start:stop], False, start, stop))
+            out.append(tokens)
+        return out
 
     def _resolve(self, options: Options, paired: bool) -> tuple[str, dict[str, Any]]:
         """The prompt text and the output fields of `Encoded`, or InvalidOption."""
