@@ -37,7 +37,8 @@ def run_bench(url: str, loads: list[Load], label: str, args: argparse.Namespace)
     print(format_table([]))
     return asyncio.run(
         bench(
-            url, loads, texts=corpus.texts, corpus_source=corpus.source, request=Request(),
+            url, loads, texts=corpus.texts, corpus_source=corpus.source,
+            request=Request(encoding_format=getattr(args, "encoding_format", None)),
             duration_s=args.duration, warmup_s=args.warmup, label=label, progress=True,
             on_step=lambda s: print(format_table([s]).splitlines()[1], flush=True),
         )

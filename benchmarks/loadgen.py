@@ -51,12 +51,16 @@ class Request:
     endpoint: str = "/predict"
     texts_per_request: int = 1
     """For /predict/batch: texts in each request."""
+    encoding_format: str | None = None
+    """Ask for vectors as `float` or `base64` (None: the server's default, floats)."""
 
     def body(self, texts: list[str], index: int) -> dict[str, object]:
+        extra = {} if self.encoding_format is None else {"encoding_format": self.encoding_format}
         if self.endpoint == "/predict/batch":
             n = len(texts)
-            return {"texts": [texts[(index + k) % n] for k in range(self.texts_per_request)]}
-        return {"text": texts[index % len(texts)]}
+            batch = [texts[(index + k) % n] for k in range(self.texts_per_request)]
+            return {"texts": batch, **extra}
+        return {"text": texts[index % len(texts)], **extra}
 
 
 @dataclass

@@ -24,7 +24,15 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from batcher.models import DEFAULT_OPTIONS, Encoded, Options, Output, Task
+from batcher.models import (
+    DEFAULT_OPTIONS,
+    Encoded,
+    Options,
+    Output,
+    Task,
+    Token,
+    TruncationDirection,
+)
 from benchmarks import environment
 from benchmarks.compare import CLIENT_CPU, SERVER_CPU, run_bench
 from benchmarks.loadgen import Load, StepResult
@@ -50,8 +58,19 @@ class NullModel:
         texts: Sequence[str],
         pairs: Sequence[str] | None = None,
         options: Options = DEFAULT_OPTIONS,
+        truncation_direction: TruncationDirection = "right",
     ) -> list[Encoded]:
         return [self.encode(t) for t in texts]
+
+    def encode_ids(
+        self, sequences: Sequence[Sequence[int]], options: Options = DEFAULT_OPTIONS
+    ) -> list[Encoded]:
+        return [Encoded(list(ids[:256]), truncated=len(ids) > 256) for ids in sequences]
+
+    def tokenize(
+        self, texts: Sequence[str], add_special_tokens: bool = True, prompt_name: str | None = None
+    ) -> list[list[Token]]:
+        return [[Token(1, t, False, 0, len(t))] for t in texts]
 
     def cost(self, item: Encoded) -> int:
         return len(item.ids)
@@ -131,8 +150,14 @@ def summary(pairs: list[Pair]) -> list[dict[str, Any]]:
     return rows
 
 
-def render(rows: list[dict[str, Any]], steal: float | None, profile: str | None) -> str:
+def render(
+    rows: list[dict[str, Any]],
+    steal: float | None,
+    profile: str | None,
+    encoding_format: str | None = None,
+) -> str:
     env = environment.describe()
+    vectors = encoding_format or "float"
     lines = [
         f"# Server overhead: {env['cpu']} ({env['cpu_count']} CPUs), {date.today()}",
         "",
@@ -140,7 +165,8 @@ def render(rows: list[dict[str, Any]], steal: float | None, profile: str | None)
         "for every text, at once) against a bare FastAPI endpoint returning the same JSON "
         "(`benchmarks/trivial.py`). Both servers on CPU 0, uvloop + httptools; the load "
         f"generator on CPU 1. Commit {env['git_commit']}. CPU time stolen by the hypervisor "
-        f"during the run: {steal} %.",
+        f"during the run: {steal} %. microbatch sends its vectors as `{vectors}` "
+        "(`--encoding-format`); the bare server always sends JSON floats.",
         "",
         "Each load was measured several rounds, the two servers alternating, and the "
         "table gives the median of each; the last column is the ratio of every round.",
@@ -180,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         help="measure each load this many times, the servers alternating (default 3)",
     )  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="profile our server with py-spy")
+    parser.add_argument(
+        "--encoding-format", choices=["float", "base64"],
+        help="ask microbatch for vectors in this encoding (the bare server always sends floats)",
+    )  # fmt: skip
     parser.add_argument("--report", help="write the markdown report (and a .json beside it)")
     args = parser.parse_args(argv)
     if args.serve:
@@ -202,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             profile = top_functions(logs / "profile.txt")
     steal = environment.steal_percent(cpu_before, environment.cpu_times())
     rows = summary(pairs)
-    report = render(rows, steal, profile)
+    report = render(rows, steal, profile, args.encoding_format)
     print("\n" + report)
     if args.report:
         Path(args.report).write_text(report)

@@ -49,7 +49,7 @@ MALFORMED: dict[str, tuple[bytes, str]] = {
     "not_json_content_type": (b"text=hello", "application/x-www-form-urlencoded"),
     "deep_nesting": (b'{"text": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "application/json"),
     "too_long_text": (json.dumps({"text": "x" * 5000}).encode(), "application/json"),
-    "body_too_large": (b'{"text": "' + b"y" * 1_100_000 + b'"}', "application/json"),
+    "body_too_large": (b'{"text": "' + b"y" * 2_200_000 + b'"}', "application/json"),
 }
 
 

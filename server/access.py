@@ -20,8 +20,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import Refusal
 
-INFERENCE_PATHS = ("/predict", "/rerank")
-"""Routes that reach the model: API keys, rate limits and the early 429 apply."""
+INFERENCE_PATHS = ("/predict", "/rerank", "/embed", "/tokenize", "/v1/")
+"""Routes that serve clients (ours, OpenAI's, TEI's, Cohere's): API keys and rate limits
+apply."""
+QUEUED_PATHS = ("/predict", "/rerank", "/embed", "/v1/embeddings", "/v1/rerank")
+"""Routes whose items go through the engine's queue: the early 429 applies too."""
 ADMIN_PREFIX = "/admin/"
 
 
@@ -69,7 +72,8 @@ class TokenBuckets:
 
 
 class AccessMiddleware:
-    """401 without a valid API key on /predict* and /rerank, 403 on /admin/* without the admin key
+    """401 without a valid API key on the client routes (INFERENCE_PATHS), 403 on /admin/*
+    without the admin key
     (or always, when no admin key is set and the server listens beyond loopback),
     429 over the rate limit or, through `admission`, while the queue is full."""
 
@@ -107,7 +111,9 @@ class AccessMiddleware:
             return
         path: str = scope["path"]
         if path.startswith(INFERENCE_PATHS):
-            refusal = self._predict_refusal(scope) or self.admission(scope)
+            refusal = self._predict_refusal(scope)
+            if refusal is None and path.startswith(QUEUED_PATHS):
+                refusal = self.admission(scope)
         elif path.startswith(ADMIN_PREFIX):
             refusal = self._admin_refusal(scope)
         else:
@@ -117,7 +123,7 @@ class AccessMiddleware:
             return
         self.refused.labels(refusal.kind).inc()
         request_id = scope.get("state", {}).get("request_id")
-        await refusal.response(request_id)(scope, receive, send)
+        await refusal.response(request_id, scope["path"])(scope, receive, send)
 
     def _predict_refusal(self, scope: Scope) -> Refusal | None:
         client = None

@@ -1,6 +1,11 @@
 """Typed engine errors -> HTTP statuses, in one JSON shape:
 `{"detail": ..., "type": ..., "request_id": ...}`. Never a traceback: an unexpected
-exception is logged and answered 500 by `server.middleware.RequestContextMiddleware`."""
+exception is logged and answered 500 by `server.middleware.RequestContextMiddleware`.
+
+Each protocol family hears its errors in its own shape, decided by the path in one place
+(`error_body`): on `/v1/*` OpenAI's `{"error": {"message", "type", "param", "code"}}`,
+with 400 for invalid input as OpenAI answers it (the SDK raises BadRequestError); on
+TEI's routes our body plus TEI's `error` and `error_type`."""
 
 from __future__ import annotations
 
@@ -34,6 +39,10 @@ class WrongTask(Exception):
     """The route needs a task this server's model does not do (HTTP 400)."""
 
 
+class NotFound(Exception):
+    """The route exists, the thing asked for does not (HTTP 404)."""
+
+
 class ClientDisconnected(Exception):
     """The client went away while its items waited; nobody reads the answer (499)."""
 
@@ -50,9 +59,54 @@ def _parse_failure(exc: HTTPException) -> str | None:
     return None
 
 
-def error_body(kind: str, detail: Any, request_id: str | None) -> dict[str, Any]:
-    """Every error's JSON, whoever answers it (routes, middleware, access)."""
-    return {"detail": detail, "type": kind, "request_id": request_id}
+OPENAI_PREFIX = "/v1/"
+TEI_PATHS = frozenset({"/embed", "/rerank", "/tokenize", "/info"})
+
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+}
+_TEI_TYPES = {429: "Overloaded", 503: "Unhealthy", 500: "Backend", 504: "Backend"}
+
+
+def _message(detail: Any) -> tuple[str, str | None]:
+    """A readable message, and the parameter it is about, from a detail (a string, or
+    the list of {loc, msg, type} of a validation error)."""
+    if not isinstance(detail, list) or not detail:
+        return str(detail), None
+    parts, param = [], None
+    for error in detail:
+        where = [str(p) for p in error.get("loc", ()) if p not in ("body", "header")]
+        if param is None and where:
+            param = ".".join(where)
+        parts.append(f"{'.'.join(where) or 'body'}: {error.get('msg')}")
+    return "; ".join(parts), param
+
+
+def error_status(status: int, path: str) -> int:
+    """The status a refusal is sent with on `path`: OpenAI answers invalid input 400."""
+    return 400 if status == 422 and path.startswith(OPENAI_PREFIX) else status
+
+
+def error_body(
+    kind: str, detail: Any, request_id: str | None, status: int = 400, path: str = ""
+) -> dict[str, Any]:
+    """Every error's JSON, whoever answers it (routes, middleware, access), in the shape
+    of the protocol that `path` belongs to."""
+    if path.startswith(OPENAI_PREFIX):
+        message, param = _message(detail)
+        status = error_status(status, path)
+        fallback = "server_error" if status >= 500 else "invalid_request_error"
+        kind_of = _OPENAI_TYPES.get(status, fallback)
+        return {"error": {"message": message, "type": kind_of, "param": param, "code": kind}}
+    body = {"detail": detail, "type": kind, "request_id": request_id}
+    if path in TEI_PATHS:
+        body["error"] = _message(detail)[0]
+        body["error_type"] = _TEI_TYPES.get(status, "Validation")
+    return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +118,10 @@ class Refusal:
     detail: Any
     headers: Mapping[str, str] = field(default_factory=dict)
 
-    def response(self, request_id: str | None) -> JSONResponse:
-        body = error_body(self.kind, self.detail, request_id)
-        return JSONResponse(body, status_code=self.status, headers=dict(self.headers) or None)
+    def response(self, request_id: str | None, path: str = "") -> JSONResponse:
+        body = error_body(self.kind, self.detail, request_id, self.status, path)
+        status = error_status(self.status, path)
+        return JSONResponse(body, status_code=status, headers=dict(self.headers) or None)
 
 
 def error_response(
@@ -77,7 +132,8 @@ def error_response(
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None)
-    return Refusal(status, kind, detail, headers or {}).response(request_id)
+    refusal = Refusal(status, kind, detail, headers or {})
+    return refusal.response(request_id, request.url.path)
 
 
 MAX_ERRORS_SHOWN = 20
@@ -132,6 +188,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(WrongTask)
     async def wrong_task(request: Request, exc: WrongTask) -> JSONResponse:
         return error_response(request, 400, "wrong_task", str(exc))
+
+    @app.exception_handler(NotFound)
+    async def not_found(request: Request, exc: NotFound) -> JSONResponse:
+        return error_response(request, 404, "not_found", str(exc))
 
     @app.exception_handler(ClientDisconnected)
     async def disconnected(request: Request, exc: ClientDisconnected) -> JSONResponse:

@@ -74,7 +74,7 @@ class RequestContextMiddleware:
         try:
             refusal = self._refusal(scope, head)
             if refusal is not None:
-                await refusal.response(request_id)(scope, receive, send_with_id)
+                await refusal.response(request_id, scope["path"])(scope, receive, send_with_id)
             else:
                 # A declared length was checked above, and the server reads no more than
                 # it; only a chunked body must be counted as it streams in.
@@ -89,7 +89,7 @@ class RequestContextMiddleware:
                 raise
             detail = f"internal error (request {request_id})"
             refusal = Refusal(500, "internal_error", detail)
-            await refusal.response(request_id)(scope, receive, send_with_id)
+            await refusal.response(request_id, scope["path"])(scope, receive, send_with_id)
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")

@@ -18,6 +18,8 @@ from batcher.models import (
     Output,
     Task,
     TextModel,
+    Token,
+    TruncationDirection,
     set_threads,
 )
 from server.settings import Settings
@@ -46,7 +48,18 @@ class ServedModel(Protocol):
         texts: Sequence[str],
         pairs: Sequence[str] | None = None,
         options: Options = DEFAULT_OPTIONS,
+        truncation_direction: TruncationDirection = "right",
     ) -> list[Encoded]: ...
+
+    def encode_ids(
+        self, sequences: Sequence[Sequence[int]], options: Options = DEFAULT_OPTIONS
+    ) -> list[Encoded]:
+        """Inputs given as token ids, used as they are. Raises InvalidOption."""
+        ...
+
+    def tokenize(
+        self, texts: Sequence[str], add_special_tokens: bool = True, prompt_name: str | None = None
+    ) -> list[list[Token]]: ...
 
     def cost(self, item: Encoded) -> int: ...
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -14,6 +14,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -55,6 +56,74 @@ Texts = Annotated[list[Text], BeforeValidator(_within_count)]
 """At most `max_client_batch` texts when the request limits are in the context."""
 
 
+INPUTS_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "minLength": 1, "description": "One text."},
+        {"type": "array", "items": {"type": "string"}, "description": "Texts."},
+        {"type": "array", "items": {"type": "integer"}, "description": "One input, as "
+         "token ids (from /tokenize: used as they are)."},
+        {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "array",
+         "items": {"type": "integer"}}]}, "description": "Texts and token-id inputs."},
+    ]
+}  # fmt: skip
+
+
+def _as_inputs(value: Any, info: ValidationInfo) -> list[str | list[int]]:
+    """OpenAI's and TEI's `input`: a text, texts, one input as token ids, or a list of
+    texts and token-id inputs; always returned as a list of inputs."""
+    context = info.context or {}
+    if isinstance(value, str):
+        value = [value]
+    elif isinstance(value, list) and value and all(_is_id(v) for v in value):
+        value = [value]  # one input given as token ids
+    if not isinstance(value, list):
+        raise PydanticCustomError(
+            "input_type", "send a text, a list of texts, token ids, or a list of token-id lists"
+        )
+    if not value:
+        raise PydanticCustomError("too_short", "input is empty: send at least one text")
+    limit = context.get("max_client_batch")
+    if limit is not None and len(value) > limit:
+        raise PydanticCustomError(
+            "too_long",
+            "{count} inputs; the limit is {limit} (--max-client-batch)",
+            {"count": len(value), "limit": limit},
+        )
+    chars = context.get("max_text_chars")
+    for index, item in enumerate(value):
+        if isinstance(item, str):
+            if not item:
+                raise PydanticCustomError(
+                    "string_too_short", "input {index} is an empty text", {"index": index}
+                )
+            if chars is not None and len(item) > chars:
+                raise PydanticCustomError(
+                    "string_too_long",
+                    "input {index} has {n} characters; the limit is {limit} (--max-text-chars)",
+                    {"index": index, "n": len(item), "limit": chars},
+                )
+        elif isinstance(item, list) and item and all(_is_id(v) for v in item):
+            pass
+        else:
+            raise PydanticCustomError(
+                "input_type",
+                "input {index} is neither a text nor a non-empty list of token ids",
+                {"index": index},
+            )
+    return value
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+Inputs = Annotated[
+    list[str | list[int]], BeforeValidator(_as_inputs), WithJsonSchema(INPUTS_SCHEMA)
+]
+"""OpenAI's `input`, TEI's `inputs`: texts and token-id inputs, at most `max_client_batch`,
+each text at most `max_text_chars`, when the request limits are in the context."""
+
+
 def request_limits(max_text_chars: int, max_client_batch: int) -> dict[str, int]:
     """The validation context that applies the server's request limits to a body."""
     return {"max_text_chars": max_text_chars, "max_client_batch": max_client_batch}
@@ -92,6 +161,11 @@ class OutputOptions(BaseModel):
     )
     all_scores: StrictBool = Field(
         False, description="classify/rerank: also return every label's score."
+    )
+    encoding_format: Literal["float", "base64"] = Field(
+        "float",
+        description="embed: `base64` sends each vector as its little-endian float32 bytes, "
+        "base64-encoded (as OpenAI does): a quarter of the size of JSON numbers.",
     )
 
     def options(self) -> Options:
@@ -134,33 +208,11 @@ class BatchPredictRequest(OutputOptions):
         return pairs
 
 
-class RerankRequest(BaseModel):
-    """TEI's rerank request."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    query: Text
-    texts: Texts = Field(
-        min_length=1, description="Texts to score against the query; each pair is batched."
-    )
-    top_n: StrictInt | None = Field(None, ge=1, description="Return only the best N.")
-    return_text: StrictBool = Field(False, description="Include each text in its result.")
-    raw_scores: StrictBool = Field(False, description="The logits, without the activation.")
-    truncate: StrictBool | None = Field(
-        None, description="Cut pairs over the token limit (false: 422). Default: --truncate."
-    )
-
-
-class RerankResult(BaseModel):
-    index: int = Field(description="Position of the text in the request.")
-    score: float = Field(description="Relevance (the cross-encoder's activated score).")
-    text: str | None = Field(None, description="The text, with return_text.")
-
-
 class Embedding(BaseModel):
-    embedding: list[float] = Field(
+    embedding: list[float] | str = Field(
         description="The model's embedding: its pooling, Dense and Normalize modules, with "
-        "this request's dimensions and normalize."
+        "this request's dimensions and normalize. A base64 string with "
+        "encoding_format: base64."
     )
     truncated: bool = Field(description="The text was cut to the model's token limit.")
 
@@ -271,3 +323,38 @@ class ErrorReply(BaseModel):
     detail: Any = Field(description="What was wrong; for 422 a list of {loc, msg, type}.")
     type: str = Field(description="A stable name: invalid_input, queue_full, ...")
     request_id: str | None
+
+
+class TEIErrorReply(ErrorReply):
+    """An error on TEI's routes: ours, with TEI's two fields."""
+
+    error: str = Field(description="What was wrong (TEI's field).")
+    error_type: str = Field(description="Validation, Overloaded, Unhealthy or Backend.")
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, ...")
+    param: str | None = Field(description="The request field at fault, if one is.")
+    code: str | None = Field(description="Our stable name: invalid_input, queue_full, ...")
+
+
+class OpenAIErrorReply(BaseModel):
+    """An error on `/v1/*`, in OpenAI's shape."""
+
+    error: OpenAIError
+
+
+def error_responses(reply: type[BaseModel], invalid_status: int = 422) -> dict[int | str, Any]:
+    """The documented error replies of a route that computes, in its family's shape."""
+    return {
+        400: {"model": reply, "description": "Not JSON, the model does not do this task, "
+              + ("or invalid input." if invalid_status == 400 else "(wrong_task).")},
+        **({422: {"model": reply, "description": "JSON of the wrong shape, or over a limit."}}
+           if invalid_status == 422 else {}),
+        401: {"model": reply, "description": "API keys are set and none matched."},
+        429: {"model": reply, "description": "Queue full, deadline unreachable, or rate "
+              "limited; see Retry-After."},
+        503: {"model": reply, "description": "Warming up or draining; see Retry-After."},
+        504: {"model": reply, "description": "The deadline passed before it was computed."},
+    }  # fmt: skip

@@ -65,12 +65,15 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(4096, ge=1, description="Longest accepted text, in characters.")
     truncate: bool = Field(True, description="Cut texts over the token limit (else they get 422).")
     max_client_batch: int = Field(
-        256,
+        2048,
         ge=1,
-        description="Most texts in one /predict/batch or /rerank call (each text is "
-        "queued and batched on its own).",
+        description="Most inputs in one call of /predict/batch, /embed, /v1/embeddings or a "
+        "rerank route (each input is queued and batched on its own; a call larger than "
+        "half the queue goes in waves).",
     )
-    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body (413).")
+    max_body_bytes: int = Field(
+        2_097_152, ge=1024, description="Largest request body (413); TEI's default, 2 MiB."
+    )
     request_timeout_s: float = Field(
         30.0, gt=0, description="Default deadline of a request in the server; 504 after it."
     )

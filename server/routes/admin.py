@@ -15,7 +15,7 @@ from server.schemas import (
     ReplicaInfo,
 )
 
-router = APIRouter()
+router = APIRouter(tags=["admin"])
 
 
 LIMITS_SHOWN = (

@@ -4,18 +4,20 @@ body, the deadline, watching for a disconnect, and the reply with its timing hea
 from __future__ import annotations
 
 import asyncio
+import base64
 import math
 import time
 from collections.abc import Coroutine, Sequence
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
+import numpy as np
 from fastapi import Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from batcher import Engine, Result
-from batcher.models import Encoded, InvalidOption, Output
-from server.errors import ClientDisconnected, NotReady
+from batcher.models import Encoded, InvalidOption, Output, TruncationDirection
+from server.errors import ClientDisconnected, NotReady, WrongTask
 from server.runtime import Runtime, ServedModel
 from server.schemas import (
     ErrorReply,
@@ -48,9 +50,25 @@ def serving(runtime: Runtime) -> tuple[ServedModel, Engine[Encoded, Output]]:
     return runtime.model, runtime.engine
 
 
-def loc(field: str, index: int) -> tuple[str | int, ...]:
-    """Where an error is: a list field (`texts`, `text_pairs`) names the position too."""
-    return ("body", field, index) if field.endswith("s") else ("body", field)
+def needs_task(model: ServedModel, task: str, route: str, what: str) -> None:
+    """400 wrong_task unless the served model does `task`."""
+    if model.task != task:
+        raise WrongTask(
+            f"this server runs a {model.task} model ({model.name}); {route} needs {what}"
+        )
+
+
+def best_first(scores: Sequence[float], top_n: int | None) -> list[int]:
+    """Indices by score, highest first (ties keep the request's order), the first
+    `top_n`."""
+    return sorted(range(len(scores)), key=lambda i: -scores[i])[:top_n]
+
+
+def loc(field: str, index: int, listed: bool | None = None) -> tuple[str | int, ...]:
+    """Where an error is: a list field (`texts`, `text_pairs`, or `listed`) names the
+    position too."""
+    listed = field.endswith("s") if listed is None else listed
+    return ("body", field, index) if listed else ("body", field)
 
 
 def check_tokens(
@@ -59,6 +77,7 @@ def check_tokens(
     runtime: Runtime,
     field: str,
     truncate: bool | None,
+    listed: bool | None = None,
 ) -> None:
     allowed = runtime.settings.truncate if truncate is None else truncate
     if allowed:
@@ -66,7 +85,7 @@ def check_tokens(
     why = "(the server runs with --no-truncate)" if truncate is None else "(truncate: false)"
     errors = [
         {
-            "loc": loc(field, i),
+            "loc": loc(field, i, listed),
             "msg": f"input is over the model's limit of {model.max_tokens} tokens {why}",
             "type": "too_many_tokens",
         }
@@ -86,16 +105,83 @@ def encode(
     texts: Sequence[str],
     pairs: Sequence[str] | None,
     body: OutputOptions,
+    truncation_direction: TruncationDirection = "right",
 ) -> list[Encoded]:
     """Tokenize under the request's options; an option the model cannot honour is 422."""
     if body.all_scores and model.task == "embed":
         raise invalid("all_scores", "all_scores applies to classify and rerank models")
+    if body.encoding_format != "float" and model.task != "embed":
+        raise invalid("encoding_format", "encoding_format applies to embedding models")
     try:
-        if len(texts) == 1 and pairs is None:
+        if len(texts) == 1 and pairs is None and truncation_direction == "right":
             return [model.encode(texts[0], None, body.options())]
-        return model.encode_many(texts, pairs, body.options())
+        return model.encode_many(texts, pairs, body.options(), truncation_direction)
     except InvalidOption as exc:
         raise invalid(exc.field, str(exc)) from None
+
+
+def encode_inputs(
+    model: ServedModel,
+    inputs: Sequence[str | list[int]],
+    body: OutputOptions,
+    field: str,
+    truncation_direction: TruncationDirection = "right",
+) -> list[Encoded]:
+    """Texts and token-id sequences, in one request and in order (OpenAI's and TEI's
+    `input`): each kind encoded in one call."""
+    texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
+    if len(texts) == len(inputs):
+        return encode(model, [t for _, t in texts], None, body, truncation_direction)
+    ids = [(i, x) for i, x in enumerate(inputs) if not isinstance(x, str)]
+    out: list[Encoded | None] = [None] * len(inputs)
+    if texts:
+        encoded = encode(model, [t for _, t in texts], None, body, truncation_direction)
+        for (i, _), item in zip(texts, encoded, strict=True):
+            out[i] = item
+    try:
+        encoded = model.encode_ids([x for _, x in ids], body.options())
+    except InvalidOption as exc:
+        raise invalid(field if exc.field == "input" else exc.field, str(exc)) from None
+    for (i, _), item in zip(ids, encoded, strict=True):
+        out[i] = item
+    return [item for item in out if item is not None]
+
+
+async def submit_all(
+    request: Request,
+    runtime: Runtime,
+    engine: Engine[Encoded, Output],
+    items: Sequence[Encoded],
+    deadline: float,
+) -> list[Result[Output]]:
+    """Every item through the queue, each batched on its own, results in order; the
+    request is cancelled if its client goes away. A client batch larger than half the
+    queue goes in waves of that size, so that it is split, not refused, however large
+    the cap on client batches (--max-client-batch) is set."""
+    wave = max(1, engine.config.max_queue_size // 2)
+    if len(items) <= wave:
+        return await unless_disconnected(
+            request, runtime, engine.submit_many(items, deadline=deadline)
+        )
+
+    async def in_waves() -> list[Result[Output]]:
+        results: list[Result[Output]] = []
+        for start in range(0, len(items), wave):
+            results += await engine.submit_many(items[start : start + wave], deadline=deadline)
+        return results
+
+    return await unless_disconnected(request, runtime, in_waves())
+
+
+EncodingFormat = Literal["float", "base64"]
+
+
+def vector(values: list[float], encoding_format: EncodingFormat) -> list[float] | str:
+    """An embedding as JSON numbers, or as OpenAI sends base64: the little-endian float32
+    bytes, base64-encoded (a quarter of the JSON's size, and no float formatting)."""
+    if encoding_format == "float":
+        return values
+    return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode("ascii")
 
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
@@ -114,13 +200,13 @@ PREDICT_ERRORS: dict[int | str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def openapi_body(body: type[BaseModel]) -> dict[str, Any]:
+def openapi_body(body: type[BaseModel], example: dict[str, Any] | None = None) -> dict[str, Any]:
     """The OpenAPI of a predict route, which reads its body and header itself."""
+    content: dict[str, Any] = {"schema": body.model_json_schema()}
+    if example is not None:
+        content["example"] = example
     return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": body.model_json_schema()}},
-        },
+        "requestBody": {"required": True, "content": {"application/json": content}},
         "parameters": [
             {
                 "name": TIMEOUT_HEADER,

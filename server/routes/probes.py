@@ -13,7 +13,7 @@ from server.schemas import (
     Status,
 )
 
-router = APIRouter()
+router = APIRouter(tags=["probes"])
 
 
 @router.get(

@@ -14,6 +14,8 @@ from batcher.models import (
     Options,
     Output,
     Task,
+    Token,
+    TruncationDirection,
 )
 
 
@@ -58,8 +60,20 @@ class FakeTextModel:
         texts: Sequence[str],
         pairs: Sequence[str] | None = None,
         options: Options = DEFAULT_OPTIONS,
+        truncation_direction: TruncationDirection = "right",
     ) -> list[Encoded]:
         return [self.encode(t, None, options) for t in texts]
+
+    def encode_ids(
+        self, sequences: Sequence[Sequence[int]], options: Options = DEFAULT_OPTIONS
+    ) -> list[Encoded]:
+        """Token ids are the characters' code points, as `encode` makes them."""
+        return [Encoded(list(ids[:64]), truncated=len(ids) > 64) for ids in sequences]
+
+    def tokenize(
+        self, texts: Sequence[str], add_special_tokens: bool = True, prompt_name: str | None = None
+    ) -> list[list[Token]]:
+        return [[Token(ord(c), c, False, i, i + 1) for i, c in enumerate(t[:64])] for t in texts]
 
     def cost(self, item: Encoded) -> int:
         return len(item.ids)

@@ -15,11 +15,13 @@ from tests.server.live import live_server
 pytestmark = pytest.mark.asyncio
 
 
-async def raw_post(port: int, text: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def raw_post(
+    port: int, text: str, path: str = "/predict", field: str = "text"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    body = json.dumps({"text": text}).encode()
+    body = json.dumps({field: text}).encode()
     head = (
-        f"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     writer.write(head + body)

@@ -162,9 +162,9 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(default_server: ServerP
         httpx.post(
             f"{url}/predict", content=b"{not json", headers={"content-type": "application/json"}
         ),
-        httpx.post(f"{url}/predict/batch", json={"texts": ["a"] * 257}),
+        httpx.post(f"{url}/predict/batch", json={"texts": ["a"] * 2049}),
         httpx.post(
-            f"{url}/predict", content=b"x" * 2_000_000, headers={"content-type": "application/json"}
+            f"{url}/predict", content=b"x" * 3_000_000, headers={"content-type": "application/json"}
         ),
     ]
     assert [r.status_code for r in bad] == [422, 422, 422, 422, 400, 422, 413]

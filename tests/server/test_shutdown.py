@@ -37,8 +37,14 @@ def test_sigterm_under_load_drains_every_admitted_request_then_exits_0(tmp_path:
 
     async def scenario() -> tuple[list[httpx.Response], httpx.Response, httpx.Response, float]:
         async with httpx.AsyncClient(base_url=server.url, timeout=330) as client:
-            bodies = [{"texts": [f"{i} {j} {LONG}" for j in range(32)]} for i in range(4)]
-            work = [asyncio.create_task(client.post("/predict/batch", json=b)) for b in bodies]
+            texts = [[f"{i} {j} {LONG}" for j in range(32)] for i in range(4)]
+            # Every protocol's route drains alike: ours, OpenAI's and TEI's.
+            calls = [("/predict/batch", "texts"), ("/predict/batch", "texts"),
+                     ("/v1/embeddings", "input"), ("/embed", "inputs")]  # fmt: skip
+            work = [
+                asyncio.create_task(client.post(path, json={field: batch}))
+                for (path, field), batch in zip(calls, texts, strict=True)
+            ]
             async with asyncio.timeout(60):
                 while await admitted(client) < 128:  # noqa: ASYNC110
                     await asyncio.sleep(0.01)  # the server's state, polled
@@ -47,7 +53,10 @@ def test_sigterm_under_load_drains_every_admitted_request_then_exits_0(tmp_path:
             signalled = time.perf_counter()
             ready = await client.get("/ready")
             late = await client.post("/predict", json={"text": "after SIGTERM"})
+            late_openai = await client.post("/v1/embeddings", json={"input": "after SIGTERM"})
             assert not any(t.done() for t in work), "the drain was over before we looked"
+            assert late_openai.status_code == 503
+            assert late_openai.json()["error"]["code"] == "not_ready"
             return await asyncio.gather(*work), ready, late, signalled
 
     replies, ready, late, signalled = asyncio.run(scenario())
@@ -60,7 +69,9 @@ def test_sigterm_under_load_drains_every_admitted_request_then_exits_0(tmp_path:
     assert late.status_code == 503
     assert late.json()["type"] == "not_ready"
     assert [r.status_code for r in replies] == [200] * 4
-    assert sum(len(r.json()["results"]) for r in replies) == 128
+    bodies = [r.json() for r in replies]
+    vectors = [*bodies[0]["results"], *bodies[1]["results"], *bodies[2]["data"], *bodies[3]]
+    assert len(vectors) == 128
     assert code == 0, log
     assert exited_after_s < 300, "within the drain timeout"
     [stopped] = re.findall(r"stopped: (\{.*\})", log)

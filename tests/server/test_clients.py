@@ -1,0 +1,170 @@
+"""The clients users already have, against real `microbatch serve` processes: the
+official `openai` SDK on the built-in model, TEI's routes and Cohere's rerank with plain
+HTTP, each reply checked field by field against the public shapes and its numbers
+against the reference libraries (sentence-transformers, transformers' tokenizer)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from batcher.models import DEFAULT_HUB_ID, default_source
+from tests.conftest import ServerProcess
+from tests.tiny_models import TEXTS, save_cross_encoder
+
+pytestmark = pytest.mark.slow
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+QUERY = "what is dynamic micro-batching?"
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Dynamic batching groups requests that arrive close together.",
+    "Paris is the capital of France.",
+]
+
+
+def client(url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+
+def ours(url: str, texts: list[str], **options: object) -> np.ndarray:
+    r = httpx.post(f"{url}/predict/batch", json={"texts": texts, **options}, timeout=60)
+    assert r.status_code == 200, r.text
+    return np.array([x["embedding"] for x in r.json()["results"]])
+
+
+def test_the_openai_sdk_gets_the_vectors_predict_computes(default_server: ServerProcess) -> None:
+    url, ai = default_server.url, client(default_server.url)
+    listed = ai.embeddings.create(input=SENTENCES, model="text-embedding-3-small")
+    one = ai.embeddings.create(input=SENTENCES[0], model="text-embedding-3-small")
+    floats = ai.embeddings.create(input=SENTENCES, model="x", encoding_format="float")
+    short = ai.embeddings.create(input=SENTENCES, model="x", dimensions=64)
+    reference = ours(url, SENTENCES)
+    got = np.array([d.embedding for d in listed.data])
+    assert got.shape == (3, 384)
+    np.testing.assert_allclose(got, reference, atol=1e-6)  # base64 floats are float32
+    np.testing.assert_allclose(one.data[0].embedding, reference[0], atol=1e-6)
+    np.testing.assert_allclose([d.embedding for d in floats.data], reference, atol=1e-6)
+    np.testing.assert_allclose(
+        [d.embedding for d in short.data], ours(url, SENTENCES, dimensions=64), atol=1e-6
+    )
+    assert listed.model == DEFAULT_HUB_ID
+    tokens = httpx.post(f"{url}/tokenize", json={"inputs": SENTENCES}).json()
+    assert listed.usage.prompt_tokens == sum(len(t) for t in tokens)
+    assert [m.id for m in ai.models.list().data] == [DEFAULT_HUB_ID]
+    assert ai.models.retrieve(DEFAULT_HUB_ID).id == DEFAULT_HUB_ID
+
+
+def test_token_ids_from_tokenize_embed_as_their_text(default_server: ServerProcess) -> None:
+    from transformers import AutoTokenizer
+
+    url, ai = default_server.url, client(default_server.url)
+    tokens = httpx.post(f"{url}/tokenize", json={"inputs": SENTENCES}).json()
+    reference = AutoTokenizer.from_pretrained(default_source())(SENTENCES)
+    ids = [[t["id"] for t in ts] for ts in tokens]
+    assert ids == reference["input_ids"]
+    first = tokens[0]
+    assert first[0] == {"id": 101, "text": "[CLS]", "special": True, "start": None, "stop": None}
+    assert first[1] == {"id": ids[0][1], "text": "The", "special": False, "start": 0, "stop": 3}
+    by_ids = ai.embeddings.create(input=ids, model="x", encoding_format="float")
+    np.testing.assert_allclose([d.embedding for d in by_ids.data], ours(url, SENTENCES), atol=1e-5)
+    with pytest.raises(openai.BadRequestError) as outside:
+        ai.embeddings.create(input=[[101, 10**9, 102]], model="x")
+    assert "outside the vocabulary" in outside.value.message
+
+
+def test_the_sdk_raises_bad_request_for_empty_input(default_server: ServerProcess) -> None:
+    with pytest.raises(openai.BadRequestError) as empty:
+        client(default_server.url).embeddings.create(input=[], model="x")
+    assert empty.value.status_code == 400
+    assert "input is empty" in empty.value.message
+
+
+def test_tei_embed_and_info_answer_in_teis_shapes(default_server: ServerProcess) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    url = default_server.url
+    normalized = httpx.post(f"{url}/embed", json={"inputs": SENTENCES}).json()
+    raw = httpx.post(f"{url}/embed", json={"inputs": SENTENCES[0], "normalize": False}).json()
+    model = SentenceTransformer(default_source(), device="cpu")
+    reference = model.encode(SENTENCES, normalize_embeddings=True)
+    np.testing.assert_allclose(normalized, reference, atol=1e-5)
+    assert len(raw) == 1
+    np.testing.assert_allclose(raw[0], ours(url, SENTENCES[:1], normalize=False)[0], atol=1e-6)
+    info = httpx.get(f"{url}/info").json()
+    assert info["model_id"] == DEFAULT_HUB_ID
+    assert info["model_type"] == {"embedding": {"pooling": "mean"}}
+    assert info["max_input_length"] == 256
+    assert info["model_dtype"] == "float32"
+    assert info["max_client_batch_size"] == 2048
+    assert info["auto_truncate"] is True
+
+
+@pytest.fixture(scope="module")
+def reranker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    path = save_cross_encoder(tmp_path_factory.mktemp("cross") / "model")
+    log = tmp_path_factory.mktemp("logs") / "reranker.log"
+    server = ServerProcess(["--model", str(path), "--no-compile"], log).start()
+    yield path, server.url
+    assert server.stop() == 0, server.log()
+
+
+def test_cohere_rerank_is_cross_encoder_predict_best_first(
+    reranker: tuple[Path, str],
+) -> None:
+    from sentence_transformers import CrossEncoder
+
+    path, url = reranker
+    documents = list(TEXTS[:5])
+    reply = httpx.post(
+        f"{url}/v1/rerank",
+        json={"query": QUERY, "documents": documents, "top_n": 3, "return_documents": True},
+    )
+    scores = CrossEncoder(str(path), device="cpu").predict([(QUERY, d) for d in documents])
+    order = [int(i) for i in np.argsort(-scores, kind="stable")[:3]]
+    body = reply.json()
+    assert set(body) == {"id", "results", "model", "usage"}
+    assert body["id"] == reply.headers["x-request-id"]
+    assert [r["index"] for r in body["results"]] == order
+    np.testing.assert_allclose(
+        [r["relevance_score"] for r in body["results"]], scores[order], atol=1e-5
+    )
+    assert [r["document"] for r in body["results"]] == [{"text": documents[i]} for i in order]
+    assert body["usage"]["total_tokens"] > 0
+    objects = httpx.post(
+        f"{url}/v1/rerank",
+        json={"query": QUERY, "documents": [{"text": d} for d in documents]},
+    ).json()
+    assert [set(r) for r in objects["results"]] == [{"index", "relevance_score"}] * 5
+    tei = httpx.post(f"{url}/rerank", json={"query": QUERY, "texts": documents}).json()
+    assert [r["index"] for r in tei][:3] == order
+    assert set(tei[0]) == {"index", "score"}
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_encoder_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    args = ["--model", str(tiny_encoder_dir), "--no-compile", "--api-keys", "sk-test"]
+    args += ["--rate-limit-rps", "0.001", "--rate-limit-burst", "2"]
+    log = tmp_path_factory.mktemp("logs") / "keyed.log"
+    server = ServerProcess(args, log).start()
+    yield server.url
+    assert server.stop() == 0, server.log()
+
+
+def test_the_sdk_raises_authentication_and_rate_limit_errors(keyed: str) -> None:
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client(keyed, "sk-wrong").embeddings.create(input="x", model="x")
+    ai = client(keyed, "sk-test")
+    for _ in range(2):  # the burst
+        assert len(ai.embeddings.create(input="allowed", model="x").data) == 1
+    with pytest.raises(openai.RateLimitError) as limited:
+        ai.embeddings.create(input="one too many", model="x")
+    assert "invalid API key" in refused.value.message
+    assert limited.value.code == "rate_limited"
+    assert int(limited.value.response.headers["retry-after"]) >= 1
