@@ -10,10 +10,20 @@ import argparse
 import sys
 from typing import Any
 
+import numpy as np
 import uvicorn
 from fastapi import FastAPI
 
-EMBEDDING = [0.0123456789] * 384
+
+def _embedding(dimension: int = 384, seed: int = 0) -> list[float]:
+    """A unit vector of float32 values as Python floats, like a real model's output (whose
+    JSON has 17 or so digits a number, not a short constant's)."""
+    rng = np.random.default_rng(seed)
+    vector = rng.standard_normal(dimension).astype(np.float32)
+    return [float(x) for x in vector / np.linalg.norm(vector)]
+
+
+EMBEDDING = _embedding()
 
 
 def create_app() -> FastAPI:
