@@ -1,36 +1,95 @@
-"""Model adapters: torch and transformers live here, behind `batcher.Model`."""
+"""Model adapters: torch and transformers live here, behind `batcher.Model`.
 
-from batcher.models.compiling import CompileState, graphs_compiled
-from batcher.models.description import (
-    POOLING_MODES,
-    Description,
-    PoolingMode,
-    UnsupportedModel,
-)
-from batcher.models.devices import DtypeOption, cuda_device_count, set_threads
-from batcher.models.errors import ModelLoadError
-from batcher.models.loading import (
+Importing `batcher.models` is cheap: the names that need torch (the adapters, devices,
+compiling) are imported when first used, so that what only describes a load (the
+settings, `microbatch serve --help`) does not import torch."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from batcher.models.options import (
     DEFAULT_HUB_ID,
     TASKS,
-    Loaded,
+    DtypeOption,
     LoadOptions,
     Task,
     TaskOption,
     default_source,
-    disable_progress_bars,
-    load,
+    source_problem,
 )
-from batcher.models.text import (
-    DEFAULT_OPTIONS,
-    Classification,
-    Encoded,
-    InvalidOption,
-    Options,
-    Output,
-    TextModel,
-    Token,
-    TruncationDirection,
-)
+
+if TYPE_CHECKING:
+    from batcher.models.compiling import (
+        CompileState,
+        graphs_compiled,
+    )
+    from batcher.models.description import (
+        POOLING_MODES,
+        Description,
+        PoolingMode,
+        UnsupportedModel,
+    )
+    from batcher.models.devices import (
+        cuda_device_count,
+        device_problem,
+        set_threads,
+    )
+    from batcher.models.errors import (
+        ModelLoadError,
+    )
+    from batcher.models.loading import (
+        Loaded,
+        disable_progress_bars,
+        load,
+    )
+    from batcher.models.text import (
+        DEFAULT_OPTIONS,
+        Classification,
+        Encoded,
+        InvalidOption,
+        Options,
+        Output,
+        TextModel,
+        Token,
+        TruncationDirection,
+    )
+
+_LAZY = {
+    "CompileState": "batcher.models.compiling",
+    "graphs_compiled": "batcher.models.compiling",
+    "Description": "batcher.models.description",
+    "POOLING_MODES": "batcher.models.description",
+    "PoolingMode": "batcher.models.description",
+    "UnsupportedModel": "batcher.models.description",
+    "cuda_device_count": "batcher.models.devices",
+    "device_problem": "batcher.models.devices",
+    "set_threads": "batcher.models.devices",
+    "ModelLoadError": "batcher.models.errors",
+    "Loaded": "batcher.models.loading",
+    "disable_progress_bars": "batcher.models.loading",
+    "load": "batcher.models.loading",
+    "Classification": "batcher.models.text",
+    "DEFAULT_OPTIONS": "batcher.models.text",
+    "Encoded": "batcher.models.text",
+    "InvalidOption": "batcher.models.text",
+    "Options": "batcher.models.text",
+    "Output": "batcher.models.text",
+    "TextModel": "batcher.models.text",
+    "Token": "batcher.models.text",
+    "TruncationDirection": "batcher.models.text",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DEFAULT_HUB_ID",
@@ -57,6 +116,8 @@ __all__ = [
     "UnsupportedModel",
     "cuda_device_count",
     "default_source",
+    "device_problem",
+    "source_problem",
     "disable_progress_bars",
     "graphs_compiled",
     "load",

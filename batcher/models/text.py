@@ -18,7 +18,8 @@ from batcher.errors import DeviceOutOfMemory
 from batcher.models.compiling import CompileState, compile_forward, graphs_compiled
 from batcher.models.description import Dense
 from batcher.models.heads import EmbeddingHead, finish_embeddings
-from batcher.models.loading import Loaded, LoadOptions, Task, load
+from batcher.models.loading import Loaded, load
+from batcher.models.options import LoadOptions, Task
 from batcher.padding import bucket_length
 
 logger = logging.getLogger("batcher.models")
