@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import difflib
 import signal
 import sys
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from pydantic import ValidationError
-from pydantic_settings import CliApp
+from pydantic_settings import CliApp, CliSettingsSource
 
 USAGE = """usage: microbatch COMMAND [options]
 
 commands:
   serve     start the inference server (microbatch serve --help lists every setting)
+  version   print microbatch's version (also: microbatch --version)
   bench     load a running server: throughput and latency per load (closed or open loop)
   sweep     try batching settings live on a server and pick the best for a p99 target
   plot      throughput-vs-latency curves from bench/sweep JSON files
@@ -20,25 +24,83 @@ commands:
 """
 
 
+def package_version() -> str:
+    try:
+        return version("microbatch")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _add_argument(parser: Any, *names: str, **kwargs: Any) -> Any:
+    """Every `serve` flag as pydantic-settings builds it, with its help made plainer: no
+    "(default: null)" where the description says what unset means, and secrets shown as
+    KEY rather than their type."""
+    help_text = kwargs.get("help")
+    if isinstance(help_text, str):
+        kwargs["help"] = help_text.replace(" (default: null)", "")
+    if kwargs.get("metavar") == "SecretStr":
+        kwargs["metavar"] = "KEY"
+    return parser.add_argument(*names, **kwargs)
+
+
+def _unknown_flag(argv: list[str], settings_cls: Any) -> str | None:
+    """A one-line answer to a mistyped flag, with the closest real ones."""
+    known = {"--help", "-h"}
+    for name, field in settings_cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        known.add(flag)
+        if field.annotation is bool:
+            known.add("--no-" + name.replace("_", "-"))
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag.startswith("-") and flag not in known and not _is_number(flag):
+            close = difflib.get_close_matches(flag, sorted(known), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            return f"microbatch serve: unknown option {flag}{hint} (--help lists them all)"
+    return None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def serve(argv: list[str]) -> int:
     """Parse settings (flags over MICROBATCH_* variables over defaults) and run uvicorn
     with uvloop and httptools until SIGINT/SIGTERM, then drain (see server.draining)."""
     from server.settings import Settings
 
+    unknown = _unknown_flag(argv, Settings)
+    if unknown is not None:
+        print(unknown, file=sys.stderr)
+        return 2
+    source: CliSettingsSource[Settings] = CliSettingsSource(
+        Settings, add_argument_method=_add_argument
+    )
     try:
-        settings = CliApp.run(Settings, cli_args=argv)
+        settings = CliApp.run(Settings, cli_args=argv, cli_settings_source=source)
     except ValidationError as exc:
         for error in exc.errors():
             name = "--" + "-".join(str(p) for p in error["loc"]).replace("_", "-")
             print(f"microbatch serve: {name}: {error['msg']}", file=sys.stderr)
         return 2
 
+    from server import logs, preflight
+
+    log_config = logs.configure(settings.log_level, settings.log_format)
+    found = preflight.problems(settings)
+    for problem in found:
+        print(f"microbatch serve: {problem}", file=sys.stderr)
+    if found:
+        return 2
+
     from batcher.models import disable_progress_bars
-    from server import logs
     from server.app import create_app
     from server.draining import DrainingServer
 
-    log_config = logs.configure(settings.log_level, settings.log_format)
     disable_progress_bars()
     app = create_app(settings)
     server = DrainingServer(
@@ -95,18 +157,38 @@ TOOLS: dict[str, Callable[[list[str]], int]] = {
 that `microbatch serve` loads none of them."""
 
 
+TOOL_EXTRA = "bench"
+"""The extra that installs what TOOLS import (aiohttp, tqdm, matplotlib)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if args else 2
     command, rest = args[0], args[1:]
+    if command in ("version", "--version", "-V"):
+        print(f"microbatch {package_version()}")
+        return 0
     if command == "serve":
         return serve(rest)
     tool = TOOLS.get(command)
     if tool is not None:
-        return tool(rest)
-    print(f"microbatch: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        try:
+            return tool(rest)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or exc.name.split(".")[0] in ("benchmarks", "batcher", "server"):
+                raise
+            print(
+                f"microbatch {command} needs the {TOOL_EXTRA} extra ({exc.name} is missing): "
+                f"pip install 'microbatch[{TOOL_EXTRA}]'",
+                file=sys.stderr,
+            )
+            return 2
+    commands = ["serve", "version", *TOOLS]
+    close = difflib.get_close_matches(command, commands, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    print(f"microbatch: unknown command {command!r}{hint} (microbatch --help)", file=sys.stderr)
     return 2
 
 

@@ -9,12 +9,47 @@ from typing import Literal
 
 from server.middleware import REQUEST_ID
 
+LOGGER_NAMES = {"uvicorn.error": "uvicorn"}
+"""Loggers shown under a plainer name: uvicorn logs its server's life as `uvicorn.error`."""
+
 
 class RequestIdFilter(logging.Filter):
-    """Adds `request_id` (None outside a request) to every record."""
+    """Adds `request_id` (None outside a request) to every record, and `where`: ` [id]`
+    inside a request, nothing outside one."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = REQUEST_ID.get()
+        record.request_id = request_id = REQUEST_ID.get()
+        record.where = f" [{request_id}]" if request_id else ""
+        record.name = LOGGER_NAMES.get(record.name, record.name)
+        return True
+
+
+STARTUP_ERRORS = (".ModelLoadError", ".UnsupportedModel")
+"""Exceptions that mean "this model cannot be served", whose traceback says nothing more."""
+
+
+class StartupFailureFilter(logging.Filter):
+    """Below debug level, a model that fails to load at startup is logged as its one-line
+    reason, not as the traceback uvicorn attaches (`--log-level debug` keeps it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if record.exc_info:
+            from batcher.models import ModelLoadError, UnsupportedModel
+
+            exc = record.exc_info[1]
+            if isinstance(exc, ModelLoadError | UnsupportedModel):
+                record.msg, record.args = "cannot start: %s", (exc,)
+                record.exc_info = record.exc_text = None
+            return True
+        # Starlette hands a failed lifespan to uvicorn as the traceback's text.
+        message = record.getMessage()
+        if message.startswith("Traceback"):
+            last = message.rstrip().rsplit("\n", 1)[-1]
+            kind, _, reason = last.partition(": ")
+            if kind.endswith(STARTUP_ERRORS) and reason:
+                record.msg, record.args = "cannot start: %s", (reason,)
         return True
 
 
@@ -39,11 +74,13 @@ def configure(level: str, fmt: Literal["text", "json"]) -> dict[str, object]:
     """Configure the root logger; returns uvicorn's `log_config` to match."""
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
+    if level.lower() != "debug":
+        handler.addFilter(StartupFailureFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s%(where)s: %(message)s")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -212,7 +212,8 @@ class Runtime:
         if self._warm_up is not None and not self._warm_up.done():
             self._warm_up.cancel()
             await asyncio.gather(self._warm_up, return_exceptions=True)
-        logger.info("draining: %d items queued", self.engine.queue_depth)
+        if self.engine.state in ("new", "running"):  # the first drain says so, once
+            logger.info("draining: %d items queued", self.engine.queue_depth)
         await self.engine.aclose(timeout_s=self.settings.drain_timeout_s)
 
     async def aclose(self) -> None:

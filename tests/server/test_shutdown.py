@@ -78,6 +78,7 @@ def test_sigterm_under_load_drains_every_admitted_request_then_exits_0(tmp_path:
     counts = json.loads(stopped.replace("'", '"'))
     assert counts["admitted"] == counts["ok"] == 128
     assert counts["rejected_closed"] == 0
+    assert log.count("draining:") == 1, "the drain is announced once"
 
 
 def test_ctrl_c_drains_and_exits_0_without_a_traceback(
@@ -93,3 +94,4 @@ def test_ctrl_c_drains_and_exits_0_without_a_traceback(
     assert "stopped: {'admitted': 1, 'ok': 1" in log
     assert "Traceback" not in log
     assert "KeyboardInterrupt" not in log
+    assert log.count("draining:") == 1, "the drain is announced once"
