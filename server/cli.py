@@ -70,7 +70,8 @@ def _is_number(text: str) -> bool:
 
 def serve(argv: list[str]) -> int:
     """Parse settings (flags over MICROBATCH_* variables over defaults) and run uvicorn
-    with uvloop and httptools until SIGINT/SIGTERM, then drain (see server.draining)."""
+    with uvloop (where installed) and httptools until SIGINT/SIGTERM, then drain (see
+    server.draining)."""
     from server.settings import Settings
 
     unknown = _unknown_flag(argv, Settings)
@@ -107,7 +108,7 @@ def serve(argv: list[str]) -> int:
         app,
         host=settings.host,
         port=settings.port,
-        loop="uvloop",
+        loop="auto",  # uvloop where it is installed (not on Windows)
         http="httptools",
         lifespan="on",
         log_config=log_config,

@@ -46,10 +46,11 @@ class StartupFailureFilter(logging.Filter):
         # Starlette hands a failed lifespan to uvicorn as the traceback's text.
         message = record.getMessage()
         if message.startswith("Traceback"):
-            last = message.rstrip().rsplit("\n", 1)[-1]
-            kind, _, reason = last.partition(": ")
-            if kind.endswith(STARTUP_ERRORS) and reason:
-                record.msg, record.args = "cannot start: %s", (reason,)
+            for line in reversed(message.splitlines()):
+                kind, _, reason = line.partition(": ")
+                if kind.endswith(STARTUP_ERRORS) and reason:
+                    record.msg, record.args = "cannot start: %s", (reason,)
+                    break
         return True
 
 

@@ -218,8 +218,10 @@ def load(options: LoadOptions) -> Loaded:
         )
     except ModelLoadError:
         raise
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load model {source!r}: {exc}") from exc
+    except (OSError, ValueError, ImportError) as exc:
+        # Only the first line: transformers' messages run on with installation advice.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model {source!r}: {reason}") from exc
     if not getattr(tokenizer, "is_fast", True):
         raise ModelLoadError(f"model {source!r} has no fast (Rust) tokenizer")
     if description.do_lower_case:

@@ -14,6 +14,7 @@ import numpy as np
 from fastapi import Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from batcher import Engine, Result
 from batcher.models import Encoded, InvalidOption, Output, TruncationDirection
@@ -229,7 +230,10 @@ async def parse(request: Request, schema: type[Body], runtime: Runtime) -> Body:
     parameter: FastAPI would parse
     the JSON with the standard library and then validate the Python objects, which cost
     more than the rest of the route (see benchmarks/results/)."""
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # the client hung up before its body arrived
+        raise ClientDisconnected from None
     settings = runtime.settings
     limits = request_limits(settings.max_text_chars, settings.max_client_batch)
     try:

@@ -9,6 +9,8 @@ import pytest
 from benchmarks import fidelity
 from tests.tiny_models import TEXTS, Kind, save_cross_encoder, save_embedder
 
+pytestmark = pytest.mark.reference
+
 
 def test_it_measures_an_embedder_and_a_reranker(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -18,7 +18,7 @@ from batcher.models import DEFAULT_HUB_ID, default_source
 from tests.conftest import ServerProcess
 from tests.tiny_models import TEXTS, save_cross_encoder
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.reference]
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 QUERY = "what is dynamic micro-batching?"

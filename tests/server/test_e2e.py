@@ -80,6 +80,7 @@ def test_batched_embeddings_equal_unbatched(default_server: ServerProcess) -> No
     assert together[0].json()["truncated"] is True
 
 
+@pytest.mark.reference
 def test_embeddings_match_sentence_transformers(default_server: ServerProcess) -> None:
     from sentence_transformers import SentenceTransformer
 

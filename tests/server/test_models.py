@@ -25,7 +25,7 @@ from tests.tiny_models import (
     save_nli_classifier,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.reference]
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 QUERY = "what is dynamic micro-batching?"

@@ -17,6 +17,8 @@ from tests.tiny_models import (
     save_nli_classifier,
 )
 
+pytestmark = pytest.mark.reference
+
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -23,6 +23,8 @@ from tests.tiny_models import (
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
+pytestmark = pytest.mark.reference
+
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)

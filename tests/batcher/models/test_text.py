@@ -121,6 +121,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(
     assert len(model.predict([model.encode("still works")])) == 1
 
 
+@pytest.mark.reference
 def test_no_recompile_with_prompts_left_out_of_pooling_and_a_dense_head(tmp_path: Path) -> None:
     from tests.tiny_models import Kind, save_embedder
 
