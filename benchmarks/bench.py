@@ -1,7 +1,7 @@
 """`microbatch bench URL`: throughput and latency at each load, with what the server did.
 
 microbatch bench http://127.0.0.1:8000 --concurrency 1,4,16,64
-microbatch bench http://127.0.0.1:8000 --rate 25,50 --json run.json --csv run.csv
+microbatch bench http://127.0.0.1:8000 --rate 25,50 --json run.json --csv run.csv --png run.png
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="", help="name of this run in tables and plots")
     parser.add_argument("--json", help="write the run (settings, environment, steps) here")
     parser.add_argument("--csv", help="write one row per step here")
+    parser.add_argument("--png", help="plot throughput against latency for this run here")
     parser.add_argument(
         "--compare",
         action="store_true",
@@ -70,4 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(run.to_json(), f, indent=2)
     if args.csv:
         write_csv(run, args.csv)
+    if args.png:
+        from benchmarks.plot import plot_runs
+
+        plot_runs([run.to_json()], [run.label], args.png, f"microbatch bench: {run.url}")
     return 0

@@ -43,7 +43,10 @@ class Load:
     value: float
 
     def __str__(self) -> str:
-        return f"{int(self.value)} clients" if self.kind == "closed" else f"{self.value:g} req/s"
+        if self.kind == "open":
+            return f"{self.value:g} req/s"
+        clients = int(self.value)
+        return f"{clients} client" if clients == 1 else f"{clients} clients"
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ async def measure(
             desc=str(step.load),
             unit="s",
             leave=False,
-            disable=not progress,
+            disable=not (progress and sys.stderr.isatty()),  # no bars in redirected logs
             file=sys.stderr,
         )
         ticker = asyncio.create_task(_tick(bar))

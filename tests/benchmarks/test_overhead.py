@@ -28,10 +28,10 @@ def test_summary_takes_each_servers_median_and_keeps_every_rounds_ratio() -> Non
 
 def test_the_report_has_one_row_per_load_and_the_command() -> None:
     rows = summary(
-        [Pair("1 clients", step(900), step(600)), Pair("64 clients", step(3000), step(1800))]
+        [Pair("1 client", step(900), step(600)), Pair("64 clients", step(3000), step(1800))]
     )
     report = render(rows, steal=12.5, profile="10 samples\n")
-    assert "| 1 clients | 900 | 600 | 0.67x |" in report
+    assert "| 1 client | 900 | 600 | 0.67x |" in report
     assert "| 64 clients | 3000 | 1800 | 0.60x |" in report
     assert "12.5 %" in report
     assert "python -m benchmarks.overhead" in report
