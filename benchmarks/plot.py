@@ -16,6 +16,19 @@ def load_run(path: str) -> dict[str, Any]:
     return run
 
 
+def plain_log_axis(ax: Any) -> None:
+    """A log latency axis with plain numbers (50, 100, 200, not 10^2), and room inside
+    the frame for the labels of the points at its edges."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda _y, _pos: ""))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.margins(x=0.12, y=0.12)
+
+
 def plot_runs(runs: list[dict[str, Any]], labels: list[str], path: str, title: str) -> None:
     import matplotlib
 
@@ -36,13 +49,13 @@ def plot_runs(runs: list[dict[str, Any]], labels: list[str], path: str, title: s
                     label=f"{label} p50")  # fmt: skip
             for s, xi in zip(steps, x, strict=True):
                 ax.annotate(s["load"], (xi, s["latency_ms"]["p99"]), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")  # fmt: skip
+                            xytext=(3, 3), textcoords="offset points",
+                            annotation_clip=True)  # fmt: skip
     for ax, name in ((closed_ax, "closed loop (N clients)"), (open_ax, "open loop (Poisson rate)")):
         ax.set_title(name)
         ax.set_xlabel("throughput (requests/s)")
         ax.set_ylabel("latency (ms)")
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
+        plain_log_axis(ax)
         if ax.lines:
             ax.legend(fontsize=8)
     fig.suptitle(title)

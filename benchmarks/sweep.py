@@ -24,6 +24,7 @@ import httpx
 
 from benchmarks import environment
 from benchmarks.loadgen import Load, Request, StepResult
+from benchmarks.plot import plain_log_axis
 from benchmarks.processes import server
 from benchmarks.runs import (
     Step,
@@ -159,7 +160,7 @@ def plot(points: Sequence[Point], path: str, slo_p99_ms: float | None, best: Poi
     for p in front:
         s = p.setting
         ax.annotate(
-            f"{s['max_batch_size']}/{s['max_wait_ms']:g}ms, {p.result.load}",
+            f"{s['policy']} {s['max_batch_size']}/{s['max_wait_ms']:g} ms, {p.result.load}",
             (p.result.throughput_rps, p.result.p99_ms), fontsize=7,
             xytext=(4, 4), textcoords="offset points",
         )  # fmt: skip
@@ -170,9 +171,8 @@ def plot(points: Sequence[Point], path: str, slo_p99_ms: float | None, best: Poi
                    color="gold", edgecolor="black", zorder=5, label="recommended")  # fmt: skip
     ax.set_xlabel("throughput (requests/s)")
     ax.set_ylabel("p99 latency (ms)")
-    ax.set_yscale("log")
-    ax.set_title("microbatch sweep: batching settings (max batch / max wait, load)")
-    ax.grid(True, which="both", alpha=0.3)
+    plain_log_axis(ax)
+    ax.set_title("microbatch sweep: policy, max batch / max wait, load")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
