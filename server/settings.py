@@ -98,8 +98,8 @@ class Settings(BaseSettings):
     )
     api_keys: SecretStr | None = Field(
         None,
-        description="Comma-separated keys; when set, /predict routes need "
-        "'Authorization: Bearer KEY'.",
+        description="Comma-separated keys; when set, the client routes (ours, /v1/*, "
+        "TEI's) need 'Authorization: Bearer KEY'.",
     )
     admin_key: SecretStr | None = Field(
         None,
@@ -110,7 +110,7 @@ class Settings(BaseSettings):
         None,
         gt=0,
         description="Requests per second per API key (per client IP without keys) on "
-        "/predict routes; 429 above it. Default: no limit.",
+        "the client routes; 429 above it. Default: no limit.",
     )
     rate_limit_burst: int | None = Field(
         None, ge=1, description="Requests a client may send at once; default: rate-limit-rps."
