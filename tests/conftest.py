@@ -22,8 +22,8 @@ LABELS = {0: "negative", 1: "neutral", 2: "positive"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `reference` need sentence-transformers, which the floors' environment
-    (constraints-min.txt) cannot install beside the oldest transformers we support."""
+    """Tests marked `reference` need sentence-transformers: where it is not installed
+    (it comes with the dev extra, or with the default model's package) they skip."""
     import importlib.util
 
     if importlib.util.find_spec("sentence_transformers") is not None:
