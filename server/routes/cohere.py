@@ -4,24 +4,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from batcher.models import Classification
 from server.routes.parsing import (
-    best_first,
-    check_tokens,
-    deadline_of,
-    encode,
-    needs_task,
     openapi_body,
     parse,
+    rank,
     reply,
     runtime_of,
-    serving,
-    submit_all,
 )
 from server.schemas import OpenAIErrorReply, OutputOptions, Text, Texts, error_responses
 
@@ -85,27 +78,23 @@ class RerankResponse(BaseModel):
 async def rerank(request: Request) -> Response:
     runtime = runtime_of(request)
     body = await parse(request, RerankRequest, runtime)
-    model, engine = serving(runtime)
-    needs_task(model, "rerank", "/v1/rerank", "a cross-encoder with one output score")
-    deadline = deadline_of(engine, runtime, request)
     docs = body.documents
-    items = encode(model, [body.query] * len(docs), docs, OutputOptions())
-    check_tokens(items, model, runtime, "documents", None)
-    results = await submit_all(request, runtime, engine, items, deadline)
-    scores = [cast("Classification", r.value).score for r in results]
+    ranking = await rank(
+        request, runtime, "/v1/rerank", body.query, docs, field="documents",
+        options=OutputOptions(), truncate=None, top_n=body.top_n,
+    )  # fmt: skip
     ranked = [
         RerankResult.model_construct(
             index=i,
-            relevance_score=scores[i],
+            relevance_score=ranking.scores[i],
             document=Document(text=docs[i]) if body.return_documents else None,
         )
-        for i in best_first(scores, body.top_n)
+        for i in ranking.order
     ]
-    tokens = sum(len(item.ids) for item in items)
     response = RerankResponse.model_construct(
         id=request.state.request_id,
         results=ranked,
-        model=model.name,
-        usage=RerankUsage(prompt_tokens=tokens, total_tokens=tokens),
+        model=runtime.model.name,
+        usage=RerankUsage(prompt_tokens=ranking.tokens, total_tokens=ranking.tokens),
     )
-    return reply(response.model_dump_json(exclude_none=True).encode(), results)
+    return reply(response.model_dump_json(exclude_none=True).encode(), ranking.results)

@@ -8,7 +8,8 @@ import base64
 import math
 import time
 from collections.abc import Coroutine, Sequence
-from typing import Annotated, Any, Literal, TypeVar
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar, cast
 
 import numpy as np
 from fastapi import Depends, Request, Response
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from batcher import Engine, Result
-from batcher.models import Encoded, InvalidOption, Output, TruncationDirection
+from batcher.models import Classification, Encoded, InvalidOption, Output, TruncationDirection
 from server.errors import ClientDisconnected, NotReady, WrongTask
 from server.runtime import Runtime, ServedModel
 from server.schemas import (
@@ -172,6 +173,44 @@ async def submit_all(
         return results
 
     return await unless_disconnected(request, runtime, in_waves())
+
+
+@dataclass(frozen=True, slots=True)
+class Ranking:
+    """Texts scored against a query: `order` holds their indices, best first."""
+
+    order: list[int]
+    scores: list[float]
+    tokens: int
+    """Tokens the model read, pairs' special tokens included."""
+    results: list[Result[Output]]
+
+
+async def rank(
+    request: Request,
+    runtime: Runtime,
+    route: str,
+    query: str,
+    texts: Sequence[str],
+    *,
+    field: str,
+    options: OutputOptions,
+    truncate: bool | None,
+    top_n: int | None,
+    truncation_direction: TruncationDirection = "right",
+) -> Ranking:
+    """What every rerank route does: each (query, text) pair is one item in the queue,
+    batched, length-grouped and failure-isolated like any other, so a long list does
+    not wait behind itself; then the best first."""
+    model, engine = serving(runtime)
+    needs_task(model, "rerank", route, "a cross-encoder with one output score")
+    deadline = deadline_of(engine, runtime, request)
+    items = encode(model, [query] * len(texts), texts, options, truncation_direction)
+    check_tokens(items, model, runtime, field, truncate)
+    results = await submit_all(request, runtime, engine, items, deadline)
+    scores = [cast("Classification", r.value).score for r in results]
+    order = best_first(scores, top_n)
+    return Ranking(order, scores, sum(len(item.ids) for item in items), results)
 
 
 EncodingFormat = Literal["float", "base64"]

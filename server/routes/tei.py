@@ -9,18 +9,17 @@ from typing import Literal, cast
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter
 
-from batcher.models import Classification, TruncationDirection
+from batcher.models import TruncationDirection
 from server.routes.parsing import (
     RuntimeDep,
-    best_first,
     check_tokens,
     deadline_of,
-    encode,
     encode_inputs,
     invalid,
     needs_task,
     openapi_body,
     parse,
+    rank,
     reply,
     runtime_of,
     serving,
@@ -153,26 +152,20 @@ async def embed(request: Request) -> Response:
                                "texts": ["Deep Learning is ...", "Paris is in France."]}),
 )  # fmt: skip
 async def rerank(request: Request) -> Response:
-    """Each (query, text) pair is one item in the queue: batched, length-grouped and
-    failure-isolated like any other, so a long list does not wait behind itself."""
     runtime = runtime_of(request)
     body = await parse(request, RerankRequest, runtime)
-    model, engine = serving(runtime)
-    needs_task(model, "rerank", "/rerank", "a cross-encoder with one output score")
-    deadline = deadline_of(engine, runtime, request)
-    options = OutputOptions(raw_scores=body.raw_scores)
-    direction = _direction(body.truncation_direction)
-    items = encode(model, [body.query] * len(body.texts), body.texts, options, direction)
-    check_tokens(items, model, runtime, "texts", body.truncate)
-    results = await submit_all(request, runtime, engine, items, deadline)
-    scores = [cast("Classification", r.value).score for r in results]
+    ranking = await rank(
+        request, runtime, "/rerank", body.query, body.texts, field="texts",
+        options=OutputOptions(raw_scores=body.raw_scores), truncate=body.truncate,
+        top_n=body.top_n, truncation_direction=_direction(body.truncation_direction),
+    )  # fmt: skip
     ranked = [
         RerankResult.model_construct(
-            index=i, score=scores[i], text=body.texts[i] if body.return_text else None
+            index=i, score=ranking.scores[i], text=body.texts[i] if body.return_text else None
         )
-        for i in best_first(scores, body.top_n)
+        for i in ranking.order
     ]
-    return reply(_RANKED.dump_json(ranked, exclude_none=True), results)
+    return reply(_RANKED.dump_json(ranked, exclude_none=True), ranking.results)
 
 
 @router.post(

@@ -61,44 +61,14 @@ def test_plot_refuses_a_file_that_is_not_a_bench_result(tmp_path: Path) -> None:
 def test_the_bench_command_writes_its_plot_and_speaks_of_one_client(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import threading
-
-    import httpx
-    import uvicorn
-
     from benchmarks import bench as bench_command
-    from benchmarks.processes import free_port
+    from tests.server.live import threaded_server
 
-    port = free_port()
     app = create_app(Settings(), model=FakeTextModel())  # type: ignore[arg-type]
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)  # no signal handlers off main
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            threading.Event().wait(0.05)  # the server thread is starting: poll its state
-        png = tmp_path / "run.png"
-        argv = [
-            url,
-            "--concurrency",
-            "1",
-            "--duration",
-            "0.3",
-            "--warmup",
-            "0.1",
-            "--png",
-            str(png),
-        ]
+    png = tmp_path / "run.png"
+    with threaded_server(app) as url:
+        argv = f"{url} --concurrency 1 --duration 0.3 --warmup 0.1 --png {png}".split()
         assert bench_command.main(argv) == 0
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
     out = capsys.readouterr()
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "    1 client " in out.out

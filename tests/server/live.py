@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Generator
+import threading
+from collections.abc import AsyncIterator, Generator, Iterator
+from typing import Any
 
 import httpx
 import uvicorn
@@ -44,3 +46,27 @@ async def live_server(model: FakeTextModel, **settings: object) -> AsyncIterator
     finally:
         server.should_exit = True
         await task
+
+
+@contextlib.contextmanager
+def threaded_server(app: Any) -> Iterator[str]:
+    """`app` behind a real uvicorn server on its own thread (for synchronous callers:
+    a command that runs its own event loop, schemathesis). Yields the base URL once
+    `/ready` answers 200."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)  # no signal handlers off main
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            threading.Event().wait(0.05)  # the server thread is starting: poll its state
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -3,20 +3,17 @@ invalid inputs alike, against a real uvicorn server. No 5xx, no hang."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
-import httpx
 import hypothesis
 import pytest
 import schemathesis
-import uvicorn
 from schemathesis.checks import not_a_server_error
 
-from benchmarks.processes import free_port
 from server.app import create_app
 from server.settings import Settings
 from tests.server.fakes import FakeTextModel
+from tests.server.live import threaded_server
 
 # The fake model's poison pill is a string the fuzzer will not produce.
 MODEL = FakeTextModel(poison="\x00poison-pill-9f1c2e\x00")
@@ -30,25 +27,8 @@ schema = schemathesis.openapi.from_dict(APP.openapi())
 
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
-    app = APP
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="on", log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)  # no signal handlers off main
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        threading.Event().wait(0.05)  # the server thread is starting: poll its state
-    yield url
-    server.should_exit = True
-    thread.join(timeout=30)
+    with threaded_server(APP) as url:
+        yield url
 
 
 @schema.parametrize()
