@@ -43,7 +43,19 @@ class Settings(BaseSettings):
         description="Several devices, one model replica each, all fed from one queue: "
         "cuda:0,cuda:1 or all (every CUDA device); replaces --device.",
     )
-    dtype: DtypeOption = Field("auto", description="auto is float16 on CUDA, float32 elsewhere.")
+    dtype: DtypeOption = Field(
+        "auto",
+        description="auto: float16 on CUDA; on a CPU with native bfloat16 (AVX512-BF16, "
+        "AMX, Arm BF16) bfloat16 if a start-up probe agrees with float32 within "
+        "--min-accuracy; else float32.",
+    )
+    min_accuracy: float = Field(
+        0.999,
+        gt=0,
+        le=1,
+        description="--dtype auto: the lowest cosine to float32 that bfloat16 must keep on "
+        "every probe input to be chosen (--dtype float32 skips the probe).",
+    )
     compile: bool = Field(True, description="torch.compile the forward pass (else eager).")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model.")
     max_tokens: int | None = Field(
@@ -169,6 +181,7 @@ class Settings(BaseSettings):
             task=self.task,
             device=device if device is not None else self.device,
             dtype=self.dtype,
+            min_accuracy=self.min_accuracy,
             compile=self.compile,
             max_tokens=self.max_tokens,
             trust_remote_code=self.trust_remote_code,

@@ -103,10 +103,21 @@ def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
 
 
 @pytest.fixture(scope="session")
+def float32_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The built-in model, compiled, in float32 whatever the CPU: the server whose
+    numbers are compared with the reference libraries' at float32 tolerances (the
+    default, `--dtype auto`, may pick bfloat16, which has its own bound)."""
+    args = ["--dtype", "float32"]
+    server = ServerProcess(args, tmp_path_factory.mktemp("logs") / "float32.log").start()
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+@pytest.fixture(scope="session")
 def classifier_server(
     tmp_path_factory: pytest.TempPathFactory, tiny_classifier_dir: Path
 ) -> Iterator[ServerProcess]:
-    args = ["--model", str(tiny_classifier_dir), "--no-compile"]
+    args = ["--model", str(tiny_classifier_dir), "--no-compile", "--dtype", "float32"]
     server = ServerProcess(args, tmp_path_factory.mktemp("logs") / "classifier.log").start()
     yield server
     assert server.stop() == 0, server.log()

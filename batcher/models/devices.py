@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from batcher.models.errors import ModelLoadError
-from batcher.models.options import DtypeOption
 
 
 def pick_device(option: str) -> torch.device:
@@ -24,14 +23,6 @@ def pick_device(option: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {option!r} asked for, but CUDA is not available")
     return device
-
-
-def pick_dtype(option: DtypeOption, device: torch.device) -> torch.dtype:
-    """`auto` is float16 on CUDA and float32 elsewhere."""
-    if option == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    dtype: torch.dtype = getattr(torch, option)
-    return dtype
 
 
 def cuda_device_count() -> int:

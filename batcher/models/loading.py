@@ -26,7 +26,7 @@ from batcher.models.description import (
     UnsupportedModel,
     read,
 )
-from batcher.models.devices import pick_device, pick_dtype
+from batcher.models.devices import pick_device
 from batcher.models.errors import ModelLoadError
 from batcher.models.heads import EmbeddingHead, score_activation
 from batcher.models.options import (
@@ -36,6 +36,7 @@ from batcher.models.options import (
     TaskOption,
     default_source,
 )
+from batcher.models.precision import Precision, plan
 
 logger = logging.getLogger("batcher.models")
 
@@ -49,7 +50,8 @@ class Loaded:
     model: PreTrainedModel
     tokenizer: Any
     device: torch.device
-    dtype: torch.dtype
+    precision: Precision
+    """The dtype the weights are in, and why."""
     max_tokens: int
     labels: tuple[str, ...]
     description: Description
@@ -60,6 +62,13 @@ class Loaded:
     """classify/rerank: the head's activation, by name."""
     score: Callable[[torch.Tensor], torch.Tensor] | None = None
     """classify/rerank: logits -> scores."""
+    probe_dtype: torch.dtype | None = None
+    """A lower precision to probe against this float32 load (`--dtype auto` on a CPU
+    with native bfloat16); the adapter runs the probe."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.precision.dtype
 
 
 def disable_progress_bars() -> None:
@@ -199,7 +208,11 @@ def load(options: LoadOptions) -> Loaded:
     Raises ModelLoadError."""
     source = options.source or default_source()
     device = pick_device(options.device)
-    dtype = pick_dtype(options.dtype, device)
+    precision, probe_dtype = plan(options.dtype, device)
+    dtype = precision.dtype
+    shown = precision.name
+    if probe_dtype is not None:
+        shown += f", probing {str(probe_dtype).removeprefix('torch.')}"
     remote = options.trust_remote_code
     root, description = _describe(source, options.task)
     # A local directory is read from the transformer's folder; a hub id from its subfolder.
@@ -242,27 +255,29 @@ def load(options: LoadOptions) -> Loaded:
                 normalize=True,
             )
         head = _head(root or Path(where), description, device)
-        logger.info("loaded %s for embed on %s (%s): %s", name, device, dtype, description)
+        logger.info("loaded %s for embed on %s (%s): %s", name, device, shown, description)
         return Loaded(
-            name, task, model, tokenizer, device, dtype, max_tokens, (), description, head=head
-        )
+            name, task, model, tokenizer, device, precision, max_tokens, (), description,
+            head=head, probe_dtype=probe_dtype,
+        )  # fmt: skip
     id2label = config.id2label
     labels = tuple(str(id2label[i]) for i in range(len(id2label)))
     try:
         activation, score = score_activation(config, description.activation)
     except ValueError as exc:
         raise ModelLoadError(f"cannot serve model {source!r}: {exc}") from None
-    logger.info("loaded %s for %s on %s (%s), %s head", name, task, device, dtype, activation)
+    logger.info("loaded %s for %s on %s (%s), %s head", name, task, device, shown, activation)
     return Loaded(
         name,
         task,
         model,
         tokenizer,
         device,
-        dtype,
+        precision,
         max_tokens,
         labels,
         description,
         activation=activation,
         score=score,
+        probe_dtype=probe_dtype,
     )

@@ -28,6 +28,9 @@ class LoadOptions:
     task: TaskOption = "auto"
     device: str = "auto"
     dtype: DtypeOption = "auto"
+    min_accuracy: float = 0.999
+    """`dtype="auto"`: the lowest cosine to float32 a lower precision must keep on the
+    start-up probe (`batcher.models.precision`)."""
     compile: bool = True
     max_tokens: int | None = None
     trust_remote_code: bool = False

@@ -4,11 +4,12 @@ back, finished per item (`batcher.models.heads`), once per batch."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -20,6 +21,7 @@ from batcher.models.description import Dense
 from batcher.models.heads import EmbeddingHead, finish_embeddings
 from batcher.models.loading import Loaded, load
 from batcher.models.options import LoadOptions, Task
+from batcher.models.precision import PROBE_TEXTS, Precision, judge
 from batcher.padding import bucket_length
 
 logger = logging.getLogger("batcher.models")
@@ -117,6 +119,13 @@ def _classify_forward(model: Any) -> Forward:
     return forward
 
 
+def _forward_of(loaded: Loaded) -> Forward:
+    if loaded.task == "embed":
+        assert loaded.head is not None, "an embedding model needs its head; this is a bug"
+        return _embed_forward(loaded.model, loaded.head)
+    return _classify_forward(loaded.model)
+
+
 def _takes_type_ids(loaded: Loaded) -> bool:
     accepts = inspect.signature(loaded.model.forward).parameters
     names = getattr(loaded.tokenizer, "model_input_names", ())
@@ -136,6 +145,7 @@ class TextModel:
         self.labels = loaded.labels
         self.max_tokens = loaded.max_tokens
         self.device = loaded.device
+        self.precision = loaded.precision
         self.dtype = loaded.dtype
         self.description = loaded.description
         self.dimension = loaded.description.embedding_dimension if self.task == "embed" else None
@@ -151,18 +161,58 @@ class TextModel:
         self._prompt_pooled = pooling is None or pooling.include_prompt
         self._prompt_tokens: dict[str, int] = {}
         self._normalize = loaded.description.normalize
-        if self.task == "embed":
-            assert loaded.head is not None, "an embedding model needs its head; this is a bug"
-            self._eager: Forward = _embed_forward(loaded.model, loaded.head)
-        else:
-            self._eager = _classify_forward(loaded.model)
+        self._eager: Forward = _forward_of(loaded)
         self._forward: Forward = self._eager
         self.compile_state = CompileState(requested=compile)
         self.warmed = False
 
     @classmethod
     def load(cls, options: LoadOptions) -> TextModel:
-        return cls(load(options), compile=options.compile)
+        """Load `options`' model; with `dtype="auto"` on a CPU with native bfloat16,
+        probe bfloat16 against float32 first and keep the one the probe allows."""
+        model = cls(load(options), compile=options.compile)
+        if model.loaded.probe_dtype is not None:
+            model.probe_precision(model.loaded.probe_dtype, options.min_accuracy)
+        return model
+
+    def probe_precision(self, dtype: torch.dtype, min_accuracy: float) -> Precision:
+        """Run the probe inputs in the current (float32) weights and in a `dtype` copy,
+        eager, and keep the copy only if every output agrees within `min_accuracy`
+        (`batcher.models.precision.judge`). Before warm-up only."""
+        assert not self.warmed, "the precision is settled before warm-up; this is a bug"
+        started = time.perf_counter()
+        items = self._probe_items()
+        reference = self._outputs(self._eager, items)
+        lower: Any = copy.deepcopy(self.loaded.model)
+        lower.to(dtype)
+        candidate = self._outputs(_forward_of(replace(self.loaded, model=lower)), items)
+        precision = judge(reference, candidate, dtype, min_accuracy)
+        if precision.dtype == dtype:
+            self.loaded = replace(self.loaded, model=lower, precision=precision, probe_dtype=None)
+        else:
+            self.loaded = replace(self.loaded, precision=precision, probe_dtype=None)
+        del lower
+        self.precision, self.dtype = precision, precision.dtype
+        self._eager = self._forward = _forward_of(self.loaded)
+        log = logger.info if precision.dtype == dtype else logger.warning
+        log("precision %s (probe %.1fs): %s", precision.name, time.perf_counter() - started,
+            precision.reason)  # fmt: skip
+        return precision
+
+    def _probe_items(self) -> list[Encoded]:
+        texts = list(PROBE_TEXTS)
+        if self.task == "rerank":
+            return self.encode_many(texts, texts[1:] + texts[:1])
+        return self.encode_many(texts)
+
+    def _outputs(self, forward: Forward, items: Sequence[Encoded], chunk: int = 8) -> torch.Tensor:
+        """`forward`'s raw outputs (pooled vectors, logits) for `items`, in float32."""
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, len(items), chunk):
+                inputs, pool_mask = self.collate(items[start : start + chunk])
+                outputs.append(forward(inputs, pool_mask).float().cpu())
+        return torch.cat(outputs)
 
     # -- on the event loop ---------------------------------------------------------------
 
@@ -436,7 +486,8 @@ class TextModel:
             "name": self.name,
             "task": self.task,
             "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": self.precision.name,
+            "precision": self.precision.describe(),
             "max_tokens": self.max_tokens,
             "labels": list(self.labels),
             "compile": self.compile_state.describe(),

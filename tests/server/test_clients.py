@@ -1,7 +1,8 @@
 """The clients users already have, against real `microbatch serve` processes: the
 official `openai` SDK on the built-in model, TEI's routes and Cohere's rerank with plain
 HTTP, each reply checked field by field against the public shapes and its numbers
-against the reference libraries (sentence-transformers, transformers' tokenizer)."""
+against the reference libraries (sentence-transformers, transformers' tokenizer). The
+servers run in float32, so that the numbers compare at float32 tolerances."""
 
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ def ours(url: str, texts: list[str], **options: object) -> np.ndarray:
     return np.array([x["embedding"] for x in r.json()["results"]])
 
 
-def test_the_openai_sdk_gets_the_vectors_predict_computes(default_server: ServerProcess) -> None:
-    url, ai = default_server.url, client(default_server.url)
+def test_the_openai_sdk_gets_the_vectors_predict_computes(float32_server: ServerProcess) -> None:
+    url, ai = float32_server.url, client(float32_server.url)
     listed = ai.embeddings.create(input=SENTENCES, model="text-embedding-3-small")
     one = ai.embeddings.create(input=SENTENCES[0], model="text-embedding-3-small")
     floats = ai.embeddings.create(input=SENTENCES, model="x", encoding_format="float")
@@ -61,10 +62,10 @@ def test_the_openai_sdk_gets_the_vectors_predict_computes(default_server: Server
     assert ai.models.retrieve(DEFAULT_HUB_ID).id == DEFAULT_HUB_ID
 
 
-def test_token_ids_from_tokenize_embed_as_their_text(default_server: ServerProcess) -> None:
+def test_token_ids_from_tokenize_embed_as_their_text(float32_server: ServerProcess) -> None:
     from transformers import AutoTokenizer
 
-    url, ai = default_server.url, client(default_server.url)
+    url, ai = float32_server.url, client(float32_server.url)
     tokens = httpx.post(f"{url}/tokenize", json={"inputs": SENTENCES}).json()
     reference = AutoTokenizer.from_pretrained(default_source())(SENTENCES)
     ids = [[t["id"] for t in ts] for ts in tokens]
@@ -79,17 +80,17 @@ def test_token_ids_from_tokenize_embed_as_their_text(default_server: ServerProce
     assert "outside the vocabulary" in outside.value.message
 
 
-def test_the_sdk_raises_bad_request_for_empty_input(default_server: ServerProcess) -> None:
+def test_the_sdk_raises_bad_request_for_empty_input(float32_server: ServerProcess) -> None:
     with pytest.raises(openai.BadRequestError) as empty:
-        client(default_server.url).embeddings.create(input=[], model="x")
+        client(float32_server.url).embeddings.create(input=[], model="x")
     assert empty.value.status_code == 400
     assert "input is empty" in empty.value.message
 
 
-def test_tei_embed_and_info_answer_in_teis_shapes(default_server: ServerProcess) -> None:
+def test_tei_embed_and_info_answer_in_teis_shapes(float32_server: ServerProcess) -> None:
     from sentence_transformers import SentenceTransformer
 
-    url = default_server.url
+    url = float32_server.url
     normalized = httpx.post(f"{url}/embed", json={"inputs": SENTENCES}).json()
     raw = httpx.post(f"{url}/embed", json={"inputs": SENTENCES[0], "normalize": False}).json()
     model = SentenceTransformer(default_source(), device="cpu")
@@ -110,7 +111,9 @@ def test_tei_embed_and_info_answer_in_teis_shapes(default_server: ServerProcess)
 def reranker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
     path = save_cross_encoder(tmp_path_factory.mktemp("cross") / "model")
     log = tmp_path_factory.mktemp("logs") / "reranker.log"
-    server = ServerProcess(["--model", str(path), "--no-compile"], log).start()
+    server = ServerProcess(
+        ["--model", str(path), "--no-compile", "--dtype", "float32"], log
+    ).start()
     yield path, server.url
     assert server.stop() == 0, server.log()
 

@@ -66,11 +66,11 @@ def test_startup_reports_warming_then_ready_within_90s(default_server: ServerPro
     assert info["compile"]["enabled"] is True
 
 
-def test_batched_embeddings_equal_unbatched(default_server: ServerProcess) -> None:
+def test_batched_embeddings_equal_unbatched(float32_server: ServerProcess) -> None:
     texts = varied_texts(200)
     bodies: list[dict[str, object]] = [{"text": t} for t in texts]
-    together = asyncio.run(post_all(default_server.url, "/predict", bodies, clients=64))
-    alone = asyncio.run(post_all(default_server.url, "/predict", bodies, clients=1))
+    together = asyncio.run(post_all(float32_server.url, "/predict", bodies, clients=64))
+    alone = asyncio.run(post_all(float32_server.url, "/predict", bodies, clients=1))
     assert all(r.status_code == 200 for r in together + alone)
     assert max(int(r.headers["x-batch-size"]) for r in together) > 1, "nothing was batched"
     assert {int(r.headers["x-batch-size"]) for r in alone} == {1}
@@ -81,18 +81,48 @@ def test_batched_embeddings_equal_unbatched(default_server: ServerProcess) -> No
 
 
 @pytest.mark.reference
-def test_embeddings_match_sentence_transformers(default_server: ServerProcess) -> None:
+def test_embeddings_match_sentence_transformers(float32_server: ServerProcess) -> None:
     from sentence_transformers import SentenceTransformer
 
     from batcher.models import default_source
 
     texts = varied_texts(16, seed=3)
     reference = SentenceTransformer(default_source(), device="cpu").encode(texts)
-    r = httpx.post(f"{default_server.url}/predict/batch", json={"texts": texts}, timeout=60)
+    r = httpx.post(f"{float32_server.url}/predict/batch", json={"texts": texts}, timeout=60)
     assert r.status_code == 200
     for ours, theirs in zip(r.json()["results"], reference.tolist(), strict=True):
         assert cosine(ours["embedding"], theirs) >= 0.9999
         assert math.hypot(*ours["embedding"]) == pytest.approx(math.hypot(*theirs), rel=1e-4)
+
+
+@pytest.mark.reference
+def test_the_default_precision_holds_its_bound(default_server: ServerProcess) -> None:
+    """Whatever `--dtype auto` chose on this CPU, /model says what and why, and every
+    vector, batched or alone, agrees with sentence-transformers' float32 within that
+    precision's bound (the probe's, for bfloat16)."""
+    from sentence_transformers import SentenceTransformer
+
+    from batcher.models import default_source
+
+    precision = httpx.get(f"{default_server.url}/model").json()["precision"]
+    assert precision["reason"].startswith("auto: ")
+    if precision["dtype"] == "bfloat16":
+        assert precision["probe"]["kept"] is True
+        assert precision["probe"]["worst_cosine"] >= precision["probe"]["min_accuracy"]
+        bound = precision["probe"]["min_accuracy"]
+    else:
+        assert precision["dtype"] == "float32"
+        bound = 0.9999
+    texts = varied_texts(300, seed=7)
+    reference = SentenceTransformer(default_source(), device="cpu").encode(texts).tolist()
+    bodies: list[dict[str, object]] = [{"text": t} for t in texts]
+    together = asyncio.run(post_all(default_server.url, "/predict", bodies, clients=64))
+    alone = asyncio.run(post_all(default_server.url, "/predict", bodies[:50], clients=1))
+    assert max(int(r.headers["x-batch-size"]) for r in together) > 1, "nothing was batched"
+    for replies in (together, alone):
+        for text, r, theirs in zip(texts, replies, reference, strict=False):
+            similarity = cosine(r.json()["embedding"], theirs)
+            assert similarity >= bound, f"{similarity} for {text[:40]!r} ({precision['dtype']})"
 
 
 def test_batching_happens_under_64_concurrent_clients(default_server: ServerProcess) -> None:

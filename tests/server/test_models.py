@@ -47,7 +47,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tupl
     }
     logs = tmp_path_factory.mktemp("logs")
     processes = {
-        name: ServerProcess(["--model", str(path), "--no-compile"], logs / f"{name}.log")
+        name: ServerProcess(
+            ["--model", str(path), "--no-compile", "--dtype", "float32"], logs / f"{name}.log"
+        )
         for name, path in paths.items()
     }
     with ThreadPoolExecutor(max_workers=len(processes)) as pool:

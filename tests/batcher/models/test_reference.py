@@ -39,7 +39,7 @@ def assert_same_vectors(ours: np.ndarray, reference: np.ndarray) -> None:
 
 
 def load(path: Path) -> TextModel:
-    return TextModel.load(LoadOptions(source=str(path), compile=False))
+    return TextModel.load(LoadOptions(source=str(path), dtype="float32", compile=False))
 
 
 @pytest.fixture(scope="module", params=EMBEDDERS, ids=lambda kind: kind.name)

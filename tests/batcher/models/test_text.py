@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from batcher.models import LoadOptions, ModelLoadError, Options, TextModel, load
+from batcher.models import DtypeOption, LoadOptions, ModelLoadError, Options, TextModel, load
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:
@@ -20,7 +20,9 @@ def sentences(n: int, seed: int = 0) -> list[str]:
 
 @pytest.fixture(scope="module")
 def classifier(tiny_classifier_dir: Path) -> TextModel:
-    model = TextModel.load(LoadOptions(source=str(tiny_classifier_dir), compile=False))
+    model = TextModel.load(
+        LoadOptions(source=str(tiny_classifier_dir), dtype="float32", compile=False)
+    )
     model.warm_up(max_batch_size=8)
     return model
 
@@ -58,7 +60,9 @@ def test_batched_classification_equals_unbatched(classifier: TextModel) -> None:
 
 
 def test_embeddings_are_masked_mean_pooled_and_unit_length(tiny_encoder_dir: Path) -> None:
-    model = TextModel.load(LoadOptions(source=str(tiny_encoder_dir), compile=False))
+    model = TextModel.load(
+        LoadOptions(source=str(tiny_encoder_dir), dtype="float32", compile=False)
+    )
     texts = ["short", "a much longer sentence with many more tokens in it"]
     items = [model.encode(t) for t in texts]
     embeddings = torch.tensor(model.predict(items))
@@ -83,10 +87,12 @@ def test_max_tokens_above_the_model_limit_is_refused(tiny_encoder_dir: Path) -> 
         load(LoadOptions(source=str(tiny_encoder_dir), max_tokens=4096))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_no_recompile_after_warm_up_over_random_lengths_and_batch_sizes(
-    tiny_encoder_dir: Path,
+    tiny_encoder_dir: Path, dtype: DtypeOption
 ) -> None:
-    model = TextModel.load(LoadOptions(source=str(tiny_encoder_dir), compile=True))
+    model = TextModel.load(LoadOptions(source=str(tiny_encoder_dir), dtype=dtype, compile=True))
+    assert model.dtype == getattr(torch, dtype)
     model.warm_up(max_batch_size=32)
     assert model.compile_state.enabled, model.compile_state.error
     model.compile_state.stance = "fail_on_recompile"  # any recompile now raises
