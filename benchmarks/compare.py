@@ -1,6 +1,11 @@
 """Naive server vs microbatch (adaptive and window) vs the raw-forward ceiling, in one run
 on this machine, written to benchmarks/results/<hardware>-<date>.md with a plot.
 
+microbatch runs with its defaults (`--dtype auto`), and once more in each other precision
+this machine runs natively (float32 beside bfloat16 on a CPU that has it), so that the
+report puts each precision's speed beside its accuracy against float32. The naive server
+stays float32: it is the textbook baseline.
+
 Servers are pinned to CPU 0 with one torch thread; the load generator runs on CPU 1.
 
     microbatch bench --compare                 # or: python -m benchmarks.compare
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shlex
 import subprocess
@@ -23,6 +29,7 @@ from typing import Any
 import httpx
 
 from benchmarks import environment
+from benchmarks.ceiling import native_dtypes
 from benchmarks.loadgen import Load, Request
 from benchmarks.plot import plot_runs
 from benchmarks.processes import pin, server
@@ -72,13 +79,63 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
+def precision_table(
+    runs: dict[str, Run], ceiling: list[dict[str, Any]], accuracy: list[dict[str, Any]]
+) -> list[str]:
+    """Each precision's speed (raw loop and server, adaptive policy) beside its agreement
+    with float32, and its ratio to float32 in this run."""
+    servers = {
+        str(run.server.get("dtype")): run
+        for name, run in runs.items()
+        if name.startswith("microbatch ") and name != "microbatch window"
+    }
+    dtypes = sorted({r.get("dtype", "float32") for r in ceiling} | set(servers),
+                    key=lambda d: d != "float32")  # fmt: skip
+    if len(dtypes) < 2:
+        return []
+    raw = {d: max((r["sequences_per_s"] for r in ceiling if r.get("dtype", "float32") == d),
+                  default=0.0) for d in dtypes}  # fmt: skip
+    agree = {a["dtype"]: a for a in accuracy}
+    closed = [s.load for s in runs["microbatch adaptive"].steps if s.kind == "closed"]
+    top, one = (closed[-1], closed[0]) if closed else ("", "")
+
+    def step(dtype: str, load: str) -> Any:
+        run = servers.get(dtype)
+        return next((s for s in run.steps if s.load == load), None) if run else None
+
+    base_top = step("float32", top)
+    lines = [
+        "## Precision: speed beside accuracy",
+        "",
+        f"The server figures are microbatch's adaptive policy at {top} and {one}; the "
+        "accuracy is the cosine of each corpus text's vector to its float32 vector "
+        f"({agree[dtypes[0]]['texts'] if dtypes[0] in agree else 0} texts, the raw loop).",
+        "",
+        f"| dtype | raw seq/s (best batch) | server req/s at {top} | vs float32 | "
+        f"p50 ms at {one} | worst cosine | 1st percentile | mean cosine |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for d in dtypes:
+        s_top, s_one, a = step(d, top), step(d, one), agree.get(d)
+        req = f"{s_top.throughput_rps:.1f}" if s_top else "-"
+        vs = ratio(s_top.throughput_rps, base_top.throughput_rps) if s_top and base_top else "-"
+        p50 = f"{s_one.latency_ms['p50']:.1f}" if s_one else "-"
+        cos = (f"{a['worst_cosine']:.5f} | {a['p1_cosine']:.5f} | {a['mean_cosine']:.6f}"
+               if a else "- | - | -")  # fmt: skip
+        lines.append(f"| {d} | {raw[d]:.1f} | {req} | {vs} | {p50} | {cos} |")
+    return [*lines, ""]
+
+
 def write_report(
     out: Path, runs: dict[str, Run], ceiling: list[dict[str, Any]], generator: Run,
     commands: list[str], plot_name: str, compiled: dict[str, Any] | None = None,
-    steal_percent: float | None = None,
+    steal_percent: float | None = None, accuracy: list[dict[str, Any]] | None = None,
 ) -> None:  # fmt: skip
+    accuracy = accuracy or []
     naive, adaptive, window = runs["naive"], runs["microbatch adaptive"], runs["microbatch window"]
-    best = max(ceiling, key=lambda r: r["sequences_per_s"])
+    default_dtype = str(adaptive.server.get("dtype", "float32"))
+    own = [r for r in ceiling if r.get("dtype", "float32") == default_dtype] or ceiling
+    best = max(own, key=lambda r: r["sequences_per_s"])
     env = adaptive.environment
     lines = [
         f"# microbatch vs naive vs ceiling: {env['cpu']} ({env['cpu_count']} CPUs), {date.today()}",
@@ -91,9 +148,9 @@ def write_report(
         f"after {adaptive.warmup_s:g} s warm-up. Commit {env['git_commit']}; "
         f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}.",
         "",
-        "Each load ran on the three servers back to back, in an order that rotates from "
-        "load to load, so that a change in the host's speed during the run (CPU steal on a "
-        "VM) hits all three alike."
+        f"Each load ran on the {len(runs)} servers back to back, in an order that rotates "
+        "from load to load, so that a change in the host's speed during the run (CPU steal "
+        "on a VM) hits all alike. The naive server runs float32."
         + (
             f" CPU time stolen by the hypervisor during the run: {steal_percent} %."
             if steal_percent is not None
@@ -143,14 +200,16 @@ def write_report(
         )
     lines += [
         "",
-        f"## Ceiling: raw tokenize + forward + pool, no HTTP (best: batch {best['batch_size']}, "
-        f"{best['order']}, {best['sequences_per_s']:.1f} seq/s)",
+        *precision_table(runs, ceiling, accuracy),
+        f"## Ceiling: raw tokenize + forward + pool, no HTTP (best in {default_dtype}, the "
+        f"default's precision: batch {best['batch_size']}, {best['order']}, "
+        f"{best['sequences_per_s']:.1f} seq/s)",
         "",
-        "| batch | order | seq/s | ms per batch (mean) | p50 |",
-        "|---|---|---|---|---|",
+        "| dtype | batch | order | seq/s | ms per batch (mean) | p50 |",
+        "|---|---|---|---|---|---|",
         *(
-            f"| {r['batch_size']} | {r['order']} | {r['sequences_per_s']:.1f} | "
-            f"{r['batch_ms_mean']:.1f} | {r['batch_ms_p50']:.1f} |"
+            f"| {r.get('dtype', 'float32')} | {r['batch_size']} | {r['order']} | "
+            f"{r['sequences_per_s']:.1f} | {r['batch_ms_mean']:.1f} | {r['batch_ms_p50']:.1f} |"
             for r in ceiling
         ),
         "",
@@ -214,12 +273,18 @@ def main(argv: list[str] | None = None) -> int:
     cpu_before = environment.cpu_times()
     serve = ["server.cli", "serve", *shlex.split(args.serve_args)]
     naive = ["benchmarks.naive", "--torch-threads", "1"]
-    with (
-        server(serve, logs / "microbatch.log", cpu=SERVER_CPU) as url,
-        server(naive, logs / "naive.log", cpu=SERVER_CPU) as naive_url,
-    ):
+    dtypes = native_dtypes()
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(server(serve, logs / "microbatch.log", cpu=SERVER_CPU))
+        naive_url = stack.enter_context(server(naive, logs / "naive.log", cpu=SERVER_CPU))
         targets = {"microbatch adaptive": (url, "adaptive"), "microbatch window": (url, "window"),
                    "naive": (naive_url, None)}  # fmt: skip
+        default_dtype = httpx.get(f"{url}/model").json().get("dtype")
+        for dtype in dtypes:
+            if dtype != default_dtype and "--dtype" not in args.serve_args:
+                log = logs / f"microbatch-{dtype}.log"
+                other = stack.enter_context(server([*serve, "--dtype", dtype], log, cpu=SERVER_CPU))
+                targets[f"microbatch {dtype}"] = (other, "adaptive")
         runs = interleaved(targets, closed, args)
         saturation = max(s.throughput_rps for s in runs["microbatch adaptive"].steps)
         opened = [
@@ -238,14 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     ceiling_json = raw / "ceiling.json"
     subprocess.run(
         [sys.executable, "-m", "benchmarks.ceiling", "--torch-threads", "1",
-         "--json", str(ceiling_json)],
+         "--dtypes", ",".join(dtypes), "--json", str(ceiling_json)],
         check=True, preexec_fn=lambda: pin(SERVER_CPU),
     )  # fmt: skip
+    servers = list(runs)
     runs["trivial"] = generator
     for name, run in runs.items():
         (raw / f"{name.replace(' ', '-')}.json").write_text(json.dumps(run.to_json(), indent=2))
     steal = environment.steal_percent(cpu_before, environment.cpu_times())
-    (raw / "args.json").write_text(json.dumps({**vars(args), "cpu_steal_percent": steal}, indent=2))
+    saved = {**vars(args), "cpu_steal_percent": steal, "servers": servers}
+    (raw / "args.json").write_text(json.dumps(saved, indent=2))
     render(raw, args)
     return 0
 
@@ -253,15 +320,19 @@ def main(argv: list[str] | None = None) -> int:
 def render(raw: Path, args: argparse.Namespace) -> None:
     """Write `<raw>.md` and `<raw>.png` from the JSON files a compare run left in `raw`."""
     saved = json.loads((raw / "args.json").read_text())
+    names = saved.get("servers", ["microbatch adaptive", "microbatch window", "naive"])
     runs = {
         name: Run.from_json(json.loads((raw / f"{name.replace(' ', '-')}.json").read_text()))
-        for name in ("microbatch adaptive", "microbatch window", "naive", "trivial")
+        for name in [*names, "trivial"]
     }
     generator = runs.pop("trivial")
-    ceiling = json.loads((raw / "ceiling.json").read_text())["rows"]
+    ceiling_record = json.loads((raw / "ceiling.json").read_text())
+    ceiling, accuracy = ceiling_record["rows"], ceiling_record.get("accuracy", [])
     slug = raw.name
     plot_name = f"{slug}.png"
     order = ["naive", "microbatch window", "microbatch adaptive"]
+    order += [n for n in names if n not in order]
+    dtypes = ",".join(dict.fromkeys(r.get("dtype", "float32") for r in ceiling))
     cpu = runs["naive"].environment["cpu"]
     plot_runs([runs[n].to_json() for n in order], order, str(raw.parent / plot_name),
               f"{cpu}: throughput vs latency")  # fmt: skip
@@ -279,13 +350,19 @@ def render(raw: Path, args: argparse.Namespace) -> None:
         "taskset -c 0 python -m benchmarks.naive --torch-threads 1 --port 8001   # same bench",
         "# (the tool runs each load on all three back to back, rather than server by server)",
         "taskset -c 0 python -m benchmarks.trivial --port 8002   # bench at 64 clients",
-        "taskset -c 0 python -m benchmarks.ceiling --torch-threads 1",
+        *(
+            f"taskset -c 0 microbatch serve {saved['serve_args']} --dtype {n.split()[-1]} "
+            "--port 8003   # the same bench"
+            for n in names
+            if n.startswith("microbatch ") and n.split()[-1] not in ("adaptive", "window")
+        ),
+        f"taskset -c 0 python -m benchmarks.ceiling --torch-threads 1 --dtypes {dtypes}",
     ]
     report = raw.parent / f"{slug}.md"
     after = raw / "compile-after-run.json"
     compiled = json.loads(after.read_text()) if after.exists() else None
     write_report(report, runs, ceiling, generator, commands, plot_name, compiled,
-                 saved.get("cpu_steal_percent"))  # fmt: skip
+                 saved.get("cpu_steal_percent"), accuracy)  # fmt: skip
     print(f"wrote {report}")
 
 

@@ -20,8 +20,11 @@ from batcher.models import (
     TextModel,
     Token,
     TruncationDirection,
+    cpu_budget,
+    default_threads,
     set_threads,
 )
+from server.schemas import ThreadsInfo
 from server.settings import Settings
 
 logger = logging.getLogger("microbatch.server")
@@ -123,6 +126,8 @@ class Runtime:
         )
         self._warm_up: asyncio.Task[None] | None = None
         self._warmed_batch_size = 0
+        self.threads: ThreadsInfo | None = None
+        """torch's threads and why; None when the models were handed in."""
 
     @classmethod
     async def load(
@@ -134,9 +139,9 @@ class Runtime:
         """Load the model named by `settings` (or take `model`), one replica per device
         (off the loop), and start warming it up in the background. Raises
         ModelLoadError or ValueError: startup then fails."""
-        if settings.torch_threads is not None:
-            set_threads(settings.torch_threads)
+        threads = None
         if model is None:
+            threads = _set_threads(settings)
             models: list[ServedModel] = []
             for device in settings.device_list():
                 options = settings.load_options(device)
@@ -146,6 +151,7 @@ class Runtime:
         else:
             models = [model]
         runtime = cls(settings, registry, models)
+        runtime.threads = threads
         warm_up = runtime._warm_and_start(runtime.engine)
         runtime._warm_up = asyncio.create_task(warm_up, name="microbatch-warm-up")
         return runtime
@@ -228,3 +234,15 @@ class Runtime:
     def item_counts(self) -> dict[str, int]:
         """Items admitted and their outcomes so far (the counters of /metrics)."""
         return dict(self.engine.stats().items)
+
+
+def _set_threads(settings: Settings) -> ThreadsInfo:
+    """torch's intra-op threads: `--torch-threads`, else by the CPUs this process may use."""
+    budget = cpu_budget()
+    if settings.torch_threads is not None:
+        count, reason = settings.torch_threads, "asked for (--torch-threads)"
+    else:
+        count, reason = default_threads(budget)
+    set_threads(count)
+    logger.info("torch threads: %d (%s); CPUs: %s", count, reason, budget)
+    return ThreadsInfo(torch=count, cpus=str(budget), reason=reason)

@@ -292,6 +292,27 @@ class ReplicaInfo(BaseModel):
     alive: bool = Field(description="False once taken out of rotation.")
 
 
+class ProbeInfo(BaseModel):
+    candidate: str = Field(description="The lower precision probed (bfloat16).")
+    inputs: int = Field(description="Probe inputs run in both precisions.")
+    worst_cosine: float = Field(description="The lowest cosine of an output to float32's.")
+    mean_cosine: float
+    min_accuracy: float = Field(description="The bound (--min-accuracy).")
+    kept: bool = Field(description="Whether the lower precision was kept.")
+
+
+class PrecisionInfo(BaseModel):
+    dtype: str
+    reason: str = Field(description="Why this dtype: asked for, the hardware, the probe.")
+    probe: ProbeInfo | None = Field(description="None when nothing was probed.")
+
+
+class ThreadsInfo(BaseModel):
+    torch: int = Field(description="torch intra-op threads.")
+    cpus: str = Field(description="The CPUs this process may use (affinity, cgroup quota).")
+    reason: str
+
+
 class ModelInfo(BaseModel):
     """`GET /model`: what the model is and computes (its task, device, dtype, token
     limit, labels, compile state, pooling or head: more fields, by task), and the
@@ -310,6 +331,8 @@ class ModelInfo(BaseModel):
     )
     replicas: list[ReplicaInfo]
     limits: dict[str, Any] = Field(description="The request limits in force.")
+    precision: PrecisionInfo | None = Field(None, description="The dtype, and why.")
+    threads: ThreadsInfo | None = Field(None, description="torch's threads, and why.")
 
 
 class Status(BaseModel):

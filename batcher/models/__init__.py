@@ -32,7 +32,10 @@ if TYPE_CHECKING:
         UnsupportedModel,
     )
     from batcher.models.devices import (
+        CpuBudget,
+        cpu_budget,
         cuda_device_count,
+        default_threads,
         device_problem,
         set_threads,
     )
@@ -66,6 +69,9 @@ _LAZY = {
     "cuda_device_count": "batcher.models.devices",
     "device_problem": "batcher.models.devices",
     "set_threads": "batcher.models.devices",
+    "CpuBudget": "batcher.models.devices",
+    "cpu_budget": "batcher.models.devices",
+    "default_threads": "batcher.models.devices",
     "ModelLoadError": "batcher.models.errors",
     "Loaded": "batcher.models.loading",
     "disable_progress_bars": "batcher.models.loading",
@@ -122,4 +128,7 @@ __all__ = [
     "graphs_compiled",
     "load",
     "set_threads",
+    "CpuBudget",
+    "cpu_budget",
+    "default_threads",
 ]

@@ -3,6 +3,11 @@ importing torch itself."""
 
 from __future__ import annotations
 
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 
 from batcher.models.errors import ModelLoadError
@@ -33,6 +38,61 @@ def cuda_device_count() -> int:
 def set_threads(count: int) -> None:
     """torch's intra-op threads for this process."""
     torch.set_num_threads(count)
+
+
+def get_threads() -> int:
+    """torch's intra-op threads for this process."""
+    return torch.get_num_threads()
+
+
+@dataclass(frozen=True, slots=True)
+class CpuBudget:
+    """The CPUs this process may use: those its affinity mask allows (`taskset`,
+    Kubernetes' static CPU manager), capped by a cgroup CPU quota (`docker --cpus`, a
+    Kubernetes CPU limit), which the affinity mask does not show."""
+
+    affinity: int
+    quota: float | None
+    """CPUs' worth of time per period the cgroup allows; None for no quota."""
+
+    @property
+    def usable(self) -> int:
+        if self.quota is None:
+            return self.affinity
+        return max(1, min(self.affinity, math.ceil(self.quota - 1e-9)))
+
+    def __str__(self) -> str:
+        quota = "no CPU quota" if self.quota is None else f"a cgroup quota of {self.quota:g} CPUs"
+        return f"{self.usable} usable: {self.affinity} in the affinity mask, {quota}"
+
+
+def default_threads(budget: CpuBudget) -> tuple[int, str]:
+    """torch's intra-op threads when `--torch-threads` is not given, and why."""
+    return budget.usable, "one per usable CPU"
+
+
+def cpu_budget(cgroup: Path = Path("/sys/fs/cgroup")) -> CpuBudget:
+    """This process's `CpuBudget`, from its affinity mask and its cgroup (v2 `cpu.max`,
+    or v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`)."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        affinity = os.cpu_count() or 1
+    return CpuBudget(affinity, _cgroup_quota(cgroup))
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
 
 
 def device_problem(option: str) -> str | None:

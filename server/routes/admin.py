@@ -53,6 +53,7 @@ async def model_info(runtime: RuntimeDep) -> ModelInfo:
                 for r in stats.replicas
             ],
             "limits": {name: getattr(runtime.settings, name) for name in LIMITS_SHOWN},
+            "threads": runtime.threads,
         }
     )
 

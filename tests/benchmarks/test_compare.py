@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,3 +48,42 @@ def test_each_load_runs_on_every_server_and_each_server_leads_in_turn(
     for label, _, live_policy in measured:  # the policy was set before each of its steps
         if label.startswith("microbatch"):
             assert live_policy == label.split()[1]
+
+
+def test_the_report_puts_each_precision_beside_its_accuracy(tmp_path: Path) -> None:
+    """A saved run (the JSON a compare run leaves) re-rendered with a second precision:
+    the report's precision table has its speed, its ratio to float32 and its cosines."""
+    saved = Path("benchmarks/results/cpu-2core-2026-12-01-after-house-final")
+    raw = tmp_path / saved.name
+    shutil.copytree(saved, raw)
+    adaptive = json.loads((raw / "microbatch-adaptive.json").read_text())
+    (raw / "microbatch-float32.json").write_text(json.dumps(adaptive))  # float32, as it ran
+    adaptive["server"]["dtype"] = "bfloat16"
+    for step in adaptive["steps"]:
+        step["throughput_rps"] *= 2
+    (raw / "microbatch-adaptive.json").write_text(json.dumps(adaptive))
+    args = json.loads((raw / "args.json").read_text())
+    args["servers"] = ["microbatch adaptive", "microbatch window", "naive", "microbatch float32"]
+    (raw / "args.json").write_text(json.dumps(args))
+    ceiling = json.loads((raw / "ceiling.json").read_text())
+    ceiling["rows"] += [{**r, "dtype": "bfloat16"} for r in ceiling["rows"]]
+    ceiling["accuracy"] = [
+        {"dtype": "float32", "texts": 2000, "worst_cosine": 1.0, "p1_cosine": 1.0,
+         "mean_cosine": 1.0},
+        {"dtype": "bfloat16", "texts": 2000, "worst_cosine": 0.99987, "p1_cosine": 0.99991,
+         "mean_cosine": 0.999951},
+    ]  # fmt: skip
+    (raw / "ceiling.json").write_text(json.dumps(ceiling))
+
+    compare.render(raw, argparse.Namespace())
+
+    report = (tmp_path / f"{saved.name}.md").read_text()
+    table = report.split("## Precision: speed beside accuracy")[1].split("## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| float32 |")
+            or line.startswith("| bfloat16 |")]  # fmt: skip
+    assert rows[0].startswith("| float32 | 106.4 | 87.3 | 1.00x |")
+    assert rows[1].startswith("| bfloat16 | 106.4 | 174.7 | 2.00x |")
+    assert rows[1].endswith("| 0.99987 | 0.99991 | 0.999951 |")
+    assert "microbatch serve --torch-threads 1 --dtype float32" in report
+    assert "benchmarks.ceiling --torch-threads 1 --dtypes float32,bfloat16" in report
+    assert (tmp_path / f"{saved.name}.png").stat().st_size > 0
