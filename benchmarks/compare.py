@@ -257,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--render", metavar="DIR", help="only rewrite the report of a past run")
     parser.add_argument("--name", help="report name; default: <hardware>-<date>")
-    parser.add_argument("--serve-args", default="--torch-threads 1",
-                        help="extra flags for microbatch serve")  # fmt: skip
+    parser.add_argument("--serve-args", default="",
+                        help="extra flags for microbatch serve (default: none, its defaults; "
+                        "pinned to one CPU, it runs one torch thread)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.render:
         render(Path(args.render), args)
