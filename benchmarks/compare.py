@@ -335,7 +335,13 @@ def render(raw: Path, args: argparse.Namespace) -> None:
     order += [n for n in names if n not in order]
     dtypes = ",".join(dict.fromkeys(r.get("dtype", "float32") for r in ceiling))
     cpu = runs["naive"].environment["cpu"]
-    plot_runs([runs[n].to_json() for n in order], order, str(raw.parent / plot_name),
+    several = len({r.server.get("dtype") for r in runs.values() if r.server}) > 1
+    labels = [
+        f"{n} ({dtype})" if several and n.startswith("microbatch") and not n.endswith(dtype) else n
+        for n in order
+        for dtype in [str(runs[n].server.get("dtype"))]
+    ]
+    plot_runs([runs[n].to_json() for n in order], labels, str(raw.parent / plot_name),
               f"{cpu}: throughput vs latency")  # fmt: skip
     rates = ",".join(f"{s.value:g}" for s in runs["microbatch adaptive"].steps if s.kind == "open")
     concurrency, duration, warmup = saved["concurrency"], saved["duration"], saved["warmup"]
@@ -343,17 +349,21 @@ def render(raw: Path, args: argparse.Namespace) -> None:
         f"microbatch bench --compare --concurrency {concurrency} --duration {duration:g} "
         f"--warmup {warmup:g}",
         "# which runs, with servers on CPU 0 and the load generator on CPU 1:",
-        f"taskset -c 0 microbatch serve {saved['serve_args']} --port 8000",
+        " ".join(["taskset -c 0 microbatch serve", saved["serve_args"], "--port 8000"]).replace(
+            "  ", " "
+        ),
         f"taskset -c 1 microbatch bench http://127.0.0.1:8000 --concurrency {concurrency} "
         f"--rate {rates} --duration {duration:g}",
         "curl -X PATCH localhost:8000/admin/batching -H 'content-type: application/json' "
         '-d \'{"policy": "window"}\'   # then the same bench again',
         "taskset -c 0 python -m benchmarks.naive --torch-threads 1 --port 8001   # same bench",
-        "# (the tool runs each load on all three back to back, rather than server by server)",
+        "# (the tool runs each load on every server back to back, rather than server by server)",
         "taskset -c 0 python -m benchmarks.trivial --port 8002   # bench at 64 clients",
         *(
-            f"taskset -c 0 microbatch serve {saved['serve_args']} --dtype {n.split()[-1]} "
-            "--port 8003   # the same bench"
+            f"taskset -c 0 microbatch serve {saved['serve_args']} --dtype {n.split()[-1]} ".replace(
+                "  ", " "
+            )
+            + "--port 8003   # the same bench"
             for n in names
             if n.startswith("microbatch ") and n.split()[-1] not in ("adaptive", "window")
         ),

@@ -31,7 +31,8 @@ def report(runs: dict[str, Run], args: argparse.Namespace) -> str:
     lines = [
         f"# torch threads on {env['cpu']} ({env['cpu_count']} CPUs), {date.today()}",
         "",
-        f"microbatch `serve {args.serve_args}` with each `--torch-threads`, nothing pinned; "
+        f"microbatch `{' '.join(['serve', args.serve_args]).strip()}` with each "
+        "`--torch-threads`, nothing pinned; "
         f"the load generator on the same CPUs. {args.duration:g} s per step after "
         f"{args.warmup:g} s warm-up, {args.rounds} round(s), the servers' order rotating. "
         f"Commit {env['git_commit']}.",

@@ -131,7 +131,10 @@ class Settings(BaseSettings):
         None, description="Comma-separated origins allowed by CORS ('*' for any); default: off."
     )
     torch_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads; default: torch's choice."
+        None,
+        ge=1,
+        description="torch intra-op threads; default: one per CPU this process may use "
+        "(its affinity mask, capped by a cgroup CPU quota).",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level."

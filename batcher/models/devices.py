@@ -67,7 +67,10 @@ class CpuBudget:
 
 
 def default_threads(budget: CpuBudget) -> tuple[int, str]:
-    """torch's intra-op threads when `--torch-threads` is not given, and why."""
+    """torch's intra-op threads when `--torch-threads` is not given, and why: one per
+    CPU the process may use. Leaving one to the event loop was measured and lost: on 2
+    CPUs at 64 clients, 2 threads served 1.18-1.23x what 1 did, at a lower p99
+    (`benchmarks/results/threads-cpu-2core-2026-12-02.md`)."""
     return budget.usable, "one per usable CPU"
 
 
