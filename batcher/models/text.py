@@ -172,10 +172,10 @@ class TextModel:
         probe bfloat16 against float32 first and keep the one the probe allows."""
         model = cls(load(options), compile=options.compile)
         if model.loaded.probe_dtype is not None:
-            model.probe_precision(model.loaded.probe_dtype, options.min_accuracy)
+            model._probe_precision(model.loaded.probe_dtype, options.min_accuracy)
         return model
 
-    def probe_precision(self, dtype: torch.dtype, min_accuracy: float) -> Precision:
+    def _probe_precision(self, dtype: torch.dtype, min_accuracy: float) -> Precision:
         """Run the probe inputs in the current (float32) weights and in a `dtype` copy,
         eager, and keep the copy only if every output agrees within `min_accuracy`
         (`batcher.models.precision.judge`). Before warm-up only."""
