@@ -71,7 +71,12 @@ def native_bf16(capabilities: Mapping[str, Any] | None = None) -> bool:
     native = any(
         bool(capabilities.get(flag)) for flag in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
     )
-    return native and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if not native:
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: no fast bfloat16 kernels
+        return False
 
 
 def cpu_capabilities() -> Mapping[str, Any]:

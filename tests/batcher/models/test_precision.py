@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from batcher.models import LoadOptions, TextModel
-from batcher.models.precision import agreement, bf16_flags, judge, plan
+from batcher.models.precision import agreement, bf16_flags, judge, native_bf16, plan
 from tests.tiny_models import save_cross_encoder
 
 
@@ -34,6 +34,7 @@ def test_native_bfloat16_is_read_from_torchs_cpu_features() -> None:
     ]
     assert bf16_flags({"bf16": True}) == ["bf16"]  # Arm
     assert bf16_flags({"avx512_f": True, "avx2": True}) == []  # Skylake: emulated only
+    assert native_bf16({"avx512_f": True, "avx2": True}) is False
 
 
 def test_plan_follows_the_option_and_the_hardware(native: None) -> None:
