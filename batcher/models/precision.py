@@ -18,8 +18,6 @@ from typing import Any
 
 import torch
 
-DEFAULT_MIN_ACCURACY = 0.999
-
 # Short and long, prose, questions, lists, code, numbers, other scripts: what a probe of a
 # text model's numerics should cover. Pairs for a reranker are (text i, text i + 1).
 PROBE_TEXTS: tuple[str, ...] = (
@@ -66,12 +64,7 @@ def native_bf16(capabilities: Mapping[str, Any] | None = None) -> bool:
     """Whether this CPU computes bfloat16 in hardware, as torch's CPU feature detection
     (cpuinfo) reports it, and oneDNN has bfloat16 kernels for it. Without native
     support torch still runs bfloat16, emulated and slower than float32."""
-    if capabilities is None:
-        capabilities = cpu_capabilities()
-    native = any(
-        bool(capabilities.get(flag)) for flag in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
-    )
-    if not native:
+    if not bf16_flags(capabilities):
         return False
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -160,7 +153,7 @@ def judge(
     """The precision to run in, given the probe's outputs in float32 (`reference`) and
     in `dtype` (`candidate`): `dtype` when every output agrees within `min_accuracy`,
     else float32."""
-    cosines = agreement(reference.float(), candidate.float())
+    cosines = agreement(reference, candidate)
     finite = bool(torch.isfinite(candidate).all())
     worst = float(cosines.min()) if finite else float("nan")
     mean = float(cosines.mean()) if finite else float("nan")

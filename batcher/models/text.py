@@ -145,8 +145,6 @@ class TextModel:
         self.labels = loaded.labels
         self.max_tokens = loaded.max_tokens
         self.device = loaded.device
-        self.precision = loaded.precision
-        self.dtype = loaded.dtype
         self.description = loaded.description
         self.dimension = loaded.description.embedding_dimension if self.task == "embed" else None
         self._tokenizer = loaded.tokenizer.backend_tokenizer
@@ -165,6 +163,14 @@ class TextModel:
         self._forward: Forward = self._eager
         self.compile_state = CompileState(requested=compile)
         self.warmed = False
+
+    @property
+    def precision(self) -> Precision:
+        return self.loaded.precision
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.loaded.dtype
 
     @classmethod
     def load(cls, options: LoadOptions) -> TextModel:
@@ -192,7 +198,6 @@ class TextModel:
         else:
             self.loaded = replace(self.loaded, precision=precision, probe_dtype=None)
         del lower
-        self.precision, self.dtype = precision, precision.dtype
         self._eager = self._forward = _forward_of(self.loaded)
         log = logger.info if precision.dtype == dtype else logger.warning
         log("precision %s (probe %.1fs): %s", precision.name, time.perf_counter() - started,
