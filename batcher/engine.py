@@ -21,7 +21,7 @@ from batcher.execution import Executor
 from batcher.items import PendingItem, Result, settle_error
 from batcher.metrics import EngineMetrics
 from batcher.padding import bucket_length
-from batcher.policy import Dispatch, batch_limits, decide
+from batcher.policy import Dispatch, DispatchReason, batch_limits, decide
 from batcher.queue import PendingQueue
 from batcher.replicas import ReplicaPool
 from batcher.runner import Runner
@@ -69,6 +69,7 @@ class Engine(Generic[InT, OutT]):
         )
         self.metrics.busy_seconds.set_function(self.busy_for)
         self.metrics.queue_depth.set_function(lambda: len(self._queue))
+        self.metrics.oldest_age.set_function(self.oldest_age)
         self.metrics.in_flight.set_function(lambda: self._in_flight)
         self.metrics.memory_cap.set_function(lambda: self._executor.memory_cap.tokens or 0)
 
@@ -161,6 +162,13 @@ class Engine(Generic[InT, OutT]):
         all are idle. A value far above the usual batch time means a worker is stuck."""
         since = self._pool.busy_since()
         return 0.0 if since is None else max(0.0, self.clock() - since)
+
+    def oldest_age(self) -> float:
+        """Seconds the oldest item still waiting in the queue has waited; 0.0 when none."""
+        for item in self._queue.items:  # settled ones at the head are dropped lazily
+            if not item.future.done():
+                return max(0.0, self.clock() - item.enqueued_at)
+        return 0.0
 
     def drain_rate(self) -> float | None:
         """Items per second the live replicas compute while busy (recent batches), or
@@ -281,7 +289,8 @@ class Engine(Generic[InT, OutT]):
                                   self.alive_replicas, draining=draining)  # fmt: skip
                 if isinstance(decision, Dispatch):
                     limits = batch_limits(self._config, self._executor.memory_cap.tokens)
-                    self._launch(self._queue.take(clock(), limits, self._executor.cost.estimate()))
+                    batch = self._queue.take(clock(), limits, self._executor.cost.estimate())
+                    self._launch(batch, decision.reason)
                     continue
                 self._has_work.clear()
                 wake_at = decision.until
@@ -303,9 +312,10 @@ class Engine(Generic[InT, OutT]):
             self._queue.fail_all(EngineClosed("the engine stopped before this item ran"))
             raise
 
-    def _launch(self, batch: list[PendingItem[InT, OutT]]) -> None:
+    def _launch(self, batch: list[PendingItem[InT, OutT]], reason: DispatchReason) -> None:
         if not batch:
             return
+        self.metrics.record_dispatch(reason, len(batch), self._config.max_batch_size)
         self._in_flight += 1
         task = asyncio.create_task(self._execute(batch))
         self._batches.add(task)

@@ -6,12 +6,15 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from batcher.policy import DISPATCH_REASONS, DispatchReason
+
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 SECONDS_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1,
     0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 PADDING_BUCKETS = (1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0)
+FILL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 OUTCOMES = (
     "ok",
     "failed",
@@ -99,6 +102,32 @@ class EngineMetrics:
             registry=r,
         )
 
+        self.batches = Counter(
+            "microbatch_batches",
+            "Batches dispatched, by why they left: idle (a device was free), full "
+            "(max_batch_size), tokens (max_batch_tokens), window (max_wait_ms reached), "
+            "drain (shutdown).",
+            ["reason"],
+            registry=r,
+        )
+        self.dispatched = {reason: self.batches.labels(reason) for reason in DISPATCH_REASONS}
+        self.fill_ratio = Histogram(
+            "microbatch_batch_fill_ratio",
+            "Per dispatched batch: items / max_batch_size at the time.",
+            buckets=FILL_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.oldest_age = Gauge(
+            "microbatch_oldest_item_age_seconds",
+            "How long the oldest queued item has waited (0 when the queue is empty).",
+            registry=r,
+        )
+        self.compute_seconds = Counter(
+            "microbatch_device_compute_seconds",
+            "Seconds the devices spent on forward passes, summed over replicas; its rate "
+            "over microbatch_replicas_alive is the busy fraction.",
+            registry=r,
+        )
+
     def count(self, outcome: str, n: int = 1) -> None:
         """`n` items ended with `outcome` ("admitted" for admissions)."""
         if outcome == "admitted":
@@ -106,6 +135,11 @@ class EngineMetrics:
         else:
             self.outcome[outcome].inc(n)
         self.counts[outcome] += n
+
+    def record_dispatch(self, reason: DispatchReason, size: int, max_batch_size: int) -> None:
+        """One batch left the queue, holding `size` items, for `reason`."""
+        self.dispatched[reason].inc()
+        self.fill_ratio.observe(size / max_batch_size)
 
     def record_batch(
         self,
@@ -120,6 +154,7 @@ class EngineMetrics:
         self.batch_size.observe(len(waits))
         self.replica_batches.labels(str(replica)).inc()
         self.inference.observe(inference_time_s)
+        self.compute_seconds.inc(inference_time_s)
         self.real_tokens.inc(real_tokens)
         self.padded_tokens.inc(padded_tokens)
         self.padding_ratio.observe(padded_tokens / real_tokens if real_tokens else 1.0)

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 from batcher.config import EngineConfig
 from batcher.cost import LinearCost
@@ -56,9 +56,19 @@ class Queued(Protocol):
     def cost(self) -> int: ...
 
 
+DispatchReason = Literal["idle", "full", "tokens", "window", "drain"]
+"""Why a batch left: a device was `idle` (adaptive), the queue held a batch of
+`max_batch_size` (`full`) or of `max_batch_tokens` (`tokens`), the oldest item reached
+`max_wait_ms` (`window`), or the engine is shutting down (`drain`)."""
+
+DISPATCH_REASONS: tuple[DispatchReason, ...] = get_args(DispatchReason)
+
+
 @dataclass(frozen=True, slots=True)
 class Dispatch:
-    """Form a batch now."""
+    """Form a batch now, for `reason`."""
+
+    reason: DispatchReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,18 +81,20 @@ class Wait:
 
 Decision = Dispatch | Wait
 
-DISPATCH = Dispatch()
 WAIT_FOR_EVENT = Wait(None)
 
 
-def is_full(pending: Sequence[Queued], config: EngineConfig) -> bool:
-    """Whether the queue already holds a batch that no arrival could grow."""
+def fullness(pending: Sequence[Queued], config: EngineConfig) -> DispatchReason | None:
+    """`full` or `tokens` when the queue already holds a batch that no arrival could grow
+    (by item count, or by padded tokens); None while it could still grow."""
     if len(pending) >= config.max_batch_size:
-        return True
+        return "full"
     if config.max_batch_tokens is None:
-        return False
+        return None
     longest = max(item.cost for item in pending)
-    return len(pending) * bucket_length(longest) >= config.max_batch_tokens
+    if len(pending) * bucket_length(longest) >= config.max_batch_tokens:
+        return "tokens"
+    return None
 
 
 def decide(
@@ -103,12 +115,14 @@ def decide(
     if not pending or in_flight >= max_in_flight(devices):
         return WAIT_FOR_EVENT
     if draining:
-        return DISPATCH
+        return Dispatch("drain")
+    if (full := fullness(pending, config)) is not None:
+        return Dispatch(full)
     due_at = pending[0].enqueued_at + config.max_wait_s
-    if now >= due_at - TIMER_SLACK_S or is_full(pending, config):
-        return DISPATCH
+    if now >= due_at - TIMER_SLACK_S:
+        return Dispatch("window")
     if config.policy == "adaptive" and in_flight < devices:  # a device is idle
-        return DISPATCH
+        return Dispatch("idle")
     return Wait(due_at)
 
 

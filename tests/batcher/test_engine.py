@@ -531,3 +531,59 @@ async def test_stats_is_a_snapshot_of_queue_device_and_replicas() -> None:
     assert (after.items["admitted"], after.items["ok"], after.items["failed"]) == (5, 5, 0)
     assert stats.items["ok"] == 0
     assert engine.stats().state == "closed"
+
+
+def dispatched(engine: Engine[str, str]) -> dict[str, float]:
+    """`microbatch_batches_total` by reason, as `/metrics` shows it."""
+    registry = engine.metrics.registry
+    reasons = ("idle", "full", "tokens", "window", "drain")
+    return {
+        r: registry.get_sample_value("microbatch_batches_total", {"reason": r}) or 0.0
+        for r in reasons
+    }
+
+
+async def test_every_batch_is_counted_with_why_it_left() -> None:
+    runner = GatedRunner()
+    config = EngineConfig(max_batch_size=4, max_wait_ms=50, policy="adaptive")
+    async with make_engine(runner, config) as engine:
+        first = asyncio.create_task(engine.submit("alone"))
+        await runner.wait_for_calls(1)  # the device was idle
+        full = [asyncio.create_task(engine.submit(x)) for x in texts(5, "f")]
+        await asyncio.sleep(0)
+        # four went as a full batch behind the running one; one waits for its window
+        assert engine.metrics.registry.get_sample_value("microbatch_oldest_item_age_seconds") == 0
+        await asyncio.sleep(0.02)  # virtual time: the one left over ages
+        assert engine.oldest_age() == pytest.approx(0.02)
+        runner.gate.set()
+        await settle(first, *full)
+    counts = dispatched(engine)
+    assert counts["idle"] >= 1 and counts["full"] == 1
+    assert sum(counts.values()) == len(runner.calls)
+    fill = engine.metrics.registry.get_sample_value("microbatch_batch_fill_ratio_sum")
+    assert fill == pytest.approx(sum(len(c.payloads) for c in runner.calls) / 4)
+    assert engine.oldest_age() == 0.0
+
+
+async def test_a_window_a_token_budget_and_a_drain_are_told_apart() -> None:
+    runner = open_runner()
+    window = EngineConfig(max_batch_size=8, max_wait_ms=50, policy="window")
+    async with make_engine(runner, window) as engine:
+        await engine.submit("w")
+        assert dispatched(engine)["window"] == 1
+        engine.reconfigure(max_batch_tokens=16)
+        await asyncio.gather(*(engine.submit(x) for x in ("aaaaaaaa", "bbbbbbbb")))
+        assert dispatched(engine)["tokens"] == 1
+        runner.gate.clear()
+        stuck = asyncio.create_task(engine.submit("running"))
+        async with asyncio.timeout(5):
+            await runner.wait_for_calls(3)
+        queued = asyncio.create_task(engine.submit("queued"))
+        await asyncio.sleep(0)
+        closing = asyncio.create_task(engine.aclose())
+        await asyncio.sleep(0)
+        runner.gate.set()
+        await settle(stuck, queued, closing)
+    assert dispatched(engine)["drain"] == 1
+    compute = engine.metrics.registry.get_sample_value("microbatch_device_compute_seconds_total")
+    assert compute == 0.0, "the fake computes in no virtual time"

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from batcher.config import EngineConfig
 from batcher.cost import LinearCost
 from batcher.padding import bucket_length, padded_tokens
-from batcher.policy import DISPATCH, WAIT_FOR_EVENT, Wait, batch_limits, decide, select_batch
+from batcher.policy import WAIT_FOR_EVENT, Dispatch, Wait, batch_limits, decide, select_batch
 
 
 @dataclass(frozen=True)
@@ -33,23 +33,23 @@ def test_empty_queue_waits_for_an_event() -> None:
 
 
 def test_adaptive_dispatches_at_once_when_the_device_is_idle() -> None:
-    assert decide([Q(0.0)], 0.0, ADAPTIVE, in_flight=0) == DISPATCH
+    assert decide([Q(0.0)], 0.0, ADAPTIVE, in_flight=0) == Dispatch("idle")
 
 
 def test_adaptive_gathers_while_the_device_is_busy_until_the_oldest_is_due() -> None:
     assert decide([Q(0.0)], 0.01, ADAPTIVE, in_flight=1) == Wait(0.05)
-    assert decide([Q(0.0)], 0.05, ADAPTIVE, in_flight=1) == DISPATCH
+    assert decide([Q(0.0)], 0.05, ADAPTIVE, in_flight=1) == Dispatch("window")
 
 
 def test_window_waits_for_the_window_even_when_the_device_is_idle() -> None:
     assert decide([Q(1.0)], 1.0, WINDOW, in_flight=0) == Wait(1.05)
     assert decide([Q(1.0)], 1.048, WINDOW, in_flight=0) == Wait(1.05)
-    assert decide([Q(1.0)], 1.05, WINDOW, in_flight=0) == DISPATCH
+    assert decide([Q(1.0)], 1.05, WINDOW, in_flight=0) == Dispatch("window")
 
 
 @pytest.mark.parametrize("config", [ADAPTIVE, WINDOW])
 def test_a_full_batch_goes_at_once(config: EngineConfig) -> None:
-    assert decide(queue(8, 8, 8, 8), 0.0, config, in_flight=1) == DISPATCH
+    assert decide(queue(8, 8, 8, 8), 0.0, config, in_flight=1) == Dispatch("full")
 
 
 @pytest.mark.parametrize("config", [ADAPTIVE, WINDOW])
@@ -60,7 +60,7 @@ def test_never_more_than_one_batch_waits_behind_the_running_one(config: EngineCo
 def test_a_token_budget_makes_a_batch_full_early() -> None:
     config = EngineConfig(max_batch_size=32, max_wait_ms=50, max_batch_tokens=64, policy="window")
     assert decide(queue(32), 0.0, config, in_flight=0) == Wait(0.05)
-    assert decide(queue(32, 32), 0.0, config, in_flight=0) == DISPATCH
+    assert decide(queue(32, 32), 0.0, config, in_flight=0) == Dispatch("tokens")
 
 
 def test_selection_groups_similar_lengths_around_the_oldest() -> None:
@@ -144,17 +144,23 @@ def test_learned_selection_keeps_the_invariants(
         assert padded_tokens(pending[i].cost for i in chosen) <= budget
 
 
+def test_a_full_queue_says_full_even_when_the_window_is_also_due() -> None:
+    assert decide(queue(8, 8, 8, 8), 9.0, WINDOW, in_flight=0) == Dispatch("full")
+
+
 def test_with_several_devices_adaptive_dispatches_while_any_is_idle() -> None:
-    assert decide([Q(0.0)], 0.0, ADAPTIVE, in_flight=1, devices=2) == DISPATCH
+    assert decide([Q(0.0)], 0.0, ADAPTIVE, in_flight=1, devices=2) == Dispatch("idle")
     assert decide([Q(0.0)], 0.0, ADAPTIVE, in_flight=2, devices=2) == Wait(0.05)
-    assert decide([Q(0.0)], 0.05, ADAPTIVE, in_flight=2, devices=2) == DISPATCH  # one staged
+    assert decide([Q(0.0)], 0.05, ADAPTIVE, in_flight=2, devices=2) == Dispatch(
+        "window"
+    )  # one staged
     assert decide([Q(0.0)], 9.0, ADAPTIVE, in_flight=3, devices=2) == WAIT_FOR_EVENT
 
 
 def test_draining_dispatches_without_waiting_for_the_window_while_a_device_can_take_it() -> None:
     pending = queue(5)
     assert decide(pending, 0.0, WINDOW, in_flight=0) == Wait(0.05)
-    assert decide(pending, 0.0, WINDOW, in_flight=0, draining=True) == DISPATCH
+    assert decide(pending, 0.0, WINDOW, in_flight=0, draining=True) == Dispatch("drain")
     assert decide(pending, 0.0, WINDOW, in_flight=2, draining=True) == WAIT_FOR_EVENT
     assert decide([], 0.0, WINDOW, in_flight=0, draining=True) == WAIT_FOR_EVENT
 
