@@ -14,6 +14,7 @@ from batcher import Engine, EngineConfig, EngineMetrics, ThreadRunner
 from batcher.models import (
     DEFAULT_OPTIONS,
     Encoded,
+    GpuMemoryCollector,
     Options,
     Output,
     Task,
@@ -21,6 +22,7 @@ from batcher.models import (
     Token,
     TruncationDirection,
     cpu_budget,
+    cuda_devices,
     default_threads,
     set_threads,
 )
@@ -152,6 +154,8 @@ class Runtime:
             models = [model]
         runtime = cls(settings, registry, models)
         runtime.threads = threads
+        if model is None and (gpus := cuda_devices([str(m.describe()["device"]) for m in models])):
+            registry.register(GpuMemoryCollector(gpus))
         warm_up = runtime._warm_and_start(runtime.engine)
         runtime._warm_up = asyncio.create_task(warm_up, name="microbatch-warm-up")
         return runtime

@@ -48,6 +48,10 @@ if TYPE_CHECKING:
         disable_progress_bars,
         load,
     )
+    from batcher.models.memory import (
+        GpuMemoryCollector,
+        cuda_devices,
+    )
     from batcher.models.text import (
         DEFAULT_OPTIONS,
         Classification,
@@ -74,6 +78,8 @@ _LAZY = {
     "cpu_budget": "batcher.models.devices",
     "default_threads": "batcher.models.devices",
     "ModelLoadError": "batcher.models.errors",
+    "GpuMemoryCollector": "batcher.models.memory",
+    "cuda_devices": "batcher.models.memory",
     "Loaded": "batcher.models.loading",
     "disable_progress_bars": "batcher.models.loading",
     "load": "batcher.models.loading",
@@ -113,6 +119,8 @@ __all__ = [
     "LoadOptions",
     "Loaded",
     "ModelLoadError",
+    "GpuMemoryCollector",
+    "cuda_devices",
     "Options",
     "Output",
     "PoolingMode",
