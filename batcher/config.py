@@ -47,6 +47,13 @@ LIMITS: dict[str, Limit] = {
         "the limits allow.",
         choices=BATCH_SIZINGS,
     ),
+    "slo_p99_ms": Limit(
+        "Latency target: the engine moves max_batch_size and max_wait_ms between their "
+        "configured values and batches of one with no wait, to keep the p99 of queue plus "
+        "device time under it while serving the most; null: off.",
+        minimum=0.1,
+        nullable=True,
+    ),
 }
 
 
@@ -81,6 +88,8 @@ class EngineConfig:
     - `batch_sizing`: `fill` takes as many items as the limits allow; `learned` sizes each
       batch for the most items per second under the device's learned cost (see
       `batcher.cost`), which on a CPU means tight batches of similar lengths.
+    - `slo_p99_ms`: a p99 latency target held by `batcher.slo` within `max_batch_size` and
+      `max_wait_ms`; None: off.
     """
 
     max_batch_size: int = 32
@@ -89,6 +98,7 @@ class EngineConfig:
     max_queue_size: int = 1024
     policy: Policy = "adaptive"
     batch_sizing: BatchSizing = "learned"
+    slo_p99_ms: float | None = None
 
     def __post_init__(self) -> None:
         for field in fields(self):

@@ -25,12 +25,16 @@ from batcher.policy import Dispatch, DispatchReason, batch_limits, decide
 from batcher.queue import PendingQueue
 from batcher.replicas import ReplicaPool
 from batcher.runner import Runner
-from batcher.stats import EngineStats, ReplicaStats, State
+from batcher.slo import SloConfig, SloController
+from batcher.stats import EngineStats, ReplicaStats, SloStats, State
 
 InT = TypeVar("InT")
 OutT = TypeVar("OutT")
 
 logger = logging.getLogger("batcher.engine")
+
+STEERED = frozenset({"max_batch_size", "max_wait_ms", "slo_p99_ms"})
+"""Limits whose change restarts the SLO controller from the new values."""
 
 
 class Engine(Generic[InT, OutT]):
@@ -56,7 +60,10 @@ class Engine(Generic[InT, OutT]):
         self._runner = runners[0]  # for `cost`: every replica runs the same model
         self.clock = clock
         """Monotonic seconds; `enqueued_at`, deadlines and timings are on this clock."""
-        self._config = config if config is not None else EngineConfig()
+        self._configured = config if config is not None else EngineConfig()
+        self._config = self._configured
+        """The live limits: `_configured`, or the SLO controller's choice within it."""
+        self._slo: SloController | None = None
         self._queue: PendingQueue[InT, OutT] = PendingQueue(self.metrics)
         self._has_work = asyncio.Event()
         self._in_flight = 0
@@ -72,6 +79,11 @@ class Engine(Generic[InT, OutT]):
         self.metrics.oldest_age.set_function(self.oldest_age)
         self.metrics.in_flight.set_function(lambda: self._in_flight)
         self.metrics.memory_cap.set_function(lambda: self._executor.memory_cap.tokens or 0)
+        self.metrics.max_batch_size.set_function(lambda: self._config.max_batch_size)
+        self.metrics.max_wait.set_function(lambda: self._config.max_wait_s)
+        self.metrics.slo_target.set_function(lambda: (self._config.slo_p99_ms or 0) / 1e3)
+        self._executor.on_computed = self._observe_latencies
+        self._steer_by(self._configured)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -128,6 +140,8 @@ class Engine(Generic[InT, OutT]):
             state=self._state,
             healthy=self.healthy,
             config=self._config,
+            configured=self._configured,
+            slo=self._slo_stats(),
             queue_depth=len(self._queue),
             in_flight=self._in_flight,
             busy_for_s=self.busy_for(),
@@ -185,13 +199,72 @@ class Engine(Generic[InT, OutT]):
     def alive_replicas(self) -> int:
         return self._pool.alive
 
+    @property
+    def configured(self) -> EngineConfig:
+        """The limits as set; `config` is what is live (the SLO controller's choice)."""
+        return self._configured
+
     def reconfigure(self, **changes: object) -> EngineConfig:
-        """Apply new limits at once (validated; raises ValueError). Queued items stay.
-        Also forgets the memory cap, so that a new limit can be tried."""
-        self._config = self._config.replace(**changes)
+        """Apply new limits at once (validated; raises ValueError) and return the live
+        ones. Queued items stay. Also forgets the memory cap, so that a new limit can be
+        tried. New `max_batch_size`, `max_wait_ms` or `slo_p99_ms` restart the SLO
+        controller from the new limits."""
+        configured = self._configured.replace(**changes)
+        self._configured = configured
+        self._steer_by(configured, keep=changes.keys().isdisjoint(STEERED))
         self._executor.memory_cap.forget()
         self._has_work.set()
         return self._config
+
+    # -- the latency target ------------------------------------------------------------
+
+    def _steer_by(self, configured: EngineConfig, keep: bool = False) -> None:
+        """Start, keep or stop the SLO controller for `configured`; set the live limits."""
+        target = configured.slo_p99_ms
+        if target is None:
+            self._slo = None
+        elif not keep or self._slo is None:
+            self._slo = SloController(
+                SloConfig(target), configured.max_batch_size, configured.max_wait_ms, self.clock()
+            )
+        self._config = self._live_limits()
+
+    def _live_limits(self) -> EngineConfig:
+        if self._slo is None:
+            return self._configured
+        rung = self._slo.rung
+        return self._configured.replace(
+            max_batch_size=rung.max_batch_size, max_wait_ms=rung.max_wait_ms
+        )
+
+    def _observe_latencies(self, latencies_s: list[float]) -> None:
+        slo = self._slo
+        if slo is None:
+            return
+        slo.record(latencies_s)
+        judged = slo.judged
+        adjustment = slo.judge(self.clock(), len(self._queue))
+        if slo.judged is not judged:
+            self.metrics.record_slo(slo.judged, adjustment)
+        if adjustment is not None:
+            self._config = self._live_limits()
+            logger.info("slo: %s: %s", adjustment.action.replace("_", " "), adjustment.reason)
+            self._has_work.set()
+
+    def _slo_stats(self) -> SloStats | None:
+        slo = self._slo
+        if slo is None:
+            return None
+        assert self._configured.slo_p99_ms is not None
+        return SloStats(
+            target_p99_ms=self._configured.slo_p99_ms,
+            rung=slo.rung,
+            rungs=len(slo.rungs),
+            index=slo.index,
+            judged=slo.judged,
+            last=slo.last,
+            adjustments=slo.adjustments,
+        )
 
     # -- admission ---------------------------------------------------------------------
 

@@ -48,6 +48,9 @@ class Executor(Generic[InT, OutT]):
         """The device's cost per batch, learned from the batches run so far."""
         self.drain_rate = DrainRate()
         self.memory_cap = MemoryCap()
+        self.on_computed: Callable[[list[float]], None] | None = None
+        """Called with the latencies (admission to result, seconds) of each computed
+        batch's items; the SLO controller's input."""
 
     async def run(
         self, batch: list[PendingItem[InT, OutT]], avoid: Replica[InT, OutT] | None = None
@@ -105,6 +108,9 @@ class Executor(Generic[InT, OutT]):
             result = Result(value, started - item.enqueued_at, inference_time_s, size)
             delivered += settle_result(item.future, result)
         self._metrics.count("ok", delivered)
+        if self.on_computed is not None:
+            done = started + inference_time_s
+            self.on_computed([done - item.enqueued_at for item in batch])
         return True
 
     async def _after_failure(self, batch: list[PendingItem[InT, OutT]], exc: Exception) -> bool:

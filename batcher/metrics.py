@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from batcher.policy import DISPATCH_REASONS, DispatchReason
+from batcher.slo import ACTIONS, Adjustment, Judged
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 SECONDS_BUCKETS = (
@@ -127,6 +128,42 @@ class EngineMetrics:
             "over microbatch_replicas_alive is the busy fraction.",
             registry=r,
         )
+
+        self.max_batch_size = Gauge(
+            "microbatch_max_batch_size",
+            "The live max_batch_size (the SLO controller's choice when one is set).",
+            registry=r,
+        )
+        self.max_wait = Gauge(
+            "microbatch_max_wait_seconds",
+            "The live max_wait_ms, in seconds (the SLO controller's choice when one is set).",
+            registry=r,
+        )
+        self.slo_target = Gauge(
+            "microbatch_slo_target_seconds", "The p99 latency target (0: none).", registry=r
+        )
+        self.slo_p99 = Gauge(
+            "microbatch_slo_window_p99_seconds",
+            "p99 of queue plus device time over the SLO controller's last judged window.",
+            registry=r,
+        )
+        self.slo_adjustments = Counter(
+            "microbatch_slo_adjustments",
+            "Changes the SLO controller made, by action: tighten (p99 over the target), "
+            "loosen (well under it), back_off (the queue grew, or the target is out of "
+            "reach: back towards the configured limits).",
+            ["action"],
+            registry=r,
+        )
+        for action in ACTIONS:
+            self.slo_adjustments.labels(action)
+
+    def record_slo(self, judged: Judged | None, adjustment: Adjustment | None) -> None:
+        """The SLO controller judged a window (and maybe changed the limits)."""
+        if judged is not None:
+            self.slo_p99.set(judged.p99_ms / 1e3)
+        if adjustment is not None:
+            self.slo_adjustments.labels(adjustment.action).inc()
 
     def count(self, outcome: str, n: int = 1) -> None:
         """`n` items ended with `outcome` ("admitted" for admissions)."""

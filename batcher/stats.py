@@ -9,6 +9,7 @@ from typing import Literal
 
 from batcher.config import EngineConfig
 from batcher.cost import LinearCost
+from batcher.slo import Adjustment, Judged, Rung
 
 State = Literal["new", "running", "draining", "closed"]
 
@@ -22,12 +23,32 @@ class ReplicaStats:
 
 
 @dataclass(frozen=True, slots=True)
+class SloStats:
+    """The SLO controller, when `slo_p99_ms` is set."""
+
+    target_p99_ms: float
+    rung: Rung
+    """The limits it chose (within `configured`)."""
+    rungs: int
+    index: int
+    """0: the configured limits; rungs - 1: batches of one, no wait."""
+    judged: Judged | None
+    """The last complete window; None until one."""
+    last: Adjustment | None
+    adjustments: int
+
+
+@dataclass(frozen=True, slots=True)
 class EngineStats:
     state: State
     healthy: bool
     """False once the dispatch task died."""
     config: EngineConfig
     """The live limits."""
+    configured: EngineConfig
+    """The limits as set (at start and by reconfigure); `config` differs from it only in
+    what the SLO controller chose."""
+    slo: SloStats | None
     queue_depth: int
     in_flight: int
     """Items on a device now."""

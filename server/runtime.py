@@ -163,7 +163,7 @@ class Runtime:
     async def _warm_and_start(self, engine: Engine[Encoded, Output]) -> None:
         try:
             # One replica after the other: torch.compile is not made for parallel tracing.
-            size = engine.config.max_batch_size
+            size = engine.configured.max_batch_size
             for runner, model in zip(self._runners, self.models, strict=True):
                 await runner.call(model.warm_up, size)
             self._warmed_batch_size = size
@@ -181,7 +181,7 @@ class Runtime:
         `max_batch_size` than any warmed so far first warms the new shapes on every
         replica, in turn with their batches, so that no request triggers a compile."""
         engine = self.engine
-        config = engine.config.replace(**changes)  # validates before any warm-up
+        config = engine.configured.replace(**changes)  # validates before any warm-up
         if config.max_batch_size > self._warmed_batch_size:
             for runner, model in zip(self._runners, self.models, strict=True):
                 await runner.call(model.warm_up, config.max_batch_size)

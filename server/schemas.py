@@ -245,6 +245,31 @@ class BatchResponse(PredictMeta):
     results: list[Embedding] | list[Label]
 
 
+class ConfiguredLimits(BaseModel):
+    max_batch_size: int
+    max_wait_ms: float
+
+
+class SloWindow(BaseModel):
+    p99_ms: float = Field(description="p99 of queue plus device time over the window.")
+    items: int
+    queue_growth: int = Field(description="Queue depth at its end minus at its start.")
+
+
+class SloChange(BaseModel):
+    action: Literal["tighten", "loosen", "back_off"]
+    reason: str
+
+
+class SloInfo(BaseModel):
+    target_p99_ms: float
+    step: int = Field(description="0: the configured limits; steps - 1: batches of one.")
+    steps: int
+    last_window: SloWindow | None = Field(description="The last judged window.")
+    last_change: SloChange | None
+    changes: int = Field(description="Changes made since the target was set.")
+
+
 class Batching(BaseModel):
     """The live batching settings."""
 
@@ -254,6 +279,13 @@ class Batching(BaseModel):
     max_queue_size: int = limit_field("max_queue_size")
     policy: Policy = limit_field("policy")
     batch_sizing: BatchSizing = limit_field("batch_sizing")
+    slo_p99_ms: float | None = limit_field("slo_p99_ms")
+    configured: ConfiguredLimits | None = Field(
+        None,
+        description="With slo_p99_ms set: the limits as configured, within which the SLO "
+        "controller chose max_batch_size and max_wait_ms above.",
+    )
+    slo: SloInfo | None = Field(None, description="The SLO controller; null when off.")
 
 
 class BatchingPatch(BaseModel):
@@ -268,6 +300,7 @@ class BatchingPatch(BaseModel):
     max_queue_size: int | None = limit_field("max_queue_size", patch=True)
     policy: Policy | None = limit_field("policy", patch=True)
     batch_sizing: BatchSizing | None = limit_field("batch_sizing", patch=True)
+    slo_p99_ms: float | None = limit_field("slo_p99_ms", patch=True)
 
     @model_validator(mode="after")
     def _null_only_where_allowed(self) -> BatchingPatch:

@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     policy: Policy = limit_field("policy")
     batch_sizing: BatchSizing = limit_field("batch_sizing")
     max_queue_size: int = limit_field("max_queue_size")
+    slo_p99_ms: float | None = limit_field("slo_p99_ms")
     saturated_at: float = Field(
         0.8,
         gt=0,

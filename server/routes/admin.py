@@ -10,9 +10,13 @@ from server.runtime import Runtime
 from server.schemas import (
     Batching,
     BatchingPatch,
+    ConfiguredLimits,
     LearnedCost,
     ModelInfo,
     ReplicaInfo,
+    SloChange,
+    SloInfo,
+    SloWindow,
 )
 
 router = APIRouter(tags=["admin"])
@@ -32,7 +36,28 @@ LIMITS_SHOWN = (
 
 
 def _batching(runtime: Runtime) -> Batching:
-    return Batching.model_validate(runtime.engine.config, from_attributes=True)
+    stats = runtime.engine.stats()
+    batching = Batching.model_validate(stats.config, from_attributes=True)
+    slo = stats.slo
+    if slo is None:
+        return batching
+    judged, last = slo.judged, slo.last
+    return batching.model_copy(
+        update={
+            "configured": ConfiguredLimits.model_validate(stats.configured, from_attributes=True),
+            "slo": SloInfo(
+                target_p99_ms=slo.target_p99_ms,
+                step=slo.index,
+                steps=slo.rungs,
+                last_window=judged
+                and SloWindow(
+                    p99_ms=judged.p99_ms, items=judged.items, queue_growth=judged.queue_growth
+                ),
+                last_change=last and SloChange(action=last.action, reason=last.reason),
+                changes=slo.adjustments,
+            ),
+        }
+    )
 
 
 @router.get("/model", response_model=ModelInfo, summary="Model, task, compile state, batching")

@@ -246,6 +246,26 @@ async def test_deadline_passing_in_the_queue_is_504() -> None:
     assert r.json()["type"] == "deadline_exceeded"
 
 
+async def test_an_slo_target_is_set_and_lifted_through_admin_batching() -> None:
+    async with serve(FakeTextModel()) as client:
+        on = await client.patch("/admin/batching", json={"slo_p99_ms": 40})
+        metrics = (await client.get("/metrics")).text
+        off = await client.patch("/admin/batching", json={"slo_p99_ms": None})
+        bad = await client.patch("/admin/batching", json={"slo_p99_ms": 0})
+    assert on.status_code == 200
+    body = on.json()
+    assert body["slo_p99_ms"] == 40
+    assert body["configured"] == {"max_batch_size": 32, "max_wait_ms": 50.0}
+    assert body["slo"]["step"] == 0
+    assert body["slo"]["steps"] > 2
+    assert body["slo"]["last_window"] is None
+    assert "microbatch_slo_target_seconds 0.04" in metrics
+    assert off.json()["slo"] is None
+    assert off.json()["slo_p99_ms"] is None
+    assert bad.status_code == 422
+    assert "slo_p99_ms" in bad.text
+
+
 async def test_admin_batching_reads_and_changes_the_live_settings() -> None:
     async with serve(FakeTextModel()) as client:
         before = (await client.get("/admin/batching")).json()
@@ -262,6 +282,9 @@ async def test_admin_batching_reads_and_changes_the_live_settings() -> None:
         "max_queue_size": 1024,
         "policy": "adaptive",
         "batch_sizing": "learned",
+        "slo_p99_ms": None,
+        "configured": None,
+        "slo": None,
     }
     assert r.status_code == 200
     assert after == {**before, "max_wait_ms": 5.0, "policy": "window"}
