@@ -112,7 +112,7 @@ def test_when_even_the_tightest_step_misses_it_goes_back_to_the_operators_limits
 def test_the_config_is_validated_with_the_bad_value() -> None:
     with pytest.raises(ValueError, match="slo_p99_ms must be > 0, got 0"):
         SloConfig(target_p99_ms=0)
-    with pytest.raises(ValueError, match="slo_p99_ms must be >= 0.1 or null, got 0"):
+    with pytest.raises(ValueError, match=r"slo_p99_ms must be >= 0\.1 or null, got 0"):
         EngineConfig(slo_p99_ms=0)
 
 
