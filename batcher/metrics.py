@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter as Tally
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -25,6 +27,20 @@ OUTCOMES = (
     "rejected_deadline",
     "rejected_closed",
 )
+
+
+@dataclass(slots=True)
+class Totals:
+    """Running totals of what the metrics record, as plain numbers for readers on the
+    loop thread (the server's timeline), which need no registry walk to read them."""
+
+    batches: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DISPATCH_REASONS, 0))
+    """Batches dispatched, by reason."""
+    batch_sizes: Tally[int] = field(default_factory=Tally)
+    """Computed batches, by their size."""
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    compute_s: float = 0.0
 
 
 class EngineMetrics:
@@ -67,6 +83,7 @@ class EngineMetrics:
         self.outcome = {name: self.items.labels(name) for name in OUTCOMES}
         self.counts: dict[str, int] = dict.fromkeys(("admitted", *OUTCOMES), 0)
         """The same counts as plain numbers, for `Engine.stats()` (loop thread only)."""
+        self.totals = Totals()
         self.queue_depth = Gauge(
             "microbatch_queue_depth", "Items waiting to be batched.", registry=r
         )
@@ -176,6 +193,7 @@ class EngineMetrics:
     def record_dispatch(self, reason: DispatchReason, size: int, max_batch_size: int) -> None:
         """One batch left the queue, holding `size` items, for `reason`."""
         self.dispatched[reason].inc()
+        self.totals.batches[reason] += 1
         self.fill_ratio.observe(size / max_batch_size)
 
     def record_batch(
@@ -192,6 +210,11 @@ class EngineMetrics:
         self.replica_batches.labels(str(replica)).inc()
         self.inference.observe(inference_time_s)
         self.compute_seconds.inc(inference_time_s)
+        totals = self.totals
+        totals.batch_sizes[len(waits)] += 1
+        totals.real_tokens += real_tokens
+        totals.padded_tokens += padded_tokens
+        totals.compute_s += inference_time_s
         self.real_tokens.inc(real_tokens)
         self.padded_tokens.inc(padded_tokens)
         self.padding_ratio.observe(padded_tokens / real_tokens if real_tokens else 1.0)

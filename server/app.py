@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -11,6 +12,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry, ProcessCollector
 from starlette.middleware.cors import CORSMiddleware
+from starlette.staticfiles import StaticFiles
 
 from server import errors
 from server.access import AccessMiddleware, TokenBuckets
@@ -19,6 +21,7 @@ from server.middleware import RequestContextMiddleware
 from server.routes import router
 from server.runtime import Runtime, ServedModel
 from server.settings import Settings
+from server.timeline import MAX_LATENCIES
 
 
 def _version() -> str:
@@ -41,10 +44,11 @@ def create_app(
     settings = settings if settings is not None else Settings()
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)  # process_resident_memory_bytes and friends
+    latencies: deque[float] = deque(maxlen=MAX_LATENCIES)  # middleware -> timeline
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        runtime = await Runtime.load(settings, registry, model)
+        runtime = await Runtime.load(settings, registry, model, latencies)
         app.state.runtime = runtime  # for `microbatch serve`'s signal handler
         try:
             yield {"runtime": runtime}
@@ -61,6 +65,8 @@ def create_app(
     )
     errors.install(app)
     app.include_router(router)
+    # The dashboard's script, styles and chart library (uPlot, MIT) come with the package.
+    app.mount("/dashboard/static", StaticFiles(packages=[("server", "static")]), "dashboard-static")
     # Outermost last: ids, timing and size/type checks, then CORS, then access.
     rate = settings.rate_limit_rps
     buckets = TokenBuckets(rate, settings.rate_limit_burst or max(1, round(rate))) if rate else None
@@ -87,6 +93,9 @@ def create_app(
             ],
         )
     app.add_middleware(
-        RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, registry=registry
+        RequestContextMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        registry=registry,
+        latencies=latencies,
     )
     return app

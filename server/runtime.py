@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
@@ -28,6 +29,7 @@ from batcher.models import (
 )
 from server.schemas import ThreadsInfo
 from server.settings import Settings
+from server.timeline import MAX_LATENCIES, Timeline
 
 logger = logging.getLogger("microbatch.server")
 
@@ -103,7 +105,11 @@ class Runtime:
     `server.routes.parsing.runtime_of`)."""
 
     def __init__(
-        self, settings: Settings, registry: CollectorRegistry, models: Sequence[ServedModel]
+        self,
+        settings: Settings,
+        registry: CollectorRegistry,
+        models: Sequence[ServedModel],
+        latencies: deque[float] | None = None,
     ) -> None:
         if not models:
             raise ValueError("a runtime needs at least one model")
@@ -126,6 +132,11 @@ class Runtime:
             "Requests whose client went away while their items waited (not computed).",
             registry=registry,
         )
+        self.timeline = Timeline(
+            self.engine, latencies if latencies is not None else deque(maxlen=MAX_LATENCIES)
+        )
+        """The last minutes, sampled each second, for `GET /dashboard`."""
+        self._sampler: asyncio.Task[None] | None = None
         self._warm_up: asyncio.Task[None] | None = None
         self._warmed_batch_size = 0
         self.threads: ThreadsInfo | None = None
@@ -137,10 +148,12 @@ class Runtime:
         settings: Settings,
         registry: CollectorRegistry,
         model: ServedModel | Sequence[ServedModel] | None = None,
+        latencies: deque[float] | None = None,
     ) -> Runtime:
         """Load the model named by `settings` (or take `model`), one replica per device
-        (off the loop), and start warming it up in the background. Raises
-        ModelLoadError or ValueError: startup then fails."""
+        (off the loop), and start warming it up in the background. `latencies` is where
+        the middleware leaves request times for the timeline. Raises ModelLoadError or
+        ValueError: startup then fails."""
         threads = None
         if model is None:
             threads = _set_threads(settings)
@@ -152,12 +165,13 @@ class Runtime:
             models = list(model)
         else:
             models = [model]
-        runtime = cls(settings, registry, models)
+        runtime = cls(settings, registry, models, latencies)
         runtime.threads = threads
         if model is None and (gpus := cuda_devices([str(m.describe()["device"]) for m in models])):
             registry.register(GpuMemoryCollector(gpus))
         warm_up = runtime._warm_and_start(runtime.engine)
         runtime._warm_up = asyncio.create_task(warm_up, name="microbatch-warm-up")
+        runtime._sampler = asyncio.create_task(runtime.timeline.run(), name="microbatch-timeline")
         return runtime
 
     async def _warm_and_start(self, engine: Engine[Encoded, Output]) -> None:
@@ -231,6 +245,9 @@ class Runtime:
         try:
             await self.drain()
         finally:
+            if self._sampler is not None:
+                self._sampler.cancel()
+                await asyncio.gather(self._sampler, return_exceptions=True)
             for runner in self._runners:
                 await asyncio.to_thread(runner.close)
             logger.info("stopped: %s", self.item_counts())

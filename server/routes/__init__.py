@@ -3,10 +3,10 @@ batching logic here."""
 
 from fastapi import APIRouter
 
-from server.routes import admin, cohere, openai, predict, probes, tei
+from server.routes import admin, cohere, dashboard, openai, predict, probes, tei
 
 router = APIRouter()
-for family in (predict, openai, tei, cohere, probes, admin):
+for family in (predict, openai, tei, cohere, probes, admin, dashboard):
     router.include_router(family.router)
 
 __all__ = ["router"]

@@ -35,7 +35,8 @@ LIMITS_SHOWN = (
 )
 
 
-def _batching(runtime: Runtime) -> Batching:
+def batching_of(runtime: Runtime) -> Batching:
+    """The live batching settings, with the SLO controller's state when one is set."""
     stats = runtime.engine.stats()
     batching = Batching.model_validate(stats.config, from_attributes=True)
     slo = stats.slo
@@ -69,7 +70,7 @@ async def model_info(runtime: RuntimeDep) -> ModelInfo:
         {
             **runtime.model.describe(),
             "status": runtime.status,
-            "batching": _batching(runtime),
+            "batching": batching_of(runtime),
             "learned_cost": cost
             and LearnedCost(overhead_ms=cost.overhead_s * 1e3, per_token_us=cost.per_token_s * 1e6),
             "memory_cap_tokens": stats.memory_cap_tokens,
@@ -85,7 +86,7 @@ async def model_info(runtime: RuntimeDep) -> ModelInfo:
 
 @router.get("/admin/batching", response_model=Batching, summary="Live batching settings")
 async def get_batching(runtime: RuntimeDep) -> Batching:
-    return _batching(runtime)
+    return batching_of(runtime)
 
 
 @router.patch(
@@ -100,4 +101,4 @@ async def patch_batching(patch: BatchingPatch, runtime: RuntimeDep) -> Batching:
         raise RequestValidationError(
             [{"loc": ("body",), "msg": str(exc), "type": "value_error"}]
         ) from None
-    return _batching(runtime)
+    return batching_of(runtime)

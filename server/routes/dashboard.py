@@ -1,0 +1,48 @@
+"""`GET /dashboard`: a live page of the last minutes, served whole by this server (its
+chart library included, under `/dashboard/static/`), and the data it polls."""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib.resources import files
+
+from fastapi import APIRouter, Query
+from fastapi.responses import HTMLResponse
+
+from server.routes.admin import batching_of
+from server.routes.parsing import RuntimeDep
+from server.schemas import DashboardData, DashboardEvent, DashboardSample
+
+router = APIRouter(tags=["dashboard"])
+
+
+@cache
+def _page() -> str:
+    return (files("server") / "static" / "dashboard.html").read_text(encoding="utf-8")
+
+
+@router.get("/dashboard", response_class=HTMLResponse, summary="Live page: load, latency, batches")
+async def dashboard() -> HTMLResponse:
+    return HTMLResponse(_page(), headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/dashboard/data", response_model=DashboardData, summary="The dashboard's samples")
+async def dashboard_data(
+    runtime: RuntimeDep,
+    since: float = Query(0.0, description="Only samples taken after this Unix time."),
+) -> DashboardData:
+    timeline = runtime.timeline
+    described = runtime.model.describe()
+    return DashboardData(
+        status=runtime.status,
+        model=runtime.model.name,
+        device=str(described.get("device", "")),
+        dtype=str(described.get("dtype", "")),
+        interval_s=timeline.interval_s,
+        history_s=timeline.history_s,
+        batching=batching_of(runtime),
+        samples=[
+            DashboardSample.model_validate(s, from_attributes=True) for s in timeline.since(since)
+        ],
+        events=[DashboardEvent(t=e.t, text=e.text) for e in timeline.events if e.t > since],
+    )

@@ -1,0 +1,187 @@
+"""The last minutes of the server, one sample a second: what `GET /dashboard` draws.
+
+`Timeline.sample` reads the engine's running totals and the request latencies the
+middleware collected since the previous sample, and keeps the difference: items and
+refusals per second, exact p50/p99 of the requests that finished, batches by why they
+left, their sizes, padding, how busy the devices were, and the live batching limits.
+A change of those limits is kept as an event, with the SLO controller's reason when it
+made it. Everything runs on the event-loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from batcher import Engine
+from batcher.policy import DISPATCH_REASONS
+
+SAMPLE_INTERVAL_S = 1.0
+HISTORY_S = 600.0
+"""How far back the dashboard can look: ten minutes."""
+MAX_LATENCIES = 100_000
+"""Request latencies kept between two samples, at most (the newest)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One interval, ending at `t` (Unix seconds)."""
+
+    t: float
+    items_per_s: float
+    rejected_per_s: float
+    requests: int
+    p50_ms: float | None
+    p99_ms: float | None
+    queue_depth: int
+    oldest_age_ms: float
+    in_flight: int
+    batches: dict[str, int]
+    mean_batch_size: float | None
+    batch_sizes: dict[int, int]
+    padding_ratio: float | None
+    busy_fraction: float
+    max_batch_size: int
+    max_wait_ms: float
+    slo_p99_ms: float | None
+    slo_window_p99_ms: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """The batching limits changed at `t`, and why."""
+
+    t: float
+    text: str
+
+
+@dataclass(slots=True)
+class _Previous:
+    at: float
+    counts: dict[str, int]
+    batches: dict[str, int]
+    batch_sizes: Counter[int]
+    real_tokens: int
+    padded_tokens: int
+    compute_s: float
+    limits: tuple[object, ...]
+    slo_changes: int
+
+
+@dataclass
+class Timeline:
+    """Samples `engine` every `interval_s`, keeping `history_s` of them. `latencies` is
+    where the middleware appends the seconds each engine-bound request took."""
+
+    engine: Engine[Any, Any]
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_LATENCIES))
+    interval_s: float = SAMPLE_INTERVAL_S
+    history_s: float = HISTORY_S
+    clock: Callable[[], float] = time.time
+    samples: deque[Sample] = field(init=False)
+    events: deque[Event] = field(init=False)
+    _previous: _Previous = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.samples = deque(maxlen=max(1, math.ceil(self.history_s / self.interval_s)))
+        self.events = deque(maxlen=200)
+        self._previous = self._snapshot(self.clock())
+
+    def _snapshot(self, now: float) -> _Previous:
+        engine, totals = self.engine, self.engine.metrics.totals
+        stats = engine.stats()
+        config = stats.config
+        return _Previous(
+            at=now,
+            counts=dict(stats.items),
+            batches=dict(totals.batches),
+            batch_sizes=Counter(totals.batch_sizes),
+            real_tokens=totals.real_tokens,
+            padded_tokens=totals.padded_tokens,
+            compute_s=totals.compute_s,
+            limits=(
+                config.max_batch_size,
+                config.max_wait_ms,
+                config.max_batch_tokens,
+                config.max_queue_size,
+                config.policy,
+                config.batch_sizing,
+                config.slo_p99_ms,
+            ),
+            slo_changes=stats.slo.adjustments if stats.slo is not None else 0,
+        )
+
+    def sample(self) -> Sample:
+        """Close the interval since the previous sample and keep it."""
+        now = self.clock()
+        before, after = self._previous, self._snapshot(now)
+        self._previous = after
+        elapsed = max(after.at - before.at, 1e-9)
+        stats = self.engine.stats()
+
+        def per_s(name: str) -> float:
+            return (after.counts[name] - before.counts[name]) / elapsed
+
+        latencies = sorted(self.latencies)
+        self.latencies.clear()
+        sizes = after.batch_sizes - before.batch_sizes
+        computed = sum(sizes.values())
+        real = after.real_tokens - before.real_tokens
+        padded = after.padded_tokens - before.padded_tokens
+        busy = (after.compute_s - before.compute_s) / (elapsed * max(1, self.engine.alive_replicas))
+        slo = stats.slo
+        sample = Sample(
+            t=now,
+            items_per_s=per_s("ok"),
+            rejected_per_s=per_s("rejected_full") + per_s("rejected_deadline"),
+            requests=len(latencies),
+            p50_ms=_quantile(latencies, 0.50),
+            p99_ms=_quantile(latencies, 0.99),
+            queue_depth=stats.queue_depth,
+            oldest_age_ms=self.engine.oldest_age() * 1e3,
+            in_flight=stats.in_flight,
+            batches={r: after.batches[r] - before.batches[r] for r in DISPATCH_REASONS},
+            mean_batch_size=sum(s * n for s, n in sizes.items()) / computed if computed else None,
+            batch_sizes=dict(sorted(sizes.items())),
+            padding_ratio=padded / real if real else None,
+            busy_fraction=min(1.0, busy),
+            max_batch_size=stats.config.max_batch_size,
+            max_wait_ms=stats.config.max_wait_ms,
+            slo_p99_ms=stats.config.slo_p99_ms,
+            slo_window_p99_ms=slo.judged.p99_ms if slo is not None and slo.judged else None,
+        )
+        self.samples.append(sample)
+        if after.limits != before.limits:
+            self.events.append(Event(now, self._why(after, before)))
+        return sample
+
+    def _why(self, after: _Previous, before: _Previous) -> str:
+        config = self.engine.config
+        now = f"max_batch_size {config.max_batch_size}, max_wait_ms {config.max_wait_ms:g}"
+        slo = self.engine.stats().slo
+        if slo is not None and slo.last is not None and after.slo_changes != before.slo_changes:
+            return f"SLO controller, {slo.last.action.replace('_', ' ')}: {slo.last.reason}"
+        target = f", slo_p99_ms {config.slo_p99_ms:g}" if config.slo_p99_ms else ""
+        return f"set through PATCH /admin/batching: {now}, policy {config.policy}{target}"
+
+    def since(self, t: float) -> list[Sample]:
+        """The samples taken after `t` (Unix seconds), oldest first."""
+        return [s for s in self.samples if s.t > t]
+
+    async def run(self) -> None:
+        """Sample every `interval_s` until cancelled."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            self.sample()
+
+
+def _quantile(ordered: list[float], q: float) -> float | None:
+    """Nearest-rank quantile of sorted seconds, in milliseconds; None when empty."""
+    if not ordered:
+        return None
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)] * 1e3

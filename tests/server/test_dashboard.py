@@ -1,0 +1,52 @@
+"""`GET /dashboard` in process: the page, its own assets, and the data it polls."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import pytest
+
+from tests.server.fakes import FakeTextModel
+from tests.server.test_app import serve
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_the_page_loads_only_assets_this_server_serves() -> None:
+    async with serve(FakeTextModel()) as client:
+        page = await client.get("/dashboard")
+        assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+        replies = {url: await client.get(url) for url in assets if not url.startswith("data:")}
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert assets, "the page has scripts and styles"
+    assert all(url.startswith(("/dashboard/static/", "data:")) for url in assets), assets
+    assert {url: r.status_code for url, r in replies.items()} == dict.fromkeys(replies, 200)
+    assert any("uPlot" in url for url in replies), "the chart library comes with the server"
+
+
+async def test_the_data_has_samples_settings_and_changes() -> None:
+    model = FakeTextModel()
+    async with serve(model) as client:
+        await client.post("/predict/batch", json={"texts": ["a", "bb", "ccc"]})
+        await client.patch("/admin/batching", json={"max_wait_ms": 9, "slo_p99_ms": 250})
+        async with asyncio.timeout(20):  # the sampler closes an interval each second
+            while True:
+                data = (await client.get("/dashboard/data")).json()
+                if data["events"] and any(s["items_per_s"] > 0 for s in data["samples"]):
+                    break
+                await asyncio.sleep(0.2)  # polls for the next sample; orders nothing
+        later = await client.get("/dashboard/data", params={"since": data["samples"][-1]["t"]})
+    assert data["status"] == "ready"
+    assert data["model"] == "fake"
+    assert data["batching"]["slo_p99_ms"] == 250
+    assert data["batching"]["configured"] == {"max_batch_size": 32, "max_wait_ms": 9.0}
+    counted = sum(s["items_per_s"] > 0 for s in data["samples"])
+    assert counted >= 1
+    last = data["samples"][-1]
+    assert last["max_wait_ms"] == 9
+    assert last["slo_p99_ms"] == 250
+    assert set(last["batches"]) == {"idle", "full", "tokens", "window", "drain"}
+    assert any("slo_p99_ms 250" in e["text"] for e in data["events"])
+    assert later.json()["samples"] == []
