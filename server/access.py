@@ -26,6 +26,7 @@ apply."""
 QUEUED_PATHS = ("/predict", "/rerank", "/embed", "/v1/embeddings", "/v1/rerank")
 """Routes whose items go through the engine's queue: the early 429 applies too."""
 ADMIN_PREFIX = "/admin/"
+REFUSAL_REASONS = ("unauthorized", "forbidden", "rate_limited", "queue_full")
 
 
 @dataclass
@@ -104,6 +105,8 @@ class AccessMiddleware:
             ["reason"],
             registry=registry,
         )
+        for reason in REFUSAL_REASONS:  # each series exists from the start, at 0
+            self.refused.labels(reason)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
