@@ -78,7 +78,7 @@ class NullModel:
     def predict(self, items: Sequence[Encoded]) -> list[Output]:
         return [EMBEDDING] * len(items)
 
-    def warm_up(self, max_batch_size: int) -> None:
+    def warm_up(self, max_batch_size: int, on_step: object = None) -> None:
         return None
 
     def describe(self) -> dict[str, object]:

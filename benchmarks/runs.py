@@ -11,8 +11,9 @@ import csv
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -72,10 +73,13 @@ async def measure(
     processes: int = 1,
     clock: Clock = time.perf_counter,
     progress: bool = False,
+    desc: str | None = None,
 ) -> StepResult:
     """Run one step and scrape /metrics at the start and end of its measured window.
 
-    With `processes` > 1 (needs `url`), the load is split over that many processes."""
+    With `processes` > 1 (needs `url`), the load is split over that many processes.
+    `progress` shows a bar of the step's seconds on a terminal, titled `desc` (default:
+    the load)."""
     async with clients(4) as observer:
         before = Scrape()
 
@@ -84,16 +88,8 @@ async def measure(
             await asyncio.sleep(step.warmup_s + (START_DELAY_S if processes > 1 else 0.0))
             before = await scrape(observer)
 
-        bar = tqdm(
-            total=round(step.warmup_s + step.duration_s),
-            desc=str(step.load),
-            unit="s",
-            leave=False,
-            disable=not (progress and sys.stderr.isatty()),  # no bars in redirected logs
-            file=sys.stderr,
-        )
-        ticker = asyncio.create_task(_tick(bar))
-        try:
+        total_s = step.warmup_s + step.duration_s
+        async with seconds_bar(total_s, desc or str(step.load), progress):
             snapshot = asyncio.create_task(scrape_after_warmup())
             if processes > 1:
                 samples = await _run_processes(step, url, processes)
@@ -104,11 +100,28 @@ async def measure(
                         step.duration_s, step.warmup_s, clock, step.seed,
                     )  # fmt: skip
             await snapshot
-        finally:
-            ticker.cancel()
-            bar.close()
         after = await scrape(observer)
     return summarize(step.load, samples, server_delta(before, after))
+
+
+@asynccontextmanager
+async def seconds_bar(total_s: float, desc: str, enabled: bool) -> AsyncIterator[tqdm[Any]]:
+    """A progress bar that fills one step a second over `total_s`, on a terminal only (no
+    bars in redirected logs); the caller may set its postfix."""
+    bar = tqdm(
+        total=round(total_s),
+        desc=desc,
+        unit="s",
+        leave=False,
+        disable=not (enabled and sys.stderr.isatty()),
+        file=sys.stderr,
+    )
+    ticker = asyncio.create_task(_tick(bar))
+    try:
+        yield bar
+    finally:
+        ticker.cancel()
+        bar.close()
 
 
 async def _tick(bar: tqdm[Any]) -> None:

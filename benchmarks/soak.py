@@ -38,6 +38,7 @@ from benchmarks.corpus import builtin
 from benchmarks.environment import command_line, describe
 from benchmarks.loadgen import Request, closed_loop, paced, percentile, poisson_arrivals
 from benchmarks.processes import pin, server
+from benchmarks.runs import seconds_bar
 from benchmarks.scrape import Scrape, mean_request_ms, scrape
 from benchmarks.transport import AiohttpTransport
 
@@ -148,7 +149,10 @@ async def soak(args: argparse.Namespace, url: str, hang_up: HangUp | None = None
         observer = AiohttpTransport(session)
         memory: dict[str, float] = {}
         start_metrics = await scrape(observer)
-        capacity = args.capacity_rps or await measure_capacity(session, texts, args.probe_s)
+        capacity = args.capacity_rps
+        if not capacity:
+            async with seconds_bar(args.probe_s, "capacity probe", enabled=True):
+                capacity = await measure_capacity(session, texts, args.probe_s)
         memory["before"] = _resident_mb(await scrape(observer))
         valid_rps, overload_rps = capacity * args.load, capacity * args.overload
         print(
@@ -187,7 +191,12 @@ async def soak(args: argparse.Namespace, url: str, hang_up: HangUp | None = None
 
         peak_mb = [memory["before"]]
         sampler = asyncio.create_task(_sample_memory(observer, peak_mb))
-        outcomes = await paced(arrivals, fire)
+        async with seconds_bar(args.duration_s, "soak", enabled=True) as bar:
+            shown = asyncio.create_task(_show_phase(bar, phase, started))
+            try:
+                outcomes = await paced(arrivals, fire)
+            finally:
+                shown.cancel()
         sent_s = time.perf_counter() - started
         sampler.cancel()
         await asyncio.sleep(2)  # let the server finish the abandoned ones' bookkeeping
@@ -196,6 +205,13 @@ async def soak(args: argparse.Namespace, url: str, hang_up: HangUp | None = None
         memory["after"] = _resident_mb(after)
         print(f"sent for {sent_s:.1f} s (scheduled {args.duration_s:g} s)", file=sys.stderr)
     return _report(args, outcomes, capacity, valid_rps, overload_rps, memory, start_metrics, after)
+
+
+async def _show_phase(bar: Any, phase: Any, started: float) -> None:
+    """Name the phase (steady or overload) beside the bar, once a second."""
+    while True:
+        bar.set_postfix_str(phase(time.perf_counter() - started), refresh=False)
+        await asyncio.sleep(1)
 
 
 def _resident_mb(metrics: Scrape) -> float:

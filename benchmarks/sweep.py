@@ -109,8 +109,10 @@ async def sweep(
     duration_s: float,
     warmup_s: float,
     on_point: Any = None,
+    progress: bool = False,
 ) -> list[Point]:
-    points = []
+    points: list[Point] = []
+    total = len(settings) * len(loads)
     async with clients(2) as admin:
         original = json.loads((await admin.get("/admin/batching"))[1])
         try:
@@ -118,7 +120,9 @@ async def sweep(
                 applied = await apply_setting(admin, setting)
                 for load in loads:
                     step = Step(texts, request, load, duration_s, warmup_s)
-                    point = Point(setting, applied, await measure(step, clients))
+                    desc = f"[{len(points) + 1}/{total}] {_brief(setting)} {load}"
+                    result = await measure(step, clients, progress=progress, desc=desc)
+                    point = Point(setting, applied, result)
                     points.append(point)
                     if on_point:
                         on_point(point)
@@ -126,6 +130,10 @@ async def sweep(
             restore = {k: original[k] for k in SETTING_KEYS}
             await admin.patch("/admin/batching", restore)
     return points
+
+
+def _brief(setting: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in setting.items())
 
 
 def format_points(points: Sequence[Point]) -> str:
@@ -215,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_points([]))
         points = asyncio.run(
             sweep(clients, settings, loads, texts=corpus.texts, request=request,
-                  duration_s=args.duration, warmup_s=args.warmup,
+                  duration_s=args.duration, warmup_s=args.warmup, progress=True,
                   on_point=lambda p: print(format_points([p]).splitlines()[1], flush=True))
         )  # fmt: skip
         best = recommend(points, args.slo_p99_ms) if args.slo_p99_ms is not None else None

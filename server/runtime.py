@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
@@ -34,6 +36,24 @@ from server.timeline import MAX_LATENCIES, Timeline
 logger = logging.getLogger("microbatch.server")
 
 Status = Literal["warming", "ready", "draining", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class WarmingStep:
+    """Where the warm-up is: shape `step` of `steps` on replica `replica` of `replicas`."""
+
+    replica: int
+    replicas: int
+    step: int
+    steps: int
+    what: str
+    started: float
+    """perf_counter at the start of the warm-up."""
+
+    def describe(self) -> str:
+        elapsed = time.perf_counter() - self.started
+        on = f" on replica {self.replica + 1} of {self.replicas}" if self.replicas > 1 else ""
+        return f"warm-up step {self.step} of {self.steps}{on}: {self.what}, {elapsed:.0f} s so far"
 
 
 class ServedModel(Protocol):
@@ -72,7 +92,11 @@ class ServedModel(Protocol):
 
     def predict(self, items: Sequence[Encoded]) -> Sequence[Output]: ...
 
-    def warm_up(self, max_batch_size: int) -> None: ...
+    def warm_up(
+        self, max_batch_size: int, on_step: Callable[[int, int, str], None] | None = None
+    ) -> None:
+        """Compile and run every shape; `on_step(step, steps, what)` before each."""
+        ...
 
     def describe(self) -> dict[str, object]: ...
 
@@ -138,6 +162,8 @@ class Runtime:
         """The last minutes, sampled each second, for `GET /dashboard`."""
         self._sampler: asyncio.Task[None] | None = None
         self._warm_up: asyncio.Task[None] | None = None
+        self.warming: WarmingStep | None = None
+        """The warm-up step under way (None before and after); /ready shows it."""
         self._warmed_batch_size = 0
         self.threads: ThreadsInfo | None = None
         """torch's threads and why; None when the models were handed in."""
@@ -158,9 +184,15 @@ class Runtime:
         if model is None:
             threads = _set_threads(settings)
             models: list[ServedModel] = []
-            for device in settings.device_list():
+            devices = settings.device_list()
+            started = time.perf_counter()
+            for replica, device in enumerate(devices, start=1):
                 options = settings.load_options(device)
+                logger.info("loading %d/%d: %s on %s", replica, len(devices),
+                            options.source or "the built-in model", device)  # fmt: skip
                 models.append(await asyncio.to_thread(TextModel.load, options))
+                logger.info("loaded %d/%d, %.1fs so far", replica, len(devices),
+                            time.perf_counter() - started)  # fmt: skip
         elif isinstance(model, Sequence):
             models = list(model)
         else:
@@ -178,8 +210,10 @@ class Runtime:
         try:
             # One replica after the other: torch.compile is not made for parallel tracing.
             size = engine.configured.max_batch_size
-            for runner, model in zip(self._runners, self.models, strict=True):
-                await runner.call(model.warm_up, size)
+            started = time.perf_counter()
+            for replica, (runner, model) in enumerate(zip(self._runners, self.models, strict=True)):
+                await runner.call(model.warm_up, size, self._step_reporter(replica, started))
+            self.warming = None
             self._warmed_batch_size = size
             await engine.start()
         except Exception as exc:
@@ -189,6 +223,16 @@ class Runtime:
         _tune_gc()
         self.status = "ready"
         logger.info("ready: %s on %d replica(s)", self.models[0].describe(), len(self.models))
+
+    def _step_reporter(self, replica: int, started: float) -> Callable[[int, int, str], None]:
+        """Keeps the step a replica's warm-up is on (called on its device thread: one
+        reference assignment, which readers on the loop see whole)."""
+        replicas = len(self.models)
+
+        def report(step: int, steps: int, what: str) -> None:
+            self.warming = WarmingStep(replica, replicas, step, steps, what, started)
+
+        return report
 
     async def reconfigure(self, changes: Mapping[str, object]) -> EngineConfig:
         """Change the live batching limits (ValueError for a bad value). A larger

@@ -83,6 +83,8 @@ class Classification:
 
 Output = list[float] | Classification
 TruncationDirection = Literal["right", "left"]
+WarmStep = Callable[[int, int, str], None]
+"""Told of each warm-up shape before it runs: (step, steps, what)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,12 +439,13 @@ class TextModel:
             out.append(Classification(self.labels[label], scores[label], scores))
         return out
 
-    def warm_up(self, max_batch_size: int) -> None:
+    def warm_up(self, max_batch_size: int, on_step: WarmStep | None = None) -> None:
         """Compile (when asked) and run every kind of shape that can occur, so that no
         request ever triggers a compile. Falls back to eager, with a warning, if
         compiling fails. Called again with a larger `max_batch_size` (a live change of
         the limit), it runs the new shapes only, compiling what they need now rather than
-        when a request meets them."""
+        when a request meets them. `on_step(step, steps, what)` hears of each shape
+        before it runs (on this thread), and each is logged with the time so far."""
         if self.warmed:
             self._warm_more(max_batch_size)
             return
@@ -450,14 +453,14 @@ class TextModel:
         try:
             if self.compile_state.requested:
                 self._forward = compile_forward(self._eager, self.compile_state)
-            self._run_shapes(max_batch_size)
+            self._run_shapes(max_batch_size, on_step, started)
         except Exception as exc:
             if self._forward is self._eager:
                 raise
             logger.warning("torch.compile failed (%s: %s); running eager", type(exc).__name__, exc)
             self.compile_state.fail(exc)
             self._forward = self._eager
-            self._run_shapes(max_batch_size)
+            self._run_shapes(max_batch_size, on_step, started)
         self.compile_state.finish_warm_up()
         self.warmed = True
         logger.info("warm-up done in %.1fs (%s)", time.perf_counter() - started, self.compile_state)
@@ -475,15 +478,23 @@ class TextModel:
                 state.graphs_at_warm_up += graphs_compiled() - before
         logger.info("warmed batches of up to %d", max_batch_size)
 
-    def _run_shapes(self, max_batch_size: int) -> None:
+    def _run_shapes(
+        self, max_batch_size: int, on_step: WarmStep | None = None, started: float | None = None
+    ) -> None:
         # With dynamic shapes one graph serves every (batch, length); these calls make any
         # specialisation (batch of 1, the longest bucket) happen now rather than later.
         sizes = sorted({2, 1, max_batch_size})
         lengths = sorted({16, 8, self.max_tokens})
-        for size in sizes:
-            for length in lengths:
-                items = [Encoded([self._pad_id + 1] * length, False)] * size
-                self.predict(items)
+        shapes = [(size, length) for size in sizes for length in lengths]
+        for step, (size, length) in enumerate(shapes, start=1):
+            what = f"batch {size} x {length} tokens"
+            if on_step is not None:
+                on_step(step, len(shapes), what)
+            if started is not None:
+                elapsed = time.perf_counter() - started
+                logger.info("warm-up %d/%d: %s, %.1fs so far", step, len(shapes), what, elapsed)
+            items = [Encoded([self._pad_id + 1] * length, False)] * size
+            self.predict(items)
 
     def describe(self) -> dict[str, object]:
         """What `/model` shows: the task, and how outputs are computed."""

@@ -37,6 +37,10 @@ async def ready(runtime: RuntimeDep) -> Any:
     detail: str | None
     if (problem := runtime.liveness_problem()) is not None:
         status, detail = "failed", problem
+    elif runtime.status == "warming":
+        warming = runtime.warming
+        status = "warming"
+        detail = warming.describe() if warming else "loading the model for warm-up"
     elif runtime.status != "ready":
         status, detail = runtime.status, runtime.error
     elif runtime.saturated:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from batcher.models import (
@@ -37,6 +37,7 @@ class FakeTextModel:
     labels: tuple[str, ...] = ("short", "long")
     max_tokens: int = 64
     warm_gate: threading.Event = field(default_factory=threading.Event)
+    warm_entered: threading.Event = field(default_factory=threading.Event)
     predict_gate: threading.Event = field(default_factory=threading.Event)
     entered: threading.Event = field(default_factory=threading.Event)
     poison: str = "boom"
@@ -96,7 +97,12 @@ class FakeTextModel:
             out.append(Classification(label, max(p_long, 1 - p_long), [1 - p_long, p_long]))
         return out
 
-    def warm_up(self, max_batch_size: int) -> None:
+    def warm_up(
+        self, max_batch_size: int, on_step: Callable[[int, int, str], None] | None = None
+    ) -> None:
+        if on_step is not None:
+            on_step(1, 1, f"batch {max_batch_size}")
+        self.warm_entered.set()
         if not self.warm_gate.wait(timeout=30):
             raise TimeoutError("the test never released warm_gate")
         self.warmed.append(max_batch_size)

@@ -103,9 +103,11 @@ async def test_ready_is_503_until_warm_then_200_while_health_is_200_throughout()
     model.warm_gate.clear()
     async with serve(model, wait_ready=False) as client:
         assert (await client.get("/health")).status_code == 200
+        assert await asyncio.to_thread(model.warm_entered.wait, 30)
         r = await client.get("/ready")
         assert r.status_code == 503
         assert r.json()["status"] == "warming"
+        assert r.json()["detail"].startswith("warm-up step 1 of 1: batch 32, ")
         predict = await client.post("/predict", json={"text": "too early"})
         assert predict.status_code == 503
         assert "Retry-After" in predict.headers
