@@ -237,11 +237,13 @@ class Engine(Generic[InT, OutT]):
             max_batch_size=rung.max_batch_size, max_wait_ms=rung.max_wait_ms
         )
 
-    def _observe_latencies(self, latencies_s: list[float]) -> None:
+    def _observe_latencies(
+        self, latencies_s: list[float], queue_waits_s: list[float], device_s: float
+    ) -> None:
         slo = self._slo
         if slo is None:
             return
-        slo.record(latencies_s)
+        slo.record(latencies_s, queue_waits_s, device_s)
         judged = slo.judged
         adjustment = slo.judge(self.clock(), len(self._queue))
         if slo.judged is not judged:

@@ -48,9 +48,9 @@ class Executor(Generic[InT, OutT]):
         """The device's cost per batch, learned from the batches run so far."""
         self.drain_rate = DrainRate()
         self.memory_cap = MemoryCap()
-        self.on_computed: Callable[[list[float]], None] | None = None
-        """Called with the latencies (admission to result, seconds) of each computed
-        batch's items; the SLO controller's input."""
+        self.on_computed: Callable[[list[float], list[float], float], None] | None = None
+        """Called with each computed batch's latencies (admission to result, seconds),
+        queue waits and device time: the SLO controller's input."""
 
     async def run(
         self, batch: list[PendingItem[InT, OutT]], avoid: Replica[InT, OutT] | None = None
@@ -109,8 +109,8 @@ class Executor(Generic[InT, OutT]):
             delivered += settle_result(item.future, result)
         self._metrics.count("ok", delivered)
         if self.on_computed is not None:
-            done = started + inference_time_s
-            self.on_computed([done - item.enqueued_at for item in batch])
+            waits = [started - item.enqueued_at for item in batch]
+            self.on_computed([w + inference_time_s for w in waits], waits, inference_time_s)
         return True
 
     async def _after_failure(self, batch: list[PendingItem[InT, OutT]], exc: Exception) -> bool:

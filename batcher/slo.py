@@ -14,11 +14,15 @@ Each judged window (at least `window_s` long and holding at least `min_items` la
 1. the queue grew by more than a batch over the window (arrivals beyond what the devices
    drain): smaller batches would only serve less, so step one rung looser (`back_off`)
    and bar the rung left from being tried again for a cooldown; at rung 0, hold;
-2. p99 over the target: one rung tighter (`tighten`), and bar the rung left from coming
+2. p99 over the target, but made by a backlog: the p99 queue wait is beyond what the
+   window and the batch ahead explain (`max_wait_ms` + 2 x the p99 device time of a
+   batch), so the devices are saturated and tightening would only serve less: as in 1;
+3. p99 over the target: one rung tighter (`tighten`), and bar the rung left from coming
    back for a cooldown; at the tightest rung, the target cannot be met by batching: return
    to rung 0 (`back_off`), where the most is served, and bar tightening for a cooldown;
-3. p99 under `headroom` x target: one rung looser (`loosen`), unless that rung is barred;
-4. otherwise hold.
+   likewise when the next tighter rung saturated the devices recently (it is barred);
+4. p99 under `headroom` x target: one rung looser (`loosen`), unless that rung is barred;
+5. otherwise hold.
 
 A rung's cooldown doubles each time it is barred again (up to `max_cooldown_windows`), so
 the controller probes a rung that failed ever more rarely: it settles instead of
@@ -99,11 +103,14 @@ class Adjustment:
 
 @dataclass(frozen=True, slots=True)
 class Judged:
-    """What the last complete window measured."""
+    """What the last complete window measured: the p99 of queue plus device time, of
+    the queue wait alone and of the device time alone (milliseconds)."""
 
     p99_ms: float
     items: int
     queue_growth: int
+    queue_p99_ms: float = 0.0
+    device_p99_ms: float = 0.0
 
 
 @dataclass(slots=True)
@@ -111,6 +118,8 @@ class _Window:
     started_at: float
     queue_depth: int
     latencies_s: list[float] = field(default_factory=list)
+    queue_waits_s: list[float] = field(default_factory=list)
+    device_s: list[float] = field(default_factory=list)
 
 
 class SloController:
@@ -137,9 +146,15 @@ class SloController:
     def rung(self) -> Rung:
         return self.rungs[self.index]
 
-    def record(self, latencies_s: Iterable[float]) -> None:
-        """Latencies (seconds, admission to result) of items computed just now."""
-        self._window.latencies_s.extend(latencies_s)
+    def record(
+        self, latencies_s: Iterable[float], queue_waits_s: Iterable[float] = (), device_s: float = 0
+    ) -> None:
+        """Items computed just now: their latencies (seconds, admission to result), their
+        queue waits, and the device time of their batch."""
+        window = self._window
+        window.latencies_s.extend(latencies_s)
+        window.queue_waits_s.extend(queue_waits_s)
+        window.device_s.append(device_s)
 
     def judge(self, now: float, queue_depth: int) -> Adjustment | None:
         """If the window is complete, judge it and start the next: the new rung, or None
@@ -150,40 +165,55 @@ class SloController:
         self._windows += 1
         p99_ms = _p99(window.latencies_s) * 1e3
         growth = queue_depth - window.queue_depth
-        self.judged = Judged(p99_ms, len(window.latencies_s), growth)
+        queue_ms = _p99(window.queue_waits_s) * 1e3 if window.queue_waits_s else 0.0
+        device_ms = _p99(window.device_s) * 1e3
+        judged = Judged(p99_ms, len(window.latencies_s), growth, queue_ms, device_ms)
+        self.judged = judged
         self._window = _Window(now, queue_depth)
-        adjustment = self._decide(p99_ms, growth, queue_depth)
+        adjustment = self._decide(judged, queue_depth)
         if adjustment is not None:
             self.index = self.rungs.index(adjustment.rung)
             self.last = adjustment
             self.adjustments += 1
         return adjustment
 
-    def _decide(self, p99_ms: float, growth: int, queue_depth: int) -> Adjustment | None:
+    def _decide(self, judged: Judged, queue_depth: int) -> Adjustment | None:
         target, here, last = self.config.target_p99_ms, self.index, len(self.rungs) - 1
         ceiling = self.rungs[0].max_batch_size
+        p99_ms, growth = judged.p99_ms, judged.queue_growth
         measured = f"p99 {p99_ms:.1f} ms (target {target:g} ms)"
+        explained_ms = self.rung.max_wait_ms + 2 * judged.device_p99_ms + 1.0
+        saturated = None
         if growth > ceiling and queue_depth > ceiling:
+            saturated = f"the queue grew by {growth} items in the window"
+        elif p99_ms > target and judged.queue_p99_ms > explained_ms:
+            saturated = (
+                f"queue wait p99 {judged.queue_p99_ms:.1f} ms is a backlog, beyond the "
+                f"window and the batch ahead ({explained_ms:.1f} ms)"
+            )
+        if saturated is not None:
             if here == 0:
-                return None  # overloaded at the operator's settings: nothing to gain
+                return None  # saturated at the operator's settings: nothing to gain
             self._no_tighten.bar(here, self._windows)
             return self._to(
                 here - 1,
                 "back_off",
-                f"the queue grew by {growth} items in the window: {self._name(here)} "
-                f"serves less than arrives; {measured}",
+                f"{saturated}: the devices are saturated and {self._name(here)} serves "
+                f"less; {measured}",
             )
         if p99_ms > target:
-            if here == last:
+            if here == last or self._no_tighten.barred(here + 1, self._windows):
+                if here == 0:
+                    return None  # held at the operator's settings for the cooldown
+                # The tightest setting, or the next one saturated the devices recently.
                 self._no_tighten.bar(1, self._windows)
                 return self._to(
                     0,
                     "back_off",
-                    f"{measured} even at the tightest setting: batching cannot meet the "
-                    "target at this load; serving the most at the operator's settings",
+                    f"{measured} even at the tightest setting the devices sustain: "
+                    "batching cannot meet the target at this load; serving the most at "
+                    "the operator's settings",
                 )
-            if self._no_tighten.barred(here + 1, self._windows):
-                return None  # tighter overloaded (or missed anyway) recently
             self._no_loosen.bar(here, self._windows)
             return self._to(here + 1, "tighten", measured)
         if p99_ms < self.config.headroom * target and here > 0:

@@ -254,6 +254,8 @@ class SloWindow(BaseModel):
     p99_ms: float = Field(description="p99 of queue plus device time over the window.")
     items: int
     queue_growth: int = Field(description="Queue depth at its end minus at its start.")
+    queue_p99_ms: float = Field(description="p99 of the queue wait alone.")
+    device_p99_ms: float = Field(description="p99 of a batch's device time.")
 
 
 class SloChange(BaseModel):

@@ -52,7 +52,11 @@ def batching_of(runtime: Runtime) -> Batching:
                 steps=slo.rungs,
                 last_window=judged
                 and SloWindow(
-                    p99_ms=judged.p99_ms, items=judged.items, queue_growth=judged.queue_growth
+                    p99_ms=judged.p99_ms,
+                    items=judged.items,
+                    queue_growth=judged.queue_growth,
+                    queue_p99_ms=judged.queue_p99_ms,
+                    device_p99_ms=judged.device_p99_ms,
                 ),
                 last_change=last and SloChange(action=last.action, reason=last.reason),
                 changes=slo.adjustments,
