@@ -161,7 +161,8 @@ def render(report: dict[str, Any]) -> str:
         f"Capacity {report['capacity_rps']:.1f} req/s (64 closed-loop clients, the server "
         f"without a target); open-loop Poisson load of {', '.join(f'{p:.0%}' for p in report['phases'])}"  # noqa: E501
         f" of it, {report['phase_s']:g} s each; target p99 {target:g} ms. Servers: "
-        f"`{report['server_args']}` (plus `--slo-p99-ms {target:g}` for the controlled one).",
+        f"`{report['server_args']}` (plus `--slo-p99-ms {target:g}` for the controlled one); "
+        f"run {report.get('order', 'without a target first')}, one after the other.",
         "",
         "| server | phase | load | sent req/s | served req/s | errors | p50 ms | p99 ms | 2-s windows with p99 ≤ target |",  # noqa: E501
         "|---|---|---|---|---|---|---|---|---|",
@@ -239,6 +240,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--phases", default=",".join(str(f) for f in PHASES),
                    help="fractions of capacity, one per step")  # fmt: skip
     p.add_argument("--capacity-rps", type=float, help="skip the capacity probe")
+    p.add_argument("--controlled-first", action="store_true",
+                   help="run the server with the target first (needs --capacity-rps), to "
+                   "tell the controller from the order of the runs")  # fmt: skip
     p.add_argument("--probe-s", type=float, default=15.0)
     p.add_argument("--server-args", default=DEFAULT_SERVER, help="flags for both servers")
     p.add_argument("--seed", type=int, default=0)
@@ -246,6 +250,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS, help="where the report goes")
     args = p.parse_args(argv)
     args.phases = [float(f) for f in args.phases.split(",")]
+    if args.controlled_first and args.capacity_rps is None:
+        p.error("--controlled-first needs --capacity-rps (measured without a target)")
     return args
 
 
@@ -264,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     duration = args.phase_s * len(args.phases)
     arrivals: list[float] = []
     args.out.mkdir(parents=True, exist_ok=True)
-    for arm, flags in zip(arms, ([], target_flags), strict=True):
+    runs = list(zip(arms, ([], target_flags), strict=True))
+    for arm, flags in reversed(runs) if args.controlled_first else runs:
         log = args.out / f"{args.name}-{'slo' if flags else 'plain'}-server.log"
         with server(["server.cli", "serve", *base, *flags], log, cpu=server_cpu) as url:
             if capacity is None:
@@ -285,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         "phases": args.phases,
         "phase_s": args.phase_s,
         "server_args": args.server_args,
+        "order": "controlled first" if args.controlled_first else "without a target first",
         "plot": f"{args.name}.png",
         "arms": [
             {
