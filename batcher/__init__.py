@@ -27,11 +27,14 @@ from batcher.errors import (
 )
 from batcher.items import Result
 from batcher.metrics import OUTCOMES, SECONDS_BUCKETS, EngineMetrics
+from batcher.policy import DISPATCH_REASONS, DispatchReason
 from batcher.runner import Model, Runner, ThreadRunner
+from batcher.slo import SloConfig, SloController
 from batcher.stats import EngineStats, ReplicaStats, State
 
 __all__ = [
     "BATCH_SIZINGS",
+    "DISPATCH_REASONS",
     "LIMITS",
     "OUTCOMES",
     "POLICIES",
@@ -40,6 +43,7 @@ __all__ = [
     "DeadlineExceeded",
     "DeadlineUnreachable",
     "DeviceOutOfMemory",
+    "DispatchReason",
     "Engine",
     "EngineClosed",
     "EngineConfig",
@@ -53,6 +57,8 @@ __all__ = [
     "Policy",
     "QueueFull",
     "ReplicaStats",
+    "SloConfig",
+    "SloController",
     "Result",
     "Runner",
     "State",

@@ -18,8 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from batcher import Engine
-from batcher.policy import DISPATCH_REASONS
+from batcher import DISPATCH_REASONS, Engine
 
 SAMPLE_INTERVAL_S = 1.0
 HISTORY_S = 600.0
