@@ -26,7 +26,7 @@ from batcher.errors import (
     QueueFull,
 )
 from batcher.items import Result
-from batcher.metrics import OUTCOMES, SECONDS_BUCKETS, EngineMetrics
+from batcher.metrics import OUTCOMES, SECONDS_BUCKETS, EngineMetrics, Totals
 from batcher.policy import DISPATCH_REASONS, DispatchReason
 from batcher.runner import Model, Runner, ThreadRunner
 from batcher.slo import SloConfig, SloController
@@ -63,5 +63,6 @@ __all__ = [
     "Runner",
     "State",
     "ThreadRunner",
+    "Totals",
     "check_limit",
 ]

@@ -82,7 +82,6 @@ class Engine(Generic[InT, OutT]):
         self.metrics.max_batch_size.set_function(lambda: self._config.max_batch_size)
         self.metrics.max_wait.set_function(lambda: self._config.max_wait_s)
         self.metrics.slo_target.set_function(lambda: (self._config.slo_p99_ms or 0) / 1e3)
-        self._executor.on_computed = self._observe_latencies
         self._steer_by(self._configured)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -227,6 +226,8 @@ class Engine(Generic[InT, OutT]):
             self._slo = SloController(
                 SloConfig(target), configured.max_batch_size, configured.max_wait_ms, self.clock()
             )
+        # Without a target the executor gathers no latencies: nothing on the hot path.
+        self._executor.on_computed = None if self._slo is None else self._observe_latencies
         self._config = self._live_limits()
 
     def _live_limits(self) -> EngineConfig:
@@ -241,8 +242,7 @@ class Engine(Generic[InT, OutT]):
         self, latencies_s: list[float], queue_waits_s: list[float], device_s: float
     ) -> None:
         slo = self._slo
-        if slo is None:
-            return
+        assert slo is not None, "latencies are observed only with a target; this is a bug"
         slo.record(latencies_s, queue_waits_s, device_s)
         judged = slo.judged
         adjustment = slo.judge(self.clock(), len(self._queue))

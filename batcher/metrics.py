@@ -119,7 +119,6 @@ class EngineMetrics:
             "Batches handed to the devices and not finished (at most replicas + 1).",
             registry=r,
         )
-
         self.batches = Counter(
             "microbatch_batches",
             "Batches dispatched, by why they left: idle (a device was free), full "
@@ -145,7 +144,6 @@ class EngineMetrics:
             "over microbatch_replicas_alive is the busy fraction.",
             registry=r,
         )
-
         self.max_batch_size = Gauge(
             "microbatch_max_batch_size",
             "The live max_batch_size (the SLO controller's choice when one is set).",

@@ -22,7 +22,7 @@ import random
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -65,7 +65,11 @@ class Arm:
     adjustments: dict[str, float] = field(default_factory=dict)
 
 
-def rate_schedule(capacity_rps: float, phase_s: float, phases: Sequence[float] = PHASES) -> Any:
+def rate_schedule(
+    capacity_rps: float, phase_s: float, phases: Sequence[float] = PHASES
+) -> Callable[[float], float]:
+    """Requests per second at time `t`: each phase's fraction of capacity, the last held."""
+
     def rate(t: float) -> float:
         return capacity_rps * phases[min(int(t // phase_s), len(phases) - 1)]
 

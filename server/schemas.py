@@ -23,6 +23,7 @@ from pydantic_core import PydanticCustomError
 from batcher import BatchSizing, Policy, check_limit
 from batcher.models import Options
 from server.limits import limit_field
+from server.timeline import Event, Sample
 
 
 def _within_chars(text: str, info: ValidationInfo) -> str:
@@ -418,34 +419,6 @@ def error_responses(reply: type[BaseModel], invalid_status: int = 422) -> dict[i
     }  # fmt: skip
 
 
-class DashboardSample(BaseModel):
-    """One second of the server (see `server.timeline.Sample`)."""
-
-    t: float = Field(description="End of the interval, Unix seconds.")
-    items_per_s: float
-    rejected_per_s: float = Field(description="Items refused with 429 (queue full or deadline).")
-    requests: int = Field(description="Engine-bound requests answered in the interval.")
-    p50_ms: float | None
-    p99_ms: float | None
-    queue_depth: int
-    oldest_age_ms: float
-    in_flight: int
-    batches: dict[str, int] = Field(description="Batches dispatched, by why they left.")
-    mean_batch_size: float | None
-    batch_sizes: dict[int, int] = Field(description="Computed batches, by size.")
-    padding_ratio: float | None
-    busy_fraction: float
-    max_batch_size: int
-    max_wait_ms: float
-    slo_p99_ms: float | None
-    slo_window_p99_ms: float | None
-
-
-class DashboardEvent(BaseModel):
-    t: float
-    text: str
-
-
 class DashboardData(BaseModel):
     """What `GET /dashboard` draws: the samples after `since`, the limit changes, and the
     live settings."""
@@ -457,5 +430,5 @@ class DashboardData(BaseModel):
     interval_s: float
     history_s: float
     batching: Batching
-    samples: list[DashboardSample]
-    events: list[DashboardEvent]
+    samples: list[Sample]
+    events: list[Event]

@@ -11,14 +11,15 @@ made it. Everything runs on the event-loop thread.
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from batcher import DISPATCH_REASONS, Engine
+from batcher import DISPATCH_REASONS, Engine, EngineStats, Totals
 
 SAMPLE_INTERVAL_S = 1.0
 HISTORY_S = 600.0
@@ -29,7 +30,11 @@ MAX_LATENCIES = 100_000
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """One interval, ending at `t` (Unix seconds)."""
+    """One interval, ending at `t` (Unix seconds): items computed and refused (429:
+    queue full or deadline) per second; the engine-bound requests answered and their
+    p50/p99; the queue; batches dispatched by why they left and computed by size; the
+    live limits and the SLO controller's last window. `GET /dashboard/data` sends these
+    as they are."""
 
     t: float
     items_per_s: float
@@ -59,17 +64,12 @@ class Event:
     text: str
 
 
-@dataclass(slots=True)
-class _Previous:
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
     at: float
-    counts: dict[str, int]
-    batches: dict[str, int]
-    batch_sizes: Counter[int]
-    real_tokens: int
-    padded_tokens: int
-    compute_s: float
-    limits: tuple[object, ...]
-    slo_changes: int
+    stats: EngineStats
+    totals: Totals
+    """A copy of the engine's running totals at `at`."""
 
 
 @dataclass
@@ -84,36 +84,15 @@ class Timeline:
     clock: Callable[[], float] = time.time
     samples: deque[Sample] = field(init=False)
     events: deque[Event] = field(init=False)
-    _previous: _Previous = field(init=False)
+    _previous: _Snapshot = field(init=False)
 
     def __post_init__(self) -> None:
         self.samples = deque(maxlen=max(1, math.ceil(self.history_s / self.interval_s)))
         self.events = deque(maxlen=200)
         self._previous = self._snapshot(self.clock())
 
-    def _snapshot(self, now: float) -> _Previous:
-        engine, totals = self.engine, self.engine.metrics.totals
-        stats = engine.stats()
-        config = stats.config
-        return _Previous(
-            at=now,
-            counts=dict(stats.items),
-            batches=dict(totals.batches),
-            batch_sizes=Counter(totals.batch_sizes),
-            real_tokens=totals.real_tokens,
-            padded_tokens=totals.padded_tokens,
-            compute_s=totals.compute_s,
-            limits=(
-                config.max_batch_size,
-                config.max_wait_ms,
-                config.max_batch_tokens,
-                config.max_queue_size,
-                config.policy,
-                config.batch_sizing,
-                config.slo_p99_ms,
-            ),
-            slo_changes=stats.slo.adjustments if stats.slo is not None else 0,
-        )
+    def _snapshot(self, now: float) -> _Snapshot:
+        return _Snapshot(now, self.engine.stats(), copy.deepcopy(self.engine.metrics.totals))
 
     def sample(self) -> Sample:
         """Close the interval since the previous sample and keep it."""
@@ -121,18 +100,19 @@ class Timeline:
         before, after = self._previous, self._snapshot(now)
         self._previous = after
         elapsed = max(after.at - before.at, 1e-9)
-        stats = self.engine.stats()
+        stats, was, new = after.stats, before.totals, after.totals
 
         def per_s(name: str) -> float:
-            return (after.counts[name] - before.counts[name]) / elapsed
+            return (stats.items[name] - before.stats.items[name]) / elapsed
 
         latencies = sorted(self.latencies)
         self.latencies.clear()
-        sizes = after.batch_sizes - before.batch_sizes
+        sizes = new.batch_sizes - was.batch_sizes
         computed = sum(sizes.values())
-        real = after.real_tokens - before.real_tokens
-        padded = after.padded_tokens - before.padded_tokens
-        busy = (after.compute_s - before.compute_s) / (elapsed * max(1, self.engine.alive_replicas))
+        real = new.real_tokens - was.real_tokens
+        padded = new.padded_tokens - was.padded_tokens
+        alive = max(1, sum(r.alive for r in stats.replicas))
+        busy = (new.compute_s - was.compute_s) / (elapsed * alive)
         slo = stats.slo
         sample = Sample(
             t=now,
@@ -144,7 +124,7 @@ class Timeline:
             queue_depth=stats.queue_depth,
             oldest_age_ms=self.engine.oldest_age() * 1e3,
             in_flight=stats.in_flight,
-            batches={r: after.batches[r] - before.batches[r] for r in DISPATCH_REASONS},
+            batches={r: new.batches[r] - was.batches[r] for r in DISPATCH_REASONS},
             mean_batch_size=sum(s * n for s, n in sizes.items()) / computed if computed else None,
             batch_sizes=dict(sorted(sizes.items())),
             padding_ratio=padded / real if real else None,
@@ -155,18 +135,9 @@ class Timeline:
             slo_window_p99_ms=slo.judged.p99_ms if slo is not None and slo.judged else None,
         )
         self.samples.append(sample)
-        if after.limits != before.limits:
-            self.events.append(Event(now, self._why(after, before)))
+        if stats.config != before.stats.config:
+            self.events.append(Event(now, _why(after.stats, before.stats)))
         return sample
-
-    def _why(self, after: _Previous, before: _Previous) -> str:
-        config = self.engine.config
-        now = f"max_batch_size {config.max_batch_size}, max_wait_ms {config.max_wait_ms:g}"
-        slo = self.engine.stats().slo
-        if slo is not None and slo.last is not None and after.slo_changes != before.slo_changes:
-            return f"SLO controller, {slo.last.action.replace('_', ' ')}: {slo.last.reason}"
-        target = f", slo_p99_ms {config.slo_p99_ms:g}" if config.slo_p99_ms else ""
-        return f"set through PATCH /admin/batching: {now}, policy {config.policy}{target}"
 
     def since(self, t: float) -> list[Sample]:
         """The samples taken after `t` (Unix seconds), oldest first."""
@@ -177,6 +148,18 @@ class Timeline:
         while True:
             await asyncio.sleep(self.interval_s)
             self.sample()
+
+
+def _why(now: EngineStats, before: EngineStats) -> str:
+    """Who changed the live limits between two snapshots: the SLO controller (with its
+    reason), or an operator."""
+    slo, config = now.slo, now.config
+    changes = before.slo.adjustments if before.slo is not None else 0
+    if slo is not None and slo.last is not None and slo.adjustments != changes:
+        return f"SLO controller, {slo.last.action.replace('_', ' ')}: {slo.last.reason}"
+    limits = f"max_batch_size {config.max_batch_size}, max_wait_ms {config.max_wait_ms:g}"
+    target = f", slo_p99_ms {config.slo_p99_ms:g}" if config.slo_p99_ms else ""
+    return f"set through PATCH /admin/batching: {limits}, policy {config.policy}{target}"
 
 
 def _quantile(ordered: list[float], q: float) -> float | None:

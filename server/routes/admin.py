@@ -42,7 +42,6 @@ def batching_of(runtime: Runtime) -> Batching:
     slo = stats.slo
     if slo is None:
         return batching
-    judged, last = slo.judged, slo.last
     return batching.model_copy(
         update={
             "configured": ConfiguredLimits.model_validate(stats.configured, from_attributes=True),
@@ -50,15 +49,9 @@ def batching_of(runtime: Runtime) -> Batching:
                 target_p99_ms=slo.target_p99_ms,
                 step=slo.index,
                 steps=slo.rungs,
-                last_window=judged
-                and SloWindow(
-                    p99_ms=judged.p99_ms,
-                    items=judged.items,
-                    queue_growth=judged.queue_growth,
-                    queue_p99_ms=judged.queue_p99_ms,
-                    device_p99_ms=judged.device_p99_ms,
-                ),
-                last_change=last and SloChange(action=last.action, reason=last.reason),
+                last_window=slo.judged
+                and SloWindow.model_validate(slo.judged, from_attributes=True),
+                last_change=slo.last and SloChange.model_validate(slo.last, from_attributes=True),
                 changes=slo.adjustments,
             ),
         }

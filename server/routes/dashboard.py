@@ -11,7 +11,7 @@ from fastapi.responses import HTMLResponse
 
 from server.routes.admin import batching_of
 from server.routes.parsing import RuntimeDep
-from server.schemas import DashboardData, DashboardEvent, DashboardSample
+from server.schemas import DashboardData
 
 router = APIRouter(tags=["dashboard"])
 
@@ -41,8 +41,6 @@ async def dashboard_data(
         interval_s=timeline.interval_s,
         history_s=timeline.history_s,
         batching=batching_of(runtime),
-        samples=[
-            DashboardSample.model_validate(s, from_attributes=True) for s in timeline.since(since)
-        ],
-        events=[DashboardEvent(t=e.t, text=e.text) for e in timeline.events if e.t > since],
+        samples=timeline.since(since),
+        events=[e for e in timeline.events if e.t > since],
     )
