@@ -32,6 +32,7 @@ from batcher.models import (
 from server.schemas import ThreadsInfo
 from server.settings import Settings
 from server.timeline import MAX_LATENCIES, Timeline
+from server.tokenizing import Tokenizer
 
 logger = logging.getLogger("microbatch.server")
 
@@ -145,6 +146,8 @@ class Runtime:
         """One per replica (device)."""
         self.model = self.models[0]
         """The first replica's model: it encodes inputs and describes the model."""
+        self.tokenizer = Tokenizer(self.model)
+        """Tokenizes the requests' texts off the loop, in batches."""
         self._runners = [
             ThreadRunner(m, thread_name=f"microbatch-device-{i}") for i, m in enumerate(self.models)
         ]
@@ -292,6 +295,7 @@ class Runtime:
             if self._sampler is not None:
                 self._sampler.cancel()
                 await asyncio.gather(self._sampler, return_exceptions=True)
+            await self.tokenizer.aclose()
             for runner in self._runners:
                 await asyncio.to_thread(runner.close)
             logger.info("stopped: %s", self.item_counts())

@@ -86,6 +86,12 @@ TruncationDirection = Literal["right", "left"]
 WarmStep = Callable[[int, int, str], None]
 """Told of each warm-up shape before it runs: (step, steps, what)."""
 
+CUT_CHARS_PER_TOKEN = 8
+"""A single text longer than `max_tokens` x this many characters is cut, at a space,
+before it is tokenized: the tokenizer's cost grows with the whole text, not with the
+tokens kept. If the cut text no longer overflows the limit, the whole text is tokenized
+after all, so the ids are always those of the whole text truncated."""
+
 
 @dataclass(frozen=True, slots=True)
 class Token:
@@ -98,6 +104,17 @@ class Token:
     start: int | None
     """Character offsets in the input; None for special tokens."""
     stop: int | None
+
+
+def _cut_at_space(text: str, chars: int, direction: TruncationDirection) -> str:
+    """The first (or, cutting from the left, the last) `chars` characters of `text`,
+    ending (starting) at a space when there is one in the second half of the piece."""
+    if direction == "right":
+        space = text.rfind(" ", chars // 2, chars)
+        return text[: space if space > 0 else chars]
+    start = len(text) - chars
+    space = text.find(" ", start, start + chars // 2)
+    return text[space + 1 if space >= 0 else start :]
 
 
 Inputs = dict[str, torch.Tensor]
@@ -153,6 +170,8 @@ class TextModel:
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=loaded.max_tokens)
         self._left_tokenizer: Any = None
+        self._cut_chars: int | None = loaded.max_tokens * CUT_CHARS_PER_TOKEN
+        self._cut_chars = self._cut_chars if self._cutting_is_exact() else None
         self._special_ids = set(getattr(loaded.tokenizer, "all_special_ids", ()))
         self.vocab_size = int(self._tokenizer.get_vocab_size(with_added_tokens=True))
         self._pad_id = int(loaded.tokenizer.pad_token_id or 0)
@@ -228,7 +247,8 @@ class TextModel:
     ) -> Encoded:
         """Tokenize one input (a text, or a text pair for classify/rerank) under
         `options`. Raises InvalidOption."""
-        if options == DEFAULT_OPTIONS and pair is None and not self.description.default_prompt:
+        simple = options == DEFAULT_OPTIONS and pair is None and not self.description.default_prompt
+        if simple and (self._cut_chars is None or len(text) <= self._cut_chars):
             encoding = self._tokenizer.encode(text)  # the common case, without the checks
             return Encoded(encoding.ids, bool(encoding.overflowing), normalize=self._normalize)
         return self.encode_many([text], None if pair is None else [pair], options)[0]
@@ -247,9 +267,10 @@ class TextModel:
         if pairs is not None:
             encodings = tokenizer.encode_batch(list(zip(texts, pairs, strict=True)))
         elif prompt:
-            encodings = tokenizer.encode_batch([prompt + t for t in texts])
+            encodings = self._cut_and_encode(tokenizer, [prompt + t for t in texts],
+                                             truncation_direction)  # fmt: skip
         else:
-            encodings = tokenizer.encode_batch(list(texts))
+            encodings = self._cut_and_encode(tokenizer, list(texts), truncation_direction)
         prompt_tokens = 0 if self._prompt_pooled or not prompt else self._prompt_length(prompt)
         return [
             Encoded(
@@ -261,6 +282,41 @@ class TextModel:
             )
             for e in encodings
         ]
+
+    def _cutting_is_exact(self) -> bool:
+        """Whether cutting long texts at a space gives the same ids as tokenizing them
+        whole, for this tokenizer (true of whitespace-splitting ones such as WordPiece,
+        byte-level BPE and Metaspace); checked once, at load, on long probe texts."""
+        probe = " ".join(PROBE_TEXTS) + " "
+        cut = self._cut_chars
+        assert cut is not None
+        texts = [(probe * (2 + cut // len(probe)))[: cut * 3 // 2 + shift] for shift in range(3)]
+        right, left = self._tokenizer, self._left()
+        sides: tuple[tuple[Any, TruncationDirection], ...] = ((right, "right"), (left, "left"))
+        for text in texts:
+            for tokenizer, direction in sides:
+                whole = tokenizer.encode(text).ids
+                [kept] = self._cut_and_encode(tokenizer, [text], direction)
+                if kept.ids != whole:
+                    logger.info("tokenizing long texts whole: cutting changes this tokenizer's ids")
+                    return False
+        return True
+
+    def _cut_and_encode(
+        self, tokenizer: Any, texts: list[str], direction: TruncationDirection
+    ) -> list[Any]:
+        """`tokenizer.encode_batch(texts)`, with texts over the cut length cut first (see
+        CUT_CHARS_PER_TOKEN); those whose cut no longer overflows are tokenized whole."""
+        cut = self._cut_chars
+        if cut is None or all(len(t) <= cut for t in texts):
+            return list(tokenizer.encode_batch(texts))
+        cuts = [t if len(t) <= cut else _cut_at_space(t, cut, direction) for t in texts]
+        encodings = list(tokenizer.encode_batch(cuts))
+        redo = [i for i, e in enumerate(encodings) if cuts[i] is not texts[i] and not e.overflowing]
+        if redo:
+            for i, e in zip(redo, tokenizer.encode_batch([texts[i] for i in redo]), strict=True):
+                encodings[i] = e
+        return encodings
 
     def _left(self) -> Any:
         """A copy of the tokenizer that cuts over-long inputs from the left."""

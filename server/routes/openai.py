@@ -100,7 +100,7 @@ async def embeddings(request: Request) -> Response:
     needs_task(model, "embed", "/v1/embeddings", "an embedding model")
     deadline = deadline_of(engine, runtime, request)
     options = OutputOptions(dimensions=body.dimensions)
-    items = encode_inputs(model, body.input, options, "input")
+    items = await encode_inputs(runtime, body.input, options, "input")
     check_tokens(items, model, runtime, "input", None, listed=True)
     results = await submit_all(request, runtime, engine, items, deadline)
     tokens = sum(len(item.ids) for item in items)

@@ -102,28 +102,28 @@ def invalid(field: str, msg: str, kind: str = "value_error") -> RequestValidatio
     return RequestValidationError([{"loc": ("body", field), "msg": msg, "type": kind}])
 
 
-def encode(
-    model: ServedModel,
+async def encode(
+    runtime: Runtime,
     texts: Sequence[str],
     pairs: Sequence[str] | None,
     body: OutputOptions,
     truncation_direction: TruncationDirection = "right",
 ) -> list[Encoded]:
-    """Tokenize under the request's options; an option the model cannot honour is 422."""
+    """Tokenize under the request's options, off the loop and batched with other
+    requests (`server.tokenizing`); an option the model cannot honour is 422."""
+    model = runtime.model
     if body.all_scores and model.task == "embed":
         raise invalid("all_scores", "all_scores applies to classify and rerank models")
     if body.encoding_format != "float" and model.task != "embed":
         raise invalid("encoding_format", "encoding_format applies to embedding models")
     try:
-        if len(texts) == 1 and pairs is None and truncation_direction == "right":
-            return [model.encode(texts[0], None, body.options())]
-        return model.encode_many(texts, pairs, body.options(), truncation_direction)
+        return await runtime.tokenizer.encode(texts, pairs, body.options(), truncation_direction)
     except InvalidOption as exc:
         raise invalid(exc.field, str(exc)) from None
 
 
-def encode_inputs(
-    model: ServedModel,
+async def encode_inputs(
+    runtime: Runtime,
     inputs: Sequence[str | list[int]],
     body: OutputOptions,
     field: str,
@@ -131,13 +131,14 @@ def encode_inputs(
 ) -> list[Encoded]:
     """Texts and token-id sequences, in one request and in order (OpenAI's and TEI's
     `input`): each kind encoded in one call."""
+    model = runtime.model
     texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
     if len(texts) == len(inputs):
-        return encode(model, [t for _, t in texts], None, body, truncation_direction)
+        return await encode(runtime, [t for _, t in texts], None, body, truncation_direction)
     ids = [(i, x) for i, x in enumerate(inputs) if not isinstance(x, str)]
     out: list[Encoded | None] = [None] * len(inputs)
     if texts:
-        encoded = encode(model, [t for _, t in texts], None, body, truncation_direction)
+        encoded = await encode(runtime, [t for _, t in texts], None, body, truncation_direction)
         for (i, _), item in zip(texts, encoded, strict=True):
             out[i] = item
     try:
@@ -205,7 +206,7 @@ async def rank(
     model, engine = serving(runtime)
     needs_task(model, "rerank", route, "a cross-encoder with one output score")
     deadline = deadline_of(engine, runtime, request)
-    items = encode(model, [query] * len(texts), texts, options, truncation_direction)
+    items = await encode(runtime, [query] * len(texts), texts, options, truncation_direction)
     check_tokens(items, model, runtime, field, truncate)
     results = await submit_all(request, runtime, engine, items, deadline)
     scores = [cast("Classification", r.value).score for r in results]

@@ -64,7 +64,7 @@ async def predict(request: Request) -> Response:
     model, engine = serving(runtime)
     pair = None if body.text_pair is None else [body.text_pair]
     deadline = deadline_of(engine, runtime, request)
-    [item] = encode(model, [body.text], pair, body)
+    [item] = await encode(runtime, [body.text], pair, body)
     check_tokens([item], model, runtime, "text", body.truncate)
     result = await unless_disconnected(request, runtime, engine.submit(item, deadline=deadline))
     shaped = _shape(result.value, item, model.labels, body)
@@ -84,7 +84,7 @@ async def predict_batch(request: Request) -> Response:
     body = await parse(request, BatchPredictRequest, runtime)
     model, engine = serving(runtime)
     deadline = deadline_of(engine, runtime, request)
-    items = encode(model, body.texts, body.text_pairs, body)
+    items = await encode(runtime, body.texts, body.text_pairs, body)
     check_tokens(items, model, runtime, "texts", body.truncate)
     results = await submit_all(request, runtime, engine, items, deadline)
     shaped = [

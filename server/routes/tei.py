@@ -136,7 +136,7 @@ async def embed(request: Request) -> Response:
         normalize=body.normalize, prompt_name=body.prompt_name, dimensions=body.dimensions
     )
     direction = _direction(body.truncation_direction)
-    items = encode_inputs(model, body.inputs, options, "inputs", direction)
+    items = await encode_inputs(runtime, body.inputs, options, "inputs", direction)
     check_tokens(items, model, runtime, "inputs", body.truncate, listed=True)
     results = await submit_all(request, runtime, engine, items, deadline)
     vectors = [cast("list[float]", r.value) for r in results]
@@ -178,10 +178,10 @@ async def rerank(request: Request) -> Response:
 async def tokenize(request: Request) -> Response:
     runtime = runtime_of(request)
     body = await parse(request, TokenizeRequest, runtime)
-    model, _ = serving(runtime)
+    serving(runtime)  # 503 unless ready
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     try:
-        tokens = model.tokenize(texts, body.add_special_tokens, body.prompt_name)
+        tokens = await runtime.tokenizer.tokenize(texts, body.add_special_tokens, body.prompt_name)
     except ValueError as exc:  # InvalidOption: an unknown prompt
         raise invalid("prompt_name", str(exc)) from None
     shaped = [

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from batcher.models import DtypeOption, LoadOptions, ModelLoadError, Options, TextModel, load
+from batcher.models import (
+    DtypeOption,
+    LoadOptions,
+    ModelLoadError,
+    Options,
+    TextModel,
+    TruncationDirection,
+    load,
+)
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:
@@ -80,6 +88,34 @@ def test_long_text_is_truncated_to_the_token_limit(tiny_encoder_dir: Path) -> No
     long, short = model.encode("word " * 100), model.encode("word")
     assert (len(long.ids), long.truncated) == (16, True)
     assert short.truncated is False
+
+
+@pytest.mark.parametrize("direction", ["right", "left"])
+def test_huge_texts_cut_before_tokenizing_keep_the_whole_texts_ids(
+    tiny_encoder_dir: Path, direction: TruncationDirection
+) -> None:
+    """Texts far over the limit are cut at a space before the tokenizer sees them; the
+    ids must still be those that transformers' own tokenizer gives the whole text."""
+    from transformers import AutoTokenizer
+
+    model = TextModel.load(LoadOptions(source=str(tiny_encoder_dir), compile=False))
+    assert model._cut_chars is not None, "WordPiece splits at spaces: cutting is exact"
+    reference = AutoTokenizer.from_pretrained(tiny_encoder_dir)  # its own backend copy
+    reference.truncation_side = direction
+    rng = random.Random(1)
+    words = "alpha beta δέλτα 東京は日本の首都 supercalifragilistic x, y. (z) don't 123 ".split(" ")
+    texts = [" ".join(rng.choices(words, k=rng.randint(300, 3000))) for _ in range(30)]
+    # Cut, these no longer overflow (a 20-character word is one [UNK]; a 5,000-character
+    # word too): they must be tokenized whole after all.
+    texts += ["u" * 20 + (" " + "u" * 20) * 300, "u" * 5000, "word " * 2000]
+    assert max(len(t) for t in texts) > 4 * model._cut_chars
+    encoded = model.encode_many(texts, truncation_direction=direction)
+    for text, item in zip(texts, encoded, strict=True):
+        expected = reference(text, truncation=True, max_length=model.max_tokens)["input_ids"]
+        assert item.ids == expected
+        assert item.truncated == (len(reference(text)["input_ids"]) > model.max_tokens)
+    if direction == "right":
+        assert [model.encode(t).ids for t in texts] == [item.ids for item in encoded]
 
 
 def test_max_tokens_above_the_model_limit_is_refused(tiny_encoder_dir: Path) -> None:

@@ -1,0 +1,167 @@
+"""Tokenization off the event loop, in batches.
+
+The loop only parses, admits and replies. Requests hand their texts to `Tokenizer`,
+which runs them on its own thread: while that thread is busy, the texts of every request
+that arrives are gathered, and run as one batch call of the Rust tokenizer per kind of
+request (the same options, pairs or not, the same truncation side) the moment it frees
+up, as the engine's adaptive policy does with forward passes. The batch call releases
+the GIL, so tokenizing overlaps with the forward pass on the device thread and with the
+loop itself.
+
+Futures are touched only on the loop; the thread only computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
+
+from batcher.models import DEFAULT_OPTIONS, Encoded, Options, Token, TruncationDirection
+
+if TYPE_CHECKING:
+    from server.runtime import ServedModel
+
+logger = logging.getLogger("microbatch.server")
+
+T = TypeVar("T")
+
+Kind = tuple[Options, bool, TruncationDirection]
+"""What requests must share to be tokenized in one call: options, paired, side."""
+
+
+@dataclass(slots=True)
+class _Call:
+    """One request's texts (and pairs) and the future its route awaits."""
+
+    kind: Kind
+    texts: Sequence[str]
+    pairs: Sequence[str] | None
+    future: asyncio.Future[list[Encoded]]
+
+
+@dataclass(slots=True)
+class _Outcome:
+    encoded: list[Encoded] | None = None
+    error: Exception | None = None
+    calls: list[_Call] = field(default_factory=list)
+
+
+def _encode_kinds(model: ServedModel, calls: list[_Call]) -> list[_Outcome]:
+    """On the tokenizer thread: one `encode_many` per kind of call, in arrival order."""
+    groups: dict[Kind, list[_Call]] = {}
+    for call in calls:
+        groups.setdefault(call.kind, []).append(call)
+    outcomes = []
+    for (options, paired, direction), group in groups.items():
+        texts = [t for call in group for t in call.texts]
+        pairs = [p for call in group for p in call.pairs or ()] if paired else None
+        outcome = _Outcome(calls=group)
+        try:
+            outcome.encoded = model.encode_many(texts, pairs, options, direction)
+        except Exception as exc:  # InvalidOption (the same for the whole group), or a bug
+            outcome.error = exc
+        outcomes.append(outcome)
+    return outcomes
+
+
+class Tokenizer:
+    """Tokenizes requests' texts on one thread, gathering those that arrive while it is
+    busy into one batch call. `close` stops the thread."""
+
+    def __init__(self, model: ServedModel) -> None:
+        self._model = model
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="microbatch-tokenizer")
+        self._waiting: list[_Call] = []
+        self._running: asyncio.Task[None] | None = None
+        self.calls = 0
+        """Batch calls made so far (each serves every request gathered for it)."""
+
+    async def encode(
+        self,
+        texts: Sequence[str],
+        pairs: Sequence[str] | None = None,
+        options: Options = DEFAULT_OPTIONS,
+        truncation_direction: TruncationDirection = "right",
+    ) -> list[Encoded]:
+        """`model.encode_many(texts, pairs, options, truncation_direction)`, batched with
+        the calls of other requests. Raises what it raises (InvalidOption)."""
+        loop = asyncio.get_running_loop()
+        kind = (options, pairs is not None, truncation_direction)
+        call = _Call(kind, texts, pairs, loop.create_future())
+        self._waiting.append(call)
+        if self._running is None:
+            self._running = asyncio.create_task(self._run(), name="microbatch-tokenize")
+        return await call.future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._waiting:
+                calls, self._waiting = self._waiting, []
+                try:
+                    outcomes = await loop.run_in_executor(
+                        self._thread, _encode_kinds, self._model, calls
+                    )
+                except BaseException as exc:
+                    for call in calls:
+                        _settle(call.future, None, exc)
+                    raise
+                self.calls += len(outcomes)
+                for outcome in outcomes:
+                    _deliver(outcome)
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError):
+                logger.exception("tokenizer failed; this is a bug")
+            for call in self._waiting:
+                _settle(call.future, None, RuntimeError("the tokenizer stopped"))
+            self._waiting = []
+            raise
+        finally:
+            self._running = None
+
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
+        """Run `fn(*args)` on the tokenizer thread (TEI's /tokenize)."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def tokenize(
+        self, texts: Sequence[str], add_special_tokens: bool, prompt_name: str | None
+    ) -> list[list[Token]]:
+        return await self.call(self._model.tokenize, texts, add_special_tokens, prompt_name)
+
+    async def aclose(self) -> None:
+        """Finish what is gathered, then stop the thread."""
+        if self._running is not None:
+            await asyncio.gather(self._running, return_exceptions=True)
+        await asyncio.to_thread(self._thread.shutdown, True)
+
+
+def _deliver(outcome: _Outcome) -> None:
+    if outcome.error is not None:
+        for call in outcome.calls:
+            _settle(call.future, None, outcome.error)
+        return
+    encoded = outcome.encoded
+    assert encoded is not None
+    start = 0
+    for call in outcome.calls:
+        stop = start + len(call.texts)
+        _settle(call.future, encoded[start:stop], None)
+        start = stop
+    if start != len(encoded):
+        raise RuntimeError(f"{len(encoded)} encodings for {start} texts; this is a bug")
+
+
+def _settle(
+    future: asyncio.Future[list[Encoded]], value: list[Encoded] | None, error: BaseException | None
+) -> None:
+    if future.done():  # its request went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        assert value is not None
+        future.set_result(value)
