@@ -18,6 +18,9 @@ class QueueFull(EngineError):
         self.queue_size = queue_size
         self.max_queue_size = max_queue_size
 
+    def __reduce__(self) -> tuple[type[QueueFull], tuple[int, int]]:
+        return type(self), (self.queue_size, self.max_queue_size)  # across processes
+
 
 class DeadlineUnreachable(EngineError):
     """At the rate the devices drain the queue, the item would wait past its deadline:
@@ -30,6 +33,9 @@ class DeadlineUnreachable(EngineError):
         )
         self.expected_wait_s = expected_wait_s
         self.allowed_s = allowed_s
+
+    def __reduce__(self) -> tuple[type[DeadlineUnreachable], tuple[float, float]]:
+        return type(self), (self.expected_wait_s, self.allowed_s)
 
 
 class EngineClosed(EngineError):
@@ -50,6 +56,9 @@ class ItemTooLarge(EngineError):
         )
         self.cost = cost
         self.max_batch_tokens = max_batch_tokens
+
+    def __reduce__(self) -> tuple[type[ItemTooLarge], tuple[int, int]]:
+        return type(self), (self.cost, self.max_batch_tokens)
 
 
 class InferenceFailed(EngineError):

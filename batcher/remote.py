@@ -1,0 +1,356 @@
+"""The engine across processes: an `EngineServer` serves one engine on a Unix socket;
+each front-end process holds a `RemoteEngine`, whose `submit_many` behaves as the
+engine's own: the same errors (QueueFull, DeadlineExceeded, EngineClosed, ...), the same
+deadlines, and a caller that goes away cancels its items before they are computed.
+
+The engine batches the items of every connected front-end together, so batches stay as
+deep as with one process, and the queue and its bound are the engine's one queue.
+
+Wire format: frames of a 4-byte big-endian length and a pickled list of messages. Each
+side gathers what it has to send during one turn of its loop into one frame (one
+system call per turn, not one per request): 32 results settled by one batch leave as one
+frame. Pickle is safe here because the socket lives in a directory only this user can
+open (`socket_dir`), and both ends are the same program.
+
+Touched only on each process's event-loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+import struct
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+from batcher.engine import Engine
+from batcher.errors import EngineClosed
+from batcher.items import Result
+
+InT = TypeVar("InT")
+OutT = TypeVar("OutT")
+
+logger = logging.getLogger("batcher.remote")
+
+_LENGTH = struct.Struct(">I")
+MAX_FRAME_BYTES = 1 << 30
+"""A frame larger than this is a broken peer, not a message."""
+
+ControlOp = Literal["stats", "reconfigure", "call"]
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    """Queue `payloads` (all or none); `timeout_s` from now, on the engine's clock."""
+
+    call: int
+    payloads: Sequence[Any]
+    timeout_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """The caller of `call` went away: its items not yet computed never will be."""
+
+    call: int
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """Ask the engine process something: `stats`, `reconfigure` (args: the changes), or
+    `call` (args: name and its arguments, one of the handlers the server was given)."""
+
+    call: int
+    op: ControlOp
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The outcome of `call`: its value, or the error its caller raises."""
+
+    call: int
+    value: Any = None
+    error: BaseException | None = None
+
+
+Message = Submit | Cancel | Control | Reply
+
+
+class _Link:
+    """One end of a connection: gathers messages into one frame per loop turn."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._outbox: list[Message] = []
+        self.frames_sent = 0
+
+    def send(self, message: Message) -> None:
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append(message)
+
+    def _flush(self) -> None:
+        messages, self._outbox = self._outbox, []
+        if self._writer.is_closing():
+            return
+        frame = pickle.dumps(messages, protocol=pickle.HIGHEST_PROTOCOL)
+        self._writer.write(_LENGTH.pack(len(frame)) + frame)
+        self.frames_sent += 1
+
+    async def drain(self) -> None:
+        await self._writer.drain()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> list[Message] | None:
+    """The next frame's messages, or None when the peer closed the connection."""
+    try:
+        (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+        if length > MAX_FRAME_BYTES:
+            raise ConnectionError(f"a frame of {length} bytes; the peer is broken")
+        messages: list[Message] = pickle.loads(await reader.readexactly(length))
+    except (asyncio.IncompleteReadError, ConnectionResetError):
+        return None
+    return messages
+
+
+def socket_dir() -> str:
+    """A new directory only this user can open, for the engine's socket."""
+    return tempfile.mkdtemp(prefix="microbatch-")
+
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+class EngineServer(Generic[InT, OutT]):
+    """Serves `engine` on the Unix socket `path` to any number of front-ends.
+
+    `reconfigure(changes)` applies a change of limits (the server's, which may warm new
+    shapes first; default: `engine.reconfigure`); `handlers` are named coroutines a
+    front-end may `call` (the model's description, the metrics text). A front-end whose
+    connection drops has its queued items cancelled, as a client that hangs up does.
+    """
+
+    def __init__(
+        self,
+        engine: Engine[InT, OutT],
+        path: str,
+        *,
+        reconfigure: Callable[[Mapping[str, object]], Awaitable[object]] | None = None,
+        handlers: Mapping[str, Handler] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.path = path
+        self._reconfigure = reconfigure
+        self._handlers = dict(handlers or {})
+        self._server: asyncio.Server | None = None
+        self._connections: dict[asyncio.Task[None], _Link] = {}
+        self.connected = 0
+        """Front-ends connected now."""
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._serve, path=self.path)
+        os.chmod(self.path, 0o600)
+
+    async def aclose(self) -> None:
+        """Stop accepting connections and close those open (their callers get
+        EngineClosed). Drain the engine first to answer everything admitted."""
+        if self._server is not None:
+            self._server.close()
+        for link in self._connections.values():
+            link.close()  # its reader sees the end, and the connection's task ends
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        link = _Link(writer)
+        self._connections[task] = link
+        self.connected += 1
+        calls: dict[int, asyncio.Task[None]] = {}
+        try:
+            while (messages := await _read_frame(reader)) is not None:
+                for message in messages:
+                    if isinstance(message, Submit):
+                        calls[message.call] = self._start(message, link, calls)
+                    elif isinstance(message, Cancel):
+                        running = calls.get(message.call)
+                        if running is not None:
+                            running.cancel()
+                    elif isinstance(message, Control):
+                        calls[message.call] = self._start_control(message, link, calls)
+                await link.drain()  # back-pressure: a slow reader slows its own writes
+        finally:
+            # The front-end went away (or we are closing): nobody waits for these.
+            for running in calls.values():
+                running.cancel()
+            await asyncio.gather(*calls.values(), return_exceptions=True)
+            self.connected -= 1
+            self._connections.pop(task, None)
+            link.close()
+
+    def _start(
+        self, message: Submit, link: _Link, calls: dict[int, asyncio.Task[None]]
+    ) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._submit(message, link))
+        task.add_done_callback(lambda _: calls.pop(message.call, None))
+        return task
+
+    async def _submit(self, message: Submit, link: _Link) -> None:
+        engine = self.engine
+        deadline = None if message.timeout_s is None else engine.clock() + message.timeout_s
+        try:
+            results = await engine.submit_many(message.payloads, deadline=deadline)
+        except asyncio.CancelledError:
+            raise  # the caller went away: it waits for no reply
+        except Exception as exc:
+            link.send(Reply(message.call, error=_portable(exc)))
+        else:
+            link.send(Reply(message.call, results))
+
+    def _start_control(
+        self, message: Control, link: _Link, calls: dict[int, asyncio.Task[None]]
+    ) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._control(message, link))
+        task.add_done_callback(lambda _: calls.pop(message.call, None))
+        return task
+
+    async def _control(self, message: Control, link: _Link) -> None:
+        try:
+            if message.op == "stats":
+                value: Any = self.engine.stats()
+            elif message.op == "reconfigure":
+                if self._reconfigure is not None:
+                    await self._reconfigure(dict(message.args))
+                else:
+                    self.engine.reconfigure(**message.args)
+                value = self.engine.stats()
+            else:
+                name = message.args["name"]
+                handler = self._handlers.get(name)
+                if handler is None:
+                    raise ValueError(f"the engine process has no handler {name!r}")
+                value = await handler(*message.args.get("args", ()))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            link.send(Reply(message.call, error=_portable(exc)))
+        else:
+            link.send(Reply(message.call, value))
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """`exc` if it survives pickling, else a RuntimeError with its message: the reply
+    must reach the caller whatever it holds."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    exc.__traceback__ = None
+    return exc
+
+
+class RemoteEngine(Generic[InT, OutT]):
+    """A front-end's handle on the engine of another process (`EngineServer`).
+
+    `submit_many` and `submit` behave as `Engine`'s; deadlines are absolute times on
+    this process's `clock`, sent as time left. Lost connection: every waiting caller
+    gets EngineClosed, and `connected` turns False (the front-end's health fails).
+    """
+
+    def __init__(self, path: str, *, clock: Callable[[], float] | None = None) -> None:
+        self.path = path
+        self._clock = clock
+        self._link: _Link | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._next_call = 0
+        self.connected = False
+
+    def clock(self) -> float:
+        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+
+    async def connect(self) -> None:
+        reader, writer = await asyncio.open_unix_connection(self.path)
+        self._link = _Link(writer)
+        self.connected = True
+        self._reader_task = asyncio.create_task(self._read(reader), name="microbatch-remote")
+
+    async def aclose(self) -> None:
+        if self._link is not None:
+            self._link.close()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+        self._lost("the front-end closed its connection to the engine")
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while (messages := await _read_frame(reader)) is not None:
+                for reply in messages:
+                    assert isinstance(reply, Reply), "the engine sends replies only"
+                    future = self._waiting.pop(reply.call, None)
+                    if future is None or future.done():
+                        continue  # its caller went away
+                    if reply.error is not None:
+                        future.set_exception(reply.error)
+                    else:
+                        future.set_result(reply.value)
+        finally:
+            self._lost("the connection to the engine process was lost")
+
+    def _lost(self, why: str) -> None:
+        if self.connected:
+            logger.error("%s; failing %d waiting calls", why, len(self._waiting))
+        self.connected = False
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(EngineClosed(why))
+
+    def _call(self, make: Callable[[int], Message]) -> tuple[int, asyncio.Future[Any]]:
+        if not self.connected or self._link is None:
+            raise EngineClosed("not connected to the engine process")
+        self._next_call += 1
+        call = self._next_call
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[call] = future
+        self._link.send(make(call))
+        return call, future
+
+    async def submit_many(
+        self, payloads: Sequence[InT], *, deadline: float | None = None
+    ) -> list[Result[OutT]]:
+        """As `Engine.submit_many`, in the engine process."""
+        timeout_s = None if deadline is None else max(0.0, deadline - self.clock())
+        call, future = self._call(lambda c: Submit(c, list(payloads), timeout_s))
+        try:
+            results: list[Result[OutT]] = await future
+        except asyncio.CancelledError:
+            if self._waiting.pop(call, None) is not None and self._link is not None:
+                self._link.send(Cancel(call))
+            raise
+        return results
+
+    async def submit(self, payload: InT, *, deadline: float | None = None) -> Result[OutT]:
+        [result] = await self.submit_many([payload], deadline=deadline)
+        return result
+
+    async def control(self, op: ControlOp, **args: Any) -> Any:
+        """`stats`, `reconfigure` (changes as keywords; returns the new stats), or
+        `call` (name=..., args=(...)) in the engine process."""
+        _, future = self._call(lambda c: Control(c, op, args))
+        return await future
+
+    @property
+    def frames_sent(self) -> int:
+        return 0 if self._link is None else self._link.frames_sent

@@ -1,0 +1,157 @@
+"""The engine across a real Unix socket: several front-ends share one engine's batches
+and its one bounded queue, and every guarantee of `submit` holds across the link."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from batcher import DeadlineExceeded, Engine, EngineClosed, EngineConfig, QueueFull
+from batcher.remote import EngineServer, RemoteEngine, socket_dir
+from tests.batcher.fakes import GatedRunner, open_runner
+
+pytestmark = pytest.mark.asyncio
+
+
+async def until(done: Callable[[], bool]) -> None:
+    """Let the other end (the engine's tasks, across the socket) move until `done`."""
+    while not done():  # noqa: ASYNC110 (state another task reaches)
+        await asyncio.sleep(0)
+
+
+@asynccontextmanager
+async def served(
+    runner: GatedRunner, config: EngineConfig | None = None, front_ends: int = 2
+) -> AsyncIterator[tuple[Engine[str, str], list[RemoteEngine[str, str]]]]:
+    directory = socket_dir()
+    path = os.path.join(directory, "engine.sock")
+    engine: Engine[str, str] = Engine(runner, config)
+    server = EngineServer(engine, path)
+    remotes = [RemoteEngine[str, str](path) for _ in range(front_ends)]
+    try:
+        async with asyncio.timeout(30):
+            await engine.start()
+            await server.start()
+            for remote in remotes:
+                await remote.connect()
+            yield engine, remotes
+    finally:
+        for remote in remotes:
+            await remote.aclose()
+        await engine.aclose()
+        await server.aclose()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_front_ends_share_batches_and_each_gets_its_own_results() -> None:
+    runner = GatedRunner()
+    async with served(runner, EngineConfig(max_batch_size=16)) as (engine, [a, b]):
+        first = asyncio.create_task(a.submit("first"))
+        await runner.wait_for_calls(1)  # the device is busy: what comes next is gathered
+        tasks = [asyncio.create_task(r.submit(f"{name}{i}")) for i in range(6)
+                 for r, name in ((a, "a"), (b, "b"))]  # fmt: skip
+        await until(lambda: engine.queue_depth >= 12)
+        runner.gate.set()
+        results = await asyncio.gather(first, *tasks)
+    assert [r.value for r in results] == ["FIRST"] + [
+        f"{name}{i}".upper() for i in range(6) for name in ("a", "b")
+    ]
+    second = runner.calls[1].payloads
+    assert len(second) == 12, "one batch holds both front-ends' items"
+    assert {p[0] for p in second} == {"a", "b"}
+
+
+async def test_the_one_bounded_queue_refuses_across_front_ends() -> None:
+    runner = GatedRunner()
+    config = EngineConfig(max_batch_size=1, max_queue_size=2)
+    async with served(runner, config) as (engine, [a, b]):
+        running = asyncio.create_task(a.submit("running"))
+        await runner.wait_for_calls(1)
+        queued = [asyncio.create_task(a.submit("q0"))]
+        await until(lambda: engine.stats().in_flight == 2)  # q0: the batch prefetched
+        queued += [asyncio.create_task(a.submit(f"q{i}")) for i in (1, 2)]
+        await until(lambda: engine.queue_depth == 2)
+        with pytest.raises(QueueFull) as refused:
+            await b.submit("one too many")
+        assert (refused.value.queue_size, refused.value.max_queue_size) == (2, 2)
+        runner.gate.set()
+        results = await asyncio.gather(running, *queued)
+        assert [r.value for r in results] == ["RUNNING", "Q0", "Q1", "Q2"]
+
+
+async def test_a_caller_that_goes_away_is_never_computed() -> None:
+    runner = GatedRunner()
+    async with served(runner, EngineConfig(max_batch_size=4)) as (engine, [a, _]):
+        running = asyncio.create_task(a.submit("running"))
+        await runner.wait_for_calls(1)
+        gone = asyncio.create_task(a.submit_many(["gone1", "gone2"]))
+        kept = asyncio.create_task(a.submit("kept"))
+        await until(lambda: engine.queue_depth >= 3)
+        gone.cancel()
+        await until(lambda: engine.stats().items.get("cancelled", 0) >= 2)
+        runner.gate.set()
+        assert (await kept).value == "KEPT"
+        await running
+    assert not any(p.startswith("gone") for p in runner.computed)
+
+
+async def test_a_front_end_that_disconnects_has_its_items_cancelled() -> None:
+    runner = GatedRunner()
+    async with served(runner, EngineConfig(max_batch_size=4)) as (engine, [a, b]):
+        running = asyncio.create_task(b.submit("running"))
+        await runner.wait_for_calls(1)
+        orphans = asyncio.create_task(a.submit_many(["orphan1", "orphan2"]))
+        await until(lambda: engine.queue_depth >= 2)
+        await a.aclose()  # the front-end process went away
+        with pytest.raises(EngineClosed):
+            await orphans
+        await until(lambda: engine.stats().items.get("cancelled", 0) >= 2)
+        runner.gate.set()
+        assert (await running).value == "RUNNING"
+        assert (await b.submit("after")).value == "AFTER"
+    assert not any(p.startswith("orphan") for p in runner.computed)
+
+
+async def test_a_deadline_passes_across_the_link() -> None:
+    runner = GatedRunner()
+    async with served(runner) as (_, [a, _]):
+        running = asyncio.create_task(a.submit("running"))
+        await runner.wait_for_calls(1)
+        with pytest.raises(DeadlineExceeded):
+            await a.submit("late", deadline=a.clock() + 0.05)
+        runner.gate.set()
+        await running
+    assert "late" not in runner.computed
+
+
+async def test_the_engine_going_away_fails_every_waiting_caller() -> None:
+    runner = GatedRunner()
+    async with served(runner) as (engine, [a, b]):
+        running = asyncio.create_task(a.submit("running"))
+        await runner.wait_for_calls(1)
+        waiting = asyncio.create_task(b.submit("waiting"))
+        await until(lambda: engine.queue_depth >= 1)
+        drain = asyncio.create_task(engine.aclose(timeout_s=0))  # the engine fails its items
+        with pytest.raises(EngineClosed):
+            await waiting
+        runner.gate.set()
+        await drain
+        await asyncio.gather(running, return_exceptions=True)
+        with pytest.raises(EngineClosed, match="not admitting"):
+            await a.submit("after")
+
+
+async def test_control_reads_stats_and_reconfigures() -> None:
+    async with served(open_runner()) as (engine, [a, b]):
+        stats = await a.control("reconfigure", max_batch_size=7, max_wait_ms=3.0)
+        assert (stats.config.max_batch_size, stats.config.max_wait_ms) == (7, 3.0)
+        seen = await b.control("stats")
+        assert seen.config.max_batch_size == 7 == engine.config.max_batch_size
+        with pytest.raises(ValueError, match="max_batch_size"):
+            await a.control("reconfigure", max_batch_size=0)
+        assert (await a.submit("x")).value == "X"
