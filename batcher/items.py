@@ -22,6 +22,10 @@ class Result(Generic[OutT]):
     batch_size: int
     """Items in that forward pass."""
 
+    def __reduce__(self) -> tuple[type[Result[OutT]], tuple[object, ...]]:
+        # Fast pickling across processes (batcher.remote): the constructor's arguments.
+        return Result, (self.value, self.queue_time_s, self.inference_time_s, self.batch_size)
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class PendingItem(Generic[InT, OutT]):

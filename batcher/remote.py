@@ -51,12 +51,18 @@ class Submit:
     payloads: Sequence[Any]
     timeout_s: float | None
 
+    def __reduce__(self) -> tuple[type[Submit], tuple[Any, ...]]:
+        return Submit, (self.call, self.payloads, self.timeout_s)  # see _WIRE
+
 
 @dataclass(frozen=True, slots=True)
 class Cancel:
     """The caller of `call` went away: its items not yet computed never will be."""
 
     call: int
+
+    def __reduce__(self) -> tuple[type[Cancel], tuple[Any, ...]]:
+        return Cancel, (self.call,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +74,9 @@ class Control:
     op: ControlOp
     args: Mapping[str, Any] = field(default_factory=dict)
 
+    def __reduce__(self) -> tuple[type[Control], tuple[Any, ...]]:
+        return Control, (self.call, self.op, self.args)
+
 
 @dataclass(frozen=True, slots=True)
 class Reply:
@@ -77,8 +86,15 @@ class Reply:
     value: Any = None
     error: BaseException | None = None
 
+    def __reduce__(self) -> tuple[type[Reply], tuple[Any, ...]]:
+        return Reply, (self.call, self.value, self.error)
+
 
 Message = Submit | Cancel | Control | Reply
+_WIRE = """Every type that crosses the socket often (these, `Result`, `Encoded`) pickles
+through `__reduce__` as its constructor's arguments: the default for a slotted dataclass
+calls `dataclasses.fields` per object, which was most of the engine process's CPU
+(`python -m benchmarks.engine_cpu --profile`)."""
 
 
 class _Link:
@@ -201,11 +217,11 @@ class EngineServer(Generic[InT, OutT]):
     def _start(
         self, message: Submit, link: _Link, calls: dict[int, asyncio.Task[None]]
     ) -> asyncio.Task[None]:
-        task = asyncio.create_task(self._submit(message, link))
-        task.add_done_callback(lambda _: calls.pop(message.call, None))
-        return task
+        return asyncio.get_running_loop().create_task(self._submit(message, link, calls))
 
-    async def _submit(self, message: Submit, link: _Link) -> None:
+    async def _submit(
+        self, message: Submit, link: _Link, calls: dict[int, asyncio.Task[None]]
+    ) -> None:
         engine = self.engine
         deadline = None if message.timeout_s is None else engine.clock() + message.timeout_s
         try:
@@ -216,15 +232,17 @@ class EngineServer(Generic[InT, OutT]):
             link.send(Reply(message.call, error=_portable(exc)))
         else:
             link.send(Reply(message.call, results))
+        finally:
+            calls.pop(message.call, None)
 
     def _start_control(
         self, message: Control, link: _Link, calls: dict[int, asyncio.Task[None]]
     ) -> asyncio.Task[None]:
-        task = asyncio.create_task(self._control(message, link))
-        task.add_done_callback(lambda _: calls.pop(message.call, None))
-        return task
+        return asyncio.create_task(self._control(message, link, calls))
 
-    async def _control(self, message: Control, link: _Link) -> None:
+    async def _control(
+        self, message: Control, link: _Link, calls: dict[int, asyncio.Task[None]]
+    ) -> None:
         try:
             if message.op == "stats":
                 value: Any = self.engine.stats()
@@ -246,6 +264,8 @@ class EngineServer(Generic[InT, OutT]):
             link.send(Reply(message.call, error=_portable(exc)))
         else:
             link.send(Reply(message.call, value))
+        finally:
+            calls.pop(message.call, None)
 
 
 def _portable(exc: BaseException) -> BaseException:
@@ -267,8 +287,17 @@ class RemoteEngine(Generic[InT, OutT]):
     gets EngineClosed, and `connected` turns False (the front-end's health fails).
     """
 
-    def __init__(self, path: str, *, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        clock: Callable[[], float] | None = None,
+        unpack: Callable[[Any], OutT] | None = None,
+    ) -> None:
+        """`unpack` turns each output as it crossed the socket into what callers get
+        (see `batcher.models.wire`: models in an engine process pack embeddings)."""
         self.path = path
+        self._unpack = unpack
         self._clock = clock
         self._link: _Link | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -334,12 +363,18 @@ class RemoteEngine(Generic[InT, OutT]):
         timeout_s = None if deadline is None else max(0.0, deadline - self.clock())
         call, future = self._call(lambda c: Submit(c, list(payloads), timeout_s))
         try:
-            results: list[Result[OutT]] = await future
+            results: list[Result[Any]] = await future
         except asyncio.CancelledError:
             if self._waiting.pop(call, None) is not None and self._link is not None:
                 self._link.send(Cancel(call))
             raise
-        return results
+        unpack = self._unpack
+        if unpack is None:
+            return results
+        return [
+            Result(unpack(r.value), r.queue_time_s, r.inference_time_s, r.batch_size)
+            for r in results
+        ]
 
     async def submit(self, payload: InT, *, deadline: float | None = None) -> Result[OutT]:
         [result] = await self.submit_many([payload], deadline=deadline)

@@ -92,6 +92,7 @@ _LAZY = {
     "TextModel": "batcher.models.text",
     "Token": "batcher.models.text",
     "TruncationDirection": "batcher.models.text",
+    "unpack_output": "batcher.models.wire",
 }
 
 
@@ -141,4 +142,5 @@ __all__ = [
     "CpuBudget",
     "cpu_budget",
     "default_threads",
+    "unpack_output",
 ]

@@ -146,12 +146,18 @@ def by_group(keys: Sequence[K]) -> dict[K, list[int]]:
 
 
 def finish_embeddings(
-    vectors: Tensor, dimensions: Sequence[int | None], normalize: Sequence[bool]
-) -> list[list[float]]:
+    vectors: Tensor,
+    dimensions: Sequence[int | None],
+    normalize: Sequence[bool],
+    packed: bool = False,
+) -> list[list[float]] | list[bytes]:
     """Each row cut to its `dimensions` (Matryoshka: the first N), then L2-normalised if
     asked, as `SentenceTransformer.encode(truncate_dim=N, normalize_embeddings=...)` does.
-    One `tolist` per group of rows with the same options."""
+    One `tolist` per group of rows with the same options; `packed`: each row as the bytes
+    of its float32 values instead (for another process: `batcher.models.wire`)."""
     vectors = vectors.float()
+    if packed:
+        return _packed(vectors, dimensions, normalize)
     out: list[list[float]] = [[] for _ in range(vectors.shape[0])]
     for (dims, norm), rows in by_group(list(zip(dimensions, normalize, strict=True))).items():
         part = vectors if len(rows) == len(out) else vectors[rows]
@@ -161,6 +167,22 @@ def finish_embeddings(
             part = F.normalize(part, p=2.0, dim=-1)
         for row, values in zip(rows, part.tolist(), strict=True):
             out[row] = values
+    return out
+
+
+def _packed(
+    vectors: Tensor, dimensions: Sequence[int | None], normalize: Sequence[bool]
+) -> list[bytes]:
+    out: list[bytes] = [b""] * vectors.shape[0]
+    for (dims, norm), rows in by_group(list(zip(dimensions, normalize, strict=True))).items():
+        part = vectors if len(rows) == len(out) else vectors[rows]
+        if dims is not None:
+            part = part[:, :dims]
+        if norm:
+            part = F.normalize(part, p=2.0, dim=-1)
+        host = part.contiguous().numpy().astype("<f4", copy=False)
+        for row, values in zip(rows, host, strict=True):
+            out[row] = values.tobytes()
     return out
 
 

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -69,6 +69,11 @@ class Encoded:
     dimensions: int | None = None
     normalize: bool = False
     raw_scores: bool = False
+
+    def __reduce__(self) -> tuple[type[Encoded], tuple[object, ...]]:
+        # Fast pickling to an engine process (batcher.remote): the constructor's arguments.
+        return Encoded, (self.ids, self.truncated, self.type_ids, self.prompt_tokens,
+                         self.dimensions, self.normalize, self.raw_scores)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +189,8 @@ class TextModel:
         self._forward: Forward = self._eager
         self.compile_state = CompileState(requested=compile)
         self.warmed = False
+        self.packed_outputs = False
+        """Embeddings as float32 bytes (`batcher.models.wire`), for an engine process."""
 
     @property
     def precision(self) -> Precision:
@@ -476,10 +483,11 @@ class TextModel:
             raise DeviceOutOfMemory(f"a batch of {len(items)} did not fit on {self.device}")
         host = out.cpu()
         if self.task == "embed":
-            embeddings: list[Output] = list(
-                finish_embeddings(host, [i.dimensions for i in items], [i.normalize for i in items])
-            )
-            return embeddings
+            dims, norms = [i.dimensions for i in items], [i.normalize for i in items]
+            # Packed (for an engine process), each embedding is bytes until the
+            # front-end unpacks it (`batcher.models.wire`).
+            finished = finish_embeddings(host, dims, norms, self.packed_outputs)
+            return cast("list[Output]", finished)
         return self._classifications(host, [i.raw_scores for i in items])
 
     def _classifications(self, logits: torch.Tensor, raw: Sequence[bool]) -> list[Output]:

@@ -184,3 +184,21 @@ def test_no_recompile_with_prompts_left_out_of_pooling_and_a_dense_head(tmp_path
         ]  # fmt: skip
         assert len(model.predict(items)) == len(batch)
     assert model.compile_state.graphs_since_warm_up == 0
+
+
+def test_packed_embeddings_unpack_to_exactly_the_floats(tiny_encoder_dir: Path) -> None:
+    """For an engine process, embeddings leave as float32 bytes; the front-end's floats
+    must be exactly those of the in-process path, Matryoshka and normalising included."""
+    from batcher.models import unpack_output
+
+    model = TextModel.load(LoadOptions(source=str(tiny_encoder_dir), compile=False))
+    texts = sentences(12)
+    items = model.encode_many(texts[:6]) + model.encode_many(
+        texts[6:], options=Options(dimensions=8, normalize=False)
+    )
+    plain = model.predict(items)
+    model.packed_outputs = True
+    packed = model.predict(items)
+    assert all(isinstance(value, bytes) for value in packed)
+    assert [unpack_output(value) for value in packed] == plain
+    assert [len(unpack_output(value)) for value in packed[6:]] == [8] * 6
