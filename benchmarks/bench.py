@@ -76,3 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
         plot_runs([run.to_json()], [run.label], args.png, f"microbatch bench: {run.url}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: install a CUDA build of torch and microbatch, run the
+# gpu-marked tests, the raw GPU ceiling, naive vs microbatch vs ceiling
+# (benchmarks.compare) and the front-end scaling curve (microbatch serve --workers N loaded
+# by benchmarks.bench), then write the report (benchmarks.gpu_report).
+#
+#   bash benchmarks/gpu.sh --help
+#
+# A step that fails is reported and the next one runs (a GPU machine is often lent for a
+# short while; one broken step should not cost the others); the exit status is 1 then.
+set -euo pipefail
+invoked_from=$PWD
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python}
+nvidia_smi=${NVIDIA_SMI:-nvidia-smi}
+torch_index_url=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu128}
+torch_version=${TORCH_VERSION:-2.13.0}
+
+dry_run=0
+skip_install=0
+name=""
+duration=5
+warmup=2
+workers_list=1,2,4,8
+concurrency_list=1,4,16,64,256,512
+processes=4
+port=8765
+report_only=""
+
+usage() {
+  cat <<'EOF'
+usage: bash benchmarks/gpu.sh [options]
+
+On a machine with an NVIDIA GPU, in the current Python environment (activate a venv
+first): install a CUDA build of torch and microbatch[dev,bench], run the gpu-marked tests,
+the raw GPU ceiling, naive vs microbatch vs ceiling (benchmarks.compare), and microbatch
+serve --workers N at each concurrency; keep every output in benchmarks/results/NAME/ and
+write the report to benchmarks/results/NAME.md and NAME.png.
+
+options:
+  --help              show this help and exit
+  --dry-run           print every command it would run, run none (works without a GPU)
+  --skip-install      use the torch and microbatch already installed
+  --name NAME         results name (default: <gpu>-<date>, e.g. nvidia-h200-2026-12-03)
+  --duration S        measured seconds per load step (default: 5)
+  --warmup S          unmeasured seconds before each load step (default: 2)
+  --workers LIST      microbatch serve --workers values (default: 1,2,4,8)
+  --concurrency LIST  closed-loop client counts (default: 1,4,16,64,256,512)
+  --processes P       load-generator processes in the workers runs (default: 4)
+  --port PORT         port of the workers runs' server (default: 8765)
+  --report-only DIR   only rebuild the report from a saved results directory
+
+environment:
+  TORCH_INDEX_URL  where torch comes from (default: https://download.pytorch.org/whl/cu128)
+  TORCH_VERSION    the torch version installed (default: 2.13.0)
+  PYTHON           the interpreter of the environment used (default: python)
+  NVIDIA_SMI       the command that finds the GPU (default: nvidia-smi)
+EOF
+}
+
+usage_error() {
+  echo "gpu.sh: $1 (bash benchmarks/gpu.sh --help lists the options)" >&2
+  exit 2
+}
+
+value_of() {  # OPTION [VALUE...]: VALUE, or a usage error when there is none
+  if [[ $# -lt 2 || $2 == --* ]]; then usage_error "$1 needs a value"; fi
+  printf '%s' "$2"
+}
+
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --help | -h) usage; exit 0 ;;
+    --dry-run) dry_run=1; shift ;;
+    --skip-install) skip_install=1; shift ;;
+    --name) name=$(value_of "$@"); shift 2 ;;
+    --duration) duration=$(value_of "$@"); shift 2 ;;
+    --warmup) warmup=$(value_of "$@"); shift 2 ;;
+    --workers) workers_list=$(value_of "$@"); shift 2 ;;
+    --concurrency) concurrency_list=$(value_of "$@"); shift 2 ;;
+    --processes) processes=$(value_of "$@"); shift 2 ;;
+    --port) port=$(value_of "$@"); shift 2 ;;
+    --report-only) report_only=$(value_of "$@"); shift 2 ;;
+    *) usage_error "unknown option '$1'" ;;
+  esac
+done
+
+list_re='^[1-9][0-9]*(,[1-9][0-9]*)*$'
+seconds_re='^[0-9]+([.][0-9]+)?$'
+count_re='^[1-9][0-9]*$'
+name_re='^[A-Za-z0-9][A-Za-z0-9._-]*$'
+[[ $workers_list =~ $list_re ]] || usage_error "--workers takes counts like 1,2,4,8, got '$workers_list'"
+[[ $concurrency_list =~ $list_re ]] ||
+  usage_error "--concurrency takes counts like 1,4,16, got '$concurrency_list'"
+[[ $duration =~ $seconds_re ]] || usage_error "--duration takes seconds, got '$duration'"
+[[ $warmup =~ $seconds_re ]] || usage_error "--warmup takes seconds, got '$warmup'"
+[[ $processes =~ $count_re ]] || usage_error "--processes takes a count, got '$processes'"
+[[ $port =~ $count_re ]] || usage_error "--port takes a port number, got '$port'"
+if [[ -n $name && ! $name =~ $name_re ]]; then
+  usage_error "--name takes letters, digits, '.', '_' and '-', got '$name'"
+fi
+IFS=, read -r -a workers <<<"$workers_list"
+IFS=, read -r -a clients <<<"$concurrency_list"
+
+quote() {  # ARG...: the command line as one would type it
+  local arg out="" plain='^[-A-Za-z0-9_./:=,@%+]+$' q="'"
+  for arg in "$@"; do
+    if [[ $arg =~ $plain ]]; then out+=" $arg"; else out+=" '${arg//$q/$q\\$q$q}'"; fi
+  done
+  printf '%s' "${out# }"
+}
+
+run() {  # COMMAND...: print it, then run it unless --dry-run
+  echo "+ $(quote "$@")"
+  if ((dry_run)); then return 0; fi
+  "$@"
+}
+
+run_logged() {  # LOG COMMAND...: print it, then run it with its output shown and kept in LOG
+  local log=$1
+  shift
+  echo "+ $(quote "$@") 2>&1 | tee $(quote "$log")"
+  if ((dry_run)); then return 0; fi
+  "$@" 2>&1 | tee "$log"
+}
+
+failed=()
+fail() {  # STEP STATUS: note a failed step and go on with the next
+  echo "gpu.sh: $1 failed (exit status $2); going on with the next step" >&2
+  failed+=("$1")
+}
+
+phase() {
+  printf '\n== [%dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$1"
+}
+
+if [[ -n $report_only ]]; then
+  # DIR is where the caller stands; every other path here is the repository's.
+  if [[ $report_only != /* && $invoked_from != "$PWD" ]]; then
+    report_only="$invoked_from/$report_only"
+  fi
+  out_args=()
+  if [[ -n $name ]]; then out_args=(--out "benchmarks/results/$name"); fi
+  run "$python" -m benchmarks.gpu_report "$report_only" "${out_args[@]}"
+  exit 0
+fi
+
+# Only a zero status counts: without its driver, nvidia-smi prints its complaint on stdout.
+gpu=""
+if names=$("$nvidia_smi" --query-gpu=name --format=csv,noheader 2>/dev/null); then
+  gpu=${names%%$'\n'*}
+fi
+if [[ -z $gpu ]]; then
+  if ((!dry_run)); then
+    echo "gpu.sh: no NVIDIA GPU found (nvidia-smi); run this on a machine with one, or use" \
+      "--dry-run to see the commands, --report-only DIR to rebuild a report" >&2
+    exit 1
+  fi
+  gpu="no GPU"
+  echo "gpu.sh: no NVIDIA GPU found (nvidia-smi); a dry run only"
+fi
+if [[ -z $name ]]; then
+  slug=$(printf '%s' "$gpu" | tr '[:upper:]' '[:lower:]' | tr -s ' ' '-' | tr -cd 'a-z0-9._-')
+  name="$slug-$(date +%F)"
+fi
+out="benchmarks/results/$name"
+if ((!dry_run)) && [[ -e $out ]]; then
+  echo "gpu.sh: $out already exists; choose another --name, or --report-only $out" >&2
+  exit 2
+fi
+
+server_pid=""
+stop_server() {
+  if [[ -z $server_pid ]]; then return 0; fi
+  kill -TERM "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+  server_pid=""
+}
+trap stop_server EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+start_server() {  # LOG COMMAND...: start it in the background, its output in LOG
+  local log=$1
+  shift
+  echo "+ $(quote "$@") >$(quote "$log") 2>&1 &"
+  if ((dry_run)); then return 0; fi
+  "$@" >"$log" 2>&1 &
+  server_pid=$!
+}
+
+wait_ready() {  # URL LOG: until URL/ready answers 200; fails if the server exits or 600 s pass
+  local url=$1 log=$2 deadline=$((SECONDS + 600))
+  local probe='import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)'
+  echo "+ wait for $url/ready (at most 600 s)"
+  if ((dry_run)); then return 0; fi
+  until "$python" -c "$probe" "$url/ready" 2>/dev/null; do
+    if ! kill -0 "$server_pid" 2>/dev/null; then
+      echo "gpu.sh: the server exited before it was ready; the end of $log:" >&2
+      tail -n 20 "$log" >&2
+      return 1
+    fi
+    if ((SECONDS > deadline)); then
+      echo "gpu.sh: the server was not ready after 600 s; see $log" >&2
+      return 1
+    fi
+    sleep 1 # a child process warming up its model
+  done
+}
+
+write_environment() {  # FILE: GPU, driver, torch and CUDA versions; fails unless torch sees CUDA
+  local driver
+  echo "+ $(quote "$python") - $(quote "$1") <<'PY'  # GPU, driver, torch and CUDA versions"
+  if ((dry_run)); then return 0; fi
+  driver=$("$nvidia_smi" --query-gpu=driver_version --format=csv,noheader | head -n 1 || true)
+  "$python" - "$1" "$driver" <<'PY'
+import json
+import sys
+
+import torch
+
+from benchmarks import environment
+
+if not torch.cuda.is_available():
+    sys.exit(
+        f"gpu.sh: torch {torch.__version__} does not see the GPU (torch.cuda.is_available() "
+        "is False); install a CUDA build (drop --skip-install, or set TORCH_INDEX_URL)"
+    )
+record = {
+    **environment.describe(),
+    "device": torch.cuda.get_device_name(0),
+    "device_count": torch.cuda.device_count(),
+    "driver": sys.argv[2] or None,
+    "torch": torch.__version__,
+    "cuda": torch.version.cuda,
+}
+with open(sys.argv[1], "w") as f:
+    json.dump(record, f, indent=2)
+PY
+}
+
+# Load steps: compare runs every load on 3-4 servers (naive, adaptive, window, and the
+# float32 server when the default precision is lower) plus one open-loop load each and the
+# load generator's own ceiling; then each workers count runs every load once (2 s more a
+# step for several load-generator processes to start together).
+compare_steps=$((4 * (${#clients[@]} + 1) + 1))
+workers_steps=$((${#workers[@]} * ${#clients[@]}))
+steps=$((compare_steps + workers_steps))
+load_s=$(awk -v c="$compare_steps" -v n="$workers_steps" -v d="$duration" -v w="$warmup" \
+  -v start="$((processes > 1 ? 2 : 0))" 'BEGIN { print int(c * (d + w) + n * (d + w + start)) }')
+echo "GPU: $gpu; results: $out/ and $out.md"
+echo "about $steps load steps of ${warmup}+${duration} s: ~$((load_s / 60)) min of load," \
+  "plus installs, model loads and compiles"
+
+if ((!skip_install)); then
+  phase "install torch $torch_version from $torch_index_url, then microbatch[dev,bench]"
+  run "$python" -m pip install "torch==$torch_version" --index-url "$torch_index_url"
+  # Naming torch again keeps pip from swapping the CUDA build for another torch.
+  run "$python" -m pip install -e '.[dev,bench]' "torch==$torch_version"
+fi
+
+phase "environment"
+run mkdir -p "$out"
+if ((dry_run)); then
+  echo "+ $nvidia_smi >$out/nvidia-smi.txt"
+else
+  "$nvidia_smi" >"$out/nvidia-smi.txt"
+fi
+write_environment "$out/environment.json"
+
+phase "gpu-marked tests"
+tests_status=0
+run_logged "$out/gpu-tests.log" "$python" -m pytest -m gpu -q || tests_status=$?
+# 5: pytest collected no gpu test, which is not a failure of this machine.
+if ((tests_status != 0 && tests_status != 5)); then fail "the gpu tests" "$tests_status"; fi
+
+phase "raw GPU ceiling (tokenize + forward + pool, no HTTP, no queue)"
+run "$python" -m benchmarks.ceiling --texts 1024 --accuracy-texts 0 --json "$out/ceiling.json" ||
+  fail "the ceiling" $?
+
+phase "naive vs microbatch vs ceiling (benchmarks.compare)"
+run "$python" -m benchmarks.compare --concurrency "$concurrency_list" --duration "$duration" \
+  --warmup "$warmup" --out-dir "$out" --name compare || fail "compare" $?
+
+url="http://127.0.0.1:$port"
+for n in "${workers[@]}"; do
+  phase "microbatch serve --workers $n"
+  # --workers 1 is the one-process server. Several front-end processes per engine are
+  # issue 13's, not built yet: until `serve --help` lists --workers, those runs are
+  # skipped (and the report says so), not failed.
+  front_ends=()
+  if ((n > 1)); then
+    if ((!dry_run)) && ! "$python" -m server.cli serve --help | grep -q -- "--workers"; then
+      echo "skipped: this microbatch has no serve --workers yet"
+      continue
+    fi
+    front_ends=(--workers "$n")
+  fi
+  start_server "$out/workers-$n.log" "$python" -m server.cli serve "${front_ends[@]}" --port "$port"
+  if wait_ready "$url" "$out/workers-$n.log"; then
+    run "$python" -m benchmarks.bench "$url" --concurrency "$concurrency_list" \
+      --duration "$duration" --warmup "$warmup" --processes "$processes" \
+      --label "workers $n" --json "$out/workers-$n.json" || fail "bench at --workers $n" $?
+  else
+    fail "microbatch serve --workers $n" 1
+  fi
+  echo "+ kill -TERM \$server_pid; wait \$server_pid"
+  stop_server
+done
+
+phase "report"
+run "$python" -m benchmarks.gpu_report "$out" || fail "the report" $?
+
+printf '\ntotal time: %dm%02ds\n' $((SECONDS / 60)) $((SECONDS % 60))
+if ((${#failed[@]})); then
+  echo "gpu.sh: failed steps: ${failed[*]}" >&2
+  exit 1
+fi

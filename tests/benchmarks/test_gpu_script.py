@@ -1,0 +1,282 @@
+"""benchmarks/gpu.sh on a machine without a GPU (its options, its dry run, its refusals) and
+the report it ends with (benchmarks/gpu_report.py) on a results directory whose files are
+written by the real tools' own code: ceiling.main, bench.main, a real pytest run, and a
+saved compare run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench, ceiling, environment, gpu_report
+from benchmarks.ceiling import CeilingRow
+from benchmarks.loadgen import Load, StepResult
+from benchmarks.runs import Run
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = "benchmarks/gpu.sh"
+SAVED_COMPARE = REPO / "benchmarks/results/cpu-2core-2026-12-01-after-house-final"
+OPTIONS = ["--help", "--dry-run", "--skip-install", "--name", "--duration", "--workers",
+           "--concurrency", "--report-only"]  # fmt: skip
+
+FIGURES = {  # workers -> clients -> (req/s, p50 ms, p99 ms)
+    1: {1: (210.0, 4.5, 7.0), 256: (3600.0, 40.0, 90.0)},
+    2: {1: (205.0, 4.7, 7.5), 256: (4500.0, 31.0, 70.0)},
+}
+CEILING = [
+    CeilingRow(32, "fifo", 4000.0, 8.0, 7.9, "float16"),
+    CeilingRow(32, "grouped", 5000.0, 6.4, 6.3, "float16"),
+    CeilingRow(32, "grouped", 2500.0, 12.8, 12.7, "float32"),
+]
+
+
+def script(*args: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """bash benchmarks/gpu.sh ARGS, with this interpreter as its python and, unless `env`
+    says otherwise, an nvidia-smi that does not exist (no GPU, whatever the machine)."""
+    variables = {**os.environ, "PYTHON": sys.executable,
+                 "NVIDIA_SMI": str(tmp_path / "no-nvidia-smi"), **env}  # fmt: skip
+    return subprocess.run(
+        ["bash", SCRIPT, *args], cwd=REPO, env=variables, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
+def executable(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def test_help_names_every_option(tmp_path: Path) -> None:
+    done = script("--help", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for option in OPTIONS:
+        assert option in done.stdout
+    assert "TORCH_INDEX_URL" in done.stdout
+
+
+def test_the_dry_run_prints_every_step_and_runs_none(tmp_path: Path) -> None:
+    calls = tmp_path / "calls"
+    python = executable(tmp_path / "python", f'echo "$@" >> {calls}\nexit 1\n')
+    name = "gpu-script-test-dry-run"
+    done = script("--dry-run", "--skip-install", "--name", name, "--workers", "1,2",
+                  tmp_path=tmp_path, PYTHON=str(python))  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    out, results = done.stdout, f"benchmarks/results/{name}"
+    assert f"+ {python} -m pytest -m gpu -q 2>&1 | tee {results}/gpu-tests.log" in out
+    ceiling_json = f"{results}/ceiling.json"
+    assert f"-m benchmarks.ceiling --texts 1024 --accuracy-texts 0 --json {ceiling_json}" in out
+    assert (
+        "-m benchmarks.compare --concurrency 1,4,16,64,256,512 --duration 5 --warmup 2 "
+        f"--out-dir {results} --name compare"
+    ) in out
+    assert f"-m server.cli serve --port 8765 >{results}/workers-1.log" in out  # one process
+    assert f"-m server.cli serve --workers 2 --port 8765 >{results}/workers-2.log" in out
+    for n in (1, 2):
+        assert (
+            "-m benchmarks.bench http://127.0.0.1:8765 --concurrency 1,4,16,64,256,512 "
+            f"--duration 5 --warmup 2 --processes 4 --label 'workers {n}' "
+            f"--json {results}/workers-{n}.json"
+        ) in out
+    assert "--workers 4" not in out
+    assert f"-m benchmarks.gpu_report {results}" in out
+    assert "pip install" not in out
+    assert "total time:" in out
+    assert not calls.exists()
+    assert not (REPO / results).exists()
+
+
+def test_the_name_comes_from_the_gpu_and_the_torch_index_from_the_environment(
+    tmp_path: Path,
+) -> None:
+    smi = executable(tmp_path / "nvidia-smi", 'echo "NVIDIA H200"\n')
+    done = script("--dry-run", "--duration", "3", tmp_path=tmp_path, NVIDIA_SMI=str(smi),
+                  TORCH_INDEX_URL="https://example.invalid/whl/cu999")  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    assert f"results: benchmarks/results/nvidia-h200-{date.today()}/" in done.stdout
+    assert "-m pip install torch==2.13.0 --index-url https://example.invalid/whl/cu999" in (
+        done.stdout
+    )
+    assert "-m pip install -e '.[dev,bench]' torch==2.13.0" in done.stdout
+    assert "--duration 3 --warmup 2" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bogus"], "unknown option '--bogus'"),
+        (["--workers", "1,two"], "--workers takes counts like 1,2,4,8, got '1,two'"),
+        (["--name"], "--name needs a value"),
+    ],
+)
+def test_a_wrong_option_is_a_usage_error(tmp_path: Path, args: list[str], message: str) -> None:
+    done = script("--dry-run", *args, tmp_path=tmp_path)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "--help lists the options" in done.stderr
+
+
+def test_without_a_gpu_it_stops_before_doing_anything(tmp_path: Path) -> None:
+    done = script("--skip-install", "--name", "gpu-script-test-no-gpu", tmp_path=tmp_path)
+    assert done.returncode == 1
+    assert "no NVIDIA GPU found (nvidia-smi)" in done.stderr
+    assert not (REPO / "benchmarks/results/gpu-script-test-no-gpu").exists()
+
+
+# -- the report --------------------------------------------------------------------------
+
+
+def write_ceiling(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ceiling.json as `python -m benchmarks.ceiling --json` writes it, of CEILING's rows."""
+    monkeypatch.setattr(ceiling, "measure", lambda *args, **kwargs: (CEILING, []))
+    assert ceiling.main(["--accuracy-texts", "0", "--json", str(path)]) == 0
+
+
+def write_workers_run(path: Path, workers: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """workers-N.json as `python -m benchmarks.bench URL --json` writes it, its steps
+    FIGURES[workers]; a few 503s at 256 clients."""
+    figures = FIGURES[workers]
+
+    def step(load: Load) -> StepResult:
+        rps, p50, p99 = figures[int(load.value)]
+        ok = round(rps * 5)
+        statuses = {"200": ok} | ({"503": 2} if load.value == 256 else {})
+        latency = {"p50": p50, "p90": (p50 + p99) / 2, "p99": p99, "mean": p50, "max": p99 * 2}
+        return StepResult(str(load), load.kind, load.value, 5.0, sum(statuses.values()), ok,
+                          rps, latency, statuses, {"mean_batch_size": 16.0})  # fmt: skip
+
+    async def fake_bench(url: str, loads: list[Load], **kwargs: object) -> Run:
+        return Run(
+            label=str(kwargs["label"]), url=url, endpoint="/predict", corpus="builtin",
+            duration_s=5.0, warmup_s=2.0, processes=4, command=environment.command_line(),
+            server={"name": "all-MiniLM-L6-v2", "device": "cuda:0", "dtype": "float16"},
+            environment=environment.describe(), steps=[step(load) for load in loads],
+        )  # fmt: skip
+
+    monkeypatch.setattr(bench, "bench", fake_bench)
+    clients = ",".join(str(c) for c in figures)
+    argv = ["http://127.0.0.1:8765", "--concurrency", clients, "--duration", "5",
+            "--warmup", "2", "--processes", "4", "--label", f"workers {workers}",
+            "--json", str(path)]  # fmt: skip
+    assert bench.main(argv) == 0
+
+
+def write_pytest_log(path: Path, tmp_path: Path) -> None:
+    """gpu-tests.log from a real `pytest -m gpu -q` (2 passed, 1 failed, 1 skipped)."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs CUDA\n")
+    (suite / "test_gpu.py").write_text(textwrap.dedent("""
+        import pytest
+
+        pytestmark = pytest.mark.gpu
+
+        def test_one(): pass
+        def test_two(): pass
+        def test_three(): assert False
+        def test_four(): pytest.skip("no CUDA")
+    """))  # fmt: skip
+    (suite / "test_cpu.py").write_text("def test_cpu(): pass\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"],
+        cwd=suite, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    path.write_text(done.stdout + done.stderr)
+
+
+@pytest.fixture
+def results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A gpu.sh results directory: every piece, each in its tool's own format."""
+    out = tmp_path / "h200-test"
+    out.mkdir()
+    gpu = {"device": "NVIDIA H200", "device_count": 1, "driver": "570.124.06",
+           "torch": "2.13.0+cu128", "cuda": "12.8"}  # fmt: skip
+    environment_record = {**environment.describe(), **gpu}  # as gpu.sh writes it
+    (out / "environment.json").write_text(json.dumps(environment_record, indent=2))
+    write_pytest_log(out / "gpu-tests.log", tmp_path)
+    write_ceiling(out / "ceiling.json", monkeypatch)
+    for workers in FIGURES:
+        write_workers_run(out / f"workers-{workers}.json", workers, monkeypatch)
+    shutil.copytree(SAVED_COMPARE, out / "compare")
+    return out
+
+
+def section(report: str, heading: str) -> str:
+    return report.split(heading, 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_report_holds_the_figures_and_the_ratio_to_the_ceiling(results: Path) -> None:
+    done = script("--report-only", str(results), tmp_path=results.parent)
+    assert done.returncode == 0, done.stderr
+
+    report = (results.parent / "h200-test.md").read_text()
+    assert report.startswith("# microbatch on NVIDIA H200:")
+    assert "(driver 570.124.06). torch 2.13.0+cu128, CUDA 12.8." in report
+    assert "2 passed, 1 failed, 1 skipped (`" in section(report, "## GPU tests")
+    assert "**5000.0 items/s** at batch 32 (grouped)" in section(report, "## Raw GPU ceiling")
+    assert "In float32: 2500.0 items/s at batch 32 (grouped)." in report
+    table = section(report, "## Throughput and latency by front-end workers")
+    assert "| 1 | 1 | 210.0 | 4.5 | 7.0 | - |" in table
+    assert "| 1 | 256 | 3600.0 | 40.0 | 90.0 | 503: 2 |" in table
+    assert "| 2 | 256 | 4500.0 | 31.0 | 70.0 | 503: 2 |" in table
+    ratios = section(report, "## 256 clients against the ceiling (target >= 0.8)")
+    assert "| 1 | 3600.0 | 5000.0 | 0.72 | no |" in ratios
+    assert "| 2 | 4500.0 | 5000.0 | 0.90 | yes |" in ratios
+    saved = json.loads((results / "compare/microbatch-adaptive.json").read_text())
+    one_client = next(s for s in saved["steps"] if s["kind"] == "closed" and s["value"] == 1)
+    compared = section(report, "## Naive vs microbatch")
+    assert f"| 1 | {one_client['throughput_rps']:.1f} |" in compared
+    assert "[h200-test/compare.md](h200-test/compare.md)" in compared
+    assert "![req/s against clients, by workers](h200-test.png)" in report
+    assert "missing" not in report
+    assert (results.parent / "h200-test.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_missing_pieces_are_reported_as_missing(results: Path) -> None:
+    (results / "ceiling.json").unlink()
+    shutil.rmtree(results / "compare")
+    (results / "gpu-tests.log").write_text("....\n")  # pytest killed before its summary
+
+    assert gpu_report.main([str(results), "--out", str(results.parent / "partial")]) == 0
+
+    report = (results.parent / "partial.md").read_text()
+    assert "**missing** (no ceiling.json)." in section(report, "## Raw GPU ceiling")
+    ratios = section(report, "## 256 clients against the ceiling")
+    assert "| 1 | 3600.0 | missing (no ceiling.json) | missing | - |" in ratios
+    assert "**missing** (no compare/ directory)." in section(report, "## Naive vs microbatch")
+    assert "has no pytest summary line" in section(report, "## GPU tests")
+    assert "| 2 | 256 | 4500.0 | 31.0 | 70.0 | 503: 2 |" in report
+    assert (results.parent / "partial.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_empty_directory_is_a_report_of_missing_pieces(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    assert gpu_report.main([str(tmp_path / "empty")]) == 0
+    report = (tmp_path / "empty.md").read_text()
+    assert report.startswith("# microbatch on missing:")
+    for reason in ("no environment.json", "no gpu-tests.log", "no ceiling.json",
+                   "no workers-N.json", "no compare/ directory"):  # fmt: skip
+        assert f"**missing** ({reason})." in report
+
+
+def test_pytest_summary_lines_are_parsed() -> None:
+    summary = gpu_report.parse_pytest_summary(
+        "x\n===== 3 passed, 1 skipped, 2 errors, 1 warning, 500 deselected in 75.20s "
+        "(0:01:15) =====\n"
+    )
+    assert summary is not None
+    assert summary.counts == {"passed": 3, "skipped": 1, "error": 2, "warning": 1,
+                              "deselected": 500}  # fmt: skip
+    assert gpu_report.parse_pytest_summary("no tests ran in 0.01s\n") is not None
+    assert gpu_report.parse_pytest_summary("collecting ...\n") is None
