@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from batcher.models import DEFAULT_OPTIONS, Encoded, InvalidOption, Options, TruncationDirection
-from server.tokenizing import Tokenizer
+from server.tokenizing import INLINE_CHARS, Tokenizer
 from tests.server.fakes import FakeTextModel
 
 pytestmark = pytest.mark.asyncio
@@ -47,23 +47,43 @@ def ids(text: str) -> list[int]:
     return [ord(c) for c in text]
 
 
+FIRST = "f" * (INLINE_CHARS + 1)
+"""Long enough to go to the thread with the thread idle: the request that keeps it busy."""
+
+
+async def test_a_short_request_finding_the_thread_idle_is_tokenized_at_once() -> None:
+    model = GatedTokenizerModel()
+    model.release.set()
+    tokenizer = Tokenizer(model)
+    async with asyncio.timeout(10):
+        assert [item.ids for item in await tokenizer.encode(["short"])] == [ids("short")]
+        assert (tokenizer.inline, tokenizer.calls) == (1, 0)
+        assert model.threads == {"MainThread"}
+        await tokenizer.encode(["x" * (INLINE_CHARS + 1)])
+        assert (tokenizer.inline, tokenizer.calls) == (1, 1)
+        assert "microbatch-tokenizer_0" in model.threads
+    await tokenizer.aclose()
+
+
 async def test_requests_arriving_while_it_is_busy_share_one_call_per_kind() -> None:
     model = GatedTokenizerModel()
     tokenizer = Tokenizer(model)
     async with asyncio.timeout(10):
-        first = asyncio.create_task(tokenizer.encode(["first"]))
+        first = asyncio.create_task(tokenizer.encode([FIRST]))
         await asyncio.to_thread(model.started.wait)  # the thread is busy with `first`
         plain = [asyncio.create_task(tokenizer.encode([f"a{i}", f"b{i}"])) for i in range(3)]
         pairs = asyncio.create_task(tokenizer.encode(["q", "q"], ["d1", "d2"]))
         left = asyncio.create_task(tokenizer.encode(["l"], None, DEFAULT_OPTIONS, "left"))
         await asyncio.sleep(0)  # every task has queued its call
         model.release.set()
-        assert [item.ids for item in await first] == [ids("first")]
+        assert [item.ids for item in await first] == [
+            ids(FIRST[:64])
+        ]  # the fake keeps 64 characters
         for i, task in enumerate(plain):
             assert [item.ids for item in await task] == [ids(f"a{i}"), ids(f"b{i}")]
         assert [item.ids for item in await pairs] == [ids("qd1"), ids("qd2")]
         assert [item.ids for item in await left] == [ids("l")]
-    assert model.calls[0][0] == ["first"]
+    assert model.calls[0][0] == [FIRST]
     # One call for the three plain requests, in arrival order; one for the pairs; one
     # for the left-truncated: three kinds, three calls, after the first.
     assert sorted(call[0] for call in model.calls[1:]) == [
@@ -72,7 +92,7 @@ async def test_requests_arriving_while_it_is_busy_share_one_call_per_kind() -> N
         ["q", "q"],
     ]
     assert tokenizer.calls == 4
-    assert model.threads == {"microbatch-tokenizer_0"}  # never on the loop's thread
+    assert model.threads == {"microbatch-tokenizer_0"}  # busy: never on the loop's thread
     await tokenizer.aclose()
 
 
@@ -80,7 +100,7 @@ async def test_an_invalid_option_fails_only_the_requests_that_asked_for_it() -> 
     model = GatedTokenizerModel()
     tokenizer = Tokenizer(model)
     async with asyncio.timeout(10):
-        first = asyncio.create_task(tokenizer.encode(["first"]))
+        first = asyncio.create_task(tokenizer.encode([FIRST]))
         await asyncio.to_thread(model.started.wait)
         bad = asyncio.create_task(tokenizer.encode(["x"], None, Options(prompt_name="nope")))
         good = asyncio.create_task(tokenizer.encode(["y"]))
@@ -97,7 +117,7 @@ async def test_a_caller_that_goes_away_does_not_disturb_the_others() -> None:
     model = GatedTokenizerModel()
     tokenizer = Tokenizer(model)
     async with asyncio.timeout(10):
-        first = asyncio.create_task(tokenizer.encode(["first"]))
+        first = asyncio.create_task(tokenizer.encode([FIRST]))
         await asyncio.to_thread(model.started.wait)
         gone = asyncio.create_task(tokenizer.encode(["gone"]))
         kept = asyncio.create_task(tokenizer.encode(["kept"]))
@@ -105,7 +125,9 @@ async def test_a_caller_that_goes_away_does_not_disturb_the_others() -> None:
         gone.cancel()
         model.release.set()
         assert [item.ids for item in await kept] == [ids("kept")]
-        assert [item.ids for item in await first] == [ids("first")]
+        assert [item.ids for item in await first] == [
+            ids(FIRST[:64])
+        ]  # the fake keeps 64 characters
         with pytest.raises(asyncio.CancelledError):
             await gone
     await tokenizer.aclose()
