@@ -178,10 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         if not ready.wait(60):
             print("the engine process did not start", file=sys.stderr)
             return 1
+        allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
         _pin(CLIENT_CPU)
-        figures = asyncio.run(
-            _load(path, args.front_ends, args.concurrency, args.warmup, args.duration)
-        )
+        try:
+            figures = asyncio.run(
+                _load(path, args.front_ends, args.concurrency, args.warmup, args.duration)
+            )
+        finally:
+            if allowed is not None:
+                os.sched_setaffinity(0, allowed)  # called from a test, say
     finally:
         engine.join(10)
         if engine.is_alive():
