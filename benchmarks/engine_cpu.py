@@ -7,6 +7,8 @@ of items per second one device can be fed at, whatever the front-ends do.
     python -m benchmarks.engine_cpu --concurrency 256 --front-ends 4 --duration 10
 
 The engine process runs on CPU 0, the clients on CPU 1 (where the machine has two).
+`host_calibration_ms` times a fixed piece of Python in the engine process before the
+run: on a VM whose speed drifts, compare figures only with it beside them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -27,9 +30,10 @@ from typing import Any
 import torch
 
 from batcher import Engine, EngineClosed, EngineConfig, ThreadRunner
+from batcher.items import Result
 from batcher.models import Encoded, Output, unpack_output
 from batcher.models.heads import finish_embeddings
-from batcher.remote import EngineServer, RemoteEngine, socket_dir
+from batcher.remote import EngineServer, RemoteEngine, Reply, socket_dir
 from benchmarks.overhead import NullModel
 from benchmarks.trivial import EMBEDDING
 
@@ -91,18 +95,29 @@ async def _serve_engine(path: str, max_batch_size: int, ready: Any) -> None:
 
     async def counters() -> EngineCounters:
         items = engine.stats().items.get("ok", 0)
+        # Batches computed (observed as each finishes, as the items' outcomes are), not
+        # dispatched: a batch dispatched but not done would count without its items.
         batches = sum(
             int(sample.value)
-            for metric in engine.metrics.batches.collect()
+            for metric in engine.metrics.batch_size.collect()
             for sample in metric.samples
-            if sample.name.endswith("_total")
+            if sample.name.endswith("_count")
         )
         return EngineCounters(time.process_time(), items, batches)
 
     async def shutdown() -> None:
         stop.set()
 
-    handlers = {"counters": counters, "stop": shutdown}
+    async def calibrate() -> float:
+        """CPU seconds of a fixed piece of Python (pickling what the engine pickles),
+        in this process on its core: how fast the host is right now."""
+        started = time.process_time()
+        sample = [Reply(i, [Result(b"x" * 1536, 0.001, 0.002, 32)]) for i in range(32)]
+        for _ in range(2000):
+            pickle.loads(pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL))
+        return time.process_time() - started
+
+    handlers = {"counters": counters, "stop": shutdown, "calibrate": calibrate}
     server = EngineServer(engine, path, handlers=handlers)
     async with engine:
         await server.start()
@@ -118,6 +133,7 @@ async def _load(
     for remote in remotes:
         await remote.connect()
     item = Encoded([101] + [2000] * 14 + [102], truncated=False)
+    calibration_s: float = await remotes[0].control("call", name="calibrate")
     stopping = False
 
     async def client(remote: RemoteEngine[Encoded, Output]) -> None:
@@ -140,6 +156,7 @@ async def _load(
     items = after.items - before.items
     batches = after.batches - before.batches
     return {
+        "host_calibration_ms": calibration_s * 1e3,
         "items": items,
         "items_per_s": items / elapsed,
         "mean_batch": items / batches if batches else 0.0,
