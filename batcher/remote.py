@@ -197,13 +197,15 @@ class EngineServer(Generic[InT, OutT]):
             while (messages := await _read_frame(reader)) is not None:
                 for message in messages:
                     if isinstance(message, Submit):
-                        calls[message.call] = self._start(message, link, calls)
+                        work = self._submit(message)
+                        calls[message.call] = self._start(message.call, work, link, calls)
                     elif isinstance(message, Cancel):
                         running = calls.get(message.call)
                         if running is not None:
                             running.cancel()
                     elif isinstance(message, Control):
-                        calls[message.call] = self._start_control(message, link, calls)
+                        work = self._control(message)
+                        calls[message.call] = self._start(message.call, work, link, calls)
                 await link.drain()  # back-pressure: a slow reader slows its own writes
         finally:
             # The front-end went away (or we are closing): nobody waits for these.
@@ -215,57 +217,44 @@ class EngineServer(Generic[InT, OutT]):
             link.close()
 
     def _start(
-        self, message: Submit, link: _Link, calls: dict[int, asyncio.Task[None]]
+        self, call: int, work: Awaitable[Any], link: _Link, calls: dict[int, asyncio.Task[None]]
     ) -> asyncio.Task[None]:
-        return asyncio.get_running_loop().create_task(self._submit(message, link, calls))
+        return asyncio.get_running_loop().create_task(self._answer(call, work, link, calls))
 
-    async def _submit(
-        self, message: Submit, link: _Link, calls: dict[int, asyncio.Task[None]]
+    async def _answer(
+        self, call: int, work: Awaitable[Any], link: _Link, calls: dict[int, asyncio.Task[None]]
     ) -> None:
-        engine = self.engine
-        deadline = None if message.timeout_s is None else engine.clock() + message.timeout_s
+        """Await `work` and send its value or its error as `call`'s reply."""
         try:
-            results = await engine.submit_many(message.payloads, deadline=deadline)
+            value = await work
         except asyncio.CancelledError:
             raise  # the caller went away: it waits for no reply
         except Exception as exc:
-            link.send(Reply(message.call, error=_portable(exc)))
+            link.send(Reply(call, error=_portable(exc)))
         else:
-            link.send(Reply(message.call, results))
+            link.send(Reply(call, value))
         finally:
-            calls.pop(message.call, None)
+            calls.pop(call, None)
 
-    def _start_control(
-        self, message: Control, link: _Link, calls: dict[int, asyncio.Task[None]]
-    ) -> asyncio.Task[None]:
-        return asyncio.create_task(self._control(message, link, calls))
+    async def _submit(self, message: Submit) -> list[Result[OutT]]:
+        engine = self.engine
+        deadline = None if message.timeout_s is None else engine.clock() + message.timeout_s
+        return await engine.submit_many(message.payloads, deadline=deadline)
 
-    async def _control(
-        self, message: Control, link: _Link, calls: dict[int, asyncio.Task[None]]
-    ) -> None:
-        try:
-            if message.op == "stats":
-                value: Any = self.engine.stats()
-            elif message.op == "reconfigure":
-                if self._reconfigure is not None:
-                    await self._reconfigure(dict(message.args))
-                else:
-                    self.engine.reconfigure(**message.args)
-                value = self.engine.stats()
+    async def _control(self, message: Control) -> Any:
+        if message.op == "stats":
+            return self.engine.stats()
+        if message.op == "reconfigure":
+            if self._reconfigure is not None:
+                await self._reconfigure(dict(message.args))
             else:
-                name = message.args["name"]
-                handler = self._handlers.get(name)
-                if handler is None:
-                    raise ValueError(f"the engine process has no handler {name!r}")
-                value = await handler(*message.args.get("args", ()))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            link.send(Reply(message.call, error=_portable(exc)))
-        else:
-            link.send(Reply(message.call, value))
-        finally:
-            calls.pop(message.call, None)
+                self.engine.reconfigure(**message.args)
+            return self.engine.stats()
+        name = message.args["name"]
+        handler = self._handlers.get(name)
+        if handler is None:
+            raise ValueError(f"the engine process has no handler {name!r}")
+        return await handler(*message.args.get("args", ()))
 
 
 def _portable(exc: BaseException) -> BaseException:

@@ -17,6 +17,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,26 +143,18 @@ def _workers(directory: Path) -> dict[int, Run]:
 def load(directory: Path) -> GpuRun:
     """Everything readable in `directory`; what is not goes to `missing`."""
     run = GpuRun(directory)
-    try:
-        run.environment = _json(directory / "environment.json")
-    except Missing as exc:
-        run.missing["environment"] = str(exc)
-    try:
-        run.tests = _tests(directory)
-    except Missing as exc:
-        run.missing["tests"] = str(exc)
-    try:
-        run.ceiling = _ceiling(directory)
-    except Missing as exc:
-        run.missing["ceiling"] = str(exc)
-    try:
-        run.compare = _compare(directory)
-    except Missing as exc:
-        run.missing["compare"] = str(exc)
-    try:
-        run.workers = _workers(directory)
-    except Missing as exc:
-        run.missing["workers"] = str(exc)
+    readers: dict[str, Callable[[Path], object]] = {
+        "environment": lambda d: _json(d / "environment.json"),
+        "tests": _tests,
+        "ceiling": _ceiling,
+        "compare": _compare,
+        "workers": _workers,
+    }
+    for piece, read in readers.items():
+        try:
+            setattr(run, piece, read(directory))
+        except Missing as exc:
+            run.missing[piece] = str(exc)
     return run
 
 

@@ -65,19 +65,15 @@ class ServedModel(Protocol):
     labels: tuple[str, ...]
     max_tokens: int
 
-    def encode(
-        self, text: str, pair: str | None = None, options: Options = DEFAULT_OPTIONS
-    ) -> Encoded:
-        """Raises InvalidOption for options the model cannot honour."""
-        ...
-
     def encode_many(
         self,
         texts: Sequence[str],
         pairs: Sequence[str] | None = None,
         options: Options = DEFAULT_OPTIONS,
         truncation_direction: TruncationDirection = "right",
-    ) -> list[Encoded]: ...
+    ) -> list[Encoded]:
+        """Raises InvalidOption for options the model cannot honour."""
+        ...
 
     def encode_ids(
         self, sequences: Sequence[Sequence[int]], options: Options = DEFAULT_OPTIONS

@@ -6,7 +6,8 @@ that arrives are gathered, and run as one batch call of the Rust tokenizer per k
 request (the same options, pairs or not, the same truncation side) the moment it frees
 up, as the engine's adaptive policy does with forward passes. The batch call releases
 the GIL, so tokenizing overlaps with the forward pass on the device thread and with the
-loop itself.
+loop itself. A short request that finds the thread idle is tokenized at once on the loop
+(`INLINE_CHARS`): there is nothing to gather it with, and the hand-off costs more.
 
 Futures are touched only on the loop; the thread only computes.
 """
@@ -15,10 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from batcher.models import DEFAULT_OPTIONS, Encoded, Options, Token, TruncationDirection
 
@@ -26,8 +27,6 @@ if TYPE_CHECKING:
     from server.runtime import ServedModel
 
 logger = logging.getLogger("microbatch.server")
-
-T = TypeVar("T")
 
 INLINE_CHARS = 256
 """A request of at most this many characters that finds the tokenizer thread idle is
@@ -138,14 +137,15 @@ class Tokenizer:
         finally:
             self._running = None
 
-    async def call(self, fn: Callable[..., T], *args: object) -> T:
-        """Run `fn(*args)` on the tokenizer thread (TEI's /tokenize)."""
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
-
     async def tokenize(
         self, texts: Sequence[str], add_special_tokens: bool, prompt_name: str | None
     ) -> list[list[Token]]:
-        return await self.call(self._model.tokenize, texts, add_special_tokens, prompt_name)
+        """`model.tokenize` on the tokenizer thread (TEI's /tokenize)."""
+        loop = asyncio.get_running_loop()
+        tokenize = self._model.tokenize
+        return await loop.run_in_executor(
+            self._thread, tokenize, texts, add_special_tokens, prompt_name
+        )
 
     async def aclose(self) -> None:
         """Finish what is gathered, then stop the thread."""

@@ -156,33 +156,20 @@ def finish_embeddings(
     One `tolist` per group of rows with the same options; `packed`: each row as the bytes
     of its float32 values instead (for another process: `batcher.models.wire`)."""
     vectors = vectors.float()
-    if packed:
-        return _packed(vectors, dimensions, normalize)
-    out: list[list[float]] = [[] for _ in range(vectors.shape[0])]
+    out: list[Any] = [None] * vectors.shape[0]
     for (dims, norm), rows in by_group(list(zip(dimensions, normalize, strict=True))).items():
         part = vectors if len(rows) == len(out) else vectors[rows]
         if dims is not None:
             part = part[:, :dims]
         if norm:
             part = F.normalize(part, p=2.0, dim=-1)
-        for row, values in zip(rows, part.tolist(), strict=True):
-            out[row] = values
-    return out
-
-
-def _packed(
-    vectors: Tensor, dimensions: Sequence[int | None], normalize: Sequence[bool]
-) -> list[bytes]:
-    out: list[bytes] = [b""] * vectors.shape[0]
-    for (dims, norm), rows in by_group(list(zip(dimensions, normalize, strict=True))).items():
-        part = vectors if len(rows) == len(out) else vectors[rows]
-        if dims is not None:
-            part = part[:, :dims]
-        if norm:
-            part = F.normalize(part, p=2.0, dim=-1)
-        host = part.contiguous().numpy().astype("<f4", copy=False)
-        for row, values in zip(rows, host, strict=True):
-            out[row] = values.tobytes()
+        if packed:
+            host = part.contiguous().numpy().astype("<f4", copy=False)
+            values: list[Any] = [r.tobytes() for r in host]
+        else:
+            values = part.tolist()
+        for row, value in zip(rows, values, strict=True):
+            out[row] = value
     return out
 
 
