@@ -28,6 +28,7 @@ from batcher.errors import (
 from batcher.items import Result
 from batcher.metrics import OUTCOMES, SECONDS_BUCKETS, EngineMetrics, Totals
 from batcher.policy import DISPATCH_REASONS, DispatchReason
+from batcher.remote import EngineServer, RemoteEngine
 from batcher.runner import Model, Runner, ThreadRunner
 from batcher.slo import SloConfig, SloController
 from batcher.stats import EngineStats, ReplicaStats, State
@@ -49,6 +50,7 @@ __all__ = [
     "EngineConfig",
     "EngineError",
     "EngineMetrics",
+    "EngineServer",
     "EngineStats",
     "InferenceFailed",
     "Limit",
@@ -56,6 +58,7 @@ __all__ = [
     "Model",
     "Policy",
     "QueueFull",
+    "RemoteEngine",
     "ReplicaStats",
     "SloConfig",
     "SloController",

@@ -292,6 +292,9 @@ class RemoteEngine(Generic[InT, OutT]):
         self._reader_task: asyncio.Task[None] | None = None
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._next_call = 0
+        self._submitting = 0
+        self._idle: asyncio.Event | None = None
+        self._closing = False
         self.connected = False
 
     def clock(self) -> float:
@@ -304,6 +307,7 @@ class RemoteEngine(Generic[InT, OutT]):
         self._reader_task = asyncio.create_task(self._read(reader), name="microbatch-remote")
 
     async def aclose(self) -> None:
+        self._closing = True
         if self._link is not None:
             self._link.close()
         if self._reader_task is not None:
@@ -327,7 +331,7 @@ class RemoteEngine(Generic[InT, OutT]):
             self._lost("the connection to the engine process was lost")
 
     def _lost(self, why: str) -> None:
-        if self.connected:
+        if self.connected and not self._closing:
             logger.error("%s; failing %d waiting calls", why, len(self._waiting))
         self.connected = False
         waiting, self._waiting = self._waiting, {}
@@ -351,12 +355,19 @@ class RemoteEngine(Generic[InT, OutT]):
         """As `Engine.submit_many`, in the engine process."""
         timeout_s = None if deadline is None else max(0.0, deadline - self.clock())
         call, future = self._call(lambda c: Submit(c, list(payloads), timeout_s))
+        self._submitting += 1
+        if self._idle is not None:
+            self._idle.clear()
         try:
             results: list[Result[Any]] = await future
         except asyncio.CancelledError:
             if self._waiting.pop(call, None) is not None and self._link is not None:
                 self._link.send(Cancel(call))
             raise
+        finally:
+            self._submitting -= 1
+            if self._submitting == 0 and self._idle is not None:
+                self._idle.set()
         unpack = self._unpack
         if unpack is None:
             return results
@@ -368,6 +379,19 @@ class RemoteEngine(Generic[InT, OutT]):
     async def submit(self, payload: InT, *, deadline: float | None = None) -> Result[OutT]:
         [result] = await self.submit_many([payload], deadline=deadline)
         return result
+
+    @property
+    def submitting(self) -> int:
+        """Submits waiting for their results now."""
+        return self._submitting
+
+    async def idle(self) -> None:
+        """Return once no submit waits for its results (at once if none does)."""
+        if self._submitting == 0:
+            return
+        if self._idle is None:
+            self._idle = asyncio.Event()
+        await self._idle.wait()
 
     async def control(self, op: ControlOp, **args: Any) -> Any:
         """`stats`, `reconfigure` (changes as keywords; returns the new stats), or

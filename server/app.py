@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -17,9 +18,10 @@ from starlette.staticfiles import StaticFiles
 from server import errors
 from server.access import AccessMiddleware, TokenBuckets
 from server.admission import queue_gate
+from server.frontend import FrontEnd
 from server.middleware import RequestContextMiddleware
 from server.routes import router
-from server.runtime import Runtime, ServedModel
+from server.runtime import LocalRuntime, Runtime, ServedModel
 from server.settings import Settings
 from server.timeline import MAX_LATENCIES
 
@@ -32,10 +34,15 @@ def _version() -> str:
 
 
 def create_app(
-    settings: Settings | None = None, model: ServedModel | Sequence[ServedModel] | None = None
+    settings: Settings | None = None,
+    model: ServedModel | Sequence[ServedModel] | None = None,
+    engine_path: str | None = None,
 ) -> FastAPI:
     """The ASGI app. `model` replaces the model that `settings` names (tests pass fakes;
-    a sequence is one replica each).
+    a sequence is one replica each). With `engine_path`, the app is a front-end of the
+    engine process serving that socket (`microbatch serve --workers N`, see
+    `server.workers`): it loads only a tokenizer, and `/metrics` adds every front-end's
+    counters from the directory prometheus_client's multiprocess mode writes to.
 
     Startup loads the model (a load error fails startup), then warms it in the
     background: `/health` answers at once, `/ready` turns 200 once warm. Shutdown
@@ -43,12 +50,20 @@ def create_app(
     """
     settings = settings if settings is not None else Settings()
     registry = CollectorRegistry()
-    ProcessCollector(registry=registry)  # process_resident_memory_bytes and friends
+    if engine_path is None:  # a front-end's are the engine process's, in its /metrics
+        ProcessCollector(registry=registry)  # process_resident_memory_bytes and friends
     latencies: deque[float] = deque(maxlen=MAX_LATENCIES)  # middleware -> timeline
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        runtime = await Runtime.load(settings, registry, model, latencies)
+        runtime: Runtime
+        if engine_path is not None:
+            metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+            runtime = await FrontEnd.connect(
+                settings, registry, engine_path, latencies, metrics_dir
+            )
+        else:
+            runtime = await LocalRuntime.load(settings, registry, model, latencies)
         app.state.runtime = runtime  # for `microbatch serve`'s signal handler
         try:
             yield {"runtime": runtime}

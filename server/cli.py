@@ -97,6 +97,10 @@ def serve(argv: list[str]) -> int:
         print(f"microbatch serve: {problem}", file=sys.stderr)
     if found:
         return 2
+    if settings.workers > 1:
+        from server.workers import supervise
+
+        return supervise(settings)
 
     from batcher.models import disable_progress_bars
     from server.app import create_app

@@ -86,7 +86,12 @@ def configure(level: str, fmt: Literal["text", "json"]) -> dict[str, object]:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # uvicorn's loggers propagate to the root handler instead of their own.
+    return uvicorn_log_config()
+
+
+def uvicorn_log_config() -> dict[str, object]:
+    """uvicorn's `log_config`: its loggers propagate to the root handler (`configure`)
+    instead of their own."""
     return {
         "version": 1,
         "disable_existing_loggers": False,

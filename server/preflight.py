@@ -33,6 +33,11 @@ def problems(settings: Settings) -> list[str]:
     found = []
     if (problem := port_problem(settings.host, settings.port)) is not None:
         found.append(problem)
+    if settings.workers > 1 and settings.rate_limit_rps is not None:
+        found.append(
+            "--rate-limit-rps counts per process: with --workers it would let each client "
+            "through N times the rate; use one of them"
+        )
     if settings.devices is not None and settings.device != "auto":
         found.append("--devices replaces --device: give one of them")
     from batcher.models import device_problem, source_problem

@@ -1,4 +1,8 @@
-"""What the app's lifespan builds and the routes use: settings, model, engine, status."""
+"""What the app's lifespan builds and the routes use: settings, model, engine, status.
+
+`Runtime` is what routes see. `LocalRuntime` holds the model and the engine in this
+process (`microbatch serve`, and `--workers 1`); `server.frontend.FrontEnd` holds a
+handle on the engine of another process (`--workers N`, see `server.workers`)."""
 
 from __future__ import annotations
 
@@ -11,9 +15,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from batcher import Engine, EngineConfig, EngineMetrics, ThreadRunner
+from batcher import (
+    Engine,
+    EngineConfig,
+    EngineMetrics,
+    EngineStats,
+    Result,
+    State,
+    ThreadRunner,
+)
 from batcher.models import (
     DEFAULT_OPTIONS,
     Encoded,
@@ -31,7 +43,7 @@ from batcher.models import (
 )
 from server.schemas import ThreadsInfo
 from server.settings import Settings
-from server.timeline import MAX_LATENCIES, Timeline
+from server.timeline import MAX_LATENCIES, Recent, Timeline
 from server.tokenizing import Tokenizer
 
 logger = logging.getLogger("microbatch.server")
@@ -98,6 +110,87 @@ class ServedModel(Protocol):
     def describe(self) -> dict[str, object]: ...
 
 
+class EngineHandle(Protocol):
+    """What routes use of the engine: `batcher.Engine` in this process, or
+    `server.frontend.EngineView` on an engine in another."""
+
+    @property
+    def state(self) -> State: ...
+
+    @property
+    def config(self) -> EngineConfig: ...
+
+    def clock(self) -> float: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def check_room(self, n: int = 1) -> None: ...
+
+    async def submit(
+        self, payload: Encoded, *, deadline: float | None = None
+    ) -> Result[Output]: ...
+
+    async def submit_many(
+        self, payloads: Sequence[Encoded], *, deadline: float | None = None
+    ) -> list[Result[Output]]: ...
+
+
+class Runtime(Protocol):
+    """What the routes, the middleware and the drain see of the server's state."""
+
+    settings: Settings
+    model: ServedModel
+    """Encodes and tokenizes inputs; its name, task, labels and token limit."""
+    tokenizer: Tokenizer
+    disconnects: Counter
+    threads: ThreadsInfo | None
+
+    @property
+    def status(self) -> Status: ...
+
+    @property
+    def error(self) -> str | None: ...
+
+    @property
+    def warming(self) -> WarmingStep | None: ...
+
+    @property
+    def engine(self) -> EngineHandle: ...
+
+    @property
+    def saturated(self) -> bool: ...
+
+    def liveness_problem(self) -> str | None: ...
+
+    def incomplete(self) -> str | None:
+        """What `/ready` still waits for once the engine is ready (other processes)."""
+        ...
+
+    def describe(self) -> dict[str, object]:
+        """The served model, as the process that runs it describes it."""
+        ...
+
+    def devices(self) -> list[str]:
+        """Each replica's device."""
+        ...
+
+    async def refresh(self) -> None:
+        """Bring the engine's state up to date before a reader that must not lag."""
+        ...
+
+    async def recent(self, since: float) -> Recent: ...
+
+    async def metrics_text(self) -> bytes: ...
+
+    async def reconfigure(self, changes: Mapping[str, object]) -> EngineConfig: ...
+
+    def stop_admitting(self) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
 GC_GEN0_THRESHOLD = 10_000
 """Net allocations between young-generation collections (Python's default: 700)."""
 
@@ -119,8 +212,8 @@ def _tune_gc() -> None:
     gc.set_threshold(max(GC_GEN0_THRESHOLD, gen0), gen1, gen2)
 
 
-class Runtime:
-    """One per app, fully built by `Runtime.load` inside the lifespan: the models, the
+class LocalRuntime:
+    """One per app, fully built by `LocalRuntime.load` inside the lifespan: the models, the
     engine and its device threads exist for as long as the app serves. Routes reach it
     through `RuntimeDep` (the predict routes through `request.state`, see
     `server.routes.parsing.runtime_of`)."""
@@ -174,7 +267,7 @@ class Runtime:
         registry: CollectorRegistry,
         model: ServedModel | Sequence[ServedModel] | None = None,
         latencies: deque[float] | None = None,
-    ) -> Runtime:
+    ) -> LocalRuntime:
         """Load the model named by `settings` (or take `model`), one replica per device
         (off the loop), and start warming it up in the background. `latencies` is where
         the middleware leaves request times for the timeline. Raises ModelLoadError or
@@ -244,6 +337,24 @@ class Runtime:
                 await runner.call(model.warm_up, config.max_batch_size)
             self._warmed_batch_size = config.max_batch_size
         return engine.reconfigure(**changes)
+
+    def incomplete(self) -> str | None:
+        return None
+
+    def describe(self) -> dict[str, object]:
+        return self.model.describe()
+
+    def devices(self) -> list[str]:
+        return [str(m.describe().get("device")) for m in self.models]
+
+    async def refresh(self) -> None:
+        return None
+
+    async def recent(self, since: float) -> Recent:
+        return self.timeline.recent(since)
+
+    async def metrics_text(self) -> bytes:
+        return generate_latest(self.registry)
 
     def liveness_problem(self) -> str | None:
         """Why an orchestrator should restart this process; None while it is alive."""

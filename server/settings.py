@@ -137,6 +137,13 @@ class Settings(BaseSettings):
         description="torch intra-op threads; default: one per CPU this process may use "
         "(its affinity mask, capped by a cgroup CPU quota).",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Front-end processes (HTTP, validation, tokenizing) feeding one engine "
+        "process that owns the devices; 1: everything in one process.",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level."
     )

@@ -65,6 +65,17 @@ class Event:
 
 
 @dataclass(frozen=True, slots=True)
+class Recent:
+    """What `GET /dashboard/data` sends of the timeline: the samples and limit changes
+    after a time, and how often and how far back it samples."""
+
+    interval_s: float
+    history_s: float
+    samples: list[Sample]
+    events: list[Event]
+
+
+@dataclass(frozen=True, slots=True)
 class _Snapshot:
     at: float
     stats: EngineStats
@@ -142,6 +153,11 @@ class Timeline:
     def since(self, t: float) -> list[Sample]:
         """The samples taken after `t` (Unix seconds), oldest first."""
         return [s for s in self.samples if s.t > t]
+
+    def recent(self, since: float) -> Recent:
+        """The samples and events after `since` (Unix seconds)."""
+        events = [e for e in self.events if e.t > since]
+        return Recent(self.interval_s, self.history_s, self.since(since), events)
 
     async def run(self) -> None:
         """Sample every `interval_s` until cancelled."""

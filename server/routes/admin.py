@@ -60,12 +60,13 @@ def batching_of(runtime: Runtime) -> Batching:
 
 @router.get("/model", response_model=ModelInfo, summary="Model, task, compile state, batching")
 async def model_info(runtime: RuntimeDep) -> ModelInfo:
+    await runtime.refresh()
     stats = runtime.engine.stats()
     cost = stats.learned_cost
-    devices = [str(m.describe().get("device")) for m in runtime.models]
+    devices = runtime.devices()
     return ModelInfo.model_validate(
         {
-            **runtime.model.describe(),
+            **runtime.describe(),
             "status": runtime.status,
             "batching": batching_of(runtime),
             "learned_cost": cost
@@ -83,6 +84,7 @@ async def model_info(runtime: RuntimeDep) -> ModelInfo:
 
 @router.get("/admin/batching", response_model=Batching, summary="Live batching settings")
 async def get_batching(runtime: RuntimeDep) -> Batching:
+    await runtime.refresh()
     return batching_of(runtime)
 
 

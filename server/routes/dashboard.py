@@ -31,16 +31,17 @@ async def dashboard_data(
     runtime: RuntimeDep,
     since: float = Query(0.0, description="Only samples taken after this Unix time."),
 ) -> DashboardData:
-    timeline = runtime.timeline
-    described = runtime.model.describe()
+    await runtime.refresh()
+    recent = await runtime.recent(since)
+    described = runtime.describe()
     return DashboardData(
         status=runtime.status,
         model=runtime.model.name,
         device=str(described.get("device", "")),
         dtype=str(described.get("dtype", "")),
-        interval_s=timeline.interval_s,
-        history_s=timeline.history_s,
+        interval_s=recent.interval_s,
+        history_s=recent.history_s,
         batching=batching_of(runtime),
-        samples=timeline.since(since),
-        events=[e for e in timeline.events if e.t > since],
+        samples=recent.samples,
+        events=recent.events,
     )

@@ -17,10 +17,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
-from batcher import Engine, Result
+from batcher import Result
 from batcher.models import Classification, Encoded, InvalidOption, Output, TruncationDirection
 from server.errors import ClientDisconnected, NotReady, WrongTask
-from server.runtime import Runtime, ServedModel
+from server.runtime import EngineHandle, Runtime, ServedModel
 from server.schemas import (
     ErrorReply,
     OutputOptions,
@@ -46,7 +46,7 @@ def runtime_of(request: Request) -> Runtime:
     return runtime
 
 
-def serving(runtime: Runtime) -> tuple[ServedModel, Engine[Encoded, Output]]:
+def serving(runtime: Runtime) -> tuple[ServedModel, EngineHandle]:
     if runtime.status != "ready":
         raise NotReady(f"the server is {runtime.status}; retry when GET /ready says ready")
     return runtime.model, runtime.engine
@@ -153,7 +153,7 @@ async def encode_inputs(
 async def submit_all(
     request: Request,
     runtime: Runtime,
-    engine: Engine[Encoded, Output],
+    engine: EngineHandle,
     items: Sequence[Encoded],
     deadline: float,
 ) -> list[Result[Output]]:
@@ -289,7 +289,7 @@ def invalid_timeout(msg: str, kind: str) -> RequestValidationError:
     return RequestValidationError([{"loc": ("header", TIMEOUT_HEADER), "msg": msg, "type": kind}])
 
 
-def deadline_of(engine: Engine[Encoded, Output], runtime: Runtime, request: Request) -> float:
+def deadline_of(engine: EngineHandle, runtime: Runtime, request: Request) -> float:
     settings = runtime.settings
     timeout_s = settings.request_timeout_s
     header = request.headers.get(TIMEOUT_HEADER)

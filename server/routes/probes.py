@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.routes.parsing import RuntimeDep
 from server.schemas import (
@@ -43,6 +43,8 @@ async def ready(runtime: RuntimeDep) -> Any:
         detail = warming.describe() if warming else "loading the model for warm-up"
     elif runtime.status != "ready":
         status, detail = runtime.status, runtime.error
+    elif (waiting := runtime.incomplete()) is not None:
+        status, detail = "warming", waiting
     elif runtime.saturated:
         status, detail = "saturated", "the queue is nearly full; send traffic elsewhere"
     else:
@@ -54,4 +56,4 @@ async def ready(runtime: RuntimeDep) -> Any:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(runtime: RuntimeDep) -> Response:
-    return Response(generate_latest(runtime.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(await runtime.metrics_text(), media_type=CONTENT_TYPE_LATEST)

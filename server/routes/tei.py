@@ -199,7 +199,7 @@ async def tokenize(request: Request) -> Response:
 @router.get("/info", response_model=Info, summary="Model and limits (TEI's shape)")
 async def info(request: Request, runtime: RuntimeDep) -> Info:
     model, settings = runtime.model, runtime.settings
-    described = model.describe()
+    described = runtime.describe()
     config = runtime.engine.stats().config
     if model.task == "embed":
         pooling = described.get("pooling") or ["mean"]

@@ -155,3 +155,20 @@ async def test_control_reads_stats_and_reconfigures() -> None:
         with pytest.raises(ValueError, match="max_batch_size"):
             await a.control("reconfigure", max_batch_size=0)
         assert (await a.submit("x")).value == "X"
+
+
+async def test_idle_returns_once_every_submit_is_answered() -> None:
+    """What a front-end's drain waits for: the replies of everything it handed over."""
+    runner = GatedRunner()
+    async with served(runner, EngineConfig(max_batch_size=4)) as (_, [a, _b]):
+        await a.idle()  # nothing submitted: at once
+        tasks = [asyncio.create_task(a.submit(f"x{i}")) for i in range(3)]
+        await runner.wait_for_calls(1)
+        assert a.submitting == 3
+        idle = asyncio.create_task(a.idle())
+        await asyncio.sleep(0)
+        assert not idle.done()
+        runner.gate.set()
+        await idle
+        assert all(t.done() for t in tasks)
+        assert a.submitting == 0

@@ -35,6 +35,12 @@ def test_a_missing_model_directory_is_named(tmp_path: Path) -> None:
     assert "not a model directory: it has no config.json" in empty
 
 
+def test_a_per_process_rate_limit_with_several_workers_is_refused() -> None:
+    line = one_line(serve("--workers", "2", "--rate-limit-rps", "10"))
+    assert line.startswith("microbatch serve: --rate-limit-rps counts per process")
+    assert one_line(serve("--workers", "0")).startswith("microbatch serve: --workers:")
+
+
 def test_a_device_this_machine_lacks_is_named() -> None:
     import torch
 

@@ -1,0 +1,317 @@
+"""`microbatch serve --workers N`: N front-end processes and one engine process.
+
+    supervisor (this process): binds the port, starts the others, watches them
+      |-- engine process: the model on its devices, warm-up, the one queue and its
+      |     batching (`LocalRuntime`), served on a Unix socket (`batcher.remote`)
+      |-- front-end 1..N: uvicorn on the shared listening socket, each the whole app on
+            a `server.frontend.FrontEnd`: HTTP, validation, tokenization, replies
+
+- The engine batches the items of every front-end together: one bounded queue, its
+  429s and deadlines, `PATCH /admin/batching` (applied in the engine, so every
+  front-end sees it), the dashboard's timeline.
+- `/metrics`, from any front-end: the engine process's registry, then every
+  front-end's counters through prometheus_client's multiprocess mode.
+- `/ready` is 200 only once the engine is warm and all N front-ends report ready.
+- A front-end that dies is restarted (at most `MAX_RESTARTS` in `RESTART_WINDOW_S`,
+  then everything stops with status 1); its queued items are cancelled, as when a
+  client hangs up. If the engine process dies, the front-ends' `/health` fails and the
+  supervisor stops them and exits 1: never a silent hang.
+- SIGTERM or SIGINT (Ctrl-C): every front-end drains (stops admitting, waits for the
+  replies of everything it handed the engine) and exits; then the engine drains and
+  exits; then the supervisor exits 0. The children run in their own process group, so
+  that a Ctrl-C reaches only the supervisor, which orders the shutdown.
+- A child whose supervisor disappears (SIGKILL) notices within a second and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from server.settings import Settings
+
+logger = logging.getLogger("microbatch.server")
+
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
+STOP_GRACE_S = 10.0
+"""Beyond the drain timeout: how long a draining child may take to exit before SIGKILL."""
+METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def _child_setup(settings: Settings) -> None:
+    """In a child process: its own process group (Ctrl-C goes to the supervisor only)
+    and the server's logging."""
+    os.setpgid(0, 0)
+    from batcher.models import disable_progress_bars
+    from server import logs
+
+    logs.configure(settings.log_level, settings.log_format)
+    disable_progress_bars()
+
+
+def _run(main: Callable[[], Any]) -> None:
+    try:
+        import uvloop
+    except ImportError:  # not on Windows
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
+
+
+# The engine process.
+
+
+def run_engine(settings: Settings, path: str, supervisor: int) -> None:
+    """The engine process's entry point: serve the engine on `path` until SIGTERM."""
+    _child_setup(settings)
+    os.environ.pop(METRICS_DIR_VARIABLE, None)  # its metrics stay in its own registry
+    _run(lambda: _serve_engine(settings, path, supervisor))
+
+
+async def _serve_engine(settings: Settings, path: str, supervisor: int) -> None:
+    from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+
+    from batcher import EngineServer
+    from server.frontend import report_of
+    from server.runtime import LocalRuntime, Status
+    from server.timeline import MAX_LATENCIES, Recent
+
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    latencies: deque[float] = deque(maxlen=MAX_LATENCIES)
+    runtime = await LocalRuntime.load(settings, registry, latencies=latencies)
+    registry.unregister(runtime.disconnects)  # the front-ends count their own
+    for model in runtime.models:
+        model.packed_outputs = True  # type: ignore[attr-defined]  # a TextModel here
+    front_ends: dict[int, tuple[Status, float]] = {}
+
+    async def report(pid: int, status: Status, waited: list[float]) -> object:
+        front_ends[pid] = (status, time.monotonic())
+        latencies.extend(waited)
+        return report_of(runtime, front_ends, settings.workers)
+
+    async def recent(since: float) -> Recent:
+        return await runtime.recent(since)
+
+    async def metrics() -> bytes:
+        return generate_latest(registry)
+
+    server = EngineServer(
+        runtime.engine,
+        path,
+        reconfigure=runtime.reconfigure,
+        handlers={"report": report, "recent": recent, "metrics": metrics},
+    )
+    await server.start()
+    logger.info("engine process %d serving on its socket", os.getpid())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    watch = asyncio.create_task(_watch_parent(supervisor, stop))
+    await stop.wait()
+    watch.cancel()
+    try:
+        await runtime.aclose()  # drains: every item still queued is computed and answered
+    finally:
+        await server.aclose()
+    logger.info("engine process %d stopped", os.getpid())
+
+
+async def _watch_parent(supervisor: int, stop: asyncio.Event) -> None:
+    # No event says so (a child is told nothing when its parent dies): poll.
+    while os.getppid() == supervisor:  # noqa: ASYNC110
+        await asyncio.sleep(1.0)
+    logger.error("the supervisor process went away; stopping")
+    stop.set()
+
+
+# A front-end process.
+
+
+def run_front_end(settings: Settings, path: str, sockets: list[socket.socket]) -> None:
+    """A front-end's entry point: uvicorn on the shared sockets, the app on `path`'s
+    engine, until SIGTERM (then it drains, see `server.draining`)."""
+    _child_setup(settings)
+    from server import logs
+    from server.app import create_app
+    from server.draining import DrainingServer
+
+    app = create_app(settings, engine_path=path)
+    server = DrainingServer(
+        app,
+        loop="auto",
+        http="httptools",
+        lifespan="on",
+        log_config=logs.uvicorn_log_config(),
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1,
+        timeout_keep_alive=settings.keep_alive_s,
+    )
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # see server.cli.serve
+    server.run(sockets=sockets)
+
+
+# The supervisor.
+
+
+class Supervisor:
+    """Starts the engine and `settings.workers` front-ends, restarts front-ends that
+    die, and stops everything in order on SIGTERM/SIGINT (`run` returns the exit
+    status)."""
+
+    def __init__(self, settings: Settings, sock: socket.socket) -> None:
+        self.settings = settings
+        self.sock = sock
+        self._context = multiprocessing.get_context("spawn")
+        self._socket_dir = tempfile.mkdtemp(prefix="microbatch-")  # only this user
+        self.path = os.path.join(self._socket_dir, "engine.sock")
+        self.metrics_dir = tempfile.mkdtemp(prefix="microbatch-metrics-")
+        self.engine: BaseProcess | None = None
+        self.front_ends: list[BaseProcess] = []
+        self._restarts: deque[float] = deque()
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+
+    def request_stop(self, signum: int, frame: object) -> None:
+        if self._stop.is_set():
+            logger.warning("second signal: stopping the children now")
+            self._signal_all(signal.SIGTERM)  # a second signal skips their drain wait
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        try:
+            return self._supervise()
+        finally:
+            self.sock.close()
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def _supervise(self) -> int:
+        settings = self.settings
+        self.engine = self._context.Process(
+            target=run_engine,
+            args=(settings, self.path, os.getpid()),
+            name="microbatch-engine",
+        )
+        self.engine.start()
+        # The front-ends' metrics go to files (prometheus_client reads this variable at
+        # import, in each new process); the engine process has started without it.
+        os.environ[METRICS_DIR_VARIABLE] = self.metrics_dir
+        self.front_ends = [self._start_front_end(i) for i in range(settings.workers)]
+        logger.info("supervisor %d: engine process %d, front-ends %s", os.getpid(),
+                    self.engine.pid, [p.pid for p in self.front_ends])  # fmt: skip
+        while not self._stop.is_set():
+            sentinels = [self.engine.sentinel, *(p.sentinel for p in self.front_ends)]
+            wait([*sentinels, self._wake_r], timeout=1.0)
+            if self._stop.is_set():
+                break
+            if not self.engine.is_alive():
+                logger.error("the engine process exited with status %s; stopping",
+                             self.engine.exitcode)  # fmt: skip
+                self._stop_front_ends()
+                return 1
+            for index, process in enumerate(self.front_ends):
+                if process.is_alive():
+                    continue
+                if not self._may_restart():
+                    logger.error("front-ends keep dying (%d restarts in %.0f s); stopping",
+                                 MAX_RESTARTS, RESTART_WINDOW_S)  # fmt: skip
+                    self._stop_front_ends()
+                    self._stop_engine()
+                    return 1
+                logger.error("front-end %d exited with status %s; restarting it",
+                             process.pid, process.exitcode)  # fmt: skip
+                self._forget(process)
+                self.front_ends[index] = self._start_front_end(index)
+        logger.info("stopping: draining %d front-ends, then the engine", len(self.front_ends))
+        clean = self._stop_front_ends()
+        clean = self._stop_engine() and clean
+        return 0 if clean else 1
+
+    def _start_front_end(self, index: int) -> BaseProcess:
+        process = self._context.Process(
+            target=run_front_end,
+            args=(self.settings, self.path, [self.sock]),
+            name=f"microbatch-front-end-{index}",
+        )
+        process.start()
+        return process
+
+    def _may_restart(self) -> bool:
+        now = time.monotonic()
+        while self._restarts and now - self._restarts[0] > RESTART_WINDOW_S:
+            self._restarts.popleft()
+        self._restarts.append(now)
+        return len(self._restarts) <= MAX_RESTARTS
+
+    def _forget(self, process: BaseProcess) -> None:
+        """A dead front-end's live gauges no longer count (its counters still do)."""
+        from prometheus_client import multiprocess
+
+        if process.pid is not None:
+            multiprocess.mark_process_dead(process.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
+
+    def _signal_all(self, signum: int) -> None:
+        for process in [*self.front_ends, self.engine]:
+            if process is not None and process.pid is not None and process.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signum)
+
+    def _stop_front_ends(self) -> bool:
+        for process in self.front_ends:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        return all(self._join(p) for p in self.front_ends)
+
+    def _stop_engine(self) -> bool:
+        if self.engine is None:
+            return True
+        if self.engine.is_alive() and self.engine.pid is not None:
+            os.kill(self.engine.pid, signal.SIGTERM)
+        return self._join(self.engine)
+
+    def _join(self, process: BaseProcess) -> bool:
+        """Wait for `process` to exit (SIGKILL after the drain timeout and a grace);
+        True if it exited with status 0."""
+        process.join(self.settings.drain_timeout_s + STOP_GRACE_S)
+        if process.is_alive():
+            logger.error("%s (%d) did not stop in time; killing it", process.name, process.pid)
+            process.kill()
+            process.join()
+        return process.exitcode == 0
+
+
+def supervise(settings: Settings) -> int:
+    """Bind the port and run `settings.workers` front-ends on one engine process."""
+    import uvicorn
+
+    from server import logs
+
+    config = uvicorn.Config(
+        "server.app:create_app",
+        host=settings.host,
+        port=settings.port,
+        log_config=logs.uvicorn_log_config(),
+    )
+    sock = config.bind_socket()  # logs the address, with the port 0 picked
+    return Supervisor(settings, sock).run()
