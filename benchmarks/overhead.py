@@ -5,11 +5,17 @@ same load, the two alternating round by round. Optionally profiles microbatch (p
     python -m benchmarks.overhead --concurrency 1,64 --rounds 3 --profile \\
         --report benchmarks/results/overhead-cpu-2core-DATE.md
     python -m benchmarks.overhead --serve --port 8003      # just the zero-cost server
+    python -m benchmarks.overhead --concurrency 1,64 --front-end   # and one front-end
+
+`--front-end` adds a third server: one front-end process of `microbatch serve
+--workers` (on CPU 0, as the others) on an engine process with the null model (on
+CPU 1, beside the load generator: it costs about 20 us per item there).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
@@ -99,31 +105,75 @@ def serve(port: int) -> None:
                 timeout_keep_alive=settings.keep_alive_s)  # fmt: skip
 
 
-BARE, OURS = "bare FastAPI", "microbatch, null model"
+def serve_front_end(port: int) -> None:
+    """One front-end of `microbatch serve --workers` on the null model, its engine
+    process (the null model, packed outputs as a real model's) on the load's CPU."""
+    import multiprocessing
+    import os
+
+    import uvicorn
+
+    from batcher.remote import socket_dir
+    from server.app import create_app
+    from server.settings import Settings
+
+    settings = Settings(port=port)
+    path = os.path.join(socket_dir(), "engine.sock")
+    context = multiprocessing.get_context("spawn")
+    engine = context.Process(target=_null_engine, args=(settings, path, os.getpid()))
+    engine.start()
+    app = create_app(settings, model=NullModel(), engine_path=path)
+    try:
+        uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
+                    log_level="warning", access_log=settings.access_log,
+                    timeout_keep_alive=settings.keep_alive_s)  # fmt: skip
+    finally:
+        engine.terminate()
+        engine.join()
+
+
+def _null_engine(settings: Any, path: str, parent: int) -> None:
+    from benchmarks.engine_cpu import PackedNullModel
+    from server.workers import run_engine
+
+    pin(CLIENT_CPU)
+    run_engine(settings, path, parent, PackedNullModel())
+
+
+BARE, OURS, FRONT = "bare FastAPI", "microbatch, null model", "one front-end, null model"
 
 
 @dataclass
 class Pair:
-    """One round at one load: the two servers measured back to back."""
+    """One round at one load: the servers measured back to back."""
 
     load: str
     bare: StepResult
     ours: StepResult
+    front: StepResult | None = None
 
     @property
     def ratio(self) -> float:
         return self.ours.throughput_rps / self.bare.throughput_rps
 
+    @property
+    def front_ratio(self) -> float | None:
+        return None if self.front is None else self.front.throughput_rps / self.bare.throughput_rps
+
 
 def measure(urls: dict[str, str], loads: list[Load], args: argparse.Namespace) -> list[Pair]:
-    """Each load `rounds` times, the servers alternating (ABBA...), so that a drift of the
-    host's speed hits both alike."""
+    """Each load `rounds` times, the servers alternating (ABBA..., or rotating among
+    three), so that a drift of the host's speed hits them alike."""
     pairs = []
+    names = list(urls)
     for load in loads:
         for round_ in range(args.rounds):
-            order = [BARE, OURS] if round_ % 2 == 0 else [OURS, BARE]
+            if len(names) == 2:
+                order = names if round_ % 2 == 0 else names[::-1]
+            else:
+                order = names[round_ % len(names) :] + names[: round_ % len(names)]
             steps = {name: run_bench(urls[name], [load], name, args).steps[0] for name in order}
-            pairs.append(Pair(str(load), steps[BARE], steps[OURS]))
+            pairs.append(Pair(str(load), steps[BARE], steps[OURS], steps.get(FRONT)))
     return pairs
 
 
@@ -147,6 +197,18 @@ def summary(pairs: list[Pair]) -> list[dict[str, Any]]:
                 "ours_p99_ms": statistics.median(p.ours.latency_ms["p99"] for p in mine),
             }
         )
+        fronts = [p.front for p in mine if p.front is not None]
+        if fronts:
+            front = statistics.median(f.throughput_rps for f in fronts)
+            rows[-1].update(
+                {
+                    "front_rps": round(front, 1),
+                    "front_ratio": round(front / bare, 3),
+                    "front_round_ratios": [round(p.front_ratio or 0.0, 3) for p in mine],
+                    "front_p50_ms": statistics.median(f.latency_ms["p50"] for f in fronts),
+                    "front_p99_ms": statistics.median(f.latency_ms["p99"] for f in fronts),
+                }
+            )
     return rows
 
 
@@ -182,6 +244,24 @@ def render(
             f"| {r['bare_p99_ms']:.2f} / {r['ours_p99_ms']:.2f} "
             f"| {', '.join(f'{x:.2f}' for x in r['round_ratios'])} |"
         )
+    fronts = [r for r in rows if "front_rps" in r]
+    if fronts:
+        lines += [
+            "",
+            "One front-end process of `microbatch serve --workers` (CPU 0, as the others), "
+            "its engine process with the null model on CPU 1 beside the load generator; "
+            "the ratio is to the same rounds' bare FastAPI:",
+            "",
+            "| load | bare FastAPI req/s | one front-end req/s | ratio "
+            "| p50 ms | p99 ms | ratio per round |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in fronts:
+            lines.append(
+                f"| {r['load']} | {r['bare_rps']:.0f} | {r['front_rps']:.0f} "
+                f"| {r['front_ratio']:.2f}x | {r['front_p50_ms']:.2f} | {r['front_p99_ms']:.2f} "
+                f"| {', '.join(f'{x:.2f}' for x in r['front_round_ratios'])} |"
+            )
     lines += ["", "Reproduce:", "", "```bash", "python -m " + " ".join(
         ["benchmarks.overhead", *environment.command_line()[1:]]), "```"]  # fmt: skip
     if profile:
@@ -197,6 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--serve", action="store_true", help="only run the null-model server")
+    parser.add_argument(
+        "--serve-front-end", action="store_true",
+        help="only run one front-end on a null-model engine process",
+    )  # fmt: skip
+    parser.add_argument(
+        "--front-end", action="store_true",
+        help="also measure one front-end of --workers on a null-model engine process",
+    )  # fmt: skip
     parser.add_argument("--port", type=int, default=8003)
     parser.add_argument("--concurrency", default="1,64")
     parser.add_argument("--duration", type=float, default=10.0)
@@ -215,16 +303,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         serve(args.port)
         return 0
+    if args.serve_front_end:
+        serve_front_end(args.port)
+        return 0
     pin(CLIENT_CPU)
     loads = [Load("closed", int(c)) for c in args.concurrency.split(",")]
     logs = Path(tempfile.mkdtemp(prefix="microbatch-overhead-"))
     cpu_before = environment.cpu_times()
-    with (
-        server(["benchmarks.trivial"], logs / "trivial.log", cpu=SERVER_CPU) as bare_url,
-        server(["benchmarks.overhead", "--serve"], logs / "null.log", cpu=SERVER_CPU) as url,
-    ):
+    with contextlib.ExitStack() as stack:
+        bare_url = stack.enter_context(
+            server(["benchmarks.trivial"], logs / "trivial.log", cpu=SERVER_CPU)
+        )
+        url = stack.enter_context(
+            server(["benchmarks.overhead", "--serve"], logs / "null.log", cpu=SERVER_CPU)
+        )
+        urls = {BARE: bare_url, OURS: url}
+        if args.front_end:
+            front = ["benchmarks.overhead", "--serve-front-end"]
+            urls[FRONT] = stack.enter_context(server(front, logs / "front.log", cpu=SERVER_CPU))
         profiler = _start_profiler(url, logs / "profile.txt") if args.profile else None
-        pairs = measure({BARE: bare_url, OURS: url}, loads, args)
+        pairs = measure(urls, loads, args)
         profile = None
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)  # py-spy writes what it has and exits

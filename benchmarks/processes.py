@@ -34,7 +34,8 @@ def server(
     args: list[str], log: Path, *, cpu: int | None = None, timeout_s: float = 300
 ) -> Iterator[str]:
     """Run `python -m <args> --port P` (pinned to `cpu` if given) until ready; yield its
-    URL; stop it with SIGTERM. microbatch is ready at /ready, other servers at /docs."""
+    URL; stop it with SIGTERM. microbatch (the null-model servers of `benchmarks.overhead`
+    too) is ready at /ready, other servers at /docs."""
     port = free_port()
     command = [sys.executable, "-m", *args, "--port", str(port)]
     with log.open("wb") as out:
@@ -45,7 +46,7 @@ def server(
             preexec_fn=None if cpu is None else (lambda: pin(cpu)),
         )
     url = f"http://127.0.0.1:{port}"
-    ready = "/ready" if args[0] == "server.cli" else "/docs"
+    ready = "/ready" if args[0] in ("server.cli", "benchmarks.overhead") else "/docs"
     try:
         deadline = time.monotonic() + timeout_s
         while True:

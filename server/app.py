@@ -41,8 +41,9 @@ def create_app(
     """The ASGI app. `model` replaces the model that `settings` names (tests pass fakes;
     a sequence is one replica each). With `engine_path`, the app is a front-end of the
     engine process serving that socket (`microbatch serve --workers N`, see
-    `server.workers`): it loads only a tokenizer, and `/metrics` adds every front-end's
-    counters from the directory prometheus_client's multiprocess mode writes to.
+    `server.workers`): it tokenizes with a CPU copy of the model (or with `model`),
+    and `/metrics` adds every front-end's counters from the directory
+    prometheus_client's multiprocess mode writes to.
 
     Startup loads the model (a load error fails startup), then warms it in the
     background: `/health` answers at once, `/ready` turns 200 once warm. Shutdown
@@ -59,8 +60,9 @@ def create_app(
         runtime: Runtime
         if engine_path is not None:
             metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+            tokenizer = model if model is None or not isinstance(model, Sequence) else model[0]
             runtime = await FrontEnd.connect(
-                settings, registry, engine_path, latencies, metrics_dir
+                settings, registry, engine_path, latencies, metrics_dir, tokenizer
             )
         else:
             runtime = await LocalRuntime.load(settings, registry, model, latencies)

@@ -27,7 +27,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from batcher import EngineConfig, EngineStats, QueueFull, RemoteEngine, Result, State
 from batcher.models import Encoded, Output, TextModel, unpack_output
-from server.runtime import LocalRuntime, ServedModel, Status, WarmingStep
+from server.runtime import LocalRuntime, ServedModel, Status, WarmingStep, tune_gc
 from server.schemas import ThreadsInfo
 from server.settings import Settings
 from server.timeline import Recent
@@ -116,6 +116,7 @@ class FrontEnd:
         self.model = model
         self.path = path
         self.metrics_dir = metrics_dir
+        self.registry = registry
         self.tokenizer = Tokenizer(model)
         self.remote: RemoteEngine[Encoded, Output] = RemoteEngine(path, unpack=unpack_output)
         self.report: EngineReport | None = None
@@ -141,12 +142,15 @@ class FrontEnd:
         path: str,
         latencies: deque[float],
         metrics_dir: str | None = None,
+        model: ServedModel | None = None,
     ) -> FrontEnd:
-        """Load the tokenizer (a CPU copy of the model) and start following the engine
-        at `path`; `/ready` says ready once the engine does."""
-        options = replace(settings.load_options("cpu"), dtype="float32", compile=False)
-        model = await asyncio.to_thread(TextModel.load, options)
+        """Load the tokenizer (a CPU copy of the model, or `model`) and start following
+        the engine at `path`; `/ready` says ready once the engine does."""
+        if model is None:
+            options = replace(settings.load_options("cpu"), dtype="float32", compile=False)
+            model = await asyncio.to_thread(TextModel.load, options)
         front = cls(settings, model, path, metrics_dir, registry, latencies)
+        tune_gc()  # as the engine process does once warm: torch and the model live on
         front._follow = asyncio.create_task(front._run(), name="microbatch-front-end")
         return front
 
@@ -262,10 +266,11 @@ class FrontEnd:
 
     async def metrics_text(self) -> bytes:
         """The engine process's metrics, then every front-end's (prometheus_client's
-        multiprocess mode: each process writes its own files, this reads them all)."""
+        multiprocess mode: each process writes its own files, this reads them all), or
+        this one's alone when there is no such directory."""
         engine: bytes = await self.remote.control("call", name="metrics")
         if self.metrics_dir is None:
-            return engine
+            return engine + generate_latest(self.registry)
         front_ends = CollectorRegistry()
         MultiProcessCollector(front_ends, path=self.metrics_dir)  # type: ignore[no-untyped-call]
         return engine + await asyncio.to_thread(generate_latest, front_ends)

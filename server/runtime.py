@@ -195,7 +195,7 @@ GC_GEN0_THRESHOLD = 10_000
 """Net allocations between young-generation collections (Python's default: 700)."""
 
 
-def _tune_gc() -> None:
+def tune_gc() -> None:
     """Make the cyclic garbage collector cheap for serving, once the model is warm.
 
     What exists then (torch, transformers, the model) lives as long as the process:
@@ -312,7 +312,7 @@ class LocalRuntime:
             logger.exception("warm-up failed; the server stays unready")
             self.status, self.error = "failed", f"warm-up failed: {type(exc).__name__}: {exc}"
             return
-        _tune_gc()
+        tune_gc()
         self.status = "ready"
         logger.info("ready: %s on %d replica(s)", self.models[0].describe(), len(self.models))
 

@@ -40,9 +40,12 @@ from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from server.runtime import ServedModel
 
 logger = logging.getLogger("microbatch.server")
 
@@ -76,14 +79,20 @@ def _run(main: Callable[[], Any]) -> None:
 # The engine process.
 
 
-def run_engine(settings: Settings, path: str, supervisor: int) -> None:
-    """The engine process's entry point: serve the engine on `path` until SIGTERM."""
+def run_engine(
+    settings: Settings, path: str, supervisor: int, model: ServedModel | None = None
+) -> None:
+    """The engine process's entry point: serve the engine on `path` until SIGTERM, or
+    until the process `supervisor` is gone. `model` replaces the one `settings` names
+    (the null model of `benchmarks.overhead`)."""
     _child_setup(settings)
     os.environ.pop(METRICS_DIR_VARIABLE, None)  # its metrics stay in its own registry
-    _run(lambda: _serve_engine(settings, path, supervisor))
+    _run(lambda: _serve_engine(settings, path, supervisor, model))
 
 
-async def _serve_engine(settings: Settings, path: str, supervisor: int) -> None:
+async def _serve_engine(
+    settings: Settings, path: str, supervisor: int, model: ServedModel | None
+) -> None:
     from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
     from batcher import EngineServer
@@ -94,10 +103,11 @@ async def _serve_engine(settings: Settings, path: str, supervisor: int) -> None:
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     latencies: deque[float] = deque(maxlen=MAX_LATENCIES)
-    runtime = await LocalRuntime.load(settings, registry, latencies=latencies)
+    runtime = await LocalRuntime.load(settings, registry, model, latencies)
     registry.unregister(runtime.disconnects)  # the front-ends count their own
-    for model in runtime.models:
-        model.packed_outputs = True  # type: ignore[attr-defined]  # a TextModel here
+    for replica in runtime.models:
+        if hasattr(replica, "packed_outputs"):  # a TextModel: embeddings as float32 bytes
+            replica.packed_outputs = True
     front_ends: dict[int, tuple[Status, float]] = {}
 
     async def report(pid: int, status: Status, waited: list[float]) -> object:
