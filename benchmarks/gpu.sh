@@ -286,18 +286,8 @@ run "$python" -m benchmarks.compare --concurrency "$concurrency_list" --duration
 url="http://127.0.0.1:$port"
 for n in "${workers[@]}"; do
   phase "microbatch serve --workers $n"
-  # --workers 1 is the one-process server. Several front-end processes per engine are
-  # issue 13's, not built yet: until `serve --help` lists --workers, those runs are
-  # skipped (and the report says so), not failed.
-  front_ends=()
-  if ((n > 1)); then
-    if ((!dry_run)) && ! "$python" -m server.cli serve --help | grep -q -- "--workers"; then
-      echo "skipped: this microbatch has no serve --workers yet"
-      continue
-    fi
-    front_ends=(--workers "$n")
-  fi
-  start_server "$out/workers-$n.log" "$python" -m server.cli serve "${front_ends[@]}" --port "$port"
+  # --workers 1 is the one-process server; N > 1: N front-ends on one engine process.
+  start_server "$out/workers-$n.log" "$python" -m server.cli serve --workers "$n" --port "$port"
   if wait_ready "$url" "$out/workers-$n.log"; then
     run "$python" -m benchmarks.bench "$url" --concurrency "$concurrency_list" \
       --duration "$duration" --warmup "$warmup" --processes "$processes" \

@@ -79,7 +79,7 @@ def test_the_dry_run_prints_every_step_and_runs_none(tmp_path: Path) -> None:
         "-m benchmarks.compare --concurrency 1,4,16,64,256,512 --duration 5 --warmup 2 "
         f"--out-dir {results} --name compare"
     ) in out
-    assert f"-m server.cli serve --port 8765 >{results}/workers-1.log" in out  # one process
+    assert f"-m server.cli serve --workers 1 --port 8765 >{results}/workers-1.log" in out
     assert f"-m server.cli serve --workers 2 --port 8765 >{results}/workers-2.log" in out
     for n in (1, 2):
         assert (
