@@ -27,6 +27,7 @@ done
 root=$(git rev-parse --show-toplevel)
 out=${out:-$(mktemp -d)}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # the servers start from their own trees
 tree=$(mktemp -d)
 git -C "$root" worktree add --detach -q "$tree" "$before"
 pids=()

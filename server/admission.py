@@ -14,7 +14,7 @@ from server.runtime import Runtime
 def queue_gate(scope: Scope) -> Refusal | None:
     """A 429 while the engine's queue is full; None otherwise (and before it runs)."""
     runtime: Runtime | None = scope.get("state", {}).get("runtime")
-    if runtime is None:  # the lifespan has not run (or failed)
+    if runtime is None or runtime.status != "ready":  # the route answers 503 itself
         return None
     engine = runtime.engine
     if engine.state != "running":

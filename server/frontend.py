@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -25,7 +26,7 @@ from dataclasses import dataclass, replace
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from batcher import EngineConfig, EngineStats, QueueFull, RemoteEngine, Result, State
+from batcher import EngineClosed, EngineConfig, EngineStats, QueueFull, RemoteEngine, Result, State
 from batcher.models import Encoded, Output, TextModel, unpack_output
 from server.runtime import LocalRuntime, ServedModel, Status, WarmingStep, tune_gc
 from server.schemas import ThreadsInfo
@@ -168,6 +169,8 @@ class FrontEnd:
             if not self._draining:
                 logger.error("front-end %d: %s", os.getpid(), exc)
             self._failed = f"{type(exc).__name__}: {exc}"
+            if os.getppid() != self._parent:  # nobody will stop or restart us: drain, exit
+                os.kill(os.getpid(), signal.SIGTERM)
 
     async def _connect(self) -> None:
         waited = time.monotonic()
@@ -206,8 +209,8 @@ class FrontEnd:
 
     @property
     def engine(self) -> EngineView:
-        if self._engine is None:
-            raise RuntimeError("the engine has not reported yet")  # routes check status first
+        if self._engine is None:  # 503: retry shortly
+            raise EngineClosed("the engine process has not reported yet; it is starting")
         return self._engine
 
     @property

@@ -216,3 +216,43 @@ def test_a_dead_front_end_is_restarted_and_a_dead_engine_stops_everything(
     log = whole_log(server)
     assert code == 1, log
     assert "the engine process exited with status -9; stopping" in log
+
+
+def test_children_whose_supervisor_is_killed_exit_and_free_the_port(tmp_path: Path) -> None:
+    server = ServerProcess(EAGER, tmp_path / "server.log").start()
+    assert server.process is not None
+    engine, front_ends = pids(server)
+    server.process.kill()
+    server.process.wait(timeout=30)
+    deadline = time.monotonic() + 60
+    for pid in [engine, *front_ends]:
+        while os.path.exists(f"/proc/{pid}") and not _zombie(pid):
+            assert time.monotonic() < deadline, f"process {pid} outlived its supervisor"
+            time.sleep(0.1)  # polling other processes' lives, not ordering events
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{server.url}/health", timeout=5)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def test_the_dashboard_counts_every_front_ends_requests(workers: ServerProcess) -> None:
+    """The timeline lives in the engine process; each front-end hands it the latencies
+    of the requests it answered."""
+    started = time.time()
+    bodies: list[dict[str, object]] = [{"text": f"dashboard {i}"} for i in range(30)]
+    replies = asyncio.run(post_all(workers.url, "/predict", bodies, clients=6))
+    assert all(r.status_code == 200 for r in replies)
+    deadline = time.monotonic() + 30
+    counted = 0
+    while counted < 30:
+        assert time.monotonic() < deadline, f"only {counted} of 30 requests on the dashboard"
+        time.sleep(0.2)  # the engine samples once a second: poll its state
+        data = httpx.get(f"{workers.url}/dashboard/data", params={"since": started}).json()
+        counted = sum(s["requests"] for s in data["samples"])
+    assert data["status"] == "ready"
+    assert data["dtype"] == "float32"
