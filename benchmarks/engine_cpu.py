@@ -23,19 +23,14 @@ import pickle
 import shutil
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 from batcher import Engine, EngineClosed, EngineConfig, ThreadRunner
 from batcher.items import Result
 from batcher.models import Encoded, Output, unpack_output
-from batcher.models.heads import finish_embeddings
 from batcher.remote import EngineServer, RemoteEngine, Reply, socket_dir
-from benchmarks.overhead import NullModel
-from benchmarks.trivial import EMBEDDING
+from benchmarks.overhead import PackedNullModel
 
 ENGINE_CPU, CLIENT_CPU = 0, 1
 
@@ -43,20 +38,6 @@ ENGINE_CPU, CLIENT_CPU = 0, 1
 def _pin(cpu: int) -> None:
     if hasattr(os, "sched_setaffinity") and cpu < (os.cpu_count() or 1):
         os.sched_setaffinity(0, {cpu})
-
-
-class PackedNullModel(NullModel):
-    """`NullModel` whose outputs are what a real model in an engine process gives
-    (`TextModel.packed_outputs`): each row's float32 bytes, cut from one array per batch
-    by the same function. (One list object for all would be pickled once, unfairly.)"""
-
-    def __init__(self) -> None:
-        self._vectors = torch.tensor([EMBEDDING] * 1024)  # "the forward pass's output"
-
-    def predict(self, items: Sequence[Encoded]) -> list[Output]:
-        vectors = self._vectors[: len(items)]
-        packed = finish_embeddings(vectors, [None] * len(items), [False] * len(items), True)
-        return packed  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,6 +91,24 @@ class NullModel:
         return {"name": self.name, "task": self.task, "device": "none"}
 
 
+class PackedNullModel(NullModel):
+    """`NullModel` whose outputs are what a real model in an engine process gives
+    (`TextModel.packed_outputs`): each row's float32 bytes, cut from one array per batch
+    by the same function. (One list object for all would be pickled once, unfairly.)"""
+
+    def __init__(self) -> None:
+        import torch
+
+        self._vectors = torch.tensor([EMBEDDING] * 1024)  # "the forward pass's output"
+
+    def predict(self, items: Sequence[Encoded]) -> list[Output]:
+        from batcher.models.heads import finish_embeddings
+
+        vectors = self._vectors[: len(items)]
+        packed = finish_embeddings(vectors, [None] * len(items), [False] * len(items), True)
+        return packed  # type: ignore[return-value]
+
+
 def serve(port: int) -> None:
     """Run microbatch on the null model, with the uvicorn settings `microbatch serve` uses."""
     import uvicorn
@@ -133,7 +151,6 @@ def serve_front_end(port: int) -> None:
 
 
 def _null_engine(settings: Any, path: str, parent: int) -> None:
-    from benchmarks.engine_cpu import PackedNullModel
     from server.workers import run_engine
 
     pin(CLIENT_CPU)
