@@ -2,15 +2,19 @@
 # Before/after in one run: the server at git ref BEFORE (default: HEAD~1) against this
 # working tree, same model and settings, both pinned to CPU 0, the load generator on
 # CPU 1, the two servers alternating load by load and round by round so that drift of
-# the host hits both alike. Writes one bench JSON per (round, load, side) and a table.
+# the host hits both alike. Writes one bench JSON per (round, load, side) and a table
+# (summary.md). --after-args adds flags to the working tree's server only: HEAD against
+# the working tree with --after-args "--workers 2" compares two ways to serve.
 #
 #   bash benchmarks/ab.sh BEFORE [--concurrency 1,64] [--rounds 2] [--duration 20]
 #                                [--out DIR] [--serve-args "--torch-threads 1"]
+#                                [--after-args "--workers 2"]
 set -euo pipefail
 
-usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
 
 before="HEAD~1" concurrency="1,64" rounds=2 duration=20 out="" serve_args="--torch-threads 1"
+after_args=""
 if [[ $# -gt 0 && $1 != --* ]]; then before=$1; shift; fi
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -19,6 +23,7 @@ while [[ $# -gt 0 ]]; do
     --duration) duration=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --serve-args) serve_args=$2; shift 2 ;;
+    --after-args) after_args=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "ab.sh: unknown option $1 (--help)" >&2; exit 2 ;;
   esac
@@ -38,19 +43,23 @@ cleanup() {
 }
 trap cleanup EXIT
 
-start() {  # start SIDE SOURCE PORT: serve the code at SOURCE on PORT
-  local side=$1 source=$2 port=$3
-  # shellcheck disable=SC2086  # serve_args is a list of flags
+start() {  # start SIDE SOURCE PORT [FLAGS]: serve the code at SOURCE on PORT
+  local side=$1 source=$2 port=$3 extra=${4:-}
+  # shellcheck disable=SC2086  # serve_args and extra are lists of flags
   (cd "$source" && PYTHONPATH="$source" exec taskset -c 0 python -m server.cli serve \
-      --port "$port" $serve_args > "$out/$side.log" 2>&1) &
+      --port "$port" $serve_args $extra > "$out/$side.log" 2>&1) &
   pids+=($!)
 }
 start before "$tree" 8301
-start after "$root" 8302
-for port in 8301 8302; do
-  until curl -sf "http://127.0.0.1:$port/ready" > /dev/null; do sleep 1; done
+start after "$root" 8302 "$after_args"
+for i in 0 1; do
+  port=$((8301 + i))
+  until curl -sf "http://127.0.0.1:$port/ready" > /dev/null; do
+    kill -0 "${pids[$i]}" 2>/dev/null || { echo "ab.sh: the server on $port exited" >&2; exit 1; }
+    sleep 1
+  done
 done
-echo "before: $(git -C "$tree" rev-parse --short HEAD); after: working tree; out: $out"
+echo "before: $(git -C "$tree" rev-parse --short HEAD); after: working tree $after_args; out: $out"
 
 IFS=, read -ra loads <<< "$concurrency"
 for round in $(seq 1 "$rounds"); do
@@ -66,7 +75,7 @@ for round in $(seq 1 "$rounds"); do
   done
 done
 
-python - "$out" <<'EOF'
+python - "$out" <<'EOF' | tee "$out/summary.md"
 import json, pathlib, statistics, sys
 out = pathlib.Path(sys.argv[1])
 rows = {}
