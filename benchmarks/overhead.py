@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,6 @@ def serve_front_end(port: int) -> None:
     """One front-end of `microbatch serve --workers` on the null model, its engine
     process (the null model, packed outputs as a real model's) on the load's CPU."""
     import multiprocessing
-    import os
 
     import uvicorn
 
@@ -168,6 +168,9 @@ class Pair:
     bare: StepResult
     ours: StepResult
     front: StepResult | None = None
+    cpu_us: dict[str, float] = field(default_factory=dict)
+    """Each server process's CPU per request answered, microseconds (warm-up included,
+    at the same load): what its req/s would be on a core of its own is 1e6 / this."""
 
     @property
     def ratio(self) -> float:
@@ -183,15 +186,28 @@ def measure(urls: dict[str, str], loads: list[Load], args: argparse.Namespace) -
     three), so that a drift of the host's speed hits them alike."""
     pairs = []
     names = list(urls)
+    pids = {name: _server_pid(url) for name, url in urls.items()}
     for load in loads:
         for round_ in range(args.rounds):
             if len(names) == 2:
                 order = names if round_ % 2 == 0 else names[::-1]
             else:
                 order = names[round_ % len(names) :] + names[: round_ % len(names)]
-            steps = {name: run_bench(urls[name], [load], name, args).steps[0] for name in order}
-            pairs.append(Pair(str(load), steps[BARE], steps[OURS], steps.get(FRONT)))
+            steps, cpu_us = {}, {}
+            for name in order:
+                before = _cpu_s(pids[name])
+                steps[name] = run_bench(urls[name], [load], name, args).steps[0]
+                measured = args.duration / (args.duration + args.warmup)
+                spent = (_cpu_s(pids[name]) - before) * measured
+                cpu_us[name] = round(spent / max(1, steps[name].ok) * 1e6, 1)
+            pairs.append(Pair(str(load), steps[BARE], steps[OURS], steps.get(FRONT), cpu_us))
     return pairs
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def summary(pairs: list[Pair]) -> list[dict[str, Any]]:
@@ -212,6 +228,9 @@ def summary(pairs: list[Pair]) -> list[dict[str, Any]]:
                 "ours_p50_ms": statistics.median(p.ours.latency_ms["p50"] for p in mine),
                 "bare_p99_ms": statistics.median(p.bare.latency_ms["p99"] for p in mine),
                 "ours_p99_ms": statistics.median(p.ours.latency_ms["p99"] for p in mine),
+                "cpu_us": {
+                    name: statistics.median(p.cpu_us[name] for p in mine) for name in mine[0].cpu_us
+                },
             }
         )
         fronts = [p.front for p in mine if p.front is not None]
@@ -279,6 +298,21 @@ def render(
                 f"| {r['front_ratio']:.2f}x | {r['front_p50_ms']:.2f} | {r['front_p99_ms']:.2f} "
                 f"| {', '.join(f'{x:.2f}' for x in r['front_round_ratios'])} |"
             )
+    if any(r.get("cpu_us") for r in rows):
+        lines += [
+            "",
+            "Each server process's CPU per request answered (median of the rounds, warm-up "
+            "included): the req/s it would serve on a core of its own, whatever else "
+            "limited the run; the ratio is bare FastAPI's CPU per request to this one's.",
+            "",
+            "| load | server | CPU µs per request | bare / this |",
+            "|---|---|---|---|",
+        ]
+        for r in rows:
+            cpu = r.get("cpu_us") or {}
+            for name, us in cpu.items():
+                ratio = cpu[BARE] / us if us else 0.0
+                lines.append(f"| {r['load']} | {name} | {us:.0f} | {ratio:.2f}x |")
     lines += ["", "Reproduce:", "", "```bash", "python -m " + " ".join(
         ["benchmarks.overhead", *environment.command_line()[1:]]), "```"]  # fmt: skip
     if profile:
@@ -370,9 +404,10 @@ def _start_profiler(url: str, out: Path) -> subprocess.Popen[bytes] | None:
 
 
 def _server_pid(url: str) -> int:
+    """The server process on `url`'s port (a front-end's, not its engine process's)."""
     port = url.rsplit(":", 1)[1]
-    out = subprocess.run(["pgrep", "-f", "benchmarks.overhead --serve --port " + port],
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    pattern = rf"benchmarks\.(trivial|overhead)( --serve| --serve-front-end)? --port {port}$"
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[0])
 
 
