@@ -2,7 +2,8 @@
 # One command for a GPU machine: install a CUDA build of torch and microbatch, run the
 # gpu-marked tests, the raw GPU ceiling, naive vs microbatch vs ceiling
 # (benchmarks.compare) and the front-end scaling curve (microbatch serve --workers N loaded
-# by benchmarks.bench), then write the report (benchmarks.gpu_report).
+# by benchmarks.bench), CUDA graphs against plain compile (--compile-mode reduce-overhead),
+# then write the report (benchmarks.gpu_report).
 #
 #   bash benchmarks/gpu.sh --help
 #
@@ -35,7 +36,8 @@ usage: bash benchmarks/gpu.sh [options]
 On a machine with an NVIDIA GPU, in the current Python environment (activate a venv
 first): install a CUDA build of torch and microbatch[dev,bench], run the gpu-marked tests,
 the raw GPU ceiling, naive vs microbatch vs ceiling (benchmarks.compare), and microbatch
-serve --workers N at each concurrency; keep every output in benchmarks/results/NAME/ and
+serve --workers N and --compile-mode reduce-overhead (CUDA graphs) at each concurrency;
+keep every output in benchmarks/results/NAME/ and
 write the report to benchmarks/results/NAME.md and NAME.png.
 
 options:
@@ -245,7 +247,7 @@ PY
 # load generator's own ceiling; then each workers count runs every load once (2 s more a
 # step for several load-generator processes to start together).
 compare_steps=$((4 * (${#clients[@]} + 1) + 1))
-workers_steps=$((${#workers[@]} * ${#clients[@]}))
+workers_steps=$(((${#workers[@]} + 1) * ${#clients[@]}))  # and the CUDA-graphs run
 steps=$((compare_steps + workers_steps))
 load_s=$(awk -v c="$compare_steps" -v n="$workers_steps" -v d="$duration" -v w="$warmup" \
   -v start="$((processes > 1 ? 2 : 0))" 'BEGIN { print int(c * (d + w) + n * (d + w + start)) }')
@@ -298,6 +300,19 @@ for n in "${workers[@]}"; do
   echo "+ kill -TERM \$server_pid; wait \$server_pid"
   stop_server
 done
+
+phase "CUDA graphs: microbatch serve --compile-mode reduce-overhead (against workers-1's plain compile)"
+start_server "$out/graphs.log" "$python" -m server.cli serve --compile-mode reduce-overhead \
+  --port "$port"
+if wait_ready "$url" "$out/graphs.log"; then
+  run "$python" -m benchmarks.bench "$url" --concurrency "$concurrency_list" \
+    --duration "$duration" --warmup "$warmup" --processes "$processes" \
+    --label "cuda graphs" --json "$out/graphs.json" || fail "bench with CUDA graphs" $?
+else
+  fail "microbatch serve --compile-mode reduce-overhead" 1
+fi
+echo "+ kill -TERM \$server_pid; wait \$server_pid"
+stop_server
 
 phase "report"
 run "$python" -m benchmarks.gpu_report "$out" || fail "the report" $?

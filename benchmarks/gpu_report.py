@@ -6,7 +6,8 @@ files the run left in DIR:
 - `gpu-tests.log`: the output of `pytest -m gpu -q`;
 - `ceiling.json`: `benchmarks.ceiling --json`, the raw loop with no HTTP and no queue;
 - `compare/`: `benchmarks.compare --out-dir DIR --name compare` (naive vs microbatch);
-- `workers-N.json`: `benchmarks.bench --json` against `microbatch serve --workers N`.
+- `workers-N.json`: `benchmarks.bench --json` against `microbatch serve --workers N`;
+- `graphs.json`: the same against `microbatch serve --compile-mode reduce-overhead`.
 
 A piece that is absent or unreadable is reported as missing, with the reason.
 """
@@ -73,6 +74,8 @@ class GpuRun:
     ceiling: list[CeilingRow] = field(default_factory=list)
     compare: dict[str, Run] = field(default_factory=dict)
     workers: dict[int, Run] = field(default_factory=dict)
+    graphs: Run | None = None
+    """`serve --compile-mode reduce-overhead` (CUDA graphs), one process."""
     missing: dict[str, str] = field(default_factory=dict)
 
 
@@ -149,6 +152,7 @@ def load(directory: Path) -> GpuRun:
         "ceiling": _ceiling,
         "compare": _compare,
         "workers": _workers,
+        "graphs": lambda d: _run(d / "graphs.json"),
     }
     for piece, read in readers.items():
         try:
@@ -269,6 +273,29 @@ def _ratio_section(run: GpuRun) -> list[str]:
     return [*lines, ""]
 
 
+def _graphs_section(run: GpuRun) -> list[str]:
+    lines = ["## CUDA graphs against plain compile (`--compile-mode reduce-overhead`)", ""]
+    plain = run.workers.get(1)
+    if run.graphs is None or plain is None:
+        return lines + _missing(run, "graphs" if run.graphs is None else "workers")
+    graphs, compiled = _closed(run.graphs), _closed(plain)
+    lines += [
+        "One process each (`--workers 1`); the ratio is CUDA graphs' req/s to plain "
+        "compile's. Keep the mode the numbers support.",
+        "",
+        "| clients | plain req/s | graphs req/s | ratio | plain p99 ms | graphs p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in sorted(set(graphs) & set(compiled)):
+        g, p = graphs[c], compiled[c]
+        ratio = g.throughput_rps / p.throughput_rps if p.throughput_rps else 0.0
+        lines.append(
+            f"| {c} | {p.throughput_rps:.1f} | {g.throughput_rps:.1f} | {ratio:.2f} | "
+            f"{p.latency_ms['p99']:.1f} | {g.latency_ms['p99']:.1f} |"
+        )
+    return [*lines, ""]
+
+
 def _compare_section(run: GpuRun) -> list[str]:
     lines = ["## Naive vs microbatch (`benchmarks.compare`, servers pinned to one CPU)", ""]
     if not run.compare:
@@ -300,6 +327,7 @@ def render(run: GpuRun, plot_name: str) -> str:
         *_ratio_section(run),
         f"![req/s against clients, by workers]({plot_name})",
         "",
+        *_graphs_section(run),
         *_compare_section(run),
     ]
     return "\n".join(lines)

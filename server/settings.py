@@ -10,7 +10,13 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from batcher import BatchSizing, EngineConfig, Policy
-from batcher.models import DEFAULT_MIN_ACCURACY, DtypeOption, LoadOptions, TaskOption
+from batcher.models import (
+    DEFAULT_MIN_ACCURACY,
+    CompileMode,
+    DtypeOption,
+    LoadOptions,
+    TaskOption,
+)
 from server.limits import limit_field
 
 
@@ -57,6 +63,11 @@ class Settings(BaseSettings):
         "every probe input to be chosen (--dtype float32 skips the probe).",
     )
     compile: bool = Field(True, description="torch.compile the forward pass (else eager).")
+    compile_mode: CompileMode = Field(
+        "default",
+        description="torch.compile's mode: reduce-overhead records CUDA graphs of the warmed "
+        "shapes (CUDA only; elsewhere it compiles as default does).",
+    )
     trust_remote_code: bool = Field(False, description="Run code shipped with the model.")
     max_tokens: int | None = Field(
         None, ge=1, description="Truncate inputs to this many tokens; default: model's limit."
@@ -194,6 +205,7 @@ class Settings(BaseSettings):
             dtype=self.dtype,
             min_accuracy=self.min_accuracy,
             compile=self.compile,
+            compile_mode=self.compile_mode,
             max_tokens=self.max_tokens,
             trust_remote_code=self.trust_remote_code,
         )

@@ -9,6 +9,8 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
+from batcher.models.options import CompileMode
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 Stance = Literal["default", "eager_on_recompile", "fail_on_recompile"]
@@ -43,6 +45,9 @@ class CompileState:
     request behind a compile."""
 
     requested: bool
+    mode: CompileMode = "default"
+    """`reduce-overhead`: CUDA graphs of the warmed shapes (inductor records one per
+    shape on CUDA, and compiles as `default` does elsewhere)."""
     enabled: bool = False
     error: str | None = None
     graphs_at_warm_up: int | None = None
@@ -66,6 +71,7 @@ class CompileState:
     def describe(self) -> dict[str, object]:
         return {
             "requested": self.requested,
+            "mode": self.mode,
             "enabled": self.enabled,
             "error": self.error,
             "graphs_since_warm_up": self.graphs_since_warm_up,
@@ -73,14 +79,16 @@ class CompileState:
 
     def __str__(self) -> str:
         if self.enabled:
-            return "compiled, dynamic shapes"
+            mode = "" if self.mode == "default" else f", mode {self.mode}"
+            return f"compiled, dynamic shapes{mode}"
         return f"eager ({self.error})" if self.error else "eager"
 
 
 def compile_forward(forward: F, state: CompileState) -> F:
-    """`torch.compile(forward, dynamic=True)`; compiling happens lazily at the first call,
-    which the caller makes inside warm-up (under `_size_oblivious`)."""
-    compiled = torch.compile(forward, dynamic=True)
+    """`torch.compile(forward, dynamic=True)` in `state.mode`; compiling happens lazily at
+    the first call, which the caller makes inside warm-up (under `_size_oblivious`)."""
+    mode = None if state.mode == "default" else state.mode
+    compiled = torch.compile(forward, dynamic=True, mode=mode)
     state.enabled = True
 
     def call(*args: Any, **kwargs: Any) -> Any:

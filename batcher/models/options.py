@@ -15,6 +15,9 @@ Task = Literal["embed", "classify", "rerank"]
 TaskOption = Literal["auto", "embed", "classify", "rerank"]
 TASKS: tuple[Task, ...] = get_args(Task)
 DtypeOption = Literal["auto", "float32", "float16", "bfloat16"]
+CompileMode = Literal["default", "reduce-overhead"]
+"""torch.compile's mode: `reduce-overhead` records CUDA graphs (on CUDA; elsewhere it
+compiles as `default` does)."""
 
 DEFAULT_MIN_ACCURACY = 0.999
 """`--min-accuracy`: the lowest cosine to float32 that bfloat16 must keep on the probe."""
@@ -35,6 +38,7 @@ class LoadOptions:
     """`dtype="auto"`: the lowest cosine to float32 a lower precision must keep on the
     start-up probe (`batcher.models.precision`)."""
     compile: bool = True
+    compile_mode: CompileMode = "default"
     max_tokens: int | None = None
     trust_remote_code: bool = False
 

@@ -20,7 +20,7 @@ from batcher.models.compiling import CompileState, compile_forward, graphs_compi
 from batcher.models.description import Dense
 from batcher.models.heads import EmbeddingHead, finish_embeddings
 from batcher.models.loading import Loaded, load
-from batcher.models.options import LoadOptions, Task
+from batcher.models.options import CompileMode, LoadOptions, Task
 from batcher.models.precision import PROBE_TEXTS, Precision, judge
 from batcher.padding import bucket_length
 
@@ -162,7 +162,9 @@ class TextModel:
     `encode` is cheap and runs at submit; `predict` runs on the device worker thread.
     """
 
-    def __init__(self, loaded: Loaded, *, compile: bool = True) -> None:
+    def __init__(
+        self, loaded: Loaded, *, compile: bool = True, compile_mode: CompileMode = "default"
+    ) -> None:
         self.loaded = loaded
         self.name = loaded.name
         self.task: Task = loaded.task
@@ -187,7 +189,7 @@ class TextModel:
         self._normalize = loaded.description.normalize
         self._eager: Forward = _forward_of(loaded)
         self._forward: Forward = self._eager
-        self.compile_state = CompileState(requested=compile)
+        self.compile_state = CompileState(requested=compile, mode=compile_mode)
         self.warmed = False
         self.packed_outputs = False
         """Embeddings as float32 bytes (`batcher.models.wire`), for an engine process."""
@@ -204,7 +206,7 @@ class TextModel:
     def load(cls, options: LoadOptions) -> TextModel:
         """Load `options`' model; with `dtype="auto"` on a CPU with native bfloat16,
         probe bfloat16 against float32 first and keep the one the probe allows."""
-        model = cls(load(options), compile=options.compile)
+        model = cls(load(options), compile=options.compile, compile_mode=options.compile_mode)
         if model.loaded.probe_dtype is not None:
             model._probe_precision(model.loaded.probe_dtype, options.min_accuracy)
         return model

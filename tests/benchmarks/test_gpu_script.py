@@ -88,6 +88,8 @@ def test_the_dry_run_prints_every_step_and_runs_none(tmp_path: Path) -> None:
             f"--json {results}/workers-{n}.json"
         ) in out
     assert "--workers 4" not in out
+    assert f"serve --compile-mode reduce-overhead --port 8765 >{results}/graphs.log" in out
+    assert f"--label 'cuda graphs' --json {results}/graphs.json" in out
     assert f"-m benchmarks.gpu_report {results}" in out
     assert "pip install" not in out
     assert "total time:" in out
@@ -142,10 +144,13 @@ def write_ceiling(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert ceiling.main(["--accuracy-texts", "0", "--json", str(path)]) == 0
 
 
-def write_workers_run(path: Path, workers: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def write_workers_run(
+    path: Path, workers: int, monkeypatch: pytest.MonkeyPatch, label: str | None = None
+) -> None:
     """workers-N.json as `python -m benchmarks.bench URL --json` writes it, its steps
     FIGURES[workers]; a few 503s at 256 clients."""
     figures = FIGURES[workers]
+    label = label or f"workers {workers}"
 
     def step(load: Load) -> StepResult:
         rps, p50, p99 = figures[int(load.value)]
@@ -166,7 +171,7 @@ def write_workers_run(path: Path, workers: int, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(bench, "bench", fake_bench)
     clients = ",".join(str(c) for c in figures)
     argv = ["http://127.0.0.1:8765", "--concurrency", clients, "--duration", "5",
-            "--warmup", "2", "--processes", "4", "--label", f"workers {workers}",
+            "--warmup", "2", "--processes", "4", "--label", label,
             "--json", str(path)]  # fmt: skip
     assert bench.main(argv) == 0
 
@@ -208,6 +213,8 @@ def results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     write_ceiling(out / "ceiling.json", monkeypatch)
     for workers in FIGURES:
         write_workers_run(out / f"workers-{workers}.json", workers, monkeypatch)
+    # CUDA graphs: the figures of --workers 2, so that they differ from plain compile's.
+    write_workers_run(out / "graphs.json", 2, monkeypatch, label="cuda graphs")
     shutil.copytree(SAVED_COMPARE, out / "compare")
     return out
 
@@ -239,6 +246,8 @@ def test_the_report_holds_the_figures_and_the_ratio_to_the_ceiling(results: Path
     assert f"| 1 | {one_client['throughput_rps']:.1f} |" in compared
     assert "[h200-test/compare.md](h200-test/compare.md)" in compared
     assert "![req/s against clients, by workers](h200-test.png)" in report
+    graphs = section(report, "## CUDA graphs against plain compile")
+    assert "| 256 | 3600.0 | 4500.0 | 1.25 | 90.0 | 70.0 |" in graphs
     assert "missing" not in report
     assert (results.parent / "h200-test.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -247,6 +256,7 @@ def test_missing_pieces_are_reported_as_missing(results: Path) -> None:
     (results / "ceiling.json").unlink()
     shutil.rmtree(results / "compare")
     (results / "gpu-tests.log").write_text("....\n")  # pytest killed before its summary
+    (results / "graphs.json").unlink()
 
     assert gpu_report.main([str(results), "--out", str(results.parent / "partial")]) == 0
 
@@ -256,6 +266,7 @@ def test_missing_pieces_are_reported_as_missing(results: Path) -> None:
     assert "| 1 | 3600.0 | missing (no ceiling.json) | missing | - |" in ratios
     assert "**missing** (no compare/ directory)." in section(report, "## Naive vs microbatch")
     assert "has no pytest summary line" in section(report, "## GPU tests")
+    assert "**missing** (no graphs.json)." in section(report, "## CUDA graphs")
     assert "| 2 | 256 | 4500.0 | 31.0 | 70.0 | 503: 2 |" in report
     assert (results.parent / "partial.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from batcher.models import (
+    CompileMode,
     DtypeOption,
     LoadOptions,
     ModelLoadError,
@@ -123,14 +124,19 @@ def test_max_tokens_above_the_model_limit_is_refused(tiny_encoder_dir: Path) -> 
         load(LoadOptions(source=str(tiny_encoder_dir), max_tokens=4096))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    ("dtype", "mode"),
+    [("float32", "default"), ("bfloat16", "default"), ("float32", "reduce-overhead")],
+)
 def test_no_recompile_after_warm_up_over_random_lengths_and_batch_sizes(
-    tiny_encoder_dir: Path, dtype: DtypeOption
+    tiny_encoder_dir: Path, dtype: DtypeOption, mode: CompileMode
 ) -> None:
-    model = TextModel.load(LoadOptions(source=str(tiny_encoder_dir), dtype=dtype, compile=True))
+    options = LoadOptions(source=str(tiny_encoder_dir), dtype=dtype, compile_mode=mode)
+    model = TextModel.load(options)
     assert model.dtype == getattr(torch, dtype)
     model.warm_up(max_batch_size=32)
     assert model.compile_state.enabled, model.compile_state.error
+    assert model.describe()["compile"]["mode"] == mode  # type: ignore[index]
     model.compile_state.stance = "fail_on_recompile"  # any recompile now raises
     rng = random.Random(1)
     texts = [*sentences(400, seed=2), "word " * 200]  # up to the 128-token limit

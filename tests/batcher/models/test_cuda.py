@@ -1,0 +1,49 @@
+"""The device path on CUDA (run by `bash benchmarks/gpu.sh`; skipped without a GPU):
+CUDA graphs (`--compile-mode reduce-overhead`) give the vectors plain compile gives, for
+every batch size and length, with no recompile after warm-up."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from batcher.models import CompileMode, LoadOptions, TextModel
+from tests.batcher.models.test_text import sentences
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+
+def vectors(model: TextModel, batches: list[list[str]]) -> list[torch.Tensor]:
+    out = []
+    for batch in batches:
+        for value in model.predict([model.encode(t) for t in batch]):
+            out.append(torch.tensor(value))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_on_cuda_matches_eager_for_every_shape(
+    tiny_encoder_dir: Path, mode: CompileMode
+) -> None:
+    on_cuda = LoadOptions(source=str(tiny_encoder_dir), device="cuda", dtype="float32")
+    eager = TextModel.load(replace(on_cuda, compile=False))
+    compiled = TextModel.load(replace(on_cuda, compile_mode=mode))
+    compiled.warm_up(max_batch_size=32)
+    assert compiled.compile_state.enabled, compiled.compile_state.error
+    compiled.compile_state.stance = "fail_on_recompile"
+    rng = random.Random(3)
+    texts = [*sentences(300, seed=4), "word " * 200]
+    batches = [rng.sample(texts, rng.randint(1, 32)) for _ in range(30)]
+    for ours, reference in zip(vectors(compiled, batches), vectors(eager, batches), strict=True):
+        assert torch.nn.functional.cosine_similarity(ours, reference, dim=0) > 0.9999
+    assert compiled.compile_state.graphs_since_warm_up == 0
