@@ -330,14 +330,19 @@ class RemoteEngine(Generic[InT, OutT]):
         finally:
             self._lost("the connection to the engine process was lost")
 
-    def _lost(self, why: str) -> None:
-        if self.connected and not self._closing:
-            logger.error("%s; failing %d waiting calls", why, len(self._waiting))
-        self.connected = False
+    def fail_waiting(self, why: str) -> None:
+        """Fail every call still waiting with EngineClosed(`why`) (a drain that ran out of
+        time answers them, as the engine's own drain does)."""
         waiting, self._waiting = self._waiting, {}
         for future in waiting.values():
             if not future.done():
                 future.set_exception(EngineClosed(why))
+
+    def _lost(self, why: str) -> None:
+        if self.connected and not self._closing:
+            logger.error("%s; failing %d waiting calls", why, len(self._waiting))
+        self.connected = False
+        self.fail_waiting(why)
 
     def _call(self, make: Callable[[int], Message]) -> tuple[int, asyncio.Future[Any]]:
         if not self.connected or self._link is None:
@@ -393,11 +398,16 @@ class RemoteEngine(Generic[InT, OutT]):
             self._idle = asyncio.Event()
         await self._idle.wait()
 
-    async def control(self, op: ControlOp, **args: Any) -> Any:
+    async def control(self, op: ControlOp, *, timeout_s: float | None = None, **args: Any) -> Any:
         """`stats`, `reconfigure` (changes as keywords; returns the new stats), or
-        `call` (name=..., args=(...)) in the engine process."""
-        _, future = self._call(lambda c: Control(c, op, args))
-        return await future
+        `call` (name=..., args=(...)) in the engine process. Raises TimeoutError after
+        `timeout_s`."""
+        call, future = self._call(lambda c: Control(c, op, args))
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await future
+        finally:
+            self._waiting.pop(call, None)
 
     @property
     def frames_sent(self) -> int:

@@ -15,6 +15,7 @@ and never run: every process tokenizes exactly as the engine's model would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -22,11 +23,21 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from batcher import EngineClosed, EngineConfig, EngineStats, QueueFull, RemoteEngine, Result, State
+from batcher import (
+    DeadlineExceeded,
+    EngineClosed,
+    EngineConfig,
+    EngineStats,
+    QueueFull,
+    RemoteEngine,
+    Result,
+    State,
+)
 from batcher.models import Encoded, Output, TextModel, unpack_output
 from server.runtime import LocalRuntime, ServedModel, Status, WarmingStep, tune_gc
 from server.schemas import ThreadsInfo
@@ -40,6 +51,13 @@ REPORT_EVERY_S = 0.1
 """How often a front-end asks the engine for its state (and reports its own)."""
 STALE_AFTER_S = 10.0
 """An engine that has not answered for this long is reported dead by `/health`."""
+READY_WITHIN_S = 5.0
+"""A front-end counts as ready for `/ready` if it said so within this long (a loop that
+stalls for a moment does not take the whole server out of a load balancer)."""
+CONTROL_TIMEOUT_S = 10.0
+"""How long a front-end waits for the engine process to answer anything but a submit."""
+SUBMIT_MARGIN_S = 5.0
+"""A submit whose engine has not answered this long after its deadline gets a 504."""
 CONNECT_TIMEOUT_S = 600.0
 """How long a front-end waits for the engine's socket (the engine loads the model first)."""
 
@@ -58,7 +76,7 @@ class EngineReport:
     devices: list[str]
     threads: ThreadsInfo | None
     front_ends_ready: int
-    """Front-ends that reported `ready` within the last second."""
+    """Front-ends that reported `ready` within the last `READY_WITHIN_S`."""
     front_ends: int
     """How many the supervisor runs (`--workers`)."""
 
@@ -97,7 +115,16 @@ class EngineView:
     async def submit_many(
         self, payloads: Sequence[Encoded], *, deadline: float | None = None
     ) -> list[Result[Output]]:
-        return await self.remote.submit_many(payloads, deadline=deadline)
+        """As the engine's; if the engine process has not answered `SUBMIT_MARGIN_S`
+        after the deadline (its loop hangs), DeadlineExceeded (504) and a cancel."""
+        if deadline is None:
+            return await self.remote.submit_many(payloads)
+        left = deadline - self.remote.clock() + SUBMIT_MARGIN_S
+        try:
+            async with asyncio.timeout(left):
+                return await self.remote.submit_many(payloads, deadline=deadline)
+        except TimeoutError:
+            raise DeadlineExceeded("the engine process did not answer by the deadline") from None
 
 
 class FrontEnd:
@@ -159,7 +186,9 @@ class FrontEnd:
         try:
             await self._connect()
             while True:
-                await self._ask()
+                # A silent engine: /health fails once it has been so for STALE_AFTER_S.
+                with contextlib.suppress(TimeoutError):
+                    await self._ask()
                 await asyncio.sleep(REPORT_EVERY_S)
                 if os.getppid() != self._parent:
                     raise RuntimeError("the supervisor process went away")
@@ -167,10 +196,11 @@ class FrontEnd:
             raise
         except Exception as exc:
             if not self._draining:
-                logger.error("front-end %d: %s", os.getpid(), exc)
+                logger.error("front-end %d: %s; exiting", os.getpid(), exc)
             self._failed = f"{type(exc).__name__}: {exc}"
-            if os.getppid() != self._parent:  # nobody will stop or restart us: drain, exit
-                os.kill(os.getpid(), signal.SIGTERM)
+            # Drain and exit: the supervisor restarts this front-end (or, if the engine
+            # died, stops everything); without a supervisor, nobody else would.
+            os.kill(os.getpid(), signal.SIGTERM)
 
     async def _connect(self) -> None:
         waited = time.monotonic()
@@ -189,7 +219,10 @@ class FrontEnd:
         latencies = list(self._latencies)
         self._latencies.clear()
         report: EngineReport = await self.remote.control(
-            "call", name="report", args=(os.getpid(), self._own_status(), latencies)
+            "call",
+            name="report",
+            args=(os.getpid(), self._own_status(), latencies),
+            timeout_s=CONTROL_TIMEOUT_S,
         )
         self._take(report)
 
@@ -264,14 +297,18 @@ class FrontEnd:
             await self._ask()
 
     async def recent(self, since: float) -> Recent:
-        recent: Recent = await self.remote.control("call", name="recent", args=(since,))
+        recent: Recent = await self.remote.control(
+            "call", name="recent", args=(since,), timeout_s=CONTROL_TIMEOUT_S
+        )
         return recent
 
     async def metrics_text(self) -> bytes:
         """The engine process's metrics, then every front-end's (prometheus_client's
         multiprocess mode: each process writes its own files, this reads them all), or
         this one's alone when there is no such directory."""
-        engine: bytes = await self.remote.control("call", name="metrics")
+        engine: bytes = await self.remote.control(
+            "call", name="metrics", timeout_s=CONTROL_TIMEOUT_S
+        )
         if self.metrics_dir is None:
             return engine + generate_latest(self.registry)
         front_ends = CollectorRegistry()
@@ -279,7 +316,9 @@ class FrontEnd:
         return engine + await asyncio.to_thread(generate_latest, front_ends)
 
     async def reconfigure(self, changes: Mapping[str, object]) -> EngineConfig:
-        stats: EngineStats = await self.remote.control("reconfigure", **changes)
+        # No timeout: a larger max_batch_size is warmed first, which may take minutes.
+        as_args = cast("dict[str, Any]", dict(changes))
+        stats: EngineStats = await self.remote.control("reconfigure", **as_args)
         self.engine.last = stats
         return stats.config
 
@@ -297,8 +336,9 @@ class FrontEnd:
         try:
             await asyncio.wait_for(self.remote.idle(), self.settings.drain_timeout_s)
         except TimeoutError:
-            logger.error("front-end %d: %d requests still waiting after the drain timeout",
-                         os.getpid(), self.remote.submitting)  # fmt: skip
+            logger.error("front-end %d: %d requests still waiting after the drain timeout; "
+                         "failing them", os.getpid(), self.remote.submitting)  # fmt: skip
+            self.remote.fail_waiting("the server shut down before these items were computed")
 
     async def aclose(self) -> None:
         try:
@@ -317,7 +357,9 @@ def report_of(
     """The engine process's `EngineReport` of its `LocalRuntime`; `front_ends` maps each
     front-end's pid to its last status and when it said so (time.monotonic)."""
     now = time.monotonic()
-    ready = sum(1 for status, at in front_ends.values() if status == "ready" and now - at < 1.0)
+    ready = sum(
+        1 for status, at in front_ends.values() if status == "ready" and now - at < READY_WITHIN_S
+    )
     return EngineReport(
         status=runtime.status,
         error=runtime.error,

@@ -85,9 +85,13 @@ def run_engine(
     """The engine process's entry point: serve the engine on `path` until SIGTERM, or
     until the process `supervisor` is gone. `model` replaces the one `settings` names
     (the null model of `benchmarks.overhead`)."""
+    # A SIGTERM during the model's load is kept, and honoured once the loop runs.
+    signal.signal(signal.SIGTERM, lambda signum, frame: _EARLY_STOP.set())
     _child_setup(settings)
-    os.environ.pop(METRICS_DIR_VARIABLE, None)  # its metrics stay in its own registry
     _run(lambda: _serve_engine(settings, path, supervisor, model))
+
+
+_EARLY_STOP = threading.Event()
 
 
 async def _serve_engine(
@@ -132,6 +136,8 @@ async def _serve_engine(
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    if _EARLY_STOP.is_set():
+        stop.set()
     watch = asyncio.create_task(_watch_parent(supervisor, stop))
     await stop.wait()
     watch.cancel()
@@ -196,12 +202,19 @@ class Supervisor:
         self.front_ends: list[BaseProcess] = []
         self._restarts: deque[float] = deque()
         self._stop = threading.Event()
+        self._signals = 0
         self._wake_r, self._wake_w = socket.socketpair()
 
     def request_stop(self, signum: int, frame: object) -> None:
-        if self._stop.is_set():
-            logger.warning("second signal: stopping the children now")
-            self._signal_all(signal.SIGTERM)  # a second signal skips their drain wait
+        """The first signal starts the ordered drain; a second skips the children's wait
+        for their last requests (uvicorn's second Ctrl-C); a third kills them."""
+        self._signals += 1
+        if self._signals == 2:
+            logger.warning("second signal: the children stop without waiting")
+            self._signal_all(signal.SIGINT)
+        elif self._signals > 2:
+            logger.warning("third signal: killing the children")
+            self._signal_all(signal.SIGKILL)
         self._stop.set()
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
@@ -218,6 +231,9 @@ class Supervisor:
 
     def _supervise(self) -> int:
         settings = self.settings
+        # The engine process's metrics stay in its own registry, whatever this process's
+        # environment says; the front-ends' go to this run's directory.
+        os.environ.pop(METRICS_DIR_VARIABLE, None)
         self.engine = self._context.Process(
             target=run_engine,
             args=(settings, self.path, os.getpid()),
@@ -291,7 +307,11 @@ class Supervisor:
         for process in self.front_ends:
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signal.SIGTERM)
-        return all(self._join(p) for p in self.front_ends)
+        # The front-ends hold their own copies of the listener while they drain; once they
+        # are gone, new connections are refused rather than left waiting in the backlog.
+        self.sock.close()
+        stopped = [self._join(p) for p in self.front_ends]  # every one, whatever the first
+        return all(stopped)
 
     def _stop_engine(self) -> bool:
         if self.engine is None:
@@ -302,13 +322,14 @@ class Supervisor:
 
     def _join(self, process: BaseProcess) -> bool:
         """Wait for `process` to exit (SIGKILL after the drain timeout and a grace);
-        True if it exited with status 0."""
+        True if it exited with status 0, or by the SIGTERM it was sent before it could
+        handle one (while it was still starting: it held nothing to drain)."""
         process.join(self.settings.drain_timeout_s + STOP_GRACE_S)
         if process.is_alive():
             logger.error("%s (%d) did not stop in time; killing it", process.name, process.pid)
             process.kill()
             process.join()
-        return process.exitcode == 0
+        return process.exitcode in (0, -signal.SIGTERM)
 
 
 def supervise(settings: Settings) -> int:

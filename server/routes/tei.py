@@ -108,7 +108,10 @@ class Info(BaseModel):
     max_batch_requests: int = Field(description="Items per forward pass.")
     max_client_batch_size: int
     auto_truncate: bool
-    tokenization_workers: int = Field(description="Tokenization runs on the event loop.")
+    tokenization_workers: int = Field(
+        description="Processes that tokenize: one per front-end (--workers), each with its "
+        "tokenizer thread."
+    )
     version: str
     sha: str | None = None
     docker_label: str | None = None
@@ -220,6 +223,6 @@ async def info(request: Request, runtime: RuntimeDep) -> Info:
         max_batch_requests=config.max_batch_size,
         max_client_batch_size=settings.max_client_batch,
         auto_truncate=settings.truncate,
-        tokenization_workers=1,
+        tokenization_workers=runtime.settings.workers,
         version=request.app.version,
     )

@@ -172,3 +172,47 @@ async def test_idle_returns_once_every_submit_is_answered() -> None:
         await idle
         assert all(t.done() for t in tasks)
         assert a.submitting == 0
+
+
+async def test_a_drain_out_of_time_fails_what_still_waits() -> None:
+    """Then the front-end closes its connection, and the engine cancels those items."""
+    runner = GatedRunner()
+    config = EngineConfig(max_batch_size=1)
+    async with served(runner, config) as (engine, [a, _b]):
+        running = asyncio.create_task(a.submit("running"))
+        await runner.wait_for_calls(1)
+        queued = asyncio.create_task(a.submit("queued"))
+        await until(lambda: engine.stats().in_flight + engine.queue_depth == 2)
+        a.fail_waiting("the server shut down before these items were computed")
+        for task in (running, queued):
+            with pytest.raises(EngineClosed, match="shut down"):
+                await task
+        assert a.submitting == 0
+        runner.gate.set()
+
+
+async def test_a_control_the_engine_does_not_answer_times_out() -> None:
+    answered = asyncio.Event()
+
+    async def never() -> None:
+        await answered.wait()  # released only after the caller gave up
+
+    directory = socket_dir()
+    path = os.path.join(directory, "engine.sock")
+    engine: Engine[str, str] = Engine(open_runner())
+    server = EngineServer(engine, path, handlers={"never": never})
+    remote = RemoteEngine[str, str](path)
+    try:
+        async with asyncio.timeout(30):
+            await engine.start()
+            await server.start()
+            await remote.connect()
+            with pytest.raises(TimeoutError):
+                await remote.control("call", name="never", timeout_s=0.05)
+            answered.set()
+            assert (await remote.control("stats", timeout_s=10)).state == "running"
+    finally:
+        await remote.aclose()
+        await engine.aclose()
+        await server.aclose()
+        shutil.rmtree(directory, ignore_errors=True)

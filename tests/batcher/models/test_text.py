@@ -162,6 +162,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(
     assert "torch.compile failed (RuntimeError: no C++ compiler); running eager" in caplog.text
     assert model.describe()["compile"] == {
         "requested": True,
+        "mode": "default",
         "enabled": False,
         "error": "RuntimeError: no C++ compiler",
         "graphs_since_warm_up": 0,
