@@ -41,7 +41,7 @@ def create_app(
     """The ASGI app. `model` replaces the model that `settings` names (tests pass fakes;
     a sequence is one replica each). With `engine_path`, the app is a front-end of the
     engine process serving that socket (`microbatch serve --workers N`, see
-    `server.workers`): it tokenizes with a CPU copy of the model (or with `model`),
+    `server.workers`): it tokenizes with the model loaded without its weights (or with `model`),
     and `/metrics` adds every front-end's counters from the directory
     prometheus_client's multiprocess mode writes to.
 

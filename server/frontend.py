@@ -8,8 +8,9 @@ once before `/model` and `/admin/batching`). With each ask it tells the engine i
 status and hands over the request latencies the middleware collected, for the
 dashboard, whose timeline lives in the engine process.
 
-The tokenizer comes from a copy of the model loaded on the CPU in float32, uncompiled
-and never run: every process tokenizes exactly as the engine's model would.
+The tokenizer comes from the model's own files, loaded as the engine process loads them
+but without the weights (the modules on the meta device, never run): every process cuts
+and tokenizes exactly as the engine's model would, at the cost of the tokenizer's memory.
 """
 
 from __future__ import annotations
@@ -172,10 +173,12 @@ class FrontEnd:
         metrics_dir: str | None = None,
         model: ServedModel | None = None,
     ) -> FrontEnd:
-        """Load the tokenizer (a CPU copy of the model, or `model`) and start following
-        the engine at `path`; `/ready` says ready once the engine does."""
+        """Load the tokenizer (the model without its weights, or `model`) and start
+        following the engine at `path`; `/ready` says ready once the engine does."""
         if model is None:
-            options = replace(settings.load_options("cpu"), dtype="float32", compile=False)
+            options = replace(
+                settings.load_options("cpu"), dtype="float32", compile=False, weights=False
+            )
             model = await asyncio.to_thread(TextModel.load, options)
         front = cls(settings, model, path, metrics_dir, registry, latencies)
         tune_gc()  # as the engine process does once warm: torch and the model live on

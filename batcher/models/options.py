@@ -39,6 +39,9 @@ class LoadOptions:
     start-up probe (`batcher.models.precision`)."""
     compile: bool = True
     compile_mode: CompileMode = "default"
+    weights: bool = True
+    """False: the model is built on the meta device, without its weights (no memory): a
+    model that only tokenizes, for a front-end process of `microbatch serve --workers`."""
     max_tokens: int | None = None
     trust_remote_code: bool = False
 

@@ -19,6 +19,7 @@ from batcher.models import (
     TruncationDirection,
     load,
 )
+from tests.tiny_models import save_cross_encoder
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:
@@ -209,3 +210,28 @@ def test_packed_embeddings_unpack_to_exactly_the_floats(tiny_encoder_dir: Path) 
     assert all(isinstance(value, bytes) for value in packed)
     assert [unpack_output(value) for value in packed] == plain
     assert [len(unpack_output(value)) for value in packed[6:]] == [8] * 6
+
+
+@pytest.mark.parametrize("kind", ["encoder", "cross-encoder"])
+def test_a_model_loaded_without_weights_tokenizes_as_the_real_one(
+    kind: str, tiny_encoder_dir: Path, tmp_path: Path
+) -> None:
+    """What a front-end of `serve --workers` loads: the same inputs, no weights in memory."""
+    source = str(tiny_encoder_dir if kind == "encoder" else save_cross_encoder(tmp_path))
+    real = TextModel.load(LoadOptions(source=source, dtype="float32", compile=False))
+    light = TextModel.load(
+        LoadOptions(source=source, dtype="float32", compile=False, weights=False)
+    )
+    assert {p.device.type for p in light.loaded.model.parameters()} == {"meta"}
+    texts = [*sentences(50, seed=9), "word " * 300, "x"]
+    for direction in ("right", "left"):
+        ours = light.encode_many(texts, truncation_direction=direction)
+        theirs = real.encode_many(texts, truncation_direction=direction)
+        for a, b in zip(theirs, ours, strict=True):
+            assert (list(a.ids), a.truncated) == (list(b.ids), b.truncated)
+    if real.task == "rerank":
+        pairs = sentences(len(texts), seed=10)
+        paired = zip(real.encode_many(texts, pairs), light.encode_many(texts, pairs), strict=True)
+        for a, b in paired:
+            assert (list(a.ids), a.type_ids) == (list(b.ids), b.type_ids)
+    assert (light.max_tokens, light.name, light.task) == (real.max_tokens, real.name, real.task)
