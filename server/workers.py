@@ -85,8 +85,9 @@ def run_engine(
     """The engine process's entry point: serve the engine on `path` until SIGTERM, or
     until the process `supervisor` is gone. `model` replaces the one `settings` names
     (the null model of `benchmarks.overhead`)."""
-    # A SIGTERM during the model's load is kept, and honoured once the loop runs.
-    signal.signal(signal.SIGTERM, lambda signum, frame: _EARLY_STOP.set())
+    # A SIGTERM (or SIGINT) during the model's load is kept, and honoured once the loop runs.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: _EARLY_STOP.set())
     _child_setup(settings)
     _run(lambda: _serve_engine(settings, path, supervisor, model))
 
@@ -135,7 +136,8 @@ async def _serve_engine(
     logger.info("engine process %d serving on its socket", os.getpid())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    for signum in (signal.SIGTERM, signal.SIGINT):  # either: drain, then stop
+        loop.add_signal_handler(signum, stop.set)
     if _EARLY_STOP.is_set():
         stop.set()
     watch = asyncio.create_task(_watch_parent(supervisor, stop))
@@ -179,7 +181,10 @@ def run_front_end(settings: Settings, path: str, sockets: list[socket.socket]) -
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1,
         timeout_keep_alive=settings.keep_alive_s,
     )
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # see server.cli.serve
+    # uvicorn raises the signals it caught again once it has shut down; here both end a
+    # drained front-end quietly, with status 0 (see server.cli.serve).
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: None)
     server.run(sockets=sockets)
 
 
@@ -210,8 +215,8 @@ class Supervisor:
         for their last requests (uvicorn's second Ctrl-C); a third kills them."""
         self._signals += 1
         if self._signals == 2:
-            logger.warning("second signal: the children stop without waiting")
-            self._signal_all(signal.SIGINT)
+            logger.warning("second signal: the front-ends stop without waiting")
+            self._signal_all(signal.SIGINT, engine=False)  # uvicorn's second Ctrl-C
         elif self._signals > 2:
             logger.warning("third signal: killing the children")
             self._signal_all(signal.SIGKILL)
@@ -297,8 +302,8 @@ class Supervisor:
         if process.pid is not None:
             multiprocess.mark_process_dead(process.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
 
-    def _signal_all(self, signum: int) -> None:
-        for process in [*self.front_ends, self.engine]:
+    def _signal_all(self, signum: int, engine: bool = True) -> None:
+        for process in [*self.front_ends, self.engine if engine else None]:
             if process is not None and process.pid is not None and process.is_alive():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signum)
