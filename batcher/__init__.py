@@ -28,7 +28,7 @@ from batcher.errors import (
 from batcher.items import Result
 from batcher.metrics import OUTCOMES, SECONDS_BUCKETS, EngineMetrics, Totals
 from batcher.policy import DISPATCH_REASONS, DispatchReason
-from batcher.remote import EngineServer, RemoteEngine
+from batcher.remote import EngineServer, RemoteEngine, socket_dir
 from batcher.runner import Model, Runner, ThreadRunner
 from batcher.slo import SloConfig, SloController
 from batcher.stats import EngineStats, ReplicaStats, State
@@ -68,4 +68,5 @@ __all__ = [
     "ThreadRunner",
     "Totals",
     "check_limit",
+    "socket_dir",
 ]

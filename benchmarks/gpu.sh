@@ -286,33 +286,29 @@ run "$python" -m benchmarks.compare --concurrency "$concurrency_list" --duration
   --warmup "$warmup" --out-dir "$out" --name compare || fail "compare" $?
 
 url="http://127.0.0.1:$port"
-for n in "${workers[@]}"; do
-  phase "microbatch serve --workers $n"
-  # --workers 1 is the one-process server; N > 1: N front-ends on one engine process.
-  start_server "$out/workers-$n.log" "$python" -m server.cli serve --workers "$n" --port "$port"
-  if wait_ready "$url" "$out/workers-$n.log"; then
+serve_and_bench() {  # NAME LABEL SERVE-FLAGS...: serve, load it at every concurrency, stop
+  local name=$1 label=$2
+  shift 2
+  start_server "$out/$name.log" "$python" -m server.cli serve "$@" --port "$port"
+  if wait_ready "$url" "$out/$name.log"; then
     run "$python" -m benchmarks.bench "$url" --concurrency "$concurrency_list" \
       --duration "$duration" --warmup "$warmup" --processes "$processes" \
-      --label "workers $n" --json "$out/workers-$n.json" || fail "bench at --workers $n" $?
+      --label "$label" --json "$out/$name.json" || fail "bench of $label" $?
   else
-    fail "microbatch serve --workers $n" 1
+    fail "microbatch serve $*" 1
   fi
   echo "+ kill -TERM \$server_pid; wait \$server_pid"
   stop_server
+}
+
+for n in "${workers[@]}"; do
+  phase "microbatch serve --workers $n"
+  # --workers 1 is the one-process server; N > 1: N front-ends on one engine process.
+  serve_and_bench "workers-$n" "workers $n" --workers "$n"
 done
 
 phase "CUDA graphs: microbatch serve --compile-mode reduce-overhead (against workers-1's plain compile)"
-start_server "$out/graphs.log" "$python" -m server.cli serve --compile-mode reduce-overhead \
-  --port "$port"
-if wait_ready "$url" "$out/graphs.log"; then
-  run "$python" -m benchmarks.bench "$url" --concurrency "$concurrency_list" \
-    --duration "$duration" --warmup "$warmup" --processes "$processes" \
-    --label "cuda graphs" --json "$out/graphs.json" || fail "bench with CUDA graphs" $?
-else
-  fail "microbatch serve --compile-mode reduce-overhead" 1
-fi
-echo "+ kill -TERM \$server_pid; wait \$server_pid"
-stop_server
+serve_and_bench graphs "cuda graphs" --compile-mode reduce-overhead
 
 phase "report"
 run "$python" -m benchmarks.gpu_report "$out" || fail "the report" $?

@@ -143,7 +143,6 @@ class FrontEnd:
     ) -> None:
         self.settings = settings
         self.model = model
-        self.path = path
         self.metrics_dir = metrics_dir
         self.registry = registry
         self.tokenizer = Tokenizer(model)

@@ -42,6 +42,7 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
 
+from batcher import socket_dir
 from server.settings import Settings
 
 if TYPE_CHECKING:
@@ -200,7 +201,7 @@ class Supervisor:
         self.settings = settings
         self.sock = sock
         self._context = multiprocessing.get_context("spawn")
-        self._socket_dir = tempfile.mkdtemp(prefix="microbatch-")  # only this user
+        self._socket_dir = socket_dir()
         self.path = os.path.join(self._socket_dir, "engine.sock")
         self.metrics_dir = tempfile.mkdtemp(prefix="microbatch-metrics-")
         self.engine: BaseProcess | None = None
