@@ -18,9 +18,10 @@ from starlette.staticfiles import StaticFiles
 from server import errors
 from server.access import AccessMiddleware, TokenBuckets
 from server.admission import queue_gate
+from server.fastlane import FastLane
 from server.frontend import FrontEnd
 from server.middleware import RequestContextMiddleware
-from server.routes import router
+from server.routes import fast_lane_routes, router
 from server.runtime import LocalRuntime, Runtime, ServedModel
 from server.settings import Settings
 from server.timeline import MAX_LATENCIES
@@ -84,7 +85,9 @@ def create_app(
     app.include_router(router)
     # The dashboard's script, styles and chart library (uPlot, MIT) come with the package.
     app.mount("/dashboard/static", StaticFiles(packages=[("server", "static")]), "dashboard-static")
-    # Outermost last: ids, timing and size/type checks, then CORS, then access.
+    # Outermost last: ids, timing and size/type checks, then CORS, then access, then the
+    # inference routes' way around FastAPI's router.
+    app.add_middleware(FastLane, routes=fast_lane_routes(), handlers=app.exception_handlers)
     rate = settings.rate_limit_rps
     buckets = TokenBuckets(rate, settings.rate_limit_burst or max(1, round(rate))) if rate else None
     app.add_middleware(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar, cast
 
 import numpy as np
+import orjson
 from fastapi import Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
@@ -350,13 +351,27 @@ def meta(request: Request, model: ServedModel) -> dict[str, Any]:
 
 
 def reply(body: BaseModel | bytes, results: Sequence[Result[Output]]) -> Response:
-    """The JSON reply, serialized once by pydantic's Rust serializer, with the timing
-    headers. Returning a Response skips FastAPI's validation of the returned model
-    against `response_model`, which the route declares for the OpenAPI schema only."""
+    """The JSON reply, serialized once by orjson (`to_json`), with the timing headers.
+    Returning a Response skips FastAPI's validation of the returned model against
+    `response_model`, which the route declares for the OpenAPI schema only."""
     headers = {
         "x-queue-time-ms": f"{max(r.queue_time_s for r in results) * 1000:.3f}",
         "x-inference-time-ms": f"{max(r.inference_time_s for r in results) * 1000:.3f}",
         "x-batch-size": str(max(r.batch_size for r in results)),
     }
-    content = body if isinstance(body, bytes) else body.model_dump_json()
+    content = body if isinstance(body, bytes) else to_json(body)
     return Response(content, media_type="application/json", headers=headers)
+
+
+def to_json(value: object) -> bytes:
+    """`value` (reply models built with `model_construct`, lists, dicts, floats) as
+    JSON: what pydantic's `model_dump_json` gives for these models, which have no
+    aliases or custom serializers, in a third of its time for an embedding (pydantic
+    checks each float against the field's union of a list and a base64 string)."""
+    return orjson.dumps(value, default=_fields)
+
+
+def _fields(value: object) -> dict[str, Any]:
+    if isinstance(value, BaseModel):
+        return value.__dict__
+    raise TypeError  # orjson's way to say: not serializable

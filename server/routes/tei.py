@@ -24,6 +24,7 @@ from server.routes.parsing import (
     runtime_of,
     serving,
     submit_all,
+    to_json,
 )
 from server.schemas import Inputs, OutputOptions, TEIErrorReply, Text, Texts, error_responses
 
@@ -117,7 +118,6 @@ class Info(BaseModel):
     docker_label: str | None = None
 
 
-_VECTORS = TypeAdapter(list[list[float]])
 _TOKENS = TypeAdapter(list[list[SimpleToken]])
 _RANKED = TypeAdapter(list[RerankResult])
 
@@ -143,7 +143,7 @@ async def embed(request: Request) -> Response:
     check_tokens(items, model, runtime, "inputs", body.truncate, listed=True)
     results = await submit_all(request, runtime, engine, items, deadline)
     vectors = [cast("list[float]", r.value) for r in results]
-    return reply(_VECTORS.dump_json(vectors), results)
+    return reply(to_json(vectors), results)
 
 
 @router.post(

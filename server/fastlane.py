@@ -1,0 +1,89 @@
+"""The inference routes without FastAPI's routing layers.
+
+A POST to `/predict`, `/v1/embeddings`, `/embed` and the other inference routes is
+answered by calling the route's function directly, innermost of our middleware. Those
+functions take only the request and read their body themselves (`server.routes.parsing`),
+so FastAPI has nothing to solve for them; what it would add per request is its router's
+walk over every route, the request-response wrapper with its exit stacks, and Starlette's
+exception middleware: a third of a front-end's CPU per request with a model that costs
+nothing (benchmarks/results/overhead-cpu-2core-2026-12-03-fast-lane.md).
+
+What the routes rely on stays where it was: ids, timing, size and type checks, CORS, keys
+and the early 429 are the middleware outside this one, and an exception the route raises
+goes to the same handler FastAPI would pick (`server.errors`), by the exception's class
+hierarchy. Everything else (other methods, other paths, a trailing slash) goes through
+FastAPI as before, and the routes stay registered there for the OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+def direct_routes(routes: Iterable[Any]) -> dict[str, APIRoute]:
+    """The POST routes of static paths whose function takes only the request: the ones
+    this lane can call without FastAPI solving anything for them."""
+    direct = {}
+    for route in routes:
+        if not isinstance(route, APIRoute) or route.methods != {"POST"} or "{" in route.path:
+            continue
+        parameters = list(inspect.signature(route.endpoint).parameters.values())
+        if len(parameters) == 1 and parameters[0].annotation in (Request, "Request"):
+            direct[route.path] = route
+    return direct
+
+
+class FastLane:
+    """Pure ASGI: answers a POST to one of `routes` by awaiting its function, turning an
+    exception into a reply through `handlers` (the app's `exception_handlers`, read at
+    each call, so handlers registered later count); passes everything else to `app`.
+    An exception without a handler propagates, as through FastAPI."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        routes: Mapping[str, APIRoute],
+        handlers: Mapping[Any, Callable[..., Any]],
+    ) -> None:
+        self.app = app
+        self.routes = dict(routes)
+        self.handlers = handlers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = None
+        if scope["type"] == "http" and scope["method"] == "POST":
+            route = self.routes.get(scope["path"])
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = route  # as Starlette's router sets it: the duration metric's label
+        scope["endpoint"] = route.endpoint
+        request = Request(scope, receive, send)
+        endpoint: Endpoint = route.endpoint
+        try:
+            response = await endpoint(request)
+        except Exception as exc:
+            handler = self._handler(exc)
+            if handler is None:
+                raise
+            response = await handler(request, exc)
+        await response(scope, receive, send)
+
+    def _handler(self, exc: Exception) -> Handler | None:
+        """The handler of the nearest class in `exc`'s hierarchy, as Starlette looks it
+        up."""
+        for cls in type(exc).__mro__:
+            handler = self.handlers.get(cls)
+            if handler is not None:
+                return handler
+        return None
