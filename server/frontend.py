@@ -44,7 +44,7 @@ from server.runtime import LocalRuntime, ServedModel, Status, WarmingStep, tune_
 from server.schemas import ThreadsInfo
 from server.settings import Settings
 from server.timeline import Recent
-from server.tokenizing import Tokenizer
+from server.tokenizing import FRONT_END_INLINE_CHARS, Tokenizer
 
 logger = logging.getLogger("microbatch.server")
 
@@ -145,7 +145,8 @@ class FrontEnd:
         self.model = model
         self.metrics_dir = metrics_dir
         self.registry = registry
-        self.tokenizer = Tokenizer(model)
+        # One core each: see server.tokenizing
+        self.tokenizer = Tokenizer(model, inline_chars=FRONT_END_INLINE_CHARS, gather_short=False)
         self.remote: RemoteEngine[Encoded, Output] = RemoteEngine(path, unpack=unpack_output)
         self.report: EngineReport | None = None
         self._engine: EngineView | None = None

@@ -9,6 +9,14 @@ the GIL, so tokenizing overlaps with the forward pass on the device thread and w
 loop itself. A short request that finds the thread idle is tokenized at once on the loop
 (`INLINE_CHARS`): there is nothing to gather it with, and the hand-off costs more.
 
+A front-end of `microbatch serve --workers N` tokenizes every request of up to
+`FRONT_END_INLINE_CHARS` on its loop, busy thread or not (`gather_short=False`): its
+parallelism is the N processes, a core each, and on one core a batch call saves nothing
+per text (65 us one by one, 63 us in a batch of 64, for the default model's tokenizer
+and 171-character texts) while each hand-off to the thread and back costs wake-ups and
+GIL switches of both sides. Longer texts still go to the thread, so the loop never
+stalls for a milliseconds-long text.
+
 Futures are touched only on the loop; the thread only computes.
 """
 
@@ -34,6 +42,13 @@ tokenized on the loop at once (tens of microseconds): the hand-off to the thread
 back costs more than that, and nothing else is waiting for the thread to batch with.
 Measured with the null model of benchmarks/overhead.py, always handing off cost 16 % of
 req/s at one client and 8 % at 64; under load the thread is busy, so requests gather."""
+
+FRONT_END_INLINE_CHARS = 1024
+"""A front-end's limit for tokenizing on the loop: about 0.3 ms for the default model's
+tokenizer on the 2-core machine of benchmarks/results/, against 0.1 ms at 256
+characters. A quarter of the built-in benchmark corpus is over 256 characters; with the
+hand-off for those, the tokenizer thread took 16 % of a front-end's CPU at 64 clients
+(py-spy, benchmarks/overhead.py's null model)."""
 
 Kind = tuple[Options, bool, TruncationDirection]
 """What requests must share to be tokenized in one call: options, paired, side."""
@@ -76,17 +91,23 @@ def _encode_kinds(model: ServedModel, calls: list[_Call]) -> list[_Outcome]:
 
 class Tokenizer:
     """Tokenizes requests' texts on one thread, gathering those that arrive while it is
-    busy into one batch call. `close` stops the thread."""
+    busy into one batch call. Short requests (at most `inline_chars` in all) are
+    tokenized on the loop when the thread is idle, or always with `gather_short=False`.
+    `close` stops the thread."""
 
-    def __init__(self, model: ServedModel) -> None:
+    def __init__(
+        self, model: ServedModel, *, inline_chars: int = INLINE_CHARS, gather_short: bool = True
+    ) -> None:
         self._model = model
+        self._inline_chars = inline_chars
+        self._gather_short = gather_short
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="microbatch-tokenizer")
         self._waiting: list[_Call] = []
         self._running: asyncio.Task[None] | None = None
         self.calls = 0
         """Batch calls made so far on the thread (each serves every request gathered)."""
         self.inline = 0
-        """Requests tokenized on the loop (short, with the thread idle)."""
+        """Requests tokenized on the loop (short, with the thread idle or not gathering)."""
 
     async def encode(
         self,
@@ -97,10 +118,8 @@ class Tokenizer:
     ) -> list[Encoded]:
         """`model.encode_many(texts, pairs, options, truncation_direction)`, batched with
         the calls of other requests. Raises what it raises (InvalidOption)."""
-        if (
-            self._running is None
-            and sum(map(len, texts)) + sum(map(len, pairs or ())) <= INLINE_CHARS
-        ):
+        chars = sum(map(len, texts)) + sum(map(len, pairs or ()))
+        if chars <= self._inline_chars and (self._running is None or not self._gather_short):
             self.inline += 1
             return self._model.encode_many(texts, pairs, options, truncation_direction)
         loop = asyncio.get_running_loop()

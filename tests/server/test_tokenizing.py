@@ -65,6 +65,23 @@ async def test_a_short_request_finding_the_thread_idle_is_tokenized_at_once() ->
     await tokenizer.aclose()
 
 
+async def test_without_gathering_short_requests_are_tokenized_at_once_while_it_is_busy() -> None:
+    model = GatedTokenizerModel()
+    tokenizer = Tokenizer(model, inline_chars=2 * len(FIRST), gather_short=False)
+    long = "y" * (2 * len(FIRST) + 1)
+    async with asyncio.timeout(10):
+        first = asyncio.create_task(tokenizer.encode([long]))
+        await asyncio.to_thread(model.started.wait)  # the thread is busy with `first`
+        model.release.set()  # (the loop's own calls must not block)
+        for text in ("short", FIRST):  # both within inline_chars
+            assert [item.ids for item in await tokenizer.encode([text])] == [ids(text[:64])]
+        assert "MainThread" in model.threads
+        assert [item.ids for item in await tokenizer.encode([long])] == [ids(long[:64])]
+        await first
+    assert (tokenizer.inline, tokenizer.calls) == (2, 2)  # the long ones on the thread
+    await tokenizer.aclose()
+
+
 async def test_requests_arriving_while_it_is_busy_share_one_call_per_kind() -> None:
     model = GatedTokenizerModel()
     tokenizer = Tokenizer(model)
