@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -403,3 +404,12 @@ async def test_the_readme_lists_every_metric_the_server_exposes() -> None:
     assert len(names) > 10
     missing = sorted(n for n in names if f"`{n}" not in readme)
     assert missing == [], f"metrics the README's table does not list: {missing}"
+
+
+async def test_requests_without_an_id_get_distinct_ids() -> None:
+    async with serve(FakeTextModel()) as client:
+        replies = [await client.post("/predict", json={"text": "x"}) for _ in range(20)]
+    ids = {r.headers["x-request-id"] for r in replies}
+    assert len(ids) == 20
+    assert all(re.fullmatch("[0-9a-f]{32}", i) for i in ids)
+    assert all(r.json()["request_id"] == r.headers["x-request-id"] for r in replies)
