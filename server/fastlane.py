@@ -6,7 +6,7 @@ functions take only the request and read their body themselves (`server.routes.p
 so FastAPI has nothing to solve for them; what it would add per request is its router's
 walk over every route, the request-response wrapper with its exit stacks, and Starlette's
 exception middleware: a third of a front-end's CPU per request with a model that costs
-nothing (benchmarks/results/overhead-cpu-2core-2026-12-03-fast-lane.md).
+nothing (benchmarks/results/overhead-cpu-2core-2026-12-02-fast-lane.md).
 
 What the routes rely on stays where it was: ids, timing, size and type checks, CORS, keys
 and the early 429 are the middleware outside this one, and an exception the route raises
