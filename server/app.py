@@ -18,7 +18,7 @@ from starlette.staticfiles import StaticFiles
 from server import errors
 from server.access import AccessMiddleware, TokenBuckets
 from server.admission import queue_gate
-from server.fastlane import FastLane
+from server.fastlane import FastLane, LaneApp
 from server.frontend import FrontEnd
 from server.middleware import RequestContextMiddleware
 from server.routes import fast_lane_routes, router
@@ -81,6 +81,8 @@ def create_app(
         summary="Dynamic micro-batching inference server",
         lifespan=lifespan,
     )
+    # fastapi-offline builds a plain FastAPI; the lane's entrance is a method of the class.
+    app.__class__ = LaneApp
     errors.install(app)
     app.include_router(router)
     # The dashboard's script, styles and chart library (uPlot, MIT) come with the package.

@@ -7,17 +7,23 @@ import json
 
 import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 from fastapi import FastAPI, Request, Response
 from pydantic import BaseModel
+from starlette.middleware.errors import ServerErrorMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.fastlane import FastLane, direct_routes
+from server.app import create_app
+from server.fastlane import FastLane, LaneApp, direct_routes
+from server.middleware import RequestContextMiddleware
 from server.routes import fast_lane_routes
 from server.routes.cohere import RerankResponse, RerankUsage
 from server.routes.openai import EmbeddingObject, EmbeddingsResponse, Usage
 from server.routes.parsing import to_json
 from server.schemas import BatchResponse, Embedding, EmbeddingResponse, Label, LabelResponse
+from server.settings import Settings
 from tests.server.fakes import FakeTextModel
-from tests.server.test_app import serve
+from tests.server.test_app import serve, wait_until_ready
 
 
 def test_every_route_that_reads_its_own_body_takes_the_lane() -> None:
@@ -44,8 +50,8 @@ class Unhandled(Exception):
     pass
 
 
-def _app() -> FastAPI:
-    app = FastAPI()
+def _app(cls: type[FastAPI] = FastAPI) -> FastAPI:
+    app = cls()
 
     @app.post("/direct")
     async def direct(request: Request) -> Response:
@@ -106,6 +112,91 @@ async def test_lane_routes_keep_their_errors_metrics_and_405() -> None:
         metrics
     )
     assert 'route="/v1/embeddings",status="400"' in metrics
+
+
+class Outer:
+    """The app's outermost middleware: records the path of every request it sees."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.seen: list[str] = []
+        Outer.last = self
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.seen.append(scope["path"])
+        await self.app(scope, receive, send)
+
+    last: Outer
+
+
+@pytest.fixture
+def outer_layers(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths of the requests that went through Starlette's ServerErrorMiddleware,
+    the outermost of FastAPI's own layers."""
+    seen = []
+    original = ServerErrorMiddleware.__call__
+
+    async def call(self: ServerErrorMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            seen.append(scope["path"])
+        await original(self, scope, receive, send)
+
+    monkeypatch.setattr(ServerErrorMiddleware, "__call__", call)
+    return seen
+
+
+@pytest.mark.asyncio
+async def test_lane_requests_enter_at_the_outermost_of_our_middleware(
+    outer_layers: list[str],
+) -> None:
+    app = _app(LaneApp)
+    app.add_middleware(Outer)
+    async with (
+        LifespanManager(app) as manager,  # the lifespan builds the middleware stack
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as c,
+    ):
+        assert (await c.post("/direct", json={"a": 1})).json() == {"route": "/direct", "a": 1}
+        assert (await c.post("/direct", json={"raise": "loudly"})).status_code == 409
+        assert (await c.get("/direct")).status_code == 405
+        assert (await c.post("/with-a-parameter?x=3", json={})).json() == {"x": 3}
+        with pytest.raises(Unhandled):
+            await c.post("/direct", json={"raise": "unhandled"})
+    # Every request met our middleware; only those off the lane met FastAPI's layers.
+    assert Outer.last.seen == ["/direct", "/direct", "/direct", "/with-a-parameter", "/direct"]
+    assert outer_layers == ["/direct", "/with-a-parameter"]
+
+
+@pytest.mark.asyncio
+async def test_an_app_under_a_root_path_takes_fastapis_way(outer_layers: list[str]) -> None:
+    app = _app(LaneApp)
+    app.root_path = "/api"  # the app's own (deprecated in FastAPI 0.165), not the server's
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as c,
+    ):
+        assert (await c.post("/direct", json={"a": 1})).status_code == 200
+    assert outer_layers == ["/direct"]
+
+
+@pytest.mark.asyncio
+async def test_the_server_enters_the_lane_at_its_request_context(outer_layers: list[str]) -> None:
+    app = create_app(Settings(), model=FakeTextModel())
+    assert isinstance(app, LaneApp)
+    async with (
+        LifespanManager(app, startup_timeout=30) as manager,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as c,
+    ):
+        await wait_until_ready(c)
+        r = await c.post("/predict", json={"text": "hi"}, headers={"x-request-id": "abc"})
+        assert (r.status_code, r.headers["x-request-id"]) == (200, "abc")
+        assert (await c.get("/health")).status_code == 200
+        door = app._entrance
+    assert door is not None
+    assert type(door[0]) is RequestContextMiddleware
+    assert door[1] == set(fast_lane_routes())
+    assert "/health" in outer_layers
+    assert "/predict" not in outer_layers
 
 
 def _replies() -> list[BaseModel]:
