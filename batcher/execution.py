@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 from batcher.cost import CostModel, DrainRate, MemoryCap
 from batcher.errors import DeviceOutOfMemory, InferenceFailed
@@ -19,6 +19,7 @@ from batcher.items import PendingItem, Result, settle_error, settle_result
 from batcher.metrics import EngineMetrics
 from batcher.padding import padded_tokens
 from batcher.replicas import Replica, ReplicaPool
+from batcher.runner import PreparingRunner
 
 InT = TypeVar("InT")
 OutT = TypeVar("OutT")
@@ -48,6 +49,12 @@ class Executor(Generic[InT, OutT]):
         """The device's cost per batch, learned from the batches run so far."""
         self.drain_rate = DrainRate()
         self.memory_cap = MemoryCap()
+        first = pool.replicas[0].runner
+        self._preparer = (
+            first if isinstance(first, PreparingRunner) and first.collates_ahead else None
+        )
+        """Prepares the batches that wait for a device (host-side inputs fit any replica,
+        so the first runner's serve all); None when the runners do not collate ahead."""
         self.on_computed: Callable[[list[float], list[float], float], None] | None = None
         """Called with each computed batch's latencies (admission to result, seconds),
         queue waits and device time: the SLO controller's input."""
@@ -62,16 +69,25 @@ class Executor(Generic[InT, OutT]):
         another replica: if it succeeds there, the first replica gets a strike. Out of
         memory also lowers the memory cap to half the failed batch's padded tokens.
         """
+        prepared = await self._prepare_ahead(batch) if avoid is None else None
         async with self._pool.lease(avoid) as replica:
             # Callers may have left or expired while the batch waited for a replica.
             now = self._clock()
-            batch = [item for item in batch if self._wanted(item, now)]
-            if not batch:
+            wanted = [item for item in batch if self._wanted(item, now)]
+            if not wanted:
                 return True
+            if len(wanted) < len(batch):
+                prepared = None  # made for items that are gone: the device thread collates
+            batch = wanted
             started = now
             replica.busy_since = started
             try:
-                outputs = await replica.runner.run([item.payload for item in batch])
+                payloads = [item.payload for item in batch]
+                if prepared is None:
+                    outputs = await replica.runner.run(payloads)
+                else:
+                    runner = cast("PreparingRunner[InT, OutT]", replica.runner)
+                    outputs = await runner.run(payloads, prepared)
             except Exception as exc:
                 failure: Exception | None = exc
             else:
@@ -112,6 +128,23 @@ class Executor(Generic[InT, OutT]):
             waits = [started - item.enqueued_at for item in batch]
             self.on_computed([w + inference_time_s for w in waits], waits, inference_time_s)
         return True
+
+    async def _prepare_ahead(self, batch: list[PendingItem[InT, OutT]]) -> object | None:
+        """The batch's inputs made ready on the host while every device is busy, so that
+        the device thread only copies and launches once its replica is free (a runner
+        with `prepare`, on a GPU); None when a replica is free now, or nothing was made.
+
+        A prepare that raises is logged and forgotten: the device thread collates again,
+        and its failure, if any, is isolated as usual.
+        """
+        preparer = self._preparer
+        if preparer is None or self._pool.has_free():
+            return None
+        try:
+            return await preparer.prepare([item.payload for item in batch])
+        except Exception:
+            logger.exception("preparing a batch ahead failed; its device thread collates it")
+            return None
 
     async def _after_failure(self, batch: list[PendingItem[InT, OutT]], exc: Exception) -> bool:
         """A batch (or a retried single item) failed: split it, or fail the item."""

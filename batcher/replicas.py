@@ -80,6 +80,10 @@ class ReplicaPool(Generic[InT, OutT]):
             self._idle.append(replica)  # the one place a replica is released
             self._changed.set()
 
+    def has_free(self) -> bool:
+        """Whether a live replica is free now (a lease would not wait)."""
+        return any(r.alive for r in self._idle)
+
     def _take(self, avoid: Replica[InT, OutT] | None) -> Replica[InT, OutT] | None:
         free = [r for r in self._idle if r.alive]
         if avoid is not None and self.others_alive(avoid):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, cast, runtime_checkable
 
 InT = TypeVar("InT")
 OutT = TypeVar("OutT")
@@ -26,30 +26,112 @@ class Model(Protocol[InT_contra, OutT_co]):
         ...
 
 
+@runtime_checkable
+class PreparingModel(Model[InT_contra, OutT_co], Protocol[InT_contra, OutT_co]):
+    """A `Model` whose batch can be made ready on the host (padded, in pinned memory)
+    while the device still computes the one before it."""
+
+    @property
+    def collates_ahead(self) -> bool:
+        """Whether preparing ahead pays on this model's device (a GPU, where the device
+        thread mostly waits for the kernels)."""
+        ...
+
+    def prepare(self, payloads: Sequence[InT_contra]) -> object:
+        """The batch's host-side inputs; touches no device, so it may run on any thread."""
+        ...
+
+    def predict_prepared(
+        self, payloads: Sequence[InT_contra], prepared: object
+    ) -> Sequence[OutT_co]:
+        """`predict(payloads)`, from what `prepare(payloads)` returned."""
+        ...
+
+
 class Runner(Protocol[InT_contra, OutT_co]):
-    """What the engine calls. The engine never runs two `run` calls at once."""
+    """What the engine calls. The engine never runs two `run` calls at once on one runner.
+
+    A runner may also be a `PreparingRunner`: the engine then prepares a batch that has to
+    wait for its device, and hands what was made to `run(payloads, prepared)`.
+    """
 
     def cost(self, payload: InT_contra) -> int: ...
 
     async def run(self, payloads: Sequence[InT_contra]) -> Sequence[OutT_co]: ...
 
 
+@runtime_checkable
+class PreparingRunner(Runner[InT_contra, OutT_co], Protocol[InT_contra, OutT_co]):
+    """A runner that can make a batch ready before its device is free."""
+
+    @property
+    def collates_ahead(self) -> bool:
+        """Whether `prepare` makes anything (else the engine does not call it)."""
+        ...
+
+    async def prepare(self, payloads: Sequence[InT_contra]) -> object | None:
+        """Host-side inputs for `run(payloads, prepared)`; None when nothing was made."""
+        ...
+
+    async def run(
+        self, payloads: Sequence[InT_contra], prepared: object | None = None
+    ) -> Sequence[OutT_co]: ...
+
+
 class ThreadRunner(Generic[InT, OutT]):
     """Runs a `Model` on one dedicated thread, so the event loop never waits on it.
 
-    One thread serialises the device; torch releases the GIL while it computes.
+    One thread serialises the device; torch releases the GIL while it computes. A model
+    that collates ahead (`PreparingModel`, on a GPU) also gets a second thread, which
+    prepares the next batch while the device thread runs the current one.
+    `collate_ahead` overrides the model's own choice (tests, and A/B runs).
     """
 
-    def __init__(self, model: Model[InT, OutT], *, thread_name: str = "microbatch-device") -> None:
+    def __init__(
+        self,
+        model: Model[InT, OutT],
+        *,
+        thread_name: str = "microbatch-device",
+        collate_ahead: bool | None = None,
+    ) -> None:
         self.model = model
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+        preparing = isinstance(model, PreparingModel)
+        wanted = collate_ahead
+        if wanted is None:
+            wanted = isinstance(model, PreparingModel) and model.collates_ahead
+        if wanted and not preparing:
+            raise ValueError(f"{type(model).__name__} cannot prepare its batches ahead")
+        self._collator = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{thread_name}-collate")
+            if wanted
+            else None
+        )
+
+    @property
+    def collates_ahead(self) -> bool:
+        return self._collator is not None
 
     def cost(self, payload: InT) -> int:
         return self.model.cost(payload)
 
-    async def run(self, payloads: Sequence[InT]) -> Sequence[OutT]:
+    async def prepare(self, payloads: Sequence[InT]) -> object | None:
+        """The batch's host-side inputs, made on the collate thread while the device
+        thread computes; None when this runner does not collate ahead."""
+        if self._collator is None:
+            return None
+        model = cast("PreparingModel[InT, OutT]", self.model)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.model.predict, payloads)
+        return await loop.run_in_executor(self._collator, model.prepare, payloads)
+
+    async def run(self, payloads: Sequence[InT], prepared: object | None = None) -> Sequence[OutT]:
+        loop = asyncio.get_running_loop()
+        if prepared is None:
+            return await loop.run_in_executor(self._executor, self.model.predict, payloads)
+        model = cast("PreparingModel[InT, OutT]", self.model)
+        return await loop.run_in_executor(
+            self._executor, model.predict_prepared, payloads, prepared
+        )
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run `fn(*args)` on the device thread (warm-up, say), in turn with batches."""
@@ -57,5 +139,7 @@ class ThreadRunner(Generic[InT, OutT]):
         return await loop.run_in_executor(self._executor, fn, *args)
 
     def close(self) -> None:
-        """Wait for the running call, then stop the thread."""
+        """Wait for the running calls, then stop the threads."""
+        if self._collator is not None:
+            self._collator.shutdown(wait=True)
         self._executor.shutdown(wait=True)

@@ -3,7 +3,8 @@
 # gpu-marked tests, the raw GPU ceiling, naive vs microbatch vs ceiling
 # (benchmarks.compare) and the front-end scaling curve (microbatch serve --workers N loaded
 # by benchmarks.bench), CUDA graphs against plain compile (--compile-mode reduce-overhead),
-# then write the report (benchmarks.gpu_report).
+# collating ahead against not (--collate-ahead off), then write the report
+# (benchmarks.gpu_report).
 #
 #   bash benchmarks/gpu.sh --help
 #
@@ -36,7 +37,8 @@ usage: bash benchmarks/gpu.sh [options]
 On a machine with an NVIDIA GPU, in the current Python environment (activate a venv
 first): install a CUDA build of torch and microbatch[dev,bench], run the gpu-marked tests,
 the raw GPU ceiling, naive vs microbatch vs ceiling (benchmarks.compare), and microbatch
-serve --workers N and --compile-mode reduce-overhead (CUDA graphs) at each concurrency;
+serve --workers N, --compile-mode reduce-overhead (CUDA graphs) and --collate-ahead off
+at each concurrency;
 keep every output in benchmarks/results/NAME/ and
 write the report to benchmarks/results/NAME.md and NAME.png.
 
@@ -309,6 +311,9 @@ done
 
 phase "CUDA graphs: microbatch serve --compile-mode reduce-overhead (against workers-1's plain compile)"
 serve_and_bench graphs "cuda graphs" --compile-mode reduce-overhead
+
+phase "collating ahead: microbatch serve --collate-ahead off (against workers-1, which collates ahead)"
+serve_and_bench no-collate-ahead "no collate ahead" --collate-ahead off
 
 phase "report"
 run "$python" -m benchmarks.gpu_report "$out" || fail "the report" $?

@@ -7,7 +7,8 @@ files the run left in DIR:
 - `ceiling.json`: `benchmarks.ceiling --json`, the raw loop with no HTTP and no queue;
 - `compare/`: `benchmarks.compare --out-dir DIR --name compare` (naive vs microbatch);
 - `workers-N.json`: `benchmarks.bench --json` against `microbatch serve --workers N`;
-- `graphs.json`: the same against `microbatch serve --compile-mode reduce-overhead`.
+- `graphs.json`: the same against `microbatch serve --compile-mode reduce-overhead`;
+- `no-collate-ahead.json`: the same against `microbatch serve --collate-ahead off`.
 
 A piece that is absent or unreadable is reported as missing, with the reason.
 """
@@ -76,6 +77,8 @@ class GpuRun:
     workers: dict[int, Run] = field(default_factory=dict)
     graphs: Run | None = None
     """`serve --compile-mode reduce-overhead` (CUDA graphs), one process."""
+    no_collate_ahead: Run | None = None
+    """`serve --collate-ahead off`, one process: the device thread collates every batch."""
     missing: dict[str, str] = field(default_factory=dict)
 
 
@@ -153,6 +156,7 @@ def load(directory: Path) -> GpuRun:
         "compare": _compare,
         "workers": _workers,
         "graphs": lambda d: _run(d / "graphs.json"),
+        "no_collate_ahead": lambda d: _run(d / "no-collate-ahead.json"),
     }
     for piece, read in readers.items():
         try:
@@ -273,27 +277,59 @@ def _ratio_section(run: GpuRun) -> list[str]:
     return [*lines, ""]
 
 
-def _graphs_section(run: GpuRun) -> list[str]:
-    lines = ["## CUDA graphs against plain compile (`--compile-mode reduce-overhead`)", ""]
-    plain = run.workers.get(1)
-    if run.graphs is None or plain is None:
-        return lines + _missing(run, "graphs" if run.graphs is None else "workers")
-    graphs, compiled = _closed(run.graphs), _closed(plain)
+def _one_setting(
+    run: GpuRun,
+    heading: str,
+    runs: tuple[tuple[str, str, Run | None], tuple[str, str, Run | None]],
+    note: str,
+) -> list[str]:
+    """Two one-process runs that differ in one setting, each given as (its name in the
+    table, its piece of the run, the run): req/s and p99 by clients, and the ratio of the
+    second's req/s to the first's."""
+    lines = [heading, ""]
+    (first, first_piece, a_run), (second, second_piece, b_run) = runs
+    if a_run is None or b_run is None:
+        return lines + _missing(run, first_piece if a_run is None else second_piece)
+    a_steps, b_steps = _closed(a_run), _closed(b_run)
     lines += [
-        "One process each (`--workers 1`); the ratio is CUDA graphs' req/s to plain "
-        "compile's. Keep the mode the numbers support.",
+        note,
         "",
-        "| clients | plain req/s | graphs req/s | ratio | plain p99 ms | graphs p99 ms |",
+        f"| clients | {first} req/s | {second} req/s | ratio | {first} p99 ms | {second} p99 ms |",
         "|---|---|---|---|---|---|",
     ]
-    for c in sorted(set(graphs) & set(compiled)):
-        g, p = graphs[c], compiled[c]
-        ratio = g.throughput_rps / p.throughput_rps if p.throughput_rps else 0.0
+    for c in sorted(set(a_steps) & set(b_steps)):
+        a, b = a_steps[c], b_steps[c]
+        ratio = b.throughput_rps / a.throughput_rps if a.throughput_rps else 0.0
         lines.append(
-            f"| {c} | {p.throughput_rps:.1f} | {g.throughput_rps:.1f} | {ratio:.2f} | "
-            f"{p.latency_ms['p99']:.1f} | {g.latency_ms['p99']:.1f} |"
+            f"| {c} | {a.throughput_rps:.1f} | {b.throughput_rps:.1f} | {ratio:.2f} | "
+            f"{a.latency_ms['p99']:.1f} | {b.latency_ms['p99']:.1f} |"
         )
     return [*lines, ""]
+
+
+def _graphs_section(run: GpuRun) -> list[str]:
+    return _one_setting(
+        run,
+        "## CUDA graphs against plain compile (`--compile-mode reduce-overhead`)",
+        (("plain", "workers", run.workers.get(1)), ("graphs", "graphs", run.graphs)),
+        "One process each (`--workers 1`); the ratio is CUDA graphs' req/s to plain "
+        "compile's. Keep the mode the numbers support.",
+    )
+
+
+def _collate_section(run: GpuRun) -> list[str]:
+    return _one_setting(
+        run,
+        "## Collating ahead against not (`--collate-ahead off`)",
+        (
+            ("off", "no_collate_ahead", run.no_collate_ahead),
+            ("ahead", "workers", run.workers.get(1)),
+        ),
+        "One process each: `--collate-ahead off` (the device thread pads every batch "
+        "itself) and `--workers 1` (on CUDA, a batch waiting for the device is padded into "
+        "pinned memory on a second thread); the ratio is collating ahead's req/s to off's. "
+        "Keep the default the numbers support.",
+    )
 
 
 def _compare_section(run: GpuRun) -> list[str]:
@@ -328,6 +364,7 @@ def render(run: GpuRun, plot_name: str) -> str:
         f"![req/s against clients, by workers]({plot_name})",
         "",
         *_graphs_section(run),
+        *_collate_section(run),
         *_compare_section(run),
     ]
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from batcher import BatchSizing, EngineConfig, Policy
 from batcher.models import (
     DEFAULT_MIN_ACCURACY,
+    CollateAhead,
     CompileMode,
     DtypeOption,
     LoadOptions,
@@ -67,6 +68,11 @@ class Settings(BaseSettings):
         "default",
         description="torch.compile's mode: reduce-overhead records CUDA graphs of the warmed "
         "shapes (CUDA only; elsewhere it compiles as default does).",
+    )
+    collate_ahead: CollateAhead = Field(
+        "auto",
+        description="Pad the next batch into pinned host memory on a second thread while "
+        "the device runs the current one: auto does so on CUDA only.",
     )
     trust_remote_code: bool = Field(False, description="Run code shipped with the model.")
     max_tokens: int | None = Field(
@@ -206,6 +212,7 @@ class Settings(BaseSettings):
             min_accuracy=self.min_accuracy,
             compile=self.compile,
             compile_mode=self.compile_mode,
+            collate_ahead=self.collate_ahead,
             max_tokens=self.max_tokens,
             trust_remote_code=self.trust_remote_code,
         )

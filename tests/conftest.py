@@ -106,8 +106,10 @@ def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
 def float32_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The built-in model, compiled, in float32 whatever the CPU: the server whose
     numbers are compared with the reference libraries' at float32 tolerances (the
-    default, `--dtype auto`, may pick bfloat16, which has its own bound)."""
-    args = ["--dtype", "float32"]
+    default, `--dtype auto`, may pick bfloat16, which has its own bound). It collates
+    ahead as it would on CUDA (`--collate-ahead on`; off on a CPU by default), so that the
+    path a GPU takes is held to the reference libraries here too."""
+    args = ["--dtype", "float32", "--collate-ahead", "on"]
     server = ServerProcess(args, tmp_path_factory.mktemp("logs") / "float32.log").start()
     yield server
     assert server.stop() == 0, server.log()

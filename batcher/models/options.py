@@ -16,6 +16,7 @@ TaskOption = Literal["auto", "embed", "classify", "rerank"]
 TASKS: tuple[Task, ...] = get_args(Task)
 DtypeOption = Literal["auto", "float32", "float16", "bfloat16"]
 CompileMode = Literal["default", "reduce-overhead"]
+CollateAhead = Literal["auto", "on", "off"]
 """torch.compile's mode: `reduce-overhead` records CUDA graphs (on CUDA; elsewhere it
 compiles as `default` does)."""
 
@@ -39,6 +40,8 @@ class LoadOptions:
     start-up probe (`batcher.models.precision`)."""
     compile: bool = True
     compile_mode: CompileMode = "default"
+    collate_ahead: CollateAhead = "auto"
+    """Prepare a batch on the host while the one before computes: `auto` on CUDA only."""
     weights: bool = True
     """False: the model is built on the meta device, without its weights (no memory): a
     model that only tokenizes, for a front-end process of `microbatch serve --workers`."""

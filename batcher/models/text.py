@@ -126,6 +126,17 @@ Inputs = dict[str, torch.Tensor]
 Forward = Callable[[Inputs, torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True, slots=True)
+class HostBatch:
+    """A batch's padded inputs on the host (`TextModel.prepare`), before the device."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor | None
+    pool_mask: torch.Tensor | None
+    """The tokens to pool, where it differs from `attention_mask` (a prompt not pooled)."""
+
+
 def _embed_forward(model: Any, head: EmbeddingHead) -> Forward:
     def forward(inputs: Inputs, pool_mask: torch.Tensor) -> torch.Tensor:
         hidden = model(**inputs).last_hidden_state
@@ -163,7 +174,12 @@ class TextModel:
     """
 
     def __init__(
-        self, loaded: Loaded, *, compile: bool = True, compile_mode: CompileMode = "default"
+        self,
+        loaded: Loaded,
+        *,
+        compile: bool = True,
+        compile_mode: CompileMode = "default",
+        collate_ahead: bool | None = None,
     ) -> None:
         self.loaded = loaded
         self.name = loaded.name
@@ -190,6 +206,7 @@ class TextModel:
         self._eager: Forward = _forward_of(loaded)
         self._forward: Forward = self._eager
         self.compile_state = CompileState(requested=compile, mode=compile_mode)
+        self._collate_ahead = collate_ahead
         self.warmed = False
         self.packed_outputs = False
         """Embeddings as float32 bytes (`batcher.models.wire`), for an engine process."""
@@ -206,7 +223,13 @@ class TextModel:
     def load(cls, options: LoadOptions) -> TextModel:
         """Load `options`' model; with `dtype="auto"` on a CPU with native bfloat16,
         probe bfloat16 against float32 first and keep the one the probe allows."""
-        model = cls(load(options), compile=options.compile, compile_mode=options.compile_mode)
+        ahead = {"auto": None, "on": True, "off": False}[options.collate_ahead]
+        model = cls(
+            load(options),
+            compile=options.compile,
+            compile_mode=options.compile_mode,
+            collate_ahead=ahead,
+        )
         if model.loaded.probe_dtype is not None:
             model._probe_precision(model.loaded.probe_dtype, options.min_accuracy)
         return model
@@ -439,40 +462,69 @@ class TextModel:
 
     # -- on the device worker -------------------------------------------------------------
 
-    def collate(self, items: Sequence[Encoded]) -> tuple[Inputs, torch.Tensor]:
-        """The model's inputs as padded tensors (length rounded up to a bucket), and the
-        mask of the tokens to pool."""
+    def prepare(self, items: Sequence[Encoded]) -> HostBatch:
+        """The batch's inputs on the host: padded to a bucket, in pinned memory when the
+        model runs on CUDA (so that the copies to the device need not wait). Touches no
+        device: the engine may call it on the collate thread while the device thread
+        runs the batch before (`collates_ahead`)."""
+        rows, pinned = len(items), self.device.type == "cuda"
         length = bucket_length(max(len(item.ids) for item in items), cap=self.max_tokens)
-        ids = np.full((len(items), length), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(items), length), dtype=np.int64)
-        types = np.zeros((len(items), length), dtype=np.int64) if self._type_ids else None
-        for row, item in enumerate(items):
-            ids[row, : len(item.ids)] = item.ids
-            mask[row, : len(item.ids)] = 1
-            if types is not None and item.type_ids is not None:
-                types[row, : len(item.type_ids)] = item.type_ids
-        inputs = {"input_ids": self._to_device(ids), "attention_mask": self._to_device(mask)}
-        if types is not None:
-            inputs["token_type_ids"] = self._to_device(types)
-        if self._prompt_pooled:
-            return inputs, inputs["attention_mask"]
-        pool = mask.copy()
-        for row, item in enumerate(items):
-            pool[row, : item.prompt_tokens] = 0
-        return inputs, self._to_device(pool)
 
-    def _to_device(self, array: np.ndarray[Any, Any]) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor.to(self.device)
+        def buffer(fill: int) -> tuple[torch.Tensor, np.ndarray[Any, Any]]:
+            tensor = torch.full((rows, length), fill, dtype=torch.int64, pin_memory=pinned)
+            return tensor, tensor.numpy()
+
+        ids, ids_view = buffer(self._pad_id)
+        mask, mask_view = buffer(0)
+        types, types_view = buffer(0) if self._type_ids else (None, None)
+        pool, pool_view = buffer(0) if not self._prompt_pooled else (None, None)
+        for row, item in enumerate(items):
+            n = len(item.ids)
+            ids_view[row, :n] = item.ids
+            mask_view[row, :n] = 1
+            if types_view is not None and item.type_ids is not None:
+                types_view[row, : len(item.type_ids)] = item.type_ids
+            if pool_view is not None:
+                pool_view[row, item.prompt_tokens : n] = 1
+        return HostBatch(ids, mask, types, pool)
+
+    def collate(self, items: Sequence[Encoded]) -> tuple[Inputs, torch.Tensor]:
+        """The model's inputs as padded tensors on the device (length rounded up to a
+        bucket), and the mask of the tokens to pool."""
+        return self._to_device(self.prepare(items))
+
+    def _to_device(self, host: HostBatch) -> tuple[Inputs, torch.Tensor]:
+        """The prepared inputs on the model's device; from pinned memory, the copies are
+        queued behind the running kernels and the thread goes on at once."""
+        device, non_blocking = self.device, self.device.type == "cuda"
+        inputs = {
+            "input_ids": host.input_ids.to(device, non_blocking=non_blocking),
+            "attention_mask": host.attention_mask.to(device, non_blocking=non_blocking),
+        }
+        if host.token_type_ids is not None:
+            inputs["token_type_ids"] = host.token_type_ids.to(device, non_blocking=non_blocking)
+        if host.pool_mask is None:
+            return inputs, inputs["attention_mask"]
+        return inputs, host.pool_mask.to(device, non_blocking=non_blocking)
+
+    @property
+    def collates_ahead(self) -> bool:
+        """Whether the engine prepares a batch while the one before still computes: set
+        by `--collate-ahead`; by default on CUDA, where the device thread mostly waits
+        for the kernels, not on a CPU, where the forward pass has the cores."""
+        return self.device.type == "cuda" if self._collate_ahead is None else self._collate_ahead
 
     def predict(self, items: Sequence[Encoded]) -> list[Output]:
         """One forward pass for the whole batch; one host copy per batch, and one `tolist`
         per batch (per group of items with the same options)."""
+        return self.predict_prepared(items, self.prepare(items))
+
+    def predict_prepared(self, items: Sequence[Encoded], prepared: object) -> list[Output]:
+        """`predict(items)` from `prepare(items)`'s result, made ahead on another thread."""
+        assert isinstance(prepared, HostBatch), "prepared by another model; this is a bug"
         out_of_memory = False
         try:
-            inputs, pool_mask = self.collate(items)
+            inputs, pool_mask = self._to_device(prepared)
             with torch.inference_mode(), torch.compiler.set_stance(self.compile_state.stance):
                 out = self._forward(inputs, pool_mask)
         except torch.OutOfMemoryError:
@@ -573,6 +625,7 @@ class TextModel:
             "max_tokens": self.max_tokens,
             "labels": list(self.labels),
             "compile": self.compile_state.describe(),
+            "collate_ahead": self.collates_ahead,
             "description": self.description.kind,
         }
         if self.task == "embed":

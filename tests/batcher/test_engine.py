@@ -588,3 +588,129 @@ async def test_a_window_a_token_budget_and_a_drain_are_told_apart() -> None:
     assert dispatched(engine)["drain"] == 1
     compute = engine.metrics.registry.get_sample_value("microbatch_device_compute_seconds_total")
     assert compute == 0.0, "the fake computes in no virtual time"
+
+
+class PreparingModel:
+    """A thread-blocking model that prepares ahead: `predict` of a batch holding "hold"
+    waits until the test releases it; each prepare is recorded with its thread."""
+
+    collates_ahead = True
+
+    def __init__(self, fail_prepare: bool = False) -> None:
+        self.release = threading.Event()
+        self.holding = threading.Event()
+        self.prepared = threading.Event()
+        self.prepares: list[tuple[list[str], str]] = []
+        self.passes: list[tuple[str, list[str]]] = []
+        self.fail_prepare = fail_prepare
+
+    def cost(self, payload: str) -> int:
+        return 1
+
+    def prepare(self, payloads: Sequence[str]) -> object:
+        self.prepares.append((list(payloads), threading.current_thread().name))
+        self.prepared.set()
+        if self.fail_prepare:
+            raise MemoryError("no pinned memory left")
+        return ("prepared", tuple(payloads))
+
+    def _compute(self, kind: str, payloads: Sequence[str]) -> list[str]:
+        self.passes.append((kind, list(payloads)))
+        if "hold" in payloads:
+            self.holding.set()
+            if not self.release.wait(timeout=30):
+                raise TimeoutError("test never released the model")
+        return [p.upper() for p in payloads]
+
+    def predict(self, payloads: Sequence[str]) -> list[str]:
+        return self._compute("collated on the device thread", payloads)
+
+    def predict_prepared(self, payloads: Sequence[str], prepared: object) -> list[str]:
+        assert prepared == ("prepared", tuple(payloads))
+        return self._compute("prepared ahead", payloads)
+
+
+async def wait_for(event: threading.Event) -> None:
+    assert await asyncio.to_thread(event.wait, 30), "the model's thread never got there"
+
+
+async def test_a_batch_waiting_for_its_device_is_prepared_while_the_one_before_computes() -> None:
+    model = PreparingModel()
+    runner = ThreadRunner(model, thread_name="dev")
+    assert runner.collates_ahead
+    try:
+        async with make_engine(runner, EngineConfig(max_batch_size=2)) as engine:
+            first = asyncio.create_task(engine.submit("hold"))
+            await wait_for(model.holding)
+            rest = [asyncio.create_task(engine.submit(t)) for t in ("b", "c")]
+            await wait_for(model.prepared)
+            # Prepared on the collate thread while the first pass still blocks the device.
+            assert model.prepares == [(["b", "c"], model.prepares[0][1])]
+            assert model.prepares[0][1].startswith("dev-collate")
+            assert not first.done()
+            model.release.set()
+            assert [(await t).value for t in (first, *rest)] == ["HOLD", "B", "C"]
+    finally:
+        runner.close()
+    # The device was free for the first batch: no hop to the collate thread for it.
+    assert model.passes == [
+        ("collated on the device thread", ["hold"]),
+        ("prepared ahead", ["b", "c"]),
+    ]
+
+
+async def test_a_prepared_batch_whose_caller_left_is_collated_again_without_it() -> None:
+    model = PreparingModel()
+    runner = ThreadRunner(model, thread_name="dev")
+    try:
+        async with make_engine(runner, EngineConfig(max_batch_size=2)) as engine:
+            first = asyncio.create_task(engine.submit("hold"))
+            await wait_for(model.holding)
+            stays, leaves = (asyncio.create_task(engine.submit(t)) for t in ("b", "c"))
+            await wait_for(model.prepared)
+            leaves.cancel()
+            await asyncio.gather(leaves, return_exceptions=True)
+            model.release.set()
+            assert (await first).value == "HOLD"
+            assert (await stays).value == "B"
+    finally:
+        runner.close()
+    assert model.passes[1] == ("collated on the device thread", ["b"])
+
+
+async def test_a_prepare_that_fails_leaves_the_batch_to_the_device_thread(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = PreparingModel(fail_prepare=True)
+    runner = ThreadRunner(model, thread_name="dev")
+    try:
+        async with make_engine(runner, EngineConfig(max_batch_size=2)) as engine:
+            first = asyncio.create_task(engine.submit("hold"))
+            await wait_for(model.holding)
+            rest = [asyncio.create_task(engine.submit(t)) for t in ("b", "c")]
+            await wait_for(model.prepared)
+            model.release.set()
+            assert [(await t).value for t in (first, *rest)] == ["HOLD", "B", "C"]
+    finally:
+        runner.close()
+    assert model.passes[1] == ("collated on the device thread", ["b", "c"])
+    assert "preparing a batch ahead failed" in caplog.text
+
+
+async def test_collating_ahead_is_the_models_choice_unless_the_runner_is_told() -> None:
+    model = PreparingModel()
+    model.collates_ahead = False  # type: ignore[misc]
+    assert not ThreadRunner(model).collates_ahead
+    assert ThreadRunner(model, collate_ahead=True).collates_ahead
+    assert not ThreadRunner(PreparingModel(), collate_ahead=False).collates_ahead
+
+    class Plain:
+        def cost(self, payload: str) -> int:
+            return 1
+
+        def predict(self, payloads: Sequence[str]) -> list[str]:
+            return list(payloads)
+
+    assert not ThreadRunner(Plain()).collates_ahead
+    with pytest.raises(ValueError, match="cannot prepare its batches ahead"):
+        ThreadRunner(Plain(), collate_ahead=True)

@@ -90,6 +90,8 @@ def test_the_dry_run_prints_every_step_and_runs_none(tmp_path: Path) -> None:
     assert "--workers 4" not in out
     assert f"serve --compile-mode reduce-overhead --port 8765 >{results}/graphs.log" in out
     assert f"--label 'cuda graphs' --json {results}/graphs.json" in out
+    assert f"serve --collate-ahead off --port 8765 >{results}/no-collate-ahead.log" in out
+    assert f"--label 'no collate ahead' --json {results}/no-collate-ahead.json" in out
     assert f"-m benchmarks.gpu_report {results}" in out
     assert "pip install" not in out
     assert "total time:" in out
@@ -215,6 +217,8 @@ def results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         write_workers_run(out / f"workers-{workers}.json", workers, monkeypatch)
     # CUDA graphs: the figures of --workers 2, so that they differ from plain compile's.
     write_workers_run(out / "graphs.json", 2, monkeypatch, label="cuda graphs")
+    # Not collating ahead: the figures of --workers 2 again (a made-up difference).
+    write_workers_run(out / "no-collate-ahead.json", 2, monkeypatch, label="no collate ahead")
     shutil.copytree(SAVED_COMPARE, out / "compare")
     return out
 
@@ -248,6 +252,9 @@ def test_the_report_holds_the_figures_and_the_ratio_to_the_ceiling(results: Path
     assert "![req/s against clients, by workers](h200-test.png)" in report
     graphs = section(report, "## CUDA graphs against plain compile")
     assert "| 256 | 3600.0 | 4500.0 | 1.25 | 90.0 | 70.0 |" in graphs
+    ahead = section(report, "## Collating ahead against not")
+    assert "| off req/s | ahead req/s |" in ahead
+    assert "| 256 | 4500.0 | 3600.0 | 0.80 | 70.0 | 90.0 |" in ahead
     assert "missing" not in report
     assert (results.parent / "h200-test.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -257,6 +264,7 @@ def test_missing_pieces_are_reported_as_missing(results: Path) -> None:
     shutil.rmtree(results / "compare")
     (results / "gpu-tests.log").write_text("....\n")  # pytest killed before its summary
     (results / "graphs.json").unlink()
+    (results / "no-collate-ahead.json").unlink()
 
     assert gpu_report.main([str(results), "--out", str(results.parent / "partial")]) == 0
 
@@ -267,6 +275,7 @@ def test_missing_pieces_are_reported_as_missing(results: Path) -> None:
     assert "**missing** (no compare/ directory)." in section(report, "## Naive vs microbatch")
     assert "has no pytest summary line" in section(report, "## GPU tests")
     assert "**missing** (no graphs.json)." in section(report, "## CUDA graphs")
+    assert "**missing** (no no-collate-ahead.json)." in section(report, "## Collating ahead")
     assert "| 2 | 256 | 4500.0 | 31.0 | 70.0 | 503: 2 |" in report
     assert (results.parent / "partial.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -64,6 +64,11 @@ def test_startup_reports_warming_then_ready_within_90s(default_server: ServerPro
     assert info["name"] == "sentence-transformers/all-MiniLM-L6-v2"
     assert info["task"] == "embed"
     assert info["compile"]["enabled"] is True
+    assert info["collate_ahead"] is False  # on a CPU the forward pass has the cores
+
+
+def test_a_server_told_to_collate_ahead_says_so(float32_server: ServerProcess) -> None:
+    assert httpx.get(f"{float32_server.url}/model").json()["collate_ahead"] is True
 
 
 def test_batched_embeddings_equal_unbatched(float32_server: ServerProcess) -> None:

@@ -1,16 +1,21 @@
 """The device path on CUDA (run by `bash benchmarks/gpu.sh`; skipped without a GPU):
 CUDA graphs (`--compile-mode reduce-overhead`) give the vectors plain compile gives, for
-every batch size and length, with no recompile after warm-up."""
+every batch size and length, with no recompile after warm-up; batches prepared ahead
+(pinned host memory, on another thread, through the engine) give the vectors the CPU
+gives."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import threading
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from batcher import Engine, EngineConfig, ThreadRunner
 from batcher.models import CompileMode, LoadOptions, TextModel
 from tests.batcher.models.test_text import sentences
 
@@ -47,3 +52,34 @@ def test_compiled_on_cuda_matches_eager_for_every_shape(
     for ours, reference in zip(vectors(compiled, batches), vectors(eager, batches), strict=True):
         assert torch.nn.functional.cosine_similarity(ours, reference, dim=0) > 0.9999
     assert compiled.compile_state.graphs_since_warm_up == 0
+
+
+@pytest.mark.asyncio
+async def test_batches_prepared_ahead_on_cuda_match_the_cpu(tiny_encoder_dir: Path) -> None:
+    on_cpu = LoadOptions(source=str(tiny_encoder_dir), device="cpu", dtype="float32",
+                         compile=False)  # fmt: skip
+    model = TextModel.load(replace(on_cpu, device="cuda"))
+    assert model.collates_ahead, "collating ahead is the default on CUDA"
+    host = model.prepare([model.encode(t) for t in ("pinned", "memory")])
+    assert host.input_ids.is_pinned()
+    assert host.attention_mask.is_pinned()
+    threads: list[str] = []
+    prepare = model.prepare
+
+    def recording_prepare(items: list[object]) -> object:
+        threads.append(threading.current_thread().name)
+        return prepare(items)  # type: ignore[arg-type]
+
+    model.prepare = recording_prepare  # type: ignore[method-assign,assignment]
+    texts = sentences(200, seed=5)
+    runner = ThreadRunner(model, thread_name="gpu")
+    try:
+        async with Engine(runner, EngineConfig(max_batch_size=8)) as engine:
+            results = await asyncio.gather(*(engine.submit(model.encode(t)) for t in texts))
+    finally:
+        runner.close()
+    assert "gpu-collate_0" in threads
+    reference = vectors(TextModel.load(on_cpu), [texts])
+    for result, expected in zip(results, reference, strict=True):
+        ours = torch.tensor(result.value)
+        assert torch.nn.functional.cosine_similarity(ours, expected, dim=0) > 0.9999

@@ -181,3 +181,48 @@ def test_pair_classifier_softmax_equals_the_pipeline_on_pairs(tmp_path: Path) ->
         assert dict(zip(model.labels, ours.scores, strict=True)) == pytest.approx(  # type: ignore[union-attr]
             by_label, abs=1e-4
         )
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "kind", [k for k in EMBEDDERS if not k.include_prompt or k.decoder], ids=lambda k: k.name
+)
+async def test_batches_prepared_ahead_give_sentence_transformers_vectors(
+    tmp_path: Path, kind: Kind
+) -> None:
+    """`--collate-ahead on`: batches that wait for the device are padded on the collate
+    thread; through the engine, the vectors are still sentence-transformers'."""
+    import asyncio
+    import threading
+
+    from sentence_transformers import SentenceTransformer
+
+    from batcher import Engine, EngineConfig, ThreadRunner
+
+    path = save_embedder(tmp_path / "model", kind)
+    model = TextModel.load(
+        LoadOptions(source=str(path), dtype="float32", compile=False, collate_ahead="on")
+    )
+    assert model.collates_ahead
+    assert model.describe()["collate_ahead"] is True
+    threads: list[str] = []
+    prepare = model.prepare
+
+    def counting_prepare(items: list[object]) -> object:
+        threads.append(threading.current_thread().name)
+        return prepare(items)  # type: ignore[arg-type]
+
+    model.prepare = counting_prepare  # type: ignore[method-assign,assignment]
+    runner = ThreadRunner(model, thread_name="dev")
+    texts = TEXTS * 4
+    try:
+        async with Engine(runner, EngineConfig(max_batch_size=3)) as engine:
+            results = await asyncio.gather(*(engine.submit(model.encode(t)) for t in texts))
+    finally:
+        runner.close()
+    # Submitted in one go: the first batch finds the device free (collated on the
+    # device thread), each later one is prepared while the one before computes.
+    assert threads[0] == "dev_0"
+    assert "dev-collate_0" in threads
+    reference = SentenceTransformer(str(path), device="cpu").encode(texts, batch_size=3)
+    assert_same_vectors(np.array([r.value for r in results]), reference)
