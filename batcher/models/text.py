@@ -471,7 +471,10 @@ class TextModel:
         length = bucket_length(max(len(item.ids) for item in items), cap=self.max_tokens)
 
         def buffer(fill: int) -> tuple[torch.Tensor, np.ndarray[Any, Any]]:
-            tensor = torch.full((rows, length), fill, dtype=torch.int64, pin_memory=pinned)
+            if not pinned:  # numpy's allocation is the cheaper one (13 against 31 µs)
+                array = np.full((rows, length), fill, dtype=np.int64)
+                return torch.from_numpy(array), array
+            tensor = torch.full((rows, length), fill, dtype=torch.int64, pin_memory=True)
             return tensor, tensor.numpy()
 
         ids, ids_view = buffer(self._pad_id)
