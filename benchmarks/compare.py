@@ -317,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, run in runs.items():
         (raw / f"{name.replace(' ', '-')}.json").write_text(json.dumps(run.to_json(), indent=2))
     steal = environment.steal_percent(cpu_before, environment.cpu_times())
-    saved = {**vars(args), "cpu_steal_percent": steal, "servers": servers}
+    saved = {**environment.portable_values(vars(args)), "cpu_steal_percent": steal,
+             "servers": servers}  # fmt: skip
     (raw / "args.json").write_text(json.dumps(saved, indent=2))
     render(raw, args)
     return 0

@@ -30,6 +30,7 @@ from batcher import Engine, EngineClosed, EngineConfig, ThreadRunner
 from batcher.items import Result
 from batcher.models import Encoded, Output, unpack_output
 from batcher.remote import EngineServer, RemoteEngine, Reply, socket_dir
+from benchmarks import environment
 from benchmarks.overhead import PackedNullModel
 
 ENGINE_CPU, CLIENT_CPU = 0, 1
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         if engine.is_alive():
             engine.kill()
         shutil.rmtree(directory, ignore_errors=True)
-    figures |= {"settings": vars(args)}
+    figures |= {"settings": environment.portable_values(vars(args))}
     print(json.dumps(figures, indent=2))
     if args.json:
         with open(args.json, "w") as f:

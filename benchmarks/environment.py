@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -69,9 +70,34 @@ def describe() -> dict[str, object]:
     }
 
 
+_REPO = Path(__file__).resolve().parents[1]
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/[^\s=:,\"']+")
+"""An absolute path inside an argument (not a URL's path: that follows a host)."""
+
+
+def portable(argument: str) -> str:
+    """`argument` with every absolute path in it made relative to the repository, or
+    cut to its file name when it lies outside: no path of this machine in a result."""
+
+    def relative(match: re.Match[str]) -> str:
+        path = Path(match.group(0))
+        try:
+            return str(path.resolve().relative_to(_REPO))
+        except ValueError:
+            return path.name
+
+    return _ABSOLUTE_PATH.sub(relative, argument)
+
+
+def portable_values(values: dict[str, object]) -> dict[str, object]:
+    """Parsed arguments as a result records them: every string `portable`."""
+    return {k: portable(v) if isinstance(v, str) else v for k, v in values.items()}
+
+
 def command_line() -> list[str]:
-    """This process's command, its program by name only (no paths of this machine)."""
-    return [Path(sys.argv[0]).name, *sys.argv[1:]]
+    """This process's command, its program by name only, and no paths of this machine
+    (`portable`)."""
+    return [Path(sys.argv[0]).name, *(portable(a) for a in sys.argv[1:])]
 
 
 def hardware_slug() -> str:

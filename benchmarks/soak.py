@@ -380,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
         cpu_before = environment.cpu_times()
         report = asyncio.run(soak(args, url))
         report.cpu_steal_percent = environment.steal_percent(cpu_before, environment.cpu_times())
-    report.config = {k: v for k, v in vars(args).items() if k not in ("json",)}
+    report.config = environment.portable_values(
+        {k: v for k, v in vars(args).items() if k not in ("json",)}
+    )
     print(render(report))
     if args.json:
         document = {"report": asdict(report), "environment": describe(), "command": command_line()}

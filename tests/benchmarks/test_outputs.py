@@ -73,3 +73,25 @@ def test_the_bench_command_writes_its_plot_and_speaks_of_one_client(
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "    1 client " in out.out
     assert "s/s]" not in out.err, "no progress bars off a terminal"
+
+
+def test_a_recorded_command_holds_no_path_of_this_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import environment
+
+    repo = Path(environment.__file__).resolve().parents[1]
+    inside = repo / "benchmarks" / "results" / "run" / "r1.json"
+    argv = [str(repo / "benchmarks" / "bench.py"), "http://127.0.0.1:8765/predict", "--json",
+            str(inside), f"--log={tmp_path / 'server.log'}", "--server-args",
+            f"--workers 2 --out {tmp_path / 'out'}"]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    assert environment.command_line() == [
+        "bench.py",
+        "http://127.0.0.1:8765/predict",
+        "--json",
+        "benchmarks/results/run/r1.json",
+        "--log=server.log",
+        "--server-args",
+        "--workers 2 --out out",
+    ]
