@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Generic, Protocol, TypeVar, cast, runtime_checkable
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 InT = TypeVar("InT")
 OutT = TypeVar("OutT")
@@ -96,12 +96,13 @@ class ThreadRunner(Generic[InT, OutT]):
     ) -> None:
         self.model = model
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
-        preparing = isinstance(model, PreparingModel)
+        preparing = model if isinstance(model, PreparingModel) else None
         wanted = collate_ahead
         if wanted is None:
-            wanted = isinstance(model, PreparingModel) and model.collates_ahead
-        if wanted and not preparing:
+            wanted = preparing is not None and preparing.collates_ahead
+        if wanted and preparing is None:
             raise ValueError(f"{type(model).__name__} cannot prepare its batches ahead")
+        self._preparing: PreparingModel[InT, OutT] | None = preparing if wanted else None
         self._collator = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{thread_name}-collate")
             if wanted
@@ -110,7 +111,7 @@ class ThreadRunner(Generic[InT, OutT]):
 
     @property
     def collates_ahead(self) -> bool:
-        return self._collator is not None
+        return self._preparing is not None
 
     def cost(self, payload: InT) -> int:
         return self.model.cost(payload)
@@ -118,20 +119,17 @@ class ThreadRunner(Generic[InT, OutT]):
     async def prepare(self, payloads: Sequence[InT]) -> object | None:
         """The batch's host-side inputs, made on the collate thread while the device
         thread computes; None when this runner does not collate ahead."""
-        if self._collator is None:
+        if self._preparing is None or self._collator is None:
             return None
-        model = cast("PreparingModel[InT, OutT]", self.model)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._collator, model.prepare, payloads)
+        return await loop.run_in_executor(self._collator, self._preparing.prepare, payloads)
 
     async def run(self, payloads: Sequence[InT], prepared: object | None = None) -> Sequence[OutT]:
         loop = asyncio.get_running_loop()
-        if prepared is None:
+        if prepared is None or self._preparing is None:
             return await loop.run_in_executor(self._executor, self.model.predict, payloads)
-        model = cast("PreparingModel[InT, OutT]", self.model)
-        return await loop.run_in_executor(
-            self._executor, model.predict_prepared, payloads, prepared
-        )
+        predict = self._preparing.predict_prepared
+        return await loop.run_in_executor(self._executor, predict, payloads, prepared)
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run `fn(*args)` on the device thread (warm-up, say), in turn with batches."""

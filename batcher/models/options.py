@@ -16,9 +16,10 @@ TaskOption = Literal["auto", "embed", "classify", "rerank"]
 TASKS: tuple[Task, ...] = get_args(Task)
 DtypeOption = Literal["auto", "float32", "float16", "bfloat16"]
 CompileMode = Literal["default", "reduce-overhead"]
-CollateAhead = Literal["auto", "on", "off"]
 """torch.compile's mode: `reduce-overhead` records CUDA graphs (on CUDA; elsewhere it
 compiles as `default` does)."""
+CollateAhead = Literal["auto", "on", "off"]
+"""Whether a batch waiting for its device is padded on a second thread: `auto` on CUDA."""
 
 DEFAULT_MIN_ACCURACY = 0.999
 """`--min-accuracy`: the lowest cosine to float32 that bfloat16 must keep on the probe."""

@@ -20,6 +20,7 @@ from batcher import (
     InferenceFailed,
     ItemTooLarge,
     QueueFull,
+    Result,
     Runner,
     ThreadRunner,
 )
@@ -634,16 +635,25 @@ async def wait_for(event: threading.Event) -> None:
     assert await asyncio.to_thread(event.wait, 30), "the model's thread never got there"
 
 
+async def hold_the_device_then_prepare(
+    engine: Engine[str, str], model: PreparingModel
+) -> tuple[asyncio.Task[Result[str]], list[asyncio.Task[Result[str]]]]:
+    """Submit "hold" and wait until its pass blocks the device; then submit "b" and "c"
+    (one batch, which must wait) and wait until that batch is being prepared."""
+    first = asyncio.create_task(engine.submit("hold"))
+    await wait_for(model.holding)
+    rest = [asyncio.create_task(engine.submit(t)) for t in ("b", "c")]
+    await wait_for(model.prepared)
+    return first, rest
+
+
 async def test_a_batch_waiting_for_its_device_is_prepared_while_the_one_before_computes() -> None:
     model = PreparingModel()
     runner = ThreadRunner(model, thread_name="dev")
     assert runner.collates_ahead
     try:
         async with make_engine(runner, EngineConfig(max_batch_size=2)) as engine:
-            first = asyncio.create_task(engine.submit("hold"))
-            await wait_for(model.holding)
-            rest = [asyncio.create_task(engine.submit(t)) for t in ("b", "c")]
-            await wait_for(model.prepared)
+            first, rest = await hold_the_device_then_prepare(engine, model)
             # Prepared on the collate thread while the first pass still blocks the device.
             assert model.prepares == [(["b", "c"], model.prepares[0][1])]
             assert model.prepares[0][1].startswith("dev-collate")
@@ -664,10 +674,7 @@ async def test_a_prepared_batch_whose_caller_left_is_collated_again_without_it()
     runner = ThreadRunner(model, thread_name="dev")
     try:
         async with make_engine(runner, EngineConfig(max_batch_size=2)) as engine:
-            first = asyncio.create_task(engine.submit("hold"))
-            await wait_for(model.holding)
-            stays, leaves = (asyncio.create_task(engine.submit(t)) for t in ("b", "c"))
-            await wait_for(model.prepared)
+            first, (stays, leaves) = await hold_the_device_then_prepare(engine, model)
             leaves.cancel()
             await asyncio.gather(leaves, return_exceptions=True)
             model.release.set()
@@ -685,10 +692,7 @@ async def test_a_prepare_that_fails_leaves_the_batch_to_the_device_thread(
     runner = ThreadRunner(model, thread_name="dev")
     try:
         async with make_engine(runner, EngineConfig(max_batch_size=2)) as engine:
-            first = asyncio.create_task(engine.submit("hold"))
-            await wait_for(model.holding)
-            rest = [asyncio.create_task(engine.submit(t)) for t in ("b", "c")]
-            await wait_for(model.prepared)
+            first, rest = await hold_the_device_then_prepare(engine, model)
             model.release.set()
             assert [(await t).value for t in (first, *rest)] == ["HOLD", "B", "C"]
     finally:

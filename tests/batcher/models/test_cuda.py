@@ -6,17 +6,15 @@ gives."""
 
 from __future__ import annotations
 
-import asyncio
 import random
-import threading
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from batcher import Engine, EngineConfig, ThreadRunner
 from batcher.models import CompileMode, LoadOptions, TextModel
+from tests.batcher.models.test_reference import through_the_engine
 from tests.batcher.models.test_text import sentences
 
 pytestmark = pytest.mark.gpu
@@ -63,21 +61,8 @@ async def test_batches_prepared_ahead_on_cuda_match_the_cpu(tiny_encoder_dir: Pa
     host = model.prepare([model.encode(t) for t in ("pinned", "memory")])
     assert host.input_ids.is_pinned()
     assert host.attention_mask.is_pinned()
-    threads: list[str] = []
-    prepare = model.prepare
-
-    def recording_prepare(items: list[object]) -> object:
-        threads.append(threading.current_thread().name)
-        return prepare(items)  # type: ignore[arg-type]
-
-    model.prepare = recording_prepare  # type: ignore[method-assign,assignment]
     texts = sentences(200, seed=5)
-    runner = ThreadRunner(model, thread_name="gpu")
-    try:
-        async with Engine(runner, EngineConfig(max_batch_size=8)) as engine:
-            results = await asyncio.gather(*(engine.submit(model.encode(t)) for t in texts))
-    finally:
-        runner.close()
+    results, threads = await through_the_engine(model, texts, max_batch_size=8, thread="gpu")
     assert "gpu-collate_0" in threads
     reference = vectors(TextModel.load(on_cpu), [texts])
     for result, expected in zip(results, reference, strict=True):

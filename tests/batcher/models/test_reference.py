@@ -4,13 +4,18 @@ pipeline, on tiny models that sentence-transformers saved (both layouts)."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from batcher.models import LoadOptions, Options, TextModel
+from batcher import Engine, EngineConfig, Result, ThreadRunner
+from batcher.models import Encoded, LoadOptions, Options, Output, TextModel
+from batcher.models.text import HostBatch
 from tests.tiny_models import (
     EMBEDDERS,
     TEXTS,
@@ -183,6 +188,29 @@ def test_pair_classifier_softmax_equals_the_pipeline_on_pairs(tmp_path: Path) ->
         )
 
 
+async def through_the_engine(
+    model: TextModel, texts: list[str], max_batch_size: int, thread: str
+) -> tuple[list[Result[Output]], list[str]]:
+    """`texts` submitted at once to an engine on `model` (its device thread named
+    `thread`): their results, and the thread each of `model.prepare`'s calls ran on."""
+    threads: list[str] = []
+    prepare = model.prepare
+
+    def recording_prepare(items: Sequence[Encoded]) -> HostBatch:
+        threads.append(threading.current_thread().name)
+        return prepare(items)
+
+    model.prepare = recording_prepare  # type: ignore[method-assign]
+    runner = ThreadRunner(model, thread_name=thread)
+    try:
+        async with Engine(runner, EngineConfig(max_batch_size=max_batch_size)) as engine:
+            results = await asyncio.gather(*(engine.submit(model.encode(t)) for t in texts))
+    finally:
+        runner.close()
+        del model.prepare
+    return results, threads
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     "kind", [k for k in EMBEDDERS if not k.include_prompt or k.decoder], ids=lambda k: k.name
@@ -192,12 +220,7 @@ async def test_batches_prepared_ahead_give_sentence_transformers_vectors(
 ) -> None:
     """`--collate-ahead on`: batches that wait for the device are padded on the collate
     thread; through the engine, the vectors are still sentence-transformers'."""
-    import asyncio
-    import threading
-
     from sentence_transformers import SentenceTransformer
-
-    from batcher import Engine, EngineConfig, ThreadRunner
 
     path = save_embedder(tmp_path / "model", kind)
     model = TextModel.load(
@@ -205,21 +228,8 @@ async def test_batches_prepared_ahead_give_sentence_transformers_vectors(
     )
     assert model.collates_ahead
     assert model.describe()["collate_ahead"] is True
-    threads: list[str] = []
-    prepare = model.prepare
-
-    def counting_prepare(items: list[object]) -> object:
-        threads.append(threading.current_thread().name)
-        return prepare(items)  # type: ignore[arg-type]
-
-    model.prepare = counting_prepare  # type: ignore[method-assign,assignment]
-    runner = ThreadRunner(model, thread_name="dev")
     texts = TEXTS * 4
-    try:
-        async with Engine(runner, EngineConfig(max_batch_size=3)) as engine:
-            results = await asyncio.gather(*(engine.submit(model.encode(t)) for t in texts))
-    finally:
-        runner.close()
+    results, threads = await through_the_engine(model, texts, max_batch_size=3, thread="dev")
     # Submitted in one go: the first batch finds the device free (collated on the
     # device thread), each later one is prepared while the one before computes.
     assert threads[0] == "dev_0"
