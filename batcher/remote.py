@@ -23,6 +23,7 @@ import os
 import pickle
 import struct
 import tempfile
+import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
@@ -80,14 +81,34 @@ class Control:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """The outcome of `call`: its value, or the error its caller raises."""
+    """The outcome of `call`: its value, or the error its caller raises, with what that
+    error's `__cause__` was (`RemoteCause`'s arguments): pickling drops the chain."""
 
     call: int
     value: Any = None
     error: BaseException | None = None
+    cause: tuple[str, str] | None = None
 
     def __reduce__(self) -> tuple[type[Reply], tuple[Any, ...]]:
-        return Reply, (self.call, self.value, self.error)
+        return Reply, (self.call, self.value, self.error, self.cause)
+
+
+class RemoteCause(Exception):
+    """What an error's `__cause__` was in the engine process (the model's own exception,
+    for InferenceFailed): its repr, and its traceback as text. Set as the error's
+    `__cause__` on the front-end, as ProcessPoolExecutor does, so that a front-end logs
+    what a one-process server logs."""
+
+    def __init__(self, summary: str, traceback_text: str) -> None:
+        super().__init__(summary, traceback_text)
+        self.summary = summary
+        self.traceback_text = traceback_text
+
+    def __repr__(self) -> str:
+        return self.summary
+
+    def __str__(self) -> str:
+        return self.traceback_text
 
 
 Message = Submit | Cancel | Control | Reply
@@ -230,7 +251,7 @@ class EngineServer(Generic[InT, OutT]):
         except asyncio.CancelledError:
             raise  # the caller went away: it waits for no reply
         except Exception as exc:
-            link.send(Reply(call, error=_portable(exc)))
+            link.send(Reply(call, error=_portable(exc), cause=_cause_of(exc)))
         else:
             link.send(Reply(call, value))
         finally:
@@ -266,6 +287,13 @@ def _portable(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
     exc.__traceback__ = None
     return exc
+
+
+def _cause_of(exc: BaseException) -> tuple[str, str] | None:
+    cause = exc.__cause__
+    if cause is None:
+        return None
+    return repr(cause), "".join(traceback.format_exception(cause))
 
 
 class RemoteEngine(Generic[InT, OutT]):
@@ -324,6 +352,8 @@ class RemoteEngine(Generic[InT, OutT]):
                     if future is None or future.done():
                         continue  # its caller went away
                     if reply.error is not None:
+                        if reply.cause is not None:
+                            reply.error.__cause__ = RemoteCause(*reply.cause)
                         future.set_exception(reply.error)
                     else:
                         future.set_result(reply.value)

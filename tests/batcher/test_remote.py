@@ -11,9 +11,17 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from batcher import DeadlineExceeded, Engine, EngineClosed, EngineConfig, QueueFull
-from batcher.remote import EngineServer, RemoteEngine, socket_dir
-from tests.batcher.fakes import GatedRunner, open_runner
+from batcher import (
+    DeadlineExceeded,
+    Engine,
+    EngineClosed,
+    EngineConfig,
+    InferenceFailed,
+    QueueFull,
+    Result,
+)
+from batcher.remote import EngineServer, RemoteCause, RemoteEngine, socket_dir
+from tests.batcher.fakes import GatedRunner, Poison, open_runner
 
 pytestmark = pytest.mark.asyncio
 
@@ -127,6 +135,23 @@ async def test_a_deadline_passes_across_the_link() -> None:
         runner.gate.set()
         await running
     assert "late" not in runner.computed
+
+
+async def test_a_failing_input_fails_alone_and_its_cause_crosses_the_link() -> None:
+    """The front-end gets InferenceFailed with the model's own exception as its cause
+    (repr and traceback), as a one-process caller does; the other input is answered."""
+    async with served(open_runner()) as (_, [a, b]):
+        failed, answered = await asyncio.gather(
+            a.submit("boom"), b.submit("fine"), return_exceptions=True
+        )
+    assert isinstance(failed, InferenceFailed)
+    assert isinstance(answered, Result)
+    assert answered.value == "FINE"
+    cause = failed.__cause__
+    assert isinstance(cause, RemoteCause)
+    assert repr(cause) == repr(Poison("cannot handle a batch holding 'boom'"))
+    assert str(cause).startswith("Traceback"), "the engine process's traceback"
+    assert "raise Poison" in str(cause)
 
 
 async def test_the_engine_going_away_fails_every_waiting_caller() -> None:
