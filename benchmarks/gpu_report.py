@@ -8,7 +8,8 @@ files the run left in DIR:
 - `compare/`: `benchmarks.compare --out-dir DIR --name compare` (naive vs microbatch);
 - `workers-N.json`: `benchmarks.bench --json` against `microbatch serve --workers N`;
 - `graphs.json`: the same against `microbatch serve --compile-mode reduce-overhead`;
-- `no-collate-ahead.json`: the same against `microbatch serve --collate-ahead off`.
+- `no-collate-ahead.json`: the same against `microbatch serve --collate-ahead off`;
+- `skipped.tsv`: the steps `--time-limit` skipped, and why (step, tab, reason).
 
 A piece that is absent or unreadable is reported as missing, with the reason.
 """
@@ -80,6 +81,12 @@ class GpuRun:
     no_collate_ahead: Run | None = None
     """`serve --collate-ahead off`, one process: the device thread collates every batch."""
     missing: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    """gpu.sh's steps skipped for time (`--time-limit`): step -> why."""
+
+
+_PIECE_OF_STEP = {"no-collate-ahead": "no_collate_ahead"}
+"""gpu.sh's step names that are not the piece's name (`workers-N` are `workers`)."""
 
 
 def parse_pytest_summary(log: str) -> PytestSummary | None:
@@ -163,6 +170,14 @@ def load(directory: Path) -> GpuRun:
             setattr(run, piece, read(directory))
         except Missing as exc:
             run.missing[piece] = str(exc)
+    skipped = directory / "skipped.tsv"
+    if skipped.is_file():
+        for line in skipped.read_text().splitlines():
+            step, _, why = line.partition("\t")
+            run.skipped[step] = why
+            piece = "workers" if step.startswith("workers-") else _PIECE_OF_STEP.get(step, step)
+            if piece in run.missing:
+                run.missing[piece] = f"skipped for time: {why}"
     return run
 
 
@@ -200,7 +215,7 @@ def _header(run: GpuRun) -> list[str]:
     torch = env.get("torch") or fallback.get("versions", {}).get("torch") or "missing"
     commit = env.get("git_commit") or fallback.get("git_commit") or "missing"
     created = env.get("created") or fallback.get("created") or "missing"
-    return [
+    lines = [
         f"# microbatch on {gpu}: front-end scaling against the raw GPU ceiling",
         "",
         f"GPU: {gpu} (driver {env.get('driver') or 'missing'}). torch {torch}, CUDA "
@@ -209,6 +224,18 @@ def _header(run: GpuRun) -> list[str]:
         "",
         *(_missing(run, "environment") if "environment" in run.missing else []),
     ]
+    model = (env.get("bundle") or {}).get("model")
+    if model:
+        lines += [
+            f"Installed from a bundle (`benchmarks.gpu_bundle`): the default model's weights "
+            f"were carried as {model.get('weights')}; the lowest cosine of its embeddings to "
+            f"the original's is {model.get('min_cosine_to_original')}.",
+            "",
+        ]
+    if run.skipped:
+        steps = ", ".join(f"`{step}`" for step in run.skipped)
+        lines += [f"Skipped for time (`--time-limit`): {steps}.", ""]
+    return lines
 
 
 def _tests_section(run: GpuRun) -> list[str]:

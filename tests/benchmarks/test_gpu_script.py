@@ -24,8 +24,9 @@ from benchmarks.runs import Run
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = "benchmarks/gpu.sh"
 SAVED_COMPARE = REPO / "benchmarks/results/cpu-2core-2026-12-01-after-house-final"
-OPTIONS = ["--help", "--dry-run", "--skip-install", "--name", "--duration", "--workers",
-           "--concurrency", "--report-only"]  # fmt: skip
+OPTIONS = ["--help", "--dry-run", "--skip-install", "--bundle", "--quick", "--time-limit",
+           "--archive", "--name", "--duration", "--workers", "--concurrency",
+           "--report-only"]  # fmt: skip
 
 FIGURES = {  # workers -> clients -> (req/s, p50 ms, p99 ms)
     1: {1: (210.0, 4.5, 7.0), 256: (3600.0, 40.0, 90.0)},
@@ -72,7 +73,10 @@ def test_the_dry_run_prints_every_step_and_runs_none(tmp_path: Path) -> None:
 
     assert done.returncode == 0, done.stderr
     out, results = done.stdout, f"benchmarks/results/{name}"
-    assert f"+ {python} -m pytest -m gpu -q 2>&1 | tee {results}/gpu-tests.log" in out
+    assert (
+        f"+ {python} -m pytest -m gpu -q -p no:cacheprovider tests/batcher 2>&1 | tee "
+        f"{results}/gpu-tests.log"
+    ) in out
     ceiling_json = f"{results}/ceiling.json"
     assert f"-m benchmarks.ceiling --texts 1024 --accuracy-texts 0 --json {ceiling_json}" in out
     assert (
@@ -115,10 +119,54 @@ def test_the_name_comes_from_the_gpu_and_the_torch_index_from_the_environment(
     assert "--duration 3 --warmup 2" in done.stdout
 
 
+def test_a_short_lease_runs_the_targets_first_and_skips_what_would_not_end_in_time(
+    tmp_path: Path,
+) -> None:
+    """--quick and --time-limit: the dry run keeps the expected time of what it would
+    run, so it shows what a lease of that length skips: compare comes last."""
+    name = "gpu-script-test-quick"
+    done = script("--dry-run", "--skip-install", "--quick", "--time-limit", "540",
+                  "--archive", "lease.tar.gz", "--name", name, tmp_path=tmp_path)  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    out, results = done.stdout, f"benchmarks/results/{name}"
+    for n in (1, 4):
+        assert (
+            "-m benchmarks.bench http://127.0.0.1:8765 --concurrency 1,64,256 --duration 4 "
+            f"--warmup 1 --processes 4 --label 'workers {n}' --json {results}/workers-{n}.json"
+        ) in out
+    assert "--workers 2 " not in out
+    assert out.index("serve --workers 4") < out.index("serve --compile-mode reduce-overhead")
+    assert "gpu.sh: skipping compare: expected to end near" in done.stderr
+    assert "past --time-limit 540 s" in done.stderr
+    assert "-m benchmarks.compare" not in out
+    assert "gpu.sh: skipped for time (--time-limit 540): " in done.stderr
+    assert "-m benchmarks.gpu_report" in out.rsplit("\n== ", 1)[1], "the report is written anyway"
+    archive = REPO / "lease.tar.gz"
+    assert f"tar -czf {archive} ..." in out, "packed after every step"
+    assert out.count(f"tar -czf {archive}") >= 6
+    assert not archive.exists()
+
+
+def test_a_bundle_is_installed_beside_the_machines_torch(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{}")
+    done = script("--dry-run", "--bundle", str(bundle), "--name", "gpu-script-test-bundle",
+                  tmp_path=tmp_path)  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    assert f"-m benchmarks.gpu_bundle unpack {bundle} " in done.stdout
+    assert "+ export PYTHONPATH=" in done.stdout
+    assert "pip install" not in done.stdout, "--bundle implies --skip-install"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--bogus"], "unknown option '--bogus'"),
+        (["--time-limit", "9m"], "--time-limit takes whole seconds, got '9m'"),
+        (["--bundle", "no-such-bundle"], "--bundle takes a directory made by"),
         (["--workers", "1,two"], "--workers takes counts like 1,2,4,8, got '1,two'"),
         (["--name"], "--name needs a value"),
     ],
@@ -128,6 +176,20 @@ def test_a_wrong_option_is_a_usage_error(tmp_path: Path, args: list[str], messag
     assert done.returncode == 2
     assert message in done.stderr
     assert "--help lists the options" in done.stderr
+
+
+def test_every_gpu_test_is_where_gpu_sh_runs_them() -> None:
+    """gpu.sh runs `pytest -m gpu tests/batcher`: the rest of the suite needs packages a
+    bundle does not carry (the openai SDK, schemathesis, playwright)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+         "-p", "no:cacheprovider", "tests"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    collected = [line for line in done.stdout.splitlines() if "::" in line]
+    assert collected, done.stdout
+    assert all(line.startswith("tests/batcher/") for line in collected), collected
 
 
 def test_without_a_gpu_it_stops_before_doing_anything(tmp_path: Path) -> None:
@@ -278,6 +340,30 @@ def test_missing_pieces_are_reported_as_missing(results: Path) -> None:
     assert "**missing** (no no-collate-ahead.json)." in section(report, "## Collating ahead")
     assert "| 2 | 256 | 4500.0 | 31.0 | 70.0 | 503: 2 |" in report
     assert (results.parent / "partial.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_steps_skipped_for_time_are_reported_as_skipped(results: Path) -> None:
+    (results / "compare").rename(results.parent / "not-here")
+    (results / "no-collate-ahead.json").unlink()
+    why = "expected to end near 600 s (started at 500 s), past --time-limit 540 s"
+    (results / "skipped.tsv").write_text(f"no-collate-ahead\t{why}\ncompare\t{why}\n")
+    record = json.loads((results / "environment.json").read_text())
+    model = {"weights": "float16 (unpack widens them to float32)",
+             "min_cosine_to_original": 0.999999}  # fmt: skip
+    record["bundle"] = {"model": model}  # as gpu.sh writes it after --bundle
+    (results / "environment.json").write_text(json.dumps(record))
+
+    assert gpu_report.main([str(results), "--out", str(results.parent / "short")]) == 0
+
+    report = (results.parent / "short.md").read_text()
+    assert "Skipped for time (`--time-limit`): `no-collate-ahead`, `compare`." in report
+    assert (
+        "weights were carried as float16 (unpack widens them to float32); the lowest "
+        "cosine of its embeddings to the original's is 0.999999." in report
+    )
+    assert f"**missing** (skipped for time: {why})." in section(report, "## Naive vs microbatch")
+    assert f"**missing** (skipped for time: {why})." in section(report, "## Collating ahead")
+    assert "| 2 | 4500.0 | 5000.0 | 0.90 | yes |" in report
 
 
 def test_an_empty_directory_is_a_report_of_missing_pieces(tmp_path: Path) -> None:
