@@ -38,12 +38,14 @@ def gpu_name() -> str | None:
 
 
 def git_commit() -> str | None:
+    """HEAD's commit; in a copy of the tree without its repository (a GPU machine given
+    the files alone), `GIT_COMMIT` from the environment, as CI systems set it."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
         )
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get("GIT_COMMIT") or None
     return out.stdout.strip()
 
 

@@ -76,6 +76,10 @@ environment:
   TORCH_VERSION    the torch version installed (default: 2.13.0)
   PYTHON           the interpreter of the environment used (default: python)
   NVIDIA_SMI       the command that finds the GPU (default: nvidia-smi)
+  GIT_COMMIT       the commit the results record, where the tree has no .git
+  GPU_SH_ON_CPU    1: a rehearsal, every step on the CPU of a machine with no GPU (give
+                   NVIDIA_SMI a command that prints a name): it checks the script and
+                   the bundle, its figures are not a GPU's
 EOF
 }
 
@@ -281,11 +285,15 @@ save() {  # after a step: rebuild the report and pack it with the results into -
   echo "+ $(quote "$python") -m benchmarks.gpu_report $(quote "$out") >/dev/null; tar -czf $(quote "$archive") ..."
   if ((dry_run)); then return 0; fi
   "$python" -m benchmarks.gpu_report "$out" >/dev/null 2>&1 || true
-  local pieces=("$name")
-  for f in "$name.md" "$name.png"; do
-    if [[ -e benchmarks/results/$f ]]; then pieces+=("$f"); fi
+  local results=${out##*/} pieces=()
+  for piece in "$results" "$results.md" "$results.png"; do
+    if [[ -e benchmarks/results/$piece ]]; then pieces+=("$piece"); fi
   done
-  tar -czf "$archive.part" -C benchmarks/results "${pieces[@]}" && mv "$archive.part" "$archive"
+  # An archive that cannot be written costs the archive, never the run.
+  if ! tar -czf "$archive.part" -C benchmarks/results "${pieces[@]}" ||
+    ! mv "$archive.part" "$archive"; then
+    echo "gpu.sh: could not write $archive; going on" >&2
+  fi
 }
 
 write_environment() {  # FILE: GPU, driver, torch and CUDA versions; fails unless torch sees CUDA
@@ -295,6 +303,7 @@ write_environment() {  # FILE: GPU, driver, torch and CUDA versions; fails unles
   driver=$("$nvidia_smi" --query-gpu=driver_version --format=csv,noheader | head -n 1 || true)
   "$python" - "$1" "$driver" "$bundle" <<'PY'
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -302,15 +311,16 @@ import torch
 
 from benchmarks import environment
 
-if not torch.cuda.is_available():
+on_cpu = os.environ.get("GPU_SH_ON_CPU") == "1"
+if not torch.cuda.is_available() and not on_cpu:
     sys.exit(
         f"gpu.sh: torch {torch.__version__} does not see the GPU (torch.cuda.is_available() "
         "is False); install a CUDA build (drop --skip-install, or set TORCH_INDEX_URL)"
     )
 record = {
     **environment.describe(),
-    "device": torch.cuda.get_device_name(0),
-    "device_count": torch.cuda.device_count(),
+    "device": "cpu (a rehearsal)" if on_cpu else torch.cuda.get_device_name(0),
+    "device_count": 0 if on_cpu else torch.cuda.device_count(),
     "driver": sys.argv[2] or None,
     "torch": torch.__version__,
     "cuda": torch.version.cuda,
@@ -383,15 +393,15 @@ if in_time ceiling "$ceiling_s"; then
 fi
 
 url="http://127.0.0.1:$port"
-serve_and_bench() {  # NAME LABEL SERVE-FLAGS...: serve, load it at every concurrency, stop
-  local name=$1 label=$2
+serve_and_bench() {  # STEP LABEL SERVE-FLAGS...: serve, load it at every concurrency, stop
+  local step=$1 label=$2
   shift 2
-  in_time "$name" "$(load_s "${#clients[@]}")" || return 0
-  start_server "$out/$name.log" "$python" -m server.cli serve "$@" --port "$port"
-  if wait_ready "$url" "$out/$name.log"; then
+  in_time "$step" "$(load_s "${#clients[@]}")" || return 0
+  start_server "$out/$step.log" "$python" -m server.cli serve "$@" --port "$port"
+  if wait_ready "$url" "$out/$step.log"; then
     run "$python" -m benchmarks.bench "$url" --concurrency "$concurrency_list" \
       --duration "$duration" --warmup "$warmup" --processes "$processes" \
-      --label "$label" --json "$out/$name.json" || fail "bench of $label" $?
+      --label "$label" --json "$out/$step.json" || fail "bench of $label" $?
   else
     fail "microbatch serve $*" 1
   fi

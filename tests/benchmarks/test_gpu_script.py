@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import textwrap
 from datetime import date
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 from benchmarks import bench, ceiling, environment, gpu_report
 from benchmarks.ceiling import CeilingRow
 from benchmarks.loadgen import Load, StepResult
+from benchmarks.processes import free_port
 from benchmarks.runs import Run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -386,3 +388,57 @@ def test_pytest_summary_lines_are_parsed() -> None:
                               "deselected": 500}  # fmt: skip
     assert gpu_report.parse_pytest_summary("no tests ran in 0.01s\n") is not None
     assert gpu_report.parse_pytest_summary("collecting ...\n") is None
+
+
+@pytest.mark.slow
+def test_a_whole_run_on_the_cpu_leaves_its_report_in_the_archive(tmp_path: Path) -> None:
+    """Not a dry run: gpu.sh's own steps (servers started and stopped, the load, the
+    report and the archive after every step, a failed step) run for real, on the CPU
+    (GPU_SH_ON_CPU), with servers of the null model (`benchmarks.overhead --serve`) in
+    place of the real one; the tests, the ceiling and compare are stand-ins, the
+    ceiling one failing."""
+    python = executable(tmp_path / "python", textwrap.dedent(f"""\
+        case "$1 $2" in
+          "-m pytest") echo "1 skipped in 0.01s"; exit 0 ;;
+          "-m benchmarks.ceiling") echo "no ceiling here" >&2; exit 3 ;;
+          "-m benchmarks.compare") exit 0 ;;
+          "-m server.cli")
+            port=""; previous=""
+            for arg in "$@"; do [ "$previous" = --port ] && port=$arg; previous=$arg; done
+            exec {sys.executable} -m benchmarks.overhead --serve --port "$port" ;;
+        esac
+        exec {sys.executable} "$@"
+    """))  # fmt: skip
+    smi = executable(tmp_path / "nvidia-smi", 'echo "Rehearsal CPU"\n')
+    name, archive = "gpu-script-test-on-cpu", tmp_path / "results.tar.gz"
+    try:
+        done = subprocess.run(
+            ["bash", SCRIPT, "--skip-install", "--name", name, "--workers", "1",
+             "--concurrency", "1,4", "--duration", "0.5", "--warmup", "0.2",
+             "--processes", "1", "--port", str(free_port()), "--time-limit", "3600",
+             "--archive", str(archive)],
+            cwd=REPO, capture_output=True, text=True, timeout=600,
+            env={**os.environ, "PYTHON": str(python), "NVIDIA_SMI": str(smi),
+                 "GPU_SH_ON_CPU": "1"},
+        )  # fmt: skip
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "the ceiling failed (exit status 3)" in done.stderr
+        assert "failed steps: the ceiling" in done.stderr
+        with tarfile.open(archive) as packed:
+            names = set(packed.getnames())
+            report = packed.extractfile(f"{name}.md")
+            assert report is not None
+            text = report.read().decode()
+        for piece in ("workers-1.json", "graphs.json", "no-collate-ahead.json",
+                      "environment.json", "gpu-tests.log"):  # fmt: skip
+            assert f"{name}/{piece}" in names
+        assert f"{name}.png" in names
+        table = section(text, "## Throughput and latency by front-end workers")
+        assert "| 1 | 1 |" in table
+        assert "| 1 | 4 |" in table
+        assert "**missing** (no ceiling.json)." in section(text, "## Raw GPU ceiling")
+        assert "1 skipped" in section(text, "## GPU tests")
+    finally:
+        for leftover in (f"{name}", f"{name}.md", f"{name}.png"):
+            shutil.rmtree(REPO / "benchmarks/results" / leftover, ignore_errors=True)
+            (REPO / "benchmarks/results" / leftover).unlink(missing_ok=True)

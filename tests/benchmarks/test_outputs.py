@@ -95,3 +95,16 @@ def test_a_recorded_command_holds_no_path_of_this_machine(
         "--server-args",
         "--workers 2 --out out",
     ]
+
+
+def test_a_copy_of_the_tree_without_git_records_the_commit_it_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU machine given the files alone (no .git) runs `GIT_COMMIT=... gpu.sh`."""
+    from benchmarks import environment
+
+    monkeypatch.chdir(tmp_path)  # no repository here
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
+    assert environment.git_commit() is None
+    monkeypatch.setenv("GIT_COMMIT", "531f93c")
+    assert environment.git_commit() == "531f93c"
