@@ -21,12 +21,15 @@
   exits; then the supervisor exits 0. The children run in their own process group, so
   that a Ctrl-C reaches only the supervisor, which orders the shutdown.
 - A child whose supervisor disappears (SIGKILL) notices within a second and exits.
+  The supervisor's temporary directory (`RunDirectory`: the engine's socket, the
+  front-ends' metrics files) is then left behind; the next server removes it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import multiprocessing
 import os
@@ -42,7 +45,6 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
 
-from batcher import socket_dir
 from server.settings import Settings
 
 if TYPE_CHECKING:
@@ -55,6 +57,65 @@ RESTART_WINDOW_S = 60.0
 STOP_GRACE_S = 10.0
 """Beyond the drain timeout: how long a draining child may take to exit before SIGKILL."""
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
+RUN_DIR_PREFIX = "microbatch-run-"
+OWNER = ".owner"
+"""The file a live supervisor holds locked (flock) in its run directory."""
+
+
+class RunDirectory:
+    """The supervisor's temporary directory, only this user can open it: the engine's
+    socket and the front-ends' metrics files. Its `OWNER` file stays locked while the
+    supervisor lives (a lock, not a pid, so that it holds across pid namespaces: two
+    containers sharing /tmp), so that a later server removes what a killed one left
+    behind (`remove_stale_run_dirs`), and never a live one's."""
+
+    def __init__(self, parent: str | None = None) -> None:
+        remove_stale_run_dirs(parent)
+        self.path = tempfile.mkdtemp(prefix=RUN_DIR_PREFIX, dir=parent)
+        # Locked before it takes its name: a scan never finds OWNER unlocked while we live.
+        claiming = os.path.join(self.path, OWNER + ".new")
+        self._owner = os.open(claiming, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(claiming, os.path.join(self.path, OWNER))
+        self.socket = os.path.join(self.path, "engine.sock")
+        self.metrics = os.path.join(self.path, "metrics")
+        os.mkdir(self.metrics)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._owner)
+
+
+def remove_stale_run_dirs(parent: str | None = None) -> int:
+    """Remove the run directories in `parent` (the temporary directory) that this user's
+    killed servers left: those whose `OWNER` nobody holds locked. Returns how many."""
+    parent = parent or tempfile.gettempdir()
+    removed = 0
+    with os.scandir(parent) as entries:
+        for entry in entries:
+            if not entry.name.startswith(RUN_DIR_PREFIX):
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                    continue
+                owner = os.open(os.path.join(entry.path, OWNER), os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                continue  # not a directory, not ours, or not (yet) claimed
+            try:
+                fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # its supervisor lives
+            else:
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed += 1
+            finally:
+                os.close(owner)
+    if removed:
+        logger.info("removed %d temporary directories that killed servers left in %s",
+                    removed, parent)  # fmt: skip
+    return removed
 
 
 def _child_setup(settings: Settings) -> None:
@@ -201,9 +262,9 @@ class Supervisor:
         self.settings = settings
         self.sock = sock
         self._context = multiprocessing.get_context("spawn")
-        self._socket_dir = socket_dir()
-        self.path = os.path.join(self._socket_dir, "engine.sock")
-        self.metrics_dir = tempfile.mkdtemp(prefix="microbatch-metrics-")
+        self._run_dir = RunDirectory()
+        self.path = self._run_dir.socket
+        self.metrics_dir = self._run_dir.metrics
         self.engine: BaseProcess | None = None
         self.front_ends: list[BaseProcess] = []
         self._restarts: deque[float] = deque()
@@ -232,8 +293,7 @@ class Supervisor:
             return self._supervise()
         finally:
             self.sock.close()
-            shutil.rmtree(self._socket_dir, ignore_errors=True)
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self._run_dir.remove()
 
     def _supervise(self) -> int:
         settings = self.settings
