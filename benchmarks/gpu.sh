@@ -219,7 +219,12 @@ stop_server() {
   wait "$server_pid" 2>/dev/null || true
   server_pid=""
 }
-trap stop_server EXIT
+site="" # --bundle: where it is unpacked for this run
+finish() {
+  stop_server
+  if [[ -n $site ]] && ((!dry_run)); then rm -rf "$site"; fi
+}
+trap finish EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
@@ -357,7 +362,11 @@ if ((!skip_install)); then
 fi
 if [[ -n $bundle ]]; then
   phase "install the bundle $bundle (no package index)"
-  site=$(mktemp -d "${TMPDIR:-/tmp}/microbatch-bundle.XXXXXX")
+  if ((dry_run)); then
+    site="${TMPDIR:-/tmp}/microbatch-bundle.XXXXXX"
+  else
+    site=$(mktemp -d "${TMPDIR:-/tmp}/microbatch-bundle.XXXXXX") # removed at exit
+  fi
   run "$python" -m benchmarks.gpu_bundle unpack "$bundle" "$site"
   echo "+ export PYTHONPATH=$site\${PYTHONPATH:+:\$PYTHONPATH}"
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"

@@ -15,13 +15,15 @@ import textwrap
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from benchmarks import bench, ceiling, environment, gpu_report
+from benchmarks import bench, ceiling, environment, gpu_bundle, gpu_report
 from benchmarks.ceiling import CeilingRow
 from benchmarks.loadgen import Load, StepResult
 from benchmarks.processes import free_port
 from benchmarks.runs import Run
+from tests.benchmarks.test_gpu_bundle import fake_model_package
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = "benchmarks/gpu.sh"
@@ -396,7 +398,7 @@ def test_a_whole_run_on_the_cpu_leaves_its_report_in_the_archive(tmp_path: Path)
     report and the archive after every step, a failed step) run for real, on the CPU
     (GPU_SH_ON_CPU), with servers of the null model (`benchmarks.overhead --serve`) in
     place of the real one; the tests, the ceiling and compare are stand-ins, the
-    ceiling one failing."""
+    ceiling one failing. A small bundle is unpacked for the run and removed after it."""
     python = executable(tmp_path / "python", textwrap.dedent(f"""\
         case "$1 $2" in
           "-m pytest") echo "1 skipped in 0.01s"; exit 0 ;;
@@ -411,15 +413,25 @@ def test_a_whole_run_on_the_cpu_leaves_its_report_in_the_archive(tmp_path: Path)
     """))  # fmt: skip
     smi = executable(tmp_path / "nvidia-smi", 'echo "Rehearsal CPU"\n')
     name, archive = "gpu-script-test-on-cpu", tmp_path / "results.tar.gz"
+    bundle, temporary = tmp_path / "bundle", tmp_path / "tmp"
+    (bundle / "wheels").mkdir(parents=True)
+    temporary.mkdir()
+    weights = {"w": np.array([0.5, 0.25], dtype=np.float32)}
+    gpu_bundle.copy_package(fake_model_package(tmp_path, weights), bundle / "model" / "fake_model",
+                            "float16")  # fmt: skip
+    python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    manifest = {"python_version": python_version,
+                "model": {"package": "fake_model", "weights": "float16"}}  # fmt: skip
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
     try:
         done = subprocess.run(
-            ["bash", SCRIPT, "--skip-install", "--name", name, "--workers", "1",
+            ["bash", SCRIPT, "--bundle", str(bundle), "--name", name, "--workers", "1",
              "--concurrency", "1,4", "--duration", "0.5", "--warmup", "0.2",
              "--processes", "1", "--port", str(free_port()), "--time-limit", "3600",
              "--archive", str(archive)],
             cwd=REPO, capture_output=True, text=True, timeout=600,
             env={**os.environ, "PYTHON": str(python), "NVIDIA_SMI": str(smi),
-                 "GPU_SH_ON_CPU": "1"},
+                 "GPU_SH_ON_CPU": "1", "TMPDIR": str(temporary)},
         )  # fmt: skip
         assert done.returncode == 1, done.stdout + done.stderr
         assert "the ceiling failed (exit status 3)" in done.stderr
@@ -438,6 +450,9 @@ def test_a_whole_run_on_the_cpu_leaves_its_report_in_the_archive(tmp_path: Path)
         assert "| 1 | 4 |" in table
         assert "**missing** (no ceiling.json)." in section(text, "## Raw GPU ceiling")
         assert "1 skipped" in section(text, "## GPU tests")
+        assert "the default model's weights were carried as float16" in text
+        assert "install the bundle" in done.stdout
+        assert not list(temporary.glob("microbatch-bundle.*")), "the unpacked bundle is removed"
     finally:
         for leftover in (f"{name}", f"{name}.md", f"{name}.png"):
             shutil.rmtree(REPO / "benchmarks/results" / leftover, ignore_errors=True)
