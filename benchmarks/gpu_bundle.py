@@ -24,6 +24,10 @@ the model package there with its weights widened back to float32 (exactly), so t
 PYTHONPATH=SITE the default model, float32 included, loads as usual: only the rounding
 of the weights differs from the original, and every comparison on that machine (ours
 against sentence-transformers, CUDA against CPU) loads the same files on both sides.
+Then it checks that every requirement of microbatch (pyproject.toml, with `bench`) and of
+each wheel it installed is met by what that machine now imports, and fails at once,
+naming each one that is not (a package `--have` said was there, but too old), rather
+than minutes into a short lease.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -199,7 +204,38 @@ def make(directory: Path, python_version: str, have: set[str]) -> dict[str, obje
     return manifest
 
 
-def unpack(directory: Path, site: Path) -> None:
+def project_requirements(pyproject: Path, extras: Iterable[str] = ("bench",)) -> list[str]:
+    """microbatch's own requirements, with those of `extras`."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    optional = project.get("optional-dependencies", {})
+    return [*project["dependencies"], *(line for extra in extras for line in optional[extra])]
+
+
+def unmet(site: Path, requirements: Iterable[str] = ()) -> list[str]:
+    """Each of `requirements`, and of the requirements of every distribution installed in
+    `site`, that what Python finds with `site` first on its path does not meet."""
+    path = [str(site), *sys.path]
+    wanted: list[tuple[str, Requirement]] = [
+        ("microbatch", Requirement(line)) for line in requirements
+    ]
+    for distribution in importlib.metadata.distributions(path=[str(site)]):
+        owner = f"{distribution.metadata['Name']} {distribution.version}"
+        wanted += [(owner, Requirement(line)) for line in distribution.requires or []]
+    problems = []
+    for owner, requirement in wanted:
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        found = next(iter(importlib.metadata.distributions(name=requirement.name, path=path)),
+                     None)  # fmt: skip
+        needs = f"{owner} needs {requirement}"
+        if found is None:
+            problems.append(f"{needs}: not installed")
+        elif not requirement.specifier.contains(found.version, prereleases=True):
+            problems.append(f"{needs}: found {found.version}")
+    return sorted(set(problems))
+
+
+def unpack(directory: Path, site: Path, pyproject: Path | None = None) -> None:
     manifest = json.loads((directory / "manifest.json").read_text())
     running = f"{sys.version_info.major}.{sys.version_info.minor}"
     if manifest["python_version"] != running:
@@ -218,6 +254,12 @@ def unpack(directory: Path, site: Path) -> None:
         )  # fmt: skip
     package = manifest["model"]["package"]
     copy_package(directory / "model" / package, site / package, "float32")
+    problems = unmet(site, project_requirements(pyproject) if pyproject else ())
+    if problems:
+        raise SystemExit(
+            "gpu_bundle: installed, but some requirements are not met on this machine "
+            "(make the bundle again without these names in --have):\n  " + "\n  ".join(problems)
+        )
 
 
 def size_mb(directory: Path) -> float:
@@ -253,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"rounding the weights: lowest cosine "
               f"{manifest['model']['min_cosine_to_original']}")  # type: ignore[index]  # fmt: skip
     else:
-        unpack(args.directory, args.site)
+        unpack(args.directory, args.site, Path(__file__).resolve().parents[1] / "pyproject.toml")
         print(f"installed into {args.site}: PYTHONPATH={args.site}")
     return 0
 

@@ -93,3 +93,31 @@ def test_a_bundle_for_another_python_is_refused(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({"python_version": "2.7"}))
     with pytest.raises(SystemExit, match=f"made for Python 2.7, this is {PYTHON}"):
         gpu_bundle.unpack(tmp_path, tmp_path / "site")
+
+
+def test_requirements_the_machine_does_not_meet_are_named(tmp_path: Path) -> None:
+    info = tmp_path / "carried-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: carried\nVersion: 1.0\n"
+        "Requires-Dist: surely-not-installed-anywhere>=1\n"
+        "Requires-Dist: packaging\n"
+        "Requires-Dist: numpy>=999\n"
+        "Requires-Dist: pywin32; sys_platform == 'win32'\n"
+    )
+    problems = gpu_bundle.unmet(tmp_path, ["pytest>=1", "torch>=999"])
+    from importlib.metadata import version
+
+    assert problems == sorted([
+        "carried 1.0 needs surely-not-installed-anywhere>=1: not installed",
+        f"carried 1.0 needs numpy>=999: found {version('numpy')}",
+        f"microbatch needs torch>=999: found {version('torch')}",
+    ])  # fmt: skip
+
+
+def test_microbatch_s_own_requirements_are_read_from_pyproject() -> None:
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    requirements = gpu_bundle.project_requirements(pyproject)
+    assert any(r.startswith("fastapi>=") for r in requirements)
+    assert any(r.startswith("aiohttp>=") for r in requirements), "the bench extra"
+    assert gpu_bundle.unmet(Path("/nonexistent"), requirements) == [], "this environment"
