@@ -55,8 +55,9 @@ options:
                       python -m benchmarks.gpu_bundle make DIR) into a temporary
                       directory on PYTHONPATH, beside the machine's own CUDA torch;
                       implies --skip-install
-  --quick             fit a short lease (about 8 minutes on one GPU): --concurrency
-                      1,64,256 --workers 1,4 --duration 4 --warmup 1
+  --quick             fewer steps, for a short lease: --concurrency 1,64,256
+                      --workers 1,4 --duration 4 --warmup 1 (with --time-limit, what
+                      still does not fit is skipped)
   --time-limit S      skip a step that would not end within S seconds of the start
                       (by the load it runs and the slowest server start so far); the
                       report says what was skipped and is written in any case

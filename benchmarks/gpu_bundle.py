@@ -146,7 +146,7 @@ def copy_package(source: Path, target: Path, weights_dtype: str) -> None:
     from safetensors.numpy import load_file, save_file
 
     def ignore(directory: str, names: list[str]) -> list[str]:
-        return [n for n in names if n == "__pycache__" or n == WEIGHTS]
+        return [n for n in names if n in ("__pycache__", WEIGHTS)]
 
     shutil.copytree(source, target, ignore=ignore, dirs_exist_ok=True)
     tensors = load_file(source / "model" / WEIGHTS)
