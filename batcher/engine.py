@@ -25,16 +25,13 @@ from batcher.policy import Dispatch, DispatchReason, batch_limits, decide
 from batcher.queue import PendingQueue
 from batcher.replicas import ReplicaPool
 from batcher.runner import Runner
-from batcher.slo import SloConfig, SloController
-from batcher.stats import EngineStats, ReplicaStats, SloStats, State
+from batcher.stats import EngineStats, State
+from batcher.steering import Steering
 
 InT = TypeVar("InT")
 OutT = TypeVar("OutT")
 
 logger = logging.getLogger("batcher.engine")
-
-STEERED = frozenset({"max_batch_size", "max_wait_ms", "slo_p99_ms"})
-"""Limits whose change restarts the SLO controller from the new values."""
 
 
 class Engine(Generic[InT, OutT]):
@@ -60,12 +57,15 @@ class Engine(Generic[InT, OutT]):
         self._runner = runners[0]  # for `cost`: every replica runs the same model
         self.clock = clock
         """Monotonic seconds; `enqueued_at`, deadlines and timings are on this clock."""
-        self._configured = config if config is not None else EngineConfig()
-        self._config = self._configured
-        """The live limits: `_configured`, or the SLO controller's choice within it."""
-        self._slo: SloController | None = None
         self._queue: PendingQueue[InT, OutT] = PendingQueue(self.metrics)
         self._has_work = asyncio.Event()
+        self._steering = Steering(
+            config if config is not None else EngineConfig(),
+            clock=clock,
+            metrics=self.metrics,
+            queue_depth=lambda: len(self._queue),
+            wake=self._has_work.set,
+        )
         self._in_flight = 0
         self._batches: set[asyncio.Task[None]] = set()
         self._dispatcher: asyncio.Task[None] | None = None
@@ -79,10 +79,10 @@ class Engine(Generic[InT, OutT]):
         self.metrics.oldest_age.set_function(self.oldest_age)
         self.metrics.in_flight.set_function(lambda: self._in_flight)
         self.metrics.memory_cap.set_function(lambda: self._executor.memory_cap.tokens or 0)
-        self.metrics.max_batch_size.set_function(lambda: self._config.max_batch_size)
-        self.metrics.max_wait.set_function(lambda: self._config.max_wait_s)
-        self.metrics.slo_target.set_function(lambda: (self._config.slo_p99_ms or 0) / 1e3)
-        self._steer_by(self._configured)
+        self.metrics.max_batch_size.set_function(lambda: self.config.max_batch_size)
+        self.metrics.max_wait.set_function(lambda: self.config.max_wait_s)
+        self.metrics.slo_target.set_function(lambda: (self.config.slo_p99_ms or 0) / 1e3)
+        self._executor.on_computed = self._steering.observer
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -138,19 +138,16 @@ class Engine(Generic[InT, OutT]):
         return EngineStats(
             state=self._state,
             healthy=self.healthy,
-            config=self._config,
-            configured=self._configured,
-            slo=self._slo_stats(),
+            config=self.config,
+            configured=self._steering.configured,
+            slo=self._steering.stats(),
             queue_depth=len(self._queue),
             in_flight=self._in_flight,
             busy_for_s=self.busy_for(),
             memory_cap_tokens=self._executor.memory_cap.tokens,
             items=dict(self.metrics.counts),
             learned_cost=self._executor.cost.estimate(),
-            replicas=tuple(
-                ReplicaStats(r.index, r.alive, r.busy_since is not None)
-                for r in self._pool.replicas
-            ),
+            replicas=self._pool.stats(),
         )
 
     @property
@@ -168,7 +165,8 @@ class Engine(Generic[InT, OutT]):
 
     @property
     def config(self) -> EngineConfig:
-        return self._config
+        """The live limits: as configured, or the SLO controller's choice within them."""
+        return self._steering.live
 
     def busy_for(self) -> float:
         """Seconds the longest-running forward pass now on a device has run; 0.0 when
@@ -178,10 +176,7 @@ class Engine(Generic[InT, OutT]):
 
     def oldest_age(self) -> float:
         """Seconds the oldest item still waiting in the queue has waited; 0.0 when none."""
-        for item in self._queue.items:  # settled ones at the head are dropped lazily
-            if not item.future.done():
-                return max(0.0, self.clock() - item.enqueued_at)
-        return 0.0
+        return self._queue.oldest_age(self.clock())
 
     def drain_rate(self) -> float | None:
         """Items per second the live replicas compute while busy (recent batches), or
@@ -201,72 +196,18 @@ class Engine(Generic[InT, OutT]):
     @property
     def configured(self) -> EngineConfig:
         """The limits as set; `config` is what is live (the SLO controller's choice)."""
-        return self._configured
+        return self._steering.configured
 
     def reconfigure(self, **changes: object) -> EngineConfig:
         """Apply new limits at once (validated; raises ValueError) and return the live
         ones. Queued items stay. Also forgets the memory cap, so that a new limit can be
         tried. New `max_batch_size`, `max_wait_ms` or `slo_p99_ms` restart the SLO
         controller from the new limits."""
-        configured = self._configured.replace(**changes)
-        self._configured = configured
-        self._steer_by(configured, keep=changes.keys().isdisjoint(STEERED))
+        self._steering.set(self.configured.replace(**changes), frozenset(changes))
+        self._executor.on_computed = self._steering.observer
         self._executor.memory_cap.forget()
         self._has_work.set()
-        return self._config
-
-    # -- the latency target ------------------------------------------------------------
-
-    def _steer_by(self, configured: EngineConfig, keep: bool = False) -> None:
-        """Start, keep or stop the SLO controller for `configured`; set the live limits."""
-        target = configured.slo_p99_ms
-        if target is None:
-            self._slo = None
-        elif not keep or self._slo is None:
-            self._slo = SloController(
-                SloConfig(target), configured.max_batch_size, configured.max_wait_ms, self.clock()
-            )
-        # Without a target the executor gathers no latencies: nothing on the hot path.
-        self._executor.on_computed = None if self._slo is None else self._observe_latencies
-        self._config = self._live_limits()
-
-    def _live_limits(self) -> EngineConfig:
-        if self._slo is None:
-            return self._configured
-        rung = self._slo.rung
-        return self._configured.replace(
-            max_batch_size=rung.max_batch_size, max_wait_ms=rung.max_wait_ms
-        )
-
-    def _observe_latencies(
-        self, latencies_s: list[float], queue_waits_s: list[float], device_s: float
-    ) -> None:
-        slo = self._slo
-        assert slo is not None, "latencies are observed only with a target; this is a bug"
-        slo.record(latencies_s, queue_waits_s, device_s)
-        judged = slo.judged
-        adjustment = slo.judge(self.clock(), len(self._queue))
-        if slo.judged is not judged:
-            self.metrics.record_slo(slo.judged, adjustment)
-        if adjustment is not None:
-            self._config = self._live_limits()
-            logger.info("slo: %s: %s", adjustment.action.replace("_", " "), adjustment.reason)
-            self._has_work.set()
-
-    def _slo_stats(self) -> SloStats | None:
-        slo = self._slo
-        if slo is None:
-            return None
-        assert self._configured.slo_p99_ms is not None
-        return SloStats(
-            target_p99_ms=self._configured.slo_p99_ms,
-            rung=slo.rung,
-            rungs=len(slo.rungs),
-            index=slo.index,
-            judged=slo.judged,
-            last=slo.last,
-            adjustments=slo.adjustments,
-        )
+        return self.config
 
     # -- admission ---------------------------------------------------------------------
 
@@ -313,7 +254,7 @@ class Engine(Generic[InT, OutT]):
         """Raise QueueFull (and count it) unless `n` more items fit in the queue now.
         `submit` calls it; a server may call it before parsing a request, to refuse
         cheaply under overload."""
-        self._queue.check_room(n, self._config.max_queue_size)
+        self._queue.check_room(n, self.config.max_queue_size)
 
     def _expire(self, items: list[PendingItem[InT, OutT]]) -> None:
         for item in items:
@@ -326,7 +267,7 @@ class Engine(Generic[InT, OutT]):
         if self._state != "running":
             self.metrics.count("rejected_closed", len(payloads))
             raise EngineClosed(f"the engine is {self._state}; not admitting new items")
-        config = self._config
+        config = self.config
         self.check_room(len(payloads))
         now = self.clock()
         if deadline is not None and len(self._queue):
@@ -360,10 +301,10 @@ class Engine(Generic[InT, OutT]):
                 draining = self._state == "draining"
                 if draining and not len(self._queue) and self._in_flight == 0:
                     return
-                decision = decide(self._queue.items, clock(), self._config, self._in_flight,
+                decision = decide(self._queue.items, clock(), self.config, self._in_flight,
                                   self.alive_replicas, draining=draining)  # fmt: skip
                 if isinstance(decision, Dispatch):
-                    limits = batch_limits(self._config, self._executor.memory_cap.tokens)
+                    limits = batch_limits(self.config, self._executor.memory_cap.tokens)
                     batch = self._queue.take(clock(), limits, self._executor.cost.estimate())
                     self._launch(batch, decision.reason)
                     continue
@@ -390,7 +331,7 @@ class Engine(Generic[InT, OutT]):
     def _launch(self, batch: list[PendingItem[InT, OutT]], reason: DispatchReason) -> None:
         if not batch:
             return
-        self.metrics.record_dispatch(reason, len(batch), self._config.max_batch_size)
+        self.metrics.record_dispatch(reason, len(batch), self.config.max_batch_size)
         self._in_flight += 1
         task = asyncio.create_task(self._execute(batch))
         self._batches.add(task)
@@ -401,15 +342,7 @@ class Engine(Generic[InT, OutT]):
     async def _execute(self, batch: list[PendingItem[InT, OutT]]) -> None:
         """Run one batch on a free replica; whatever happens, every future settles."""
         try:
-            await self._executor.run(batch)
-        except BaseException as exc:
-            error = EngineClosed("the batch was interrupted by shutdown")
-            if not isinstance(exc, asyncio.CancelledError):
-                logger.exception("batch execution failed; this is a bug")
-                error = EngineClosed("internal error while running the batch")
-            for item in batch:
-                settle_error(item.future, error)
-            raise
+            await self._executor.run_settling(batch)
         finally:
             self._in_flight -= 1
             self._has_work.set()

@@ -9,12 +9,13 @@ here. Touched only on the event-loop thread.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Generic, TypeVar, cast
 
 from batcher.cost import CostModel, DrainRate, MemoryCap
-from batcher.errors import DeviceOutOfMemory, InferenceFailed
+from batcher.errors import DeviceOutOfMemory, EngineClosed, InferenceFailed
 from batcher.items import PendingItem, Result, settle_error, settle_result
 from batcher.metrics import EngineMetrics
 from batcher.padding import padded_tokens
@@ -58,6 +59,20 @@ class Executor(Generic[InT, OutT]):
         self.on_computed: Callable[[list[float], list[float], float], None] | None = None
         """Called with each computed batch's latencies (admission to result, seconds),
         queue waits and device time: the SLO controller's input."""
+
+    async def run_settling(self, batch: list[PendingItem[InT, OutT]]) -> None:
+        """`run(batch)`; if that fails (a bug) or is cancelled (shutdown), every item
+        still unsettled fails with EngineClosed, and the exception propagates."""
+        try:
+            await self.run(batch)
+        except BaseException as exc:
+            error = EngineClosed("the batch was interrupted by shutdown")
+            if not isinstance(exc, asyncio.CancelledError):
+                logger.exception("batch execution failed; this is a bug")
+                error = EngineClosed("internal error while running the batch")
+            for item in batch:
+                settle_error(item.future, error)
+            raise
 
     async def run(
         self, batch: list[PendingItem[InT, OutT]], avoid: Replica[InT, OutT] | None = None

@@ -46,6 +46,13 @@ class PendingQueue(Generic[InT, OutT]):
     def extend(self, items: Iterable[PendingItem[InT, OutT]]) -> None:
         self._items.extend(items)
 
+    def oldest_age(self, now: float) -> float:
+        """Seconds the oldest item still waiting has waited at `now`; 0.0 when none."""
+        for item in self._items:  # settled ones at the head are dropped lazily
+            if not item.future.done():
+                return max(0.0, now - item.enqueued_at)
+        return 0.0
+
     def drop_settled_head(self) -> None:
         """Forget items at the front whose futures are done, so the policy sees a live
         oldest item."""

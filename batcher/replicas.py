@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from batcher.runner import Runner
+from batcher.stats import ReplicaStats
 
 InT = TypeVar("InT")
 OutT = TypeVar("OutT")
@@ -57,6 +58,11 @@ class ReplicaPool(Generic[InT, OutT]):
     def others_alive(self, replica: Replica[InT, OutT]) -> bool:
         """Whether a live replica other than `replica` exists."""
         return any(r.alive and r is not replica for r in self.replicas)
+
+    def stats(self) -> tuple[ReplicaStats, ...]:
+        return tuple(
+            ReplicaStats(r.index, r.alive, r.busy_since is not None) for r in self.replicas
+        )
 
     def busy_since(self) -> float | None:
         """When the longest-running forward pass now on a device started; None if idle."""
