@@ -390,22 +390,6 @@ async def test_raising_max_batch_size_warms_the_new_shapes_before_it_applies() -
     assert live["max_batch_size"] == 48
 
 
-async def test_the_readme_lists_every_metric_the_server_exposes() -> None:
-    from pathlib import Path
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    async with serve(FakeTextModel()) as client:
-        await client.post("/predict", json={"text": "counted"})
-        text = (await client.get("/metrics")).text
-    families = text_string_to_metric_families(text)
-    names = {f.name.removesuffix("_created") for f in families if f.name.startswith("micro")}
-    assert len(names) > 10
-    missing = sorted(n for n in names if f"`{n}" not in readme)
-    assert missing == [], f"metrics the README's table does not list: {missing}"
-
-
 async def test_requests_without_an_id_get_distinct_ids() -> None:
     async with serve(FakeTextModel()) as client:
         replies = [await client.post("/predict", json={"text": "x"}) for _ in range(20)]

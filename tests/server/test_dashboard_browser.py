@@ -19,7 +19,7 @@ from tests.conftest import ServerProcess
 pytestmark = pytest.mark.slow
 
 SCREENSHOT_ENV = "MICROBATCH_DASHBOARD_SCREENSHOT"
-"""Where to copy the test's screenshot as well (the README's is made this way)."""
+"""Where to copy the test's screenshot as well (docs/dashboard.png is made this way)."""
 
 
 def chromium() -> str:

@@ -147,17 +147,3 @@ async def test_docs_and_redoc_load_every_asset_from_the_server_itself() -> None:
                 assert url.startswith("/"), f"{page} loads {url} from elsewhere"
                 assert (await client.get(url)).status_code == 200, url
             assert "https://" not in html, page
-
-
-def test_the_readme_lists_every_setting_with_its_flag_and_variable() -> None:
-    """The README's table of settings stays in step with `microbatch serve --help`."""
-    from server.settings import Settings
-
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    rows = [line for line in readme.splitlines() if line.startswith("| `--")]
-    missing = []
-    for name in Settings.model_fields:
-        flag, variable = "--" + name.replace("_", "-"), "MICROBATCH_" + name.upper()
-        if not any(f"`{flag}" in row and f"`{variable}`" in row for row in rows):
-            missing.append(flag)
-    assert missing == [], f"settings the README's table does not list: {missing}"
