@@ -46,8 +46,8 @@ def server(
     args: list[str], log: Path, *, cpu: int | None = None, timeout_s: float = 300
 ) -> Iterator[str]:
     """Run `python -m <args> --port P` (pinned to `cpu` if given) until ready; yield its
-    URL; stop it with SIGTERM. microbatch (the null-model servers of `benchmarks.overhead`
-    too) is ready at /ready, other servers at /docs."""
+    URL; stop it with SIGTERM. The plain FastAPI baselines (`benchmarks.naive`,
+    `benchmarks.trivial`) are ready at /docs; microbatch, on any model, at /ready."""
     port = free_port()
     command = [sys.executable, "-m", *args, "--port", str(port)]
     with log.open("wb") as out:
@@ -58,7 +58,7 @@ def server(
             preexec_fn=None if cpu is None else (lambda: pin(cpu)),
         )
     url = f"http://127.0.0.1:{port}"
-    ready = "/ready" if args[0] in ("server.cli", "benchmarks.overhead") else "/docs"
+    ready = "/docs" if args[0] in ("benchmarks.naive", "benchmarks.trivial") else "/ready"
     try:
         deadline = time.monotonic() + timeout_s
         while True:

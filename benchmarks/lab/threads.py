@@ -4,7 +4,7 @@ generator runs beside it, as on a small box serving its neighbours), each load r
 every server back to back in a rotating order. The question it answers: does leaving a
 core to the event loop (HTTP, tokenization, JSON) beat giving torch every core?
 
-    python -m benchmarks.threads --threads 1,2 --concurrency 1,64 --rounds 2
+    python -m benchmarks.lab.threads --threads 1,2 --concurrency 1,64 --rounds 2
 """
 
 from __future__ import annotations
@@ -50,13 +50,13 @@ def report(runs: dict[str, Run], args: argparse.Namespace) -> str:
                 f"{s.latency_ms['p99']:.1f} | {batch} | "
                 f"{ratio(s.throughput_rps, step.throughput_rps)} |"
             )
-    lines += ["", "```bash", f"python -m benchmarks.threads {shlex.join(sys.argv[1:])}", "```"]
+    lines += ["", "```bash", f"python -m benchmarks.lab.threads {shlex.join(sys.argv[1:])}", "```"]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.threads",
+        prog="python -m benchmarks.lab.threads",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

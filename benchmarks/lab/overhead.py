@@ -2,10 +2,10 @@
 a bare FastAPI endpoint returning the same JSON (`benchmarks/trivial.py`), same pinning,
 same load, the two alternating round by round. Optionally profiles microbatch (py-spy).
 
-    python -m benchmarks.overhead --concurrency 1,64 --rounds 3 --profile \\
+    python -m benchmarks.lab.overhead --concurrency 1,64 --rounds 3 --profile \\
         --report benchmarks/results/overhead-cpu-2core-DATE.md
-    python -m benchmarks.overhead --serve --port 8003      # just the zero-cost server
-    python -m benchmarks.overhead --concurrency 1,64 --front-end   # and one front-end
+    python -m benchmarks.lab.overhead --serve --port 8003      # just the zero-cost server
+    python -m benchmarks.lab.overhead --concurrency 1,64 --front-end   # and one front-end
 
 `--front-end` adds a third server: one front-end process of `microbatch serve
 --workers` (on CPU 0, as the others) on an engine process with the null model (on
@@ -25,89 +25,23 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
 
-from batcher.models import (
-    DEFAULT_OPTIONS,
-    Encoded,
-    Options,
-    Output,
-    Task,
-    Token,
-    TruncationDirection,
-)
 from benchmarks import environment
 from benchmarks.compare import CLIENT_CPU, SERVER_CPU, run_bench
+from benchmarks.lab.null_model import NullModel
 from benchmarks.loadgen import Load, StepResult
 from benchmarks.processes import pin, server
 from benchmarks.trivial import EMBEDDING
 
 
-class NullModel:
-    """Embeds every text as the same 384 numbers, at once: only the server's path costs."""
-
-    name = "null"
-    task: Task = "embed"
-    labels: tuple[str, ...] = ()
-    max_tokens = 256
-
-    def encode(
-        self, text: str, pair: str | None = None, options: Options = DEFAULT_OPTIONS
-    ) -> Encoded:
-        return Encoded([1] * min(len(text) // 4 + 2, 256), truncated=False)
-
-    def encode_many(
-        self,
-        texts: Sequence[str],
-        pairs: Sequence[str] | None = None,
-        options: Options = DEFAULT_OPTIONS,
-        truncation_direction: TruncationDirection = "right",
-    ) -> list[Encoded]:
-        return [self.encode(t) for t in texts]
-
-    def encode_ids(
-        self, sequences: Sequence[Sequence[int]], options: Options = DEFAULT_OPTIONS
-    ) -> list[Encoded]:
-        return [Encoded(list(ids[:256]), truncated=len(ids) > 256) for ids in sequences]
-
-    def tokenize(
-        self, texts: Sequence[str], add_special_tokens: bool = True, prompt_name: str | None = None
-    ) -> list[list[Token]]:
-        return [[Token(1, t, False, 0, len(t))] for t in texts]
-
-    def cost(self, item: Encoded) -> int:
-        return len(item.ids)
-
-    def predict(self, items: Sequence[Encoded]) -> list[Output]:
-        return [EMBEDDING] * len(items)
-
-    def warm_up(self, max_batch_size: int, on_step: object = None) -> None:
-        return None
-
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name, "task": self.task, "device": "none"}
-
-
-class PackedNullModel(NullModel):
-    """`NullModel` whose outputs are what a real model in an engine process gives
-    (`TextModel.packed_outputs`): each row's float32 bytes, cut from one array per batch
-    by the same function. (One list object for all would be pickled once, unfairly.)"""
-
-    def __init__(self) -> None:
-        import torch
-
-        self._vectors = torch.tensor([EMBEDDING] * 1024)  # "the forward pass's output"
-
-    def predict(self, items: Sequence[Encoded]) -> list[Output]:
-        from batcher.models.heads import finish_embeddings
-
-        vectors = self._vectors[: len(items)]
-        packed = finish_embeddings(vectors, [None] * len(items), [False] * len(items), True)
-        return packed  # type: ignore[return-value]
+def null_model(packed_outputs: bool = False) -> NullModel:
+    """The model that costs nothing: every text embedded as the bare server's 384 floats.
+    `packed_outputs`: as a real model's in an engine process (float32 bytes)."""
+    return NullModel(embedding=EMBEDDING, packed_outputs=packed_outputs)
 
 
 def serve(port: int) -> None:
@@ -118,7 +52,7 @@ def serve(port: int) -> None:
     from server.settings import Settings
 
     settings = Settings(port=port)
-    app = create_app(settings, model=NullModel())
+    app = create_app(settings, model=null_model())
     uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
                 log_level="warning", access_log=settings.access_log,
                 timeout_keep_alive=settings.keep_alive_s)  # fmt: skip
@@ -140,7 +74,7 @@ def serve_front_end(port: int) -> None:
     context = multiprocessing.get_context("spawn")
     engine = context.Process(target=_null_engine, args=(settings, path, os.getpid()))
     engine.start()
-    app = create_app(settings, model=NullModel(), engine_path=path)
+    app = create_app(settings, model=null_model(), engine_path=path)
     try:
         uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
                     log_level="warning", access_log=settings.access_log,
@@ -154,7 +88,7 @@ def _null_engine(settings: Any, path: str, parent: int) -> None:
     from server.workers import run_engine
 
     pin(CLIENT_CPU)
-    run_engine(settings, path, parent, PackedNullModel())
+    run_engine(settings, path, parent, null_model(packed_outputs=True))
 
 
 BARE, OURS, FRONT = "bare FastAPI", "microbatch, null model", "one front-end, null model"
@@ -314,7 +248,7 @@ def render(
                 ratio = cpu[BARE] / us if us else 0.0
                 lines.append(f"| {r['load']} | {name} | {us:.0f} | {ratio:.2f}x |")
     lines += ["", "Reproduce:", "", "```bash", "python -m " + " ".join(
-        ["benchmarks.overhead", *environment.command_line()[1:]]), "```"]  # fmt: skip
+        ["benchmarks.lab.overhead", *environment.command_line()[1:]]), "```"]  # fmt: skip
     if profile:
         lines += ["", "## Where the microbatch server's time goes (py-spy, all rounds)", "",
                   "```", profile.rstrip(), "```"]  # fmt: skip
@@ -323,7 +257,7 @@ def render(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.overhead",
+        prog="python -m benchmarks.lab.overhead",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -366,11 +300,11 @@ def main(argv: list[str] | None = None) -> int:
             server(["benchmarks.trivial"], logs / "trivial.log", cpu=SERVER_CPU)
         )
         url = stack.enter_context(
-            server(["benchmarks.overhead", "--serve"], logs / "null.log", cpu=SERVER_CPU)
+            server(["benchmarks.lab.overhead", "--serve"], logs / "null.log", cpu=SERVER_CPU)
         )
         urls = {BARE: bare_url, OURS: url}
         if args.front_end:
-            front = ["benchmarks.overhead", "--serve-front-end"]
+            front = ["benchmarks.lab.overhead", "--serve-front-end"]
             urls[FRONT] = stack.enter_context(server(front, logs / "front.log", cpu=SERVER_CPU))
         profiler = _start_profiler(url, logs / "profile.txt") if args.profile else None
         pairs = measure(urls, loads, args)
@@ -406,7 +340,7 @@ def _start_profiler(url: str, out: Path) -> subprocess.Popen[bytes] | None:
 def _server_pid(url: str) -> int:
     """The server process on `url`'s port (a front-end's, not its engine process's)."""
     port = url.rsplit(":", 1)[1]
-    pattern = rf"benchmarks\.(trivial|overhead)( --serve| --serve-front-end)? --port {port}$"
+    pattern = rf"benchmarks\.(trivial|lab\.overhead)( --serve| --serve-front-end)? --port {port}$"
     out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[0])
 

@@ -1,6 +1,6 @@
 """How close microbatch's outputs are to the reference library's, for your own models.
 
-    python -m benchmarks.fidelity --model ./my-model [--model ./other] [--texts FILE]
+    python -m benchmarks.lab.fidelity --model ./my-model [--model ./other] [--texts FILE]
 
 Loads each model through microbatch's loader (eager, CPU) and through the reference:
 `SentenceTransformer` for embedding models, `CrossEncoder` for rerankers, transformers'
@@ -110,7 +110,7 @@ def _row(a: Agreement) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.fidelity",
+        prog="python -m benchmarks.lab.fidelity",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from benchmarks.lab.overhead import Pair, render, summary
 from benchmarks.loadgen import StepResult
-from benchmarks.overhead import Pair, render, summary
 
 
 def step(rps: float, p50: float = 1.0, p99: float = 2.0) -> StepResult:
@@ -34,4 +34,4 @@ def test_the_report_has_one_row_per_load_and_the_command() -> None:
     assert "| 1 client | 900 | 600 | 0.67x |" in report
     assert "| 64 clients | 3000 | 1800 | 0.60x |" in report
     assert "12.5 %" in report
-    assert "python -m benchmarks.overhead" in report
+    assert "python -m benchmarks.lab.overhead" in report

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.gpu_report DIR [--out NAME]`: the report of a `benchmarks/gpu.sh`
+"""`python -m benchmarks.lab.gpu_report DIR [--out NAME]`: the report of a `benchmarks/lab/gpu.sh`
 run, written to NAME.md and NAME.png (default: DIR.md and DIR.png beside DIR), from the
 files the run left in DIR:
 
@@ -227,7 +227,7 @@ def _header(run: GpuRun) -> list[str]:
     model = (env.get("bundle") or {}).get("model")
     if model:
         lines += [
-            f"Installed from a bundle (`benchmarks.gpu_bundle`): the default model's weights "
+            f"Installed from a bundle (`benchmarks.lab.gpu_bundle`): the default model's weights "
             f"were carried as {model.get('weights')}; the lowest cosine of its embeddings to "
             f"the original's is {model.get('min_cosine_to_original')}.",
             "",
@@ -441,7 +441,7 @@ def plot(run: GpuRun, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.gpu_report",
+        prog="python -m benchmarks.lab.gpu_report",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     directory: Path = args.directory
     if not directory.is_dir():
-        parser.error(f"{directory} is not a directory (a benchmarks/gpu.sh results directory)")
+        parser.error(f"{directory} is not a directory (a benchmarks/lab/gpu.sh results directory)")
     out = args.out or str(directory.parent / directory.name)
     run = load(directory)
     plot_path = Path(f"{out}.png")

@@ -1,5 +1,5 @@
-"""benchmarks/gpu.sh on a machine without a GPU (its options, its dry run, its refusals) and
-the report it ends with (benchmarks/gpu_report.py) on a results directory whose files are
+"""benchmarks/lab/gpu.sh on a machine without a GPU (its options, its dry run, its refusals) and
+the report it ends with (benchmarks/lab/gpu_report.py) on a results directory whose files are
 written by the real tools' own code: ceiling.main, bench.main, a real pytest run, and a
 saved compare run."""
 
@@ -18,15 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import bench, ceiling, environment, gpu_bundle, gpu_report
+from benchmarks import bench, ceiling, environment
 from benchmarks.ceiling import CeilingRow
+from benchmarks.lab import gpu_bundle, gpu_report
 from benchmarks.loadgen import Load, StepResult
 from benchmarks.processes import free_port
 from benchmarks.runs import Run
-from tests.benchmarks.test_gpu_bundle import fake_model_package
+from tests.benchmarks.lab.test_gpu_bundle import fake_model_package
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = "benchmarks/gpu.sh"
+REPO = Path(__file__).resolve().parents[3]
+SCRIPT = "benchmarks/lab/gpu.sh"
 SAVED_COMPARE = REPO / "benchmarks/results/cpu-2core-2026-12-01-after-house-final"
 OPTIONS = ["--help", "--dry-run", "--skip-install", "--bundle", "--quick", "--time-limit",
            "--archive", "--name", "--duration", "--workers", "--concurrency",
@@ -44,7 +45,7 @@ CEILING = [
 
 
 def script(*args: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    """bash benchmarks/gpu.sh ARGS, with this interpreter as its python and, unless `env`
+    """bash benchmarks/lab/gpu.sh ARGS, with this interpreter as its python and, unless `env`
     says otherwise, an nvidia-smi that does not exist (no GPU, whatever the machine)."""
     variables = {**os.environ, "PYTHON": sys.executable,
                  "NVIDIA_SMI": str(tmp_path / "no-nvidia-smi"), **env}  # fmt: skip
@@ -100,7 +101,7 @@ def test_the_dry_run_prints_every_step_and_runs_none(tmp_path: Path) -> None:
     assert f"--label 'cuda graphs' --json {results}/graphs.json" in out
     assert f"serve --collate-ahead off --port 8765 >{results}/no-collate-ahead.log" in out
     assert f"--label 'no collate ahead' --json {results}/no-collate-ahead.json" in out
-    assert f"-m benchmarks.gpu_report {results}" in out
+    assert f"-m benchmarks.lab.gpu_report {results}" in out
     assert "pip install" not in out
     assert "total time:" in out
     assert not calls.exists()
@@ -145,7 +146,8 @@ def test_a_short_lease_runs_the_targets_first_and_skips_what_would_not_end_in_ti
     assert "past --time-limit 540 s" in done.stderr
     assert "-m benchmarks.compare" not in out
     assert "gpu.sh: skipped for time (--time-limit 540): " in done.stderr
-    assert "-m benchmarks.gpu_report" in out.rsplit("\n== ", 1)[1], "the report is written anyway"
+    last = out.rsplit("\n== ", 1)[1]
+    assert "-m benchmarks.lab.gpu_report" in last, "the report is written anyway"
     archive = REPO / "lease.tar.gz"
     assert f"tar -czf {archive} ..." in out, "packed after every step"
     assert out.count(f"tar -czf {archive}") >= 6
@@ -160,7 +162,7 @@ def test_a_bundle_is_installed_beside_the_machines_torch(tmp_path: Path) -> None
                   tmp_path=tmp_path)  # fmt: skip
 
     assert done.returncode == 0, done.stderr
-    assert f"-m benchmarks.gpu_bundle unpack {bundle} " in done.stdout
+    assert f"-m benchmarks.lab.gpu_bundle unpack {bundle} " in done.stdout
     assert "+ export PYTHONPATH=" in done.stdout
     assert "pip install" not in done.stdout, "--bundle implies --skip-install"
 
@@ -399,7 +401,7 @@ def test_pytest_summary_lines_are_parsed() -> None:
 def test_a_whole_run_on_the_cpu_leaves_its_report_in_the_archive(tmp_path: Path) -> None:
     """Not a dry run: gpu.sh's own steps (servers started and stopped, the load, the
     report and the archive after every step, a failed step) run for real, on the CPU
-    (GPU_SH_ON_CPU), with servers of the null model (`benchmarks.overhead --serve`) in
+    (GPU_SH_ON_CPU), with servers of the null model (`benchmarks.lab.overhead --serve`) in
     place of the real one; the tests, the ceiling and compare are stand-ins, the
     ceiling one failing. A small bundle is unpacked for the run and removed after it."""
     python = executable(tmp_path / "python", textwrap.dedent(f"""\
@@ -410,7 +412,7 @@ def test_a_whole_run_on_the_cpu_leaves_its_report_in_the_archive(tmp_path: Path)
           "-m server.cli")
             port=""; previous=""
             for arg in "$@"; do [ "$previous" = --port ] && port=$arg; previous=$arg; done
-            exec {sys.executable} -m benchmarks.overhead --serve --port "$port" ;;
+            exec {sys.executable} -m benchmarks.lab.overhead --serve --port "$port" ;;
         esac
         exec {sys.executable} "$@"
     """))  # fmt: skip

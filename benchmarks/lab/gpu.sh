@@ -4,18 +4,18 @@
 # (benchmarks.compare) and the front-end scaling curve (microbatch serve --workers N loaded
 # by benchmarks.bench), CUDA graphs against plain compile (--compile-mode reduce-overhead),
 # collating ahead against not (--collate-ahead off), then write the report
-# (benchmarks.gpu_report).
+# (benchmarks.lab.gpu_report).
 #
-#   bash benchmarks/gpu.sh --help
+#   bash benchmarks/lab/gpu.sh --help
 #
 # A step that fails is reported and the next one runs (a GPU machine is often lent for a
 # short while; one broken step should not cost the others); the exit status is 1 then.
 # For a short lease: --quick, --time-limit (skip what would not end in time) and
 # --archive (the results so far in one file after every step); for a machine that
-# cannot reach a package index: --bundle (made by python -m benchmarks.gpu_bundle).
+# cannot reach a package index: --bundle (made by python -m benchmarks.lab.gpu_bundle).
 set -euo pipefail
 invoked_from=$PWD
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 python=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 nvidia_smi=${NVIDIA_SMI:-nvidia-smi}
@@ -38,7 +38,7 @@ report_only=""
 
 usage() {
   cat <<'EOF'
-usage: bash benchmarks/gpu.sh [options]
+usage: bash benchmarks/lab/gpu.sh [options]
 
 On a machine with an NVIDIA GPU, in the current Python environment (activate a venv
 first): install a CUDA build of torch and microbatch[dev,bench], run the gpu-marked tests,
@@ -52,7 +52,7 @@ options:
   --dry-run           print every command it would run, run none (works without a GPU)
   --skip-install      use the torch and microbatch already installed
   --bundle DIR        no package index: install what a bundle holds (made elsewhere by
-                      python -m benchmarks.gpu_bundle make DIR) into a temporary
+                      python -m benchmarks.lab.gpu_bundle make DIR) into a temporary
                       directory on PYTHONPATH, beside the machine's own CUDA torch;
                       implies --skip-install
   --quick             fewer steps, for a short lease: --concurrency 1,64,256
@@ -85,7 +85,7 @@ EOF
 }
 
 usage_error() {
-  echo "gpu.sh: $1 (bash benchmarks/gpu.sh --help lists the options)" >&2
+  echo "gpu.sh: $1 (bash benchmarks/lab/gpu.sh --help lists the options)" >&2
   exit 2
 }
 
@@ -131,7 +131,7 @@ if [[ -n $bundle && ! -f $bundle/manifest.json ]]; then
   if [[ $bundle != /* && -f $invoked_from/$bundle/manifest.json ]]; then
     bundle="$invoked_from/$bundle"
   else
-    usage_error "--bundle takes a directory made by python -m benchmarks.gpu_bundle make, got '$bundle'"
+    usage_error "--bundle takes a directory made by python -m benchmarks.lab.gpu_bundle make, got '$bundle'"
   fi
 fi
 if [[ -n $archive && $archive != /* ]]; then archive="$invoked_from/$archive"; fi
@@ -185,7 +185,7 @@ if [[ -n $report_only ]]; then
   fi
   out_args=()
   if [[ -n $name ]]; then out_args=(--out "benchmarks/results/$name"); fi
-  run "$python" -m benchmarks.gpu_report "$report_only" "${out_args[@]}"
+  run "$python" -m benchmarks.lab.gpu_report "$report_only" "${out_args[@]}"
   exit 0
 fi
 
@@ -288,9 +288,9 @@ load_s() {  # STEPS [SERVERS]: the expected seconds of STEPS load steps on SERVE
 
 save() {  # after a step: rebuild the report and pack it with the results into --archive
   if [[ -z $archive ]]; then return 0; fi
-  echo "+ $(quote "$python") -m benchmarks.gpu_report $(quote "$out") >/dev/null; tar -czf $(quote "$archive") ..."
+  echo "+ $(quote "$python") -m benchmarks.lab.gpu_report $(quote "$out") >/dev/null; tar -czf $(quote "$archive") ..."
   if ((dry_run)); then return 0; fi
-  "$python" -m benchmarks.gpu_report "$out" >/dev/null 2>&1 || true
+  "$python" -m benchmarks.lab.gpu_report "$out" >/dev/null 2>&1 || true
   local results=${out##*/} pieces=()
   for piece in "$results" "$results.md" "$results.png"; do
     if [[ -e benchmarks/results/$piece ]]; then pieces+=("$piece"); fi
@@ -368,7 +368,7 @@ if [[ -n $bundle ]]; then
   else
     site=$(mktemp -d "${TMPDIR:-/tmp}/microbatch-bundle.XXXXXX") # removed at exit
   fi
-  run "$python" -m benchmarks.gpu_bundle unpack "$bundle" "$site"
+  run "$python" -m benchmarks.lab.gpu_bundle unpack "$bundle" "$site"
   echo "+ export PYTHONPATH=$site\${PYTHONPATH:+:\$PYTHONPATH}"
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -440,7 +440,7 @@ if in_time compare "$(load_s "$compare_steps" "$compare_servers")"; then
 fi
 
 phase "report"
-run "$python" -m benchmarks.gpu_report "$out" || fail "the report" $?
+run "$python" -m benchmarks.lab.gpu_report "$out" || fail "the report" $?
 save
 
 printf '\ntotal time: %dm%02ds\n' $((SECONDS / 60)) $((SECONDS % 60))

@@ -1,10 +1,10 @@
 """The engine process's own CPU per item: an engine with a model that costs nothing
-(`benchmarks.overhead.NullModel`) served over `batcher.remote` to front-end clients in
+(`benchmarks.lab.overhead.null_model`) served over `batcher.remote` to front-end clients in
 another process, which keep `--concurrency` items in flight. What the process that owns
 the device spends per item (its CPU time over the run / items answered) is the ceiling
 of items per second one device can be fed at, whatever the front-ends do.
 
-    python -m benchmarks.engine_cpu --concurrency 256 --front-ends 4 --duration 10
+    python -m benchmarks.lab.engine_cpu --concurrency 256 --front-ends 4 --duration 10
 
 The engine process runs on CPU 0, the clients on CPU 1 (where the machine has two).
 `host_calibration_ms` times a fixed piece of Python in the engine process before the
@@ -31,7 +31,7 @@ from batcher.items import Result
 from batcher.models import Encoded, Output, unpack_output
 from batcher.remote import EngineServer, RemoteEngine, Reply, socket_dir
 from benchmarks import environment
-from benchmarks.overhead import PackedNullModel
+from benchmarks.lab.overhead import null_model
 
 ENGINE_CPU, CLIENT_CPU = 0, 1
 
@@ -70,7 +70,7 @@ def _engine_main(path: str, max_batch_size: int, ready: Any, profile: bool) -> N
 
 async def _serve_engine(path: str, max_batch_size: int, ready: Any) -> None:
     engine: Engine[Encoded, Output] = Engine(
-        ThreadRunner(PackedNullModel()),
+        ThreadRunner(null_model(packed_outputs=True)),
         EngineConfig(max_batch_size=max_batch_size, max_queue_size=4096),
     )
     stop = asyncio.Event()
@@ -151,7 +151,7 @@ async def _load(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.engine_cpu",
+        prog="python -m benchmarks.lab.engine_cpu",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.slo import Arm, Outcome, parse, phase_rows, rate_schedule, render, windows
+from benchmarks.lab.slo import Arm, Outcome, parse, phase_rows, rate_schedule, render, windows
 
 
 def arm_with(latency_ms_by_phase: list[float], phase_s: float = 10.0, rps: int = 10) -> Arm:
@@ -39,7 +39,7 @@ def test_the_report_names_each_server_phase_and_change() -> None:
     controlled.adjustments = {"tighten": 2.0, "loosen": 1.0, "back_off": 0.0}
     controlled.limits = [(0.0, 32, 50.0, None), (1.0, 32, 25.0, 80.0)]
     report = {
-        "name": "test", "command": "python -m benchmarks.slo", "slo_p99_ms": 100.0,
+        "name": "test", "command": "python -m benchmarks.lab.slo", "slo_p99_ms": 100.0,
         "capacity_rps": 40.0, "phases": [0.25, 0.75, 0.25], "phase_s": 10.0,
         "server_args": "--torch-threads 1", "plot": "test.png",
         "arms": [

@@ -2,7 +2,7 @@
 `--slo-p99-ms`, under the same open-loop load stepping from 25 % to 75 % of capacity and
 back.
 
-    python -m benchmarks.slo --slo-p99-ms 60 --phase-s 40
+    python -m benchmarks.lab.slo --slo-p99-ms 60 --phase-s 40
 
 Capacity is measured first on the server without a target (64 closed-loop clients). Both
 servers then get the same Poisson arrivals (one seed), and the report gives, per phase,
@@ -41,7 +41,7 @@ DEFAULT_SERVER = "--torch-threads 1"
 PHASES = (0.25, 0.75, 0.25)
 """Fractions of capacity, one per phase."""
 WINDOW_S = 2.0
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parents[1] / "results"
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +237,7 @@ def plot(report: dict[str, Any], arms: list[Arm], path: Path) -> None:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.slo", description=__doc__.split("\n\n")[0]
+        prog="python -m benchmarks.lab.slo", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--slo-p99-ms", type=float, required=True, help="the target to hold")
     p.add_argument("--phase-s", type=float, default=40.0, help="seconds of each load step")

@@ -6,7 +6,7 @@
 # (summary.md). --after-args adds flags to the working tree's server only: HEAD against
 # the working tree with --after-args "--workers 2" compares two ways to serve.
 #
-#   bash benchmarks/ab.sh BEFORE [--concurrency 1,64] [--rounds 2] [--duration 20]
+#   bash benchmarks/lab/ab.sh BEFORE [--concurrency 1,64] [--rounds 2] [--duration 20]
 #                                [--out DIR] [--serve-args "--torch-threads 1"]
 #                                [--after-args "--workers 2"]
 set -euo pipefail

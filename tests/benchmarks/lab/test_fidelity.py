@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import fidelity
+from benchmarks.lab import fidelity
 from tests.tiny_models import TEXTS, Kind, save_cross_encoder, save_embedder
 
 pytestmark = pytest.mark.reference

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_bundle.py: what a bundle for a GPU machine without a package index
+"""benchmarks/lab/gpu_bundle.py: what a bundle for a GPU machine without a package index
 holds (the distributions it needs, by this environment's own metadata), and the model's
 round trip: weights rounded to float16 in the bundle, widened to float32 on unpacking."""
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from benchmarks import gpu_bundle
+from benchmarks.lab import gpu_bundle
 
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 ROOTS = ("microbatch[bench]", "pytest-asyncio", "looptime")
@@ -116,7 +116,7 @@ def test_requirements_the_machine_does_not_meet_are_named(tmp_path: Path) -> Non
 
 
 def test_microbatch_s_own_requirements_are_read_from_pyproject() -> None:
-    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    pyproject = Path(__file__).resolve().parents[3] / "pyproject.toml"
     requirements = gpu_bundle.project_requirements(pyproject)
     assert any(r.startswith("fastapi>=") for r in requirements)
     assert any(r.startswith("aiohttp>=") for r in requirements), "the bench extra"

@@ -1,9 +1,9 @@
-"""What `benchmarks/gpu.sh` needs on a GPU machine that cannot reach a package index:
+"""What `benchmarks/lab/gpu.sh` needs on a GPU machine that cannot reach a package index:
 made on a machine that can, carried over, and unpacked there (`gpu.sh --bundle DIR`).
 
-    python -m benchmarks.gpu_bundle make DIR --python-version 3.12 --have have.txt
-    python -m benchmarks.gpu_bundle unpack DIR SITE      # on the GPU machine
-    PYTHONPATH=SITE bash benchmarks/gpu.sh --skip-install   # what --bundle DIR does
+    python -m benchmarks.lab.gpu_bundle make DIR --python-version 3.12 --have have.txt
+    python -m benchmarks.lab.gpu_bundle unpack DIR SITE      # on the GPU machine
+    PYTHONPATH=SITE bash benchmarks/lab/gpu.sh --skip-install   # what --bundle DIR does
 
 `make` writes into DIR:
 
@@ -268,7 +268,7 @@ def size_mb(directory: Path) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.gpu_bundle",
+        prog="python -m benchmarks.lab.gpu_bundle",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"rounding the weights: lowest cosine "
               f"{manifest['model']['min_cosine_to_original']}")  # type: ignore[index]  # fmt: skip
     else:
-        unpack(args.directory, args.site, Path(__file__).resolve().parents[1] / "pyproject.toml")
+        unpack(args.directory, args.site, Path(__file__).resolve().parents[2] / "pyproject.toml")
         print(f"installed into {args.site}: PYTHONPATH={args.site}")
     return 0
 

@@ -1,0 +1,183 @@
+"""A text model that computes nothing: the server's tests run on it, and the lab measures
+the server's own cost with it (`benchmarks.lab.overhead`, `benchmarks.lab.engine_cpu`).
+
+`NullModel` has what the server asks of a model (`server.runtime.ServedModel`) and no
+torch behind it. It embeds in one of two ways:
+
+- read back (the default): a text's ids are its characters' code points, so a forward
+  pass reads its texts back and answers `checksum_embedding` of each, or a label, `long`
+  or `short`: a result handed to the wrong caller shows. Tests hold it back with its
+  gates, poison it, and read what it computed (`batches`, `seen`, `warmed`).
+- fixed (`embedding` given; the lab's studies): every text embeds as that vector, at
+  once, and is tokenized as a real tokenizer counts it (a token per four characters, and
+  two special ones), so that what crosses to an engine process has a real model's size;
+  its ids are all 1, never read back (`seen` and `poison` are unused).
+
+With `packed_outputs` (set in an engine process, as on `batcher.models.TextModel`), an
+embedding is its row's float32 bytes, cut from one array per batch by the function a real
+model uses.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from batcher.models import (
+    DEFAULT_OPTIONS,
+    Classification,
+    Encoded,
+    InvalidOption,
+    Options,
+    Output,
+    Task,
+    Token,
+    TruncationDirection,
+)
+
+
+def checksum_embedding(text: str) -> list[float]:
+    """What the null model answers for `text` when it reads texts back: [length, checksum]."""
+    return [float(len(text)), float(sum(map(ord, text)) % 997)]
+
+
+@dataclass
+class NullModel:
+    """Embeds a text as `checksum_embedding(text)` (or as `embedding`, if given), or
+    classifies it as `long` or `short`, at once.
+
+    `warm_gate` blocks warm-up until it is set; `predict_gate` blocks forward passes
+    (`entered` is set once one has started); `poison` makes any batch holding it raise;
+    `batches` records the size of every forward pass, `seen` every text computed,
+    `warmed` the batch size of every warm-up. The gates start open."""
+
+    task: Task = "embed"
+    name: str = "null"
+    labels: tuple[str, ...] = ("short", "long")
+    max_tokens: int = 256
+    embedding: list[float] | None = None
+    """Every text's embedding, when given; see the module's docstring."""
+    packed_outputs: bool = False
+    warm_gate: threading.Event = field(default_factory=threading.Event)
+    warm_entered: threading.Event = field(default_factory=threading.Event)
+    predict_gate: threading.Event = field(default_factory=threading.Event)
+    entered: threading.Event = field(default_factory=threading.Event)
+    poison: str = "boom"
+    batches: list[int] = field(default_factory=list)
+    warmed: list[int] = field(default_factory=list)
+    seen: list[str] = field(default_factory=list)
+    _row: Any = field(default=None, init=False, repr=False, compare=False)
+    """`embedding` as a [1, D] tensor, for packing."""
+
+    def __post_init__(self) -> None:
+        if self.embedding is not None and self.task != "embed":
+            raise ValueError(f"a fixed embedding needs task 'embed', got task {self.task!r}")
+        self.warm_gate.set()
+        self.predict_gate.set()
+        if self.packed_outputs:
+            self._prepare_packing()
+
+    def encode(
+        self, text: str, pair: str | None = None, options: Options = DEFAULT_OPTIONS
+    ) -> Encoded:
+        if options.prompt_name is not None:
+            raise InvalidOption("prompt_name", "the null model has no prompts")
+        if self.embedding is not None:
+            count = len(text) // 4 + 2
+            return Encoded([1] * min(count, self.max_tokens), truncated=count > self.max_tokens)
+        return Encoded([ord(c) for c in text[: self.max_tokens]], len(text) > self.max_tokens)
+
+    def encode_many(
+        self,
+        texts: Sequence[str],
+        pairs: Sequence[str] | None = None,
+        options: Options = DEFAULT_OPTIONS,
+        truncation_direction: TruncationDirection = "right",
+    ) -> list[Encoded]:
+        return [self.encode(t, None, options) for t in texts]
+
+    def encode_ids(
+        self, sequences: Sequence[Sequence[int]], options: Options = DEFAULT_OPTIONS
+    ) -> list[Encoded]:
+        """Token ids used as they are (code points, where texts are read back)."""
+        limit = self.max_tokens
+        return [Encoded(list(ids[:limit]), truncated=len(ids) > limit) for ids in sequences]
+
+    def tokenize(
+        self, texts: Sequence[str], add_special_tokens: bool = True, prompt_name: str | None = None
+    ) -> list[list[Token]]:
+        if self.embedding is not None:  # one token a text: nothing reads them
+            return [[Token(1, t, False, 0, len(t))] for t in texts]
+        limit = self.max_tokens
+        return [[Token(ord(c), c, False, i, i + 1) for i, c in enumerate(t[:limit])] for t in texts]
+
+    def cost(self, item: Encoded) -> int:
+        return len(item.ids)
+
+    def predict(self, items: Sequence[Encoded]) -> list[Output]:
+        self.entered.set()
+        if not self.predict_gate.wait(timeout=30):
+            raise TimeoutError("the test never released predict_gate")
+        self.batches.append(len(items))
+        if self.embedding is not None:
+            if self.packed_outputs:
+                return self._packed(self._fixed_rows(len(items)))
+            return [self.embedding] * len(items)
+        texts = ["".join(map(chr, item.ids)) for item in items]
+        self.seen.extend(texts)
+        if any(self.poison in t for t in texts):
+            raise ValueError("poisoned batch")
+        if self.task == "embed":
+            vectors: list[Output] = [checksum_embedding(t) for t in texts]
+            if self.packed_outputs:
+                import torch
+
+                return self._packed(torch.tensor(vectors))
+            return vectors
+        out: list[Output] = []
+        for t in texts:
+            p_long = min(len(t) / 20.0, 1.0)
+            label = "long" if p_long > 0.5 else "short"
+            out.append(Classification(label, max(p_long, 1 - p_long), [1 - p_long, p_long]))
+        return out
+
+    def _prepare_packing(self) -> None:
+        """Import torch and make `embedding`'s row now: in the first batch, the import
+        (seconds) would stall the device thread of a run being measured."""
+        import torch
+
+        import batcher.models.heads  # noqa: F401
+
+        if self.embedding is not None and self._row is None:
+            self._row = torch.tensor([self.embedding])
+
+    def _fixed_rows(self, n: int) -> Any:
+        """`embedding` n times, as one [n, D] tensor ("the forward pass's output")."""
+        if self._row is None:
+            self._prepare_packing()
+        return self._row.expand(n, -1)
+
+    def _packed(self, vectors: Any) -> list[Output]:
+        """Each row's float32 bytes, as `TextModel.packed_outputs` gives them."""
+        from batcher.models.heads import finish_embeddings
+
+        n = vectors.shape[0]
+        packed = finish_embeddings(vectors, [None] * n, [False] * n, packed=True)
+        return packed  # type: ignore[return-value]
+
+    def warm_up(
+        self, max_batch_size: int, on_step: Callable[[int, int, str], None] | None = None
+    ) -> None:
+        if on_step is not None:
+            on_step(1, 1, f"batch {max_batch_size}")
+        if self.packed_outputs:
+            self._prepare_packing()
+        self.warm_entered.set()
+        if not self.warm_gate.wait(timeout=30):
+            raise TimeoutError("the test never released warm_gate")
+        self.warmed.append(max_batch_size)
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "task": self.task, "device": "cpu", "labels": list(self.labels)}
