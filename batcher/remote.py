@@ -6,11 +6,10 @@ deadlines, and a caller that goes away cancels its items before they are compute
 The engine batches the items of every connected front-end together, so batches stay as
 deep as with one process, and the queue and its bound are the engine's one queue.
 
-Wire format: frames of a 4-byte big-endian length and a pickled list of messages. Each
-side gathers what it has to send during one turn of its loop into one frame (one
-system call per turn, not one per request): 32 results settled by one batch leave as one
-frame. Pickle is safe here because the socket lives in a directory only this user can
-open (`socket_dir`), and both ends are the same program.
+Beside calls and their replies, either side may push a `Notice` that wants no reply:
+`EngineServer.broadcast` sends one to every front-end (the engine's state, as it
+changes), `RemoteEngine.notify` one to the engine (a front-end's own state). The wire
+itself is `batcher.link`.
 
 Touched only on each process's event-loop thread.
 """
@@ -20,142 +19,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import pickle
-import struct
 import tempfile
-import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 from batcher.engine import Engine
 from batcher.errors import EngineClosed
 from batcher.items import Result
+from batcher.link import (
+    Cancel,
+    Control,
+    ControlOp,
+    Link,
+    Message,
+    Notice,
+    RemoteCause,
+    Reply,
+    Submit,
+    cause_of,
+    portable,
+    read_frame,
+)
 
 InT = TypeVar("InT")
 OutT = TypeVar("OutT")
 
 logger = logging.getLogger("batcher.remote")
-
-_LENGTH = struct.Struct(">I")
-MAX_FRAME_BYTES = 1 << 30
-"""A frame larger than this is a broken peer, not a message."""
-
-ControlOp = Literal["stats", "reconfigure", "call"]
-
-
-@dataclass(frozen=True, slots=True)
-class Submit:
-    """Queue `payloads` (all or none); `timeout_s` from now, on the engine's clock."""
-
-    call: int
-    payloads: Sequence[Any]
-    timeout_s: float | None
-
-    def __reduce__(self) -> tuple[type[Submit], tuple[Any, ...]]:
-        return Submit, (self.call, self.payloads, self.timeout_s)  # see _WIRE
-
-
-@dataclass(frozen=True, slots=True)
-class Cancel:
-    """The caller of `call` went away: its items not yet computed never will be."""
-
-    call: int
-
-    def __reduce__(self) -> tuple[type[Cancel], tuple[Any, ...]]:
-        return Cancel, (self.call,)
-
-
-@dataclass(frozen=True, slots=True)
-class Control:
-    """Ask the engine process something: `stats`, `reconfigure` (args: the changes), or
-    `call` (args: name and its arguments, one of the handlers the server was given)."""
-
-    call: int
-    op: ControlOp
-    args: Mapping[str, Any] = field(default_factory=dict)
-
-    def __reduce__(self) -> tuple[type[Control], tuple[Any, ...]]:
-        return Control, (self.call, self.op, self.args)
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """The outcome of `call`: its value, or the error its caller raises, with what that
-    error's `__cause__` was (`RemoteCause`'s arguments): pickling drops the chain."""
-
-    call: int
-    value: Any = None
-    error: BaseException | None = None
-    cause: tuple[str, str] | None = None
-
-    def __reduce__(self) -> tuple[type[Reply], tuple[Any, ...]]:
-        return Reply, (self.call, self.value, self.error, self.cause)
-
-
-class RemoteCause(Exception):
-    """What an error's `__cause__` was in the engine process (the model's own exception,
-    for InferenceFailed): its repr, and its traceback as text. Set as the error's
-    `__cause__` on the front-end, as ProcessPoolExecutor does, so that a front-end logs
-    what a one-process server logs."""
-
-    def __init__(self, summary: str, traceback_text: str) -> None:
-        super().__init__(summary, traceback_text)
-        self.summary = summary
-        self.traceback_text = traceback_text
-
-    def __repr__(self) -> str:
-        return self.summary
-
-    def __str__(self) -> str:
-        return self.traceback_text
-
-
-Message = Submit | Cancel | Control | Reply
-_WIRE = """Every type that crosses the socket often (these, `Result`, `Encoded`) pickles
-through `__reduce__` as its constructor's arguments: the default for a slotted dataclass
-calls `dataclasses.fields` per object, which was most of the engine process's CPU
-(`python -m benchmarks.engine_cpu --profile`)."""
-
-
-class _Link:
-    """One end of a connection: gathers messages into one frame per loop turn."""
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self._writer = writer
-        self._outbox: list[Message] = []
-        self.frames_sent = 0
-
-    def send(self, message: Message) -> None:
-        if not self._outbox:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._outbox.append(message)
-
-    def _flush(self) -> None:
-        messages, self._outbox = self._outbox, []
-        if self._writer.is_closing():
-            return
-        frame = pickle.dumps(messages, protocol=pickle.HIGHEST_PROTOCOL)
-        self._writer.write(_LENGTH.pack(len(frame)) + frame)
-        self.frames_sent += 1
-
-    async def drain(self) -> None:
-        await self._writer.drain()
-
-    def close(self) -> None:
-        self._writer.close()
-
-
-async def _read_frame(reader: asyncio.StreamReader) -> list[Message] | None:
-    """The next frame's messages, or None when the peer closed the connection."""
-    try:
-        (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
-        if length > MAX_FRAME_BYTES:
-            raise ConnectionError(f"a frame of {length} bytes; the peer is broken")
-        messages: list[Message] = pickle.loads(await reader.readexactly(length))
-    except (asyncio.IncompleteReadError, ConnectionResetError):
-        return None
-    return messages
 
 
 def socket_dir() -> str:
@@ -171,8 +60,10 @@ class EngineServer(Generic[InT, OutT]):
 
     `reconfigure(changes)` applies a change of limits (the server's, which may warm new
     shapes first; default: `engine.reconfigure`); `handlers` are named coroutines a
-    front-end may `call` (the model's description, the metrics text). A front-end whose
-    connection drops has its queued items cancelled, as a client that hangs up does.
+    front-end may `call` (the model's description, the metrics text); `notices` are
+    named functions called with the value of each `Notice` a front-end pushes. A
+    front-end whose connection drops has its queued items cancelled, as a client that
+    hangs up does.
     """
 
     def __init__(
@@ -182,19 +73,27 @@ class EngineServer(Generic[InT, OutT]):
         *,
         reconfigure: Callable[[Mapping[str, object]], Awaitable[object]] | None = None,
         handlers: Mapping[str, Handler] | None = None,
+        notices: Mapping[str, Callable[[Any], None]] | None = None,
     ) -> None:
         self.engine = engine
         self.path = path
         self._reconfigure = reconfigure
         self._handlers = dict(handlers or {})
+        self._notices = dict(notices or {})
         self._server: asyncio.Server | None = None
-        self._connections: dict[asyncio.Task[None], _Link] = {}
+        self._connections: dict[asyncio.Task[None], Link] = {}
         self.connected = 0
         """Front-ends connected now."""
 
     async def start(self) -> None:
         self._server = await asyncio.start_unix_server(self._serve, path=self.path)
         os.chmod(self.path, 0o600)
+
+    def broadcast(self, topic: str, value: Any) -> None:
+        """Push `Notice(topic, value)` to every connected front-end (one pickle each,
+        in the frame of this loop turn)."""
+        for link in self._connections.values():
+            link.send(Notice(topic, value))
 
     async def aclose(self) -> None:
         """Stop accepting connections and close those open (their callers get
@@ -210,12 +109,12 @@ class EngineServer(Generic[InT, OutT]):
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        link = _Link(writer)
+        link = Link(writer)
         self._connections[task] = link
         self.connected += 1
         calls: dict[int, asyncio.Task[None]] = {}
         try:
-            while (messages := await _read_frame(reader)) is not None:
+            while (messages := await read_frame(reader)) is not None:
                 for message in messages:
                     if isinstance(message, Submit):
                         work = self._submit(message)
@@ -227,6 +126,10 @@ class EngineServer(Generic[InT, OutT]):
                     elif isinstance(message, Control):
                         work = self._control(message)
                         calls[message.call] = self._start(message.call, work, link, calls)
+                    elif isinstance(message, Notice):
+                        hear = self._notices.get(message.topic)
+                        if hear is not None:
+                            hear(message.value)
                 await link.drain()  # back-pressure: a slow reader slows its own writes
         finally:
             # The front-end went away (or we are closing): nobody waits for these.
@@ -238,12 +141,12 @@ class EngineServer(Generic[InT, OutT]):
             link.close()
 
     def _start(
-        self, call: int, work: Awaitable[Any], link: _Link, calls: dict[int, asyncio.Task[None]]
+        self, call: int, work: Awaitable[Any], link: Link, calls: dict[int, asyncio.Task[None]]
     ) -> asyncio.Task[None]:
         return asyncio.get_running_loop().create_task(self._answer(call, work, link, calls))
 
     async def _answer(
-        self, call: int, work: Awaitable[Any], link: _Link, calls: dict[int, asyncio.Task[None]]
+        self, call: int, work: Awaitable[Any], link: Link, calls: dict[int, asyncio.Task[None]]
     ) -> None:
         """Await `work` and send its value or its error as `call`'s reply."""
         try:
@@ -251,7 +154,7 @@ class EngineServer(Generic[InT, OutT]):
         except asyncio.CancelledError:
             raise  # the caller went away: it waits for no reply
         except Exception as exc:
-            link.send(Reply(call, error=_portable(exc), cause=_cause_of(exc)))
+            link.send(Reply(call, error=portable(exc), cause=cause_of(exc)))
         else:
             link.send(Reply(call, value))
         finally:
@@ -278,24 +181,6 @@ class EngineServer(Generic[InT, OutT]):
         return await handler(*message.args.get("args", ()))
 
 
-def _portable(exc: BaseException) -> BaseException:
-    """`exc` if it survives pickling, else a RuntimeError with its message: the reply
-    must reach the caller whatever it holds."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-    except Exception:
-        return RuntimeError(f"{type(exc).__name__}: {exc}")
-    exc.__traceback__ = None
-    return exc
-
-
-def _cause_of(exc: BaseException) -> tuple[str, str] | None:
-    cause = exc.__cause__
-    if cause is None:
-        return None
-    return repr(cause), "".join(traceback.format_exception(cause))
-
-
 class RemoteEngine(Generic[InT, OutT]):
     """A front-end's handle on the engine of another process (`EngineServer`).
 
@@ -310,13 +195,16 @@ class RemoteEngine(Generic[InT, OutT]):
         *,
         clock: Callable[[], float] | None = None,
         unpack: Callable[[Any], OutT] | None = None,
+        on_notice: Callable[[str, Any], None] | None = None,
     ) -> None:
         """`unpack` turns each output as it crossed the socket into what callers get
-        (see `batcher.models.wire`: models in an engine process pack embeddings)."""
+        (see `batcher.models.wire`: models in an engine process pack embeddings);
+        `on_notice(topic, value)` hears each `Notice` the engine pushes."""
         self.path = path
         self._unpack = unpack
+        self._on_notice = on_notice
         self._clock = clock
-        self._link: _Link | None = None
+        self._link: Link | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._next_call = 0
@@ -330,7 +218,7 @@ class RemoteEngine(Generic[InT, OutT]):
 
     async def connect(self) -> None:
         reader, writer = await asyncio.open_unix_connection(self.path)
-        self._link = _Link(writer)
+        self._link = Link(writer)
         self.connected = True
         self._reader_task = asyncio.create_task(self._read(reader), name="microbatch-remote")
 
@@ -345,9 +233,13 @@ class RemoteEngine(Generic[InT, OutT]):
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
-            while (messages := await _read_frame(reader)) is not None:
+            while (messages := await read_frame(reader)) is not None:
                 for reply in messages:
-                    assert isinstance(reply, Reply), "the engine sends replies only"
+                    if isinstance(reply, Notice):
+                        if self._on_notice is not None:
+                            self._on_notice(reply.topic, reply.value)
+                        continue
+                    assert isinstance(reply, Reply), "the engine sends replies and notices"
                     future = self._waiting.pop(reply.call, None)
                     if future is None or future.done():
                         continue  # its caller went away
@@ -427,6 +319,11 @@ class RemoteEngine(Generic[InT, OutT]):
         if self._idle is None:
             self._idle = asyncio.Event()
         await self._idle.wait()
+
+    def notify(self, topic: str, value: Any) -> None:
+        """Push `Notice(topic, value)` to the engine process; nothing if not connected."""
+        if self.connected and self._link is not None:
+            self._link.send(Notice(topic, value))
 
     async def control(self, op: ControlOp, *, timeout_s: float | None = None, **args: Any) -> Any:
         """`stats`, `reconfigure` (changes as keywords; returns the new stats), or

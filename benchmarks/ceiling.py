@@ -99,7 +99,9 @@ def _speed(model: Any, texts: list[str], batch_sizes: list[int], dtype: str) -> 
             started = time.perf_counter()
             for i in range(0, len(chosen), size):
                 t0 = time.perf_counter()
-                model.predict([model.encode(t) for t in chosen[i : i + size]])  # tokenize included
+                model.predict(
+                    [model.encoder.encode(t) for t in chosen[i : i + size]]
+                )  # tokenize included
                 timings.append(time.perf_counter() - t0)
             elapsed = time.perf_counter() - started
             ms = np.array(timings) * 1000
@@ -121,7 +123,7 @@ def _vectors(model: Any, texts: list[str], batch: int = 32) -> np.ndarray:
     raw = Options(normalize=False)
     for start in range(0, len(order), batch):
         chunk = order[start : start + batch]
-        out[chunk] = model.predict([model.encode(texts[i], options=raw) for i in chunk])
+        out[chunk] = model.predict([model.encoder.encode(texts[i], options=raw) for i in chunk])
     return out
 
 

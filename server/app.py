@@ -7,7 +7,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
@@ -18,13 +18,16 @@ from starlette.staticfiles import StaticFiles
 from server import errors
 from server.access import AccessMiddleware, TokenBuckets
 from server.admission import queue_gate
+from server.client import EngineClient, RemoteClient
 from server.fastlane import FastLane, LaneApp
-from server.frontend import FrontEnd
 from server.middleware import RequestContextMiddleware
 from server.routes import fast_lane_routes, router
-from server.runtime import LocalRuntime, Runtime, ServedModel
+from server.runtime import Runtime, tune_gc
 from server.settings import Settings
 from server.timeline import MAX_LATENCIES
+
+if TYPE_CHECKING:
+    from server.host import ServedModel
 
 
 def _version() -> str:
@@ -42,9 +45,9 @@ def create_app(
     """The ASGI app. `model` replaces the model that `settings` names (tests pass fakes;
     a sequence is one replica each). With `engine_path`, the app is a front-end of the
     engine process serving that socket (`microbatch serve --workers N`, see
-    `server.workers`): it tokenizes with the model loaded without its weights (or with `model`),
-    and `/metrics` adds every front-end's counters from the directory
-    prometheus_client's multiprocess mode writes to.
+    `server.workers`): it imports neither torch nor transformers, encodes with the
+    encoder the engine process sends it, and `/metrics` adds every front-end's counters
+    from the directory prometheus_client's multiprocess mode writes to.
 
     Startup loads the model (a load error fails startup), then warms it in the
     background: `/health` answers at once, `/ready` turns 200 once warm. Shutdown
@@ -58,15 +61,19 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        runtime: Runtime
+        client: EngineClient
         if engine_path is not None:
             metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-            tokenizer = model if model is None or not isinstance(model, Sequence) else model[0]
-            runtime = await FrontEnd.connect(
-                settings, registry, engine_path, latencies, metrics_dir, tokenizer
+            client = RemoteClient.start(
+                engine_path, registry, latencies, metrics_dir, settings.drain_timeout_s
             )
+            tune_gc()  # as the engine process does once warm: what is loaded now lives on
         else:
-            runtime = await LocalRuntime.load(settings, registry, model, latencies)
+            # Only here: the engine side, which imports torch (a front-end never does).
+            from server.host import EngineHost, LocalClient
+
+            client = LocalClient(await EngineHost.load(settings, registry, model, latencies))
+        runtime = Runtime(settings, client, registry)
         app.state.runtime = runtime  # for `microbatch serve`'s signal handler
         try:
             yield {"runtime": runtime}

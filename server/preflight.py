@@ -29,7 +29,9 @@ def port_problem(host: str, port: int) -> str | None:
 
 def problems(settings: Settings) -> list[str]:
     """Every reason the server cannot start with `settings`, found without loading the
-    model. Checks the port first: it is the cheapest, and needs no torch."""
+    model. Checks the port first: it is the cheapest, and needs no torch. With
+    `--workers N` the devices are checked by the engine process (`device_problems`), so
+    that the supervisor never imports torch."""
     found = []
     if (problem := port_problem(settings.host, settings.port)) is not None:
         found.append(problem)
@@ -40,17 +42,29 @@ def problems(settings: Settings) -> list[str]:
         )
     if settings.devices is not None and settings.device != "auto":
         found.append("--devices replaces --device: give one of them")
-    from batcher.models import device_problem, source_problem
+    if settings.workers == 1:
+        found += device_problems(settings)
+    from batcher.models import source_problem
 
+    if (problem := source_problem(settings.model)) is not None:
+        found.append(f"--model: {problem}")
+    return found
+
+
+def device_problems(settings: Settings) -> list[str]:
+    """Why the devices `settings` names cannot be used on this machine (imports torch,
+    unless every device is `auto`)."""
     try:
         devices = settings.device_list()
     except ValueError as exc:
-        found.append(str(exc))
-        devices = []
+        return [str(exc)]
     flag = "--device" if settings.devices is None else "--devices"
+    found = []
     for device in dict.fromkeys(devices):
+        if device == "auto":
+            continue
+        from batcher.models import device_problem
+
         if (problem := device_problem(device)) is not None:
             found.append(f"{flag} {problem}")
-    if (problem := source_problem(settings.model)) is not None:
-        found.append(f"--model: {problem}")
     return found

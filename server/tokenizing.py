@@ -27,12 +27,8 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from batcher.models import DEFAULT_OPTIONS, Encoded, Options, Token, TruncationDirection
-
-if TYPE_CHECKING:
-    from server.runtime import ServedModel
+from batcher.models import DEFAULT_OPTIONS, Encoded, Encoder, Options, Token, TruncationDirection
 
 logger = logging.getLogger("microbatch.server")
 
@@ -40,7 +36,7 @@ INLINE_CHARS = 256
 """A request of at most this many characters that finds the tokenizer thread idle is
 tokenized on the loop at once (tens of microseconds): the hand-off to the thread and
 back costs more than that, and nothing else is waiting for the thread to batch with.
-Measured with the null model of benchmarks/overhead.py, always handing off cost 16 % of
+Measured with the null model of benchmarks/lab/overhead.py, always handing off cost 16 % of
 req/s at one client and 8 % at 64; under load the thread is busy, so requests gather."""
 
 FRONT_END_INLINE_CHARS = 1024
@@ -48,7 +44,7 @@ FRONT_END_INLINE_CHARS = 1024
 tokenizer on the 2-core machine of benchmarks/results/, against 0.1 ms at 256
 characters. A quarter of the built-in benchmark corpus is over 256 characters; with the
 hand-off for those, the tokenizer thread took 16 % of a front-end's CPU at 64 clients
-(py-spy, benchmarks/overhead.py's null model)."""
+(py-spy, benchmarks/lab/overhead.py's null model)."""
 
 Kind = tuple[Options, bool, TruncationDirection]
 """What requests must share to be tokenized in one call: options, paired, side."""
@@ -71,7 +67,7 @@ class _Outcome:
     calls: list[_Call] = field(default_factory=list)
 
 
-def _encode_kinds(model: ServedModel, calls: list[_Call]) -> list[_Outcome]:
+def _encode_kinds(encoder: Encoder, calls: list[_Call]) -> list[_Outcome]:
     """On the tokenizer thread: one `encode_many` per kind of call, in arrival order."""
     groups: dict[Kind, list[_Call]] = {}
     for call in calls:
@@ -82,7 +78,7 @@ def _encode_kinds(model: ServedModel, calls: list[_Call]) -> list[_Outcome]:
         pairs = [p for call in group for p in call.pairs or ()] if paired else None
         outcome = _Outcome(calls=group)
         try:
-            outcome.encoded = model.encode_many(texts, pairs, options, direction)
+            outcome.encoded = encoder.encode_many(texts, pairs, options, direction)
         except Exception as exc:  # InvalidOption (the same for the whole group), or a bug
             outcome.error = exc
         outcomes.append(outcome)
@@ -96,9 +92,9 @@ class Tokenizer:
     `close` stops the thread."""
 
     def __init__(
-        self, model: ServedModel, *, inline_chars: int = INLINE_CHARS, gather_short: bool = True
+        self, encoder: Encoder, *, inline_chars: int = INLINE_CHARS, gather_short: bool = True
     ) -> None:
-        self._model = model
+        self._encoder = encoder
         self._inline_chars = inline_chars
         self._gather_short = gather_short
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="microbatch-tokenizer")
@@ -116,12 +112,12 @@ class Tokenizer:
         options: Options = DEFAULT_OPTIONS,
         truncation_direction: TruncationDirection = "right",
     ) -> list[Encoded]:
-        """`model.encode_many(texts, pairs, options, truncation_direction)`, batched with
+        """`encoder.encode_many(texts, pairs, options, truncation_direction)`, batched with
         the calls of other requests. Raises what it raises (InvalidOption)."""
         chars = sum(map(len, texts)) + sum(map(len, pairs or ()))
         if chars <= self._inline_chars and (self._running is None or not self._gather_short):
             self.inline += 1
-            return self._model.encode_many(texts, pairs, options, truncation_direction)
+            return self._encoder.encode_many(texts, pairs, options, truncation_direction)
         loop = asyncio.get_running_loop()
         kind = (options, pairs is not None, truncation_direction)
         call = _Call(kind, texts, pairs, loop.create_future())
@@ -137,7 +133,7 @@ class Tokenizer:
                 calls, self._waiting = self._waiting, []
                 try:
                     outcomes = await loop.run_in_executor(
-                        self._thread, _encode_kinds, self._model, calls
+                        self._thread, _encode_kinds, self._encoder, calls
                     )
                 except BaseException as exc:
                     for call in calls:
@@ -159,9 +155,9 @@ class Tokenizer:
     async def tokenize(
         self, texts: Sequence[str], add_special_tokens: bool, prompt_name: str | None
     ) -> list[list[Token]]:
-        """`model.tokenize` on the tokenizer thread (TEI's /tokenize)."""
+        """`encoder.tokenize` on the tokenizer thread (TEI's /tokenize)."""
         loop = asyncio.get_running_loop()
-        tokenize = self._model.tokenize
+        tokenize = self._encoder.tokenize
         return await loop.run_in_executor(
             self._thread, tokenize, texts, add_special_tokens, prompt_name
         )

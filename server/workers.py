@@ -1,10 +1,12 @@
 """`microbatch serve --workers N`: N front-end processes and one engine process.
 
     supervisor (this process): binds the port, starts the others, watches them
-      |-- engine process: the model on its devices, warm-up, the one queue and its
-      |     batching (`LocalRuntime`), served on a Unix socket (`batcher.remote`)
+      |-- engine process (`server.engine_process`): the model on its devices, warm-up,
+      |     the one queue and its batching (`server.host.EngineHost`), served on a Unix
+      |     socket (`batcher.remote`)
       |-- front-end 1..N: uvicorn on the shared listening socket, each the whole app on
-            a `server.frontend.FrontEnd`: HTTP, validation, tokenization, replies
+            a `server.client.RemoteClient`: HTTP, validation, tokenization, replies; no
+            torch, no transformers
 
 - The engine batches the items of every front-end together: one bounded queue, its
   429s and deadlines, `PATCH /admin/batching` (applied in the engine, so every
@@ -27,7 +29,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import logging
@@ -40,15 +41,12 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING, Any
 
+from server import engine_process
+from server.children import child_setup
 from server.settings import Settings
-
-if TYPE_CHECKING:
-    from server.runtime import ServedModel
 
 logger = logging.getLogger("microbatch.server")
 
@@ -118,115 +116,13 @@ def remove_stale_run_dirs(parent: str | None = None) -> int:
     return removed
 
 
-def _child_setup(settings: Settings) -> None:
-    """In a child process: its own process group (Ctrl-C goes to the supervisor only)
-    and the server's logging."""
-    os.setpgid(0, 0)
-    from batcher.models import disable_progress_bars
-    from server import logs
-
-    logs.configure(settings.log_level, settings.log_format)
-    disable_progress_bars()
-
-
-def _run(main: Callable[[], Any]) -> None:
-    try:
-        import uvloop
-    except ImportError:  # not on Windows
-        asyncio.run(main())
-    else:
-        uvloop.run(main())
-
-
-# The engine process.
-
-
-def run_engine(
-    settings: Settings, path: str, supervisor: int, model: ServedModel | None = None
-) -> None:
-    """The engine process's entry point: serve the engine on `path` until SIGTERM, or
-    until the process `supervisor` is gone. `model` replaces the one `settings` names
-    (the null model of `benchmarks.overhead`)."""
-    # A SIGTERM (or SIGINT) during the model's load is kept, and honoured once the loop runs.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda signum, frame: _EARLY_STOP.set())
-    _child_setup(settings)
-    _run(lambda: _serve_engine(settings, path, supervisor, model))
-
-
-_EARLY_STOP = threading.Event()
-
-
-async def _serve_engine(
-    settings: Settings, path: str, supervisor: int, model: ServedModel | None
-) -> None:
-    from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-
-    from batcher import EngineServer
-    from server.frontend import report_of
-    from server.runtime import LocalRuntime, Status
-    from server.timeline import MAX_LATENCIES, Recent
-
-    registry = CollectorRegistry()
-    ProcessCollector(registry=registry)
-    latencies: deque[float] = deque(maxlen=MAX_LATENCIES)
-    runtime = await LocalRuntime.load(settings, registry, model, latencies)
-    registry.unregister(runtime.disconnects)  # the front-ends count their own
-    for replica in runtime.models:
-        if hasattr(replica, "packed_outputs"):  # a TextModel: embeddings as float32 bytes
-            replica.packed_outputs = True
-    front_ends: dict[int, tuple[Status, float]] = {}
-
-    async def report(pid: int, status: Status, waited: list[float]) -> object:
-        front_ends[pid] = (status, time.monotonic())
-        latencies.extend(waited)
-        return report_of(runtime, front_ends, settings.workers)
-
-    async def recent(since: float) -> Recent:
-        return await runtime.recent(since)
-
-    async def metrics() -> bytes:
-        return generate_latest(registry)
-
-    server = EngineServer(
-        runtime.engine,
-        path,
-        reconfigure=runtime.reconfigure,
-        handlers={"report": report, "recent": recent, "metrics": metrics},
-    )
-    await server.start()
-    logger.info("engine process %d serving on its socket", os.getpid())
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):  # either: drain, then stop
-        loop.add_signal_handler(signum, stop.set)
-    if _EARLY_STOP.is_set():
-        stop.set()
-    watch = asyncio.create_task(_watch_parent(supervisor, stop))
-    await stop.wait()
-    watch.cancel()
-    try:
-        await runtime.aclose()  # drains: every item still queued is computed and answered
-    finally:
-        await server.aclose()
-    logger.info("engine process %d stopped", os.getpid())
-
-
-async def _watch_parent(supervisor: int, stop: asyncio.Event) -> None:
-    # No event says so (a child is told nothing when its parent dies): poll.
-    while os.getppid() == supervisor:  # noqa: ASYNC110
-        await asyncio.sleep(1.0)
-    logger.error("the supervisor process went away; stopping")
-    stop.set()
-
-
 # A front-end process.
 
 
 def run_front_end(settings: Settings, path: str, sockets: list[socket.socket]) -> None:
     """A front-end's entry point: uvicorn on the shared sockets, the app on `path`'s
     engine, until SIGTERM (then it drains, see `server.draining`)."""
-    _child_setup(settings)
+    child_setup(settings)
     from server import logs
     from server.app import create_app
     from server.draining import DrainingServer
@@ -301,7 +197,7 @@ class Supervisor:
         # environment says; the front-ends' go to this run's directory.
         os.environ.pop(METRICS_DIR_VARIABLE, None)
         self.engine = self._context.Process(
-            target=run_engine,
+            target=engine_process.run,
             args=(settings, self.path, os.getpid()),
             name="microbatch-engine",
         )

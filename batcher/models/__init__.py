@@ -42,6 +42,19 @@ if TYPE_CHECKING:
         device_problem,
         set_threads,
     )
+    from batcher.models.encoder import (
+        DEFAULT_OPTIONS,
+        Classification,
+        Encoded,
+        Encoder,
+        EncoderSpec,
+        InvalidOption,
+        Options,
+        Output,
+        TextEncoder,
+        Token,
+        TruncationDirection,
+    )
     from batcher.models.errors import (
         ModelLoadError,
     )
@@ -55,15 +68,7 @@ if TYPE_CHECKING:
         cuda_devices,
     )
     from batcher.models.text import (
-        DEFAULT_OPTIONS,
-        Classification,
-        Encoded,
-        InvalidOption,
-        Options,
-        Output,
         TextModel,
-        Token,
-        TruncationDirection,
     )
 
 _LAZY = {
@@ -85,15 +90,18 @@ _LAZY = {
     "Loaded": "batcher.models.loading",
     "disable_progress_bars": "batcher.models.loading",
     "load": "batcher.models.loading",
-    "Classification": "batcher.models.text",
-    "DEFAULT_OPTIONS": "batcher.models.text",
-    "Encoded": "batcher.models.text",
-    "InvalidOption": "batcher.models.text",
-    "Options": "batcher.models.text",
-    "Output": "batcher.models.text",
+    "Classification": "batcher.models.encoder",
+    "DEFAULT_OPTIONS": "batcher.models.encoder",
+    "Encoded": "batcher.models.encoder",
+    "InvalidOption": "batcher.models.encoder",
+    "Options": "batcher.models.encoder",
+    "Output": "batcher.models.encoder",
     "TextModel": "batcher.models.text",
-    "Token": "batcher.models.text",
-    "TruncationDirection": "batcher.models.text",
+    "Encoder": "batcher.models.encoder",
+    "EncoderSpec": "batcher.models.encoder",
+    "TextEncoder": "batcher.models.encoder",
+    "Token": "batcher.models.encoder",
+    "TruncationDirection": "batcher.models.encoder",
     "unpack_output": "batcher.models.wire",
 }
 
@@ -120,6 +128,9 @@ __all__ = [
     "DtypeOption",
     "DEFAULT_MIN_ACCURACY",
     "Encoded",
+    "Encoder",
+    "EncoderSpec",
+    "TextEncoder",
     "InvalidOption",
     "LoadOptions",
     "Loaded",

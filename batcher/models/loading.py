@@ -226,14 +226,10 @@ def load(options: LoadOptions) -> Loaded:
             where, subfolder=subfolder, trust_remote_code=remote
         )
         auto = AutoModel if task == "embed" else AutoModelForSequenceClassification
-        if options.weights:
-            model = auto.from_pretrained(
-                where, subfolder=subfolder, use_safetensors=True, trust_remote_code=remote,
-                dtype=dtype,
-            )  # fmt: skip
-        else:
-            with torch.device("meta"):  # the modules' shapes, no storage
-                model = auto.from_config(config, trust_remote_code=remote)  # type: ignore[no-untyped-call]
+        model = auto.from_pretrained(
+            where, subfolder=subfolder, use_safetensors=True, trust_remote_code=remote,
+            dtype=dtype,
+        )  # fmt: skip
     except ModelLoadError:
         raise
     except (OSError, ValueError, ImportError) as exc:
@@ -245,8 +241,7 @@ def load(options: LoadOptions) -> Loaded:
     if description.do_lower_case:
         _lower_case(tokenizer)
     model.eval().requires_grad_(False)
-    if options.weights:
-        model.to(device)
+    model.to(device)
     name = DEFAULT_HUB_ID if source == default_source() else source
     max_tokens = _max_tokens(description, tokenizer, config, options.max_tokens)
     if task == "embed":

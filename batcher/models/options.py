@@ -43,9 +43,6 @@ class LoadOptions:
     compile_mode: CompileMode = "default"
     collate_ahead: CollateAhead = "auto"
     """Prepare a batch on the host while the one before computes: `auto` on CUDA only."""
-    weights: bool = True
-    """False: the model is built on the meta device, without its weights (no memory): a
-    model that only tokenizes, for a front-end process of `microbatch serve --workers`."""
     max_tokens: int | None = None
     trust_remote_code: bool = False
 

@@ -1,6 +1,6 @@
-"""Text models behind the engine: tokenize one input (or text pair) under its request's
-options, collate a batch into padded tensors, run one forward pass, and split the outputs
-back, finished per item (`batcher.models.heads`), once per batch."""
+"""Text models behind the engine: collate a batch of token ids (`Encoded`, made by the
+model's `TextEncoder` on the HTTP side) into padded tensors, run one forward pass, and
+split the outputs back, finished per item (`batcher.models.heads`), once per batch."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -18,108 +18,25 @@ import torch
 from batcher.errors import DeviceOutOfMemory
 from batcher.models.compiling import CompileState, compile_forward, graphs_compiled
 from batcher.models.description import Dense
+from batcher.models.encoder import (
+    Classification,
+    Encoded,
+    EncoderSpec,
+    Output,
+    TextEncoder,
+)
 from batcher.models.heads import EmbeddingHead, finish_embeddings
 from batcher.models.loading import Loaded, load
 from batcher.models.options import CompileMode, LoadOptions, Task
-from batcher.models.precision import PROBE_TEXTS, Precision, judge
+from batcher.models.precision import Precision, judge
+from batcher.models.probe import PROBE_TEXTS
 from batcher.padding import bucket_length
 
 logger = logging.getLogger("batcher.models")
 
 
-@dataclass(frozen=True, slots=True)
-class Options:
-    """One request's choices about its outputs; None means "as the model declares"."""
-
-    normalize: bool | None = None
-    """embed: L2-normalise (default: whether the model ends with a Normalize module)."""
-    prompt_name: str | None = None
-    """embed: one of the model's prompts (default: its `default_prompt_name`, if any)."""
-    prompt: str | None = None
-    """embed: a prompt of the caller's own, put before the text."""
-    dimensions: int | None = None
-    """embed: keep the first N values (Matryoshka), then normalise if normalising."""
-    raw_scores: bool = False
-    """classify/rerank: the logits, without the head's activation."""
-
-
-DEFAULT_OPTIONS = Options()
-
-
-class InvalidOption(ValueError):
-    """An option the model cannot honour; `field` names it, the message says what is
-    allowed."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-@dataclass(frozen=True, slots=True)
-class Encoded:
-    """One tokenized input: token ids with special tokens, truncated to the model's limit,
-    and what its output must look like."""
-
-    ids: list[int]
-    truncated: bool
-    type_ids: list[int] | None = None
-    """Segment ids (0 for the text, 1 for its pair), for models that take them."""
-    prompt_tokens: int = 0
-    """Leading tokens (the prompt) that the model leaves out of its pooling."""
-    dimensions: int | None = None
-    normalize: bool = False
-    raw_scores: bool = False
-
-    def __reduce__(self) -> tuple[type[Encoded], tuple[object, ...]]:
-        # Fast pickling to an engine process (batcher.remote): the constructor's arguments.
-        return Encoded, (self.ids, self.truncated, self.type_ids, self.prompt_tokens,
-                         self.dimensions, self.normalize, self.raw_scores)  # fmt: skip
-
-
-@dataclass(frozen=True, slots=True)
-class Classification:
-    label: str
-    """The label with the highest score."""
-    score: float
-    scores: list[float]
-    """Every label's score (probability, or logit with `raw_scores`), in the order of
-    `TextModel.labels`."""
-
-
-Output = list[float] | Classification
-TruncationDirection = Literal["right", "left"]
 WarmStep = Callable[[int, int, str], None]
 """Told of each warm-up shape before it runs: (step, steps, what)."""
-
-CUT_CHARS_PER_TOKEN = 8
-"""A single text longer than `max_tokens` x this many characters is cut, at a space,
-before it is tokenized: the tokenizer's cost grows with the whole text, not with the
-tokens kept. If the cut text no longer overflows the limit, the whole text is tokenized
-after all, so the ids are always those of the whole text truncated."""
-
-
-@dataclass(frozen=True, slots=True)
-class Token:
-    """One token of a tokenized text, as TEI's `/tokenize` shows it."""
-
-    id: int
-    text: str
-    """The characters of the input it covers; a special token's own text ([CLS])."""
-    special: bool
-    start: int | None
-    """Character offsets in the input; None for special tokens."""
-    stop: int | None
-
-
-def _cut_at_space(text: str, chars: int, direction: TruncationDirection) -> str:
-    """The first (or, cutting from the left, the last) `chars` characters of `text`,
-    ending (starting) at a space when there is one in the second half of the piece."""
-    if direction == "right":
-        space = text.rfind(" ", chars // 2, chars)
-        return text[: space if space > 0 else chars]
-    start = len(text) - chars
-    space = text.find(" ", start, start + chars // 2)
-    return text[space + 1 if space >= 0 else start :]
 
 
 Inputs = dict[str, torch.Tensor]
@@ -167,11 +84,29 @@ def _takes_type_ids(loaded: Loaded) -> bool:
     return "token_type_ids" in accepts and "token_type_ids" in names
 
 
-class TextModel:
-    """A loaded text model that implements `batcher.Model[Encoded, Output]`.
+def encoder_spec(loaded: Loaded) -> EncoderSpec:
+    """What the HTTP side needs to encode inputs for `loaded`, as plain data."""
+    description = loaded.description
+    pooling = description.pooling
+    return EncoderSpec(
+        name=loaded.name,
+        task=loaded.task,
+        tokenizer_json=loaded.tokenizer.backend_tokenizer.to_str(),
+        max_tokens=loaded.max_tokens,
+        labels=loaded.labels,
+        type_ids=_takes_type_ids(loaded),
+        special_ids=frozenset(getattr(loaded.tokenizer, "all_special_ids", ())),
+        normalize=description.normalize,
+        prompts=dict(description.prompts),
+        default_prompt=description.default_prompt,
+        prompt_pooled=pooling is None or pooling.include_prompt,
+        dimension=description.embedding_dimension if loaded.task == "embed" else None,
+    )
 
-    `encode` is cheap and runs at submit; `predict` runs on the device worker thread.
-    """
+
+class TextModel:
+    """A loaded text model that implements `batcher.Model[Encoded, Output]`: `predict`
+    runs on the device worker thread. Its `encoder` turns inputs into `Encoded` items."""
 
     def __init__(
         self,
@@ -189,20 +124,11 @@ class TextModel:
         self.device = loaded.device
         self.description = loaded.description
         self.dimension = loaded.description.embedding_dimension if self.task == "embed" else None
-        self._tokenizer = loaded.tokenizer.backend_tokenizer
-        self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(max_length=loaded.max_tokens)
-        self._left_tokenizer: Any = None
-        self._cut_chars: int | None = loaded.max_tokens * CUT_CHARS_PER_TOKEN
-        self._cut_chars = self._cut_chars if self._cutting_is_exact() else None
-        self._special_ids = set(getattr(loaded.tokenizer, "all_special_ids", ()))
-        self.vocab_size = int(self._tokenizer.get_vocab_size(with_added_tokens=True))
+        self.encoder = TextEncoder(encoder_spec(loaded))
+        """The model's tokenizer and input rules; the HTTP side's copy of it encodes requests."""
         self._pad_id = int(loaded.tokenizer.pad_token_id or 0)
-        self._type_ids = _takes_type_ids(loaded)
-        pooling = loaded.description.pooling
-        self._prompt_pooled = pooling is None or pooling.include_prompt
-        self._prompt_tokens: dict[str, int] = {}
-        self._normalize = loaded.description.normalize
+        self._type_ids = self.encoder.spec.type_ids
+        self._prompt_pooled = self.encoder.spec.prompt_pooled
         self._eager: Forward = _forward_of(loaded)
         self._forward: Forward = self._eager
         self.compile_state = CompileState(requested=compile, mode=compile_mode)
@@ -260,8 +186,8 @@ class TextModel:
     def _probe_items(self) -> list[Encoded]:
         texts = list(PROBE_TEXTS)
         if self.task == "rerank":
-            return self.encode_many(texts, texts[1:] + texts[:1])
-        return self.encode_many(texts)
+            return self.encoder.encode_many(texts, texts[1:] + texts[:1])
+        return self.encoder.encode_many(texts)
 
     def _outputs(self, forward: Forward, items: Sequence[Encoded], chunk: int = 8) -> torch.Tensor:
         """`forward`'s raw outputs (pooled vectors, logits) for `items`, in float32."""
@@ -273,189 +199,6 @@ class TextModel:
         return torch.cat(outputs)
 
     # -- on the event loop ---------------------------------------------------------------
-
-    def encode(
-        self, text: str, pair: str | None = None, options: Options = DEFAULT_OPTIONS
-    ) -> Encoded:
-        """Tokenize one input (a text, or a text pair for classify/rerank) under
-        `options`. Raises InvalidOption."""
-        simple = options == DEFAULT_OPTIONS and pair is None and not self.description.default_prompt
-        if simple and (self._cut_chars is None or len(text) <= self._cut_chars):
-            encoding = self._tokenizer.encode(text)  # the common case, without the checks
-            return Encoded(encoding.ids, bool(encoding.overflowing), normalize=self._normalize)
-        return self.encode_many([text], None if pair is None else [pair], options)[0]
-
-    def encode_many(
-        self,
-        texts: Sequence[str],
-        pairs: Sequence[str] | None = None,
-        options: Options = DEFAULT_OPTIONS,
-        truncation_direction: TruncationDirection = "right",
-    ) -> list[Encoded]:
-        """`encode` for several inputs in one call of the Rust tokenizer. An input over
-        the limit loses its end (or, with `truncation_direction="left"`, its start)."""
-        prompt, fields = self._resolve(options, pairs is not None)
-        tokenizer = self._tokenizer if truncation_direction == "right" else self._left()
-        if pairs is not None:
-            encodings = tokenizer.encode_batch(list(zip(texts, pairs, strict=True)))
-        elif prompt:
-            encodings = self._cut_and_encode(tokenizer, [prompt + t for t in texts],
-                                             truncation_direction)  # fmt: skip
-        else:
-            encodings = self._cut_and_encode(tokenizer, list(texts), truncation_direction)
-        prompt_tokens = 0 if self._prompt_pooled or not prompt else self._prompt_length(prompt)
-        return [
-            Encoded(
-                e.ids,
-                bool(e.overflowing),
-                type_ids=e.type_ids if self._type_ids else None,
-                prompt_tokens=prompt_tokens,
-                **fields,
-            )
-            for e in encodings
-        ]
-
-    def _cutting_is_exact(self) -> bool:
-        """Whether cutting long texts at a space gives the same ids as tokenizing them
-        whole, for this tokenizer (true of whitespace-splitting ones such as WordPiece,
-        byte-level BPE and Metaspace); checked once, at load, on long probe texts."""
-        probe = " ".join(PROBE_TEXTS) + " "
-        cut = self._cut_chars
-        assert cut is not None
-        texts = [(probe * (2 + cut // len(probe)))[: cut * 3 // 2 + shift] for shift in range(3)]
-        right, left = self._tokenizer, self._left()
-        sides: tuple[tuple[Any, TruncationDirection], ...] = ((right, "right"), (left, "left"))
-        for text in texts:
-            for tokenizer, direction in sides:
-                whole = tokenizer.encode(text).ids
-                [kept] = self._cut_and_encode(tokenizer, [text], direction)
-                if kept.ids != whole:
-                    logger.info("tokenizing long texts whole: cutting changes this tokenizer's ids")
-                    return False
-        return True
-
-    def _cut_and_encode(
-        self, tokenizer: Any, texts: list[str], direction: TruncationDirection
-    ) -> list[Any]:
-        """`tokenizer.encode_batch(texts)`, with texts over the cut length cut first (see
-        CUT_CHARS_PER_TOKEN); those whose cut no longer overflows are tokenized whole."""
-        cut = self._cut_chars
-        if cut is None or all(len(t) <= cut for t in texts):
-            return list(tokenizer.encode_batch(texts))
-        cuts = [t if len(t) <= cut else _cut_at_space(t, cut, direction) for t in texts]
-        encodings = list(tokenizer.encode_batch(cuts))
-        redo = [i for i, e in enumerate(encodings) if cuts[i] is not texts[i] and not e.overflowing]
-        if redo:
-            for i, e in zip(redo, tokenizer.encode_batch([texts[i] for i in redo]), strict=True):
-                encodings[i] = e
-        return encodings
-
-    def _left(self) -> Any:
-        """A copy of the tokenizer that cuts over-long inputs from the left."""
-        if self._left_tokenizer is None:
-            left = type(self._tokenizer).from_str(self._tokenizer.to_str())
-            left.no_padding()
-            left.enable_truncation(max_length=self.max_tokens, direction="left")
-            self._left_tokenizer = left
-        return self._left_tokenizer
-
-    def encode_ids(
-        self, sequences: Sequence[Sequence[int]], options: Options = DEFAULT_OPTIONS
-    ) -> list[Encoded]:
-        """Inputs given as token ids, used as they are: no special tokens are added and
-        no prompt is put before them (ids from `tokenize` with special tokens give the
-        text's own vector). Cut to the model's limit. Raises InvalidOption for an id
-        outside the vocabulary, or a prompt asked for."""
-        if options.prompt is not None or options.prompt_name is not None:
-            raise InvalidOption("input", "prompts apply to texts, not to token ids")
-        _, fields = self._resolve(options, paired=False)
-        encoded = []
-        for index, ids in enumerate(sequences):
-            bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
-            if bad is not None:
-                raise InvalidOption(
-                    "input",
-                    f"input {index}: token id {bad} is outside the vocabulary "
-                    f"(0 to {self.vocab_size - 1})",
-                )
-            kept = list(ids[: self.max_tokens])
-            type_ids = [0] * len(kept) if self._type_ids else None
-            encoded.append(Encoded(kept, len(ids) > len(kept), type_ids=type_ids, **fields))
-        return encoded
-
-    def tokenize(
-        self, texts: Sequence[str], add_special_tokens: bool = True, prompt_name: str | None = None
-    ) -> list[list[Token]]:
-        """Each text's tokens, as `encode` would feed them to the model (prompt included,
-        cut to the model's limit). Raises InvalidOption for an unknown prompt."""
-        prompt, _ = self._resolve(Options(prompt_name=prompt_name), paired=False)
-        inputs = [prompt + t for t in texts]
-        encodings = self._tokenizer.encode_batch(inputs, add_special_tokens=add_special_tokens)
-        out = []
-        for text, e in zip(inputs, encodings, strict=True):
-            tokens = []
-            for tid, token, (start, stop), special in zip(
-                e.ids, e.tokens, e.offsets, e.special_tokens_mask, strict=True
-            ):
-                if special:
-                    tokens.append(Token(tid, token, True, None, None))
-                else:
-                    tokens.append(Token(tid, text[start:stop], False, start, stop))
-            out.append(tokens)
-        return out
-
-    def _resolve(self, options: Options, paired: bool) -> tuple[str, dict[str, Any]]:
-        """The prompt text and the output fields of `Encoded`, or InvalidOption."""
-        if self.task != "embed":
-            for name in ("normalize", "prompt_name", "prompt", "dimensions"):
-                if getattr(options, name) is not None:
-                    raise InvalidOption(
-                        name, f"{name} applies to embedding models; this is a {self.task} model"
-                    )
-            return "", {"raw_scores": options.raw_scores}
-        if paired:
-            raise InvalidOption(
-                "text_pair",
-                "this model embeds single texts; text pairs need a classify or rerank model",
-            )
-        if options.raw_scores:
-            raise InvalidOption(
-                "raw_scores", "raw_scores applies to classify and rerank models; this one embeds"
-            )
-        prompts = self.description.prompts
-        if options.prompt is not None and options.prompt_name is not None:
-            raise InvalidOption("prompt", "give prompt_name or prompt, not both")
-        if options.prompt is not None:
-            prompt = options.prompt
-        elif options.prompt_name is not None:
-            if options.prompt_name not in prompts:
-                known = ", ".join(repr(p) for p in sorted(prompts)) or "none"
-                raise InvalidOption(
-                    "prompt_name",
-                    f"unknown prompt {options.prompt_name!r}; this model's prompts: {known} "
-                    "(or send your own in `prompt`)",
-                )
-            prompt = prompts[options.prompt_name]
-        else:
-            prompt = self.description.default_prompt
-        dims = options.dimensions
-        if dims is not None and not (self.dimension is not None and 1 <= dims <= self.dimension):
-            raise InvalidOption(
-                "dimensions", f"dimensions must be between 1 and {self.dimension}, got {dims}"
-            )
-        normalize = self.description.normalize if options.normalize is None else options.normalize
-        return prompt, {"dimensions": dims, "normalize": normalize}
-
-    def _prompt_length(self, prompt: str) -> int:
-        """The prompt's tokens as sentence-transformers counts them: the prompt alone,
-        tokenized, less a trailing special token (SEP, EOS)."""
-        length = self._prompt_tokens.get(prompt)
-        if length is None:
-            ids = self._tokenizer.encode(prompt).ids
-            length = len(ids) - (1 if ids and ids[-1] in self._special_ids else 0)
-            if len(self._prompt_tokens) < 1024:  # callers may send prompts of their own
-                self._prompt_tokens[prompt] = length
-        return length
 
     def cost(self, item: Encoded) -> int:
         return len(item.ids)

@@ -28,8 +28,9 @@ from typing import Any
 
 from batcher import Engine, EngineClosed, EngineConfig, ThreadRunner
 from batcher.items import Result
+from batcher.link import Reply
 from batcher.models import Encoded, Output, unpack_output
-from batcher.remote import EngineServer, RemoteEngine, Reply, socket_dir
+from batcher.remote import EngineServer, RemoteEngine, socket_dir
 from benchmarks import environment
 from benchmarks.lab.overhead import null_model
 

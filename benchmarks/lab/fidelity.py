@@ -72,14 +72,14 @@ def measure(source: str, texts: list[str], batch_size: int = 16) -> Agreement:
         from sentence_transformers import SentenceTransformer
 
         reference = SentenceTransformer(source, device="cpu").encode(texts, batch_size=batch_size)
-        vectors = np.array(ours(model.encode_many(texts)))
+        vectors = np.array(ours(model.encoder.encode_many(texts)))
         norms, ref_norms = np.linalg.norm(vectors, axis=1), np.linalg.norm(reference, axis=1)
         cosine = (vectors * reference).sum(axis=1) / norms / ref_norms
         ratio = np.maximum(norms / ref_norms, ref_norms / norms)
         return Agreement(**{**asdict(base), "worst_cosine": float(cosine.min()),
                             "worst_norm_ratio": float(ratio.max())})  # fmt: skip
     queries = [PAIR_QUERY] * len(texts)
-    scored = ours(model.encode_many(queries, texts))
+    scored = ours(model.encoder.encode_many(queries, texts))
     if model.task == "rerank":
         from sentence_transformers import CrossEncoder
 

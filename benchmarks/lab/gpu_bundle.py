@@ -172,7 +172,7 @@ def rounding_cosine(original: Path, rounded: Path) -> float:
     def embed(path: Path) -> torch.Tensor:
         options = LoadOptions(source=str(path), device="cpu", dtype="float32", compile=False)
         model = TextModel.load(options)
-        return torch.tensor(model.predict([model.encode(t) for t in SAMPLES]))
+        return torch.tensor(model.predict([model.encoder.encode(t) for t in SAMPLES]))
 
     cosines = torch.nn.functional.cosine_similarity(embed(original), embed(rounded), dim=1)
     return float(cosines.min())

@@ -1,8 +1,9 @@
 """A text model that computes nothing: the server's tests run on it, and the lab measures
 the server's own cost with it (`benchmarks.lab.overhead`, `benchmarks.lab.engine_cpu`).
 
-`NullModel` has what the server asks of a model (`server.runtime.ServedModel`) and no
-torch behind it. It embeds in one of two ways:
+`NullModel` has what the engine side asks of a model (`server.host.ServedModel`), and
+its `encoder` (`NullEncoder`) what the HTTP side asks of one; no torch behind either. It
+embeds in one of two ways:
 
 - read back (the default): a text's ids are its characters' code points, so a forward
   pass reads its texts back and answers `checksum_embedding` of each, or a label, `long`
@@ -44,6 +45,53 @@ def checksum_embedding(text: str) -> list[float]:
 
 
 @dataclass
+class NullEncoder:
+    """The null model's `batcher.models.Encoder`: a text's ids are its characters' code
+    points (or, for a model with a fixed embedding, ones, a token per four characters and
+    two special ones), cut at `max_tokens`."""
+
+    task: Task = "embed"
+    name: str = "null"
+    labels: tuple[str, ...] = ("short", "long")
+    max_tokens: int = 256
+    fixed: bool = False
+
+    def encode(
+        self, text: str, pair: str | None = None, options: Options = DEFAULT_OPTIONS
+    ) -> Encoded:
+        if options.prompt_name is not None:
+            raise InvalidOption("prompt_name", "the null model has no prompts")
+        if self.fixed:
+            count = len(text) // 4 + 2
+            return Encoded([1] * min(count, self.max_tokens), truncated=count > self.max_tokens)
+        return Encoded([ord(c) for c in text[: self.max_tokens]], len(text) > self.max_tokens)
+
+    def encode_many(
+        self,
+        texts: Sequence[str],
+        pairs: Sequence[str] | None = None,
+        options: Options = DEFAULT_OPTIONS,
+        truncation_direction: TruncationDirection = "right",
+    ) -> list[Encoded]:
+        return [self.encode(t, None, options) for t in texts]
+
+    def encode_ids(
+        self, sequences: Sequence[Sequence[int]], options: Options = DEFAULT_OPTIONS
+    ) -> list[Encoded]:
+        """Token ids used as they are (code points, where texts are read back)."""
+        limit = self.max_tokens
+        return [Encoded(list(ids[:limit]), truncated=len(ids) > limit) for ids in sequences]
+
+    def tokenize(
+        self, texts: Sequence[str], add_special_tokens: bool = True, prompt_name: str | None = None
+    ) -> list[list[Token]]:
+        if self.fixed:  # one token a text: nothing reads them
+            return [[Token(1, t, False, 0, len(t))] for t in texts]
+        limit = self.max_tokens
+        return [[Token(ord(c), c, False, i, i + 1) for i, c in enumerate(t[:limit])] for t in texts]
+
+
+@dataclass
 class NullModel:
     """Embeds a text as `checksum_embedding(text)` (or as `embedding`, if given), or
     classifies it as `long` or `short`, at once.
@@ -79,39 +127,12 @@ class NullModel:
         if self.packed_outputs:
             self._prepare_packing()
 
-    def encode(
-        self, text: str, pair: str | None = None, options: Options = DEFAULT_OPTIONS
-    ) -> Encoded:
-        if options.prompt_name is not None:
-            raise InvalidOption("prompt_name", "the null model has no prompts")
-        if self.embedding is not None:
-            count = len(text) // 4 + 2
-            return Encoded([1] * min(count, self.max_tokens), truncated=count > self.max_tokens)
-        return Encoded([ord(c) for c in text[: self.max_tokens]], len(text) > self.max_tokens)
-
-    def encode_many(
-        self,
-        texts: Sequence[str],
-        pairs: Sequence[str] | None = None,
-        options: Options = DEFAULT_OPTIONS,
-        truncation_direction: TruncationDirection = "right",
-    ) -> list[Encoded]:
-        return [self.encode(t, None, options) for t in texts]
-
-    def encode_ids(
-        self, sequences: Sequence[Sequence[int]], options: Options = DEFAULT_OPTIONS
-    ) -> list[Encoded]:
-        """Token ids used as they are (code points, where texts are read back)."""
-        limit = self.max_tokens
-        return [Encoded(list(ids[:limit]), truncated=len(ids) > limit) for ids in sequences]
-
-    def tokenize(
-        self, texts: Sequence[str], add_special_tokens: bool = True, prompt_name: str | None = None
-    ) -> list[list[Token]]:
-        if self.embedding is not None:  # one token a text: nothing reads them
-            return [[Token(1, t, False, 0, len(t))] for t in texts]
-        limit = self.max_tokens
-        return [[Token(ord(c), c, False, i, i + 1) for i, c in enumerate(t[:limit])] for t in texts]
+    @property
+    def encoder(self) -> NullEncoder:
+        """What the HTTP side encodes with: a copy of this model's input rules, plain
+        data (it crosses to the front-ends of `--workers N`)."""
+        return NullEncoder(self.task, self.name, self.labels, self.max_tokens,
+                           fixed=self.embedding is not None)  # fmt: skip
 
     def cost(self, item: Encoded) -> int:
         return len(item.ids)

@@ -74,7 +74,7 @@ def serve_front_end(port: int) -> None:
     context = multiprocessing.get_context("spawn")
     engine = context.Process(target=_null_engine, args=(settings, path, os.getpid()))
     engine.start()
-    app = create_app(settings, model=null_model(), engine_path=path)
+    app = create_app(settings, engine_path=path)
     try:
         uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
                     log_level="warning", access_log=settings.access_log,
@@ -85,10 +85,10 @@ def serve_front_end(port: int) -> None:
 
 
 def _null_engine(settings: Any, path: str, parent: int) -> None:
-    from server.workers import run_engine
+    from server import engine_process
 
     pin(CLIENT_CPU)
-    run_engine(settings, path, parent, null_model(packed_outputs=True))
+    engine_process.run(settings, path, parent, null_model(packed_outputs=True))
 
 
 BARE, OURS, FRONT = "bare FastAPI", "microbatch, null model", "one front-end, null model"

@@ -94,7 +94,7 @@ async def rerank(request: Request) -> Response:
     response = RerankResponse.model_construct(
         id=request.state.request_id,
         results=ranked,
-        model=runtime.model.name,
+        model=runtime.encoder.name,
         usage=RerankUsage(prompt_tokens=ranking.tokens, total_tokens=ranking.tokens),
     )
     return reply(response.model_dump_json(exclude_none=True).encode(), ranking.results)

@@ -36,7 +36,7 @@ async def dashboard_data(
     described = runtime.describe()
     return DashboardData(
         status=runtime.status,
-        model=runtime.model.name,
+        model=runtime.encoder.name,
         device=str(described.get("device", "")),
         dtype=str(described.get("dtype", "")),
         interval_s=recent.interval_s,

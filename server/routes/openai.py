@@ -117,7 +117,7 @@ async def embeddings(request: Request) -> Response:
 
 
 def _model(runtime: RuntimeDep) -> ModelObject:
-    return ModelObject(id=runtime.model.name, created=STARTED)
+    return ModelObject(id=runtime.encoder.name, created=STARTED)
 
 
 @router.get("/models", response_model=ModelList, summary="The served model (OpenAI's shape)")

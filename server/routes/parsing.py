@@ -19,9 +19,17 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
 from batcher import Result
-from batcher.models import Classification, Encoded, InvalidOption, Output, TruncationDirection
+from batcher.models import (
+    Classification,
+    Encoded,
+    Encoder,
+    InvalidOption,
+    Output,
+    TruncationDirection,
+)
+from server.client import EngineHandle
 from server.errors import ClientDisconnected, NotReady, WrongTask
-from server.runtime import EngineHandle, Runtime, ServedModel
+from server.runtime import Runtime
 from server.schemas import (
     ErrorReply,
     OutputOptions,
@@ -47,13 +55,13 @@ def runtime_of(request: Request) -> Runtime:
     return runtime
 
 
-def serving(runtime: Runtime) -> tuple[ServedModel, EngineHandle]:
+def serving(runtime: Runtime) -> tuple[Encoder, EngineHandle]:
     if runtime.status != "ready":
         raise NotReady(f"the server is {runtime.status}; retry when GET /ready says ready")
-    return runtime.model, runtime.engine
+    return runtime.encoder, runtime.engine
 
 
-def needs_task(model: ServedModel, task: str, route: str, what: str) -> None:
+def needs_task(model: Encoder, task: str, route: str, what: str) -> None:
     """400 wrong_task unless the served model does `task`."""
     if model.task != task:
         raise WrongTask(
@@ -76,7 +84,7 @@ def loc(field: str, index: int, listed: bool | None = None) -> tuple[str | int, 
 
 def check_tokens(
     items: Sequence[Encoded],
-    model: ServedModel,
+    model: Encoder,
     runtime: Runtime,
     field: str,
     truncate: bool | None,
@@ -112,7 +120,7 @@ async def encode(
 ) -> list[Encoded]:
     """Tokenize under the request's options, off the loop and batched with other
     requests (`server.tokenizing`); an option the model cannot honour is 422."""
-    model = runtime.model
+    model = runtime.encoder
     if body.all_scores and model.task == "embed":
         raise invalid("all_scores", "all_scores applies to classify and rerank models")
     if body.encoding_format != "float" and model.task != "embed":
@@ -132,7 +140,7 @@ async def encode_inputs(
 ) -> list[Encoded]:
     """Texts and token-id sequences, in one request and in order (OpenAI's and TEI's
     `input`): each kind encoded in one call."""
-    model = runtime.model
+    model = runtime.encoder
     texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
     if len(texts) == len(inputs):
         return await encode(runtime, [t for _, t in texts], None, body, truncation_direction)
@@ -359,7 +367,7 @@ async def unless_disconnected(
             watcher.cancel()
 
 
-def meta(request: Request, model: ServedModel) -> dict[str, Any]:
+def meta(request: Request, model: Encoder) -> dict[str, Any]:
     started: float = request.state.started
     return {
         "model": model.name,

@@ -201,7 +201,7 @@ async def tokenize(request: Request) -> Response:
 
 @router.get("/info", response_model=Info, summary="Model and limits (TEI's shape)")
 async def info(request: Request, runtime: RuntimeDep) -> Info:
-    model, settings = runtime.model, runtime.settings
+    model, settings = runtime.encoder, runtime.settings
     described = runtime.describe()
     config = runtime.engine.stats().config
     if model.task == "embed":

@@ -241,3 +241,49 @@ async def test_a_control_the_engine_does_not_answer_times_out() -> None:
         await engine.aclose()
         await server.aclose()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_notices_reach_every_front_end_and_the_engine_in_order() -> None:
+    """`broadcast` reaches each connected front-end's `on_notice`; `notify` reaches the
+    engine's handler of its topic; neither waits for a reply, and one of an unknown
+    topic is dropped."""
+    directory = socket_dir()
+    path = os.path.join(directory, "engine.sock")
+    engine: Engine[str, str] = Engine(GatedRunner())
+    engine_heard: list[object] = []
+    heard_all = asyncio.Event()
+
+    def hear(value: object) -> None:
+        engine_heard.append(value)
+        if len(engine_heard) == 4:
+            heard_all.set()
+
+    server = EngineServer(engine, path, notices={"state": hear})
+    front_heard: list[list[tuple[str, object]]] = [[], []]
+    remotes = [
+        RemoteEngine[str, str](path, on_notice=lambda t, v, i=i: front_heard[i].append((t, v)))
+        for i in range(2)
+    ]
+    try:
+        async with asyncio.timeout(30):
+            await server.start()
+            for remote in remotes:
+                await remote.connect()
+            await until(lambda: server.connected == 2)
+            for n in range(3):
+                server.broadcast("report", n)
+            await until(lambda: all(len(h) == 3 for h in front_heard))
+            remotes[0].notify("state", ("a", 1))
+            remotes[1].notify("unknown", "dropped")
+            remotes[1].notify("state", ("b", 1))
+            remotes[0].notify("state", ("a", 2))
+            remotes[1].notify("state", ("b", 2))
+            await heard_all.wait()
+    finally:
+        for remote in remotes:
+            await remote.aclose()
+        await server.aclose()
+        shutil.rmtree(directory, ignore_errors=True)
+    assert front_heard == [[("report", 0), ("report", 1), ("report", 2)]] * 2
+    assert [v for v in engine_heard if v[0] == "a"] == [("a", 1), ("a", 2)]  # type: ignore[index]
+    assert [v for v in engine_heard if v[0] == "b"] == [("b", 1), ("b", 2)]  # type: ignore[index]

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchmarks.lab.null_model import NullModel, checksum_embedding
+from batcher.models import DEFAULT_OPTIONS, Encoded, Options
+from benchmarks.lab.null_model import NullEncoder, NullModel, checksum_embedding
 
 fake_embedding = checksum_embedding
 """What `FakeTextModel` embeds a text as: [length, checksum]."""
@@ -22,4 +23,27 @@ class FakeTextModel(NullModel):
     max_tokens: int = 64
 
 
-__all__ = ["FakeTextModel", "fake_embedding"]
+@dataclass
+class FailingEncoder(NullEncoder):
+    """Raises RuntimeError(`error`) for every text: a bug on the HTTP side's encoding."""
+
+    error: str = "boom"
+
+    def encode(
+        self, text: str, pair: str | None = None, options: Options = DEFAULT_OPTIONS
+    ) -> Encoded:
+        raise RuntimeError(self.error)
+
+
+@dataclass
+class EncodingFails(FakeTextModel):
+    """`FakeTextModel` whose encoder raises RuntimeError(`error`) for every text."""
+
+    error: str = "boom"
+
+    @property
+    def encoder(self) -> FailingEncoder:
+        return FailingEncoder(self.task, self.name, self.labels, self.max_tokens, error=self.error)
+
+
+__all__ = ["EncodingFails", "FakeTextModel", "fake_embedding"]

@@ -11,7 +11,7 @@ import pytest
 
 from server.access import TokenBuckets
 from server.logs import configure
-from tests.server.fakes import FakeTextModel
+from tests.server.fakes import EncodingFails, FakeTextModel
 from tests.server.test_app import serve
 
 pytestmark = pytest.mark.asyncio
@@ -126,11 +126,8 @@ async def test_cors_is_off_by_default_and_on_for_configured_origins() -> None:
 
 
 async def test_an_unexpected_error_leaks_no_traceback_path_or_secret() -> None:
-    class Broken(FakeTextModel):
-        def encode(self, text: str, *args: object):  # type: ignore[no-untyped-def, override]
-            raise RuntimeError("/secret/path/model.bin: key-one")
-
-    async with serve(Broken(), api_keys=KEYS) as client:
+    broken = EncodingFails(error="/secret/path/model.bin: key-one")
+    async with serve(broken, api_keys=KEYS) as client:
         r = await client.post("/predict", json={"text": "x"}, headers=bearer("key-one"))
     assert r.status_code == 500
     assert r.json()["type"] == "internal_error"
@@ -147,11 +144,7 @@ async def test_json_logs_carry_the_request_id() -> None:
         configure("info", "json")
         root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
 
-        class Broken(FakeTextModel):
-            def encode(self, text: str, *args: object):  # type: ignore[no-untyped-def, override]
-                raise RuntimeError("boom")
-
-        async with serve(Broken()) as client:
+        async with serve(EncodingFails(error="boom")) as client:
             await client.post("/predict", json={"text": "x"}, headers={"X-Request-ID": "req-42"})
     finally:
         root.handlers[:], _ = saved

@@ -40,7 +40,8 @@ async def test_the_data_has_samples_settings_and_changes() -> None:
         await wait_until_ready(client)
         await client.post("/predict/batch", json={"texts": ["a", "bb", "ccc"]})
         await client.patch("/admin/batching", json={"max_wait_ms": 9, "slo_p99_ms": 250})
-        app.state.runtime.timeline.sample()  # close the interval now, not at the next second
+        # Close the interval now, not at the next second.
+        app.state.runtime.client.host.timeline.sample()
         data = (await client.get("/dashboard/data")).json()
         cutoff = data["samples"][-1]["t"]
         later = await client.get("/dashboard/data", params={"since": cutoff})

@@ -11,15 +11,17 @@ from dataclasses import dataclass, field
 import pytest
 
 from batcher.models import DEFAULT_OPTIONS, Encoded, InvalidOption, Options, TruncationDirection
+from benchmarks.lab.null_model import NullEncoder
 from server.tokenizing import INLINE_CHARS, Tokenizer
-from tests.server.fakes import FakeTextModel
 
 pytestmark = pytest.mark.asyncio
 
 
 @dataclass
-class GatedTokenizerModel(FakeTextModel):
+class GatedTokenizerModel(NullEncoder):
     """`encode_many` records each call and blocks until `release` is set."""
+
+    max_tokens: int = 64
 
     release: threading.Event = field(default_factory=threading.Event)
     started: threading.Event = field(default_factory=threading.Event)

@@ -67,6 +67,28 @@ def test_ready_waits_for_the_engine_and_both_front_ends(workers: ServerProcess) 
     assert model["device"] == "cpu"
 
 
+def maps_libtorch(pid: int) -> bool:
+    """Whether the process `pid` has torch's shared library mapped (it imported torch)."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return re.search(r"/libtorch(_cpu|_cuda|_python)?\.so", maps) is not None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+def test_exactly_one_process_maps_libtorch_the_engine(workers: ServerProcess) -> None:
+    """The front-ends encode with the encoder the engine sent them: no torch, no
+    transformers, in any process but the engine's (the supervisor's neither)."""
+    engine, front_ends = pids(workers)
+    assert workers.process is not None
+    supervisor = workers.process.pid
+    assert httpx.post(f"{workers.url}/predict", json={"text": "through a front-end"}).is_success
+    mapped = {pid: maps_libtorch(pid) for pid in [supervisor, engine, *front_ends]}
+    assert mapped == {supervisor: False, engine: True, **dict.fromkeys(front_ends, False)}
+    for pid in front_ends:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "/transformers/" not in maps
+        assert "/torch/" not in maps
+
+
 @pytest.mark.reference
 def test_embeddings_match_sentence_transformers_across_processes(workers: ServerProcess) -> None:
     from sentence_transformers import SentenceTransformer

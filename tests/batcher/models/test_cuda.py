@@ -29,7 +29,7 @@ def _needs_cuda() -> None:
 def vectors(model: TextModel, batches: list[list[str]]) -> list[torch.Tensor]:
     out = []
     for batch in batches:
-        for value in model.predict([model.encode(t) for t in batch]):
+        for value in model.predict([model.encoder.encode(t) for t in batch]):
             out.append(torch.tensor(value))
     return out
 
@@ -58,7 +58,7 @@ async def test_batches_prepared_ahead_on_cuda_match_the_cpu(tiny_encoder_dir: Pa
                          compile=False)  # fmt: skip
     model = TextModel.load(replace(on_cpu, device="cuda"))
     assert model.collates_ahead, "collating ahead is the default on CUDA"
-    host = model.prepare([model.encode(t) for t in ("pinned", "memory")])
+    host = model.prepare([model.encoder.encode(t) for t in ("pinned", "memory")])
     assert host.input_ids.is_pinned()
     assert host.attention_mask.is_pinned()
     texts = sentences(200, seed=5)

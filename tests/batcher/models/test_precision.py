@@ -119,7 +119,7 @@ def test_auto_refuses_bfloat16_below_the_bound_and_serves_float32(
     assert precision["probe"]["kept"] is False  # type: ignore[index]
     assert "bfloat16 was probed and refused (worst cosine 0.99" in caplog.text
     # Still float32's numbers: the float32 weights were kept, not cast back.
-    [vector] = model.predict([model.encode("the float32 weights are intact")])
+    [vector] = model.predict([model.encoder.encode("the float32 weights are intact")])
     assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-6)
 
 
@@ -169,7 +169,7 @@ def test_bfloat16_holds_its_bound_against_sentence_transformers() -> None:
     model = TextModel.load(LoadOptions(dtype="bfloat16", compile=False))
     ours = np.concatenate(
         [
-            np.array(model.predict([model.encode(t) for t in texts[i : i + 32]]))
+            np.array(model.predict([model.encoder.encode(t) for t in texts[i : i + 32]]))
             for i in range(0, len(texts), 32)
         ]
     )

@@ -63,7 +63,7 @@ def test_embeddings_equal_sentence_transformers(embedder: tuple[Kind, Path]) -> 
     model = load(path)
     assert model.task == "embed"
     assert model.description.normalize is kind.normalize
-    ours = np.array(model.predict(model.encode_many(TEXTS)))
+    ours = np.array(model.predict(model.encoder.encode_many(TEXTS)))
     assert_same_vectors(ours, reference)
 
 
@@ -72,7 +72,7 @@ def test_an_item_gets_the_same_vector_alone_and_beside_longer_ones(
 ) -> None:
     _, path = embedder
     model = load(path)
-    items = model.encode_many(TEXTS)
+    items = model.encoder.encode_many(TEXTS)
     together = np.array(model.predict(items))
     for row, item in enumerate(items):
         alone = np.array(model.predict([item]))
@@ -87,13 +87,13 @@ def test_prompts_by_name_and_by_text_and_matryoshka_dimensions(tmp_path: Path, k
     st = SentenceTransformer(str(path), device="cpu")
     model = load(path)
     for name in kind.prompts:
-        ours = model.predict(model.encode_many(TEXTS, options=Options(prompt_name=name)))
+        ours = model.predict(model.encoder.encode_many(TEXTS, options=Options(prompt_name=name)))
         assert_same_vectors(np.array(ours), st.encode(TEXTS, prompt_name=name))
     own = "Instruct: find the answer\nQuery: "
-    ours = model.predict(model.encode_many(TEXTS, options=Options(prompt=own)))
+    ours = model.predict(model.encoder.encode_many(TEXTS, options=Options(prompt=own)))
     assert_same_vectors(np.array(ours), st.encode(TEXTS, prompt=own))
     options = Options(dimensions=8, normalize=True)
-    ours = model.predict(model.encode_many(TEXTS, options=options))
+    ours = model.predict(model.encoder.encode_many(TEXTS, options=options))
     reference = st.encode(TEXTS, truncate_dim=8, normalize_embeddings=True)
     assert_same_vectors(np.array(ours), reference)
 
@@ -105,10 +105,10 @@ def test_normalize_and_dimensions_per_item_in_one_batch(tmp_path: Path) -> None:
     st = SentenceTransformer(str(path), device="cpu")
     model = load(path)
     items = [
-        model.encode("raw vector"),
-        model.encode("normalised", options=Options(normalize=True)),
-        model.encode("cut to 5", options=Options(dimensions=5)),
-        model.encode("cut and normalised", options=Options(dimensions=5, normalize=True)),
+        model.encoder.encode("raw vector"),
+        model.encoder.encode("normalised", options=Options(normalize=True)),
+        model.encoder.encode("cut to 5", options=Options(dimensions=5)),
+        model.encoder.encode("cut and normalised", options=Options(dimensions=5, normalize=True)),
     ]
     out = model.predict(items)
     assert_same_vectors(np.array(out[:1]), st.encode(["raw vector"]))
@@ -129,12 +129,12 @@ def test_cross_encoder_scores_equal_cross_encoder_predict(tmp_path: Path, layout
     reference = CrossEncoder(str(path), device="cpu").predict(pairs)
     model = load(path)
     assert model.task == "rerank"
-    out = model.predict(model.encode_many([query] * len(TEXTS), TEXTS))
+    out = model.predict(model.encoder.encode_many([query] * len(TEXTS), TEXTS))
     scores = np.array([o.score for o in out])  # type: ignore[union-attr]
     np.testing.assert_allclose(scores, reference, atol=1e-4)
     assert scores.std() > 0.05, "the scores should differ from pair to pair"
     # The text pair is one input: swapping the two changes it.
-    [swapped] = model.predict([model.encode(TEXTS[1], query)])
+    [swapped] = model.predict([model.encoder.encode(TEXTS[1], query)])
     assert swapped.score != pytest.approx(scores[1], abs=1e-4)  # type: ignore[union-attr]
 
 
@@ -146,7 +146,7 @@ def test_cross_encoder_raw_scores_are_its_logits(tmp_path: Path) -> None:
     pairs = [("query", t) for t in TEXTS]
     reference = CrossEncoder(str(path), device="cpu").predict(pairs, activation_fn=nn.Identity())
     model = load(path)
-    items = model.encode_many(["query"] * len(TEXTS), TEXTS, Options(raw_scores=True))
+    items = model.encoder.encode_many(["query"] * len(TEXTS), TEXTS, Options(raw_scores=True))
     scores = [o.score for o in model.predict(items)]  # type: ignore[union-attr]
     np.testing.assert_allclose(scores, reference, atol=1e-4)
 
@@ -162,7 +162,7 @@ def test_multi_label_heads_are_independent_sigmoids(tmp_path: Path) -> None:
     reference = _pipeline(path)(TEXTS, truncation=True)
     model = load(path)
     assert (model.task, model.loaded.activation) == ("classify", "sigmoid")
-    out = model.predict(model.encode_many(TEXTS))
+    out = model.predict(model.encoder.encode_many(TEXTS))
     for ours, expected in zip(out, reference, strict=True):
         by_label = {e["label"]: e["score"] for e in expected}
         assert dict(zip(model.labels, ours.scores, strict=True)) == pytest.approx(  # type: ignore[union-attr]
@@ -179,7 +179,7 @@ def test_pair_classifier_softmax_equals_the_pipeline_on_pairs(tmp_path: Path) ->
     pipe = _pipeline(path)
     model = load(path)
     assert (model.task, model.loaded.activation) == ("classify", "softmax")
-    out = model.predict(model.encode_many([premise] * len(TEXTS), TEXTS))
+    out = model.predict(model.encoder.encode_many([premise] * len(TEXTS), TEXTS))
     for text, ours in zip(TEXTS, out, strict=True):
         expected = pipe({"text": premise, "text_pair": text}, truncation=True)
         by_label = {e["label"]: e["score"] for e in expected}
@@ -204,7 +204,7 @@ async def through_the_engine(
     runner = ThreadRunner(model, thread_name=thread)
     try:
         async with Engine(runner, EngineConfig(max_batch_size=max_batch_size)) as engine:
-            results = await asyncio.gather(*(engine.submit(model.encode(t)) for t in texts))
+            results = await asyncio.gather(*(engine.submit(model.encoder.encode(t)) for t in texts))
     finally:
         runner.close()
         del model.prepare

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from batcher.models import (
     LoadOptions,
     ModelLoadError,
     Options,
+    TextEncoder,
     TextModel,
     TruncationDirection,
     load,
@@ -59,7 +61,7 @@ def test_labels_come_from_the_config(classifier: TextModel) -> None:
 
 def test_batched_classification_equals_unbatched(classifier: TextModel) -> None:
     texts = sentences(40)
-    items = [classifier.encode(t) for t in texts]
+    items = [classifier.encoder.encode(t) for t in texts]
     batched = classifier.predict(items)
     for item, together in zip(items, batched, strict=True):
         [alone] = classifier.predict([item])
@@ -74,7 +76,7 @@ def test_embeddings_are_masked_mean_pooled_and_unit_length(tiny_encoder_dir: Pat
         LoadOptions(source=str(tiny_encoder_dir), dtype="float32", compile=False)
     )
     texts = ["short", "a much longer sentence with many more tokens in it"]
-    items = [model.encode(t) for t in texts]
+    items = [model.encoder.encode(t) for t in texts]
     embeddings = torch.tensor(model.predict(items))
     assert torch.linalg.norm(embeddings, dim=1) == pytest.approx([1.0, 1.0], abs=1e-5)
     # By hand, without padding: mean of the hidden states, normalised.
@@ -87,7 +89,7 @@ def test_embeddings_are_masked_mean_pooled_and_unit_length(tiny_encoder_dir: Pat
 
 def test_long_text_is_truncated_to_the_token_limit(tiny_encoder_dir: Path) -> None:
     model = TextModel.load(LoadOptions(source=str(tiny_encoder_dir), max_tokens=16))
-    long, short = model.encode("word " * 100), model.encode("word")
+    long, short = model.encoder.encode("word " * 100), model.encoder.encode("word")
     assert (len(long.ids), long.truncated) == (16, True)
     assert short.truncated is False
 
@@ -101,7 +103,7 @@ def test_huge_texts_cut_before_tokenizing_keep_the_whole_texts_ids(
     from transformers import AutoTokenizer
 
     model = TextModel.load(LoadOptions(source=str(tiny_encoder_dir), compile=False))
-    assert model._cut_chars is not None, "WordPiece splits at spaces: cutting is exact"
+    assert model.encoder._cut_chars is not None, "WordPiece splits at spaces: cutting is exact"
     reference = AutoTokenizer.from_pretrained(tiny_encoder_dir)  # its own backend copy
     reference.truncation_side = direction
     rng = random.Random(1)
@@ -110,14 +112,14 @@ def test_huge_texts_cut_before_tokenizing_keep_the_whole_texts_ids(
     # Cut, these no longer overflow (a 20-character word is one [UNK]; a 5,000-character
     # word too): they must be tokenized whole after all.
     texts += ["u" * 20 + (" " + "u" * 20) * 300, "u" * 5000, "word " * 2000]
-    assert max(len(t) for t in texts) > 4 * model._cut_chars
-    encoded = model.encode_many(texts, truncation_direction=direction)
+    assert max(len(t) for t in texts) > 4 * model.encoder._cut_chars
+    encoded = model.encoder.encode_many(texts, truncation_direction=direction)
     for text, item in zip(texts, encoded, strict=True):
         expected = reference(text, truncation=True, max_length=model.max_tokens)["input_ids"]
         assert item.ids == expected
         assert item.truncated == (len(reference(text)["input_ids"]) > model.max_tokens)
     if direction == "right":
-        assert [model.encode(t).ids for t in texts] == [item.ids for item in encoded]
+        assert [model.encoder.encode(t).ids for t in texts] == [item.ids for item in encoded]
 
 
 def test_max_tokens_above_the_model_limit_is_refused(tiny_encoder_dir: Path) -> None:
@@ -143,7 +145,7 @@ def test_no_recompile_after_warm_up_over_random_lengths_and_batch_sizes(
     texts = [*sentences(400, seed=2), "word " * 200]  # up to the 128-token limit
     for _ in range(40):
         batch = rng.sample(texts, rng.randint(1, 40))  # beyond max_batch_size too
-        assert len(model.predict([model.encode(t) for t in batch])) == len(batch)
+        assert len(model.predict([model.encoder.encode(t) for t in batch])) == len(batch)
     assert model.compile_state.graphs_since_warm_up == 0
 
 
@@ -168,7 +170,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(
         "error": "RuntimeError: no C++ compiler",
         "graphs_since_warm_up": 0,
     }
-    assert len(model.predict([model.encode("still works")])) == 1
+    assert len(model.predict([model.encoder.encode("still works")])) == 1
 
 
 @pytest.mark.reference
@@ -186,7 +188,7 @@ def test_no_recompile_with_prompts_left_out_of_pooling_and_a_dense_head(tmp_path
     for _ in range(20):
         batch = rng.sample(texts, rng.randint(1, 20))
         items = [
-            model.encode(t, options=Options(prompt_name="q" if rng.random() < 0.5 else None,
+            model.encoder.encode(t, options=Options(prompt_name="q" if rng.random() < 0.5 else None,
                                             dimensions=rng.choice([None, 4])))
             for t in batch
         ]  # fmt: skip
@@ -201,7 +203,7 @@ def test_packed_embeddings_unpack_to_exactly_the_floats(tiny_encoder_dir: Path) 
 
     model = TextModel.load(LoadOptions(source=str(tiny_encoder_dir), compile=False))
     texts = sentences(12)
-    items = model.encode_many(texts[:6]) + model.encode_many(
+    items = model.encoder.encode_many(texts[:6]) + model.encoder.encode_many(
         texts[6:], options=Options(dimensions=8, normalize=False)
     )
     plain = model.predict(items)
@@ -213,25 +215,32 @@ def test_packed_embeddings_unpack_to_exactly_the_floats(tiny_encoder_dir: Path) 
 
 
 @pytest.mark.parametrize("kind", ["encoder", "cross-encoder"])
-def test_a_model_loaded_without_weights_tokenizes_as_the_real_one(
+def test_the_encoder_a_front_end_receives_tokenizes_as_the_models_own_tokenizer(
     kind: str, tiny_encoder_dir: Path, tmp_path: Path
 ) -> None:
-    """What a front-end of `serve --workers` loads: the same inputs, no weights in memory."""
+    """What a front-end of `serve --workers` gets from the engine process: the encoder,
+    pickled and rebuilt from its spec. Its ids are transformers' for the same inputs,
+    cut from either side."""
     source = str(tiny_encoder_dir if kind == "encoder" else save_cross_encoder(tmp_path))
     real = TextModel.load(LoadOptions(source=source, dtype="float32", compile=False))
-    light = TextModel.load(
-        LoadOptions(source=source, dtype="float32", compile=False, weights=False)
-    )
-    assert {p.device.type for p in light.loaded.model.parameters()} == {"meta"}
+    received = pickle.loads(pickle.dumps(real.encoder))
+    assert isinstance(received, TextEncoder)
+    reference = real.loaded.tokenizer
     texts = [*sentences(50, seed=9), "word " * 300, "x"]
     for direction in ("right", "left"):
-        ours = light.encode_many(texts, truncation_direction=direction)
-        theirs = real.encode_many(texts, truncation_direction=direction)
-        for a, b in zip(theirs, ours, strict=True):
-            assert (list(a.ids), a.truncated) == (list(b.ids), b.truncated)
+        reference.truncation_side = direction
+        expected = reference(texts, truncation=True, max_length=real.max_tokens)["input_ids"]
+        ours = received.encode_many(texts, truncation_direction=direction)
+        assert [list(item.ids) for item in ours] == expected
+        whole = reference(texts)["input_ids"]
+        assert [item.truncated for item in ours] == [len(ids) > real.max_tokens for ids in whole]
     if real.task == "rerank":
+        reference.truncation_side = "right"
         pairs = sentences(len(texts), seed=10)
-        paired = zip(real.encode_many(texts, pairs), light.encode_many(texts, pairs), strict=True)
-        for a, b in paired:
-            assert (list(a.ids), a.type_ids) == (list(b.ids), b.type_ids)
-    assert (light.max_tokens, light.name, light.task) == (real.max_tokens, real.name, real.task)
+        expected_pairs = reference(texts, pairs, truncation=True, max_length=real.max_tokens)
+        ours = received.encode_many(texts, pairs)
+        assert [list(item.ids) for item in ours] == expected_pairs["input_ids"]
+        assert [item.type_ids for item in ours] == expected_pairs["token_type_ids"]
+    assert (received.max_tokens, received.name, received.task) == (
+        real.max_tokens, real.name, real.task
+    )  # fmt: skip

@@ -12,7 +12,7 @@ from benchmarks.trivial import EMBEDDING
 
 def test_a_fixed_embedding_answers_every_text_with_it_counting_tokens_as_a_tokenizer() -> None:
     model = NullModel(embedding=EMBEDDING)
-    items = model.encode_many(["a" * 40, "b" * 2000])
+    items = model.encoder.encode_many(["a" * 40, "b" * 2000])
     assert [item.ids for item in items] == [[1] * 12, [1] * 256]
     assert [item.truncated for item in items] == [False, True]
     assert model.predict(items) == [EMBEDDING, EMBEDDING]
@@ -29,17 +29,17 @@ def test_packed_outputs_are_each_rows_float32_bytes_and_unpack_exactly() -> None
 
     read_back = NullModel(packed_outputs=True)
     texts = ["one", "three"]
-    outputs = read_back.predict(read_back.encode_many(texts))
+    outputs = read_back.predict(read_back.encoder.encode_many(texts))
     assert [unpack_output(value) for value in outputs] == [checksum_embedding(t) for t in texts]
 
 
 def test_reading_texts_back_routes_each_result_to_its_text() -> None:
     model = NullModel()
     texts = ["short", "a text long enough to be long"]
-    assert model.predict(model.encode_many(texts)) == [checksum_embedding(t) for t in texts]
+    assert model.predict(model.encoder.encode_many(texts)) == [checksum_embedding(t) for t in texts]
     assert model.seen == texts
     labels = NullModel(task="classify")
-    answers = labels.predict(labels.encode_many(texts))
+    answers = labels.predict(labels.encoder.encode_many(texts))
     assert [a.label for a in answers if isinstance(a, Classification)] == ["short", "long"]
 
 

@@ -1,32 +1,34 @@
-"""A front-end process of `microbatch serve --workers N` (see `server.workers`).
+"""The HTTP side's handle on the engine: `EngineClient`, one interface for an engine in
+this process (`server.host.LocalClient`) or in the engine process of `microbatch serve
+--workers N` (`RemoteClient`, here).
 
-It accepts HTTP, validates and tokenizes like the one-process server, and hands the
-items to the engine process through `batcher.remote.RemoteEngine`. The routes read the
-engine's state synchronously (the admission gate, `/ready`, the live limits): `FrontEnd`
-keeps the engine's last `EngineReport`, which it asks for every `REPORT_EVERY_S` (and at
-once before `/model` and `/admin/batching`). With each ask it tells the engine its own
-status and hands over the request latencies the middleware collected, for the
-dashboard, whose timeline lives in the engine process.
+A client gives the runtime (`server.runtime.Runtime`) four things: the model's encoder,
+the engine to submit to, the engine side's `EngineReport` (its status, warm-up, limits,
+liveness, the model's description), and the few calls that act on the engine side
+(reconfigure, the dashboard's recent samples, the metrics text). Everything the routes
+show is written once, in the runtime, from those.
 
-The tokenizer comes from the model's own files, loaded as the engine process loads them
-but without the weights (the modules on the meta device, never run): every process cuts
-and tokenizes exactly as the engine's model would, at the cost of the tokenizer's memory.
+A remote client imports neither torch nor transformers: it receives the encoder (plain
+data and the tokenizer's JSON, `batcher.models.EncoderSpec`) from the engine process
+once, and then the engine's report, pushed to every front-end each time the engine's
+state changes and at least every `REPORT_EVERY_S`. It pushes its own state back (its
+status, and the request latencies its middleware collected, for the dashboard) on the
+same beat.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, cast
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from batcher import (
@@ -39,19 +41,18 @@ from batcher import (
     Result,
     State,
 )
-from batcher.models import Encoded, Output, TextModel, unpack_output
-from server.runtime import LocalRuntime, ServedModel, Status, WarmingStep, tune_gc
+from batcher.models import Encoded, Encoder, Output, unpack_output
 from server.schemas import ThreadsInfo
-from server.settings import Settings
 from server.timeline import Recent
-from server.tokenizing import FRONT_END_INLINE_CHARS, Tokenizer
 
 logger = logging.getLogger("microbatch.server")
 
+Status = Literal["warming", "ready", "draining", "failed"]
+
 REPORT_EVERY_S = 0.1
-"""How often a front-end asks the engine for its state (and reports its own)."""
+"""How often the engine process pushes its report at least, and a front-end its state."""
 STALE_AFTER_S = 10.0
-"""An engine that has not answered for this long is reported dead by `/health`."""
+"""An engine whose report has not come for this long is reported dead by `/health`."""
 READY_WITHIN_S = 5.0
 """A front-end counts as ready for `/ready` if it said so within this long (a loop that
 stalls for a moment does not take the whole server out of a load balancer)."""
@@ -64,8 +65,26 @@ CONNECT_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True, slots=True)
+class WarmingStep:
+    """Where the warm-up is: shape `step` of `steps` on replica `replica` of `replicas`."""
+
+    replica: int
+    replicas: int
+    step: int
+    steps: int
+    what: str
+    started: float
+    """perf_counter at the start of the warm-up."""
+
+    def describe(self) -> str:
+        elapsed = time.perf_counter() - self.started
+        on = f" on replica {self.replica + 1} of {self.replicas}" if self.replicas > 1 else ""
+        return f"warm-up step {self.step} of {self.steps}{on}: {self.what}, {elapsed:.0f} s so far"
+
+
+@dataclass(frozen=True, slots=True)
 class EngineReport:
-    """The engine process's state, as front-ends see it."""
+    """The engine side's state, as the HTTP side sees it."""
 
     status: Status
     error: str | None
@@ -79,13 +98,96 @@ class EngineReport:
     front_ends_ready: int
     """Front-ends that reported `ready` within the last `READY_WITHIN_S`."""
     front_ends: int
-    """How many the supervisor runs (`--workers`)."""
+    """How many there are (`--workers`; 1 in one process)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FrontEndNews:
+    """What a front-end pushes to the engine process on each beat."""
+
+    pid: int
+    status: Status
+    latencies: list[float]
+    """Seconds each request took, since the last beat (the dashboard's p50/p99)."""
+
+
+class EngineHandle(Protocol):
+    """What routes use of the engine: `batcher.Engine` in this process, or `EngineView`
+    on an engine in another."""
+
+    @property
+    def state(self) -> State: ...
+
+    @property
+    def config(self) -> EngineConfig: ...
+
+    def clock(self) -> float: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def check_room(self, n: int = 1) -> None: ...
+
+    async def submit(
+        self, payload: Encoded, *, deadline: float | None = None
+    ) -> Result[Output]: ...
+
+    async def submit_many(
+        self, payloads: Sequence[Encoded], *, deadline: float | None = None
+    ) -> list[Result[Output]]: ...
+
+
+class EngineClient(Protocol):
+    """The engine, in this process or another, as the runtime uses it."""
+
+    front_end: bool
+    """Whether this process is one front-end of several (`--workers N`)."""
+
+    @property
+    def encoder(self) -> Encoder:
+        """The model's encoder. Raises EngineClosed (503) before the engine sent it."""
+        ...
+
+    @property
+    def engine(self) -> EngineHandle:
+        """Raises EngineClosed (503) before the engine reported."""
+        ...
+
+    @property
+    def status(self) -> Status:
+        """The engine side's status (the runtime adds its own draining)."""
+        ...
+
+    def report(self) -> EngineReport | None:
+        """The engine side's last report; None before the first."""
+        ...
+
+    def problem(self) -> str | None:
+        """Why this process has lost its engine (a liveness failure); None if it has not."""
+        ...
+
+    async def refresh(self) -> None:
+        """Bring the report up to date before a reader that must not lag."""
+        ...
+
+    async def recent(self, since: float) -> Recent: ...
+
+    async def metrics_text(self) -> bytes: ...
+
+    async def reconfigure(self, changes: Mapping[str, object]) -> EngineConfig: ...
+
+    def stop_admitting(self) -> None: ...
+
+    async def drain(self) -> None:
+        """Wait until every item this process handed the engine is answered."""
+        ...
+
+    async def aclose(self) -> None: ...
 
 
 class EngineView:
-    """The engine of another process, as routes use it (`server.runtime.EngineHandle`):
-    submits go over the socket; `stats`, `state`, `config` and `check_room` read the
-    last report, and the engine checks the queue again at submit."""
+    """The engine of another process, as routes use it (`EngineHandle`): submits go over
+    the socket; `stats`, `state`, `config` and `check_room` read the last report, and
+    the engine checks the queue again at submit."""
 
     def __init__(self, remote: RemoteEngine[Encoded, Output], stats: EngineStats) -> None:
         self.remote = remote
@@ -111,7 +213,8 @@ class EngineView:
             raise QueueFull(depth, limit)
 
     async def submit(self, payload: Encoded, *, deadline: float | None = None) -> Result[Output]:
-        return await self.remote.submit(payload, deadline=deadline)
+        [result] = await self.submit_many([payload], deadline=deadline)
+        return result
 
     async def submit_many(
         self, payloads: Sequence[Encoded], *, deadline: float | None = None
@@ -128,73 +231,64 @@ class EngineView:
             raise DeadlineExceeded("the engine process did not answer by the deadline") from None
 
 
-class FrontEnd:
-    """A front-end's runtime (`server.runtime.Runtime`): a local tokenizer, the engine
-    of the engine process. Built by `FrontEnd.connect` in the app's lifespan."""
+class RemoteClient:
+    """A front-end's `EngineClient`: the engine process at the socket `path`. Built by
+    `RemoteClient.start`, which returns at once and connects in the background (the
+    engine process loads the model first): `status` is `warming` until it has."""
+
+    front_end = True
 
     def __init__(
         self,
-        settings: Settings,
-        model: ServedModel,
         path: str,
-        metrics_dir: str | None,
         registry: CollectorRegistry,
         latencies: deque[float],
+        metrics_dir: str | None,
+        drain_timeout_s: float,
     ) -> None:
-        self.settings = settings
-        self.model = model
-        self.metrics_dir = metrics_dir
+        self.remote: RemoteEngine[Encoded, Output] = RemoteEngine(
+            path, unpack=unpack_output, on_notice=self._heard
+        )
         self.registry = registry
-        # One core each: see server.tokenizing
-        self.tokenizer = Tokenizer(model, inline_chars=FRONT_END_INLINE_CHARS, gather_short=False)
-        self.remote: RemoteEngine[Encoded, Output] = RemoteEngine(path, unpack=unpack_output)
-        self.report: EngineReport | None = None
+        self.metrics_dir = metrics_dir
+        self._drain_timeout_s = drain_timeout_s
+        self._latencies = latencies
+        self._encoder: Encoder | None = None
+        self._report: EngineReport | None = None
         self._engine: EngineView | None = None
         self._reported_at = 0.0
-        self._latencies = latencies
         self._draining = False
         self._failed: str | None = None
-        self._follow: asyncio.Task[None] | None = None
         self._parent = os.getppid()
-        self.threads: ThreadsInfo | None = None
-        self.disconnects = Counter(
-            "microbatch_client_disconnects",
-            "Requests whose client went away while their items waited (not computed).",
-            registry=registry,
-        )
+        self._follow: asyncio.Task[None] | None = None
 
     @classmethod
-    async def connect(
+    def start(
         cls,
-        settings: Settings,
-        registry: CollectorRegistry,
         path: str,
+        registry: CollectorRegistry,
         latencies: deque[float],
-        metrics_dir: str | None = None,
-        model: ServedModel | None = None,
-    ) -> FrontEnd:
-        """Load the tokenizer (the model without its weights, or `model`) and start
-        following the engine at `path`; `/ready` says ready once the engine does."""
-        if model is None:
-            options = replace(
-                settings.load_options("cpu"), dtype="float32", compile=False, weights=False
-            )
-            model = await asyncio.to_thread(TextModel.load, options)
-        front = cls(settings, model, path, metrics_dir, registry, latencies)
-        tune_gc()  # as the engine process does once warm: torch and the model live on
-        front._follow = asyncio.create_task(front._run(), name="microbatch-front-end")
-        return front
+        metrics_dir: str | None,
+        drain_timeout_s: float,
+    ) -> RemoteClient:
+        client = cls(path, registry, latencies, metrics_dir, drain_timeout_s)
+        client._follow = asyncio.create_task(client._run(), name="microbatch-front-end")
+        return client
 
     async def _run(self) -> None:
         try:
             await self._connect()
-            while True:
-                # A silent engine: /health fails once it has been so for STALE_AFTER_S.
-                with contextlib.suppress(TimeoutError):
-                    await self._ask()
+            self._encoder = await self.remote.control(
+                "call", name="encoder", timeout_s=CONTROL_TIMEOUT_S
+            )
+            await self.refresh()
+            while True:  # the beat: our state to the engine; is the supervisor there?
+                self._tell()
                 await asyncio.sleep(REPORT_EVERY_S)
                 if os.getppid() != self._parent:
                     raise RuntimeError("the supervisor process went away")
+                if not self.remote.connected:
+                    raise ConnectionError("the connection to the engine process was lost")
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -218,30 +312,29 @@ class FrontEnd:
                     raise RuntimeError("the supervisor process went away") from None
                 await asyncio.sleep(REPORT_EVERY_S)
 
-    async def _ask(self) -> None:
+    def _tell(self) -> None:
         latencies = list(self._latencies)
         self._latencies.clear()
-        report: EngineReport = await self.remote.control(
-            "call",
-            name="report",
-            args=(os.getpid(), self._own_status(), latencies),
-            timeout_s=CONTROL_TIMEOUT_S,
-        )
-        self._take(report)
+        status: Status = "draining" if self._draining else "ready"
+        self.remote.notify("front-end", FrontEndNews(os.getpid(), status, latencies))
+
+    def _heard(self, topic: str, value: Any) -> None:
+        if topic == "report":
+            self._take(value)
 
     def _take(self, report: EngineReport) -> None:
-        self.report = report
+        self._report = report
         self._reported_at = time.monotonic()
         if self._engine is None:
             self._engine = EngineView(self.remote, report.stats)
         else:
             self._engine.last = report.stats
-        self.threads = report.threads
 
-    def _own_status(self) -> Status:
-        if self._draining:
-            return "draining"
-        return "failed" if self._failed else "ready"
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            raise EngineClosed("the engine process has not reported yet; it is starting")
+        return self._encoder
 
     @property
     def engine(self) -> EngineView:
@@ -253,51 +346,27 @@ class FrontEnd:
     def status(self) -> Status:
         if self._failed is not None:
             return "failed"
-        if self._draining:
-            return "draining"
-        if self.report is None:
+        if self._report is None or self._encoder is None:
             return "warming"
-        return self.report.status
+        return self._report.status
 
-    @property
-    def error(self) -> str | None:
-        if self._failed is not None:
-            return self._failed
-        return self.report.error if self.report is not None else None
+    def report(self) -> EngineReport | None:
+        return self._report
 
-    @property
-    def warming(self) -> WarmingStep | None:
-        return self.report.warming if self.report is not None else None
-
-    @property
-    def saturated(self) -> bool:
-        return self.report is not None and self.report.saturated
-
-    def liveness_problem(self) -> str | None:
+    def problem(self) -> str | None:
         if self._failed is not None:
             return f"front-end {os.getpid()} lost the engine process: {self._failed}"
-        if self.report is None:
+        if self._report is None:
             return None  # still connecting; the engine loads the model
         silent = time.monotonic() - self._reported_at
         if silent > STALE_AFTER_S:
-            return f"the engine process has not answered for {silent:.0f} s"
-        return self.report.liveness_problem
-
-    def incomplete(self) -> str | None:
-        report = self.report
-        if report is None or report.front_ends_ready >= report.front_ends:
-            return None
-        return f"{report.front_ends_ready} of {report.front_ends} front-end processes ready"
-
-    def describe(self) -> dict[str, object]:
-        return dict(self.report.description) if self.report is not None else {}
-
-    def devices(self) -> list[str]:
-        return list(self.report.devices) if self.report is not None else []
+            return f"the engine process has not reported for {silent:.0f} s"
+        return None
 
     async def refresh(self) -> None:
         if self.remote.connected:
-            await self._ask()
+            report = await self.remote.control("call", name="report", timeout_s=CONTROL_TIMEOUT_S)
+            self._take(report)
 
     async def recent(self, since: float) -> Recent:
         recent: Recent = await self.remote.control(
@@ -331,13 +400,13 @@ class FrontEnd:
 
     async def drain(self) -> None:
         """Stop admitting and wait until the engine has answered every item this
-        front-end handed it, within `drain_timeout_s`."""
+        front-end handed it, within the drain timeout."""
         self.stop_admitting()
         if self.remote.submitting:
             logger.info("front-end %d draining: %d requests waiting", os.getpid(),
                         self.remote.submitting)  # fmt: skip
         try:
-            await asyncio.wait_for(self.remote.idle(), self.settings.drain_timeout_s)
+            await asyncio.wait_for(self.remote.idle(), self._drain_timeout_s)
         except TimeoutError:
             logger.error("front-end %d: %d requests still waiting after the drain timeout; "
                          "failing them", os.getpid(), self.remote.submitting)  # fmt: skip
@@ -351,28 +420,3 @@ class FrontEnd:
                 self._follow.cancel()
                 await asyncio.gather(self._follow, return_exceptions=True)
             await self.remote.aclose()
-            await self.tokenizer.aclose()
-
-
-def report_of(
-    runtime: LocalRuntime, front_ends: Mapping[int, tuple[Status, float]], workers: int
-) -> EngineReport:
-    """The engine process's `EngineReport` of its `LocalRuntime`; `front_ends` maps each
-    front-end's pid to its last status and when it said so (time.monotonic)."""
-    now = time.monotonic()
-    ready = sum(
-        1 for status, at in front_ends.values() if status == "ready" and now - at < READY_WITHIN_S
-    )
-    return EngineReport(
-        status=runtime.status,
-        error=runtime.error,
-        warming=runtime.warming,
-        liveness_problem=runtime.liveness_problem(),
-        saturated=runtime.saturated,
-        stats=runtime.engine.stats(),
-        description=runtime.describe(),
-        devices=runtime.devices(),
-        threads=runtime.threads,
-        front_ends_ready=ready,
-        front_ends=workers,
-    )
