@@ -6,11 +6,17 @@ import os
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from importlib import resources
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI
-from fastapi_offline import FastAPIOffline
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import (
+    get_redoc_html,
+    get_swagger_ui_html,
+    get_swagger_ui_oauth2_redirect_html,
+)
+from fastapi.responses import HTMLResponse
 from prometheus_client import CollectorRegistry, ProcessCollector
 from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
@@ -19,7 +25,7 @@ from server import errors
 from server.access import AccessMiddleware, TokenBuckets
 from server.admission import queue_gate
 from server.client import EngineClient, RemoteClient
-from server.fastlane import FastLane, LaneApp
+from server.fastlane import LaneApp
 from server.middleware import RequestContextMiddleware
 from server.routes import fast_lane_routes, router
 from server.runtime import Runtime, tune_gc
@@ -80,23 +86,22 @@ def create_app(
         finally:
             await runtime.aclose()
 
-    # The docs pages' scripts and styles come with the package (fastapi-offline), not
-    # from a CDN: /docs and /redoc work on a machine without internet.
-    app = FastAPIOffline(
+    app = LaneApp(
         title="microbatch",
         version=_version(),
         summary="Dynamic micro-batching inference server",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
-    # fastapi-offline builds a plain FastAPI; the lane's entrance is a method of the class.
-    app.__class__ = LaneApp
+    _offline_docs(app)
     errors.install(app)
     app.include_router(router)
     # The dashboard's script, styles and chart library (uPlot, MIT) come with the package.
     app.mount("/dashboard/static", StaticFiles(packages=[("server", "static")]), "dashboard-static")
     # Outermost last: ids, timing and size/type checks, then CORS, then access, then the
     # inference routes' way around FastAPI's router.
-    app.add_middleware(FastLane, routes=fast_lane_routes(), handlers=app.exception_handlers)
+    app.add_fast_lane(fast_lane_routes())
     rate = settings.rate_limit_rps
     buckets = TokenBuckets(rate, settings.rate_limit_burst or max(1, round(rate))) if rate else None
     app.add_middleware(
@@ -128,3 +133,44 @@ def create_app(
         latencies=latencies,
     )
     return app
+
+
+DOCS_STATIC = "/static-offline-docs"
+
+
+def _offline_docs(app: FastAPI) -> None:
+    """`/docs` (Swagger UI) and `/redoc` with their scripts and styles served from the
+    files fastapi-offline packages, not from a CDN: they work on a machine without
+    internet. FastAPI's own page builders make the pages."""
+    static = resources.files("fastapi_offline") / "static"
+    app.mount(DOCS_STATIC, StaticFiles(directory=str(static)), name="static-offline-docs")
+    openapi_url = app.openapi_url or "/openapi.json"
+    redirect_url = app.swagger_ui_oauth2_redirect_url or "/docs/oauth2-redirect"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url=f"{root}{redirect_url}",
+            swagger_js_url=f"{root}{DOCS_STATIC}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_STATIC}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_STATIC}/favicon.png",
+            swagger_ui_parameters=app.swagger_ui_parameters,
+        )
+
+    @app.get(redirect_url, include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_redoc_html(
+            openapi_url=f"{root}{openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_STATIC}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_STATIC}/favicon.png",
+            with_google_fonts=False,
+        )

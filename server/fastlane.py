@@ -95,25 +95,47 @@ class FastLane:
 
 
 class LaneApp(FastAPI):
-    """FastAPI whose entrance hands a request for the lane (a POST to one of `FastLane`'s
-    paths) to the outermost of the app's own middleware, as if FastAPI had passed it
-    there. What that skips per request: `FastAPI.__call__`'s checks (its telemetry switch
-    reads `os.environ`), Starlette's `ServerErrorMiddleware` and its wrapper of every
-    `send`, and FastAPI's body-limit and exception-telemetry layers; 6 % of a front-end's
-    CPU with a model that costs nothing.
+    """FastAPI whose entrance hands a request for the lane (a POST to one of the paths
+    given to `add_fast_lane`) to the outermost of the app's own middleware, as if FastAPI
+    had passed it there. What that skips per request: `FastAPI.__call__`'s checks (its
+    telemetry switch reads `os.environ`), Starlette's `ServerErrorMiddleware` and its
+    wrapper of every `send`, and FastAPI's body-limit and exception-telemetry layers; 6 %
+    of a front-end's CPU with a model that costs nothing.
 
     What they did for these requests, the app's middleware does already: our outermost
     (`RequestContextMiddleware`) answers an unhandled exception with a 500 of its own, and
     limits bodies. FastAPI's own OpenTelemetry instrumentation does not see lane requests.
     Everything else (other requests, lifespan, an app with a `root_path` or without a
-    `FastLane`) takes FastAPI's way."""
+    lane) takes FastAPI's way.
 
-    _entrance: tuple[ASGIApp, frozenset[str]] | None = None
+    The entrance is the very instance Starlette builds of the outermost middleware: while
+    the stack is built, that middleware's class is wrapped by a factory that keeps what
+    it makes."""
+
+    _entrance: ASGIApp | None = None
+    _lane_paths: frozenset[str] = frozenset()
+
+    def add_fast_lane(self, routes: Mapping[str, APIRoute]) -> None:
+        """Add `FastLane` for `routes` as the innermost middleware added so far (add it
+        before the others), with this app's exception handlers."""
+        self.add_middleware(FastLane, routes=routes, handlers=self.exception_handlers)
+        self._lane_paths = frozenset(routes)
 
     def build_middleware_stack(self) -> ASGIApp:
-        stack = super().build_middleware_stack()
-        self._entrance = None if self.root_path else entrance(stack, self.user_middleware)
-        return stack
+        self._entrance = None
+        if self.root_path or not self._lane_paths or not self.user_middleware:
+            return super().build_middleware_stack()
+        outermost = self.user_middleware[0]
+
+        def build(app: ASGIApp, *args: Any, **kwargs: Any) -> ASGIApp:
+            self._entrance = outermost.cls(app, *args, **kwargs)
+            return self._entrance
+
+        self.user_middleware[0] = Middleware(build, *outermost.args, **outermost.kwargs)
+        try:
+            return super().build_middleware_stack()
+        finally:
+            self.user_middleware[0] = outermost
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         door = self._entrance
@@ -121,29 +143,9 @@ class LaneApp(FastAPI):
             door is not None
             and scope["type"] == "http"
             and scope["method"] == "POST"
-            and scope["path"] in door[1]
+            and scope["path"] in self._lane_paths
         ):
             scope["app"] = self  # as Starlette sets it: `request.app`
-            await door[0](scope, receive, send)
+            await door(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
-
-
-def entrance(
-    stack: ASGIApp, user_middleware: list[Middleware]
-) -> tuple[ASGIApp, frozenset[str]] | None:
-    """In a built middleware stack, the instance of the outermost user middleware and the
-    paths of the `FastLane` inside it, found by following each layer's `app` (as every
-    Starlette middleware names what it wraps); None when either is missing."""
-    if not user_middleware:
-        return None
-    outermost: object = user_middleware[0].cls
-    front: ASGIApp | None = None
-    node: Any = stack
-    while node is not None:
-        if front is None and type(node) is outermost:
-            front = node
-        if isinstance(node, FastLane):
-            return None if front is None else (front, frozenset(node.routes))
-        node = getattr(node, "app", None)
-    return None

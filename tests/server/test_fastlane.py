@@ -70,7 +70,12 @@ def _app(cls: type[FastAPI] = FastAPI) -> FastAPI:
     async def refused(request: Request, exc: Refused) -> Response:
         return Response(f"refused: {exc}", status_code=409)
 
-    app.add_middleware(FastLane, routes=direct_routes(app.routes), handlers=app.exception_handlers)
+    if isinstance(app, LaneApp):
+        app.add_fast_lane(direct_routes(app.routes))
+    else:
+        app.add_middleware(
+            FastLane, routes=direct_routes(app.routes), handlers=app.exception_handlers
+        )
     return app
 
 
@@ -192,9 +197,8 @@ async def test_the_server_enters_the_lane_at_its_request_context(outer_layers: l
         assert (r.status_code, r.headers["x-request-id"]) == (200, "abc")
         assert (await c.get("/health")).status_code == 200
         door = app._entrance
-    assert door is not None
-    assert type(door[0]) is RequestContextMiddleware
-    assert door[1] == set(fast_lane_routes())
+    assert type(door) is RequestContextMiddleware
+    assert app._lane_paths == set(fast_lane_routes())
     assert "/health" in outer_layers
     assert "/predict" not in outer_layers
 
