@@ -108,7 +108,7 @@ Message = Submit | Cancel | Control | Reply | Notice
 _WIRE = """Every type that crosses the socket often (these, `Result`, `Encoded`) pickles
 through `__reduce__` as its constructor's arguments: the default for a slotted dataclass
 calls `dataclasses.fields` per object, which was most of the engine process's CPU
-(`python -m benchmarks.engine_cpu --profile`)."""
+(`python -m benchmarks.lab.engine_cpu --profile`)."""
 
 
 class Link:

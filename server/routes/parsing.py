@@ -39,7 +39,7 @@ from server.schemas import (
 
 async def get_runtime(request: Request) -> Runtime:
     # async on purpose: FastAPI runs a plain `def` dependency in its threadpool, a thread
-    # hand-off on every request (seen in the profile of benchmarks/overhead.py).
+    # hand-off on every request (seen in the profile of benchmarks/lab/overhead.py).
     runtime: Runtime = request.state.runtime
     return runtime
 

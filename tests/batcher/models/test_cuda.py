@@ -1,4 +1,4 @@
-"""The device path on CUDA (run by `bash benchmarks/gpu.sh`; skipped without a GPU):
+"""The device path on CUDA (run by `bash benchmarks/lab/gpu.sh`; skipped without a GPU):
 CUDA graphs (`--compile-mode reduce-overhead`) give the vectors plain compile gives, for
 every batch size and length, with no recompile after warm-up; batches prepared ahead
 (pinned host memory, on another thread, through the engine) give the vectors the CPU
