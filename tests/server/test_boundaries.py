@@ -49,28 +49,13 @@ def test_every_tool_of_the_command_is_declared_and_listed_in_the_usage() -> None
 
 
 def test_the_benchmark_modules_import_one_another_without_a_circle() -> None:
-    root = SERVER.parent / "benchmarks"
-
-    def sibling_imports(path: Path) -> set[str]:
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.module == "benchmarks":
-                found |= {alias.name for alias in node.names}  # from benchmarks import x
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("benchmarks."):
-                found.add(node.module.split(".")[1])  # type: ignore[union-attr]
-        return found
-
-    graph = {path.stem: sibling_imports(path) for path in root.glob("*.py")}
-
-    def reaches(start: str, target: str, seen: set[str]) -> bool:
-        for nxt in graph.get(start, set()) - seen:
-            if nxt == target or reaches(nxt, target, seen | {nxt}):
-                return True
-        return False
-
-    assert "compare" in graph["bench"], "imports inside functions count too (--compare)"
-    circles = sorted(name for name in graph if reaches(name, name, set()))
-    assert circles == [], f"modules on an import circle: {circles}"
+    """The load tool and the lab (benchmarks/lab/) alike."""
+    graph = module_graph("benchmarks")
+    for package in ("benchmarks", "benchmarks.lab"):
+        graph[package] = set()  # a package's __init__: an arrow down, not a loop
+    assert "benchmarks.compare" in graph["benchmarks.bench"], "imports inside functions count"
+    assert "benchmarks.lab.overhead" in graph["benchmarks.lab.engine_cpu"], "the lab is read"
+    assert circles(graph) == []
 
 
 FRONT_END = """
