@@ -28,7 +28,7 @@ from server.client import EngineClient, RemoteClient
 from server.fastlane import LaneApp
 from server.middleware import RequestContextMiddleware
 from server.routes import fast_lane_routes, router
-from server.runtime import Runtime, tune_gc
+from server.runtime import Runtime
 from server.settings import Settings
 from server.timeline import MAX_LATENCIES
 
@@ -51,14 +51,18 @@ def create_app(
     """The ASGI app. `model` replaces the model that `settings` names (tests pass fakes;
     a sequence is one replica each). With `engine_path`, the app is a front-end of the
     engine process serving that socket (`microbatch serve --workers N`, see
-    `server.workers`): it imports neither torch nor transformers, encodes with the
-    encoder the engine process sends it, and `/metrics` adds every front-end's counters
-    from the directory prometheus_client's multiprocess mode writes to.
+    `server.workers`): it loads no model and imports neither torch nor transformers; it
+    encodes with the encoder the engine process sends it once connected, and `/metrics`
+    adds every front-end's counters from the directory prometheus_client's multiprocess
+    mode writes to. Giving both raises ValueError (the engine process has the model).
 
-    Startup loads the model (a load error fails startup), then warms it in the
-    background: `/health` answers at once, `/ready` turns 200 once warm. Shutdown
-    drains: every admitted request is answered before the engine stops.
+    Startup loads the model in this process (a load error fails startup), or connects
+    to the engine process in the background; then the model warms up: `/health` answers
+    at once, `/ready` turns 200 once warm. Shutdown drains: every admitted request is
+    answered before the engine stops.
     """
+    if model is not None and engine_path is not None:
+        raise ValueError("a front-end (engine_path) takes its model from the engine process")
     settings = settings if settings is not None else Settings()
     registry = CollectorRegistry()
     if engine_path is None:  # a front-end's are the engine process's, in its /metrics
@@ -73,7 +77,6 @@ def create_app(
             client = RemoteClient.start(
                 engine_path, registry, latencies, metrics_dir, settings.drain_timeout_s
             )
-            tune_gc()  # as the engine process does once warm: what is loaded now lives on
         else:
             # Only here: the engine side, which imports torch (a front-end never does).
             from server.host import EngineHost, LocalClient

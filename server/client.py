@@ -42,6 +42,7 @@ from batcher import (
     State,
 )
 from batcher.models import Encoded, Encoder, Output, unpack_output
+from server.collector import tune_gc
 from server.schemas import ThreadsInfo
 from server.timeline import Recent
 
@@ -278,10 +279,9 @@ class RemoteClient:
     async def _run(self) -> None:
         try:
             await self._connect()
-            self._encoder = await self.remote.control(
-                "call", name="encoder", timeout_s=CONTROL_TIMEOUT_S
-            )
-            await self.refresh()
+            self._encoder = await self._patiently("encoder")
+            self._take(await self._patiently("report"))
+            tune_gc()  # what this process holds now lives as long as it does
             while True:  # the beat: our state to the engine; is the supervisor there?
                 self._tell()
                 await asyncio.sleep(REPORT_EVERY_S)
@@ -311,6 +311,17 @@ class RemoteClient:
                 if os.getppid() != self._parent:
                     raise RuntimeError("the supervisor process went away") from None
                 await asyncio.sleep(REPORT_EVERY_S)
+
+    async def _patiently(self, name: str) -> Any:
+        """Call `name` in the engine process, asking again while it does not answer
+        (its loop may be busy warming up), for up to `CONNECT_TIMEOUT_S`."""
+        waited = time.monotonic()
+        while True:
+            try:
+                return await self.remote.control("call", name=name, timeout_s=CONTROL_TIMEOUT_S)
+            except TimeoutError:
+                if time.monotonic() - waited > CONNECT_TIMEOUT_S:
+                    raise
 
     def _tell(self) -> None:
         latencies = list(self._latencies)

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("microbatch.server")
 
 _EARLY_STOP = threading.Event()
+REFUSED = 2
+"""The engine process's exit status when the settings cannot work here (a device this
+machine lacks): the supervisor exits with it, as `microbatch serve` does."""
 
 
 def run(settings: Settings, path: str, supervisor: int, model: ServedModel | None = None) -> None:
@@ -46,7 +49,7 @@ def run(settings: Settings, path: str, supervisor: int, model: ServedModel | Non
     if found := device_problems(settings):  # not checked by the supervisor: no torch there
         for problem in found:
             logger.error("microbatch serve: %s", problem)
-        raise SystemExit(2)
+        raise SystemExit(REFUSED)
     disable_progress_bars()
     run_loop(lambda: _serve(settings, path, supervisor, model))
 
@@ -103,6 +106,7 @@ async def _serve(settings: Settings, path: str, supervisor: int, model: ServedMo
         await host.aclose()  # drains: every item still queued is computed and answered
     finally:
         push.cancel()
+        await asyncio.gather(push, watch, return_exceptions=True)
         await server.aclose()
     logger.info("engine process %d stopped", os.getpid())
 
@@ -119,7 +123,11 @@ async def _push_reports(
     while True:
         host.changed.clear()
         if server.connected:
-            server.broadcast("report", host.report(front_ends, workers))
+            try:
+                server.broadcast("report", host.report(front_ends, workers))
+            except Exception:
+                # Front-ends then see no report: within STALE_AFTER_S, /health says so.
+                logger.exception("the engine's report failed; this is a bug")
         try:
             async with asyncio.timeout(REPORT_EVERY_S):
                 await host.changed.wait()

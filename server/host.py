@@ -1,7 +1,7 @@
 """The engine side of the server: the model's replicas, their warm-up, the engine and its
 timeline, in one `EngineHost`. It runs unchanged in the one process of `microbatch serve`
 (the app's `LocalClient` holds it) and in the engine process of `--workers N`
-(`server.workers` serves it on a socket to the front-ends' `server.client.RemoteClient`).
+(`server.engine_process` serves it on a socket to the front-ends' `server.client.RemoteClient`).
 
 Only this side imports torch and transformers (through `batcher.models`)."""
 
@@ -29,7 +29,7 @@ from batcher.models import (
     set_threads,
 )
 from server.client import READY_WITHIN_S, EngineReport, Status, WarmingStep
-from server.runtime import tune_gc
+from server.collector import tune_gc
 from server.schemas import ThreadsInfo
 from server.settings import Settings
 from server.timeline import MAX_LATENCIES, Recent, Timeline
@@ -248,7 +248,9 @@ class EngineHost:
         return stats.queue_depth >= self.settings.saturated_at * stats.config.max_queue_size
 
     def stop_admitting(self) -> None:
-        """From now on the status is `draining` (safe in a signal handler)."""
+        """From now on the status is `draining`. Safe in a signal handler of this
+        process's loop (as `loop.add_signal_handler` calls it): it sets a flag and an
+        event on the loop's own thread."""
         if self.status != "failed":
             self.status = "draining"
             self.changed.set()

@@ -217,7 +217,8 @@ class Supervisor:
                 logger.error("the engine process exited with status %s; stopping",
                              self.engine.exitcode)  # fmt: skip
                 self._stop_front_ends()
-                return 1
+                refused = self.engine.exitcode == engine_process.REFUSED
+                return engine_process.REFUSED if refused else 1
             for index, process in enumerate(self.front_ends):
                 if process.is_alive():
                     continue

@@ -55,6 +55,16 @@ def test_a_device_this_machine_lacks_is_named() -> None:
     assert "unknown device 'tpu'" in unknown
 
 
+def test_with_workers_the_engine_process_names_a_device_and_the_server_exits_2() -> None:
+    """The supervisor imports no torch, so the engine process checks the devices, before
+    it loads the model; the supervisor stops the front-ends and exits with its status."""
+    result = serve("--workers", "2", "--device", "tpu")
+    assert result.returncode == 2, result.stderr
+    assert "microbatch serve: --device unknown device 'tpu'" in result.stderr
+    assert "loading 1/1" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_port_in_use_is_named_before_the_model_loads() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -76,7 +76,9 @@ def maps_libtorch(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
 def test_exactly_one_process_maps_libtorch_the_engine(workers: ServerProcess) -> None:
     """The front-ends encode with the encoder the engine sent them: no torch, no
-    transformers, in any process but the engine's (the supervisor's neither)."""
+    transformers, in any process but the engine's (the supervisor's neither). Torch
+    shows in the maps as its shared libraries; transformers, pure Python, does not:
+    tests/server/test_boundaries.py holds a front-end's modules to neither."""
     engine, front_ends = pids(workers)
     assert workers.process is not None
     supervisor = workers.process.pid
@@ -84,9 +86,7 @@ def test_exactly_one_process_maps_libtorch_the_engine(workers: ServerProcess) ->
     mapped = {pid: maps_libtorch(pid) for pid in [supervisor, engine, *front_ends]}
     assert mapped == {supervisor: False, engine: True, **dict.fromkeys(front_ends, False)}
     for pid in front_ends:
-        maps = Path(f"/proc/{pid}/maps").read_text()
-        assert "/transformers/" not in maps
-        assert "/torch/" not in maps
+        assert "/torch/" not in Path(f"/proc/{pid}/maps").read_text()
 
 
 @pytest.mark.reference
