@@ -92,15 +92,21 @@ def serve(argv: list[str]) -> int:
     from server import logs, preflight
 
     log_config = logs.configure(settings.log_level, settings.log_format)
+    try:
+        sock = preflight.listen(settings.host, settings.port)  # first: the cheapest check
+    except preflight.PortUnavailable as exc:
+        print(f"microbatch serve: {exc}", file=sys.stderr)
+        return 2
     found = preflight.problems(settings)
     for problem in found:
         print(f"microbatch serve: {problem}", file=sys.stderr)
     if found:
+        sock.close()
         return 2
     if settings.workers > 1:
         from server.workers import supervise
 
-        return supervise(settings)
+        return supervise(settings, sock)
 
     from batcher.models import disable_progress_bars
     from server.app import create_app
@@ -124,7 +130,7 @@ def serve(argv: list[str]) -> int:
     # uvicorn re-raises the signal it caught once it has shut down; after a clean drain
     # SIGTERM should end the process with status 0, as orchestrators expect.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    server.run()
+    server.run(sockets=[sock])
     return 0 if server.started else 1
 
 

@@ -11,30 +11,41 @@ import socket
 from server.settings import Settings
 
 
-def port_problem(host: str, port: int) -> str | None:
-    """Why the server could not listen on `host:port`; None if it can (0: any port)."""
-    if port == 0:
-        return None
+class PortUnavailable(Exception):
+    """The server cannot listen where it was asked to; the message names the flags."""
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound and listening before anything loads: from
+    then on the port is this server's, and a second server started on it a moment later
+    is refused at once, not after its model has loaded (0 picks a free port). Raises
+    PortUnavailable."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return f"--port {port}: the port is in use on {host} (0 picks a free one)"
-            return f"--host {host} --port {port}: cannot listen there: {exc.strerror}"
-    return None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+        sock.bind((host, port))
+        # Listening now, not when uvicorn starts: two sockets that both allow reusing
+        # the address may bind one port as long as neither listens.
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortUnavailable(
+                f"--port {port}: the port is in use on {host} (0 picks a free one)"
+            ) from None
+        raise PortUnavailable(
+            f"--host {host} --port {port}: cannot listen there: {exc.strerror}"
+        ) from None
+    sock.set_inheritable(True)  # the front-ends of --workers accept on it
+    return sock
 
 
 def problems(settings: Settings) -> list[str]:
     """Every reason the server cannot start with `settings`, found without loading the
-    model. Checks the port first: it is the cheapest, and needs no torch. With
-    `--workers N` the devices are checked by the engine process (`device_problems`), so
-    that the supervisor never imports torch."""
+    model (the port is `listen`'s). With `--workers N` the devices are checked by the
+    engine process (`device_problems`), so that the supervisor never imports torch."""
     found = []
-    if (problem := port_problem(settings.host, settings.port)) is not None:
-        found.append(problem)
     if settings.workers > 1 and settings.rate_limit_rps is not None:
         found.append(
             "--rate-limit-rps counts per process: with --workers it would let each client "

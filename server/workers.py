@@ -295,17 +295,9 @@ class Supervisor:
         return process.exitcode in (0, -signal.SIGTERM)
 
 
-def supervise(settings: Settings) -> int:
-    """Bind the port and run `settings.workers` front-ends on one engine process."""
-    import uvicorn
-
-    from server import logs
-
-    config = uvicorn.Config(
-        "server.app:create_app",
-        host=settings.host,
-        port=settings.port,
-        log_config=logs.uvicorn_log_config(),
-    )
-    sock = config.bind_socket()  # logs the address, with the port 0 picked
+def supervise(settings: Settings, sock: socket.socket) -> int:
+    """Run `settings.workers` front-ends on one engine process, all serving `sock`
+    (`server.preflight.listen`'s)."""
+    host, port = sock.getsockname()[:2]
+    logger.info("listening on http://%s:%d with %d front-ends", host, port, settings.workers)
     return Supervisor(settings, sock).run()

@@ -4,11 +4,14 @@ loads, in one line naming the setting, with exit status 2; the command answers
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from server import cli
@@ -77,6 +80,45 @@ def test_a_port_in_use_is_named_before_the_model_loads() -> None:
         line
         == f"microbatch serve: --port {port}: the port is in use on 127.0.0.1 (0 picks a free one)"
     )
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_taken_by_a_server_still_loading_is_named_in_one_line(
+    workers: str, tmp_path: Path
+) -> None:
+    """The first server holds its port from its first second, before its model loads:
+    a second one started on it then is refused in one line, status 2, and loads nothing,
+    and the first one goes on to serve."""
+    from benchmarks.processes import free_port
+
+    port = free_port()
+    command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port),
+               "--workers", workers, "--no-compile", "--dtype", "float32"]  # fmt: skip
+    log = (tmp_path / "first.log").open("wb")
+    first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while not _listening(port):
+            assert first.poll() is None, (tmp_path / "first.log").read_text()
+            time.sleep(0.05)  # polling another process's socket; nothing to wait on here
+        second = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        line = one_line(second)
+        assert line == (
+            f"microbatch serve: --port {port}: the port is in use on 127.0.0.1 (0 picks a free one)"
+        )
+        deadline = time.monotonic() + 240
+        while httpx.get(f"http://127.0.0.1:{port}/ready", timeout=30).status_code != 200:
+            assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+            time.sleep(0.5)  # the first server warming up in its own process
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=120) == 0, (tmp_path / "first.log").read_text()
+        log.close()
 
 
 def test_a_model_that_fails_to_load_is_one_line_not_a_traceback(tmp_path: Path) -> None:
