@@ -18,6 +18,7 @@ from benchmarks.runs import (
     format_table,
     load_corpus,
     parse_loads,
+    show_defaults,
     write_csv,
 )
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import compare
 
         return compare.main([a for a in argv if a != "--compare"])
-    args = parser.parse_args(argv)
+    args = show_defaults(parser).parse_args(argv)
     if not args.url:
         parser.error("a URL is required (or --compare)")
     corpus = load_corpus(args.corpus)

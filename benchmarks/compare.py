@@ -33,7 +33,7 @@ from benchmarks.ceiling import native_dtypes
 from benchmarks.loadgen import Load, Request
 from benchmarks.plot import plot_runs
 from benchmarks.processes import pin, server
-from benchmarks.runs import Run, bench, format_table, load_corpus
+from benchmarks.runs import Run, bench, format_table, load_corpus, show_defaults
 
 SERVER_CPU, CLIENT_CPU = 0, 1
 
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve-args", default="",
                         help="extra flags for microbatch serve (default: none, its defaults; "
                         "pinned to one CPU, it runs one torch thread)")  # fmt: skip
-    args = parser.parse_args(argv)
+    args = show_defaults(parser).parse_args(argv)
     if args.render:
         render(Path(args.render), args)
         return 0

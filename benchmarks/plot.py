@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from benchmarks.runs import show_defaults
+
 
 def load_run(path: str) -> dict[str, Any]:
     run: dict[str, Any] = json.loads(Path(path).read_text())
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", nargs="+", help="microbatch bench --json files")
     parser.add_argument("-o", "--output", default="curve.png")
     parser.add_argument("--title", default="throughput vs latency")
-    args = parser.parse_args(argv)
+    args = show_defaults(parser).parse_args(argv)
     runs = [load_run(p) for p in args.results]
     labels = [r.get("label") or Path(p).stem for r, p in zip(runs, args.results, strict=True)]
     plot_runs(runs, labels, args.output, args.title)

@@ -265,6 +265,21 @@ async def bench(
     return run
 
 
+def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make `--help` name the default of every option that has one (a flag that is off,
+    an empty or absent value has none to name), and return the parser."""
+    for action in parser._actions:
+        default = action.default
+        nothing = default is None or default is False or default == ""
+        if nothing or default is argparse.SUPPRESS or not action.option_strings:
+            continue
+        if "%(default)" not in (action.help or ""):
+            action.help = (
+                f"{action.help} (default: %(default)s)" if action.help else ("default: %(default)s")
+            )
+    return parser
+
+
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", help="closed loop: comma-separated client counts")
     parser.add_argument("--rate", help="open loop: comma-separated Poisson rates, requests/s")

@@ -38,7 +38,7 @@ from benchmarks.corpus import builtin
 from benchmarks.environment import command_line, describe
 from benchmarks.loadgen import Request, closed_loop, paced, percentile, poisson_arrivals
 from benchmarks.processes import pin, server
-from benchmarks.runs import seconds_bar
+from benchmarks.runs import seconds_bar, show_defaults
 from benchmarks.scrape import Scrape, mean_request_ms, scrape
 from benchmarks.transport import AiohttpTransport
 
@@ -366,7 +366,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--client-timeout-s", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the report and environment here")
-    args = p.parse_args(argv)
+    args = show_defaults(p).parse_args(argv)
     if args.overload_s > args.duration_s:
         p.error("--overload-s must not exceed --duration-s")
     return args

@@ -33,6 +33,7 @@ from benchmarks.runs import (
     load_corpus,
     measure,
     parse_loads,
+    show_defaults,
 )
 from benchmarks.transport import Transport, TransportFactory, aiohttp_transports
 
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write every point here")
     parser.add_argument("--png", default="sweep.png", help="throughput vs p99 plot")
     parser.set_defaults(duration=10.0, warmup=2.0)
-    args = parser.parse_args(argv)
+    args = show_defaults(parser).parse_args(argv)
     if args.apply and args.slo_p99_ms is None:
         parser.error("--apply needs --slo-p99-ms")
     if args.processes != 1:
