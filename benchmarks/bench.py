@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = show_defaults(parser).parse_args(argv)
     if not args.url:
         parser.error("a URL is required (or --compare)")
-    corpus = load_corpus(args.corpus)
+    corpus = load_corpus(args.corpus, args.workload)
     request = Request(args.endpoint, args.texts_per_request)
     print(format_table([]))
     run = asyncio.run(

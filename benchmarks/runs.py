@@ -285,11 +285,20 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", help="open loop: comma-separated Poisson rates, requests/s")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds a step")
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds a step")
-    parser.add_argument("--corpus", help="one text per line; default: a built-in corpus")
+    texts = parser.add_mutually_exclusive_group()
+    texts.add_argument("--corpus", help="one text per line, instead of a built-in workload")
+    texts.add_argument(
+        "--workload",
+        choices=list(corpora.WORKLOADS),
+        default="short",
+        help="built-in texts: short sentences, RAG chunks (each fills the model's "
+        "256-token window), or a mix of 80 %% short queries and 20 %% chunks",
+    )
     parser.add_argument("--endpoint", default="/predict", choices=["/predict", "/predict/batch"])
     parser.add_argument("--texts-per-request", type=int, default=8, help="for /predict/batch")
     parser.add_argument("--processes", type=int, default=1, help="load-generator processes")
 
 
-def load_corpus(path: str | None) -> corpora.Corpus:
-    return corpora.from_file(path) if path else corpora.builtin()
+def load_corpus(path: str | None, workload: str = "short") -> corpora.Corpus:
+    """The texts of the file at `path`, else of the built-in `workload`."""
+    return corpora.from_file(path) if path else corpora.workload(workload)

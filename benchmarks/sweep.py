@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         args.policies.split(","),
     )
     loads = parse_loads(args.concurrency, args.rate)
-    corpus = load_corpus(args.corpus)
+    corpus = load_corpus(args.corpus, args.workload)
     request = Request(args.endpoint, args.texts_per_request)
 
     def run(url: str) -> int:
