@@ -11,7 +11,7 @@ import asyncio
 import json
 import sys
 
-from benchmarks.loadgen import Request
+from benchmarks.loadgen import Request, StepResult
 from benchmarks.runs import (
     add_load_arguments,
     bench,
@@ -21,6 +21,17 @@ from benchmarks.runs import (
     show_defaults,
     write_csv,
 )
+
+
+def print_step(step: StepResult) -> None:
+    """The step's row of the table, and its latencies by kind of text, if any."""
+    print(format_table([step]).splitlines()[1], flush=True)
+    for kind, ms in step.latency_ms_by_kind.items():
+        line = (
+            f"{'':>12} {kind}: {ms['requests']:.0f} requests, p50 {ms['p50']:.1f} ms, "
+            f"p90 {ms['p90']:.1f}, p99 {ms['p99']:.1f}, max {ms['max']:.1f}"
+        )
+        print(line, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,10 +72,11 @@ def main(argv: list[str] | None = None) -> int:
             request=request,
             duration_s=args.duration,
             warmup_s=args.warmup,
+            kinds=corpus.kinds,
             processes=args.processes,
             label=args.label,
             progress=True,
-            on_step=lambda s: print(format_table([s]).splitlines()[1], flush=True),
+            on_step=print_step,
         )
     )
     if args.json:

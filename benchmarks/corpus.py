@@ -28,6 +28,9 @@ class Corpus:
     texts: list[str]
     source: str
     """'built-in (seed S, W1-W2 words)' or the file's path."""
+    kinds: list[str] | None = None
+    """The kind of each text, where a workload mixes kinds (`query`, `chunk`): the load
+    tools then report latencies by kind too."""
 
 
 def builtin(n: int = 2000, seed: int = 0, min_words: int = 5, max_words: int = 60) -> Corpus:
@@ -52,9 +55,12 @@ def mixed(n: int = 2000, seed: int = 2, chunk_share: float = 0.2) -> Corpus:
         raise ValueError(f"chunk_share must be between 0 and 1, got {chunk_share}")
     chunks = round(n * chunk_share)
     texts = builtin(n - chunks, seed, 5, 20).texts + rag_chunks(chunks, seed + 1).texts
-    random.Random(seed).shuffle(texts)
+    kinds = ["query"] * (n - chunks) + ["chunk"] * chunks
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
     share = f"{round(chunk_share * 100)} % chunks of 260-400 words"
-    return Corpus(texts, f"built-in mix (seed {seed}, {n} texts: queries of 5-20 words, {share})")
+    source = f"built-in mix (seed {seed}, {n} texts: queries of 5-20 words, {share})"
+    return Corpus([texts[i] for i in order], source, [kinds[i] for i in order])
 
 
 WORKLOADS: dict[str, Callable[[], Corpus]] = {"short": builtin, "rag": rag_chunks, "mix": mixed}

@@ -73,11 +73,22 @@ class Samples:
     latencies_s: list[float] = field(default_factory=list)
     statuses: Counter[str] = field(default_factory=Counter)
     duration_s: float = 0.0
+    by_kind: dict[str, list[float]] = field(default_factory=dict)
+    """The latencies again, by the kind of text each request sent (the mix's queries and
+    chunks), when the texts have kinds."""
+
+    def record(self, latency_s: float, status: str, kind: str | None) -> None:
+        self.latencies_s.append(latency_s)
+        self.statuses[status] += 1
+        if kind is not None:
+            self.by_kind.setdefault(kind, []).append(latency_s)
 
     def merge(self, other: Samples) -> None:
         self.latencies_s += other.latencies_s
         self.statuses.update(other.statuses)
         self.duration_s = max(self.duration_s, other.duration_s)
+        for kind, latencies in other.by_kind.items():
+            self.by_kind.setdefault(kind, []).extend(latencies)
 
 
 @dataclass
@@ -93,6 +104,8 @@ class StepResult:
     latency_ms: dict[str, float]
     statuses: dict[str, int]
     server: dict[str, float]
+    latency_ms_by_kind: dict[str, dict[str, float]] = field(default_factory=dict)
+    """p50/p90/p99/max and the request count, by the kind of text sent (see Samples)."""
 
     @property
     def p99_ms(self) -> float:
@@ -135,6 +148,14 @@ async def paced(
     return list(await asyncio.gather(*tasks))
 
 
+def kind_of(kinds: Sequence[str] | None, request: Request, index: int) -> str | None:
+    """The kind of the text request `index` sends, when the texts have kinds and each
+    request sends one text."""
+    if kinds is None or request.endpoint == "/predict/batch":
+        return None
+    return kinds[index % len(kinds)]
+
+
 async def closed_loop(
     client: Transport,
     texts: list[str],
@@ -143,8 +164,10 @@ async def closed_loop(
     duration_s: float,
     warmup_s: float,
     clock: Clock = time.perf_counter,
+    kinds: Sequence[str] | None = None,
 ) -> Samples:
-    """`concurrency` clients, each sending its next request when its last one returns."""
+    """`concurrency` clients, each sending its next request when its last one returns.
+    `kinds` (one per text) splits the latencies by the kind of text sent."""
     samples = Samples()
     measure_from = clock() + warmup_s
     stop_at = measure_from + duration_s
@@ -152,10 +175,10 @@ async def closed_loop(
     async def client_loop(index: int) -> None:
         while (sent_at := clock()) < stop_at:
             status = await client.post(request.endpoint, request.body(texts, index))
+            sent = index
             index += concurrency
             if sent_at >= measure_from:
-                samples.latencies_s.append(clock() - sent_at)
-                samples.statuses[status] += 1
+                samples.record(clock() - sent_at, status, kind_of(kinds, request, sent))
 
     await asyncio.gather(*(client_loop(k) for k in range(concurrency)))
     samples.duration_s = duration_s
@@ -171,6 +194,7 @@ async def open_loop(
     warmup_s: float,
     seed: int = 0,
     clock: Clock = time.perf_counter,
+    kinds: Sequence[str] | None = None,
 ) -> Samples:
     """Poisson arrivals at `rate`/s, each sent at its time whatever is still in flight."""
     samples = Samples()
@@ -180,8 +204,7 @@ async def open_loop(
     async def one(index: int, scheduled: float) -> None:
         status = await client.post(request.endpoint, request.body(texts, index))
         if scheduled >= measure_from:
-            samples.latencies_s.append(clock() - scheduled)
-            samples.statuses[status] += 1
+            samples.record(clock() - scheduled, status, kind_of(kinds, request, index))
 
     await paced(arrivals, one, clock)
     samples.duration_s = duration_s
@@ -197,31 +220,44 @@ async def run_load(
     warmup_s: float,
     clock: Clock = time.perf_counter,
     seed: int = 0,
+    kinds: Sequence[str] | None = None,
 ) -> Samples:
     if load.kind == "closed":
         return await closed_loop(
-            client, texts, request, int(load.value), duration_s, warmup_s, clock
+            client, texts, request, int(load.value), duration_s, warmup_s, clock, kinds
         )
-    return await open_loop(client, texts, request, load.value, duration_s, warmup_s, seed, clock)
+    return await open_loop(
+        client, texts, request, load.value, duration_s, warmup_s, seed, clock, kinds
+    )
 
 
-def summarize(load: Load, samples: Samples, server: dict[str, float]) -> StepResult:
-    ms = np.asarray(samples.latencies_s) * 1000.0
+def _latency_ms(latencies_s: Sequence[float]) -> dict[str, float]:
+    ms = np.asarray(latencies_s) * 1000.0
     latency = {f"p{q}": percentile(ms, q) for q in PERCENTILES}
     if len(ms):
         latency |= {"mean": float(ms.mean()), "max": float(ms.max())}
     else:
         latency |= dict.fromkeys(("mean", "max"), math.nan)
+    return latency
+
+
+def summarize(load: Load, samples: Samples, server: dict[str, float]) -> StepResult:
+    latency = _latency_ms(samples.latencies_s)
+    by_kind = {
+        kind: {**_latency_ms(latencies), "requests": float(len(latencies))}
+        for kind, latencies in sorted(samples.by_kind.items())
+    }
     ok = samples.statuses.get("200", 0)
     return StepResult(
         load=str(load),
         kind=load.kind,
         value=load.value,
         duration_s=samples.duration_s,
-        requests=len(ms),
+        requests=len(samples.latencies_s),
         ok=ok,
         throughput_rps=ok / samples.duration_s if samples.duration_s else 0.0,
         latency_ms=latency,
         statuses=dict(samples.statuses),
         server=server,
+        latency_ms_by_kind=by_kind,
     )

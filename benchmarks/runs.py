@@ -39,6 +39,8 @@ class Step:
     duration_s: float
     warmup_s: float
     seed: int = 0
+    kinds: list[str] | None = None
+    """The kind of each text (`benchmarks.corpus.Corpus.kinds`), to split latencies by."""
 
 
 def _split(load: Load, parts: int) -> list[Load]:
@@ -55,8 +57,9 @@ def _child(url: str, step: Step, load: Load, start_at: float, seed: int) -> Samp
         await asyncio.sleep(max(0.0, start_at - time.time()))
         async with aiohttp_transports(url)(_connections(load)) as client:
             return await run_load(
-                client, step.texts, step.request, load, step.duration_s, step.warmup_s, seed=seed
-            )
+                client, step.texts, step.request, load, step.duration_s, step.warmup_s,
+                seed=seed, kinds=step.kinds,
+            )  # fmt: skip
 
     return asyncio.run(go())
 
@@ -97,7 +100,7 @@ async def measure(
                 async with clients(_connections(step.load)) as client:
                     samples = await run_load(
                         client, step.texts, step.request, step.load,
-                        step.duration_s, step.warmup_s, clock, step.seed,
+                        step.duration_s, step.warmup_s, clock, step.seed, step.kinds,
                     )  # fmt: skip
             await snapshot
         after = await scrape(observer)
@@ -236,6 +239,7 @@ async def bench(
     request: Request,
     duration_s: float,
     warmup_s: float,
+    kinds: list[str] | None = None,
     processes: int = 1,
     label: str = "",
     clients: TransportFactory | None = None,
@@ -257,7 +261,7 @@ async def bench(
         environment=environment.describe(),
     )
     for load in loads:
-        step = Step(texts, request, load, duration_s, warmup_s)
+        step = Step(texts, request, load, duration_s, warmup_s, kinds=kinds)
         result = await measure(step, clients, url=url, processes=processes, progress=progress)
         run.steps.append(result)
         if on_step:

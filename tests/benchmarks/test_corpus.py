@@ -23,8 +23,11 @@ def test_each_workload_is_the_same_texts_every_time_and_its_lengths_are_as_named
 
 
 def test_the_mix_is_one_chunk_in_five_spread_through_the_run() -> None:
-    texts = corpus.workload("mix").texts
+    mix = corpus.workload("mix")
+    texts = mix.texts
     chunks = [words(t) >= 260 for t in texts]
+    assert mix.kinds == ["chunk" if chunk else "query" for chunk in chunks]
+    assert corpus.workload("rag").kinds is None
     assert sum(chunks) == round(0.2 * len(texts))
     assert all(5 <= words(t) <= 20 for t, chunk in zip(texts, chunks, strict=True) if not chunk)
     for start in range(0, len(texts), 500):  # no long stretch of one kind

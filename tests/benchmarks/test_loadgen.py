@@ -15,7 +15,15 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from benchmarks.loadgen import Load, Request, closed_loop, open_loop, poisson_arrivals
+from benchmarks.loadgen import (
+    Load,
+    Request,
+    Samples,
+    closed_loop,
+    open_loop,
+    poisson_arrivals,
+    summarize,
+)
 from benchmarks.runs import Step, measure
 from benchmarks.transport import Transport, asgi_transports
 
@@ -116,3 +124,38 @@ async def test_a_measured_step_summarises_rate_and_percentiles() -> None:
     assert result.latency_ms["p50"] == pytest.approx(55.0, abs=5.0)
     assert result.latency_ms["max"] == pytest.approx(100.0)
     assert result.server == {}, "a server without /metrics reports nothing, not garbage"
+
+
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_latencies_by_kind_of_text_follow_each_request_s_text() -> None:
+    """One client sends texts 0, 1, 2, ... in turn: even ones are queries, odd ones
+    chunks, and the n-th request takes DELAYS_MS[n % 10], so each kind's latencies are
+    known exactly."""
+    clock = asyncio.get_running_loop().time
+    kinds = ["query", "chunk"]
+    async with client_for(delayed_app(DELAYS_MS)) as client:
+        samples = await closed_loop(client, ["q", "c"], Request(), 1, 55.0, 0.0, clock, kinds)
+    queries = sorted(set(np.round(np.array(samples.by_kind["query"]) * 1000, 6)))
+    chunks = sorted(set(np.round(np.array(samples.by_kind["chunk"]) * 1000, 6)))
+    assert (queries, chunks) == (DELAYS_MS[0::2], DELAYS_MS[1::2])
+    assert len(samples.by_kind["query"]) + len(samples.by_kind["chunk"]) == 1000
+    step = summarize(Load("closed", 1), samples, {})
+    assert step.latency_ms_by_kind["query"]["max"] == pytest.approx(90.0)
+    assert step.latency_ms_by_kind["chunk"]["max"] == pytest.approx(100.0)
+    assert step.latency_ms_by_kind["chunk"]["requests"] == 500
+    # Several texts a request have no one kind; texts without kinds have none either.
+    async with client_for(delayed_app(DELAYS_MS)) as client:
+        plain = await closed_loop(client, ["q", "c"], Request(), 1, 1.0, 0.0, clock)
+    assert plain.by_kind == {}
+    assert summarize(Load("closed", 1), plain, {}).latency_ms_by_kind == {}
+
+
+def test_merged_samples_keep_their_kinds() -> None:
+    a, b = Samples(), Samples()
+    a.record(0.1, "200", "query")
+    b.record(0.2, "200", "query")
+    b.record(0.3, "503", "chunk")
+    a.merge(b)
+    assert a.by_kind == {"query": [0.1, 0.2], "chunk": [0.3]}
+    assert a.statuses == {"200": 2, "503": 1}
