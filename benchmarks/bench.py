@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.url:
         parser.error("a URL is required (or --compare)")
     corpus = load_corpus(args.corpus, args.workload)
-    request = Request(args.endpoint, args.texts_per_request)
+    request = Request(args.endpoint, args.texts_per_request, model=args.model)
     print(format_table([]))
     run = asyncio.run(
         bench(

@@ -49,6 +49,11 @@ class Load:
         return f"{clients} client" if clients == 1 else f"{clients} clients"
 
 
+OPENAI_ENDPOINTS = ("/v1/embeddings", "/embeddings")
+"""OpenAI's embeddings route: ours, and where servers such as Infinity serve it."""
+ENDPOINTS = ("/predict", "/predict/batch", *OPENAI_ENDPOINTS)
+
+
 @dataclass(frozen=True)
 class Request:
     endpoint: str = "/predict"
@@ -56,6 +61,8 @@ class Request:
     """For /predict/batch: texts in each request."""
     encoding_format: str | None = None
     """Ask for vectors as `float` or `base64` (None: the server's default, floats)."""
+    model: str = "default"
+    """OpenAI's routes: the `model` field of each request."""
 
     def body(self, texts: list[str], index: int) -> dict[str, object]:
         extra = {} if self.encoding_format is None else {"encoding_format": self.encoding_format}
@@ -63,6 +70,8 @@ class Request:
             n = len(texts)
             batch = [texts[(index + k) % n] for k in range(self.texts_per_request)]
             return {"texts": batch, **extra}
+        if self.endpoint in OPENAI_ENDPOINTS:  # one text a request, as /predict sends
+            return {"input": texts[index % len(texts)], "model": self.model, **extra}
         return {"text": texts[index % len(texts)], **extra}
 
 

@@ -21,7 +21,16 @@ from tqdm import tqdm
 
 from benchmarks import corpus as corpora
 from benchmarks import environment
-from benchmarks.loadgen import Clock, Load, Request, Samples, StepResult, run_load, summarize
+from benchmarks.loadgen import (
+    ENDPOINTS,
+    Clock,
+    Load,
+    Request,
+    Samples,
+    StepResult,
+    run_load,
+    summarize,
+)
 from benchmarks.scrape import Scrape, scrape, server_delta
 from benchmarks.transport import TransportFactory, aiohttp_transports
 
@@ -298,7 +307,14 @@ def add_load_arguments(parser: argparse.ArgumentParser) -> None:
         help="built-in texts: short sentences, RAG chunks (each fills the model's "
         "256-token window), or a mix of 80 %% short queries and 20 %% chunks",
     )
-    parser.add_argument("--endpoint", default="/predict", choices=["/predict", "/predict/batch"])
+    parser.add_argument(
+        "--endpoint",
+        default="/predict",
+        choices=list(ENDPOINTS),
+        help="ours, or OpenAI's embeddings route (ours, or another server's such as "
+        "Infinity's /embeddings), one text a request",
+    )
+    parser.add_argument("--model", default="default", help="OpenAI's routes: the model field")
     parser.add_argument("--texts-per-request", type=int, default=8, help="for /predict/batch")
     parser.add_argument("--processes", type=int, default=1, help="load-generator processes")
 

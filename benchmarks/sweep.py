@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     loads = parse_loads(args.concurrency, args.rate)
     corpus = load_corpus(args.corpus, args.workload)
-    request = Request(args.endpoint, args.texts_per_request)
+    request = Request(args.endpoint, args.texts_per_request, model=args.model)
 
     def run(url: str) -> int:
         clients = aiohttp_transports(url)

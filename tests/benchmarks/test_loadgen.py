@@ -159,3 +159,12 @@ def test_merged_samples_keep_their_kinds() -> None:
     a.merge(b)
     assert a.by_kind == {"query": [0.1, 0.2], "chunk": [0.3]}
     assert a.statuses == {"200": 2, "503": 1}
+
+
+def test_each_endpoint_gets_its_own_body_shape() -> None:
+    texts = ["a", "b", "c"]
+    assert Request().body(texts, 4) == {"text": "b"}
+    assert Request("/predict/batch", 2).body(texts, 2) == {"texts": ["c", "a"]}
+    for openai in ("/v1/embeddings", "/embeddings"):  # ours, and a peer's such as Infinity's
+        body = Request(openai, model="m", encoding_format="float").body(texts, 5)
+        assert body == {"input": "c", "model": "m", "encoding_format": "float"}
