@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks import environment
-from benchmarks.corpus import builtin
+from benchmarks.corpus import WORKLOADS
+from benchmarks.corpus import workload as load_workload
 
 
 @dataclass
@@ -67,6 +68,7 @@ def measure(
     torch_threads: int | None,
     dtypes: list[str] | None = None,
     accuracy_texts: int = 2000,
+    workload: str = "short",
 ) -> tuple[list[CeilingRow], list[Accuracy]]:
     """Every (dtype, order, batch size)'s speed, and every dtype's agreement with
     float32 over the first `accuracy_texts` texts of the corpus (none when 0)."""
@@ -76,7 +78,7 @@ def measure(
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    corpus = builtin().texts
+    corpus = workload_texts(workload)
     texts = corpus[:texts_per_run]
     rows: list[CeilingRow] = []
     vectors: dict[str, np.ndarray] = {}
@@ -175,6 +177,11 @@ def format_precisions(rows: list[CeilingRow], accuracy: list[Accuracy]) -> str:
     return "\n".join(lines)
 
 
+def workload_texts(name: str) -> list[str]:
+    """The texts of the built-in workload `name` (`benchmarks.corpus`)."""
+    return load_workload(name).texts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ceiling", description=__doc__)
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32")
@@ -192,13 +199,16 @@ def main(argv: list[str] | None = None) -> int:
         default=2000,
         help="corpus texts over which each precision is compared with float32 (0: none)",
     )
+    parser.add_argument(
+        "--workload", choices=list(WORKLOADS), default="short", help="the built-in texts"
+    )
     parser.add_argument("--json", help="write the rows and environment here")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     dtypes = args.dtypes.split(",") if args.dtypes else None
     rows, accuracy = measure(
         sizes, compile=args.compile, texts_per_run=args.texts, torch_threads=args.torch_threads,
-        dtypes=dtypes, accuracy_texts=args.accuracy_texts,
+        dtypes=dtypes, accuracy_texts=args.accuracy_texts, workload=args.workload,
     )  # fmt: skip
     print(format_table(rows))
     print()

@@ -18,10 +18,12 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shlex
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ import httpx
 
 from benchmarks import environment
 from benchmarks.ceiling import native_dtypes
+from benchmarks.corpus import WORKLOADS
 from benchmarks.loadgen import Load, Request
 from benchmarks.plot import plot_runs
 from benchmarks.processes import pin, server
@@ -38,41 +41,119 @@ from benchmarks.runs import Run, bench, format_table, load_corpus, show_defaults
 SERVER_CPU, CLIENT_CPU = 0, 1
 
 
-def run_bench(url: str, loads: list[Load], label: str, args: argparse.Namespace) -> Run:
-    corpus = load_corpus(None)
+def run_bench(
+    url: str, loads: list[Load], label: str, args: argparse.Namespace,
+    request: Request | None = None,
+) -> Run:  # fmt: skip
+    """`loads` against `url` with `request` (default: ours, one text a request), on the
+    texts of `args.workload`."""
+    corpus = load_corpus(None, getattr(args, "workload", "short"))
+    request = request or Request(encoding_format=getattr(args, "encoding_format", None))
     print(f"\n== {label} ({url})")
     print(format_table([]))
     return asyncio.run(
         bench(
-            url, loads, texts=corpus.texts, corpus_source=corpus.source,
-            request=Request(encoding_format=getattr(args, "encoding_format", None)),
-            duration_s=args.duration, warmup_s=args.warmup, label=label, progress=True,
-            on_step=lambda s: print(format_table([s]).splitlines()[1], flush=True),
+            url, loads, texts=corpus.texts, corpus_source=corpus.source, request=request,
+            duration_s=args.duration, warmup_s=args.warmup, kinds=corpus.kinds, label=label,
+            progress=True, on_step=lambda s: print(format_table([s]).splitlines()[1], flush=True),
         )
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Target:
+    """A server of the comparison: its URL, the microbatch policy to set before each of
+    its steps (None: not microbatch), and the requests it takes (None: ours)."""
+
+    url: str
+    policy: str | None = None
+    request: Request | None = None
+
+
 def interleaved(
-    targets: dict[str, tuple[str, str | None]], loads: list[Load], args: argparse.Namespace,
-    first: int = 0,
+    targets: dict[str, Target], loads: list[Load], args: argparse.Namespace, first: int = 0,
 ) -> dict[str, Run]:  # fmt: skip
     """Each load on every server back to back, the order rotating from load to load, so
     that a drift of the host's speed (CPU steal comes and goes on a VM) hits all alike.
-    `targets`: name -> (URL, microbatch policy to set first, or None)."""
+    `targets`: name -> `Target`."""
     runs: dict[str, Run] = {}
     names = list(targets)
     for i, load in enumerate(loads, start=first):
         for name in names[i % len(names) :] + names[: i % len(names)]:
-            url, policy = targets[name]
-            if policy is not None:
-                patch = httpx.patch(f"{url}/admin/batching", json={"policy": policy})
+            target = targets[name]
+            if target.policy is not None:
+                patch = httpx.patch(f"{target.url}/admin/batching", json={"policy": target.policy})
                 patch.raise_for_status()
-            run = run_bench(url, [load], name, args)
+            run = run_bench(target.url, [load], name, args, target.request)
             if name in runs:
                 runs[name].steps += run.steps
             else:
                 runs[name] = run
     return runs
+
+
+PEER = "infinity"
+"""The best peer on these inputs (`infinity-emb`), run from a virtual environment of its
+own (`--peer-venv`): its requirements are not ours."""
+
+
+def peer_version(venv: Path) -> str:
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-c",
+         "import importlib.metadata as m; print(m.version('infinity_emb'))"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return done.stdout.strip()
+
+
+def start_peers(
+    stack: contextlib.ExitStack, venv: Path, dtypes: list[str], logs: Path
+) -> dict[str, Target]:
+    """Infinity on the default model's files, in each of `dtypes`, pinned as our servers
+    are (its torch engine, batches of up to 32, as our default), answering OpenAI's
+    `/embeddings`."""
+    from batcher.models import default_source
+
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the model is a local directory: nothing to fetch
+    program = [str(venv / "bin" / "infinity_emb"), "v2"]
+    peers = {}
+    for dtype in dtypes:
+        args = ["--model-id", default_source(), "--engine", "torch", "--device", "cpu",
+                "--dtype", dtype, "--batch-size", "32"]  # fmt: skip
+        log = logs / f"{PEER}-{dtype}.log"
+        url = stack.enter_context(
+            server(args, log, cpu=SERVER_CPU, program=program, ready="/health")
+        )
+        model = httpx.get(f"{url}/models").json()["data"][0]["id"]
+        peers[f"{PEER} {dtype}"] = Target(url, request=Request("/embeddings", model=model))
+    return peers
+
+
+def peer_table(runs: dict[str, Run], version: str | None = None) -> list[str]:
+    """microbatch's default server against the peer in each precision, load by load."""
+    adaptive = runs["microbatch adaptive"]
+    peers = [name for name in runs if name.startswith(f"{PEER} ")]
+    if not peers:
+        return []
+    lines = [
+        "## Against the peer",
+        "",
+        f"microbatch's default server (`microbatch adaptive`) against Infinity "
+        f"{version or ''} in each precision, in this run: a req/s ratio above 1.00x means "
+        "microbatch serves more, a latency ratio below 1.00x that it answers sooner.",
+        "",
+        "| load | peer | microbatch / peer req/s | p50 ratio | p99 ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for i, ours in enumerate(adaptive.steps):
+        for name in peers:
+            theirs = runs[name].steps[i]
+            lines.append(
+                f"| {ours.load} | {name} | {ratio(ours.throughput_rps, theirs.throughput_rps)} | "
+                f"{ratio(ours.latency_ms['p50'], theirs.latency_ms['p50'])} | "
+                f"{ratio(ours.latency_ms['p99'], theirs.latency_ms['p99'])} |"
+            )
+    return [*lines, ""]
 
 
 def ratio(a: float, b: float) -> str:
@@ -135,6 +216,7 @@ def write_report(
     out: Path, runs: dict[str, Run], ceiling: list[dict[str, Any]], generator: Run,
     commands: list[str], plot_name: str, compiled: dict[str, Any] | None = None,
     steal_percent: float | None = None, accuracy: list[dict[str, Any]] | None = None,
+    peer_version: str | None = None,
 ) -> None:  # fmt: skip
     accuracy = accuracy or []
     naive, adaptive, window = runs["naive"], runs["microbatch adaptive"], runs["microbatch window"]
@@ -205,6 +287,7 @@ def write_report(
         )
     lines += [
         "",
+        *peer_table(runs, peer_version),
         *precision_table(runs, ceiling, accuracy),
         f"## Ceiling: raw tokenize + forward + pool, no HTTP (best in {default_dtype}, the "
         f"default's precision: batch {best['batch_size']}, {best['order']}, "
@@ -265,6 +348,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve-args", default="",
                         help="extra flags for microbatch serve (default: none, its defaults; "
                         "pinned to one CPU, it runs one torch thread)")  # fmt: skip
+    parser.add_argument(
+        "--workload",
+        choices=list(WORKLOADS),
+        default="short",
+        help="the built-in texts every server gets (see microbatch bench)",
+    )
+    parser.add_argument(
+        "--peer-venv",
+        help="a virtual environment with infinity-emb[torch,server]: Infinity runs beside "
+        "the others, in each precision the CPU runs natively",
+    )
     args = show_defaults(parser).parse_args(argv)
     if args.render:
         render(Path(args.render), args)
@@ -283,14 +377,19 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(server(serve, logs / "microbatch.log", cpu=SERVER_CPU))
         naive_url = stack.enter_context(server(naive, logs / "naive.log", cpu=SERVER_CPU))
-        targets = {"microbatch adaptive": (url, "adaptive"), "microbatch window": (url, "window"),
-                   "naive": (naive_url, None)}  # fmt: skip
+        targets = {
+            "microbatch adaptive": Target(url, "adaptive"),
+            "microbatch window": Target(url, "window"),
+            "naive": Target(naive_url),
+        }
         default_dtype = httpx.get(f"{url}/model").json().get("dtype")
         for dtype in dtypes:
             if dtype != default_dtype and "--dtype" not in args.serve_args:
                 log = logs / f"microbatch-{dtype}.log"
                 other = stack.enter_context(server([*serve, "--dtype", dtype], log, cpu=SERVER_CPU))
-                targets[f"microbatch {dtype}"] = (other, "adaptive")
+                targets[f"microbatch {dtype}"] = Target(other, "adaptive")
+        if args.peer_venv is not None:
+            targets |= start_peers(stack, Path(args.peer_venv), dtypes, logs)
         runs = interleaved(targets, closed, args)
         saturation = max(s.throughput_rps for s in runs["microbatch adaptive"].steps)
         opened = [
@@ -309,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     ceiling_json = raw / "ceiling.json"
     subprocess.run(
         [sys.executable, "-m", "benchmarks.ceiling", "--torch-threads", "1",
-         "--dtypes", ",".join(dtypes), "--json", str(ceiling_json)],
+         "--dtypes", ",".join(dtypes), "--workload", args.workload, "--json", str(ceiling_json)],
         check=True, preexec_fn=lambda: pin(SERVER_CPU),
     )  # fmt: skip
     servers = list(runs)
@@ -319,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     steal = environment.steal_percent(cpu_before, environment.cpu_times())
     saved = {**environment.portable_values(vars(args)), "cpu_steal_percent": steal,
              "servers": servers}  # fmt: skip
+    if args.peer_venv is not None:
+        saved["peer"] = {"name": "infinity-emb", "version": peer_version(Path(args.peer_venv))}
     (raw / "args.json").write_text(json.dumps(saved, indent=2))
     render(raw, args)
     return 0
@@ -355,9 +456,14 @@ def render(raw: Path, args: argparse.Namespace) -> None:
     concurrency, duration, warmup = saved["concurrency"], saved["duration"], saved["warmup"]
     serve = shlex.join(["taskset", "-c", "0", "microbatch", "serve",
                         *shlex.split(saved["serve_args"])])  # fmt: skip
+    workload = saved.get("workload", "short")
+    peer = saved.get("peer")
+    options = (f" --workload {workload}" if workload != "short" else "") + (
+        " --peer-venv PEER_VENV" if peer else ""
+    )
     commands = [
         f"microbatch bench --compare --concurrency {concurrency} --duration {duration:g} "
-        f"--warmup {warmup:g}",
+        f"--warmup {warmup:g}{options}",
         "# which runs, with servers on CPU 0 and the load generator on CPU 1:",
         f"{serve} --port 8000",
         f"taskset -c 1 microbatch bench http://127.0.0.1:8000 --concurrency {concurrency} "
@@ -372,13 +478,26 @@ def render(raw: Path, args: argparse.Namespace) -> None:
             for n in names
             if n.startswith("microbatch ") and n.split()[-1] not in ("adaptive", "window")
         ),
-        f"taskset -c 0 python -m benchmarks.ceiling --torch-threads 1 --dtypes {dtypes}",
+        *(
+            [
+                f"# PEER_VENV: python3 -m venv PEER_VENV && PEER_VENV/bin/pip install "
+                f"torch==2.13.0 'infinity-emb[torch,server]=={peer['version']}'",
+                "taskset -c 0 PEER_VENV/bin/infinity_emb v2 --model-id MODEL_DIR --engine torch "
+                "--device cpu --dtype DTYPE --batch-size 32 --port 8004   # the same bench, "
+                "with --endpoint /embeddings",
+            ]
+            if peer
+            else []
+        ),
+        f"taskset -c 0 python -m benchmarks.ceiling --torch-threads 1 --dtypes {dtypes}"
+        + (f" --workload {workload}" if workload != "short" else ""),
     ]
     report = raw.parent / f"{slug}.md"
     after = raw / "compile-after-run.json"
     compiled = json.loads(after.read_text()) if after.exists() else None
     write_report(report, runs, ceiling, generator, commands, plot_name, compiled,
-                 saved.get("cpu_steal_percent"), accuracy)  # fmt: skip
+                 saved.get("cpu_steal_percent"), accuracy,
+                 peer["version"] if peer else None)  # fmt: skip
     print(f"wrote {report}")
 
 

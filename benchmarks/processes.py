@@ -43,13 +43,21 @@ def free_port() -> int:
 
 @contextmanager
 def server(
-    args: list[str], log: Path, *, cpu: int | None = None, timeout_s: float = 300
+    args: list[str],
+    log: Path,
+    *,
+    cpu: int | None = None,
+    timeout_s: float = 300,
+    program: list[str] | None = None,
+    ready: str | None = None,
 ) -> Iterator[str]:
-    """Run `python -m <args> --port P` (pinned to `cpu` if given) until ready; yield its
-    URL; stop it with SIGTERM. The plain FastAPI baselines (`benchmarks.naive`,
-    `benchmarks.trivial`) are ready at /docs; microbatch, on any model, at /ready."""
+    """Run `python -m <args> --port P` (or `<program> <args> --port P`: another server,
+    such as a peer in a virtual environment of its own) pinned to `cpu` if given, until
+    `ready` answers 200; yield its URL; stop it with SIGTERM. By default the plain FastAPI
+    baselines (`benchmarks.naive`, `benchmarks.trivial`) are ready at /docs; microbatch,
+    on any model, at /ready."""
     port = free_port()
-    command = [sys.executable, "-m", *args, "--port", str(port)]
+    command = [*(program or [sys.executable, "-m"]), *args, "--port", str(port)]
     with log.open("wb") as out:
         process = subprocess.Popen(
             command,
@@ -58,7 +66,8 @@ def server(
             preexec_fn=None if cpu is None else (lambda: pin(cpu)),
         )
     url = f"http://127.0.0.1:{port}"
-    ready = "/docs" if args[0] in ("benchmarks.naive", "benchmarks.trivial") else "/ready"
+    if ready is None:
+        ready = "/docs" if args[0] in ("benchmarks.naive", "benchmarks.trivial") else "/ready"
     try:
         deadline = time.monotonic() + timeout_s
         while True:

@@ -18,7 +18,7 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-from benchmarks.compare import interleaved, ratio
+from benchmarks.compare import Target, interleaved, ratio
 from benchmarks.loadgen import Load
 from benchmarks.processes import server
 from benchmarks.runs import Run
@@ -71,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     loads = [Load("closed", int(c)) for c in args.concurrency.split(",")] * args.rounds
     logs = Path(tempfile.mkdtemp(prefix="microbatch-threads-"))
     with contextlib.ExitStack() as stack:
-        targets: dict[str, tuple[str, str | None]] = {}
+        targets: dict[str, Target] = {}
         for count in args.threads.split(","):
             serve = ["server.cli", "serve", *shlex.split(args.serve_args), "--torch-threads", count]
             url = stack.enter_context(server(serve, logs / f"threads-{count}.log"))
-            targets[f"{count} torch thread(s)"] = (url, None)
+            targets[f"{count} torch thread(s)"] = Target(url)
         runs = interleaved(targets, loads, args)
     text = report(runs, args)
     print(text)

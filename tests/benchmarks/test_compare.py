@@ -25,16 +25,18 @@ def test_each_load_runs_on_every_server_and_each_server_leads_in_turn(
         policy["now"] = json["policy"]
         return type("Reply", (), {"raise_for_status": lambda self: None})()
 
-    def fake_bench(url: str, loads: list[Load], label: str, args: object) -> Run:
+    def fake_bench(
+        url: str, loads: list[Load], label: str, args: object, request: object = None
+    ) -> Run:
         measured.append((label, str(loads[0]), policy["now"] if "microbatch" in url else None))
         return Run(label, url, "/predict", "c", 1, 0, 1, [], {}, {}, steps=[])
 
     monkeypatch.setattr("benchmarks.compare.httpx.patch", fake_patch)
     monkeypatch.setattr(compare, "run_bench", fake_bench)
     targets = {
-        "microbatch adaptive": ("http://microbatch", "adaptive"),
-        "microbatch window": ("http://microbatch", "window"),
-        "naive": ("http://naive", None),
+        "microbatch adaptive": compare.Target("http://microbatch", "adaptive"),
+        "microbatch window": compare.Target("http://microbatch", "window"),
+        "naive": compare.Target("http://naive"),
     }
     loads = [Load("closed", c) for c in (1, 4, 16)]
     runs = compare.interleaved(targets, loads, argparse.Namespace())
@@ -87,3 +89,31 @@ def test_the_report_puts_each_precision_beside_its_accuracy(tmp_path: Path) -> N
     assert "microbatch serve --torch-threads 1 --dtype float32" in report
     assert "benchmarks.ceiling --torch-threads 1 --dtypes float32,bfloat16" in report
     assert (tmp_path / f"{saved.name}.png").stat().st_size > 0
+
+
+def test_the_report_puts_microbatch_beside_the_peer_load_by_load(tmp_path: Path) -> None:
+    """A saved run re-rendered with a peer's runs (as `--peer-venv` leaves them): the
+    report's peer table has microbatch's ratios to it, load by load."""
+    saved = Path("benchmarks/results/cpu-2core-2026-12-01-after-house-final")
+    raw = tmp_path / saved.name
+    shutil.copytree(saved, raw)
+    adaptive = json.loads((raw / "microbatch-adaptive.json").read_text())
+    peer = json.loads((raw / "naive.json").read_text())
+    peer["label"], peer["endpoint"] = "infinity bfloat16", "/embeddings"
+    for step in peer["steps"]:
+        step["throughput_rps"] /= 2
+    (raw / "infinity-bfloat16.json").write_text(json.dumps(peer))
+    args = json.loads((raw / "args.json").read_text())
+    args["servers"] = ["microbatch adaptive", "microbatch window", "naive", "infinity bfloat16"]
+    (raw / "args.json").write_text(json.dumps(args))
+
+    compare.render(raw, argparse.Namespace())
+
+    report = (tmp_path / f"{saved.name}.md").read_text()
+    table = report.split("## Against the peer")[1].split("## ")[0]
+    rows = [line for line in table.splitlines() if "| infinity bfloat16 |" in line]
+    assert len(rows) == len(adaptive["steps"])
+    first, theirs = adaptive["steps"][0], peer["steps"][0]
+    want = first["throughput_rps"] / theirs["throughput_rps"]
+    assert rows[0].startswith(f"| {first['load']} | infinity bfloat16 | {want:.2f}x |")
+    assert "| infinity bfloat16 |" in report.split("## Throughput and latency")[1]
