@@ -78,7 +78,7 @@ def measure(
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    corpus = workload_texts(workload)
+    corpus = load_workload(workload).texts
     texts = corpus[:texts_per_run]
     rows: list[CeilingRow] = []
     vectors: dict[str, np.ndarray] = {}
@@ -101,9 +101,8 @@ def _speed(model: Any, texts: list[str], batch_sizes: list[int], dtype: str) -> 
             started = time.perf_counter()
             for i in range(0, len(chosen), size):
                 t0 = time.perf_counter()
-                model.predict(
-                    [model.encoder.encode(t) for t in chosen[i : i + size]]
-                )  # tokenize included
+                # tokenizing included
+                model.predict([model.encoder.encode(t) for t in chosen[i : i + size]])
                 timings.append(time.perf_counter() - t0)
             elapsed = time.perf_counter() - started
             ms = np.array(timings) * 1000
@@ -175,11 +174,6 @@ def format_precisions(rows: list[CeilingRow], accuracy: list[Accuracy]) -> str:
         )
         lines.append(f"{dtype:>9} {r.sequences_per_s:>10.1f} {ratio:>8} {cos}")
     return "\n".join(lines)
-
-
-def workload_texts(name: str) -> list[str]:
-    """The texts of the built-in workload `name` (`benchmarks.corpus`)."""
-    return load_workload(name).texts
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,7 +33,6 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.client = client
-        self.registry = registry
         self.disconnects = Counter(
             "microbatch_client_disconnects",
             "Requests whose client went away while their items waited (not computed).",
