@@ -21,6 +21,7 @@ class Limit:
 
     description: str
     minimum: float | None = None
+    maximum: float | None = None
     nullable: bool = False
     choices: tuple[str, ...] = ()
 
@@ -47,6 +48,20 @@ LIMITS: dict[str, Limit] = {
         "the limits allow.",
         choices=BATCH_SIZINGS,
     ),
+    "max_overtakes": Limit(
+        "Times a queued item may be overtaken by younger ones grouped by length; after "
+        "that nothing younger leaves before it (it goes in the next batch, or the next "
+        "batch is older items only). null: no bound (the oldest item still always goes).",
+        minimum=0,
+        nullable=True,
+    ),
+    "min_batch_gain": Limit(
+        "learned sizing: a bigger batch is chosen over a smaller one only if it saves at "
+        "least this fraction of each item's device time; where it buys less (long inputs "
+        "on a CPU), the smaller batch goes and its items answer sooner. 0: most items/s.",
+        minimum=0,
+        maximum=1,
+    ),
     "slo_p99_ms": Limit(
         "Latency target: the engine moves max_batch_size and max_wait_ms between their "
         "configured values and batches of one with no wait, to keep the p99 of queue plus "
@@ -72,6 +87,10 @@ def check_limit(name: str, value: object) -> None:
         # `not >=` also rejects NaN.
         nullable = " or null" if limit.nullable else ""
         raise ValueError(f"{name} must be >= {limit.minimum:g}{nullable}, got {value}")
+    if limit.maximum is not None and not (
+        isinstance(value, int | float) and value <= limit.maximum
+    ):
+        raise ValueError(f"{name} must be <= {limit.maximum:g}, got {value}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +107,10 @@ class EngineConfig:
     - `batch_sizing`: `fill` takes as many items as the limits allow; `learned` sizes each
       batch for the most items per second under the device's learned cost (see
       `batcher.cost`), which on a CPU means tight batches of similar lengths.
+    - `max_overtakes`: how many times length grouping may let younger items leave before
+      a queued one; then it and every older item go first (None: no bound).
+    - `min_batch_gain`: with `learned` sizing, the fraction of per-item device time a
+      bigger batch must save to be chosen over a smaller one.
     - `slo_p99_ms`: a p99 latency target held by `batcher.slo` within `max_batch_size` and
       `max_wait_ms`; None: off.
     """
@@ -98,6 +121,8 @@ class EngineConfig:
     max_queue_size: int = 1024
     policy: Policy = "adaptive"
     batch_sizing: BatchSizing = "learned"
+    max_overtakes: int | None = 1
+    min_batch_gain: float = 0.03
     slo_p99_ms: float | None = None
 
     def __post_init__(self) -> None:

@@ -27,9 +27,10 @@ class Result(Generic[OutT]):
         return Result, (self.value, self.queue_time_s, self.inference_time_s, self.batch_size)
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)
 class PendingItem(Generic[InT, OutT]):
-    """A submitted input and the future its caller awaits. Touched only on the loop."""
+    """A submitted input and the future its caller awaits. Touched only on the loop; only
+    `overtaken` changes."""
 
     payload: InT
     future: asyncio.Future[Result[OutT]]
@@ -39,6 +40,9 @@ class PendingItem(Generic[InT, OutT]):
     """Loop time after which it is not computed; None for no deadline."""
     cost: int
     """Length in tokens (or 1 for models without a length)."""
+    overtaken: int = 0
+    """Batches that left with a younger item while this one stayed queued (the policy
+    bounds it: `EngineConfig.max_overtakes`)."""
 
 
 def settle_result(future: asyncio.Future[OutT], value: OutT) -> bool:

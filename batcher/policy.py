@@ -23,6 +23,7 @@ budget of the next batch.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
@@ -54,6 +55,11 @@ class Queued(Protocol):
 
     @property
     def cost(self) -> int: ...
+
+    @property
+    def overtaken(self) -> int:
+        """Batches that left with a younger item while this one stayed queued."""
+        ...
 
 
 DispatchReason = Literal["idle", "full", "tokens", "window", "drain"]
@@ -141,44 +147,134 @@ def select_batch(
 ) -> list[int]:
     """Indices into `pending` (oldest first) of the items of the next batch.
 
-    Sort by length; for each size, take the run of consecutive items that contains the
-    oldest and wastes the fewest padded tokens within the token budget. Without `cost`
-    (or with `batch_sizing="fill"`) the largest size wins; with it, the size with the
-    least overhead-plus-padding time per item. Real tokens cost the same in any batch, so
-    that is the part the choice can save: on a GPU (overhead dominates) batches fill up,
-    on a CPU (padding costs as much as work) a long oldest item is not padded onto short
-    ones that would be cheaper in their own batch.
+    The oldest item always goes. Items overtaken `max_overtakes` times (see
+    `Queued.overtaken`) are due; they are always a prefix of `pending`, since a batch that
+    overtakes an item overtakes every older one it leaves. While some are due, a batch is
+    either a prefix of the due items (oldest first, nothing younger) or all of them plus
+    others; so no item is overtaken more than `max_overtakes` times.
+
+    The others are chosen by length: sorted, for each size, the run of consecutive lengths
+    next to the required items' longest that wastes the fewest padded tokens within the
+    token budget (ties to the older items). Without `cost` (or with `batch_sizing="fill"`)
+    the largest size wins. With it, each size costs each item its share of the batch
+    overhead plus the padding it causes (real tokens cost the same in any batch): the
+    cheapest size wins, or the smallest whose items each pay at most `min_batch_gain` of
+    their device time more and whose own work outweighs the overhead of the extra batch
+    it leaves behind. So on a GPU (overhead dominates) batches fill up; on a CPU
+    (padding costs as much as work) a long oldest item is not padded onto short ones, and
+    long inputs, where a batch buys nothing, go in small batches that answer sooner.
     """
     if not pending:
         return []
-    order = sorted(range(len(pending)), key=lambda i: (pending[i].cost, i))
-    costs = [pending[i].cost for i in order]
-    anchor = order.index(0)
-    cost_sum = list(accumulate(costs, initial=0))
-    age_sum = list(accumulate(order, initial=0))  # lower is older
-
-    learned = cost if config.batch_sizing == "learned" else None
-    best: tuple[float, int, int] | None = None  # (waste seconds per item, -size, start)
-    for size in range(min(config.max_batch_size, len(order)), 0, -1):
-        best_start, best_key = -1, (0, 0)
-        for start in range(max(0, anchor - size + 1), min(anchor, len(order) - size) + 1):
-            end = start + size
-            padded = size * bucket_length(costs[end - 1])
-            if config.max_batch_tokens is not None and padded > config.max_batch_tokens:
-                continue
-            key = (padded - (cost_sum[end] - cost_sum[start]), age_sum[end] - age_sum[start])
-            if best_start < 0 or key < best_key:
-                best_start, best_key = start, key
-        if best_start < 0:
-            continue
-        if learned is None:
-            return sorted(order[best_start : best_start + size])
-        waste_tokens = best_key[0]
-        per_item = (learned.overhead_s + learned.per_token_s * waste_tokens) / size
-        if best is None or (per_item, -size) < best[:2]:
-            best = (per_item, -size, best_start)
-    if best is None:
+    due = 0
+    while due < len(pending) and _due(pending[due], config):
+        due += 1
+    required = max(due, 1)
+    fit = 0  # the longest prefix that fits; fitting only gets harder as a prefix grows
+    longest = 0
+    while fit < required:
+        longest = max(longest, pending[fit].cost)
+        if not _fits(config, fit + 1, longest):
+            break
+        fit += 1
+    if fit == 0:
         # Only reachable when the oldest item alone breaks the budget, which submit refuses.
         raise RuntimeError("the oldest item does not fit max_batch_tokens; this is a bug")
-    _, negative_size, start = best
-    return sorted(order[start : start + -negative_size])
+    # Prefixes overtake no one; others may join only when every due item goes.
+    candidates = [_prefix(pending, size) for size in range(1, fit + 1)]
+    if fit == required:
+        candidates.extend(_grouped(pending, required, config))
+    if config.batch_sizing == "fill" or cost is None:
+        return max(candidates, key=lambda c: (c.size, -c.waste, -c.age)).indices
+    return _cheapest(candidates, cost, config.min_batch_gain).indices
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    indices: list[int]
+    waste: int
+    """Padded tokens beyond the items' own."""
+    real: int
+    """The items' own tokens."""
+    age: int
+    """Sum of the indices: lower is older."""
+
+    @property
+    def size(self) -> int:
+        return len(self.indices)
+
+
+def _due(item: Queued, config: EngineConfig) -> bool:
+    return config.max_overtakes is not None and item.overtaken >= config.max_overtakes
+
+
+def _fits(config: EngineConfig, size: int, longest: int) -> bool:
+    budget = config.max_batch_tokens
+    if size > config.max_batch_size:
+        return False
+    return budget is None or size * bucket_length(longest) <= budget
+
+
+def _grouped(pending: Sequence[Queued], required: int, config: EngineConfig) -> list[_Candidate]:
+    """For each size, the best batch of the first `required` items plus others of close
+    length: the run of consecutive lengths (sorted) that wastes the fewest padded tokens,
+    ties to the older items."""
+    head = [pending[i].cost for i in range(required)]
+    longest_required = max(head)
+    real_required = sum(head)
+    age_required = required * (required - 1) // 2
+    # Among equal lengths the older item sits later, where windows reach first.
+    order = sorted(range(required, len(pending)), key=lambda i: (pending[i].cost, -i))
+    costs = [pending[i].cost for i in order]
+    cost_sum = list(accumulate(costs, initial=0))
+    age_sum = list(accumulate(order, initial=0))
+    # Positions below `edge` pad no further than the required items' longest already does.
+    edge = bisect_right(costs, bucket_length(longest_required))
+    found = [_prefix(pending, required)]
+    for extra in range(1, min(config.max_batch_size - required, len(order)) + 1):
+        size = required + extra
+        best: tuple[int, int, int] | None = None  # (waste, age, end)
+        # Windows order[end - extra : end]. Below the edge one ending higher wastes less;
+        # far above it, every window pads the required items more than one nearer them.
+        for end in range(max(extra, edge - extra), min(len(order), edge + extra) + 1):
+            longest = max(longest_required, costs[end - 1])
+            if not _fits(config, size, longest):
+                continue
+            real = real_required + cost_sum[end] - cost_sum[end - extra]
+            age = age_required + age_sum[end] - age_sum[end - extra]
+            key = (size * bucket_length(longest) - real, age, end)
+            if best is None or key < best:
+                best = key
+        if best is not None:
+            waste, age, end = best
+            longest = max(longest_required, costs[end - 1])
+            indices = sorted([*range(required), *order[end - extra : end]])
+            found.append(_Candidate(indices, waste, size * bucket_length(longest) - waste, age))
+    return found
+
+
+def _prefix(pending: Sequence[Queued], size: int) -> _Candidate:
+    costs = [pending[i].cost for i in range(size)]
+    real = sum(costs)
+    padded = size * bucket_length(max(costs))
+    return _Candidate(list(range(size)), padded - real, real, size * (size - 1) // 2)
+
+
+def _cheapest(candidates: list[_Candidate], cost: LinearCost, min_gain: float) -> _Candidate:
+    """The candidate whose items each pay the least overhead and padding, or a smaller
+    one that costs each of its items at most `min_gain` of their device time more."""
+
+    def avoidable(c: _Candidate) -> float:
+        return (cost.overhead_s + cost.per_token_s * c.waste) / c.size
+
+    def worth_splitting(c: _Candidate) -> bool:
+        # Sending these items first and the rest later costs the rest one more batch
+        # overhead and saves these items the rest's work: a gain while their own work
+        # outweighs the overhead (on a GPU a smaller batch finishes little sooner).
+        return cost.overhead_s < cost.per_token_s * (c.waste + c.real)
+
+    best = min(candidates, key=lambda c: (avoidable(c), -c.size, c.age))
+    per_item = (cost.overhead_s + cost.per_token_s * (best.waste + best.real)) / best.size
+    allowed = avoidable(best) + min_gain * per_item
+    within = [c for c in candidates if avoidable(c) <= allowed and worth_splitting(c)]
+    return min([best, *within], key=lambda c: (c.size, avoidable(c), c.age))

@@ -74,11 +74,21 @@ class PendingQueue(Generic[InT, OutT]):
         self, now: float, limits: EngineConfig, cost: LinearCost | None
     ) -> list[PendingItem[InT, OutT]]:
         """Remove and return the next batch (`policy.select_batch`), dropping the items
-        no longer wanted."""
+        no longer wanted; each item left behind older than one taken is overtaken once
+        more."""
         live = [item for item in self._items if self.wanted(item, now)]
-        chosen = set(select_batch(live, limits, cost))
-        self._items = deque(item for i, item in enumerate(live) if i not in chosen)
-        return [live[i] for i in sorted(chosen)]
+        chosen = sorted(select_batch(live, limits, cost))
+        taken = set(chosen)
+        youngest = chosen[-1] if chosen else -1
+        kept: deque[PendingItem[InT, OutT]] = deque()
+        for i, item in enumerate(live):
+            if i in taken:
+                continue
+            if i < youngest:
+                item.overtaken += 1
+            kept.append(item)
+        self._items = kept
+        return [live[i] for i in chosen]
 
     def fail_all(self, error: EngineError) -> None:
         while self._items:

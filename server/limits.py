@@ -20,5 +20,6 @@ def limit_field(name: str, *, patch: bool = False) -> Any:
     return Field(
         None if patch else DEFAULTS[name],
         ge=limit.minimum,
+        le=limit.maximum,
         description=limit.description,
     )

@@ -282,6 +282,8 @@ class Batching(BaseModel):
     max_queue_size: int = limit_field("max_queue_size")
     policy: Policy = limit_field("policy")
     batch_sizing: BatchSizing = limit_field("batch_sizing")
+    max_overtakes: int | None = limit_field("max_overtakes")
+    min_batch_gain: float = limit_field("min_batch_gain")
     slo_p99_ms: float | None = limit_field("slo_p99_ms")
     configured: ConfiguredLimits | None = Field(
         None,
@@ -292,8 +294,8 @@ class Batching(BaseModel):
 
 
 class BatchingPatch(BaseModel):
-    """Fields to change; omitted ones keep their value. `max_batch_tokens: null` lifts
-    the token cap; no other limit takes null."""
+    """Fields to change; omitted ones keep their value. `null` lifts `max_batch_tokens`,
+    `max_overtakes` and `slo_p99_ms`; no other limit takes it."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -303,6 +305,8 @@ class BatchingPatch(BaseModel):
     max_queue_size: int | None = limit_field("max_queue_size", patch=True)
     policy: Policy | None = limit_field("policy", patch=True)
     batch_sizing: BatchSizing | None = limit_field("batch_sizing", patch=True)
+    max_overtakes: int | None = limit_field("max_overtakes", patch=True)
+    min_batch_gain: float | None = limit_field("min_batch_gain", patch=True)
     slo_p99_ms: float | None = limit_field("slo_p99_ms", patch=True)
 
     @model_validator(mode="after")

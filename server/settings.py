@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     max_batch_tokens: int | None = limit_field("max_batch_tokens")
     policy: Policy = limit_field("policy")
     batch_sizing: BatchSizing = limit_field("batch_sizing")
+    max_overtakes: int | None = limit_field("max_overtakes")
+    min_batch_gain: float = limit_field("min_batch_gain")
     max_queue_size: int = limit_field("max_queue_size")
     slo_p99_ms: float | None = limit_field("slo_p99_ms")
     saturated_at: float = Field(

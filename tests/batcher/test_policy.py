@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import pytest
@@ -10,14 +11,18 @@ from hypothesis import strategies as st
 
 from batcher.config import EngineConfig
 from batcher.cost import LinearCost
+from batcher.items import PendingItem
+from batcher.metrics import EngineMetrics
 from batcher.padding import bucket_length, padded_tokens
 from batcher.policy import WAIT_FOR_EVENT, Dispatch, Wait, batch_limits, decide, select_batch
+from batcher.queue import PendingQueue
 
 
 @dataclass(frozen=True)
 class Q:
     enqueued_at: float
     cost: int = 8
+    overtaken: int = 0
 
 
 def queue(*costs: int, start: float = 0.0) -> list[Q]:
@@ -111,7 +116,7 @@ GPU_LIKE = LinearCost(overhead_s=0.010, per_token_s=0.000001)  # a batch is almo
 
 
 def test_a_learned_cpu_cost_picks_a_tight_batch_over_a_full_padded_one() -> None:
-    config = EngineConfig(max_batch_size=32)
+    config = EngineConfig(max_batch_size=32, min_batch_gain=0)
     pending = queue(12, *([12] * 7), *range(20, 120, 4))  # 8 short items, 25 spread out
     chosen = select_batch(pending, config, CPU_LIKE)
     assert sorted(pending[i].cost for i in chosen) == [12] * 8
@@ -171,3 +176,131 @@ def test_the_memory_cap_lowers_the_token_budget_never_raises_it() -> None:
     capped = EngineConfig(max_batch_tokens=32)
     assert batch_limits(capped, 64) is capped
     assert batch_limits(EngineConfig(max_batch_tokens=128), 64).max_batch_tokens == 64
+
+
+# -- the overtaking bound: the real queue counts, the batches are checked from outside --
+
+
+def run_queue(
+    arrivals: list[list[int]], config: EngineConfig, cost: LinearCost | None
+) -> list[list[int]]:
+    """Items of `arrivals[k]` (their lengths) join a real `PendingQueue` before its k-th
+    batch is taken, then the queue drains. Returns each batch's item numbers (the order
+    of arrival)."""
+    loop = asyncio.new_event_loop()
+    try:
+        pending: PendingQueue[int, int] = PendingQueue(EngineMetrics())
+        batches: list[list[int]] = []
+        number = 0
+        for step, lengths in enumerate(arrivals):
+            items = [
+                PendingItem(number + k, loop.create_future(), float(step), None, length)
+                for k, length in enumerate(lengths)
+            ]
+            number += len(items)
+            pending.extend(items)
+            if len(pending):
+                batches.append([item.payload for item in pending.take(step, config, cost)])
+        while len(pending):
+            batches.append([item.payload for item in pending.take(len(arrivals), config, cost)])
+        return batches
+    finally:
+        loop.close()
+
+
+def overtakes(batches: list[list[int]]) -> dict[int, int]:
+    """For each item: the batches that left before its own holding a younger item."""
+    went = {item: b for b, batch in enumerate(batches) for item in batch}
+    return {
+        item: sum(1 for earlier in batches[:b] if max(earlier) > item) for item, b in went.items()
+    }
+
+
+def adversarial(old: int) -> list[list[int]]:
+    """`old` items of distinct lengths, then a long one, then before every batch a copy of
+    each old length: each old item's best partners are young, so without a bound every
+    batch that takes an old item also passes the long one over."""
+    lengths = [8 * (k + 1) for k in range(old)]
+    return [[*lengths, 256], *([lengths] * old)]
+
+
+@pytest.mark.parametrize("bound", [0, 1, 2])
+def test_no_item_is_overtaken_more_than_max_overtakes_times(bound: int) -> None:
+    config = EngineConfig(max_batch_size=4, max_overtakes=bound)
+    batches = run_queue(adversarial(12), config, CPU_LIKE)
+    assert sorted(i for b in batches for i in b) == list(range(12 * 13 + 1)), "all served once"
+    assert max(overtakes(batches).values()) <= bound
+    assert overtakes(batches)[12] == bound, "the long item is passed over as often as allowed"
+
+
+def test_without_a_bound_the_long_item_is_passed_over_by_almost_every_batch() -> None:
+    config = EngineConfig(max_batch_size=4, max_overtakes=None)
+    batches = run_queue(adversarial(12), config, CPU_LIKE)
+    assert overtakes(batches)[12] >= 10  # the first batch holds two old items, no young one
+
+
+@given(
+    arrivals=st.lists(st.lists(st.integers(1, 300), max_size=12), min_size=1, max_size=30),
+    max_batch_size=st.integers(1, 16),
+    budget=st.one_of(st.none(), st.integers(304, 3000)),
+    bound=st.integers(0, 3),
+    learned=st.sampled_from([None, CPU_LIKE, GPU_LIKE]),
+)
+def test_the_overtaking_bound_holds_for_any_lengths_and_limits(
+    arrivals: list[list[int]],
+    max_batch_size: int,
+    budget: int | None,
+    bound: int,
+    learned: LinearCost | None,
+) -> None:
+    config = EngineConfig(
+        max_batch_size=max_batch_size, max_batch_tokens=budget, max_overtakes=bound
+    )
+    batches = run_queue(arrivals, config, learned)
+    assert sorted(i for b in batches for i in b) == list(range(sum(map(len, arrivals))))
+    assert all(1 <= len(b) <= max_batch_size for b in batches)
+    assert all(overtaken <= bound for overtaken in overtakes(batches).values())
+
+
+# -- the batch size follows the learned cost curve -------------------------------------
+
+LONG_ON_A_CPU = LinearCost(overhead_s=0.001, per_token_s=0.0002)  # a batch buys ~2 %
+SOME_GAIN = LinearCost(overhead_s=0.005, per_token_s=0.0002)  # batch 32 saves ~9 %
+
+
+def per_item_s(cost: LinearCost, size: int, length: int) -> float:
+    return cost.seconds(size * bucket_length(length)) / size
+
+
+def test_long_inputs_where_a_batch_buys_little_go_one_at_a_time() -> None:
+    pending = queue(*([256] * 32))
+    assert len(select_batch(pending, EngineConfig(max_batch_size=32), LONG_ON_A_CPU)) == 1
+    most_items = EngineConfig(max_batch_size=32, min_batch_gain=0)
+    assert len(select_batch(pending, most_items, LONG_ON_A_CPU)) == 32
+    assert len(select_batch(pending, EngineConfig(max_batch_size=32), GPU_LIKE)) == 32
+
+
+@pytest.mark.parametrize("gain", [0.01, 0.03, 0.05, 0.08])
+def test_the_smallest_batch_within_min_batch_gain_of_the_best_goes(gain: float) -> None:
+    pending = queue(*([256] * 32))
+    size = len(
+        select_batch(pending, EngineConfig(max_batch_size=32, min_batch_gain=gain), SOME_GAIN)
+    )
+    best = per_item_s(SOME_GAIN, 32, 256)
+    assert per_item_s(SOME_GAIN, size, 256) <= (1 + gain) * best
+    assert size == 1 or per_item_s(SOME_GAIN, size - 1, 256) > (1 + gain) * best
+
+
+@given(
+    costs=st.lists(st.integers(1, 300), min_size=1, max_size=40),
+    overhead=st.floats(0, 0.05),
+    per_token=st.floats(0, 0.001),
+    gains=st.lists(st.floats(0, 1), min_size=2, max_size=2).map(sorted),
+)
+def test_a_larger_min_batch_gain_never_makes_batches_bigger(
+    costs: list[int], overhead: float, per_token: float, gains: list[float]
+) -> None:
+    pending = queue(*costs)
+    cost = LinearCost(overhead, per_token)
+    low, high = (EngineConfig(max_batch_size=32, min_batch_gain=g) for g in gains)
+    assert len(select_batch(pending, high, cost)) <= len(select_batch(pending, low, cost))

@@ -278,6 +278,10 @@ async def test_admin_batching_reads_and_changes_the_live_settings() -> None:
         bad = await client.patch("/admin/batching", json={"max_batch_size": 0})
         unknown = await client.patch("/admin/batching", json={"max_wait": 5})
         lift = await client.patch("/admin/batching", json={"max_batch_tokens": None})
+        unbounded = await client.patch(
+            "/admin/batching", json={"max_overtakes": None, "min_batch_gain": 0}
+        )
+        above_one = await client.patch("/admin/batching", json={"min_batch_gain": 1.5})
     assert before == {
         "max_batch_size": 32,
         "max_wait_ms": 50.0,
@@ -285,6 +289,8 @@ async def test_admin_batching_reads_and_changes_the_live_settings() -> None:
         "max_queue_size": 1024,
         "policy": "adaptive",
         "batch_sizing": "learned",
+        "max_overtakes": 1,
+        "min_batch_gain": 0.03,
         "slo_p99_ms": None,
         "configured": None,
         "slo": None,
@@ -295,6 +301,9 @@ async def test_admin_batching_reads_and_changes_the_live_settings() -> None:
     assert bad.status_code == 422
     assert unknown.status_code == 422
     assert lift.json()["max_batch_tokens"] is None
+    assert (unbounded.json()["max_overtakes"], unbounded.json()["min_batch_gain"]) == (None, 0)
+    assert above_one.status_code == 422
+    assert "min_batch_gain" in above_one.text
 
 
 async def test_metrics_expose_batches_queue_and_latency() -> None:
