@@ -62,11 +62,11 @@ def run_bench(
 
 @dataclass(frozen=True)
 class Target:
-    """A server of the comparison: its URL, the microbatch policy to set before each of
+    """A server of the comparison: its URL, the batching settings to PATCH before each of
     its steps (None: not microbatch), and the requests it takes (None: ours)."""
 
     url: str
-    policy: str | None = None
+    batching: dict[str, object] | None = None
     request: Request | None = None
 
 
@@ -81,8 +81,8 @@ def interleaved(
     for i, load in enumerate(loads, start=first):
         for name in names[i % len(names) :] + names[: i % len(names)]:
             target = targets[name]
-            if target.policy is not None:
-                patch = httpx.patch(f"{target.url}/admin/batching", json={"policy": target.policy})
+            if target.batching is not None:
+                patch = httpx.patch(f"{target.url}/admin/batching", json=target.batching)
                 patch.raise_for_status()
             run = run_bench(target.url, [load], name, args, target.request)
             if name in runs:
@@ -156,6 +156,69 @@ def peer_table(runs: dict[str, Run], version: str | None = None) -> list[str]:
     return [*lines, ""]
 
 
+def parse_variant(text: str) -> tuple[str, dict[str, object]]:
+    """`LABEL=JSON` (a PATCH body for /admin/batching) -> (label, body)."""
+    label, _, body = text.partition("=")
+    settings = json.loads(body) if body else None
+    if not label or " " in label or not isinstance(settings, dict):
+        raise argparse.ArgumentTypeError(f"expected LABEL={{json object}}, got {text!r}")
+    return label, settings
+
+
+def variant_table(runs: dict[str, Run], variants: dict[str, dict[str, object]]) -> list[str]:
+    """Each settings variant against the default settings, same server, same run."""
+    if not variants:
+        return []
+    adaptive = runs["microbatch adaptive"]
+    lines = [
+        "## Settings variants",
+        "",
+        "The default server with these batching settings PATCHed in before each of their "
+        "steps (and the defaults restored before the default's steps), in the same "
+        "rotation: a req/s ratio above 1.00x means the defaults serve more, a latency "
+        "ratio below 1.00x that they answer sooner.",
+        "",
+        *(f"- `microbatch {label}`: `{json.dumps(body)}`" for label, body in variants.items()),
+        "",
+        "| load | variant | defaults / variant req/s | p50 ratio | p99 ratio | "
+        "variant's mean batch |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, ours in enumerate(adaptive.steps):
+        for label in variants:
+            theirs = runs[f"microbatch {label}"].steps[i]
+            batch = f"{theirs.server['mean_batch_size']:.1f}" if theirs.server else "-"
+            lines.append(
+                f"| {ours.load} | {label} | {ratio(ours.throughput_rps, theirs.throughput_rps)} | "
+                f"{ratio(ours.latency_ms['p50'], theirs.latency_ms['p50'])} | "
+                f"{ratio(ours.latency_ms['p99'], theirs.latency_ms['p99'])} | {batch} |"
+            )
+    return [*lines, ""]
+
+
+def kind_table(runs: dict[str, Run]) -> list[str]:
+    """Latencies by kind of text (a mixed workload), load by load, server by server."""
+    adaptive = runs["microbatch adaptive"]
+    kinds = sorted({k for s in adaptive.steps for k in (s.latency_ms_by_kind or {})})
+    if len(kinds) < 2:
+        return []
+    lines = [
+        "## Latency by kind of text",
+        "",
+        "| load | server | " + " | ".join(f"{k} p50 ms | {k} p99 ms" for k in kinds) + " |",
+        "|---|---|" + "---|---|" * len(kinds),
+    ]
+    for i, step in enumerate(adaptive.steps):
+        for name, run in runs.items():
+            by_kind = run.steps[i].latency_ms_by_kind or {}
+            cells = [
+                f"{by_kind[k]['p50']:.1f} | {by_kind[k]['p99']:.1f}" if k in by_kind else "- | -"
+                for k in kinds
+            ]
+            lines.append(f"| {step.load} | {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
@@ -166,14 +229,17 @@ def dtype_of(row: dict[str, Any]) -> str:
 
 
 def precision_table(
-    runs: dict[str, Run], ceiling: list[dict[str, Any]], accuracy: list[dict[str, Any]]
-) -> list[str]:
+    runs: dict[str, Run], ceiling: list[dict[str, Any]], accuracy: list[dict[str, Any]],
+    variants: dict[str, dict[str, object]] | None = None,
+) -> list[str]:  # fmt: skip
     """Each precision's speed (raw loop and server, adaptive policy) beside its agreement
     with float32, and its ratio to float32 in this run."""
     servers = {
         str(run.server.get("dtype")): run
         for name, run in runs.items()
-        if name.startswith("microbatch ") and name != "microbatch window"
+        if name.startswith("microbatch ")
+        and name != "microbatch window"
+        and name.removeprefix("microbatch ") not in (variants or {})
     }
     dtypes = sorted({dtype_of(r) for r in ceiling} | set(servers),
                     key=lambda d: d != "float32")  # fmt: skip
@@ -216,7 +282,7 @@ def write_report(
     out: Path, runs: dict[str, Run], ceiling: list[dict[str, Any]], generator: Run,
     commands: list[str], plot_name: str, compiled: dict[str, Any] | None = None,
     steal_percent: float | None = None, accuracy: list[dict[str, Any]] | None = None,
-    peer_version: str | None = None,
+    peer_version: str | None = None, variants: dict[str, dict[str, object]] | None = None,
 ) -> None:  # fmt: skip
     accuracy = accuracy or []
     naive, adaptive, window = runs["naive"], runs["microbatch adaptive"], runs["microbatch window"]
@@ -288,7 +354,9 @@ def write_report(
     lines += [
         "",
         *peer_table(runs, peer_version),
-        *precision_table(runs, ceiling, accuracy),
+        *variant_table(runs, variants or {}),
+        *kind_table(runs),
+        *precision_table(runs, ceiling, accuracy, variants),
         f"## Ceiling: raw tokenize + forward + pool, no HTTP (best in {default_dtype}, the "
         f"default's precision: batch {best['batch_size']}, {best['order']}, "
         f"{best['sequences_per_s']:.1f} seq/s)",
@@ -355,6 +423,15 @@ def main(argv: list[str] | None = None) -> int:
         help="the built-in texts every server gets (see microbatch bench)",
     )
     parser.add_argument(
+        "--variant",
+        action="append",
+        type=parse_variant,
+        default=[],
+        metavar="LABEL=JSON",
+        help="also run the default server with these batching settings (a PATCH body for "
+        "/admin/batching), as `microbatch LABEL`, in the same rotation; repeatable",
+    )
+    parser.add_argument(
         "--peer-venv",
         help="a virtual environment with infinity-emb[torch,server]: Infinity runs beside "
         "the others, in each precision the CPU runs natively",
@@ -377,17 +454,25 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(server(serve, logs / "microbatch.log", cpu=SERVER_CPU))
         naive_url = stack.enter_context(server(naive, logs / "naive.log", cpu=SERVER_CPU))
+        variants = dict(args.variant)
+        # Every microbatch target PATCHes each setting a variant changes, so that none
+        # leaks into the next target's steps on the same server.
+        live = httpx.get(f"{url}/admin/batching").json()
+        keys = {"policy"} | {key for body in variants.values() for key in body}
+        defaults = {key: live[key] for key in keys}
         targets = {
-            "microbatch adaptive": Target(url, "adaptive"),
-            "microbatch window": Target(url, "window"),
+            "microbatch adaptive": Target(url, defaults | {"policy": "adaptive"}),
+            "microbatch window": Target(url, defaults | {"policy": "window"}),
             "naive": Target(naive_url),
         }
+        for label, body in variants.items():
+            targets[f"microbatch {label}"] = Target(url, defaults | body)
         default_dtype = httpx.get(f"{url}/model").json().get("dtype")
         for dtype in dtypes:
             if dtype != default_dtype and "--dtype" not in args.serve_args:
                 log = logs / f"microbatch-{dtype}.log"
                 other = stack.enter_context(server([*serve, "--dtype", dtype], log, cpu=SERVER_CPU))
-                targets[f"microbatch {dtype}"] = Target(other, "adaptive")
+                targets[f"microbatch {dtype}"] = Target(other, {"policy": "adaptive"})
         if args.peer_venv is not None:
             targets |= start_peers(stack, Path(args.peer_venv), dtypes, logs)
         runs = interleaved(targets, closed, args)
@@ -417,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         (raw / f"{name.replace(' ', '-')}.json").write_text(json.dumps(run.to_json(), indent=2))
     steal = environment.steal_percent(cpu_before, environment.cpu_times())
     saved = {**environment.portable_values(vars(args)), "cpu_steal_percent": steal,
-             "servers": servers}  # fmt: skip
+             "servers": servers, "variants": variants}  # fmt: skip
     if args.peer_venv is not None:
         saved["peer"] = {"name": "infinity-emb", "version": peer_version(Path(args.peer_venv))}
     (raw / "args.json").write_text(json.dumps(saved, indent=2))
@@ -458,8 +543,11 @@ def render(raw: Path, args: argparse.Namespace) -> None:
                         *shlex.split(saved["serve_args"])])  # fmt: skip
     workload = saved.get("workload", "short")
     peer = saved.get("peer")
-    options = (f" --workload {workload}" if workload != "short" else "") + (
-        " --peer-venv PEER_VENV" if peer else ""
+    variants = saved.get("variants") or {}
+    options = (
+        (f" --workload {workload}" if workload != "short" else "")
+        + (" --peer-venv PEER_VENV" if peer else "")
+        + "".join(f" --variant {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in variants.items())
     )
     commands = [
         f"microbatch bench --compare --concurrency {concurrency} --duration {duration:g} "
@@ -470,13 +558,19 @@ def render(raw: Path, args: argparse.Namespace) -> None:
         f"--rate {rates} --duration {duration:g}",
         "curl -X PATCH localhost:8000/admin/batching -H 'content-type: application/json' "
         '-d \'{"policy": "window"}\'   # then the same bench again',
+        *(
+            "curl -X PATCH localhost:8000/admin/batching -H 'content-type: application/json' "
+            f"-d {shlex.quote(json.dumps(body))}   # microbatch {label}: the same bench"
+            for label, body in variants.items()
+        ),
         "taskset -c 0 python -m benchmarks.naive --torch-threads 1 --port 8001   # same bench",
         "# (the tool runs each load on every server back to back, rather than server by server)",
         "taskset -c 0 python -m benchmarks.trivial --port 8002   # bench at 64 clients",
         *(
             f"{serve} --dtype {n.split()[-1]} --port 8003   # the same bench"
             for n in names
-            if n.startswith("microbatch ") and n.split()[-1] not in ("adaptive", "window")
+            if n.startswith("microbatch ")
+            and n.split()[-1] not in ("adaptive", "window", *variants)
         ),
         *(
             [
@@ -497,7 +591,7 @@ def render(raw: Path, args: argparse.Namespace) -> None:
     compiled = json.loads(after.read_text()) if after.exists() else None
     write_report(report, runs, ceiling, generator, commands, plot_name, compiled,
                  saved.get("cpu_steal_percent"), accuracy,
-                 peer["version"] if peer else None)  # fmt: skip
+                 peer["version"] if peer else None, variants)  # fmt: skip
     print(f"wrote {report}")
 
 

@@ -34,8 +34,8 @@ def test_each_load_runs_on_every_server_and_each_server_leads_in_turn(
     monkeypatch.setattr("benchmarks.compare.httpx.patch", fake_patch)
     monkeypatch.setattr(compare, "run_bench", fake_bench)
     targets = {
-        "microbatch adaptive": compare.Target("http://microbatch", "adaptive"),
-        "microbatch window": compare.Target("http://microbatch", "window"),
+        "microbatch adaptive": compare.Target("http://microbatch", {"policy": "adaptive"}),
+        "microbatch window": compare.Target("http://microbatch", {"policy": "window"}),
         "naive": compare.Target("http://naive"),
     }
     loads = [Load("closed", c) for c in (1, 4, 16)]
@@ -117,3 +117,67 @@ def test_the_report_puts_microbatch_beside_the_peer_load_by_load(tmp_path: Path)
     want = first["throughput_rps"] / theirs["throughput_rps"]
     assert rows[0].startswith(f"| {first['load']} | infinity bfloat16 | {want:.2f}x |")
     assert "| infinity bfloat16 |" in report.split("## Throughput and latency")[1]
+
+
+def test_a_settings_variant_runs_on_the_same_server_and_gets_its_own_table(
+    tmp_path: Path,
+) -> None:
+    """`--variant LABEL=JSON`: a saved run re-rendered with a variant's run: the report
+    has its ratios to the defaults and the PATCH that reproduces it, and the variant is
+    not mistaken for a precision."""
+    label, body = compare.parse_variant('unbounded={"max_overtakes": null}')
+    assert (label, body) == ("unbounded", {"max_overtakes": None})
+    with pytest.raises(argparse.ArgumentTypeError):
+        compare.parse_variant("no-json")
+    saved = Path("benchmarks/results/cpu-2core-2026-12-01-after-house-final")
+    raw = tmp_path / saved.name
+    shutil.copytree(saved, raw)
+    adaptive = json.loads((raw / "microbatch-adaptive.json").read_text())
+    variant = json.loads(json.dumps(adaptive))
+    for step in variant["steps"]:
+        step["throughput_rps"] /= 2
+    (raw / "microbatch-unbounded.json").write_text(json.dumps(variant))
+    args = json.loads((raw / "args.json").read_text())
+    args["servers"] = ["microbatch adaptive", "microbatch window", "naive", "microbatch unbounded"]
+    args["variants"] = {label: body}
+    (raw / "args.json").write_text(json.dumps(args))
+
+    compare.render(raw, argparse.Namespace())
+
+    report = (tmp_path / f"{saved.name}.md").read_text()
+    table = report.split("## Settings variants")[1].split("## ")[0]
+    rows = [line for line in table.splitlines() if "| unbounded |" in line]
+    assert len(rows) == len(adaptive["steps"])
+    assert rows[0].startswith(f"| {adaptive['steps'][0]['load']} | unbounded | 2.00x | 1.00x |")
+    assert '"max_overtakes": null' in report
+    assert "--dtype unbounded" not in report
+    assert "## Precision" not in report
+
+
+def test_every_microbatch_target_restores_the_settings_a_variant_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    live: dict[str, Any] = {}
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    def fake_patch(url: str, json: dict[str, Any]) -> Any:
+        live.update(json)
+        return type("Reply", (), {"raise_for_status": lambda self: None})()
+
+    def fake_bench(
+        url: str, loads: list[Load], label: str, args: object, request: object = None
+    ) -> Run:
+        seen.append((label, dict(live)))
+        return Run(label, url, "/predict", "c", 1, 0, 1, [], {}, {}, steps=[])
+
+    monkeypatch.setattr("benchmarks.compare.httpx.patch", fake_patch)
+    monkeypatch.setattr(compare, "run_bench", fake_bench)
+    defaults = {"policy": "adaptive", "max_overtakes": 1}
+    targets = {
+        "microbatch adaptive": compare.Target("http://m", defaults),
+        "microbatch unbounded": compare.Target("http://m", defaults | {"max_overtakes": None}),
+    }
+    compare.interleaved(targets, [Load("closed", c) for c in (1, 4, 16)], argparse.Namespace())
+    for label, settings in seen:
+        want = None if label.endswith("unbounded") else 1
+        assert settings["max_overtakes"] == want, (label, settings)
