@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
+from batcher.callers import Callers
 from batcher.config import EngineConfig
-from batcher.errors import DeadlineExceeded, DeadlineUnreachable, EngineClosed, ItemTooLarge
+from batcher.errors import DeadlineUnreachable, EngineClosed, ItemTooLarge
 from batcher.execution import Executor
-from batcher.items import PendingItem, Result, settle_error
+from batcher.items import PendingItem, Result
 from batcher.metrics import EngineMetrics
 from batcher.padding import bucket_length
 from batcher.policy import Dispatch, DispatchReason, batch_limits, decide
@@ -40,7 +41,10 @@ class Engine(Generic[InT, OutT]):
     Use it as an async context manager (or call `start` and `aclose`); then
     `await engine.submit(x)` from any task on the same loop. `runner` may be a sequence
     of runners (one per device): each batch goes to a free one. `clock` is injectable so
-    that tests can run on virtual time.
+    that tests can run on virtual time. With `identity` (a payload's key, or None for
+    one never to share), an input identical to one already queued or computing joins it
+    instead of being computed again; each caller still gets its own result, deadline
+    and cancellation.
     """
 
     def __init__(
@@ -50,6 +54,7 @@ class Engine(Generic[InT, OutT]):
         *,
         metrics: EngineMetrics | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        identity: Callable[[InT], Hashable | None] | None = None,
     ) -> None:
         runners = list(runner) if isinstance(runner, Sequence) else [runner]
         self.metrics = metrics if metrics is not None else EngineMetrics()
@@ -58,6 +63,7 @@ class Engine(Generic[InT, OutT]):
         self.clock = clock
         """Monotonic seconds; `enqueued_at`, deadlines and timings are on this clock."""
         self._queue: PendingQueue[InT, OutT] = PendingQueue(self.metrics)
+        self._callers: Callers[InT, OutT] = Callers(identity, self.metrics)
         self._has_work = asyncio.Event()
         self._steering = Steering(
             config if config is not None else EngineConfig(),
@@ -232,34 +238,15 @@ class Engine(Generic[InT, OutT]):
         (those not yet computed never will be) and its error is raised.
         """
         items = self._admit(payloads, deadline)
-        timer = None
-        if deadline is not None:
-            delay = max(0.0, deadline - self.clock())
-            timer = asyncio.get_running_loop().call_later(delay, self._expire, items)
-        try:
-            return [await item.future for item in items]
-        finally:
-            if timer is not None:
-                timer.cancel()
-            for item in items:
-                # Not yet computed (a sibling failed, or our caller was cancelled): never
-                # will be. Already settled with an error: mark it retrieved, since the
-                # first error is the one raised.
-                if item.future.cancel() or item.future.cancelled():
-                    self.metrics.count("cancelled")
-                else:
-                    item.future.exception()
+        return await self._callers.wait(
+            items, None if deadline is None else deadline - self.clock()
+        )
 
     def check_room(self, n: int = 1) -> None:
         """Raise QueueFull (and count it) unless `n` more items fit in the queue now.
         `submit` calls it; a server may call it before parsing a request, to refuse
         cheaply under overload."""
         self._queue.check_room(n, self.config.max_queue_size)
-
-    def _expire(self, items: list[PendingItem[InT, OutT]]) -> None:
-        for item in items:
-            if settle_error(item.future, DeadlineExceeded("the deadline passed before it ran")):
-                self.metrics.count("expired")
 
     def _admit(
         self, payloads: Sequence[InT], deadline: float | None
@@ -280,13 +267,16 @@ class Engine(Generic[InT, OutT]):
             for cost in costs:
                 if bucket_length(cost) > config.max_batch_tokens:
                     raise ItemTooLarge(bucket_length(cost), config.max_batch_tokens)
-        loop = asyncio.get_running_loop()
-        items = [
-            PendingItem(payload, loop.create_future(), now, deadline, cost)
-            for payload, cost in zip(payloads, costs, strict=True)
-        ]
-        self._queue.extend(items)
-        self.metrics.count("admitted", len(items))
+        items: list[PendingItem[InT, OutT]] = []
+        fresh: list[PendingItem[InT, OutT]] = []
+        for payload, cost in zip(payloads, costs, strict=True):
+            item = self._callers.join(payload, deadline)
+            if item is None:
+                item = self._callers.new(payload, now, deadline, cost)
+                fresh.append(item)
+            items.append(item)
+        self._queue.extend(fresh)
+        self.metrics.count("admitted", len(fresh))
         self._has_work.set()
         return items
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -29,8 +30,10 @@ class Result(Generic[OutT]):
 
 @dataclass(slots=True, eq=False)
 class PendingItem(Generic[InT, OutT]):
-    """A submitted input and the future its caller awaits. Touched only on the loop; only
-    `overtaken` changes."""
+    """A submitted input to compute, and the future its result settles. Each caller
+    awaits a future of its own that this one relays to (`batcher.callers`), so that callers
+    of identical inputs share one computation, and one leaving cancels it only when it
+    was the last. Touched only on the loop."""
 
     payload: InT
     future: asyncio.Future[Result[OutT]]
@@ -43,6 +46,10 @@ class PendingItem(Generic[InT, OutT]):
     overtaken: int = 0
     """Batches that left with a younger item while this one stayed queued (the policy
     bounds it: `EngineConfig.max_overtakes`)."""
+    key: Hashable | None = None
+    """What makes inputs identical (the engine's `identity`); None: never shared."""
+    waiting: int = 1
+    """Callers still waiting for it."""
 
 
 def settle_result(future: asyncio.Future[OutT], value: OutT) -> bool:

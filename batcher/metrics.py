@@ -77,11 +77,17 @@ class EngineMetrics:
         self.admitted = Counter(
             "microbatch_admitted_items", "Items admitted to the queue.", registry=r
         )
+        self.coalesced = Counter(
+            "microbatch_coalesced_items",
+            "Inputs that joined an identical one already queued or computing, instead of "
+            "being admitted and computed again.",
+            registry=r,
+        )
         self.items = Counter(
-            "microbatch_items", "Submitted items by outcome.", ["outcome"], registry=r
+            "microbatch_items", "Admitted items by outcome.", ["outcome"], registry=r
         )
         self.outcome = {name: self.items.labels(name) for name in OUTCOMES}
-        self.counts: dict[str, int] = dict.fromkeys(("admitted", *OUTCOMES), 0)
+        self.counts: dict[str, int] = dict.fromkeys(("admitted", "coalesced", *OUTCOMES), 0)
         """The same counts as plain numbers, for `Engine.stats()` (loop thread only)."""
         self.totals = Totals()
         self.queue_depth = Gauge(
@@ -181,9 +187,12 @@ class EngineMetrics:
             self.slo_adjustments.labels(adjustment.action).inc()
 
     def count(self, outcome: str, n: int = 1) -> None:
-        """`n` items ended with `outcome` ("admitted" for admissions)."""
+        """`n` items ended with `outcome` ("admitted" for admissions, "coalesced" for
+        inputs that joined an identical item)."""
         if outcome == "admitted":
             self.admitted.inc(n)
+        elif outcome == "coalesced":
+            self.coalesced.inc(n)
         else:
             self.outcome[outcome].inc(n)
         self.counts[outcome] += n

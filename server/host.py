@@ -87,7 +87,10 @@ class EngineHost:
             ThreadRunner(m, thread_name=f"microbatch-device-{i}") for i, m in enumerate(self.models)
         ]
         self.engine: Engine[Encoded, Output] = Engine(
-            self._runners, settings.engine_config(), metrics=EngineMetrics(registry)
+            self._runners,
+            settings.engine_config(),
+            metrics=EngineMetrics(registry),
+            identity=Encoded.identity if settings.coalesce else None,
         )
         self.timeline = Timeline(
             self.engine, latencies if latencies is not None else deque(maxlen=MAX_LATENCIES)

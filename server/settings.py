@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     min_batch_gain: float = limit_field("min_batch_gain")
     max_queue_size: int = limit_field("max_queue_size")
     slo_p99_ms: float | None = limit_field("slo_p99_ms")
+    coalesce: bool = Field(
+        True,
+        description="Compute an input only once while an identical one (same tokens and "
+        "output options) is queued or computing: the later caller joins it, and still gets "
+        "its own answer, deadline and cancellation.",
+    )
     saturated_at: float = Field(
         0.8,
         gt=0,

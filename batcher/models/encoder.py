@@ -11,7 +11,7 @@ as the model's own tokenizer does."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -64,6 +64,13 @@ class Encoded:
     dimensions: int | None = None
     normalize: bool = False
     raw_scores: bool = False
+
+    def identity(self) -> Hashable:
+        """What makes two inputs compute the same output: the tokens and every output
+        option (not whether the text was cut, which the output does not depend on)."""
+        segments = None if self.type_ids is None else tuple(self.type_ids)
+        return (tuple(self.ids), segments, self.prompt_tokens, self.dimensions,
+                self.normalize, self.raw_scores)  # fmt: skip
 
     def __reduce__(self) -> tuple[type[Encoded], tuple[object, ...]]:
         # Fast pickling to an engine process (batcher.remote): the constructor's arguments.

@@ -761,3 +761,115 @@ async def test_collating_ahead_is_the_models_choice_unless_the_runner_is_told() 
     assert not ThreadRunner(Plain()).collates_ahead
     with pytest.raises(ValueError, match="cannot prepare its batches ahead"):
         ThreadRunner(Plain(), collate_ahead=True)
+
+
+# -- identical inputs in flight are computed once ---------------------------------------
+
+
+def sharing_engine(
+    runner: Runner[str, str], config: EngineConfig | None = None
+) -> Engine[str, str]:
+    """An engine on virtual time whose identical inputs (equal strings) share one item."""
+    clock = asyncio.get_running_loop().time
+    return Engine(runner, config, clock=clock, identity=lambda payload: payload)
+
+
+async def test_identical_inputs_in_flight_are_computed_once_and_each_caller_answered() -> None:
+    runner = GatedRunner()
+    async with sharing_engine(runner, EngineConfig(max_batch_size=8)) as engine:
+        first = asyncio.create_task(engine.submit("a"))
+        await runner.wait_for_calls(1)  # "a" is computing
+        joined = [asyncio.create_task(engine.submit(x)) for x in ("a", "b", "b", "a")]
+        await asyncio.sleep(0)  # virtual time: let the callers submit
+        runner.gate.set()
+        results = await settle(first, *joined)
+    assert [r.value for r in results] == ["A", "A", "B", "B", "A"]  # type: ignore[union-attr]
+    assert sorted(runner.computed) == ["a", "b"], "each distinct input computed once"
+    assert engine.stats().items["coalesced"] == 3
+    assert engine.stats().items["admitted"] == engine.stats().items["ok"] == 2
+
+
+async def test_one_caller_leaving_never_cancels_anothers_computation() -> None:
+    runner = GatedRunner()
+    async with sharing_engine(runner, EngineConfig(max_batch_size=8)) as engine:
+        blocker = asyncio.create_task(engine.submit("busy"))
+        await runner.wait_for_calls(1)  # the device is busy: what follows stays queued
+        leaving = asyncio.create_task(engine.submit("x"))
+        staying = asyncio.create_task(engine.submit("x"))
+        both_leave = [asyncio.create_task(engine.submit("y")) for _ in range(2)]
+        await asyncio.sleep(0)
+        leaving.cancel()
+        for task in both_leave:
+            task.cancel()
+        runner.gate.set()
+        done = await settle(blocker, leaving, staying, *both_leave)
+    assert isinstance(done[1], asyncio.CancelledError)
+    assert done[2].value == "X"  # type: ignore[union-attr]
+    assert "x" in runner.computed, "still computed for the caller who stayed"
+    assert "y" not in runner.computed, "no one waited for it any more"
+    assert engine.stats().items["cancelled"] == 1
+
+
+async def test_each_caller_keeps_its_own_deadline() -> None:
+    runner = GatedRunner()
+    async with sharing_engine(runner, EngineConfig(max_batch_size=8)) as engine:
+        blocker = asyncio.create_task(engine.submit("busy"))
+        await runner.wait_for_calls(1)
+        hurried = asyncio.create_task(engine.submit("x", deadline=engine.clock() + 0.5))
+        patient = asyncio.create_task(engine.submit("x"))
+        with pytest.raises(DeadlineExceeded):
+            await hurried  # virtual time runs to its deadline while the device is busy
+        assert not patient.done()
+        runner.gate.set()
+        assert (await patient).value == "X"
+        await blocker
+    assert runner.computed.count("x") == 1
+    assert engine.stats().items["expired"] == 0, "the item itself did not expire"
+
+
+async def test_a_later_deadline_keeps_a_shared_item_queued_past_the_first_callers() -> None:
+    runner = GatedRunner()
+    async with sharing_engine(runner, EngineConfig(max_batch_size=8)) as engine:
+        blocker = asyncio.create_task(engine.submit("busy"))
+        await runner.wait_for_calls(1)
+        short = asyncio.create_task(engine.submit("x", deadline=engine.clock() + 0.5))
+        longer = asyncio.create_task(engine.submit("x", deadline=engine.clock() + 5.0))
+        with pytest.raises(DeadlineExceeded):
+            await short
+        await asyncio.sleep(1.0)  # virtual time: past the first deadline, before the second
+        runner.gate.set()
+        assert (await longer).value == "X"
+        await blocker
+
+
+async def test_an_input_is_computed_again_once_its_twin_has_finished() -> None:
+    runner = open_runner()
+    async with sharing_engine(runner) as engine:
+        assert (await engine.submit("a")).value == "A"
+        assert (await engine.submit("a")).value == "A"
+    assert runner.computed == ["a", "a"], "coalescing is not a cache"
+
+
+async def test_a_shared_failure_reaches_every_caller() -> None:
+    runner = GatedRunner()
+    async with sharing_engine(runner, EngineConfig(max_batch_size=8)) as engine:
+        blocker = asyncio.create_task(engine.submit("busy"))
+        await runner.wait_for_calls(1)
+        twins = [asyncio.create_task(engine.submit("boom")) for _ in range(2)]
+        await asyncio.sleep(0)
+        runner.gate.set()
+        outcomes = await settle(blocker, *twins)
+    assert all(isinstance(o, InferenceFailed) for o in outcomes[1:])
+    assert runner.computed.count("boom") == 1
+
+
+async def test_without_an_identity_nothing_is_shared() -> None:
+    runner = GatedRunner()
+    async with make_engine(runner, EngineConfig(max_batch_size=8)) as engine:
+        blocker = asyncio.create_task(engine.submit("busy"))
+        await runner.wait_for_calls(1)
+        twins = [asyncio.create_task(engine.submit("a")) for _ in range(2)]
+        await asyncio.sleep(0)
+        runner.gate.set()
+        await settle(blocker, *twins)
+    assert runner.computed.count("a") == 2

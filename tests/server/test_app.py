@@ -80,6 +80,34 @@ async def test_concurrent_requests_each_get_their_own_result() -> None:
     assert max(model.batches) <= 8
 
 
+@pytest.mark.parametrize("coalesce", [True, False])
+async def test_identical_texts_in_flight_are_computed_once(coalesce: bool) -> None:
+    model = FakeTextModel()
+    async with serve(model, max_batch_size=8, coalesce=coalesce) as client:
+        model.predict_gate.clear()  # hold the device so the rest queue up
+        busy = asyncio.create_task(client.post("/predict", json={"text": "busy"}))
+        await wait_until_admitted(client, 1)
+        texts = ["same", "other", "same", "same"]
+        tasks = [asyncio.create_task(client.post("/predict", json={"text": t})) for t in texts]
+        await poll(client, "/metrics", lambda r: queued_and_joined(r.text) == 4)
+        model.predict_gate.set()
+        replies = await asyncio.gather(busy, *tasks)
+        metrics = (await client.get("/metrics")).text
+    assert [r.json()["embedding"] for r in replies[1:]] == [fake_embedding(t) for t in texts]
+    assert model.seen.count("same") == (1 if coalesce else 3)
+    assert f"microbatch_coalesced_items_total {2.0 if coalesce else 0.0}" in metrics
+
+
+def queued_and_joined(metrics: str) -> float:
+    """Items admitted after the first, plus inputs that joined an identical one."""
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in metrics.splitlines()
+        if line.startswith(("microbatch_admitted_items_total", "microbatch_coalesced_items_total"))
+    }
+    return sum(values.values()) - 1
+
+
 async def test_batch_endpoint_keeps_order() -> None:
     async with serve(FakeTextModel()) as client:
         texts = ["a", "bb", "ccc", "dddd"]
