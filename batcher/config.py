@@ -57,8 +57,9 @@ LIMITS: dict[str, Limit] = {
     ),
     "min_batch_gain": Limit(
         "learned sizing: a bigger batch is chosen over a smaller one only if it saves at "
-        "least this fraction of each item's device time; where it buys less (long inputs "
-        "on a CPU), the smaller batch goes and its items answer sooner. 0: most items/s.",
+        "least this fraction of each item's device time (as the learned cost predicts it); "
+        "where it buys less, the smaller batch goes and its items answer sooner. 0 (the "
+        "default): the most items/s.",
         minimum=0,
         maximum=1,
     ),
@@ -122,7 +123,7 @@ class EngineConfig:
     policy: Policy = "adaptive"
     batch_sizing: BatchSizing = "learned"
     max_overtakes: int | None = 1
-    min_batch_gain: float = 0.03
+    min_batch_gain: float = 0.0
     slo_p99_ms: float | None = None
 
     def __post_init__(self) -> None:

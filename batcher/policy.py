@@ -274,6 +274,8 @@ def _cheapest(candidates: list[_Candidate], cost: LinearCost, min_gain: float) -
         return cost.overhead_s < cost.per_token_s * (c.waste + c.real)
 
     best = min(candidates, key=lambda c: (avoidable(c), -c.size, c.age))
+    if min_gain <= 0:
+        return best
     per_item = (cost.overhead_s + cost.per_token_s * (best.waste + best.real)) / best.size
     allowed = avoidable(best) + min_gain * per_item
     within = [c for c in candidates if avoidable(c) <= allowed and worth_splitting(c)]

@@ -321,8 +321,8 @@ def write_report(
         ),
         "## Throughput and latency",
         "",
-        "| load | server | req/s | p50 ms | p90 ms | p99 ms | mean batch | padding |",
-        "|---|---|---|---|---|---|---|---|",
+        "| load | server | req/s | p50 ms | p90 ms | p99 ms | max ms | mean batch | padding |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for i, step in enumerate(adaptive.steps):
         for name in runs:
@@ -332,7 +332,8 @@ def write_report(
             pad = f"{srv['padding_ratio']:.2f}" if srv else "-"
             lines.append(
                 f"| {step.load} | {name} | {s.throughput_rps:.1f} | {s.latency_ms['p50']:.1f} | "
-                f"{s.latency_ms['p90']:.1f} | {s.latency_ms['p99']:.1f} | {batch} | {pad} |"
+                f"{s.latency_ms['p90']:.1f} | {s.latency_ms['p99']:.1f} | "
+                f"{s.latency_ms.get('max', float('nan')):.1f} | {batch} | {pad} |"
             )
     lines += [
         "",

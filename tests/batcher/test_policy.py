@@ -236,7 +236,7 @@ def test_no_item_is_overtaken_more_than_max_overtakes_times(bound: int) -> None:
 def test_without_a_bound_the_long_item_is_passed_over_by_almost_every_batch() -> None:
     config = EngineConfig(max_batch_size=4, max_overtakes=None)
     batches = run_queue(adversarial(12), config, CPU_LIKE)
-    assert overtakes(batches)[12] >= 10  # the first batch holds two old items, no young one
+    assert overtakes(batches)[12] >= 8, "passed over by most of the 12 older items' batches"
 
 
 @given(
@@ -274,10 +274,11 @@ def per_item_s(cost: LinearCost, size: int, length: int) -> float:
 
 def test_long_inputs_where_a_batch_buys_little_go_one_at_a_time() -> None:
     pending = queue(*([256] * 32))
-    assert len(select_batch(pending, EngineConfig(max_batch_size=32), LONG_ON_A_CPU)) == 1
-    most_items = EngineConfig(max_batch_size=32, min_batch_gain=0)
+    latency = EngineConfig(max_batch_size=32, min_batch_gain=0.03)
+    assert len(select_batch(pending, latency, LONG_ON_A_CPU)) == 1
+    most_items = EngineConfig(max_batch_size=32)
     assert len(select_batch(pending, most_items, LONG_ON_A_CPU)) == 32
-    assert len(select_batch(pending, EngineConfig(max_batch_size=32), GPU_LIKE)) == 32
+    assert len(select_batch(pending, latency, GPU_LIKE)) == 32
 
 
 @pytest.mark.parametrize("gain", [0.01, 0.03, 0.05, 0.08])
@@ -304,3 +305,11 @@ def test_a_larger_min_batch_gain_never_makes_batches_bigger(
     cost = LinearCost(overhead, per_token)
     low, high = (EngineConfig(max_batch_size=32, min_batch_gain=g) for g in gains)
     assert len(select_batch(pending, high, cost)) <= len(select_batch(pending, low, cost))
+
+
+def test_without_min_batch_gain_equal_costs_keep_the_larger_batch() -> None:
+    """No overhead learned and no padding: every size costs each item the same, and the
+    most items per second means the full batch."""
+    pending = queue(*([64] * 16))
+    free = LinearCost(overhead_s=0.0, per_token_s=0.0002)
+    assert len(select_batch(pending, EngineConfig(max_batch_size=16), free)) == 16

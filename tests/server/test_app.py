@@ -318,7 +318,7 @@ async def test_admin_batching_reads_and_changes_the_live_settings() -> None:
         "policy": "adaptive",
         "batch_sizing": "learned",
         "max_overtakes": 1,
-        "min_batch_gain": 0.03,
+        "min_batch_gain": 0.0,
         "slo_p99_ms": None,
         "configured": None,
         "slo": None,
