@@ -91,7 +91,7 @@ def test_ctrl_c_drains_and_exits_0_without_a_traceback(
     server.process.send_signal(signal.SIGINT)
     assert server.process.wait(timeout=60) == 0, server.log()
     log = server.log()
-    assert "stopped: {'admitted': 1, 'ok': 1" in log
+    assert "stopped: {'admitted': 1, 'coalesced': 0, 'ok': 1" in log
     assert "Traceback" not in log
     assert "KeyboardInterrupt" not in log
     assert log.count("draining:") == 1, "the drain is announced once"
