@@ -181,10 +181,13 @@ def select_batch(
         # Only reachable when the oldest item alone breaks the budget, which submit refuses.
         raise RuntimeError("the oldest item does not fit max_batch_tokens; this is a bug")
     # Prefixes overtake no one; others may join only when every due item goes.
-    candidates = [_prefix(pending, size) for size in range(1, fit + 1)]
+    fill = config.batch_sizing == "fill" or cost is None
+    candidates = [_prefix(pending, size) for size in (fit,) if fill] or [
+        _prefix(pending, size) for size in range(1, fit + 1)
+    ]
     if fit == required:
-        candidates.extend(_grouped(pending, required, config))
-    if config.batch_sizing == "fill" or cost is None:
+        candidates.extend(_grouped(pending, required, config, largest_only=fill))
+    if fill:
         return max(candidates, key=lambda c: (c.size, -c.waste, -c.age)).indices
     return _cheapest(candidates, cost, config.min_batch_gain).indices
 
@@ -215,41 +218,47 @@ def _fits(config: EngineConfig, size: int, longest: int) -> bool:
     return budget is None or size * bucket_length(longest) <= budget
 
 
-def _grouped(pending: Sequence[Queued], required: int, config: EngineConfig) -> list[_Candidate]:
-    """For each size, the best batch of the first `required` items plus others of close
-    length: the run of consecutive lengths (sorted) that wastes the fewest padded tokens,
-    ties to the older items."""
+def _grouped(
+    pending: Sequence[Queued], required: int, config: EngineConfig, *, largest_only: bool
+) -> list[_Candidate]:
+    """For each size (or only the largest that fits), the best batch of the first
+    `required` items plus others of close length: the run of consecutive lengths
+    (sorted) that wastes the fewest padded tokens, ties to the older items."""
     head = [pending[i].cost for i in range(required)]
-    longest_required = max(head)
+    bucket_required = bucket_length(max(head))
     real_required = sum(head)
     age_required = required * (required - 1) // 2
     # Among equal lengths the older item sits later, where windows reach first.
     order = sorted(range(required, len(pending)), key=lambda i: (pending[i].cost, -i))
     costs = [pending[i].cost for i in order]
+    pads = [max(bucket_required, bucket_length(c)) for c in costs]
     cost_sum = list(accumulate(costs, initial=0))
     age_sum = list(accumulate(order, initial=0))
-    # Positions below `edge` pad no further than the required items' longest already does.
-    edge = bisect_right(costs, bucket_length(longest_required))
+    budget = config.max_batch_tokens
+    # Positions below `edge` pad no further than the required items already do.
+    edge = bisect_right(costs, bucket_required)
     found = [_prefix(pending, required)]
-    for extra in range(1, min(config.max_batch_size - required, len(order)) + 1):
+    extras = range(1, min(config.max_batch_size - required, len(order)) + 1)
+    for extra in reversed(extras) if largest_only else extras:
         size = required + extra
         best: tuple[int, int, int] | None = None  # (waste, age, end)
-        # Windows order[end - extra : end]. Below the edge one ending higher wastes less;
-        # far above it, every window pads the required items more than one nearer them.
-        for end in range(max(extra, edge - extra), min(len(order), edge + extra) + 1):
-            longest = max(longest_required, costs[end - 1])
-            if not _fits(config, size, longest):
-                continue
+        # Windows order[end - extra : end]. The one ending at the edge beats every window
+        # below it (same padding, more real tokens, or the same and older); far above
+        # it, every window pads the required items more than one nearer them.
+        for end in range(max(extra, edge), min(len(order), edge + extra) + 1):
+            padded = size * pads[end - 1]
+            if budget is not None and padded > budget:
+                break  # longer windows only pad more
             real = real_required + cost_sum[end] - cost_sum[end - extra]
-            age = age_required + age_sum[end] - age_sum[end - extra]
-            key = (size * bucket_length(longest) - real, age, end)
+            key = (padded - real, age_required + age_sum[end] - age_sum[end - extra], end)
             if best is None or key < best:
                 best = key
         if best is not None:
             waste, age, end = best
-            longest = max(longest_required, costs[end - 1])
             indices = sorted([*range(required), *order[end - extra : end]])
-            found.append(_Candidate(indices, waste, size * bucket_length(longest) - waste, age))
+            found.append(_Candidate(indices, waste, size * pads[end - 1] - waste, age))
+            if largest_only:
+                break
     return found
 
 
