@@ -6,7 +6,8 @@ The built-in workloads (`WORKLOADS`, `workload(name)`):
 - `rag`: chunks of 260 to 400 words, what retrieval stacks embed: real chunks of 200 to
   400 words fill the default model's 256-token window, and so do these (the vocabulary
   below is about a token a word), which the server cuts at the window;
-- `mix`: 80 % short queries (5 to 20 words) and 20 % such chunks, interleaved at random.
+- `mix`: 80 % short queries (5 to 20 words) and 20 % such chunks, interleaved at random;
+- `queries`: the mix's queries alone, what its queries' latency is set against.
 """
 
 from __future__ import annotations
@@ -63,7 +64,16 @@ def mixed(n: int = 2000, seed: int = 2, chunk_share: float = 0.2) -> Corpus:
     return Corpus([texts[i] for i in order], source, [kinds[i] for i in order])
 
 
-WORKLOADS: dict[str, Callable[[], Corpus]] = {"short": builtin, "rag": rag_chunks, "mix": mixed}
+def queries(n: int = 1600, seed: int = 2) -> Corpus:
+    """The short queries of `mixed` (the same texts, in the same order) without its chunks."""
+    texts = builtin(n, seed, 5, 20).texts
+    return Corpus(texts, f"built-in queries (seed {seed}, {n} texts of 5-20 words: the mix's "
+                         "queries alone)", ["query"] * n)  # fmt: skip
+
+
+WORKLOADS: dict[str, Callable[[], Corpus]] = {
+    "short": builtin, "rag": rag_chunks, "mix": mixed, "queries": queries,
+}  # fmt: skip
 """The built-in workloads by name; each called with no arguments gives the same texts."""
 
 

@@ -36,6 +36,15 @@ def test_the_mix_is_one_chunk_in_five_spread_through_the_run() -> None:
         corpus.mixed(chunk_share=1.5)
 
 
+def test_the_queries_workload_is_the_mixs_queries_without_its_chunks() -> None:
+    mix = corpus.workload("mix")
+    in_mix = {t for t, kind in zip(mix.texts, mix.kinds or [], strict=True) if kind == "query"}
+    alone = corpus.workload("queries")
+    assert set(alone.texts) == in_mix
+    assert len(alone.texts) == len(in_mix)
+    assert alone.kinds == ["query"] * len(alone.texts)
+
+
 def test_rag_chunks_overflow_the_default_models_window_and_short_texts_do_not() -> None:
     """The server cuts chunks at 256 tokens: the full window, as retrieval stacks send."""
     from transformers import AutoTokenizer
