@@ -317,7 +317,7 @@ async def test_admin_batching_reads_and_changes_the_live_settings() -> None:
         "max_queue_size": 1024,
         "policy": "adaptive",
         "batch_sizing": "learned",
-        "max_overtakes": 1,
+        "max_overtakes": 4,
         "min_batch_gain": 0.0,
         "slo_p99_ms": None,
         "configured": None,
