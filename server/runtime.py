@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from batcher import EngineConfig
 from batcher.models import Encoder
+from server.cache import CachedEngine, ResultCache
 from server.client import EngineClient, EngineHandle, EngineReport, Status, WarmingStep
 from server.schemas import ThreadsInfo
 from server.settings import Settings
@@ -40,6 +41,13 @@ class Runtime:
         )
         self._tokenizer: Tokenizer | None = None
         self._draining = False
+        self.cache = (
+            ResultCache(settings.cache_size, int(settings.cache_mb * 2**20),
+                        settings.cache_ttl_s, registry)
+            if settings.cache_size > 0
+            else None
+        )  # fmt: skip
+        """The result cache (`server.cache`); None when off."""
 
     @property
     def encoder(self) -> Encoder:
@@ -64,6 +72,13 @@ class Runtime:
     @property
     def engine(self) -> EngineHandle:
         return self.client.engine
+
+    def engine_for(self, *, cached: bool) -> EngineHandle:
+        """The engine as a prediction sees it: behind the result cache when there is one
+        (`cached=False`: a request that asked for a fresh answer skips its lookups)."""
+        if self.cache is None:
+            return self.client.engine
+        return CachedEngine(self.client.engine, self.cache, read=cached)
 
     @property
     def status(self) -> Status:

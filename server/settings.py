@@ -93,6 +93,17 @@ class Settings(BaseSettings):
         "output options) is queued or computing: the later caller joins it, and still gets "
         "its own answer, deadline and cancellation.",
     )
+    cache_size: int = Field(
+        10_000,
+        ge=0,
+        description="Results the cache keeps (per process), answered without the queue "
+        "when the same input (tokens and output options) comes again; 0: no cache. A "
+        "request with Cache-Control: no-cache is computed afresh.",
+    )
+    cache_mb: float = Field(
+        64.0, gt=0, description="Approximate memory the result cache may hold (per process)."
+    )
+    cache_ttl_s: float = Field(600.0, gt=0, description="How long a cached result is served.")
     saturated_at: float = Field(
         0.8,
         gt=0,
