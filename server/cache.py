@@ -6,6 +6,7 @@ hit is answered without the queue: no batch, no device, no engine process. The k
 `Encoded.identity()`: the tokens and every output option (prompt, dimensions,
 normalization, raw scores); the server runs one model, so the model is implied. A
 request with `Cache-Control: no-cache` is computed afresh (and its result stored).
+Behind it, optionally, a tier shared through Redis (`server.shared_cache`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from batcher import EngineConfig, EngineStats, Result, State
 from batcher.models import Classification, Encoded, Output
 from server.client import EngineHandle
+from server.shared_cache import SharedCache
 
 
 def footprint(item: Encoded, value: Output) -> int:
@@ -106,13 +108,21 @@ class ResultCache:
 
 
 class CachedEngine:
-    """An `EngineHandle` that answers what `cache` holds and sends the rest to `engine`,
-    storing their results. `read=False` (a request's `Cache-Control: no-cache`) skips
-    the lookups."""
+    """An `EngineHandle` that answers what `cache` holds, then what `shared` (Redis)
+    holds, and sends the rest to `engine`, storing their results in both. `read=False`
+    (a request's `Cache-Control: no-cache`) skips the lookups."""
 
-    def __init__(self, engine: EngineHandle, cache: ResultCache, *, read: bool = True) -> None:
+    def __init__(
+        self,
+        engine: EngineHandle,
+        cache: ResultCache,
+        shared: SharedCache | None = None,
+        *,
+        read: bool = True,
+    ) -> None:
         self._engine = engine
         self._cache = cache
+        self._shared = shared
         self._read = read
 
     @property
@@ -147,6 +157,14 @@ class CachedEngine:
                 if value is not None:
                     results[i] = Result(value, 0.0, 0.0, 0, cached=True)
         missing = [i for i, result in enumerate(results) if result is None]
+        if missing and self._read and self._shared is not None:
+            found = await self._shared.get_many([payloads[i] for i in missing])
+            for i, value in zip(missing, found, strict=True):
+                if value is not None:
+                    self._cache.put(keys[i], payloads[i], value)
+                    results[i] = Result(value, 0.0, 0.0, 0, cached=True)
+            self._shared.hits.inc(sum(value is not None for value in found))
+            missing = [i for i in missing if results[i] is None]
         if missing:
             computed = await self._engine.submit_many(
                 [payloads[i] for i in missing], deadline=deadline
@@ -154,4 +172,7 @@ class CachedEngine:
             for i, result in zip(missing, computed, strict=True):
                 self._cache.put(keys[i], payloads[i], result.value)
                 results[i] = result
+            if self._shared is not None:
+                self._shared.put_many([(payloads[i], computed[k].value)
+                                       for k, i in enumerate(missing)])  # fmt: skip
         return [result for result in results if result is not None]

@@ -19,6 +19,7 @@ from server.cache import CachedEngine, ResultCache
 from server.client import EngineClient, EngineHandle, EngineReport, Status, WarmingStep
 from server.schemas import ThreadsInfo
 from server.settings import Settings
+from server.shared_cache import SharedCache
 from server.timeline import Recent
 from server.tokenizing import FRONT_END_INLINE_CHARS, INLINE_CHARS, Tokenizer
 
@@ -34,6 +35,7 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.client = client
+        self._registry = registry
         self.disconnects = Counter(
             "microbatch_client_disconnects",
             "Requests whose client went away while their items waited (not computed).",
@@ -48,6 +50,7 @@ class Runtime:
             else None
         )  # fmt: skip
         """The result cache (`server.cache`); None when off."""
+        self._shared: SharedCache | None = None
 
     @property
     def encoder(self) -> Encoder:
@@ -78,7 +81,19 @@ class Runtime:
         (`cached=False`: a request that asked for a fresh answer skips its lookups)."""
         if self.cache is None:
             return self.client.engine
-        return CachedEngine(self.client.engine, self.cache, read=cached)
+        return CachedEngine(self.client.engine, self.cache, self._shared_cache(), read=cached)
+
+    def _shared_cache(self) -> SharedCache | None:
+        """The Redis tier, made at the first prediction: its keys name the model and its
+        precision, known once the engine side is ready."""
+        url = self.settings.cache_url
+        if url is None or self.cache is None:
+            return None
+        if self._shared is None:
+            dtype = self.describe().get("dtype", "")
+            namespace = f"microbatch:1:{self.encoder.name}:{dtype}:"
+            self._shared = SharedCache(url, namespace, self.settings.cache_ttl_s, self._registry)
+        return self._shared
 
     @property
     def status(self) -> Status:
@@ -173,4 +188,6 @@ class Runtime:
         finally:
             if self._tokenizer is not None:
                 await self._tokenizer.aclose()
+            if self._shared is not None:
+                await self._shared.aclose()
             await self.client.aclose()

@@ -104,6 +104,14 @@ class Settings(BaseSettings):
         64.0, gt=0, description="Approximate memory the result cache may hold (per process)."
     )
     cache_ttl_s: float = Field(600.0, gt=0, description="How long a cached result is served.")
+    cache_url: str | None = Field(
+        None,
+        pattern=r"^(redis|rediss|unix)://",
+        description="A Redis (redis://host:port/db) shared by every process and server that "
+        "names it, behind each process's own cache: an input is computed once for all of "
+        "them. If it fails or is slow, requests are served without it (counted in "
+        "microbatch_cache_shared_errors_total).",
+    )
     saturated_at: float = Field(
         0.8,
         gt=0,
