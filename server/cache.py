@@ -70,6 +70,17 @@ class ResultCache:
             "not included).",
             registry=registry,
         )
+        self.shared_hits = Counter(
+            "microbatch_cache_shared_hits",
+            "Inputs answered from the shared cache (--cache-url), having missed this process's.",
+            registry=registry,
+        )
+        self.shared_errors = Counter(
+            "microbatch_cache_shared_errors",
+            "Lookups or stores in the shared cache (--cache-url) that failed or timed out; "
+            "the requests were served without it.",
+            registry=registry,
+        )
         Gauge("microbatch_cache_entries", "Entries in the result cache.",
               registry=registry).set_function(lambda: len(self._entries))  # fmt: skip
         Gauge("microbatch_cache_bytes", "Approximate bytes the result cache holds.",

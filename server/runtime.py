@@ -35,7 +35,6 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.client = client
-        self._registry = registry
         self.disconnects = Counter(
             "microbatch_client_disconnects",
             "Requests whose client went away while their items waited (not computed).",
@@ -92,7 +91,10 @@ class Runtime:
         if self._shared is None:
             dtype = self.describe().get("dtype", "")
             namespace = f"microbatch:1:{self.encoder.name}:{dtype}:"
-            self._shared = SharedCache(url, namespace, self.settings.cache_ttl_s, self._registry)
+            self._shared = SharedCache(
+                url, namespace, self.settings.cache_ttl_s,
+                self.cache.shared_hits, self.cache.shared_errors,
+            )  # fmt: skip
         return self._shared
 
     @property

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import orjson
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import Counter
 
 from batcher.models import Classification, Encoded, Output
 
@@ -67,7 +67,8 @@ class SharedCache:
         url: str,
         namespace: str,
         ttl_s: float,
-        registry: CollectorRegistry,
+        hits: Counter,
+        errors: Counter,
         *,
         timeout_s: float = 0.25,
         pause_s: float = 5.0,
@@ -89,17 +90,10 @@ class SharedCache:
         self._clock = clock
         self._paused_until = 0.0
         self._writes: set[asyncio.Task[None]] = set()
-        self.hits = Counter(
-            "microbatch_cache_shared_hits",
-            "Inputs answered from the shared cache (Redis), having missed this process's.",
-            registry=registry,
-        )
-        self.errors = Counter(
-            "microbatch_cache_shared_errors",
-            "Lookups or stores in the shared cache (Redis) that failed or timed out; the "
-            "requests were served without it.",
-            registry=registry,
-        )
+        self.hits = hits
+        """Inputs answered from Redis (`microbatch_cache_shared_hits_total`)."""
+        self.errors = errors
+        """Lookups or stores that failed (`microbatch_cache_shared_errors_total`)."""
 
     @property
     def available(self) -> bool:

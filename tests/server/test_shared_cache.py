@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from batcher.models import Classification, Encoded
 from benchmarks.processes import free_port
@@ -150,7 +150,10 @@ async def test_after_an_error_redis_is_left_alone_then_tried_again(
 ) -> None:
     now = [0.0]
     registry = CollectorRegistry()
-    cache = SharedCache(redis_server.url, "t:", 60.0, registry, pause_s=5.0, clock=lambda: now[0])
+    hits, errors = (Counter(name, name, registry=registry) for name in ("hits", "errors"))
+    cache = SharedCache(
+        redis_server.url, "t:", 60.0, hits, errors, pause_s=5.0, clock=lambda: now[0]
+    )
     item = Encoded([7, 8], False)
     try:
         cache.put_many([(item, [1.0, 2.0])])
@@ -159,7 +162,7 @@ async def test_after_an_error_redis_is_left_alone_then_tried_again(
         redis_server.kill()
         assert await cache.get_many([item]) == [None]
         assert not cache.available
-        assert registry.get_sample_value("microbatch_cache_shared_errors_total") == 1
+        assert registry.get_sample_value("errors_total") == 1
         revived = RedisServer(tmp_path)
         revived.port = redis_server.port
         revived.start()
