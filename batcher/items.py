@@ -22,6 +22,8 @@ class Result(Generic[OutT]):
     """Device time of the forward pass that computed it."""
     batch_size: int
     """Items in that forward pass."""
+    cached: bool = False
+    """Answered from the server's result cache (no queue, no device): the times are 0."""
 
     def __reduce__(self) -> tuple[type[Result[OutT]], tuple[object, ...]]:
         # Fast pickling across processes (batcher.remote): the constructor's arguments.

@@ -40,7 +40,7 @@ from benchmarks.loadgen import Request, closed_loop, paced, percentile, poisson_
 from benchmarks.processes import pin, server
 from benchmarks.runs import seconds_bar, show_defaults
 from benchmarks.scrape import Scrape, mean_request_ms, scrape
-from benchmarks.transport import AiohttpTransport
+from benchmarks.transport import FRESH, AiohttpTransport
 
 DEFAULT_SERVER = "--torch-threads 1 --max-queue-size 256 --request-timeout-s 10"
 
@@ -145,7 +145,9 @@ async def soak(args: argparse.Namespace, url: str, hang_up: HangUp | None = None
     rng = random.Random(args.seed)
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=args.client_timeout_s)
-    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
+    async with aiohttp.ClientSession(
+        url, connector=connector, timeout=timeout, headers=FRESH
+    ) as session:
         observer = AiohttpTransport(session)
         memory: dict[str, float] = {}
         start_metrics = await scrape(observer)

@@ -56,12 +56,19 @@ class AiohttpTransport:
             return 0, ""
 
 
+FRESH = {"Cache-Control": "no-cache"}
+"""Sent with every request: the load tools measure computing, not a server's result
+cache (their texts repeat), so they ask for fresh answers."""
+
+
 def aiohttp_transports(url: str, timeout_s: float = 120) -> TransportFactory:
     @asynccontextmanager
     async def open_transport(connections: int) -> AsyncIterator[Transport]:
         connector = aiohttp.TCPConnector(limit=connections)
         timeout = aiohttp.ClientTimeout(total=timeout_s)
-        async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
+        async with aiohttp.ClientSession(
+            url, connector=connector, timeout=timeout, headers=FRESH
+        ) as session:
             yield AiohttpTransport(session)
 
     return open_transport
@@ -98,7 +105,9 @@ def asgi_transports(app: Any) -> TransportFactory:
     @asynccontextmanager
     async def open_transport(connections: int) -> AsyncIterator[Transport]:
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers=FRESH
+        ) as client:
             yield HttpxTransport(client)
 
     return open_transport

@@ -15,9 +15,11 @@ from prometheus_client import CollectorRegistry, Counter
 
 from batcher import EngineConfig
 from batcher.models import Encoder
+from server.cache import CachedEngine, ResultCache
 from server.client import EngineClient, EngineHandle, EngineReport, Status, WarmingStep
 from server.schemas import ThreadsInfo
 from server.settings import Settings
+from server.shared_cache import SharedCache
 from server.timeline import Recent
 from server.tokenizing import FRONT_END_INLINE_CHARS, INLINE_CHARS, Tokenizer
 
@@ -40,6 +42,14 @@ class Runtime:
         )
         self._tokenizer: Tokenizer | None = None
         self._draining = False
+        self.cache = (
+            ResultCache(settings.cache_size, int(settings.cache_mb * 2**20),
+                        settings.cache_ttl_s, registry)
+            if settings.cache_size > 0
+            else None
+        )  # fmt: skip
+        """The result cache (`server.cache`); None when off."""
+        self._shared: SharedCache | None = None
 
     @property
     def encoder(self) -> Encoder:
@@ -64,6 +74,28 @@ class Runtime:
     @property
     def engine(self) -> EngineHandle:
         return self.client.engine
+
+    def engine_for(self, *, cached: bool) -> EngineHandle:
+        """The engine as a prediction sees it: behind the result cache when there is one
+        (`cached=False`: a request that asked for a fresh answer skips its lookups)."""
+        if self.cache is None:
+            return self.client.engine
+        return CachedEngine(self.client.engine, self.cache, self._shared_cache(), read=cached)
+
+    def _shared_cache(self) -> SharedCache | None:
+        """The Redis tier, made at the first prediction: its keys name the model and its
+        precision, known once the engine side is ready."""
+        url = self.settings.cache_url
+        if url is None or self.cache is None:
+            return None
+        if self._shared is None:
+            dtype = self.describe().get("dtype", "")
+            namespace = f"microbatch:1:{self.encoder.name}:{dtype}:"
+            self._shared = SharedCache(
+                url, namespace, self.settings.cache_ttl_s,
+                self.cache.shared_hits, self.cache.shared_errors,
+            )  # fmt: skip
+        return self._shared
 
     @property
     def status(self) -> Status:
@@ -158,4 +190,6 @@ class Runtime:
         finally:
             if self._tokenizer is not None:
                 await self._tokenizer.aclose()
+            if self._shared is not None:
+                await self._shared.aclose()
             await self.client.aclose()

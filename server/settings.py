@@ -93,6 +93,25 @@ class Settings(BaseSettings):
         "output options) is queued or computing: the later caller joins it, and still gets "
         "its own answer, deadline and cancellation.",
     )
+    cache_size: int = Field(
+        10_000,
+        ge=0,
+        description="Results the cache keeps (per process), answered without the queue "
+        "when the same input (tokens and output options) comes again; 0: no cache. A "
+        "request with Cache-Control: no-cache is computed afresh.",
+    )
+    cache_mb: float = Field(
+        64.0, gt=0, description="Approximate memory the result cache may hold (per process)."
+    )
+    cache_ttl_s: float = Field(600.0, gt=0, description="How long a cached result is served.")
+    cache_url: str | None = Field(
+        None,
+        pattern=r"^(redis|rediss|unix)://",
+        description="A Redis (redis://host:port/db) shared by every process and server that "
+        "names it, behind each process's own cache: an input is computed once for all of "
+        "them. If it fails or is slow, requests are served without it (counted in "
+        "microbatch_cache_shared_errors_total).",
+    )
     saturated_at: float = Field(
         0.8,
         gt=0,

@@ -36,6 +36,7 @@ from benchmarks.loadgen import paced, percentile, poisson_arrivals
 from benchmarks.processes import pin, server
 from benchmarks.runs import seconds_bar
 from benchmarks.soak import measure_capacity
+from benchmarks.transport import FRESH
 
 DEFAULT_SERVER = "--torch-threads 1"
 PHASES = (0.25, 0.75, 0.25)
@@ -82,7 +83,9 @@ async def drive(url: str, arrivals: list[float], texts: list[str], seed: int, ar
     chosen = [rng.choice(texts) for _ in arrivals]
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
+    async with aiohttp.ClientSession(
+        url, connector=connector, timeout=timeout, headers=FRESH
+    ) as session:
         started = time.perf_counter()
 
         async def fire(index: int, scheduled_at: float) -> Outcome:
@@ -319,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 async def _capacity(url: str, texts: list[str], probe_s: float) -> float:
     connector = aiohttp.TCPConnector(limit=0)
     async with (
-        aiohttp.ClientSession(url, connector=connector) as session,
+        aiohttp.ClientSession(url, connector=connector, headers=FRESH) as session,
         seconds_bar(probe_s, "capacity probe", enabled=True),
     ):
         return await measure_capacity(session, texts, probe_s)

@@ -96,7 +96,7 @@ async def embeddings(request: Request) -> Response:
     """Each input is one item in the queue, batched with everything in flight."""
     runtime = runtime_of(request)
     body = await parse(request, EmbeddingsRequest, runtime)
-    model, engine = serving(runtime)
+    model, engine = serving(runtime, request)
     needs_task(model, "embed", "/v1/embeddings", "an embedding model")
     deadline = deadline_of(engine, runtime, request)
     options = OutputOptions(dimensions=body.dimensions)

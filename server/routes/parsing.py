@@ -55,10 +55,13 @@ def runtime_of(request: Request) -> Runtime:
     return runtime
 
 
-def serving(runtime: Runtime) -> tuple[Encoder, EngineHandle]:
+def serving(runtime: Runtime, request: Request) -> tuple[Encoder, EngineHandle]:
+    """The model's encoder and the engine a prediction goes to (behind the result cache,
+    unless the request says `Cache-Control: no-cache`)."""
     if runtime.status != "ready":
         raise NotReady(f"the server is {runtime.status}; retry when GET /ready says ready")
-    return runtime.encoder, runtime.engine
+    fresh = "no-cache" in request.headers.get("cache-control", "").lower()
+    return runtime.encoder, runtime.engine_for(cached=not fresh)
 
 
 def needs_task(model: Encoder, task: str, route: str, what: str) -> None:
@@ -212,7 +215,7 @@ async def rank(
     """What every rerank route does: each (query, text) pair is one item in the queue,
     batched, length-grouped and failure-isolated like any other, so a long list does
     not wait behind itself; then the best first."""
-    model, engine = serving(runtime)
+    model, engine = serving(runtime, request)
     needs_task(model, "rerank", route, "a cross-encoder with one output score")
     deadline = deadline_of(engine, runtime, request)
     items = await encode(runtime, [query] * len(texts), texts, options, truncation_direction)
@@ -384,9 +387,16 @@ def reply(body: BaseModel | bytes, results: Sequence[Result[Output]]) -> Respons
         "x-queue-time-ms": f"{max(r.queue_time_s for r in results) * 1000:.3f}",
         "x-inference-time-ms": f"{max(r.inference_time_s for r in results) * 1000:.3f}",
         "x-batch-size": str(max(r.batch_size for r in results)),
+        "x-cache": _cache_header(results),
     }
     content = body if isinstance(body, bytes) else to_json(body)
     return Response(content, media_type="application/json", headers=headers)
+
+
+def _cache_header(results: Sequence[Result[Output]]) -> str:
+    """`hit`: every input answered from the result cache; `partial`: some; `miss`: none."""
+    hits = sum(r.cached for r in results)
+    return "hit" if hits == len(results) else "partial" if hits else "miss"
 
 
 def to_json(value: object) -> bytes:

@@ -61,7 +61,7 @@ def _shape(
 async def predict(request: Request) -> Response:
     runtime = runtime_of(request)
     body = await parse(request, PredictRequest, runtime)
-    model, engine = serving(runtime)
+    model, engine = serving(runtime, request)
     pair = None if body.text_pair is None else [body.text_pair]
     deadline = deadline_of(engine, runtime, request)
     [item] = await encode(runtime, [body.text], pair, body)
@@ -82,7 +82,7 @@ async def predict(request: Request) -> Response:
 async def predict_batch(request: Request) -> Response:
     runtime = runtime_of(request)
     body = await parse(request, BatchPredictRequest, runtime)
-    model, engine = serving(runtime)
+    model, engine = serving(runtime, request)
     deadline = deadline_of(engine, runtime, request)
     items = await encode(runtime, body.texts, body.text_pairs, body)
     check_tokens(items, model, runtime, "texts", body.truncate)

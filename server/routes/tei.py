@@ -132,7 +132,7 @@ _RANKED = TypeAdapter(list[RerankResult])
 async def embed(request: Request) -> Response:
     runtime = runtime_of(request)
     body = await parse(request, EmbedRequest, runtime)
-    model, engine = serving(runtime)
+    model, engine = serving(runtime, request)
     needs_task(model, "embed", "/embed", "an embedding model")
     deadline = deadline_of(engine, runtime, request)
     options = OutputOptions(
@@ -181,7 +181,7 @@ async def rerank(request: Request) -> Response:
 async def tokenize(request: Request) -> Response:
     runtime = runtime_of(request)
     body = await parse(request, TokenizeRequest, runtime)
-    serving(runtime)  # 503 unless ready
+    serving(runtime, request)  # 503 unless ready
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     try:
         tokens = await runtime.tokenizer.tokenize(texts, body.add_special_tokens, body.prompt_name)

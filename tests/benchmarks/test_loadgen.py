@@ -168,3 +168,41 @@ def test_each_endpoint_gets_its_own_body_shape() -> None:
     for openai in ("/v1/embeddings", "/embeddings"):  # ours, and a peer's such as Infinity's
         body = Request(openai, model="m", encoding_format="float").body(texts, 5)
         assert body == {"input": "c", "model": "m", "encoding_format": "float"}
+
+
+@pytest.mark.asyncio
+async def test_the_load_tools_ask_for_fresh_answers_not_a_servers_cache() -> None:
+    """Over real HTTP (aiohttp, as real runs use) and in-process alike, every request
+    says `Cache-Control: no-cache`: the texts repeat, and a result cache would otherwise
+    answer them."""
+    from aiohttp import web
+
+    from benchmarks.transport import aiohttp_transports
+
+    seen: list[str | None] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("cache-control"))
+        return web.json_response({"embedding": [0.0]})
+
+    app = web.Application()
+    app.router.add_post("/predict", record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        async with aiohttp_transports(f"http://127.0.0.1:{port}")(1) as client:
+            assert await client.post("/predict", {"text": "a"}) == "200"
+    finally:
+        await runner.cleanup()
+
+    async def starlette_record(request: HTTPRequest) -> Response:
+        seen.append(request.headers.get("cache-control"))
+        return JSONResponse({"embedding": [0.0]})
+
+    starlette_app = Starlette(routes=[Route("/predict", starlette_record, methods=["POST"])])
+    async with client_for(starlette_app) as client:
+        assert await client.post("/predict", {"text": "a"}) == "200"
+    assert seen == ["no-cache", "no-cache"]

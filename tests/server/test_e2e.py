@@ -44,9 +44,11 @@ def metric(text: str, name: str) -> float:
 async def post_all(
     url: str, path: str, bodies: list[dict[str, object]], clients: int
 ) -> list[httpx.Response]:
-    """Send every body with `clients` concurrent connections, in order."""
+    """Send every body with `clients` concurrent connections, in order, each asking for a
+    fresh answer (`Cache-Control: no-cache`): these tests hold what is computed."""
     limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+    fresh = {"cache-control": "no-cache"}
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120, headers=fresh) as client:
         semaphore = asyncio.Semaphore(clients)
 
         async def one(body: dict[str, object]) -> httpx.Response:
@@ -149,11 +151,33 @@ def test_batching_happens_under_64_concurrent_clients(float32_server: ServerProc
     assert items / batches > 4, f"mean batch size {items / batches:.1f}"
 
 
+def test_a_repeated_input_comes_from_the_cache_and_other_options_do_not(
+    default_server: ServerProcess,
+) -> None:
+    url = default_server.url
+    body = {"input": "a text that comes back", "model": "any"}
+    first = httpx.post(f"{url}/v1/embeddings", json=body, timeout=60)
+    again = httpx.post(f"{url}/v1/embeddings", json=body, timeout=60)
+    short = httpx.post(f"{url}/v1/embeddings", json={**body, "dimensions": 8}, timeout=60)
+    fresh = httpx.post(
+        f"{url}/v1/embeddings", json=body, headers={"cache-control": "no-cache"}, timeout=60
+    )
+    assert [r.headers["x-cache"] for r in (first, again, short, fresh)] == [
+        "miss", "hit", "miss", "miss"
+    ]  # fmt: skip
+    vector = first.json()["data"][0]["embedding"]
+    assert again.json()["data"][0]["embedding"] == vector
+    assert len(short.json()["data"][0]["embedding"]) == 8
+    assert cosine(fresh.json()["data"][0]["embedding"], vector) >= 0.9999
+    assert metric(httpx.get(f"{url}/metrics").text, "microbatch_cache_hits_total") >= 1
+
+
 def test_light_load_pays_no_window_with_adaptive_but_waits_with_window(
     default_server: ServerProcess,
 ) -> None:
     url = default_server.url
-    with httpx.Client(base_url=url, timeout=30) as client:
+    fresh = {"cache-control": "no-cache"}  # computed, whatever other tests sent before
+    with httpx.Client(base_url=url, timeout=30, headers=fresh) as client:
         try:
             r = client.patch("/admin/batching", json={"policy": "adaptive", "max_wait_ms": 200})
             assert r.status_code == 200

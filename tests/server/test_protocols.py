@@ -190,7 +190,7 @@ async def test_clients_that_hang_up_on_the_new_routes_are_never_computed() -> No
 async def test_a_client_batch_larger_than_half_the_queue_is_split_into_waves() -> None:
     model = FakeTextModel()
     texts = [f"text number {i}" for i in range(11)]
-    async with sdk(model, max_queue_size=4, max_batch_size=2) as (ai, client):
+    async with sdk(model, max_queue_size=4, max_batch_size=2, cache_size=0) as (ai, client):
         reply = await ai.embeddings.create(input=texts, model="x", encoding_format="float")
         tei = await client.post("/embed", json={"inputs": texts})
         ours = await client.post("/predict/batch", json={"texts": texts})
