@@ -182,12 +182,11 @@ def select_batch(
         raise RuntimeError("the oldest item does not fit max_batch_tokens; this is a bug")
     # Prefixes overtake no one; others may join only when every due item goes.
     fill = config.batch_sizing == "fill" or cost is None
-    candidates = [_prefix(pending, size) for size in (fit,) if fill] or [
-        _prefix(pending, size) for size in range(1, fit + 1)
-    ]
+    sizes = [fit] if fill else range(1, fit + 1)
+    candidates = [_prefix(pending, size) for size in sizes]
     if fit == required:
         candidates.extend(_grouped(pending, required, config, largest_only=fill))
-    if fill:
+    if fill or cost is None:
         return max(candidates, key=lambda c: (c.size, -c.waste, -c.age)).indices
     return _cheapest(candidates, cost, config.min_batch_gain).indices
 
