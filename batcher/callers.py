@@ -32,32 +32,27 @@ class Callers(Generic[InT, OutT]):
         self._shared: dict[Hashable, PendingItem[InT, OutT]] = {}
         """Items queued or computing, by identity."""
 
-    def join(self, payload: InT, deadline: float | None) -> PendingItem[InT, OutT] | None:
-        """The item queued or computing for an input identical to `payload`, now also
-        waited for until `deadline`; None when there is none."""
+    def admit(
+        self, payload: InT, now: float, deadline: float | None, cost: int
+    ) -> tuple[PendingItem[InT, OutT], bool]:
+        """The item `payload`'s caller waits for, now also until `deadline`, and whether it
+        is new (to be queued): the item of an identical input queued or computing, or a
+        new one that identical inputs may join until it is settled."""
         key = None if self._identity is None else self._identity(payload)
         shared = None if key is None else self._shared.get(key)
-        if shared is None or shared.future.done():
-            return None
-        shared.waiting += 1
-        if shared.deadline is not None:  # it stays wanted until its last caller's deadline
-            shared.deadline = None if deadline is None else max(deadline, shared.deadline)
-        self._metrics.count("coalesced")
-        return shared
-
-    def new(
-        self, payload: InT, now: float, deadline: float | None, cost: int
-    ) -> PendingItem[InT, OutT]:
-        """An item for `payload`, for identical inputs to join until it is settled."""
-        key = None if self._identity is None else self._identity(payload)
-        loop = asyncio.get_running_loop()
+        if shared is not None and not shared.future.done():
+            shared.waiting += 1
+            if shared.deadline is not None:  # wanted until its last caller's deadline
+                shared.deadline = None if deadline is None else max(deadline, shared.deadline)
+            self._metrics.count("coalesced")
+            return shared, False
         item: PendingItem[InT, OutT] = PendingItem(
-            payload, loop.create_future(), now, deadline, cost, key=key
+            payload, asyncio.get_running_loop().create_future(), now, deadline, cost
         )
         if key is not None:
             self._shared[key] = item
             item.future.add_done_callback(partial(self._forget, key, item))
-        return item
+        return item, True
 
     def _forget(
         self, key: Hashable, item: PendingItem[InT, OutT], _: asyncio.Future[Result[OutT]]

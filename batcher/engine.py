@@ -270,9 +270,8 @@ class Engine(Generic[InT, OutT]):
         items: list[PendingItem[InT, OutT]] = []
         fresh: list[PendingItem[InT, OutT]] = []
         for payload, cost in zip(payloads, costs, strict=True):
-            item = self._callers.join(payload, deadline)
-            if item is None:
-                item = self._callers.new(payload, now, deadline, cost)
+            item, new = self._callers.admit(payload, now, deadline, cost)
+            if new:
                 fresh.append(item)
             items.append(item)
         self._queue.extend(fresh)

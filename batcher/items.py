@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -48,8 +47,6 @@ class PendingItem(Generic[InT, OutT]):
     overtaken: int = 0
     """Batches that left with a younger item while this one stayed queued (the policy
     bounds it: `EngineConfig.max_overtakes`)."""
-    key: Hashable | None = None
-    """What makes inputs identical (the engine's `identity`); None: never shared."""
     waiting: int = 1
     """Callers still waiting for it."""
 

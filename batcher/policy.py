@@ -160,9 +160,9 @@ def select_batch(
     overhead plus the padding it causes (real tokens cost the same in any batch): the
     cheapest size wins, or the smallest whose items each pay at most `min_batch_gain` of
     their device time more and whose own work outweighs the overhead of the extra batch
-    it leaves behind. So on a GPU (overhead dominates) batches fill up; on a CPU
-    (padding costs as much as work) a long oldest item is not padded onto short ones, and
-    long inputs, where a batch buys nothing, go in small batches that answer sooner.
+    it leaves behind (`min_batch_gain` is 0 by default: the cheapest size). So on a GPU
+    (overhead dominates) batches fill up; on a CPU (padding costs as much as work) a long
+    oldest item is not padded onto short ones.
     """
     if not pending:
         return []
