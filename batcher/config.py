@@ -122,7 +122,7 @@ class EngineConfig:
     max_queue_size: int = 1024
     policy: Policy = "adaptive"
     batch_sizing: BatchSizing = "learned"
-    max_overtakes: int | None = 4
+    max_overtakes: int | None = None
     min_batch_gain: float = 0.0
     slo_p99_ms: float | None = None
 

@@ -291,7 +291,8 @@ class Engine(Generic[InT, OutT]):
                 if draining and not len(self._queue) and self._in_flight == 0:
                     return
                 decision = decide(self._queue.items, clock(), self.config, self._in_flight,
-                                  self.alive_replicas, draining=draining)  # fmt: skip
+                                  self.alive_replicas, ahead=self._executor.prepares_ahead,
+                                  draining=draining)  # fmt: skip
                 if isinstance(decision, Dispatch):
                     limits = batch_limits(self.config, self._executor.memory_cap.tokens)
                     batch = self._queue.take(clock(), limits, self._executor.cost.estimate())

@@ -60,6 +60,11 @@ class Executor(Generic[InT, OutT]):
         """Called with each computed batch's latencies (admission to result, seconds),
         queue waits and device time: the SLO controller's input."""
 
+    @property
+    def prepares_ahead(self) -> bool:
+        """Whether a batch that waits for a device is prepared meanwhile."""
+        return self._preparer is not None
+
     async def run_settling(self, batch: list[PendingItem[InT, OutT]]) -> None:
         """`run(batch)`; if that fails (a bug) or is cancelled (shutdown), every item
         still unsettled fails with EngineClosed, and the exception propagates."""

@@ -33,13 +33,13 @@ from batcher.config import EngineConfig
 from batcher.cost import LinearCost
 from batcher.padding import bucket_length
 
-MAX_IN_FLIGHT = 2
-"""Batches handed to one device at once: one computing, one prepared behind it."""
 
-
-def max_in_flight(devices: int) -> int:
-    """Batches handed out at once: one computing per device, one prepared behind them."""
-    return devices + MAX_IN_FLIGHT - 1
+def max_in_flight(devices: int, ahead: bool = True) -> int:
+    """Batches handed out at once: one computing per device and, where batches are
+    prepared ahead (`ahead`: padded on the host while the device computes), one more
+    behind them. Elsewhere a batch handed out early gains nothing and is chosen before
+    the items that arrive while the device is busy could be weighed."""
+    return devices + 1 if ahead else devices
 
 
 TIMER_SLACK_S = 0.001
@@ -110,15 +110,17 @@ def decide(
     in_flight: int,
     devices: int = 1,
     *,
+    ahead: bool = True,
     draining: bool = False,
 ) -> Decision:
     """Whether to form a batch from `pending` (oldest first) now, or how long to wait.
 
     `in_flight` counts batches handed to the devices and not yet finished; `devices` is
-    how many replicas compute side by side; `draining`: the engine is shutting down and
+    how many replicas compute side by side; `ahead`: batches that wait for a device are
+    prepared meanwhile (see `max_in_flight`); `draining`: the engine is shutting down and
     admits nothing more, so no window is worth waiting for.
     """
-    if not pending or in_flight >= max_in_flight(devices):
+    if not pending or in_flight >= max_in_flight(devices, ahead):
         return WAIT_FOR_EVENT
     if draining:
         return Dispatch("drain")
@@ -143,52 +145,77 @@ def batch_limits(config: EngineConfig, memory_cap: int | None) -> EngineConfig:
 
 
 def select_batch(
-    pending: Sequence[Queued], config: EngineConfig, cost: LinearCost | None = None
+    pending: Sequence[Queued],
+    config: EngineConfig,
+    cost: LinearCost | None = None,
+    now: float | None = None,
 ) -> list[int]:
     """Indices into `pending` (oldest first) of the items of the next batch.
 
-    The oldest item always goes. Items overtaken `max_overtakes` times (see
-    `Queued.overtaken`) are due; they are always a prefix of `pending`, since a batch that
-    overtakes an item overtakes every older one it leaves. While some are due, a batch is
-    either a prefix of the due items (oldest first, nothing younger) or all of them plus
-    others; so no item is overtaken more than `max_overtakes` times.
+    The batch forms around one item, the anchor: with a learned `cost` (and `now`), the
+    item with the highest response ratio, (its wait + its own device time) / its own
+    device time, ties to the older; else the oldest. A query that costs a tenth of a chunk
+    so goes before a chunk that has waited less than ten times as long, and no item
+    starves: its ratio grows with its wait, a newcomer's starts at 1.
+
+    With `max_overtakes` set, items overtaken that many times (see `Queued.overtaken`)
+    are due; they are always a prefix of `pending`, since a batch that overtakes an item
+    overtakes every older one it leaves. While some are due, a batch is either a prefix
+    of the due items (oldest first, nothing younger) or all of them plus others, and no
+    item is overtaken more than `max_overtakes` times.
 
     The others are chosen by length: sorted, for each size, the run of consecutive lengths
-    next to the required items' longest that wastes the fewest padded tokens within the
-    token budget (ties to the older items). Without `cost` (or with `batch_sizing="fill"`)
-    the largest size wins. With it, each size costs each item its share of the batch
-    overhead plus the padding it causes (real tokens cost the same in any batch): the
-    cheapest size wins, or the smallest whose items each pay at most `min_batch_gain` of
-    their device time more and whose own work outweighs the overhead of the extra batch
-    it leaves behind (`min_batch_gain` is 0 by default: the cheapest size). So on a GPU
-    (overhead dominates) batches fill up; on a CPU (padding costs as much as work) a long
-    oldest item is not padded onto short ones.
+    next to the anchor's (or the due items' longest) that wastes the fewest padded tokens
+    within the token budget (ties to the older items). Without `cost` (or with
+    `batch_sizing="fill"`) the largest size wins. With it, each size costs each item its
+    share of the batch overhead plus the padding it causes (real tokens cost the same in
+    any batch): the cheapest size wins, or the smallest whose items each pay at most
+    `min_batch_gain` of their device time more and whose own work outweighs the overhead
+    of the extra batch it leaves behind. So on a GPU (overhead dominates) batches fill up;
+    on a CPU (padding costs as much as work) a long item is not padded onto short ones.
     """
     if not pending:
         return []
     due = 0
     while due < len(pending) and _due(pending[due], config):
         due += 1
-    required = max(due, 1)
-    fit = 0  # the longest prefix that fits; fitting only gets harder as a prefix grows
-    longest = 0
-    while fit < required:
-        longest = max(longest, pending[fit].cost)
-        if not _fits(config, fit + 1, longest):
-            break
-        fit += 1
-    if fit == 0:
-        # Only reachable when the oldest item alone breaks the budget, which submit refuses.
-        raise RuntimeError("the oldest item does not fit max_batch_tokens; this is a bug")
-    # Prefixes overtake no one; others may join only when every due item goes.
     fill = config.batch_sizing == "fill" or cost is None
-    sizes = [fit] if fill else range(1, fit + 1)
-    candidates = [_prefix(pending, size) for size in sizes]
-    if fit == required:
-        candidates.extend(_grouped(pending, required, config, largest_only=fill))
+    if due == 0:
+        anchor = 0 if cost is None or now is None else _highest_ratio(pending, cost, now)
+        candidates = _grouped(pending, [anchor], config, largest_only=fill)
+    else:
+        fit = 0  # the longest prefix that fits; fitting only gets harder as it grows
+        longest = 0
+        while fit < due:
+            longest = max(longest, pending[fit].cost)
+            if not _fits(config, fit + 1, longest):
+                break
+            fit += 1
+        # The oldest item alone always fits: submit refuses one over the budget.
+        fit = max(fit, 1)
+        # Prefixes overtake no one; others may join only when every due item goes.
+        sizes = [fit] if fill else range(1, fit + 1)
+        candidates = [_candidate(pending, list(range(size))) for size in sizes]
+        if fit == due:
+            head = list(range(due))
+            candidates.extend(_grouped(pending, head, config, largest_only=fill)[1:])
     if fill or cost is None:
         return max(candidates, key=lambda c: (c.size, -c.waste, -c.age)).indices
     return _cheapest(candidates, cost, config.min_batch_gain).indices
+
+
+def _highest_ratio(pending: Sequence[Queued], cost: LinearCost, now: float) -> int:
+    """The item whose wait is longest for its own device time (alone in a batch); the
+    oldest while nothing is learned to weigh waits by."""
+    best, best_ratio = 0, 0.0
+    for i, item in enumerate(pending):
+        own = cost.seconds(bucket_length(item.cost))
+        if own <= 0:
+            return 0
+        ratio = (now - item.enqueued_at + own) / own
+        if ratio > best_ratio:
+            best, best_ratio = i, ratio
+    return best
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,17 +245,21 @@ def _fits(config: EngineConfig, size: int, longest: int) -> bool:
 
 
 def _grouped(
-    pending: Sequence[Queued], required: int, config: EngineConfig, *, largest_only: bool
+    pending: Sequence[Queued], head: list[int], config: EngineConfig, *, largest_only: bool
 ) -> list[_Candidate]:
-    """For each size (or only the largest that fits), the best batch of the first
-    `required` items plus others of close length: the run of consecutive lengths
-    (sorted) that wastes the fewest padded tokens, ties to the older items."""
-    head = [pending[i].cost for i in range(required)]
-    bucket_required = bucket_length(max(head))
-    real_required = sum(head)
-    age_required = required * (required - 1) // 2
+    """The `head` items (which must go, and fit together) alone, then for each size (or
+    only the largest that fits) the best batch of them plus others of close length: the
+    run of consecutive lengths (sorted) that wastes the fewest padded tokens, ties to the
+    older items."""
+    head_costs = [pending[i].cost for i in head]
+    bucket_required = bucket_length(max(head_costs))
+    real_required = sum(head_costs)
+    age_required = sum(head)
+    taken = set(head)
     # Among equal lengths the older item sits later, where windows reach first.
-    order = sorted(range(required, len(pending)), key=lambda i: (pending[i].cost, -i))
+    order = sorted(
+        (i for i in range(len(pending)) if i not in taken), key=lambda i: (pending[i].cost, -i)
+    )
     costs = [pending[i].cost for i in order]
     pads = [max(bucket_required, bucket_length(c)) for c in costs]
     cost_sum = list(accumulate(costs, initial=0))
@@ -236,7 +267,8 @@ def _grouped(
     budget = config.max_batch_tokens
     # Positions below `edge` pad no further than the required items already do.
     edge = bisect_right(costs, bucket_required)
-    found = [_prefix(pending, required)]
+    found = [_candidate(pending, sorted(head))]
+    required = len(head)
     extras = range(1, min(config.max_batch_size - required, len(order)) + 1)
     for extra in reversed(extras) if largest_only else extras:
         size = required + extra
@@ -254,18 +286,18 @@ def _grouped(
                 best = key
         if best is not None:
             waste, age, end = best
-            indices = sorted([*range(required), *order[end - extra : end]])
+            indices = sorted([*head, *order[end - extra : end]])
             found.append(_Candidate(indices, waste, size * pads[end - 1] - waste, age))
             if largest_only:
                 break
     return found
 
 
-def _prefix(pending: Sequence[Queued], size: int) -> _Candidate:
-    costs = [pending[i].cost for i in range(size)]
+def _candidate(pending: Sequence[Queued], indices: list[int]) -> _Candidate:
+    costs = [pending[i].cost for i in indices]
     real = sum(costs)
-    padded = size * bucket_length(max(costs))
-    return _Candidate(list(range(size)), padded - real, real, size * (size - 1) // 2)
+    padded = len(indices) * bucket_length(max(costs))
+    return _Candidate(indices, padded - real, real, sum(indices))
 
 
 def _cheapest(candidates: list[_Candidate], cost: LinearCost, min_gain: float) -> _Candidate:

@@ -77,7 +77,7 @@ class PendingQueue(Generic[InT, OutT]):
         no longer wanted; each item left behind older than one taken is overtaken once
         more."""
         live = [item for item in self._items if self.wanted(item, now)]
-        chosen = sorted(select_batch(live, limits, cost))
+        chosen = sorted(select_batch(live, limits, cost, now))
         taken = set(chosen)
         youngest = chosen[-1] if chosen else -1
         kept: deque[PendingItem[InT, OutT]] = deque()

@@ -64,3 +64,22 @@ def open_runner() -> GatedRunner:
     runner = GatedRunner()
     runner.gate.set()
     return runner
+
+
+@dataclass
+class StagingRunner(GatedRunner):
+    """A `GatedRunner` that, like the CUDA runner, prepares a batch while the one before
+    computes, so the engine hands one batch out ahead of the device (staged)."""
+
+    prepared: list[list[str]] = field(default_factory=list)
+
+    @property
+    def collates_ahead(self) -> bool:
+        return True
+
+    async def prepare(self, payloads: Sequence[str]) -> object | None:
+        self.prepared.append(list(payloads))
+        return None
+
+    async def run(self, payloads: Sequence[str], prepared: object | None = None) -> list[str]:
+        return await super().run(payloads)

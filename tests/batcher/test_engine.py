@@ -26,7 +26,7 @@ from batcher import (
 )
 from batcher.padding import bucket_length, padded_tokens
 from batcher.replicas import REPLICA_STRIKES
-from tests.batcher.fakes import Call, GatedRunner, Poison, open_runner
+from tests.batcher.fakes import Call, GatedRunner, Poison, StagingRunner, open_runner
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
 
@@ -208,7 +208,7 @@ async def test_expired_items_are_never_computed() -> None:
 
 
 async def test_an_item_expiring_while_its_batch_waits_for_the_device_is_not_computed() -> None:
-    runner = GatedRunner()
+    runner = StagingRunner()
     config = EngineConfig(max_batch_size=1)
     async with make_engine(runner, config) as engine:
         first = asyncio.create_task(engine.submit("first"))
@@ -243,7 +243,7 @@ async def test_cancelled_items_are_never_computed() -> None:
 
 
 async def test_a_full_queue_rejects_at_once() -> None:
-    runner = GatedRunner()
+    runner = StagingRunner()
     async with make_engine(runner, EngineConfig(max_batch_size=1, max_queue_size=3)) as engine:
         first = asyncio.create_task(engine.submit("running"))
         await runner.wait_for_calls(1)
@@ -328,7 +328,7 @@ async def test_reconfigure_applies_at_once_and_validates() -> None:
 async def test_a_dying_dispatcher_fails_every_caller_and_surfaces_at_close(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    runner = GatedRunner()
+    runner = StagingRunner()
     engine = make_engine(runner, EngineConfig(max_batch_size=1))
     await engine.start()
     first = asyncio.create_task(engine.submit("first"))
@@ -556,7 +556,7 @@ async def test_an_item_that_would_wait_past_its_deadline_is_refused_at_once() ->
 
 
 async def test_stats_is_a_snapshot_of_queue_device_and_replicas() -> None:
-    runner = GatedRunner()
+    runner = StagingRunner()
     config = EngineConfig(max_batch_size=2, batch_sizing="fill")
     async with make_engine([runner], config) as engine:
         assert engine.stats().state == "running"
@@ -873,3 +873,59 @@ async def test_without_an_identity_nothing_is_shared() -> None:
         runner.gate.set()
         await settle(blocker, *twins)
     assert runner.computed.count("a") == 2
+
+
+async def test_short_inputs_do_not_queue_behind_long_ones() -> None:
+    """The mix on a CPU-like fake (1 ms + 0.17 ms per padded token: a 256-token chunk
+    takes 45 ms, a query 4-5 ms): 80 % queries, 20 % chunks, Poisson at ~80 % of the
+    device. Batches form around the highest response ratio, so a query waits for the
+    batch already computing and little more; in arrival order (`max_overtakes=0`) it
+    waits behind every chunk queued before it."""
+
+    class CpuLike(GatedRunner):
+        async def run(self, payloads: Sequence[str]) -> list[str]:
+            padded = len(payloads) * bucket_length(max(len(p) for p in payloads))
+            await asyncio.sleep(0.001 + 0.00017 * padded)
+            return await super().run(payloads)
+
+    rng = random.Random(7)
+    arrivals = [(rng.expovariate(64.0), rng.random() < 0.2) for _ in range(1200)]
+
+    async def serve(config: EngineConfig, chunks: bool = True) -> dict[bool, list[float]]:
+        runner = CpuLike()
+        runner.gate.set()
+        latencies: dict[bool, list[float]] = {True: [], False: []}
+        async with make_engine(runner, config) as engine:
+            for wave in range(12):  # batches of many sizes and lengths: the cost is learned
+                lengths = [16 + 48 * (wave % 6)] * (1 + 2 * wave)
+                await asyncio.gather(
+                    *(engine.submit(f"w{wave}-{i}".ljust(n, "w")) for i, n in enumerate(lengths))
+                )
+            assert engine.stats().learned_cost is not None
+
+            async def one(k: int, chunk: bool) -> None:
+                started = engine.clock()
+                await engine.submit(f"{k:05d}".ljust(256 if chunk else 12 + k % 12, "x"))
+                latencies[chunk].append(engine.clock() - started)
+
+            tasks = []
+            for k, (gap, chunk) in enumerate(arrivals):
+                await asyncio.sleep(gap)  # virtual time: Poisson arrivals
+                if chunks or not chunk:
+                    tasks.append(asyncio.create_task(one(k, chunk)))
+            await asyncio.gather(*tasks)
+        return {kind: sorted(values) for kind, values in latencies.items()}
+
+    def p99(values: list[float]) -> float:
+        return values[int(0.99 * len(values))]
+
+    chunk_s = 0.001 + 0.00017 * 256
+    config = EngineConfig(max_batch_size=32, min_batch_gain=0.05)
+    alone = (await serve(config, chunks=False))[False]
+    mixed = await serve(config)
+    in_order = await serve(config.replace(max_overtakes=0))
+    assert len(mixed[True]) == sum(chunk for _, chunk in arrivals), "every chunk is served"
+    # Without preempting a forward pass, a query may find a chunk computing: its floor.
+    assert p99(mixed[False]) <= chunk_s + 2 * p99(alone), f"{p99(mixed[False]):.3f} s"
+    assert p99(mixed[False]) < 0.5 * p99(in_order[False])
+    assert p99(mixed[True]) < 1.5 * p99(in_order[True]), "chunks pay little for it"

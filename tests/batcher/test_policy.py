@@ -68,11 +68,36 @@ def test_a_token_budget_makes_a_batch_full_early() -> None:
     assert decide(queue(32, 32), 0.0, config, in_flight=0) == Dispatch("tokens")
 
 
-def test_selection_groups_similar_lengths_around_the_oldest() -> None:
+def test_without_a_bound_selection_groups_similar_lengths_around_the_oldest() -> None:
     pending = queue(100, 8, 200, 96, 7, 104, 9, 100)
-    chosen = select_batch(pending, ADAPTIVE)
+    chosen = select_batch(pending, ADAPTIVE.replace(max_overtakes=None))
     assert sorted(pending[i].cost for i in chosen) == [96, 100, 100, 104]
     assert 0 in chosen
+
+
+def test_with_a_learned_cost_the_batch_forms_around_the_highest_response_ratio() -> None:
+    """Ratio = (wait + own device time) / own device time: at 10 ms, the 8-token item
+    queued at 1 ms leads ((9 + 11.2) / 11.2), not the 100-token one queued at 0."""
+    pending = queue(100, 8, 200, 96, 7, 104, 9, 8, 100)
+    chosen = select_batch(pending, ADAPTIVE, CPU_LIKE, now=0.010)
+    assert sorted(pending[i].cost for i in chosen) == [7, 8, 8]
+    assert 1 in chosen
+    assert 0 in select_batch(pending, ADAPTIVE, CPU_LIKE), "no clock: the oldest leads"
+    assert 0 in select_batch(pending, ADAPTIVE, now=0.010), "no cost learned: the oldest"
+
+
+def test_short_items_go_before_older_long_ones_until_those_have_waited_long_enough() -> None:
+    long_then_short = [Q(0.000, 256), Q(0.001, 256), Q(0.002, 12), Q(0.003, 10)]
+    assert select_batch(long_then_short, ADAPTIVE, CPU_LIKE, now=0.010) == [2, 3]
+    # The long item's 0.5 s is 4.5 times its own 110 ms; the short one's 10 ms, 0.7 times.
+    aged = [Q(0.000, 256), Q(0.490, 12)]
+    assert select_batch(aged, ADAPTIVE, CPU_LIKE, now=0.500) == [0]
+
+
+def test_due_items_go_first_whatever_their_ratio() -> None:
+    bounded = ADAPTIVE.replace(max_overtakes=4)
+    due = [Q(0.000, 256, overtaken=4), Q(0.001, 256), Q(0.002, 12), Q(0.003, 10)]
+    assert 0 in select_batch(due, bounded, CPU_LIKE, now=0.010)
 
 
 def test_selection_prefers_older_items_among_equal_lengths() -> None:
@@ -96,7 +121,7 @@ def test_selection_invariants(costs: list[int], max_batch_size: int, budget: int
     config = EngineConfig(max_batch_size=max_batch_size, max_batch_tokens=budget)
     pending = queue(*costs)
     chosen = select_batch(pending, config)
-    assert 0 in chosen, "the oldest item always goes"
+    assert 0 in chosen, "no cost learned: the oldest item always goes"
     assert len(chosen) == len(set(chosen))
     assert 1 <= len(chosen) <= max_batch_size
     if budget is None:
@@ -136,14 +161,28 @@ def test_fill_sizing_ignores_the_learned_cost() -> None:
     budget=st.one_of(st.none(), st.integers(304, 4000)),
     overhead=st.floats(0, 0.05),
     per_token=st.floats(0, 0.001),
+    wait=st.floats(0, 2),
 )
 def test_learned_selection_keeps_the_invariants(
-    costs: list[int], max_batch_size: int, budget: int | None, overhead: float, per_token: float
+    costs: list[int],
+    max_batch_size: int,
+    budget: int | None,
+    overhead: float,
+    per_token: float,
+    wait: float,
 ) -> None:
     config = EngineConfig(max_batch_size=max_batch_size, max_batch_tokens=budget)
     pending = queue(*costs)
-    chosen = select_batch(pending, config, LinearCost(overhead, per_token))
-    assert 0 in chosen
+    cost = LinearCost(overhead, per_token)
+    now = len(costs) * 0.001 + wait
+    chosen = select_batch(pending, config, cost, now)
+
+    def ratio(item: Q) -> float:
+        own = cost.seconds(bucket_length(item.cost))
+        return (now - item.enqueued_at + own) / own if own > 0 else 0.0
+
+    leader = 0 if cost.seconds(8) <= 0 else max(range(len(costs)), key=lambda i: ratio(pending[i]))
+    assert leader in chosen, "the highest response ratio (ties: the oldest) always goes"
     assert 1 <= len(chosen) <= max_batch_size
     if budget is not None:
         assert padded_tokens(pending[i].cost for i in chosen) <= budget

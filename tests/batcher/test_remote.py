@@ -21,7 +21,7 @@ from batcher import (
     Result,
 )
 from batcher.remote import EngineServer, RemoteCause, RemoteEngine, socket_dir
-from tests.batcher.fakes import GatedRunner, Poison, open_runner
+from tests.batcher.fakes import GatedRunner, Poison, StagingRunner, open_runner
 
 pytestmark = pytest.mark.asyncio
 
@@ -75,7 +75,7 @@ async def test_front_ends_share_batches_and_each_gets_its_own_results() -> None:
 
 
 async def test_the_one_bounded_queue_refuses_across_front_ends() -> None:
-    runner = GatedRunner()
+    runner = StagingRunner()  # like CUDA: one batch is handed out ahead
     config = EngineConfig(max_batch_size=1, max_queue_size=2)
     async with served(runner, config) as (engine, [a, b]):
         running = asyncio.create_task(a.submit("running"))

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Batching settings side by side on one server: this working tree's default server pinned
+# to CPU 0, the load generator on CPU 1. For each round, each variant's settings are
+# PATCHed in (the defaults restored first) and every workload runs at every load, so
+# drift of the host hits all variants alike. One bench JSON per (workload, variant,
+# round) in --out, then a table of medians over the rounds (summary.md), with latencies
+# by kind (query, chunk) for the mix.
+#
+#   bash benchmarks/lab/variants.sh --variant 'LABEL={"min_batch_gain": 0.05}' ...
+#        [--workloads mix,queries] [--concurrency 64] [--rate 73] [--rounds 2]
+#        [--duration 12] [--warmup 2] [--out DIR] [--serve-args "--torch-threads 1"]
+# A variant labelled `default` with `{}` runs the defaults.
+set -euo pipefail
+
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+
+workloads="mix" concurrency="64" rate="" rounds=2 duration=12 warmup=2 out=""
+serve_args="--torch-threads 1" variants=()
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --variant) variants+=("$2"); shift 2 ;;
+    --workloads) workloads=$2; shift 2 ;;
+    --concurrency) concurrency=$2; shift 2 ;;
+    --rate) rate=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
+    --duration) duration=$2; shift 2 ;;
+    --warmup) warmup=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --serve-args) serve_args=$2; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "variants.sh: unknown option $1 (--help)" >&2; exit 2 ;;
+  esac
+done
+[[ ${#variants[@]} -gt 0 ]] || variants=('default={}')
+out=${out:-$(mktemp -d)}
+mkdir -p "$out"
+port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+url="http://127.0.0.1:$port"
+# shellcheck disable=SC2086
+taskset -c 0 microbatch serve --port "$port" $serve_args >"$out/server.log" 2>&1 &
+server=$!
+trap 'kill -TERM $server 2>/dev/null || true; wait $server 2>/dev/null || true' EXIT
+for _ in $(seq 600); do curl -sf "$url/ready" >/dev/null && break; sleep 0.5; done
+curl -sf "$url/ready" >/dev/null || { echo "variants.sh: the server did not start" >&2; exit 1; }
+defaults=$(curl -sf "$url/admin/batching")
+
+loads=()
+[[ -n $concurrency ]] && loads+=(--concurrency "$concurrency")
+[[ -n $rate ]] && loads+=(--rate "$rate")
+for round in $(seq "$rounds"); do
+  for variant in "${variants[@]}"; do
+    label=${variant%%=*} settings=${variant#*=}
+    curl -sf -X PATCH "$url/admin/batching" -H 'content-type: application/json' -d "$defaults" >/dev/null
+    curl -sf -X PATCH "$url/admin/batching" -H 'content-type: application/json' -d "$settings" >/dev/null
+    for workload in ${workloads//,/ }; do
+      echo "round $round, $label, $workload" >&2
+      taskset -c 1 microbatch bench "$url" --workload "$workload" "${loads[@]}" \
+        --duration "$duration" --warmup "$warmup" --label "$label" \
+        --json "$out/$workload-$label-$round.json" >/dev/null
+    done
+  done
+done
+python -m benchmarks.lab.variants "$out" "${variants[@]}" >"$out/summary.md"
+cat "$out/summary.md"
