@@ -49,17 +49,17 @@ LIMITS: dict[str, Limit] = {
         choices=BATCH_SIZINGS,
     ),
     "max_overtakes": Limit(
-        "Times a queued item may be overtaken by younger ones grouped by length; after "
-        "that nothing younger leaves before it (it goes in the next batch, or the next "
-        "batch is older items only). null: no bound (the oldest item still always goes).",
+        "A hard bound on how many batches may leave with a younger item while a queued "
+        "one waits; after that nothing younger leaves before it (0: first in, first "
+        "out). null (the default): no count, the response ratio alone orders the queue.",
         minimum=0,
         nullable=True,
     ),
     "min_batch_gain": Limit(
         "learned sizing: a bigger batch is chosen over a smaller one only if it saves at "
         "least this fraction of each item's device time (as the learned cost predicts it); "
-        "where it buys less, the smaller batch goes and its items answer sooner. 0 (the "
-        "default): the most items/s.",
+        "where it buys less, the smaller batch goes and its items answer sooner (and so "
+        "do the items waiting behind it). 0: the most items/s.",
         minimum=0,
         maximum=1,
     ),
@@ -108,8 +108,9 @@ class EngineConfig:
     - `batch_sizing`: `fill` takes as many items as the limits allow; `learned` sizes each
       batch for the most items per second under the device's learned cost (see
       `batcher.cost`), which on a CPU means tight batches of similar lengths.
-    - `max_overtakes`: how many times length grouping may let younger items leave before
-      a queued one; then it and every older item go first (None: no bound).
+    - `max_overtakes`: how many batches may leave with younger items before a queued
+      one; then it and every older item go first (None: no count; batches form around
+      the item with the highest response ratio, see `batcher.policy.select_batch`).
     - `min_batch_gain`: with `learned` sizing, the fraction of per-item device time a
       bigger batch must save to be chosen over a smaller one.
     - `slo_p99_ms`: a p99 latency target held by `batcher.slo` within `max_batch_size` and
@@ -123,7 +124,7 @@ class EngineConfig:
     policy: Policy = "adaptive"
     batch_sizing: BatchSizing = "learned"
     max_overtakes: int | None = None
-    min_batch_gain: float = 0.0
+    min_batch_gain: float = 0.05
     slo_p99_ms: float | None = None
 
     def __post_init__(self) -> None:

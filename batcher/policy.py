@@ -3,19 +3,24 @@
 No asyncio and no clock here: the engine passes `now` in, so tests drive it with plain
 numbers. Invariants, for every batch `select_batch` returns:
 
-1. the oldest item is in it (no starvation: every item eventually becomes the oldest);
+1. it holds the item with the highest response ratio, (wait + own device time) / own
+   device time under the learned cost, or the oldest while none is learned (no
+   starvation: a waiting item's ratio grows without limit, a newcomer's starts at 1);
+   with `max_overtakes` set, the items overtaken that often go first;
 2. it holds at most `max_batch_size` items;
 3. with `max_batch_tokens` set, its padded tokens (items x bucketed longest length) stay
    within the budget; an item that is over the budget on its own never reaches the queue
    (the engine refuses it at submit);
 4. among the other items, those whose lengths are close to each other go together, so a
    batch pays little padding; ties go to the older item;
-5. with a learned device cost, the batch size is the one whose items each pay the least
-   beyond their own tokens (their share of the batch overhead, plus the padding they
-   cause); without one, batches are as full as the limits allow.
+5. with a learned device cost, the batch size is the smallest whose items each pay at
+   most `min_batch_gain` of their device time more than in the cheapest (the one whose
+   items pay the least beyond their own tokens: their share of the batch overhead plus
+   the padding they cause); without one, batches are as full as the limits allow.
 
 And `decide` dispatches only when a device can take a batch: at most one runs on each
-device (replica) and one more waits ready behind them (`max_in_flight`). While the engine
+device (replica), and one more waits ready behind them where it is prepared meanwhile
+(`max_in_flight`); elsewhere the next batch is chosen when a device frees. While the engine
 drains, nothing waits for a window: every queued item goes as soon as a device can take
 it. `batch_limits` merges the memory cap learned from out-of-memory errors into the token
 budget of the next batch.
@@ -149,6 +154,7 @@ def select_batch(
     config: EngineConfig,
     cost: LinearCost | None = None,
     now: float | None = None,
+    recent_shortest: int | None = None,
 ) -> list[int]:
     """Indices into `pending` (oldest first) of the items of the next batch.
 
@@ -171,8 +177,13 @@ def select_batch(
     share of the batch overhead plus the padding it causes (real tokens cost the same in
     any batch): the cheapest size wins, or the smallest whose items each pay at most
     `min_batch_gain` of their device time more and whose own work outweighs the overhead
-    of the extra batch it leaves behind. So on a GPU (overhead dominates) batches fill up;
-    on a CPU (padding costs as much as work) a long item is not padded onto short ones.
+    of the extra batch it leaves behind, while short work flows: an item queued outside
+    the batch, or the shortest of the recently admitted (`recent_shortest`, in cost
+    units), would take, alone, under `SHORT_WORK` of each batch item's device time.
+    Where all inputs are alike, a smaller batch would only reorder them and pay one more
+    overhead. So on a GPU (overhead dominates) batches fill up;
+    on a CPU (padding costs as much as work) a long item is not padded onto short ones,
+    and long items, for which a batch buys little there, go a few at a time.
     """
     if not pending:
         return []
@@ -201,7 +212,10 @@ def select_batch(
             candidates.extend(_grouped(pending, head, config, largest_only=fill)[1:])
     if fill or cost is None:
         return max(candidates, key=lambda c: (c.size, -c.waste, -c.age)).indices
-    return _cheapest(candidates, cost, config.min_batch_gain).indices
+    best = _cheapest(candidates, cost)
+    if config.min_batch_gain > 0 and _short_work_waits(best, pending, cost, recent_shortest):
+        best = _smaller(candidates, best, cost, config.min_batch_gain)
+    return best.indices
 
 
 def _highest_ratio(pending: Sequence[Queued], cost: LinearCost, now: float) -> int:
@@ -300,23 +314,51 @@ def _candidate(pending: Sequence[Queued], indices: list[int]) -> _Candidate:
     return _Candidate(indices, padded - real, real, sum(indices))
 
 
-def _cheapest(candidates: list[_Candidate], cost: LinearCost, min_gain: float) -> _Candidate:
-    """The candidate whose items each pay the least overhead and padding, or a smaller
-    one that costs each of its items at most `min_gain` of their device time more."""
+SHORT_WORK = 0.5
+"""Short work waits behind a batch when an input would take, alone, less than this share
+of the device time each item of the batch costs."""
 
-    def avoidable(c: _Candidate) -> float:
-        return (cost.overhead_s + cost.per_token_s * c.waste) / c.size
 
-    def worth_splitting(c: _Candidate) -> bool:
-        # Sending these items first and the rest later costs the rest one more batch
-        # overhead and saves these items the rest's work: a gain while their own work
-        # outweighs the overhead (on a GPU a smaller batch finishes little sooner).
-        return cost.overhead_s < cost.per_token_s * (c.waste + c.real)
+def _avoidable(c: _Candidate, cost: LinearCost) -> float:
+    """What each item of `c` pays beyond its own tokens: its share of the overhead and of
+    the padding."""
+    return (cost.overhead_s + cost.per_token_s * c.waste) / c.size
 
-    best = min(candidates, key=lambda c: (avoidable(c), -c.size, c.age))
-    if min_gain <= 0:
-        return best
-    per_item = (cost.overhead_s + cost.per_token_s * (best.waste + best.real)) / best.size
-    allowed = avoidable(best) + min_gain * per_item
-    within = [c for c in candidates if avoidable(c) <= allowed and worth_splitting(c)]
-    return min([best, *within], key=lambda c: (c.size, avoidable(c), c.age))
+
+def _per_item(c: _Candidate, cost: LinearCost) -> float:
+    return cost.seconds(c.waste + c.real) / c.size
+
+
+def _cheapest(candidates: list[_Candidate], cost: LinearCost) -> _Candidate:
+    """The candidate whose items each pay the least overhead and padding."""
+    return min(candidates, key=lambda c: (_avoidable(c, cost), -c.size, c.age))
+
+
+def _short_work_waits(
+    best: _Candidate, pending: Sequence[Queued], cost: LinearCost, recent_shortest: int | None
+) -> bool:
+    limit = SHORT_WORK * _per_item(best, cost)
+    if recent_shortest is not None and cost.seconds(bucket_length(recent_shortest)) < limit:
+        return True
+    inside = set(best.indices)
+    return any(
+        cost.seconds(bucket_length(item.cost)) < limit
+        for i, item in enumerate(pending)
+        if i not in inside
+    )
+
+
+def _smaller(
+    candidates: list[_Candidate], best: _Candidate, cost: LinearCost, min_gain: float
+) -> _Candidate:
+    """The smallest candidate that costs each of its items at most `min_gain` of their
+    device time more than `best` does, and whose own work outweighs the overhead of the
+    extra batch it leaves behind (on a GPU a smaller batch finishes little sooner)."""
+    allowed = _avoidable(best, cost) + min_gain * _per_item(best, cost)
+    within = [
+        c
+        for c in candidates
+        if _avoidable(c, cost) <= allowed
+        and cost.overhead_s < cost.per_token_s * (c.waste + c.real)
+    ]
+    return min([best, *within], key=lambda c: (c.size, _avoidable(c, cost), c.age))

@@ -22,10 +22,15 @@ InT = TypeVar("InT")
 OutT = TypeVar("OutT")
 
 
+RECENT_ITEMS = 256
+"""Admitted items whose lengths the policy weighs as the work that keeps arriving."""
+
+
 class PendingQueue(Generic[InT, OutT]):
     def __init__(self, metrics: EngineMetrics) -> None:
         self._items: deque[PendingItem[InT, OutT]] = deque()
         self._metrics = metrics
+        self._recent: deque[int] = deque(maxlen=RECENT_ITEMS)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -44,7 +49,9 @@ class PendingQueue(Generic[InT, OutT]):
                 raise QueueFull(len(self._items), max_size)
 
     def extend(self, items: Iterable[PendingItem[InT, OutT]]) -> None:
-        self._items.extend(items)
+        for item in items:
+            self._items.append(item)
+            self._recent.append(item.cost)
 
     def oldest_age(self, now: float) -> float:
         """Seconds the oldest item still waiting has waited at `now`; 0.0 when none."""
@@ -77,7 +84,8 @@ class PendingQueue(Generic[InT, OutT]):
         no longer wanted; each item left behind older than one taken is overtaken once
         more."""
         live = [item for item in self._items if self.wanted(item, now)]
-        chosen = sorted(select_batch(live, limits, cost, now))
+        shortest = min(self._recent, default=None)
+        chosen = sorted(select_batch(live, limits, cost, now, shortest))
         taken = set(chosen)
         youngest = chosen[-1] if chosen else -1
         kept: deque[PendingItem[InT, OutT]] = deque()

@@ -42,7 +42,9 @@ server=$!
 trap 'kill -TERM $server 2>/dev/null || true; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 600); do curl -sf "$url/ready" >/dev/null && break; sleep 0.5; done
 curl -sf "$url/ready" >/dev/null || { echo "variants.sh: the server did not start" >&2; exit 1; }
-defaults=$(curl -sf "$url/admin/batching")
+# The settings as PATCH takes them (the reply also describes the SLO controller's state).
+defaults=$(curl -sf "$url/admin/batching" | python -c \
+  'import json, sys; print(json.dumps({k: v for k, v in json.load(sys.stdin).items() if k not in ("configured", "slo")}))')
 
 loads=()
 [[ -n $concurrency ]] && loads+=(--concurrency "$concurrency")

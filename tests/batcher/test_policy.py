@@ -311,21 +311,22 @@ def per_item_s(cost: LinearCost, size: int, length: int) -> float:
     return cost.seconds(size * bucket_length(length)) / size
 
 
-def test_long_inputs_where_a_batch_buys_little_go_one_at_a_time() -> None:
-    pending = queue(*([256] * 32))
+def test_long_inputs_where_a_batch_buys_little_go_one_at_a_time_while_short_work_flows() -> None:
+    chunks = queue(*([256] * 32))
     latency = EngineConfig(max_batch_size=32, min_batch_gain=0.03)
-    assert len(select_batch(pending, latency, LONG_ON_A_CPU)) == 1
-    most_items = EngineConfig(max_batch_size=32)
-    assert len(select_batch(pending, most_items, LONG_ON_A_CPU)) == 32
-    assert len(select_batch(pending, latency, GPU_LIKE)) == 32
+    assert len(select_batch(chunks, latency, LONG_ON_A_CPU)) == 32, "alike: reordering buys nothing"
+    assert len(select_batch(chunks, latency, LONG_ON_A_CPU, recent_shortest=12)) == 1
+    assert len(select_batch(queue(*([256] * 32), 12), latency, LONG_ON_A_CPU)) == 1, "queued"
+    most_items = EngineConfig(max_batch_size=32, min_batch_gain=0)
+    assert len(select_batch(chunks, most_items, LONG_ON_A_CPU, recent_shortest=12)) == 32
+    assert len(select_batch(chunks, latency, GPU_LIKE, recent_shortest=12)) == 32
 
 
 @pytest.mark.parametrize("gain", [0.01, 0.03, 0.05, 0.08])
 def test_the_smallest_batch_within_min_batch_gain_of_the_best_goes(gain: float) -> None:
     pending = queue(*([256] * 32))
-    size = len(
-        select_batch(pending, EngineConfig(max_batch_size=32, min_batch_gain=gain), SOME_GAIN)
-    )
+    config = EngineConfig(max_batch_size=32, min_batch_gain=gain)
+    size = len(select_batch(pending, config, SOME_GAIN, recent_shortest=8))
     best = per_item_s(SOME_GAIN, 32, 256)
     assert per_item_s(SOME_GAIN, size, 256) <= (1 + gain) * best
     assert size == 1 or per_item_s(SOME_GAIN, size - 1, 256) > (1 + gain) * best
@@ -351,4 +352,5 @@ def test_without_min_batch_gain_equal_costs_keep_the_larger_batch() -> None:
     most items per second means the full batch."""
     pending = queue(*([64] * 16))
     free = LinearCost(overhead_s=0.0, per_token_s=0.0002)
-    assert len(select_batch(pending, EngineConfig(max_batch_size=16), free)) == 16
+    most_items = EngineConfig(max_batch_size=16, min_batch_gain=0)
+    assert len(select_batch(pending, most_items, free)) == 16

@@ -307,7 +307,7 @@ async def test_admin_batching_reads_and_changes_the_live_settings() -> None:
         unknown = await client.patch("/admin/batching", json={"max_wait": 5})
         lift = await client.patch("/admin/batching", json={"max_batch_tokens": None})
         unbounded = await client.patch(
-            "/admin/batching", json={"max_overtakes": None, "min_batch_gain": 0}
+            "/admin/batching", json={"max_overtakes": 4, "min_batch_gain": 0}
         )
         above_one = await client.patch("/admin/batching", json={"min_batch_gain": 1.5})
     assert before == {
@@ -317,8 +317,8 @@ async def test_admin_batching_reads_and_changes_the_live_settings() -> None:
         "max_queue_size": 1024,
         "policy": "adaptive",
         "batch_sizing": "learned",
-        "max_overtakes": 4,
-        "min_batch_gain": 0.0,
+        "max_overtakes": None,
+        "min_batch_gain": 0.05,
         "slo_p99_ms": None,
         "configured": None,
         "slo": None,
@@ -329,7 +329,7 @@ async def test_admin_batching_reads_and_changes_the_live_settings() -> None:
     assert bad.status_code == 422
     assert unknown.status_code == 422
     assert lift.json()["max_batch_tokens"] is None
-    assert (unbounded.json()["max_overtakes"], unbounded.json()["min_batch_gain"]) == (None, 0)
+    assert (unbounded.json()["max_overtakes"], unbounded.json()["min_batch_gain"]) == (4, 0)
     assert above_one.status_code == 422
     assert "min_batch_gain" in above_one.text
 
