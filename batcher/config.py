@@ -28,9 +28,7 @@ class Limit:
 
 LIMITS: dict[str, Limit] = {
     "max_batch_size": Limit("Most items in one forward pass.", minimum=1),
-    "max_wait_ms": Limit(
-        "Longest the oldest queued item waits while the device is free.", minimum=0
-    ),
+    "max_wait_ms": Limit("Longest a batch waits to leave while a device can take it.", minimum=0),
     "max_batch_tokens": Limit(
         "Cap on padded tokens (items x length) in one batch; null: no cap.",
         minimum=PAD_MULTIPLE,  # no padded item is shorter
@@ -56,10 +54,10 @@ LIMITS: dict[str, Limit] = {
         nullable=True,
     ),
     "min_batch_gain": Limit(
-        "learned sizing: a bigger batch is chosen over a smaller one only if it saves at "
-        "least this fraction of each item's device time (as the learned cost predicts it); "
-        "where it buys less, the smaller batch goes and its items answer sooner (and so "
-        "do the items waiting behind it). 0: the most items/s.",
+        "learned sizing, while short work waits behind long inputs: a bigger batch is "
+        "chosen over a smaller one only if it saves at least this fraction of each "
+        "item's device time (as the learned cost predicts it); where it buys less, the "
+        "smaller batch goes and the short work behind it sooner. 0: the most items/s.",
         minimum=0,
         maximum=1,
     ),
@@ -99,8 +97,8 @@ class EngineConfig:
     """Batching limits. Replace it through `Engine.reconfigure`; never mutate it.
 
     - `max_batch_size`: most items in one forward pass.
-    - `max_wait_ms`: longest the oldest queued item waits for its batch to be dispatched
-      while the device can take work.
+    - `max_wait_ms`: longest a batch waits to be dispatched while a device can take it
+      (which items it holds is `batcher.policy.select_batch`'s choice).
     - `max_batch_tokens`: optional cap on padded tokens (items x padded length) per batch.
     - `max_queue_size`: most items waiting; `submit` raises `QueueFull` beyond it.
     - `policy`: `adaptive` dispatches at once when the device is idle and gathers while it
@@ -111,8 +109,9 @@ class EngineConfig:
     - `max_overtakes`: how many batches may leave with younger items before a queued
       one; then it and every older item go first (None: no count; batches form around
       the item with the highest response ratio, see `batcher.policy.select_batch`).
-    - `min_batch_gain`: with `learned` sizing, the fraction of per-item device time a
-      bigger batch must save to be chosen over a smaller one.
+    - `min_batch_gain`: with `learned` sizing, while short work flows behind long inputs,
+      the fraction of per-item device time a bigger batch must save to be chosen over a
+      smaller one.
     - `slo_p99_ms`: a p99 latency target held by `batcher.slo` within `max_batch_size` and
       `max_wait_ms`; None: off.
     """

@@ -65,21 +65,23 @@ class Engine(Generic[InT, OutT]):
         self._queue: PendingQueue[InT, OutT] = PendingQueue(self.metrics)
         self._callers: Callers[InT, OutT] = Callers(identity, self.metrics)
         self._has_work = asyncio.Event()
+        self._executor: Executor[InT, OutT] = Executor(
+            self._pool, self._queue.wanted, self.metrics, clock
+        )
+        ahead = self._executor.prepares_ahead
         self._steering = Steering(
             config if config is not None else EngineConfig(),
             clock=clock,
             metrics=self.metrics,
             queue_depth=lambda: len(self._queue),
             wake=self._has_work.set,
+            window_matters=lambda limits: ahead or limits.policy == "window",
         )
         self._in_flight = 0
         self._batches: set[asyncio.Task[None]] = set()
         self._dispatcher: asyncio.Task[None] | None = None
         self._state: State = "new"
         self._failure: BaseException | None = None
-        self._executor: Executor[InT, OutT] = Executor(
-            self._pool, self._queue.wanted, self.metrics, clock
-        )
         self.metrics.busy_seconds.set_function(self.busy_for)
         self.metrics.queue_depth.set_function(lambda: len(self._queue))
         self.metrics.oldest_age.set_function(self.oldest_age)

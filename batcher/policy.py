@@ -13,10 +13,12 @@ numbers. Invariants, for every batch `select_batch` returns:
    (the engine refuses it at submit);
 4. among the other items, those whose lengths are close to each other go together, so a
    batch pays little padding; ties go to the older item;
-5. with a learned device cost, the batch size is the smallest whose items each pay at
-   most `min_batch_gain` of their device time more than in the cheapest (the one whose
-   items pay the least beyond their own tokens: their share of the batch overhead plus
-   the padding they cause); without one, batches are as full as the limits allow.
+5. with a learned device cost, the batch size is the cheapest: the one whose items pay
+   the least beyond their own tokens (their share of the batch overhead plus the padding
+   they cause); while short work flows behind it, the smallest whose items each pay at
+   most `min_batch_gain` of their device time more and whose own work outweighs the
+   overhead of the extra batch it leaves behind; without a learned cost, batches are as
+   full as the limits allow.
 
 And `decide` dispatches only when a device can take a batch: at most one runs on each
 device (replica), and one more waits ready behind them where it is prepared meanwhile
@@ -154,7 +156,7 @@ def select_batch(
     config: EngineConfig,
     cost: LinearCost | None = None,
     now: float | None = None,
-    recent_shortest: int | None = None,
+    recent_short: int | None = None,
 ) -> list[int]:
     """Indices into `pending` (oldest first) of the items of the next batch.
 
@@ -178,8 +180,9 @@ def select_batch(
     any batch): the cheapest size wins, or the smallest whose items each pay at most
     `min_batch_gain` of their device time more and whose own work outweighs the overhead
     of the extra batch it leaves behind, while short work flows: an item queued outside
-    the batch, or the shortest of the recently admitted (`recent_shortest`, in cost
-    units), would take, alone, under `SHORT_WORK` of each batch item's device time.
+    the batch, or the length a tenth of the recent admissions are at most
+    (`recent_short`, in cost units; see `PendingQueue.recent_short`), would take, alone,
+    under `SHORT_WORK` of each batch item's device time.
     Where all inputs are alike, a smaller batch would only reorder them and pay one more
     overhead. So on a GPU (overhead dominates) batches fill up;
     on a CPU (padding costs as much as work) a long item is not padded onto short ones,
@@ -213,7 +216,7 @@ def select_batch(
     if fill or cost is None:
         return max(candidates, key=lambda c: (c.size, -c.waste, -c.age)).indices
     best = _cheapest(candidates, cost)
-    if config.min_batch_gain > 0 and _short_work_waits(best, pending, cost, recent_shortest):
+    if config.min_batch_gain > 0 and _short_work_waits(best, pending, cost, recent_short):
         best = _smaller(candidates, best, cost, config.min_batch_gain)
     return best.indices
 
@@ -335,10 +338,10 @@ def _cheapest(candidates: list[_Candidate], cost: LinearCost) -> _Candidate:
 
 
 def _short_work_waits(
-    best: _Candidate, pending: Sequence[Queued], cost: LinearCost, recent_shortest: int | None
+    best: _Candidate, pending: Sequence[Queued], cost: LinearCost, recent_short: int | None
 ) -> bool:
     limit = SHORT_WORK * _per_item(best, cost)
-    if recent_shortest is not None and cost.seconds(bucket_length(recent_shortest)) < limit:
+    if recent_short is not None and cost.seconds(bucket_length(recent_short)) < limit:
         return True
     inside = set(best.indices)
     return any(

@@ -23,14 +23,20 @@ OutT = TypeVar("OutT")
 
 
 RECENT_ITEMS = 256
-"""Admitted items whose lengths the policy weighs as the work that keeps arriving."""
+"""Admitted items whose lengths the policy weighs as the work that keeps arriving..."""
+RECENT_S = 10.0
+"""...if admitted within this many seconds."""
+SHORT_SHARE = 0.1
+"""The share of recent admissions at least as short as the length the policy is told is
+flowing: one stray short input among long ones does not count as short work."""
 
 
 class PendingQueue(Generic[InT, OutT]):
     def __init__(self, metrics: EngineMetrics) -> None:
         self._items: deque[PendingItem[InT, OutT]] = deque()
         self._metrics = metrics
-        self._recent: deque[int] = deque(maxlen=RECENT_ITEMS)
+        self._recent: deque[tuple[float, int]] = deque(maxlen=RECENT_ITEMS)
+        """(admitted at, cost) of the last admissions."""
 
     def __len__(self) -> int:
         return len(self._items)
@@ -51,7 +57,17 @@ class PendingQueue(Generic[InT, OutT]):
     def extend(self, items: Iterable[PendingItem[InT, OutT]]) -> None:
         for item in items:
             self._items.append(item)
-            self._recent.append(item.cost)
+            self._recent.append((item.enqueued_at, item.cost))
+
+    def recent_short(self, now: float) -> int | None:
+        """The length that `SHORT_SHARE` of the items admitted in the last `RECENT_S`
+        seconds are at most (None when there were none)."""
+        while self._recent and self._recent[0][0] < now - RECENT_S:
+            self._recent.popleft()
+        if not self._recent:
+            return None
+        costs = sorted(cost for _, cost in self._recent)
+        return costs[int(SHORT_SHARE * (len(costs) - 1))]
 
     def oldest_age(self, now: float) -> float:
         """Seconds the oldest item still waiting has waited at `now`; 0.0 when none."""
@@ -84,8 +100,7 @@ class PendingQueue(Generic[InT, OutT]):
         no longer wanted; each item left behind older than one taken is overtaken once
         more."""
         live = [item for item in self._items if self.wanted(item, now)]
-        shortest = min(self._recent, default=None)
-        chosen = sorted(select_batch(live, limits, cost, now, shortest))
+        chosen = sorted(select_batch(live, limits, cost, now, self.recent_short(now)))
         taken = set(chosen)
         youngest = chosen[-1] if chosen else -1
         kept: deque[PendingItem[InT, OutT]] = deque()

@@ -78,17 +78,19 @@ class Rung:
     max_wait_ms: float
 
 
-def ladder(max_batch_size: int, max_wait_ms: float) -> tuple[Rung, ...]:
-    """The rungs from the operator's settings (first) to the tightest (last)."""
+def ladder(max_batch_size: int, max_wait_ms: float, *, steer_wait: bool = True) -> tuple[Rung, ...]:
+    """The rungs from the operator's settings (first) to the tightest (last). Without
+    `steer_wait` (the window changes nothing: `adaptive` where no batch waits ready
+    behind a busy device) only the batch size moves."""
     rungs = [Rung(max_batch_size, max_wait_ms)]
     wait = max_wait_ms
-    while wait > 0:
+    while steer_wait and wait > 0:
         wait = wait / 2 if wait / 2 >= MIN_WAIT_STEP_MS else 0.0
         rungs.append(Rung(max_batch_size, wait))
     size = max_batch_size
     while size > 1:
         size //= 2
-        rungs.append(Rung(size, 0.0))
+        rungs.append(Rung(size, wait))
     return tuple(rungs)
 
 
@@ -127,10 +129,16 @@ class SloController:
     while serving the most. Feed it with `record`; call `judge` after each batch."""
 
     def __init__(
-        self, config: SloConfig, max_batch_size: int, max_wait_ms: float, now: float
+        self,
+        config: SloConfig,
+        max_batch_size: int,
+        max_wait_ms: float,
+        now: float,
+        *,
+        steer_wait: bool = True,
     ) -> None:
         self.config = config
-        self.rungs = ladder(max_batch_size, max_wait_ms)
+        self.rungs = ladder(max_batch_size, max_wait_ms, steer_wait=steer_wait)
         self.index = 0
         self.last: Adjustment | None = None
         self.judged: Judged | None = None

@@ -35,7 +35,11 @@ class Steering:
         metrics: EngineMetrics,
         queue_depth: Callable[[], int],
         wake: Callable[[], None],
+        window_matters: Callable[[EngineConfig], bool] = lambda config: True,
     ) -> None:
+        self._window_matters = window_matters
+        """Whether `max_wait_ms` changes anything under these limits (not under `adaptive`
+        where no batch waits ready behind a busy device): else the controller leaves it."""
         self.configured = configured
         self.live = configured
         self._clock = clock
@@ -52,10 +56,11 @@ class Steering:
         target = configured.slo_p99_ms
         if target is None:
             self._slo = None
-        elif self._slo is None or not changed.isdisjoint(STEERED):
+        elif self._slo is None or not changed.isdisjoint(STEERED | {"policy"}):
             self._slo = SloController(
-                SloConfig(target), configured.max_batch_size, configured.max_wait_ms, self._clock()
-            )
+                SloConfig(target), configured.max_batch_size, configured.max_wait_ms,
+                self._clock(), steer_wait=self._window_matters(configured),
+            )  # fmt: skip
         self.live = self._live_limits()
 
     @property

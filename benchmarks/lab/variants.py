@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
     order: list[tuple[str, str]] = []
     for path in sorted(folder.glob("*.json")):
         run = json.loads(path.read_text())
-        workload = path.stem.split("-")[0]
+        workload = path.stem.rsplit("-", 2)[0]  # WORKLOAD-LABEL-ROUND
         for step in run["steps"]:
             if (workload, step["load"]) not in order:
                 order.append((workload, step["load"]))

@@ -434,21 +434,27 @@ async def test_alike_long_inputs_keep_full_batches_whatever_min_batch_gain() -> 
     rng = random.Random(1)
     gaps = [rng.expovariate(16.0) for _ in range(400)]  # 85 % of 1 / 52.2 ms
 
-    async def serve(gain: float) -> list[list[str]]:
+    async def serve(gain: float, short_every: int = 0) -> list[list[str]]:
         runner = LongOnACpu()
         runner.gate.set()
         async with make_engine(runner, EngineConfig(min_batch_gain=gain)) as engine:
             tasks = []
             for k, gap in enumerate(gaps):
                 await asyncio.sleep(gap)  # virtual time: Poisson arrivals
-                tasks.append(asyncio.create_task(engine.submit(f"{k:04d}".ljust(250, "x"))))
+                length = 12 if short_every and k % short_every == 0 else 250
+                tasks.append(asyncio.create_task(engine.submit(f"{k:04d}".ljust(length, "x"))))
             await asyncio.gather(*tasks)
+            assert engine.stats().learned_cost is not None
         return [c.payloads for c in runner.calls]
 
     with_gain, without = await serve(0.05), await serve(0.0)
     assert sum(map(len, with_gain)) == 400
     assert with_gain == without
     assert max(map(len, with_gain)) > 2, "batches do form"
+    # The control: with short inputs flowing (one in five), the same long ones are cut.
+    mixed = await serve(0.05, short_every=5)
+    long_batches = [b for b in mixed if len(b[0]) > 100]
+    assert max(map(len, long_batches)) < max(map(len, with_gain))
 
 
 # -- replicas: several runners fed from one queue --------------------------------------
@@ -576,7 +582,7 @@ def dispatched(engine: Engine[str, str]) -> dict[str, float]:
 
 
 async def test_every_batch_is_counted_with_why_it_left() -> None:
-    runner = GatedRunner()
+    runner = StagingRunner()  # like CUDA: a batch may wait ready behind the running one
     config = EngineConfig(max_batch_size=4, max_wait_ms=50, policy="adaptive")
     async with make_engine(runner, config) as engine:
         first = asyncio.create_task(engine.submit("alone"))

@@ -68,9 +68,9 @@ def test_a_token_budget_makes_a_batch_full_early() -> None:
     assert decide(queue(32, 32), 0.0, config, in_flight=0) == Dispatch("tokens")
 
 
-def test_without_a_bound_selection_groups_similar_lengths_around_the_oldest() -> None:
+def test_without_a_learned_cost_selection_groups_similar_lengths_around_the_oldest() -> None:
     pending = queue(100, 8, 200, 96, 7, 104, 9, 100)
-    chosen = select_batch(pending, ADAPTIVE.replace(max_overtakes=None))
+    chosen = select_batch(pending, ADAPTIVE, now=0.010)
     assert sorted(pending[i].cost for i in chosen) == [96, 100, 100, 104]
     assert 0 in chosen
 
@@ -190,6 +190,36 @@ def test_learned_selection_keeps_the_invariants(
 
 def test_a_full_queue_says_full_even_when_the_window_is_also_due() -> None:
     assert decide(queue(8, 8, 8, 8), 9.0, WINDOW, in_flight=0) == Dispatch("full")
+
+
+def test_without_preparing_ahead_nothing_waits_behind_a_busy_device() -> None:
+    """Where batches are not prepared while the device computes (a CPU), the next batch
+    is chosen when the device frees: not when the window is due, nor when it is full."""
+    for config in (ADAPTIVE, WINDOW):
+        assert decide(queue(8, 8, 8, 8), 9.0, config, 1, ahead=False) == WAIT_FOR_EVENT
+        assert decide(queue(8, 8, 8, 8), 9.0, config, 0, ahead=False) == Dispatch("full")
+    assert decide([Q(0.0)], 0.0, ADAPTIVE, 1, devices=2, ahead=False) == Dispatch("idle")
+    assert decide([Q(0.0)], 0.0, ADAPTIVE, 2, devices=2, ahead=False) == WAIT_FOR_EVENT
+
+
+def test_one_stray_short_input_does_not_cut_batches_of_long_ones() -> None:
+    """`PendingQueue.recent_short`: the length a tenth of the last admissions are at most,
+    over the last 10 s; one short input among 256 long ones does not count."""
+    loop = asyncio.new_event_loop()
+    try:
+        pending: PendingQueue[int, int] = PendingQueue(EngineMetrics())
+
+        def admit(at: float, *lengths: int) -> None:
+            pending.extend(PendingItem(0, loop.create_future(), at, None, n) for n in lengths)
+
+        admit(0.0, 12, *([256] * 255))
+        assert pending.recent_short(1.0) == 256
+        admit(1.0, *([12] * 30))  # now more than a tenth of the last 256 are short
+        assert pending.recent_short(1.0) == 12
+        assert pending.recent_short(10.5) == 12, "the 30 short ones are recent"
+        assert pending.recent_short(11.5) is None, "nothing admitted in the last 10 s"
+    finally:
+        loop.close()
 
 
 def test_with_several_devices_adaptive_dispatches_while_any_is_idle() -> None:
@@ -315,18 +345,18 @@ def test_long_inputs_where_a_batch_buys_little_go_one_at_a_time_while_short_work
     chunks = queue(*([256] * 32))
     latency = EngineConfig(max_batch_size=32, min_batch_gain=0.03)
     assert len(select_batch(chunks, latency, LONG_ON_A_CPU)) == 32, "alike: reordering buys nothing"
-    assert len(select_batch(chunks, latency, LONG_ON_A_CPU, recent_shortest=12)) == 1
+    assert len(select_batch(chunks, latency, LONG_ON_A_CPU, recent_short=12)) == 1
     assert len(select_batch(queue(*([256] * 32), 12), latency, LONG_ON_A_CPU)) == 1, "queued"
     most_items = EngineConfig(max_batch_size=32, min_batch_gain=0)
-    assert len(select_batch(chunks, most_items, LONG_ON_A_CPU, recent_shortest=12)) == 32
-    assert len(select_batch(chunks, latency, GPU_LIKE, recent_shortest=12)) == 32
+    assert len(select_batch(chunks, most_items, LONG_ON_A_CPU, recent_short=12)) == 32
+    assert len(select_batch(chunks, latency, GPU_LIKE, recent_short=12)) == 32
 
 
 @pytest.mark.parametrize("gain", [0.01, 0.03, 0.05, 0.08])
 def test_the_smallest_batch_within_min_batch_gain_of_the_best_goes(gain: float) -> None:
     pending = queue(*([256] * 32))
     config = EngineConfig(max_batch_size=32, min_batch_gain=gain)
-    size = len(select_batch(pending, config, SOME_GAIN, recent_shortest=8))
+    size = len(select_batch(pending, config, SOME_GAIN, recent_short=8))
     best = per_item_s(SOME_GAIN, 32, 256)
     assert per_item_s(SOME_GAIN, size, 256) <= (1 + gain) * best
     assert size == 1 or per_item_s(SOME_GAIN, size - 1, 256) > (1 + gain) * best

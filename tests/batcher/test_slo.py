@@ -35,6 +35,12 @@ def test_the_ladder_halves_the_window_to_zero_then_the_batch_to_one() -> None:
     assert ladder(1, 0) == (Rung(1, 0.0),)
 
 
+def test_where_the_window_changes_nothing_only_the_batch_size_moves() -> None:
+    """`adaptive` on a CPU: no batch waits ready behind the busy device, so `max_wait_ms`
+    is never steered (halving it would spend judged windows on nothing)."""
+    assert ladder(32, 50, steer_wait=False) == tuple(Rung(b, 50) for b in (32, 16, 8, 4, 2, 1))
+
+
 def test_a_window_is_judged_only_once_it_is_long_enough_and_holds_enough_items() -> None:
     slo = controller()
     slo.record([1.0] * (CONFIG.min_items - 1))
@@ -261,7 +267,7 @@ async def test_a_target_batching_cannot_meet_sends_it_back_to_the_configured_lim
     assert backed_off is not None
     assert backed_off >= 2
     holds = [seconds for seconds, b, w in spells(trace, end)[1:] if (b, w) == (8, 4)]
-    assert len(holds) == 2
+    assert len(holds) >= 2  # the last one may be cut short by the end of the run
     assert holds[1] > 1.8 * holds[0], "each retry comes twice as late: no steady cycle"
     configured = sum(seconds for seconds, b, w in spells(trace, end) if (b, w) == (8, 4))
     assert configured > 0.5 * (end - trace.settings[0][0]), "mostly at the most throughput"

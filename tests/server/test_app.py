@@ -251,7 +251,7 @@ async def test_full_queue_is_429_with_retry_after() -> None:
     async with serve(model, max_batch_size=1, max_queue_size=2) as client:
         model.predict_gate.clear()
         held = []
-        for i in range(4):  # 1 running, 1 staged behind it, 2 queued: the queue is full
+        for i in range(3):  # 1 running, 2 queued (a CPU stages nothing): the queue is full
             held.append(asyncio.create_task(client.post("/predict", json={"text": f"t{i}"})))
             await wait_until_admitted(client, i + 1)
         await poll(client, "/metrics", lambda r: "microbatch_queue_depth 2.0" in r.text)
