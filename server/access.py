@@ -20,10 +20,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import Refusal
 
-INFERENCE_PATHS = ("/predict", "/rerank", "/embed", "/tokenize", "/v1/")
+INFERENCE_PATHS = ("/predict", "/rerank", "/embed", "/tokenize", "/v1/", "/v2/rerank")
 """Routes that serve clients (ours, OpenAI's, TEI's, Cohere's): API keys and rate limits
 apply."""
-QUEUED_PATHS = ("/predict", "/rerank", "/embed", "/v1/embeddings", "/v1/rerank")
+QUEUED_PATHS = ("/predict", "/rerank", "/embed", "/v1/embeddings", "/v1/rerank", "/v2/rerank")
 """Routes whose items go through the engine's queue: the early 429 applies too."""
 ADMIN_PREFIX = "/admin/"
 REFUSAL_REASONS = ("unauthorized", "forbidden", "rate_limited", "queue_full")

@@ -5,7 +5,8 @@ exception is logged and answered 500 by `server.middleware.RequestContextMiddlew
 Each protocol family hears its errors in its own shape, decided by the path in one place
 (`error_body`): on `/v1/*` OpenAI's `{"error": {"message", "type", "param", "code"}}`,
 with 400 for invalid input as OpenAI answers it (the SDK raises BadRequestError); on
-TEI's routes our body plus TEI's `error` and `error_type`."""
+TEI's routes our body plus TEI's `error` and `error_type`; on Cohere's v2 routes our
+body plus Cohere's `id` and `message`, with 400 for invalid input."""
 
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ def _parse_failure(exc: HTTPException) -> str | None:
 
 OPENAI_PREFIX = "/v1/"
 TEI_PATHS = frozenset({"/embed", "/rerank", "/tokenize", "/info"})
+COHERE_V2_PATHS = frozenset({"/v2/rerank"})
+"""Cohere's v2 API: invalid input is 400, and the reason is in `message`."""
 
 _OPENAI_TYPES = {
     400: "invalid_request_error",
@@ -87,8 +90,11 @@ def _message(detail: Any) -> tuple[str, str | None]:
 
 
 def error_status(status: int, path: str) -> int:
-    """The status a refusal is sent with on `path`: OpenAI answers invalid input 400."""
-    return 400 if status == 422 and path.startswith(OPENAI_PREFIX) else status
+    """The status a refusal is sent with on `path`: OpenAI and Cohere answer invalid
+    input 400."""
+    if status == 422 and (path.startswith(OPENAI_PREFIX) or path in COHERE_V2_PATHS):
+        return 400
+    return status
 
 
 def error_body(
@@ -103,6 +109,9 @@ def error_body(
         kind_of = _OPENAI_TYPES.get(status, fallback)
         return {"error": {"message": message, "type": kind_of, "param": param, "code": kind}}
     body = {"detail": detail, "type": kind, "request_id": request_id}
+    if path in COHERE_V2_PATHS:
+        body["id"] = request_id
+        body["message"] = _message(detail)[0]
     if path in TEI_PATHS:
         body["error"] = _message(detail)[0]
         body["error_type"] = _TEI_TYPES.get(status, "Validation")

@@ -1,6 +1,8 @@
 """Cohere's (and Jina's) rerank API: `POST /v1/rerank` with `documents`, answered
-`{"results": [{"index", "relevance_score", "document"?}], ...}`, best first. Errors, on
-`/v1/*`, in OpenAI's shape like the rest of `/v1`."""
+`{"results": [{"index", "relevance_score", "document"?}], ...}`, best first, errors in
+OpenAI's shape like the rest of `/v1`; and Cohere's v2, `POST /v2/rerank`, as
+`cohere.ClientV2.rerank` calls it, answered `{"id", "results": [{"index",
+"relevance_score"}], "meta"}`, errors with Cohere's `message`."""
 
 from __future__ import annotations
 
@@ -10,15 +12,23 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from server.routes.parsing import (
+    invalid,
     openapi_body,
     parse,
     rank,
     reply,
     runtime_of,
 )
-from server.schemas import OpenAIErrorReply, OutputOptions, Text, Texts, error_responses
+from server.schemas import (
+    ErrorReply,
+    OpenAIErrorReply,
+    OutputOptions,
+    Text,
+    Texts,
+    error_responses,
+)
 
-router = APIRouter(prefix="/v1", tags=["Cohere"])
+router = APIRouter(tags=["Cohere"])
 
 
 def _document_texts(value: Any) -> Any:
@@ -66,7 +76,7 @@ class RerankResponse(BaseModel):
 
 
 @router.post(
-    "/rerank",
+    "/v1/rerank",
     response_model=RerankResponse,
     response_model_exclude_none=True,
     summary="Rank documents against a query with a cross-encoder (Cohere's and Jina's shape)",
@@ -98,3 +108,79 @@ async def rerank(request: Request) -> Response:
         usage=RerankUsage(prompt_tokens=ranking.tokens, total_tokens=ranking.tokens),
     )
     return reply(response.model_dump_json(exclude_none=True).encode(), ranking.results)
+
+
+class V2RerankRequest(BaseModel):
+    """Cohere's v2 rerank request, as `cohere.ClientV2.rerank` sends it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr | None = Field(None, description="Accepted; the served model answers.")
+    query: Text
+    documents: Texts = Field(min_length=1, description="Texts to score against the query.")
+    top_n: StrictInt | None = Field(None, ge=1, description="Return only the best N.")
+    max_tokens_per_doc: StrictInt | None = Field(
+        None,
+        ge=1,
+        description="Accepted at or above the model's token limit (documents are cut there); "
+        "a lower value is refused.",
+    )
+    priority: StrictInt | None = Field(None, description="Accepted and ignored.")
+
+
+class V2RerankResult(BaseModel):
+    index: int = Field(description="Position of the document in the request.")
+    relevance_score: float = Field(description="The cross-encoder's activated score.")
+
+
+class ApiVersion(BaseModel):
+    version: str = "2"
+
+
+class MetaTokens(BaseModel):
+    input_tokens: int
+
+
+class V2Meta(BaseModel):
+    api_version: ApiVersion
+    tokens: MetaTokens
+
+
+class V2RerankResponse(BaseModel):
+    id: str = Field(description="This request's id (X-Request-ID).")
+    results: list[V2RerankResult]
+    meta: V2Meta
+
+
+@router.post(
+    "/v2/rerank",
+    response_model=V2RerankResponse,
+    summary="Rank documents against a query with a cross-encoder (Cohere's v2 shape)",
+    responses=error_responses(ErrorReply, invalid_status=400),
+    openapi_extra=openapi_body(V2RerankRequest, {"model": "rerank", "query": "What is Deep "
+                               "Learning?", "documents": ["Deep Learning is ...",
+                               "Paris is in France."], "top_n": 1}),
+)  # fmt: skip
+async def rerank_v2(request: Request) -> Response:
+    runtime = runtime_of(request)
+    body = await parse(request, V2RerankRequest, runtime)
+    limit = runtime.encoder.max_tokens
+    if body.max_tokens_per_doc is not None and body.max_tokens_per_doc < limit:
+        raise invalid(
+            "max_tokens_per_doc",
+            f"documents are cut at the model's limit of {limit} tokens; "
+            f"max_tokens_per_doc {body.max_tokens_per_doc} (below it) is not supported",
+        )
+    ranking = await rank(
+        request, runtime, "/v2/rerank", body.query, body.documents, field="documents",
+        options=OutputOptions(), truncate=None, top_n=body.top_n,
+    )  # fmt: skip
+    response = V2RerankResponse.model_construct(
+        id=request.state.request_id,
+        results=[
+            V2RerankResult.model_construct(index=i, relevance_score=ranking.scores[i])
+            for i in ranking.order
+        ],
+        meta=V2Meta(api_version=ApiVersion(), tokens=MetaTokens(input_tokens=ranking.tokens)),
+    )
+    return reply(response.model_dump_json().encode(), ranking.results)

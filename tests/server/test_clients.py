@@ -171,3 +171,53 @@ def test_the_sdk_raises_authentication_and_rate_limit_errors(keyed: str) -> None
     assert "invalid API key" in refused.value.message
     assert limited.value.code == "rate_limited"
     assert int(limited.value.response.headers["retry-after"]) >= 1
+
+
+def test_cohere_client_v2_reranks_as_the_cross_encoder_does(reranker: tuple[Path, str]) -> None:
+    """The `cohere` SDK's current client posts to `/v2/rerank`; its typed errors carry
+    our message."""
+    import cohere
+    from sentence_transformers import CrossEncoder
+
+    path, url = reranker
+    documents = list(TEXTS[:5])
+    co = cohere.ClientV2(base_url=url, api_key="unused")
+    ranked = co.rerank(model="rerank-v3.5", query=QUERY, documents=documents, top_n=3)
+    everything = co.rerank(model="x", query=QUERY, documents=documents, max_tokens_per_doc=4096)
+    scores = CrossEncoder(str(path), device="cpu").predict([(QUERY, d) for d in documents])
+    order = [int(i) for i in np.argsort(-scores, kind="stable")]
+    assert [r.index for r in ranked.results] == order[:3]
+    np.testing.assert_allclose(
+        [r.relevance_score for r in ranked.results], scores[order[:3]], atol=1e-5
+    )
+    assert [r.index for r in everything.results] == order
+    assert ranked.meta is not None and ranked.meta.tokens is not None
+    assert ranked.meta.tokens.input_tokens == everything.meta.tokens.input_tokens > 0
+    with pytest.raises(cohere.BadRequestError) as empty:
+        co.rerank(model="x", query=QUERY, documents=[])
+    with pytest.raises(cohere.BadRequestError) as short:
+        co.rerank(model="x", query=QUERY, documents=documents, max_tokens_per_doc=16)
+    assert "documents" in empty.value.body["message"]
+    assert "max_tokens_per_doc 16" in short.value.body["message"]
+    assert empty.value.body["id"] == empty.value.headers["x-request-id"]
+
+
+def test_cohere_client_v2_rerank_on_an_embedding_model_says_why(
+    float32_server: ServerProcess,
+) -> None:
+    import cohere
+
+    co = cohere.ClientV2(base_url=float32_server.url, api_key="unused")
+    with pytest.raises(cohere.BadRequestError) as wrong:
+        co.rerank(model="x", query=QUERY, documents=SENTENCES)
+    assert "cross-encoder" in wrong.value.body["message"]
+
+
+def test_cohere_client_v2_hears_a_wrong_key_as_unauthorized(keyed: str) -> None:
+    import cohere
+
+    with pytest.raises(cohere.UnauthorizedError) as refused:
+        cohere.ClientV2(base_url=keyed, api_key="sk-wrong").rerank(
+            model="x", query=QUERY, documents=SENTENCES
+        )
+    assert "invalid API key" in refused.value.body["message"]

@@ -32,6 +32,7 @@ def test_every_route_that_reads_its_own_body_takes_the_lane() -> None:
         "/predict/batch",
         "/v1/embeddings",
         "/v1/rerank",
+        "/v2/rerank",
         "/embed",
         "/rerank",
         "/tokenize",
