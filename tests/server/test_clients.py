@@ -191,7 +191,10 @@ def test_cohere_client_v2_reranks_as_the_cross_encoder_does(reranker: tuple[Path
         [r.relevance_score for r in ranked.results], scores[order[:3]], atol=1e-5
     )
     assert [r.index for r in everything.results] == order
-    assert ranked.meta is not None and ranked.meta.tokens is not None
+    assert ranked.meta is not None
+    assert ranked.meta.tokens is not None
+    assert everything.meta is not None
+    assert everything.meta.tokens is not None
     assert ranked.meta.tokens.input_tokens == everything.meta.tokens.input_tokens > 0
     with pytest.raises(cohere.BadRequestError) as empty:
         co.rerank(model="x", query=QUERY, documents=[])
