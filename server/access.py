@@ -20,11 +20,29 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import Refusal
 
-INFERENCE_PATHS = ("/predict", "/rerank", "/embed", "/tokenize", "/v1/", "/v2/rerank")
+INFERENCE_PATHS = (
+    "/predict", "/rerank", "/embed", "/similarity", "/tokenize", "/v1/", "/v2/rerank"
+)  # fmt: skip
 """Routes that serve clients (ours, OpenAI's, TEI's, Cohere's): API keys and rate limits
-apply."""
-QUEUED_PATHS = ("/predict", "/rerank", "/embed", "/v1/embeddings", "/v1/rerank", "/v2/rerank")
-"""Routes whose items go through the engine's queue: the early 429 applies too."""
+apply; and TEI's root route, `/` (`is_client_route`)."""
+QUEUED_PATHS = (
+    "/predict", "/rerank", "/embed", "/similarity", "/v1/embeddings", "/v1/rerank",
+    "/v2/rerank",
+)  # fmt: skip
+"""Routes whose items go through the engine's queue: the early 429 applies too; and `/`
+(`is_queued_route`)."""
+ROOT = "/"
+"""TEI's root route (`POST /`): a prefix of every path, so matched whole."""
+
+
+def is_client_route(path: str) -> bool:
+    return path == ROOT or path.startswith(INFERENCE_PATHS)
+
+
+def is_queued_route(path: str) -> bool:
+    return path == ROOT or path.startswith(QUEUED_PATHS)
+
+
 ADMIN_PREFIX = "/admin/"
 REFUSAL_REASONS = ("unauthorized", "forbidden", "rate_limited", "queue_full")
 
@@ -113,9 +131,9 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        if path.startswith(INFERENCE_PATHS):
+        if is_client_route(path):
             refusal = self._predict_refusal(scope)
-            if refusal is None and path.startswith(QUEUED_PATHS):
+            if refusal is None and is_queued_route(path):
                 refusal = self.admission(scope)
         elif path.startswith(ADMIN_PREFIX):
             refusal = self._admin_refusal(scope)

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batcher import SECONDS_BUCKETS
-from server.access import QUEUED_PATHS
+from server.access import is_queued_route
 from server.errors import Refusal
 
 logger = logging.getLogger("microbatch.server")
@@ -107,7 +107,7 @@ class RequestContextMiddleware:
             path = getattr(route, "path", "unmatched")
             took_s = time.perf_counter() - started
             self._timer(path, status).observe(took_s)
-            if status == 200 and self.latencies is not None and path.startswith(QUEUED_PATHS):
+            if status == 200 and self.latencies is not None and is_queued_route(path):
                 self.latencies.append(took_s)
 
     def _timer(self, path: str, status: int) -> Histogram:

@@ -1,15 +1,20 @@
-"""Text Embeddings Inference's HTTP API: `/embed`, `/rerank`, `/tokenize` and `/info`,
-in TEI's request and reply shapes, so that a TEI client needs only a new URL. Errors
-carry TEI's `error` and `error_type` beside our own fields (`server.errors`)."""
+"""Text Embeddings Inference's HTTP API: `/embed`, `/rerank`, `/similarity`, `/tokenize`,
+`/info`, and the root route, `POST /`, which answers by the model's task and the body's
+shape as TEI's does, for Hugging Face's `InferenceClient` (`feature_extraction`,
+`sentence_similarity`, `text_classification`); in TEI's request and reply shapes, so
+that a TEI client needs only a new URL. Errors carry TEI's `error` and `error_type`
+beside our own fields (`server.errors`)."""
 
 from __future__ import annotations
 
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
+import numpy as np
+import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter
 
-from batcher.models import TruncationDirection
+from batcher.models import Classification, TruncationDirection
 from server.routes.parsing import (
     RuntimeDep,
     check_tokens,
@@ -51,6 +56,65 @@ class EmbedRequest(BaseModel):
     truncation_direction: Direction = Field("right", description="Which end to cut.")
     prompt_name: StrictStr | None = Field(None, description="One of the model's prompts.")
     dimensions: StrictInt | None = Field(None, ge=1, description="Keep the first N values.")
+
+
+class SimilarityInputs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source_sentence: Text
+    sentences: Texts = Field(min_length=1, description="Texts to compare with the source.")
+
+
+class SimilarityParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    truncate: StrictBool | None = Field(
+        None, description="Cut inputs over the token limit (false: 422). Default: --truncate."
+    )
+    truncation_direction: Direction = Field("right", description="Which end to cut.")
+    prompt_name: StrictStr | None = Field(None, description="One of the model's prompts.")
+
+
+class SimilarityRequest(BaseModel):
+    """TEI's similarity request (what `InferenceClient.sentence_similarity` sends)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: SimilarityInputs
+    parameters: SimilarityParameters | None = None
+
+
+class ClassifyParameters(BaseModel):
+    """The Inference API's text-classification parameters, as `InferenceClient` sends."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: StrictInt | None = Field(None, ge=1, description="Only the best K labels.")
+    function_to_apply: Literal["sigmoid", "softmax", "none"] | None = Field(
+        None,
+        description="`none`: the logits. The model's own activation applies otherwise; "
+        "asking for another is refused.",
+    )
+
+
+class ClassifyRequest(BaseModel):
+    """A classifier's request on `POST /` (what `InferenceClient.text_classification`
+    sends, and TEI's predict fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: Text | Texts
+    raw_scores: StrictBool = Field(False, description="The logits, without the activation.")
+    truncate: StrictBool | None = Field(
+        None, description="Cut inputs over the token limit (false: 422). Default: --truncate."
+    )
+    truncation_direction: Direction = Field("right", description="Which end to cut.")
+    parameters: ClassifyParameters | None = None
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float
 
 
 class TokenizeRequest(BaseModel):
@@ -119,6 +183,7 @@ class Info(BaseModel):
 
 
 _TOKENS = TypeAdapter(list[list[SimpleToken]])
+_PREDICTIONS = TypeAdapter(list[list[Prediction]])
 _RANKED = TypeAdapter(list[RerankResult])
 
 
@@ -226,3 +291,93 @@ async def info(request: Request, runtime: RuntimeDep) -> Info:
         tokenization_workers=runtime.settings.workers,
         version=request.app.version,
     )
+
+
+@router.post(
+    "/similarity",
+    response_model=list[float],
+    summary="Cosine similarity of a source text to each of several (TEI's shape)",
+    responses=TEI_ERRORS,
+    openapi_extra=openapi_body(SimilarityRequest, {"inputs": {"source_sentence": "What is "
+                               "Deep Learning?", "sentences": ["Deep Learning is ...",
+                               "Paris is in France."]}}),
+)  # fmt: skip
+async def similarity(request: Request) -> Response:
+    runtime = runtime_of(request)
+    body = await parse(request, SimilarityRequest, runtime)
+    model, engine = serving(runtime, request)
+    needs_task(model, "embed", request.url.path, "an embedding model")
+    deadline = deadline_of(engine, runtime, request)
+    parameters = body.parameters or SimilarityParameters()
+    options = OutputOptions(normalize=True, prompt_name=parameters.prompt_name)
+    texts = [body.inputs.source_sentence, *body.inputs.sentences]
+    direction = _direction(parameters.truncation_direction)
+    items = await encode_inputs(runtime, texts, options, "inputs", direction)
+    check_tokens(items, model, runtime, "inputs", parameters.truncate, listed=True)
+    results = await submit_all(request, runtime, engine, items, deadline)
+    vectors = np.asarray([cast("list[float]", r.value) for r in results], dtype=np.float32)
+    return reply(to_json((vectors[1:] @ vectors[0]).tolist()), results)
+
+
+async def _classify(request: Request) -> Response:
+    """TEI's predict as `POST /` answers it: every label's score, best first, per input
+    (a list per input even for one, as `InferenceClient.text_classification` reads it)."""
+    runtime = runtime_of(request)
+    body = await parse(request, ClassifyRequest, runtime)
+    model, engine = serving(runtime, request)
+    needs_task(model, "classify", "/", "a classifier")
+    parameters = body.parameters or ClassifyParameters()
+    function = parameters.function_to_apply
+    if function not in (None, "none"):
+        raise invalid(
+            "parameters",
+            f"function_to_apply {function!r} is not supported: the model's own activation "
+            "applies ('none' gives the logits)",
+        )
+    deadline = deadline_of(engine, runtime, request)
+    options = OutputOptions(raw_scores=body.raw_scores or function == "none")
+    texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+    items = await encode_inputs(
+        runtime, texts, options, "inputs", _direction(body.truncation_direction)
+    )
+    check_tokens(items, model, runtime, "inputs", body.truncate, listed=True)
+    results = await submit_all(request, runtime, engine, items, deadline)
+    labels = model.labels
+    shaped = []
+    for result in results:
+        scores = cast("Classification", result.value).scores
+        best = sorted(range(len(labels)), key=lambda i: -scores[i])[: parameters.top_k]
+        shaped.append([Prediction.model_construct(label=labels[i], score=scores[i]) for i in best])
+    return reply(_PREDICTIONS.dump_json(shaped), results)
+
+
+def _is_similarity(raw: bytes) -> bool:
+    try:
+        body: Any = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return False  # the embed route's parser says what is wrong with it
+    return isinstance(body, dict) and isinstance(body.get("inputs"), dict)
+
+
+@router.post(
+    "/",
+    summary="TEI's root route: by the model's task, embed (or similarity), classify or rerank",
+    description="What Hugging Face's `InferenceClient(base_url=...)` posts to: an embedding "
+    "model answers `/embed`'s body as `/embed` does and `/similarity`'s as `/similarity` "
+    'does; a classifier answers `{"inputs", "parameters"?: {"top_k", '
+    '"function_to_apply"}}` with every label\'s score, best first, per input; a '
+    "cross-encoder answers `/rerank`'s body.",
+    responses=TEI_ERRORS,
+    openapi_extra=openapi_body(EmbedRequest, {"inputs": "What is Deep Learning?"}),
+)
+async def root(request: Request) -> Response:
+    runtime = runtime_of(request)
+    serving(runtime, request)  # 503 unless ready: the task is known then
+    task = runtime.encoder.task
+    if task == "rerank":
+        return await rerank(request)
+    if task == "classify":
+        return await _classify(request)
+    if _is_similarity(await request.body()):
+        return await similarity(request)
+    return await embed(request)

@@ -17,7 +17,7 @@ import pytest
 
 from batcher.models import DEFAULT_HUB_ID, default_source
 from tests.conftest import ServerProcess
-from tests.tiny_models import TEXTS, save_cross_encoder
+from tests.tiny_models import TEXTS, save_cross_encoder, save_nli_classifier
 
 pytestmark = [pytest.mark.slow, pytest.mark.reference]
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -224,3 +224,75 @@ def test_cohere_client_v2_hears_a_wrong_key_as_unauthorized(keyed: str) -> None:
             model="x", query=QUERY, documents=SENTENCES
         )
     assert "invalid API key" in refused.value.body["message"]
+
+
+def test_huggingface_inference_client_embeds_and_compares_as_the_references_do(
+    float32_server: ServerProcess,
+) -> None:
+    """`InferenceClient(base_url=...)` posts everything to `POST /`, which answers by the
+    model's task and the body's shape, as TEI's root route does."""
+    from huggingface_hub import InferenceClient
+    from sentence_transformers import SentenceTransformer
+
+    url = float32_server.url
+    hf = InferenceClient(base_url=url)
+    vector = hf.feature_extraction(SENTENCES[0])
+    raw = hf.feature_extraction(SENTENCES[1], normalize=False)
+    similarities = hf.sentence_similarity(SENTENCES[0], other_sentences=SENTENCES[1:])
+    st = SentenceTransformer(default_source(), device="cpu")
+    reference = st.encode(SENTENCES, convert_to_numpy=True)
+    assert vector.shape == (1, 384)
+    np.testing.assert_allclose(vector[0], ours(url, SENTENCES[:1])[0], atol=1e-6)
+    np.testing.assert_allclose(vector[0], reference[0], atol=1e-5)
+    np.testing.assert_allclose(raw[0], ours(url, SENTENCES[1:2], normalize=False)[0], atol=1e-6)
+    expected = st.similarity(reference[:1], reference[1:]).numpy()[0]
+    np.testing.assert_allclose(similarities, expected, atol=1e-5)
+    same = httpx.post(
+        f"{url}/similarity",
+        json={"inputs": {"source_sentence": SENTENCES[0], "sentences": SENTENCES[1:]}},
+    )
+    np.testing.assert_allclose(same.json(), similarities, atol=1e-7)
+    wrong = httpx.post(f"{url}/", json={"inputs": "x", "parameters": {"top_k": 1}})
+    assert wrong.status_code == 422
+    assert wrong.json()["error_type"] == "Validation"
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    path = save_nli_classifier(tmp_path_factory.mktemp("classifier") / "model")
+    log = tmp_path_factory.mktemp("logs") / "classifier.log"
+    server = ServerProcess(
+        ["--model", str(path), "--no-compile", "--dtype", "float32"], log
+    ).start()
+    yield path, server.url
+    assert server.stop() == 0, server.log()
+
+
+def test_huggingface_inference_client_classifies_as_the_pipeline_does(
+    classifier: tuple[Path, str],
+) -> None:
+    from huggingface_hub import InferenceClient
+    from huggingface_hub.errors import HfHubHTTPError
+    from transformers import pipeline
+
+    path, url = classifier
+    hf = InferenceClient(base_url=url)
+    text = SENTENCES[1]
+    every = hf.text_classification(text)
+    best_two = hf.text_classification(text, top_k=2)
+    logits = hf.text_classification(text, function_to_apply="none")
+    reference = pipeline("text-classification", model=str(path), device="cpu", top_k=None)
+    [expected] = reference([text])
+    [raw] = reference([text], function_to_apply="none")
+    assert [e.label for e in every] == [e["label"] for e in expected]
+    np.testing.assert_allclose([e.score for e in every], [e["score"] for e in expected], atol=1e-5)
+    assert [e.label for e in best_two] == [e["label"] for e in expected[:2]]
+    assert [e.label for e in logits] == [e["label"] for e in raw]
+    np.testing.assert_allclose([e.score for e in logits], [e["score"] for e in raw], atol=1e-4)
+    with pytest.raises(HfHubHTTPError) as refused:
+        hf.text_classification(text, function_to_apply="sigmoid")
+    assert refused.value.response.status_code == 422
+    assert "function_to_apply 'sigmoid'" in refused.value.response.json()["error"]
+    with pytest.raises(HfHubHTTPError) as not_an_embedder:  # normalize is /embed's field
+        hf.feature_extraction(text, normalize=True)
+    assert not_an_embedder.value.response.status_code == 422

@@ -33,7 +33,9 @@ def test_every_route_that_reads_its_own_body_takes_the_lane() -> None:
         "/v1/embeddings",
         "/v1/rerank",
         "/v2/rerank",
+        "/",
         "/embed",
+        "/similarity",
         "/rerank",
         "/tokenize",
     }
