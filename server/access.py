@@ -21,7 +21,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from server.errors import Refusal
 
 INFERENCE_PATHS = (
-    "/predict", "/rerank", "/embed", "/similarity", "/tokenize", "/v1/", "/v2/rerank"
+    "/predict", "/rerank", "/embed", "/similarity", "/tokenize", "/decode", "/v1/",
+    "/v2/rerank",
 )  # fmt: skip
 """Routes that serve clients (ours, OpenAI's, TEI's, Cohere's): API keys and rate limits
 apply; and TEI's root route, `/` (`is_client_route`)."""

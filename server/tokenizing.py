@@ -162,6 +162,13 @@ class Tokenizer:
             self._thread, tokenize, texts, add_special_tokens, prompt_name
         )
 
+    async def decode(self, ids: Sequence[Sequence[int]], skip_special_tokens: bool) -> list[str]:
+        """`encoder.decode` on the tokenizer thread (TEI's /decode)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._thread, self._encoder.decode, ids, skip_special_tokens
+        )
+
     async def aclose(self) -> None:
         """Finish what is gathered, then stop the thread."""
         if self._running is not None:

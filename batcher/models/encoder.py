@@ -172,6 +172,11 @@ class Encoder(Protocol):
         """Inputs given as token ids, used as they are. Raises InvalidOption."""
         ...
 
+    def decode(self, ids: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+        """Each sequence of token ids as text (TEI's /decode). Raises InvalidOption for an
+        id outside the vocabulary."""
+        ...
+
     def tokenize(
         self, texts: Sequence[str], add_special_tokens: bool = True, prompt_name: str | None = None
     ) -> list[list[Token]]: ...
@@ -313,6 +318,22 @@ class TextEncoder:
             type_ids = [0] * len(kept) if self._type_ids else None
             encoded.append(Encoded(kept, len(ids) > len(kept), type_ids=type_ids, **fields))
         return encoded
+
+    def decode(self, ids: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+        """Each sequence of token ids as text (TEI's /decode). Raises InvalidOption for an
+        id outside the vocabulary."""
+        for sequence in ids:
+            for tid in sequence:
+                if not 0 <= tid < self.vocab_size:
+                    raise InvalidOption(
+                        "ids",
+                        f"token id {tid} is outside the vocabulary (0 to {self.vocab_size - 1})",
+                    )
+        return list(
+            self._tokenizer.decode_batch(
+                [list(s) for s in ids], skip_special_tokens=skip_special_tokens
+            )
+        )
 
     def tokenize(
         self, texts: Sequence[str], add_special_tokens: bool = True, prompt_name: str | None = None

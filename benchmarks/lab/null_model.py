@@ -21,6 +21,7 @@ model uses.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -81,6 +82,14 @@ class NullEncoder:
         """Token ids used as they are (code points, where texts are read back)."""
         limit = self.max_tokens
         return [Encoded(list(ids[:limit]), truncated=len(ids) > limit) for ids in sequences]
+
+    def decode(self, ids: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+        """Code points back to text (the ids `encode_ids` reads)."""
+        for sequence in ids:
+            for tid in sequence:
+                if not 0 <= tid <= sys.maxunicode:
+                    raise InvalidOption("ids", f"token id {tid} is not a code point")
+        return ["".join(map(chr, sequence)) for sequence in ids]
 
     def tokenize(
         self, texts: Sequence[str], add_special_tokens: bool = True, prompt_name: str | None = None

@@ -1,5 +1,5 @@
 """Text Embeddings Inference's HTTP API: `/embed`, `/rerank`, `/similarity`, `/tokenize`,
-`/info`, and the root route, `POST /`, which answers by the model's task and the body's
+`/decode`, `/info`, and the root route, `POST /`, which answers by the model's task and the body's
 shape as TEI's does, for Hugging Face's `InferenceClient` (`feature_extraction`,
 `sentence_similarity`, `text_classification`); in TEI's request and reply shapes, so
 that a TEI client needs only a new URL. Errors carry TEI's `error` and `error_type`
@@ -123,6 +123,15 @@ class TokenizeRequest(BaseModel):
     inputs: StrictStr | Texts = Field(description="A text or texts.")
     add_special_tokens: StrictBool = Field(True, description="Include [CLS], [SEP], ...")
     prompt_name: StrictStr | None = Field(None, description="Put this prompt first.")
+
+
+class DecodeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[StrictInt] | list[list[StrictInt]] = Field(
+        min_length=1, description="Token ids, or several sequences of them."
+    )
+    skip_special_tokens: StrictBool = Field(True, description="Leave out [CLS], [SEP], ...")
 
 
 class SimpleToken(BaseModel):
@@ -291,6 +300,30 @@ async def info(request: Request, runtime: RuntimeDep) -> Info:
         tokenization_workers=runtime.settings.workers,
         version=request.app.version,
     )
+
+
+@router.post(
+    "/decode",
+    response_model=list[str],
+    summary="Token ids back to text (TEI's shape): one text per sequence",
+    responses=TEI_ERRORS,
+    openapi_extra=openapi_body(DecodeRequest, {"ids": [101, 7592, 102]}),
+)
+async def decode(request: Request) -> Response:
+    runtime = runtime_of(request)
+    body = await parse(request, DecodeRequest, runtime)
+    serving(runtime, request)  # 503 unless ready
+    ids = cast("list[list[int]]", body.ids if isinstance(body.ids[0], list) else [body.ids])
+    if len(ids) > runtime.settings.max_client_batch:
+        raise invalid(
+            "ids",
+            f"at most {runtime.settings.max_client_batch} sequences a call (--max-client-batch)",
+        )
+    try:
+        texts = await runtime.tokenizer.decode(ids, body.skip_special_tokens)
+    except ValueError as exc:  # InvalidOption: an id outside the vocabulary
+        raise invalid("ids", str(exc)) from None
+    return Response(orjson.dumps(texts), media_type="application/json")
 
 
 @router.post(

@@ -296,3 +296,19 @@ def test_huggingface_inference_client_classifies_as_the_pipeline_does(
     with pytest.raises(HfHubHTTPError) as not_an_embedder:  # normalize is /embed's field
         hf.feature_extraction(text, normalize=True)
     assert not_an_embedder.value.response.status_code == 422
+
+
+def test_tei_decode_gives_back_the_tokenizers_text(float32_server: ServerProcess) -> None:
+    from transformers import AutoTokenizer
+
+    url = float32_server.url
+    tokens = httpx.post(f"{url}/tokenize", json={"inputs": SENTENCES}).json()
+    ids = [[t["id"] for t in sequence] for sequence in tokens]
+    plain = httpx.post(f"{url}/decode", json={"ids": ids})
+    special = httpx.post(f"{url}/decode", json={"ids": ids[0], "skip_special_tokens": False})
+    outside = httpx.post(f"{url}/decode", json={"ids": [101, 10**6]})
+    reference = AutoTokenizer.from_pretrained(default_source())
+    assert plain.json() == [reference.decode(s, skip_special_tokens=True) for s in ids]
+    assert special.json() == [reference.decode(ids[0], skip_special_tokens=False)]
+    assert outside.status_code == 422
+    assert "outside the vocabulary" in outside.json()["error"]

@@ -38,6 +38,7 @@ def test_every_route_that_reads_its_own_body_takes_the_lane() -> None:
         "/similarity",
         "/rerank",
         "/tokenize",
+        "/decode",
     }
 
 
