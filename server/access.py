@@ -36,12 +36,14 @@ ROOT = "/"
 """TEI's root route (`POST /`): a prefix of every path, so matched whole."""
 
 
-def is_client_route(path: str) -> bool:
-    return path == ROOT or path.startswith(INFERENCE_PATHS)
+def is_client_route(path: str, method: str = "POST") -> bool:
+    """Keys and rate limits apply (`/` only to POST: a GET there is a load balancer's
+    probe, which TEI leaves open)."""
+    return (path == ROOT and method == "POST") or path.startswith(INFERENCE_PATHS)
 
 
-def is_queued_route(path: str) -> bool:
-    return path == ROOT or path.startswith(QUEUED_PATHS)
+def is_queued_route(path: str, method: str = "POST") -> bool:
+    return (path == ROOT and method == "POST") or path.startswith(QUEUED_PATHS)
 
 
 ADMIN_PREFIX = "/admin/"
@@ -132,9 +134,10 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        if is_client_route(path):
+        method: str = scope["method"]
+        if is_client_route(path, method):
             refusal = self._predict_refusal(scope)
-            if refusal is None and is_queued_route(path):
+            if refusal is None and is_queued_route(path, method):
                 refusal = self.admission(scope)
         elif path.startswith(ADMIN_PREFIX):
             refusal = self._admin_refusal(scope)

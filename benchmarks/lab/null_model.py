@@ -87,7 +87,7 @@ class NullEncoder:
         """Code points back to text (the ids `encode_ids` reads)."""
         for sequence in ids:
             for tid in sequence:
-                if not 0 <= tid <= sys.maxunicode:
+                if not 0 <= tid <= sys.maxunicode or 0xD800 <= tid <= 0xDFFF:
                     raise InvalidOption("ids", f"token id {tid} is not a code point")
         return ["".join(map(chr, sequence)) for sequence in ids]
 

@@ -274,6 +274,15 @@ def openapi_body(body: type[BaseModel], example: dict[str, Any] | None = None) -
     }
 
 
+async def body_of(request: Request) -> bytes:
+    """The request's body (read once, then cached); ClientDisconnected (499) if the client
+    hung up before it arrived."""
+    try:
+        return await request.body()
+    except ClientDisconnect:
+        raise ClientDisconnected from None
+
+
 async def parse(request: Request, schema: type[Body], runtime: Runtime) -> Body:
     """The body, parsed and validated in one pass by pydantic's own JSON parser.
 
@@ -282,10 +291,7 @@ async def parse(request: Request, schema: type[Body], runtime: Runtime) -> Body:
     parameter: FastAPI would parse
     the JSON with the standard library and then validate the Python objects, which cost
     more than the rest of the route (see benchmarks/results/)."""
-    try:
-        raw = await request.body()
-    except ClientDisconnect:  # the client hung up before its body arrived
-        raise ClientDisconnected from None
+    raw = await body_of(request)
     settings = runtime.settings
     limits = request_limits(settings.max_text_chars, settings.max_client_batch)
     try:

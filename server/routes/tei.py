@@ -7,7 +7,7 @@ beside our own fields (`server.errors`)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal, cast
+from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 import orjson
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from batcher.models import Classification, TruncationDirection
 from server.routes.parsing import (
     RuntimeDep,
+    body_of,
     check_tokens,
     deadline_of,
     encode_inputs,
@@ -92,18 +93,21 @@ class ClassifyParameters(BaseModel):
     top_k: StrictInt | None = Field(None, ge=1, description="Only the best K labels.")
     function_to_apply: Literal["sigmoid", "softmax", "none"] | None = Field(
         None,
-        description="`none`: the logits. The model's own activation applies otherwise; "
-        "asking for another is refused.",
+        description="`none`: the logits; the model's own activation (or its name) applies "
+        "otherwise, and asking for another is refused.",
     )
 
 
 class ClassifyRequest(BaseModel):
-    """A classifier's request on `POST /` (what `InferenceClient.text_classification`
-    sends, and TEI's predict fields)."""
+    """A classifier's request on `POST /`: the Inference API's text-classification body,
+    as `InferenceClient.text_classification` sends it, with TEI's predict options."""
 
     model_config = ConfigDict(extra="forbid")
 
-    inputs: Text | Texts
+    inputs: Text | Annotated[Texts, Field(min_length=1)] = Field(
+        description="A text, or several (each classified on its own: TEI reads two strings "
+        "as one pair, which this route does not take)."
+    )
     raw_scores: StrictBool = Field(False, description="The logits, without the activation.")
     truncate: StrictBool | None = Field(
         None, description="Cut inputs over the token limit (false: 422). Default: --truncate."
@@ -353,19 +357,21 @@ async def similarity(request: Request) -> Response:
 
 
 async def _classify(request: Request) -> Response:
-    """TEI's predict as `POST /` answers it: every label's score, best first, per input
-    (a list per input even for one, as `InferenceClient.text_classification` reads it)."""
+    """A classifier on `POST /`: every label's score, best first, as a list per input
+    even for one (the Inference API's text-classification shape, which
+    `InferenceClient.text_classification` reads; TEI's predict answers one input flat)."""
     runtime = runtime_of(request)
     body = await parse(request, ClassifyRequest, runtime)
     model, engine = serving(runtime, request)
     needs_task(model, "classify", "/", "a classifier")
     parameters = body.parameters or ClassifyParameters()
     function = parameters.function_to_apply
-    if function not in (None, "none"):
+    own = str(runtime.describe().get("head_activation", "")).lower()
+    if function not in (None, "none") and function != own:
         raise invalid(
             "parameters",
             f"function_to_apply {function!r} is not supported: the model's own activation "
-            "applies ('none' gives the logits)",
+            f"({own or 'unknown'}) applies, or 'none' for the logits",
         )
     deadline = deadline_of(engine, runtime, request)
     options = OutputOptions(raw_scores=body.raw_scores or function == "none")
@@ -411,6 +417,6 @@ async def root(request: Request) -> Response:
         return await rerank(request)
     if task == "classify":
         return await _classify(request)
-    if _is_similarity(await request.body()):
+    if _is_similarity(await body_of(request)):
         return await similarity(request)
     return await embed(request)

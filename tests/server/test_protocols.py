@@ -246,3 +246,34 @@ async def test_embedding_routes_refuse_a_model_that_does_not_embed() -> None:
     assert tei.status_code == 400
     assert tei.json()["type"] == "wrong_task"
     assert cohere.json()["error"]["code"] == "wrong_task"
+
+
+async def test_teis_root_similarity_and_decode_need_a_key_and_a_get_on_the_root_does_not() -> None:
+    async with sdk(FakeTextModel(), key="nope", api_keys="key-one") as (_, client):
+        root = await client.post("/", json={"inputs": "no key"})
+        similarity = await client.post(
+            "/similarity", json={"inputs": {"source_sentence": "a", "sentences": ["b"]}}
+        )
+        decode = await client.post("/decode", json={"ids": [104, 105]})
+        probe = await client.get("/")
+        keyed = await client.post(
+            "/decode", json={"ids": [104, 105]}, headers={"Authorization": "Bearer key-one"}
+        )
+    assert [root.status_code, similarity.status_code, decode.status_code] == [401, 401, 401]
+    assert root.json()["error_type"] == "Validation"
+    assert probe.status_code in (404, 405), "a load balancer's GET / is not asked for a key"
+    assert keyed.json() == ["hi"]
+
+
+async def test_a_classifier_on_the_root_refuses_no_inputs_and_a_foreign_activation() -> None:
+    model = FakeTextModel(task="classify", labels=("short", "long"))
+    async with sdk(model) as (_, client):
+        empty = await client.post("/", json={"inputs": []})
+        foreign = await client.post(
+            "/", json={"inputs": "x", "parameters": {"function_to_apply": "sigmoid"}}
+        )
+        best = await client.post("/", json={"inputs": ["x", "y" * 50], "parameters": {"top_k": 1}})
+    assert empty.status_code == 422
+    assert foreign.status_code == 422
+    assert "function_to_apply 'sigmoid'" in foreign.json()["error"]
+    assert [len(answer) for answer in best.json()] == [1, 1]
