@@ -182,11 +182,11 @@ def select_batch(
     of the extra batch it leaves behind, while short work flows: an item queued outside
     the batch, or the length a tenth of the recent admissions are at most
     (`recent_short`, in cost units; see `PendingQueue.recent_short`), would take, alone,
-    under `SHORT_WORK` of each batch item's device time.
-    Where all inputs are alike, a smaller batch would only reorder them and pay one more
-    overhead. So on a GPU (overhead dominates) batches fill up;
-    on a CPU (padding costs as much as work) a long item is not padded onto short ones,
-    and long items, for which a batch buys little there, go a few at a time.
+    under `SHORT_WORK` of each batch item's device time. Where all inputs are alike, a
+    smaller batch would only reorder them and pay one more overhead. So on a GPU
+    (overhead dominates) batches fill up; on a CPU (padding costs as much as work) a long
+    item is not padded onto short ones, and long items, for which a batch buys little
+    there, go a few at a time.
     """
     if not pending:
         return []

@@ -1,8 +1,8 @@
 """Text Embeddings Inference's HTTP API: `/embed`, `/rerank`, `/similarity`, `/tokenize`,
-`/decode`, `/info`, and the root route, `POST /`, which answers by the model's task and the body's
-shape as TEI's does, for Hugging Face's `InferenceClient` (`feature_extraction`,
-`sentence_similarity`, `text_classification`); in TEI's request and reply shapes, so
-that a TEI client needs only a new URL. Errors carry TEI's `error` and `error_type`
+`/decode`, `/info`, and the root route, `POST /`, which answers by the model's task (as
+TEI's does) and by the body's shape, for Hugging Face's `InferenceClient`
+(`feature_extraction`, `sentence_similarity`, `text_classification`); in TEI's request and
+reply shapes, so that a TEI client needs only a new URL. Errors carry TEI's `error` and `error_type`
 beside our own fields (`server.errors`)."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from batcher.models import Classification, TruncationDirection
 from server.routes.parsing import (
     RuntimeDep,
+    best_first,
     body_of,
     check_tokens,
     deadline_of,
@@ -366,13 +367,14 @@ async def _classify(request: Request) -> Response:
     needs_task(model, "classify", "/", "a classifier")
     parameters = body.parameters or ClassifyParameters()
     function = parameters.function_to_apply
-    own = str(runtime.describe().get("head_activation", "")).lower()
-    if function not in (None, "none") and function != own:
-        raise invalid(
-            "parameters",
-            f"function_to_apply {function!r} is not supported: the model's own activation "
-            f"({own or 'unknown'}) applies, or 'none' for the logits",
-        )
+    if function not in (None, "none"):
+        own = str(runtime.describe().get("head_activation", "")).lower()
+        if function != own:
+            raise invalid(
+                "parameters",
+                f"function_to_apply {function!r} is not supported: the model's own "
+                f"activation ({own or 'unknown'}) applies, or 'none' for the logits",
+            )
     deadline = deadline_of(engine, runtime, request)
     options = OutputOptions(raw_scores=body.raw_scores or function == "none")
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
@@ -385,8 +387,12 @@ async def _classify(request: Request) -> Response:
     shaped = []
     for result in results:
         scores = cast("Classification", result.value).scores
-        best = sorted(range(len(labels)), key=lambda i: -scores[i])[: parameters.top_k]
-        shaped.append([Prediction.model_construct(label=labels[i], score=scores[i]) for i in best])
+        shaped.append(
+            [
+                Prediction.model_construct(label=labels[i], score=scores[i])
+                for i in best_first(scores, parameters.top_k)
+            ]
+        )
     return reply(_PREDICTIONS.dump_json(shaped), results)
 
 

@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from batcher.padding import bucket_length
+
 
 class Poison(Exception):
     """Raised by the fake model for inputs it cannot handle."""
@@ -82,4 +84,18 @@ class StagingRunner(GatedRunner):
         return None
 
     async def run(self, payloads: Sequence[str], prepared: object | None = None) -> list[str]:
+        return await super().run(payloads)
+
+
+@dataclass
+class PaddedCostRunner(GatedRunner):
+    """A CPU-like device on virtual time: each pass takes `overhead_s` plus `per_token_s`
+    per padded token (items x the longest input's bucketed length)."""
+
+    overhead_s: float = 0.0
+    per_token_s: float = 0.0
+
+    async def run(self, payloads: Sequence[str]) -> list[str]:
+        padded = len(payloads) * bucket_length(max(len(p) for p in payloads))
+        await asyncio.sleep(self.overhead_s + self.per_token_s * padded)
         return await super().run(payloads)

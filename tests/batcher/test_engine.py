@@ -26,7 +26,14 @@ from batcher import (
 )
 from batcher.padding import bucket_length, padded_tokens
 from batcher.replicas import REPLICA_STRIKES
-from tests.batcher.fakes import Call, GatedRunner, Poison, StagingRunner, open_runner
+from tests.batcher.fakes import (
+    Call,
+    GatedRunner,
+    PaddedCostRunner,
+    Poison,
+    StagingRunner,
+    open_runner,
+)
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.looptime]
 
@@ -382,17 +389,11 @@ async def test_thread_runner_keeps_the_loop_free_while_the_model_computes() -> N
 async def test_the_engine_learns_the_device_cost_and_then_serves_faster_than_fill() -> None:
     """A CPU-like fake: each pass takes 8 ms + 0.4 ms per padded token (virtual time)."""
 
-    class CpuLike(GatedRunner):
-        async def run(self, payloads: Sequence[str]) -> list[str]:
-            padded = len(payloads) * bucket_length(max(len(p) for p in payloads))
-            await asyncio.sleep(0.008 + 0.0004 * padded)
-            return await super().run(payloads)
-
     rng = random.Random(0)
     texts = ["x" * rng.randint(4, 120) for _ in range(600)]
 
     async def serve(sizing: str) -> tuple[float, float, Engine[str, str]]:
-        runner = CpuLike()
+        runner = PaddedCostRunner(overhead_s=0.008, per_token_s=0.0004)
         runner.gate.set()
         config = EngineConfig(max_batch_size=32, batch_sizing=sizing)  # type: ignore[arg-type]
         async with make_engine(runner, config) as engine:
@@ -425,17 +426,11 @@ async def test_alike_long_inputs_keep_full_batches_whatever_min_batch_gain() -> 
     inputs: batch 32 saves 2 % per item) but every input is alike, a smaller batch would
     only reorder them and pay one more overhead: `min_batch_gain` changes no batch."""
 
-    class LongOnACpu(GatedRunner):
-        async def run(self, payloads: Sequence[str]) -> list[str]:
-            padded = len(payloads) * bucket_length(max(len(p) for p in payloads))
-            await asyncio.sleep(0.001 + 0.0002 * padded)
-            return await super().run(payloads)
-
     rng = random.Random(1)
     gaps = [rng.expovariate(16.0) for _ in range(400)]  # 85 % of 1 / 52.2 ms
 
     async def serve(gain: float, short_every: int = 0) -> list[list[str]]:
-        runner = LongOnACpu()
+        runner = PaddedCostRunner(overhead_s=0.001, per_token_s=0.0002)
         runner.gate.set()
         async with make_engine(runner, EngineConfig(min_batch_gain=gain)) as engine:
             tasks = []
@@ -877,17 +872,11 @@ async def test_short_inputs_do_not_queue_behind_long_ones() -> None:
     computing and little more; in arrival order (`max_overtakes=0`) it waits behind
     every chunk queued before it."""
 
-    class CpuLike(GatedRunner):
-        async def run(self, payloads: Sequence[str]) -> list[str]:
-            padded = len(payloads) * bucket_length(max(len(p) for p in payloads))
-            await asyncio.sleep(0.001 + 0.00017 * padded)
-            return await super().run(payloads)
-
     rng = random.Random(7)
     arrivals = [(rng.expovariate(64.0), rng.random() < 0.2) for _ in range(1200)]
 
     async def serve(config: EngineConfig, chunks: bool = True) -> dict[bool, list[float]]:
-        runner = CpuLike()
+        runner = PaddedCostRunner(overhead_s=0.001, per_token_s=0.00017)
         runner.gate.set()
         latencies: dict[bool, list[float]] = {True: [], False: []}
         async with make_engine(runner, config) as engine:

@@ -7,7 +7,7 @@ servers run in float32, so that the numbers compare at float32 tolerances."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -107,15 +107,22 @@ def test_tei_embed_and_info_answer_in_teis_shapes(float32_server: ServerProcess)
     assert info["auto_truncate"] is True
 
 
-@pytest.fixture(scope="module")
-def reranker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
-    path = save_cross_encoder(tmp_path_factory.mktemp("cross") / "model")
-    log = tmp_path_factory.mktemp("logs") / "reranker.log"
+def serve_tiny(
+    factory: pytest.TempPathFactory, name: str, save: Callable[[Path], Path]
+) -> Iterator[tuple[Path, str]]:
+    """A float32 server on a tiny model that `save` writes; yields its path and URL."""
+    path = save(factory.mktemp(name) / "model")
+    log = factory.mktemp("logs") / f"{name}.log"
     server = ServerProcess(
         ["--model", str(path), "--no-compile", "--dtype", "float32"], log
     ).start()
     yield path, server.url
     assert server.stop() == 0, server.log()
+
+
+@pytest.fixture(scope="module")
+def reranker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    yield from serve_tiny(tmp_path_factory, "reranker", save_cross_encoder)
 
 
 def test_cohere_rerank_is_cross_encoder_predict_best_first(
@@ -259,13 +266,7 @@ def test_huggingface_inference_client_embeds_and_compares_as_the_references_do(
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
-    path = save_nli_classifier(tmp_path_factory.mktemp("classifier") / "model")
-    log = tmp_path_factory.mktemp("logs") / "classifier.log"
-    server = ServerProcess(
-        ["--model", str(path), "--no-compile", "--dtype", "float32"], log
-    ).start()
-    yield path, server.url
-    assert server.stop() == 0, server.log()
+    yield from serve_tiny(tmp_path_factory, "classifier", save_nli_classifier)
 
 
 def test_huggingface_inference_client_classifies_as_the_pipeline_does(
