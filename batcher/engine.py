@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
+from itertools import islice
 from typing import Generic, TypeVar
 
 from batcher.callers import Callers
@@ -26,6 +27,7 @@ from batcher.policy import Dispatch, DispatchReason, batch_limits, decide
 from batcher.queue import PendingQueue
 from batcher.replicas import ReplicaPool
 from batcher.runner import Runner
+from batcher.sharing import DeviceShare, Grant, Waiting
 from batcher.stats import EngineStats, State
 from batcher.steering import Steering
 
@@ -33,6 +35,10 @@ InT = TypeVar("InT")
 OutT = TypeVar("OutT")
 
 logger = logging.getLogger("batcher.engine")
+
+DEADLINE_SCAN = 256
+"""Queued items, oldest first, whose deadlines the device scheduler weighs (a bound on
+the work per choice; later items reach a device after these anyway)."""
 
 
 class Engine(Generic[InT, OutT]):
@@ -44,7 +50,9 @@ class Engine(Generic[InT, OutT]):
     that tests can run on virtual time. With `identity` (a payload's key, or None for
     one never to share), an input identical to one already queued or computing joins it
     instead of being computed again; each caller still gets its own result, deadline
-    and cancellation.
+    and cancellation. With `share` (its place in a `batcher.sharing.DeviceScheduler`),
+    the engine shares its devices with other engines: each batch waits for its turn, and
+    runs on the replica of the device it was given.
     """
 
     def __init__(
@@ -55,6 +63,7 @@ class Engine(Generic[InT, OutT]):
         metrics: EngineMetrics | None = None,
         clock: Callable[[], float] = time.perf_counter,
         identity: Callable[[InT], Hashable | None] | None = None,
+        share: DeviceShare | None = None,
     ) -> None:
         runners = list(runner) if isinstance(runner, Sequence) else [runner]
         self.metrics = metrics if metrics is not None else EngineMetrics()
@@ -91,6 +100,9 @@ class Engine(Generic[InT, OutT]):
         self.metrics.max_wait.set_function(lambda: self.config.max_wait_s)
         self.metrics.slo_target.set_function(lambda: (self.config.slo_p99_ms or 0) / 1e3)
         self._executor.on_computed = self._steering.observer
+        self._share = share
+        if share is not None:
+            share.bind(self._waiting, self._has_work.set)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -295,10 +307,19 @@ class Engine(Generic[InT, OutT]):
                 decision = decide(self._queue.items, clock(), self.config, self._in_flight,
                                   self.alive_replicas, ahead=self._executor.prepares_ahead,
                                   draining=draining)  # fmt: skip
+                share = self._share
+                if share is not None and share.reserved is not None:
+                    if not len(self._queue):
+                        share.give_back()  # chosen for work that has gone since
+                    elif not isinstance(decision, Dispatch):
+                        decision = Dispatch("idle")  # the device is held for this engine
                 if isinstance(decision, Dispatch):
+                    grant = await share.turn() if share is not None else None
                     limits = batch_limits(self.config, self._executor.memory_cap.tokens)
+                    if grant is not None and grant.budget_s is not None:
+                        limits = self._within(limits, grant.budget_s)
                     batch = self._queue.take(clock(), limits, self._executor.cost.estimate())
-                    self._launch(batch, decision.reason)
+                    self._launch(batch, decision.reason, grant)
                     continue
                 self._has_work.clear()
                 wake_at = decision.until
@@ -320,21 +341,71 @@ class Engine(Generic[InT, OutT]):
             self._queue.fail_all(EngineClosed("the engine stopped before this item ran"))
             raise
 
-    def _launch(self, batch: list[PendingItem[InT, OutT]], reason: DispatchReason) -> None:
+    def _launch(
+        self, batch: list[PendingItem[InT, OutT]], reason: DispatchReason, grant: Grant | None
+    ) -> None:
         if not batch:
+            if grant is not None:
+                grant.release(0.0)
             return
         self.metrics.record_dispatch(reason, len(batch), self.config.max_batch_size)
         self._in_flight += 1
-        task = asyncio.create_task(self._execute(batch))
+        task = asyncio.create_task(self._execute(batch, grant))
         self._batches.add(task)
         task.add_done_callback(self._batches.discard)
 
     # -- execution ---------------------------------------------------------------------
 
-    async def _execute(self, batch: list[PendingItem[InT, OutT]]) -> None:
-        """Run one batch on a free replica; whatever happens, every future settles."""
+    async def _execute(self, batch: list[PendingItem[InT, OutT]], grant: Grant | None) -> None:
+        """Run one batch on a free replica (the granted device's, when shared); whatever
+        happens, every future settles."""
+        started = self.clock()
         try:
-            await self._executor.run_settling(batch)
+            await self._executor.run_settling(batch, None if grant is None else grant.device)
         finally:
             self._in_flight -= 1
             self._has_work.set()
+            if grant is not None:
+                grant.release(self.clock() - started)
+
+    def _within(self, limits: EngineConfig, budget_s: float) -> EngineConfig:
+        """`limits` with the batch size cut so that its items take about `budget_s` of
+        device time beyond the fixed cost every batch pays (by the learned cost, at the
+        oldest item's length), else so that the batch takes `budget_s` at the items per
+        second computed so far; at least one item, unchanged before anything is known.
+        A device whose batches cost the same whatever their size keeps full batches."""
+        cost = self._executor.cost.estimate()
+        if cost is not None and self._queue.items:
+            per_item = cost.per_token_s * bucket_length(self._queue.items[0].cost)
+            if per_item <= 0:
+                return limits
+            size = round(budget_s / per_item)
+        else:
+            totals = self.metrics.totals
+            items = sum(size * count for size, count in totals.batch_sizes.items())
+            if not items or totals.compute_s <= 0:
+                return limits
+            size = round(budget_s * items / totals.compute_s)
+        size = max(1, size)
+        return limits if size >= limits.max_batch_size else limits.replace(max_batch_size=size)
+
+    def _waiting(self) -> Waiting | None:
+        """This engine's waiting work, for the device scheduler: its next batch's expected
+        device time, its oldest admission and the earliest deadline among the items its
+        next batch could hold."""
+        self._queue.drop_settled_head()
+        queue = self._queue.items
+        if not queue or self._state not in ("running", "draining"):
+            return None
+        size = min(len(queue), self.config.max_batch_size)
+        rate = self._executor.drain_rate.per_replica()
+        deadlines = [
+            item.deadline
+            for item in islice(queue, DEADLINE_SCAN)
+            if item.deadline is not None and not item.future.done()
+        ]
+        return Waiting(
+            size / rate if rate else 0.0,
+            queue[0].enqueued_at,
+            min(deadlines) if deadlines else None,
+        )

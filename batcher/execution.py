@@ -65,11 +65,14 @@ class Executor(Generic[InT, OutT]):
         """Whether a batch that waits for a device is prepared meanwhile."""
         return self._preparer is not None
 
-    async def run_settling(self, batch: list[PendingItem[InT, OutT]]) -> None:
-        """`run(batch)`; if that fails (a bug) or is cancelled (shutdown), every item
-        still unsettled fails with EngineClosed, and the exception propagates."""
+    async def run_settling(
+        self, batch: list[PendingItem[InT, OutT]], device: int | None = None
+    ) -> None:
+        """`run(batch)` (on the replica of `device` when given); if that fails (a bug)
+        or is cancelled (shutdown), every item still unsettled fails with EngineClosed,
+        and the exception propagates."""
         try:
-            await self.run(batch)
+            await self.run(batch, device=device)
         except BaseException as exc:
             error = EngineClosed("the batch was interrupted by shutdown")
             if not isinstance(exc, asyncio.CancelledError):
@@ -80,7 +83,11 @@ class Executor(Generic[InT, OutT]):
             raise
 
     async def run(
-        self, batch: list[PendingItem[InT, OutT]], avoid: Replica[InT, OutT] | None = None
+        self,
+        batch: list[PendingItem[InT, OutT]],
+        avoid: Replica[InT, OutT] | None = None,
+        *,
+        device: int | None = None,
     ) -> bool:
         """Run `batch` on a free replica; True if every item got its result.
 
@@ -126,7 +133,7 @@ class Executor(Generic[InT, OutT]):
                     return retried
                 return self._fail_alone(batch[0], failure)
         if failure is not None:
-            return await self._after_failure(batch, failure)
+            return await self._after_failure(batch, failure, device)
         replica.strikes = 0
         inference_time_s = self._clock() - started
         if len(outputs) != len(batch):
@@ -166,14 +173,16 @@ class Executor(Generic[InT, OutT]):
             logger.exception("preparing a batch ahead failed; its device thread collates it")
             return None
 
-    async def _after_failure(self, batch: list[PendingItem[InT, OutT]], exc: Exception) -> bool:
+    async def _after_failure(
+        self, batch: list[PendingItem[InT, OutT]], exc: Exception, device: int | None
+    ) -> bool:
         """A batch (or a retried single item) failed: split it, or fail the item."""
         if isinstance(exc, DeviceOutOfMemory):
             self._shrink_after_oom(batch)
         if len(batch) > 1:
             half = len(batch) // 2
-            first = await self.run(batch[:half])
-            second = await self.run(batch[half:])
+            first = await self.run(batch[:half], device=device)
+            second = await self.run(batch[half:], device=device)
             return first and second
         return self._fail_alone(batch[0], exc)
 

@@ -71,13 +71,14 @@ class ReplicaPool(Generic[InT, OutT]):
 
     @asynccontextmanager
     async def lease(
-        self, avoid: Replica[InT, OutT] | None = None
+        self, avoid: Replica[InT, OutT] | None = None, only: int | None = None
     ) -> AsyncIterator[Replica[InT, OutT]]:
         """A free live replica, other than `avoid` while another is alive; the one with
-        the fewest strikes when several are free. Waits until one is free."""
+        the fewest strikes when several are free; with `only`, the replica of that index
+        while it is alive. Waits until one is free."""
         # No await between a failed look and the wait: a release can only come during
         # the wait, and it sets the event.
-        while (replica := self._take(avoid)) is None:
+        while (replica := self._take(avoid, only)) is None:
             self._changed.clear()
             await self._changed.wait()
         try:
@@ -90,8 +91,12 @@ class ReplicaPool(Generic[InT, OutT]):
         """Whether a live replica is free now (a lease would not wait)."""
         return any(r.alive for r in self._idle)
 
-    def _take(self, avoid: Replica[InT, OutT] | None) -> Replica[InT, OutT] | None:
+    def _take(
+        self, avoid: Replica[InT, OutT] | None, only: int | None = None
+    ) -> Replica[InT, OutT] | None:
         free = [r for r in self._idle if r.alive]
+        if only is not None and self.replicas[only].alive:
+            free = [r for r in free if r.index == only]
         if avoid is not None and self.others_alive(avoid):
             free = [r for r in free if r is not avoid]
         if not free:

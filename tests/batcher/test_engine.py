@@ -467,8 +467,8 @@ async def test_batches_spread_over_replicas_from_one_queue() -> None:
         results = await settle(*tasks)
     assert [r.value for r in results] == [x.upper() for x in texts(20)]  # type: ignore[attr-defined]
     assert sorted(a.computed + b.computed) == sorted(texts(20))
-    assert engine.metrics.replica_batches.labels("0")._value.get() >= 1
-    assert engine.metrics.replica_batches.labels("1")._value.get() >= 1
+    assert engine.metrics.replica_batches(0)._value.get() >= 1
+    assert engine.metrics.replica_batches(1)._value.get() >= 1
 
 
 async def test_a_failed_replica_is_taken_out_and_the_others_serve_everything() -> None:
@@ -571,7 +571,7 @@ def dispatched(engine: Engine[str, str]) -> dict[str, float]:
     registry = engine.metrics.registry
     reasons = ("idle", "full", "tokens", "window", "drain")
     return {
-        r: registry.get_sample_value("microbatch_batches_total", {"reason": r}) or 0.0
+        r: registry.get_sample_value("microbatch_batches_total", {"model": "", "reason": r}) or 0.0
         for r in reasons
     }
 
@@ -585,7 +585,12 @@ async def test_every_batch_is_counted_with_why_it_left() -> None:
         full = [asyncio.create_task(engine.submit(x)) for x in texts(5, "f")]
         await asyncio.sleep(0)
         # four went as a full batch behind the running one; one waits for its window
-        assert engine.metrics.registry.get_sample_value("microbatch_oldest_item_age_seconds") == 0
+        assert (
+            engine.metrics.registry.get_sample_value(
+                "microbatch_oldest_item_age_seconds", {"model": ""}
+            )
+            == 0
+        )
         await asyncio.sleep(0.02)  # virtual time: the one left over ages
         assert engine.oldest_age() == pytest.approx(0.02)
         runner.gate.set()
@@ -594,7 +599,9 @@ async def test_every_batch_is_counted_with_why_it_left() -> None:
     assert counts["idle"] >= 1
     assert counts["full"] == 1
     assert sum(counts.values()) == len(runner.calls)
-    fill = engine.metrics.registry.get_sample_value("microbatch_batch_fill_ratio_sum")
+    fill = engine.metrics.registry.get_sample_value(
+        "microbatch_batch_fill_ratio_sum", {"model": ""}
+    )
     assert fill == pytest.approx(sum(len(c.payloads) for c in runner.calls) / 4)
     assert engine.oldest_age() == 0.0
 
@@ -619,7 +626,9 @@ async def test_a_window_a_token_budget_and_a_drain_are_told_apart() -> None:
         runner.gate.set()
         await settle(stuck, queued, closing)
     assert dispatched(engine)["drain"] == 1
-    compute = engine.metrics.registry.get_sample_value("microbatch_device_compute_seconds_total")
+    compute = engine.metrics.registry.get_sample_value(
+        "microbatch_device_compute_seconds_total", {"model": ""}
+    )
     assert compute == 0.0, "the fake computes in no virtual time"
 
 

@@ -245,7 +245,7 @@ async def test_the_engine_converges_under_the_target_and_stays() -> None:
     assert stats.slo.rung.max_batch_size == 32, "the window was enough; batches stay full"
     assert stats.configured.max_wait_ms == 50
     tightened = engine.metrics.registry.get_sample_value(
-        "microbatch_slo_adjustments_total", {"action": "tighten"}
+        "microbatch_slo_adjustments_total", {"model": "", "action": "tighten"}
     )
     assert tightened is not None
     assert tightened >= 1
@@ -262,7 +262,7 @@ async def test_a_target_batching_cannot_meet_sends_it_back_to_the_configured_lim
         end = engine.clock()
     assert trace.failures == 0
     backed_off = engine.metrics.registry.get_sample_value(
-        "microbatch_slo_adjustments_total", {"action": "back_off"}
+        "microbatch_slo_adjustments_total", {"model": "", "action": "back_off"}
     )
     assert backed_off is not None
     assert backed_off >= 2
@@ -288,7 +288,7 @@ async def test_it_backs_off_a_batch_size_that_cannot_keep_up_and_loses_nothing()
     assert trace.failures == 0
     assert stats.slo is not None
     backed_off = engine.metrics.registry.get_sample_value(
-        "microbatch_slo_adjustments_total", {"action": "back_off"}
+        "microbatch_slo_adjustments_total", {"model": "", "action": "back_off"}
     )
     assert backed_off is not None
     assert backed_off >= 1

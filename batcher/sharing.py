@@ -1,0 +1,272 @@
+"""Several engines (one per model) on the same devices: who gets a device next.
+
+Each engine joins the `DeviceScheduler` of its devices as a `DeviceShare`. An engine
+whose policy wants to dispatch asks its share for a turn (`await share.turn()`); it forms
+its batch only once granted, so what arrived while it waited goes with it. When a device
+frees, `choose` picks among the engines that have work waiting:
+
+1. **fair by device time** (start-time fair queuing): each share carries a virtual finish
+   tag, its device seconds so far over its weight; an engine that comes back from idle
+   starts at the scheduler's virtual time, so idleness banks no credit. The lowest start
+   tag goes next: an engine flooded with work gets the device in turns with the others,
+   each turn one batch, and a flood on one model cannot starve another;
+2. **deadlines reorder within about one batch of fairness**: an engine whose earliest
+   deadline would pass if it waited behind the fair choice's batch, and that can still
+   make it, goes first, provided its start tag is within both batches' time of the fair
+   choice's (so deadlines cannot be used to take more than a batch's share);
+3. ties go to the engine whose oldest item is older.
+
+And while other engines are active (work waiting, or a batch within the last
+`ACTIVE_S`), a granted batch is given a budget: the longest of their usual batch times.
+The engine sizes its batch to fit it (by its drain rate), so that a model flooded with
+long work does not hold the device for a whole large batch while another model's
+request waits behind it: a batch cannot be interrupted once it runs, so its length is
+the wait it imposes.
+
+`choose` is pure (plain numbers in, a claim out), tested on virtual time. The scheduler
+around it grants at most one batch per device at a time. An engine chosen while its
+dispatch task is elsewhere gets the device reserved and is woken; it dispatches at once.
+Touched only on the event-loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What one engine's waiting work asks of the device now."""
+
+    share: int
+    """The share's index in its scheduler."""
+    start: float
+    """Its virtual start tag: its finish tag, raised to the scheduler's virtual time."""
+    batch_s: float
+    """Expected device seconds of its next batch (0.0 while unknown)."""
+    oldest: float
+    """When its oldest waiting item was admitted (engine clock)."""
+    deadline: float | None
+    """The earliest deadline among its waiting items; None when none has one."""
+
+
+def choose(claims: Sequence[Claim], now: float) -> Claim:
+    """The claim whose engine gets the free device (see the module's rules)."""
+    if not claims:
+        raise ValueError("choose needs at least one claim")
+    fair = min(claims, key=lambda c: (c.start, c.oldest))
+    urgent = [
+        c
+        for c in claims
+        if c is not fair
+        and c.deadline is not None
+        and now + c.batch_s <= c.deadline < now + fair.batch_s + c.batch_s
+        and c.start - fair.start <= fair.batch_s + c.batch_s
+    ]
+    if urgent:
+        return min(urgent, key=lambda c: (c.deadline, c.oldest))
+    return fair
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """An engine's waiting work, as its share reads it when the scheduler chooses."""
+
+    batch_s: float
+    oldest: float
+    deadline: float | None
+
+
+ACTIVE_S = 1.0
+"""An engine whose last batch ended this recently counts as active: its next request is
+likely on the way, and a batch of another model should not make it wait long."""
+BATCH_DECAY = 0.8
+"""Weight kept by the past in a share's usual batch time, at each batch."""
+
+
+class Grant:
+    """A device, held for one batch; `release` it with the seconds the batch held it."""
+
+    __slots__ = ("_released", "_share", "budget_s", "device", "start")
+
+    def __init__(
+        self, share: DeviceShare, device: int, start: float, budget_s: float | None
+    ) -> None:
+        self._share = share
+        self.device = device
+        """The device's index (the replica of that index runs the batch)."""
+        self.start = start
+        self.budget_s = budget_s
+        """Device seconds the batch should fit in, while other engines are active; None
+        when none is."""
+        self._released = False
+
+    def release(self, device_s: float) -> None:
+        """The batch is done (or was never formed: 0.0); the next engine may go. Once."""
+        if self._released:
+            return
+        self._released = True
+        self._share._released(self, device_s)
+
+
+class DeviceShare:
+    """One engine's place in a `DeviceScheduler`; made by `DeviceScheduler.join`."""
+
+    def __init__(
+        self,
+        scheduler: DeviceScheduler,
+        index: int,
+        name: str,
+        weight: float,
+    ) -> None:
+        self._scheduler = scheduler
+        self.index = index
+        self.name = name
+        self.weight = weight
+        self.finish = 0.0
+        """Virtual finish tag: device seconds granted so far over the weight, counted
+        from where the share last came back from idle."""
+        self.device_s = 0.0
+        """Device seconds its batches held a device, in all."""
+        self.batches = 0
+        self.batch_s = 0.0
+        """Its usual batch time (recent batches weigh most); 0.0 before the first."""
+        self.active_until = float("-inf")
+        """Until when it counts as active since its last batch (scheduler clock)."""
+        self.waiting: Callable[[], Waiting | None] = lambda: None
+        """Set by the engine (`bind`): its waiting work now, or None when it has none."""
+        self._wake: Callable[[], None] = lambda: None
+        self._waiter: asyncio.Future[Grant] | None = None
+        self.reserved: Grant | None = None
+        """A device chosen for this engine while it was not asking: its next `turn`."""
+
+    def bind(self, waiting: Callable[[], Waiting | None], wake: Callable[[], None]) -> None:
+        """The engine tells how to read its waiting work and how to wake its dispatcher."""
+        self.waiting = waiting
+        self._wake = wake
+
+    async def turn(self) -> Grant:
+        """Wait until this engine may run a batch on a device; the caller forms the
+        batch then and must `release` the grant when it is done."""
+        if self.reserved is not None:
+            grant, self.reserved = self.reserved, None
+            return grant
+        waiter: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        self._scheduler._hand_out()
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                waiter.result().release(0.0)
+            raise
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+
+    def give_back(self) -> None:
+        """Return a reserved device unused (the work it was chosen for is gone)."""
+        if self.reserved is not None:
+            grant, self.reserved = self.reserved, None
+            grant.release(0.0)
+
+    def _granted(self, grant: Grant) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            self._waiter = None
+            waiter.set_result(grant)
+        else:
+            self.reserved = grant
+            self._wake()
+
+    def _released(self, grant: Grant, device_s: float) -> None:
+        self.device_s += device_s
+        self.finish = grant.start + device_s / self.weight
+        if device_s > 0:
+            self.batches += 1
+            first = self.batches == 1
+            self.batch_s = (
+                device_s if first else BATCH_DECAY * self.batch_s + (1 - BATCH_DECAY) * device_s
+            )
+            self.active_until = self._scheduler.clock() + ACTIVE_S
+        self._scheduler._freed(grant.device)
+
+
+class DeviceScheduler:
+    """The devices that several engines share: `devices` of them, one batch each at a
+    time. `clock` is the engines' clock (deadlines and admission times are on it)."""
+
+    def __init__(self, devices: int = 1, clock: Callable[[], float] | None = None) -> None:
+        if devices < 1:
+            raise ValueError(f"devices must be >= 1, got {devices}")
+        self.clock = clock if clock is not None else time.perf_counter
+        self._free = [True] * devices
+        self._virtual = 0.0
+        """The start tag of the batch granted last: where an engine back from idle starts."""
+        self.shares: list[DeviceShare] = []
+
+    def join(self, name: str, weight: float = 1.0) -> DeviceShare:
+        """A share for one engine; `weight` scales its share of device time."""
+        if weight <= 0:
+            raise ValueError(f"weight must be > 0, got {weight}")
+        share = DeviceShare(self, len(self.shares), name, weight)
+        self.shares.append(share)
+        return share
+
+    @property
+    def virtual_time(self) -> float:
+        return self._virtual
+
+    def _freed(self, device: int) -> None:
+        self._free[device] = True
+        self._hand_out()
+
+    def _hand_out(self) -> None:
+        """Give each free device to the engine `choose` picks, while any has work."""
+        while True in self._free:
+            now = self.clock()
+            claims = []
+            for share in self.shares:
+                if share.reserved is not None:
+                    continue
+                waiting = share.waiting()
+                if waiting is None:
+                    if share._waiter is None:
+                        continue
+                    waiting = Waiting(0.0, now, None)  # asks with nothing left: let it see
+                start = max(share.finish, self._virtual)
+                claims.append(
+                    Claim(share.index, start, waiting.batch_s, waiting.oldest, waiting.deadline)
+                )
+            if not claims:
+                return
+            chosen = choose(claims, now)
+            device = self._free.index(True)
+            self._free[device] = False
+            self._virtual = chosen.start
+            share = self.shares[chosen.share]
+            waiting_now = {claim.share: claim.batch_s for claim in claims}
+            budget = budget_s(share, self.shares, waiting_now, now)
+            share._granted(Grant(share, device, chosen.start, budget))
+
+
+def budget_s(
+    share: DeviceShare,
+    shares: Sequence[DeviceShare],
+    waiting_now: dict[int, float],
+    now: float,
+) -> float | None:
+    """The batch budget of `share`'s grant: the longest usual (or, with work waiting,
+    expected) batch time among the other active shares; None when no other is active."""
+    times = [
+        max(other.batch_s, waiting_now.get(other.index, 0.0))
+        for other in shares
+        if other is not share and (other.index in waiting_now or other.active_until > now)
+    ]
+    known = [t for t in times if t > 0]
+    if not times:
+        return None
+    return max(known) if known else None
