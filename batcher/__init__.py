@@ -30,6 +30,7 @@ from batcher.metrics import OUTCOMES, SECONDS_BUCKETS, EngineMetrics, Totals
 from batcher.policy import DISPATCH_REASONS, DispatchReason
 from batcher.remote import EngineServer, RemoteEngine, socket_dir
 from batcher.runner import Model, Runner, ThreadRunner
+from batcher.sharing import DeviceScheduler, DeviceShare
 from batcher.slo import SloConfig, SloController
 from batcher.stats import EngineStats, ReplicaStats, State
 
@@ -44,6 +45,8 @@ __all__ = [
     "DeadlineExceeded",
     "DeadlineUnreachable",
     "DeviceOutOfMemory",
+    "DeviceScheduler",
+    "DeviceShare",
     "DispatchReason",
     "Engine",
     "EngineClosed",

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Hashable, Sequence
-from itertools import islice
 from typing import Generic, TypeVar
 
 from batcher.callers import Callers
@@ -27,7 +26,7 @@ from batcher.policy import Dispatch, DispatchReason, batch_limits, decide
 from batcher.queue import PendingQueue
 from batcher.replicas import ReplicaPool
 from batcher.runner import Runner
-from batcher.sharing import DeviceShare, Grant, Waiting
+from batcher.sharing import DeviceShare, Grant, Waiting, waiting_work
 from batcher.stats import EngineStats, State
 from batcher.steering import Steering
 
@@ -35,10 +34,6 @@ InT = TypeVar("InT")
 OutT = TypeVar("OutT")
 
 logger = logging.getLogger("batcher.engine")
-
-DEADLINE_SCAN = 256
-"""Queued items, oldest first, whose deadlines the device scheduler weighs (a bound on
-the work per choice; later items reach a device after these anyway)."""
 
 
 class Engine(Generic[InT, OutT]):
@@ -308,17 +303,15 @@ class Engine(Generic[InT, OutT]):
                                   self.alive_replicas, ahead=self._executor.prepares_ahead,
                                   draining=draining)  # fmt: skip
                 share = self._share
-                if share is not None and share.reserved is not None:
-                    if not len(self._queue):
-                        share.give_back()  # chosen for work that has gone since
-                    elif not isinstance(decision, Dispatch):
-                        decision = Dispatch("idle")  # the device is held for this engine
+                if share is not None and share.holds(len(self._queue)):
+                    decision = Dispatch("idle")  # a device is held for this engine
                 if isinstance(decision, Dispatch):
                     grant = await share.turn() if share is not None else None
+                    cost = self._executor.cost.estimate()
                     limits = batch_limits(self.config, self._executor.memory_cap.tokens)
-                    if grant is not None and grant.budget_s is not None:
-                        limits = self._within(limits, grant.budget_s)
-                    batch = self._queue.take(clock(), limits, self._executor.cost.estimate())
+                    if grant is not None:
+                        limits = grant.limits(limits, cost, self._queue.items, self.metrics.totals)
+                    batch = self._queue.take(clock(), limits, cost)
                     self._launch(batch, decision.reason, grant)
                     continue
                 self._has_work.clear()
@@ -346,7 +339,7 @@ class Engine(Generic[InT, OutT]):
     ) -> None:
         if not batch:
             if grant is not None:
-                grant.release(0.0)
+                grant.release(used=False)
             return
         self.metrics.record_dispatch(reason, len(batch), self.config.max_batch_size)
         self._in_flight += 1
@@ -359,53 +352,18 @@ class Engine(Generic[InT, OutT]):
     async def _execute(self, batch: list[PendingItem[InT, OutT]], grant: Grant | None) -> None:
         """Run one batch on a free replica (the granted device's, when shared); whatever
         happens, every future settles."""
-        started = self.clock()
         try:
             await self._executor.run_settling(batch, None if grant is None else grant.device)
         finally:
             self._in_flight -= 1
             self._has_work.set()
             if grant is not None:
-                grant.release(self.clock() - started)
-
-    def _within(self, limits: EngineConfig, budget_s: float) -> EngineConfig:
-        """`limits` with the batch size cut so that its items take about `budget_s` of
-        device time beyond the fixed cost every batch pays (by the learned cost, at the
-        oldest item's length), else so that the batch takes `budget_s` at the items per
-        second computed so far; at least one item, unchanged before anything is known.
-        A device whose batches cost the same whatever their size keeps full batches."""
-        cost = self._executor.cost.estimate()
-        if cost is not None and self._queue.items:
-            per_item = cost.per_token_s * bucket_length(self._queue.items[0].cost)
-            if per_item <= 0:
-                return limits
-            size = round(budget_s / per_item)
-        else:
-            totals = self.metrics.totals
-            items = sum(size * count for size, count in totals.batch_sizes.items())
-            if not items or totals.compute_s <= 0:
-                return limits
-            size = round(budget_s * items / totals.compute_s)
-        size = max(1, size)
-        return limits if size >= limits.max_batch_size else limits.replace(max_batch_size=size)
+                grant.release()
 
     def _waiting(self) -> Waiting | None:
-        """This engine's waiting work, for the device scheduler: its next batch's expected
-        device time, its oldest admission and the earliest deadline among the items its
-        next batch could hold."""
+        """This engine's waiting work, for the device scheduler (None when none)."""
         self._queue.drop_settled_head()
-        queue = self._queue.items
-        if not queue or self._state not in ("running", "draining"):
+        if self._state not in ("running", "draining"):
             return None
-        size = min(len(queue), self.config.max_batch_size)
         rate = self._executor.drain_rate.per_replica()
-        deadlines = [
-            item.deadline
-            for item in islice(queue, DEADLINE_SCAN)
-            if item.deadline is not None and not item.future.done()
-        ]
-        return Waiting(
-            size / rate if rate else 0.0,
-            queue[0].enqueued_at,
-            min(deadlines) if deadlines else None,
-        )
+        return waiting_work(self._queue.items, self.config.max_batch_size, rate)

@@ -35,6 +35,29 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import islice
+from typing import Any, Protocol
+
+from batcher.config import EngineConfig
+from batcher.cost import LinearCost
+from batcher.metrics import Totals
+from batcher.padding import bucket_length
+
+
+class Queued(Protocol):
+    """What the scheduler reads of a queued item (`batcher.items.PendingItem`)."""
+
+    @property
+    def enqueued_at(self) -> float: ...
+
+    @property
+    def cost(self) -> int: ...
+
+    @property
+    def deadline(self) -> float | None: ...
+
+    @property
+    def future(self) -> asyncio.Future[Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +103,51 @@ class Waiting:
     deadline: float | None
 
 
+DEADLINE_SCAN = 256
+"""Queued items, oldest first, whose deadlines the scheduler weighs (a bound on the work
+per choice; later items reach a device after these anyway)."""
+
+
+def waiting_work(
+    queue: Sequence[Queued], max_batch_size: int, rate: float | None
+) -> Waiting | None:
+    """What a queue (oldest first, its head live) asks of the device: its next batch's
+    expected device time at `rate` items per second (0.0 while unknown), its oldest
+    admission and the earliest deadline among its first `DEADLINE_SCAN` items."""
+    if not queue:
+        return None
+    size = min(len(queue), max_batch_size)
+    deadlines = [
+        item.deadline
+        for item in islice(queue, DEADLINE_SCAN)
+        if item.deadline is not None and not item.future.done()
+    ]
+    return Waiting(
+        size / rate if rate else 0.0,
+        queue[0].enqueued_at,
+        min(deadlines) if deadlines else None,
+    )
+
+
+def size_within(
+    budget_s: float, cost: LinearCost | None, queue: Sequence[Queued], totals: Totals
+) -> int | None:
+    """The batch size whose items take about `budget_s` of device time beyond the fixed
+    cost every batch pays (by the learned `cost`, at the oldest item's length), else
+    whose batch takes `budget_s` at the items per second computed so far (`totals`); at
+    least 1. None (no cut) before anything is known, and where a batch costs the same
+    whatever its size."""
+    if cost is not None and queue:
+        per_item = cost.per_token_s * bucket_length(queue[0].cost)
+        if per_item <= 0:
+            return None
+        return max(1, round(budget_s / per_item))
+    items = sum(size * count for size, count in totals.batch_sizes.items())
+    if not items or totals.compute_s <= 0:
+        return None
+    return max(1, round(budget_s * items / totals.compute_s))
+
+
 ACTIVE_S = 1.0
 """An engine whose last batch ended this recently counts as active: its next request is
 likely on the way, and a batch of another model should not make it wait long."""
@@ -88,9 +156,10 @@ BATCH_DECAY = 0.8
 
 
 class Grant:
-    """A device, held for one batch; `release` it with the seconds the batch held it."""
+    """A device, held for one batch from the moment it is granted; `release` it when
+    the batch is done. The holder is charged the seconds in between."""
 
-    __slots__ = ("_released", "_share", "budget_s", "device", "start")
+    __slots__ = ("_released", "_share", "budget_s", "device", "granted_at", "start")
 
     def __init__(
         self, share: DeviceShare, device: int, start: float, budget_s: float | None
@@ -102,14 +171,29 @@ class Grant:
         self.budget_s = budget_s
         """Device seconds the batch should fit in, while other engines are active; None
         when none is."""
+        self.granted_at = share._scheduler.clock()
         self._released = False
 
-    def release(self, device_s: float) -> None:
-        """The batch is done (or was never formed: 0.0); the next engine may go. Once."""
+    def limits(
+        self, limits: EngineConfig, cost: LinearCost | None, queue: Sequence[Queued],
+        totals: Totals,
+    ) -> EngineConfig:  # fmt: skip
+        """`limits` with the batch size cut to fit the budget (`size_within`)."""
+        if self.budget_s is None:
+            return limits
+        size = size_within(self.budget_s, cost, queue, totals)
+        if size is None or size >= limits.max_batch_size:
+            return limits
+        return limits.replace(max_batch_size=size)
+
+    def release(self, *, used: bool = True) -> None:
+        """The batch is done (`used=False`: none was formed); the next engine may go.
+        Once; later calls do nothing."""
         if self._released:
             return
         self._released = True
-        self._share._released(self, device_s)
+        held_s = self._share._scheduler.clock() - self.granted_at if used else 0.0
+        self._share._released(self, held_s)
 
 
 class DeviceShare:
@@ -161,17 +245,19 @@ class DeviceShare:
             return await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
-                waiter.result().release(0.0)
+                waiter.result().release(used=False)
             raise
         finally:
             if self._waiter is waiter:
                 self._waiter = None
 
-    def give_back(self) -> None:
-        """Return a reserved device unused (the work it was chosen for is gone)."""
-        if self.reserved is not None:
+    def holds(self, queued: int) -> bool:
+        """Whether a device is reserved for this engine's `queued` items; a reservation
+        made for work that has gone since is given back unused."""
+        if self.reserved is not None and not queued:
             grant, self.reserved = self.reserved, None
-            grant.release(0.0)
+            grant.release(used=False)
+        return self.reserved is not None
 
     def _granted(self, grant: Grant) -> None:
         waiter = self._waiter

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from importlib.metadata import PackageNotFoundError, version
@@ -71,18 +71,18 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        client: EngineClient
+        clients: Mapping[str, EngineClient]
         if engine_path is not None:
             metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-            client = RemoteClient.start(
+            clients = {"": RemoteClient.start(
                 engine_path, registry, latencies, metrics_dir, settings.drain_timeout_s
-            )
+            )}  # fmt: skip
         else:
             # Only here: the engine side, which imports torch (a front-end never does).
-            from server.host import EngineHost, LocalClient
+            from server.host import load_hosts
 
-            client = LocalClient(await EngineHost.load(settings, registry, model, latencies))
-        runtime = Runtime(settings, client, registry)
+            clients = await load_hosts(settings, registry, model, latencies)
+        runtime = Runtime(settings, clients, registry)
         app.state.runtime = runtime  # for `microbatch serve`'s signal handler
         try:
             yield {"runtime": runtime}

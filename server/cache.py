@@ -130,11 +130,14 @@ class CachedEngine:
         shared: SharedCache | None = None,
         *,
         read: bool = True,
+        model: str = "",
     ) -> None:
         self._engine = engine
         self._cache = cache
         self._shared = shared
         self._read = read
+        self._model = model
+        """Part of every key: one cache serves several models."""
 
     @property
     def state(self) -> State:
@@ -160,7 +163,7 @@ class CachedEngine:
     async def submit_many(
         self, payloads: Sequence[Encoded], *, deadline: float | None = None
     ) -> list[Result[Output]]:
-        keys = [payload.identity() for payload in payloads]
+        keys = [(self._model, payload.identity()) for payload in payloads]
         results: list[Result[Output] | None] = [None] * len(payloads)
         if self._read:
             for i, key in enumerate(keys):

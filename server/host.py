@@ -8,6 +8,7 @@ Only this side imports torch and transformers (through `batcher.models`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -16,7 +17,14 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from batcher import Engine, EngineConfig, EngineMetrics, ThreadRunner
+from batcher import (
+    DeviceScheduler,
+    DeviceShare,
+    Engine,
+    EngineConfig,
+    EngineMetrics,
+    ThreadRunner,
+)
 from batcher.models import (
     Encoded,
     Encoder,
@@ -31,7 +39,7 @@ from batcher.models import (
 from server.client import READY_WITHIN_S, EngineReport, Status, WarmingStep
 from server.collector import tune_gc
 from server.schemas import ThreadsInfo
-from server.settings import Settings
+from server.settings import ModelSpec, Settings
 from server.timeline import MAX_LATENCIES, Recent, Timeline
 
 logger = logging.getLogger("microbatch.server")
@@ -71,6 +79,9 @@ class EngineHost:
         registry: CollectorRegistry,
         models: Sequence[ServedModel],
         latencies: deque[float] | None = None,
+        *,
+        share: DeviceShare | None = None,
+        warm_lock: asyncio.Lock | None = None,
     ) -> None:
         if not models:
             raise ValueError("an engine host needs at least one model")
@@ -86,12 +97,16 @@ class EngineHost:
         self._runners = [
             ThreadRunner(m, thread_name=f"microbatch-device-{i}") for i, m in enumerate(self.models)
         ]
+        self.name = self.encoder.name
         self.engine: Engine[Encoded, Output] = Engine(
             self._runners,
             settings.engine_config(),
-            metrics=EngineMetrics(registry),
+            metrics=EngineMetrics(registry, model=self.name),
             identity=Encoded.identity if settings.coalesce else None,
+            share=share,
         )
+        self._warm_lock = warm_lock if warm_lock is not None else asyncio.Lock()
+        """Held while warming: several models' warm-ups run one after the other."""
         self.timeline = Timeline(
             self.engine, latencies if latencies is not None else deque(maxlen=MAX_LATENCIES)
         )
@@ -115,12 +130,16 @@ class EngineHost:
         latencies: deque[float] | None = None,
         *,
         packed_outputs: bool = False,
+        spec: ModelSpec | None = None,
+        share: DeviceShare | None = None,
+        warm_lock: asyncio.Lock | None = None,
     ) -> EngineHost:
-        """Load the model named by `settings` (or take `model`), one replica per device
-        (off the loop), and start warming it up in the background. `latencies` is where
-        request times arrive for the timeline; `packed_outputs` makes the models answer
-        embeddings as bytes, for a socket. Raises ModelLoadError or ValueError: startup
-        then fails."""
+        """Load the model `spec` names (default: the first of `settings`), or take
+        `model`, one replica per device (off the loop), and start warming it up in the
+        background. `latencies` is where request times arrive for the timeline;
+        `packed_outputs` makes the models answer embeddings as bytes, for a socket;
+        `share` is its place on devices shared with other models, `warm_lock` what their
+        warm-ups take turns on. Raises ModelLoadError or ValueError: startup then fails."""
         threads = None
         if model is None:
             threads = _set_threads(settings)
@@ -128,7 +147,7 @@ class EngineHost:
             devices = settings.device_list()
             started = time.perf_counter()
             for replica, device in enumerate(devices, start=1):
-                options = settings.load_options(device)
+                options = settings.load_options(device, spec)
                 logger.info("loading %d/%d: %s on %s", replica, len(devices),
                             options.source or "the built-in model", device)  # fmt: skip
                 models.append(await asyncio.to_thread(TextModel.load, options))
@@ -140,10 +159,11 @@ class EngineHost:
             models = [model]
         for replica_model in models:
             replica_model.packed_outputs = packed_outputs
-        host = cls(settings, registry, models, latencies)
+        host = cls(settings, registry, models, latencies, share=share, warm_lock=warm_lock)
         host.threads = threads
         if model is None and (gpus := cuda_devices([str(m.describe()["device"]) for m in models])):
-            registry.register(GpuMemoryCollector(gpus))
+            with contextlib.suppress(ValueError):  # another model's host registered it
+                registry.register(GpuMemoryCollector(gpus))
         warm_up = host._warm_and_start(host.engine)
         host._warm_up = asyncio.create_task(warm_up, name="microbatch-warm-up")
         host._sampler = asyncio.create_task(host.timeline.run(), name="microbatch-timeline")
@@ -153,9 +173,12 @@ class EngineHost:
         try:
             # One replica after the other: torch.compile is not made for parallel tracing.
             size = engine.configured.max_batch_size
-            started = time.perf_counter()
-            for replica, (runner, model) in enumerate(zip(self._runners, self.models, strict=True)):
-                await runner.call(model.warm_up, size, self._step_reporter(replica, started))
+            async with self._warm_lock:
+                started = time.perf_counter()
+                for replica, (runner, model) in enumerate(
+                    zip(self._runners, self.models, strict=True)
+                ):
+                    await runner.call(model.warm_up, size, self._step_reporter(replica, started))
             self.warming = None
             self._warmed_batch_size = size
             await engine.start()
@@ -186,8 +209,9 @@ class EngineHost:
         engine = self.engine
         config = engine.configured.replace(**changes)  # validates before any warm-up
         if config.max_batch_size > self._warmed_batch_size:
-            for runner, model in zip(self._runners, self.models, strict=True):
-                await runner.call(model.warm_up, config.max_batch_size)
+            async with self._warm_lock:
+                for runner, model in zip(self._runners, self.models, strict=True):
+                    await runner.call(model.warm_up, config.max_batch_size)
             self._warmed_batch_size = config.max_batch_size
         live = engine.reconfigure(**changes)
         self.changed.set()
@@ -283,6 +307,38 @@ class EngineHost:
     def item_counts(self) -> dict[str, int]:
         """Items admitted and their outcomes so far (the counters of /metrics)."""
         return dict(self.engine.stats().items)
+
+
+async def load_hosts(
+    settings: Settings,
+    registry: CollectorRegistry,
+    model: ServedModel | Sequence[ServedModel] | None,
+    latencies: deque[float],
+) -> dict[str, LocalClient]:
+    """Every model `settings` names (or `model`), loaded one after the other, each
+    warming in turn in the background; with several, their engines share the devices
+    through one `DeviceScheduler`. By served name, the default first ("" for a lone
+    model served under its own name). A failed load closes those loaded before it."""
+    specs = settings.model_specs()
+    if model is not None or len(specs) == 1:
+        host = await EngineHost.load(settings, registry, model, latencies)
+        return {specs[0].name or "": LocalClient(host)}
+    scheduler = DeviceScheduler(len(settings.device_list()))
+    warm_lock = asyncio.Lock()
+    hosts: dict[str, LocalClient] = {}
+    try:
+        for spec in specs:
+            assert spec.name is not None  # Settings.model_specs: several are named
+            host = await EngineHost.load(
+                settings, registry, None, latencies,
+                spec=spec, share=scheduler.join(spec.name), warm_lock=warm_lock,
+            )  # fmt: skip
+            hosts[spec.name] = LocalClient(host)
+    except BaseException:
+        for client in hosts.values():
+            await client.aclose()
+        raise
+    return hosts
 
 
 def _set_threads(settings: Settings) -> ThreadsInfo:

@@ -57,8 +57,9 @@ def problems(settings: Settings) -> list[str]:
         found += device_problems(settings)
     from batcher.models import source_problem
 
-    if (problem := source_problem(settings.model)) is not None:
-        found.append(f"--model: {problem}")
+    for spec in settings.model_specs():
+        if (problem := source_problem(spec.source)) is not None:
+            found.append(f"--model: {problem}")
     return found
 
 

@@ -3,11 +3,12 @@ variable (`MICROBATCH_MAX_WAIT_MS=20`) each. Flags win over the environment."""
 
 from __future__ import annotations
 
-from dataclasses import fields
-from typing import Literal
+import re
+from dataclasses import dataclass, fields
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from batcher import BatchSizing, EngineConfig, Policy
 from batcher.models import (
@@ -19,6 +20,34 @@ from batcher.models import (
     TaskOption,
 )
 from server.limits import limit_field
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+"""A served model's name: what clients put in `model`."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """One model to serve: its name (None: named after its source) and its source (a
+    directory or a hub id; None: the built-in model)."""
+
+    name: str | None
+    source: str | None
+
+    @classmethod
+    def parse(cls, entry: str) -> ModelSpec:
+        """`NAME=PATH` or `PATH`. Raises ValueError for a malformed name."""
+        name, sep, source = entry.partition("=")
+        if not sep:
+            return cls(None, entry)
+        name, source = name.strip(), source.strip()
+        if not MODEL_NAME.fullmatch(name):
+            raise ValueError(
+                f"--model {entry!r}: a model's name is letters, digits and . _ : @ -, "
+                f"starting with a letter or digit"
+            )
+        if not source:
+            raise ValueError(f"--model {entry!r}: no path after {name}=")
+        return cls(name, source)
 
 
 class Settings(BaseSettings):
@@ -38,10 +67,16 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
-    model: str | None = Field(
-        None,
+    model: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
         description="Local model directory or Hugging Face hub id; default: the built-in "
-        "all-MiniLM-L6-v2.",
+        "all-MiniLM-L6-v2. NAME=PATH serves it as NAME; repeat the flag (or separate with "
+        "commas) to serve several models, which then share the devices fairly.",
+    )
+    default_model: str | None = Field(
+        None,
+        description="With several models: the one that answers requests naming none; "
+        "default: the first.",
     )
     task: TaskOption = Field("auto", description="embed or classify; auto follows the model.")
     device: str = Field("auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda:0, ...")
@@ -196,10 +231,48 @@ class Settings(BaseSettings):
     )
     access_log: bool = Field(False, description="Log every request (costs throughput).")
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        """`--model a=x --model b=y` arrives joined by commas, as the environment's does."""
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
     @model_validator(mode="after")
     def _engine_limits_are_valid(self) -> Settings:
         self.engine_config()  # raises ValueError with the bad value
+        self.model_specs()  # raises ValueError for a malformed or repeated name
         return self
+
+    def model_specs(self) -> list[ModelSpec]:
+        """The models to serve, in order (the built-in one when none is named). Raises
+        ValueError when several are given without names, a name repeats, or
+        `default_model` names none of them."""
+        if not self.model:
+            specs = [ModelSpec(None, None)]
+        else:
+            specs = [ModelSpec.parse(entry) for entry in self.model]
+        if len(specs) > 1:
+            unnamed = [s.source for s in specs if s.name is None]
+            if unnamed:
+                raise ValueError(
+                    f"--model: with several models each needs a name (NAME=PATH); "
+                    f"unnamed: {', '.join(map(str, unnamed))}"
+                )
+            names = [s.name for s in specs]
+            repeated = sorted({n for n in names if names.count(n) > 1 and n is not None})
+            if repeated:
+                raise ValueError(f"--model: the name {repeated[0]!r} is given twice")
+        if self.default_model is not None:
+            names = [s.name for s in specs]
+            if self.default_model not in names:
+                known = ", ".join(n for n in names if n) or "none (name them NAME=PATH)"
+                raise ValueError(
+                    f"--default-model {self.default_model!r} is not a served model; served: {known}"
+                )
+            specs.sort(key=lambda s: s.name != self.default_model)
+        return specs
 
     def engine_config(self) -> EngineConfig:
         """The batching limits, by name: every EngineConfig field is a setting here."""
@@ -230,9 +303,12 @@ class Settings(BaseSettings):
             return [f"cuda:{i}" for i in range(count)]
         return [d.strip() for d in self.devices.split(",") if d.strip()]
 
-    def load_options(self, device: str | None = None) -> LoadOptions:
+    def load_options(self, device: str | None = None, spec: ModelSpec | None = None) -> LoadOptions:
+        """How to load `spec` (default: the first model) on `device`."""
+        spec = spec if spec is not None else self.model_specs()[0]
         return LoadOptions(
-            source=self.model,
+            name=spec.name,
+            source=spec.source,
             task=self.task,
             device=device if device is not None else self.device,
             dtype=self.dtype,

@@ -242,7 +242,7 @@ def load(options: LoadOptions) -> Loaded:
         _lower_case(tokenizer)
     model.eval().requires_grad_(False)
     model.to(device)
-    name = DEFAULT_HUB_ID if source == default_source() else source
+    name = options.name or (DEFAULT_HUB_ID if source == default_source() else source)
     max_tokens = _max_tokens(description, tokenizer, config, options.max_tokens)
     if task == "embed":
         if description.kind == "transformers":

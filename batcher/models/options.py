@@ -45,6 +45,8 @@ class LoadOptions:
     """Prepare a batch on the host while the one before computes: `auto` on CUDA only."""
     max_tokens: int | None = None
     trust_remote_code: bool = False
+    name: str | None = None
+    """The name it is served under; default: its hub id or path."""
 
 
 def default_source() -> str:

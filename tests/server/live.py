@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import re
 import threading
 from collections.abc import AsyncIterator, Generator, Iterator
 from typing import Any
@@ -13,6 +15,7 @@ import httpx
 import uvicorn
 
 from benchmarks.processes import free_port
+from benchmarks.scrape import Scrape
 from server.app import create_app
 from server.settings import Settings
 from tests.server.fakes import FakeTextModel
@@ -70,3 +73,14 @@ def threaded_server(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def metric(text: str, name: str) -> float:
+    """The value of `name` in a /metrics text, summed over the samples whose labels
+    include those given as `name{label="value",...}` (so a `model` label added to
+    engine metrics leaves the tests' reading alone)."""
+    base, _, rest = name.partition("{")
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+    value = Scrape.parse(text).value(base, **labels)
+    assert not math.isnan(value), f"{name} not in /metrics"
+    return value

@@ -14,6 +14,7 @@ from asgi_lifespan import LifespanManager
 from server.app import create_app
 from server.settings import Settings
 from tests.server.fakes import FakeTextModel, fake_embedding
+from tests.server.live import metric
 
 pytestmark = pytest.mark.asyncio
 
@@ -41,7 +42,7 @@ async def wait_until_ready(client: httpx.AsyncClient) -> None:
 
 
 async def wait_until_admitted(client: httpx.AsyncClient, n: int) -> None:
-    await poll(client, "/metrics", lambda r: f"microbatch_admitted_items_total {n}.0" in r.text)
+    await poll(client, "/metrics", lambda r: metric(r.text, "microbatch_admitted_items_total") == n)
 
 
 async def poll(
@@ -95,7 +96,7 @@ async def test_identical_texts_in_flight_are_computed_once(coalesce: bool) -> No
         metrics = (await client.get("/metrics")).text
     assert [r.json()["embedding"] for r in replies[1:]] == [fake_embedding(t) for t in texts]
     assert model.seen.count("same") == (1 if coalesce else 3)
-    assert f"microbatch_coalesced_items_total {2.0 if coalesce else 0.0}" in metrics
+    assert metric(metrics, "microbatch_coalesced_items_total") == (2.0 if coalesce else 0.0)
 
 
 def queued_and_joined(metrics: str) -> float:
@@ -254,7 +255,7 @@ async def test_full_queue_is_429_with_retry_after() -> None:
         for i in range(3):  # 1 running, 2 queued (a CPU stages nothing): the queue is full
             held.append(asyncio.create_task(client.post("/predict", json={"text": f"t{i}"})))
             await wait_until_admitted(client, i + 1)
-        await poll(client, "/metrics", lambda r: "microbatch_queue_depth 2.0" in r.text)
+        await poll(client, "/metrics", lambda r: metric(r.text, "microbatch_queue_depth") == 2)
         r = await client.post("/predict", json={"text": "no room"})
         model.predict_gate.set()
         await asyncio.gather(*held)
@@ -262,7 +263,7 @@ async def test_full_queue_is_429_with_retry_after() -> None:
     assert r.status_code == 429
     assert r.headers["retry-after"] == "1"
     assert "no room" not in model.seen, "a refused request never reaches the model"
-    assert 'microbatch_items_total{outcome="rejected_full"} 1.0' in metrics
+    assert metric(metrics, 'microbatch_items_total{outcome="rejected_full"}') == 1
     assert r.json()["type"] == "queue_full"
     assert all(t.result().status_code == 200 for t in held)
 
@@ -290,7 +291,7 @@ async def test_an_slo_target_is_set_and_lifted_through_admin_batching() -> None:
     assert body["slo"]["step"] == 0
     assert body["slo"]["steps"] > 2
     assert body["slo"]["last_window"] is None
-    assert "microbatch_slo_target_seconds 0.04" in metrics
+    assert metric(metrics, "microbatch_slo_target_seconds") == 0.04
     assert off.json()["slo"] is None
     assert off.json()["slo_p99_ms"] is None
     assert bad.status_code == 422
@@ -344,9 +345,9 @@ async def test_metrics_expose_batches_queue_and_latency() -> None:
         "microbatch_request_duration_seconds_bucket",
         "microbatch_queue_depth",
         "microbatch_padding_ratio_bucket",
-        'microbatch_items_total{outcome="ok"} 10.0',
     ):
         assert name in text
+    assert metric(text, 'microbatch_items_total{outcome="ok"}') == 10
     assert 'route="/predict",status="200"' in text
 
 

@@ -171,7 +171,7 @@ def test_no_import_circle_in_batcher_or_server() -> None:
     assert ["server.runtime", "server.tokenizing"] in circles(graph)
 
 
-def test_no_module_of_batcher_or_server_is_over_450_lines_and_the_engine_under_350() -> None:
+def test_no_module_of_batcher_or_server_is_over_450_lines_and_the_engine_under_375() -> None:
     root = SERVER.parent
     sizes = {
         str(path.relative_to(root)): len(path.read_text(encoding="utf-8").splitlines())
@@ -179,4 +179,4 @@ def test_no_module_of_batcher_or_server_is_over_450_lines_and_the_engine_under_3
         for path in (root / package).rglob("*.py")
     }
     assert {path: n for path, n in sizes.items() if n > 450} == {}
-    assert sizes["batcher/engine.py"] <= 350
+    assert sizes["batcher/engine.py"] <= 375

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-import re
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import ServerProcess
+from tests.server.live import metric
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +33,6 @@ def varied_texts(n: int, seed: int = 0) -> list[str]:
 def cosine(a: list[float], b: list[float]) -> float:
     dot = sum(x * y for x, y in zip(a, b, strict=True))
     return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
-
-
-def metric(text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
 
 
 async def post_all(

@@ -8,14 +8,14 @@ import asyncio
 import pytest
 
 from tests.server.fakes import FakeTextModel
+from tests.server.live import metric
 from tests.server.test_app import poll, serve, wait_until_admitted
 
 pytestmark = pytest.mark.asyncio
 
 
 def sample(metrics: str, name: str) -> float:
-    [line] = [line for line in metrics.splitlines() if line.startswith(name + " ")]
-    return float(line.split()[1])
+    return metric(metrics, name)
 
 
 async def test_ready_reports_saturated_while_health_stays_ok() -> None:
@@ -27,7 +27,7 @@ async def test_ready_reports_saturated_while_health_stays_ok() -> None:
         ]
         await wait_until_admitted(client, 7)
         # one computing, six waiting: on a CPU no batch is staged behind the running one
-        await poll(client, "/metrics", lambda r: "microbatch_queue_depth 6.0" in r.text)
+        await poll(client, "/metrics", lambda r: metric(r.text, "microbatch_queue_depth") == 6)
         saturated = await client.get("/ready")
         health = await client.get("/health")
         model.predict_gate.set()

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from tests.server.fakes import FakeTextModel, fake_embedding
-from tests.server.live import live_server
+from tests.server.live import live_server, metric
 from tests.server.test_app import poll, serve, wait_until_admitted
 from tests.server.test_disconnects import raw_post, sample, wait_for_metric
 
@@ -129,11 +129,11 @@ async def test_a_full_queue_is_the_sdks_rate_limit_error_and_teis_overloaded() -
         await asyncio.to_thread(model.entered.wait, 30)
         # On a CPU nothing waits ready behind the running batch: the next fills the queue.
         staged = []
-        for i, depth in enumerate(("1.0",)):
+        for i, depth in enumerate((1.0,)):
             staged.append(asyncio.create_task(client.post("/predict", json={"text": f"s{i}"})))
             await wait_until_admitted(client, 2 + i)
             await poll(
-                client, "/metrics", lambda r, d=depth: f"microbatch_queue_depth {d}" in r.text
+                client, "/metrics", lambda r, d=depth: metric(r.text, "microbatch_queue_depth") == d
             )
         with pytest.raises(openai.RateLimitError) as full:
             await ai.embeddings.create(input="no room", model="x")

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import ServerProcess
+from tests.server.live import metric
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +23,7 @@ LONG = "the servers batch many small requests into one large forward pass " * 40
 
 async def admitted(client: httpx.AsyncClient) -> float:
     text = (await client.get("/metrics")).text
-    match = re.search(r"^microbatch_admitted_items_total (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    return metric(text, "microbatch_admitted_items_total") if "microbatch_admitted" in text else 0.0
 
 
 def test_sigterm_under_load_drains_every_admitted_request_then_exits_0(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from tests.conftest import ServerProcess
-from tests.server.test_e2e import cosine, metric, post_all, varied_texts
+from tests.server.live import metric
+from tests.server.test_e2e import cosine, post_all, varied_texts
 
 pytestmark = pytest.mark.slow
 
