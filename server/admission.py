@@ -12,9 +12,13 @@ from server.runtime import Runtime
 
 
 def queue_gate(scope: Scope) -> Refusal | None:
-    """A 429 while the engine's queue is full; None otherwise (and before it runs)."""
+    """A 429 while the engine's queue is full; None otherwise (and before it runs).
+    With several models the body names the model, so only the engine, at submit,
+    knows whose queue to check."""
     runtime: Runtime | None = scope.get("state", {}).get("runtime")
     if runtime is None or runtime.status != "ready":  # the route answers 503 itself
+        return None
+    if len(runtime.models) > 1:
         return None
     engine = runtime.engine
     if engine.state != "running":

@@ -43,7 +43,7 @@ from batcher import (
 )
 from batcher.models import Encoded, Encoder, Output, unpack_output
 from server.collector import tune_gc
-from server.schemas import ThreadsInfo
+from server.operator_schemas import ThreadsInfo
 from server.timeline import Recent
 
 logger = logging.getLogger("microbatch.server")

@@ -44,6 +44,15 @@ class NotFound(Exception):
     """The route exists, the thing asked for does not (HTTP 404)."""
 
 
+class UnknownModel(LookupError):
+    """A request named a model this server does not serve (404, naming those it does)."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"the model {name!r} is not served here; served: {', '.join(known)}")
+        self.name = name
+        self.known = known
+
+
 class ClientDisconnected(Exception):
     """The client went away while its items waited; nobody reads the answer (499)."""
 
@@ -201,6 +210,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound) -> JSONResponse:
         return error_response(request, 404, "not_found", str(exc))
+
+    @app.exception_handler(UnknownModel)
+    async def unknown_model(request: Request, exc: UnknownModel) -> JSONResponse:
+        return error_response(request, 404, "model_not_found", str(exc))
 
     @app.exception_handler(ClientDisconnected)
     async def disconnected(request: Request, exc: ClientDisconnected) -> JSONResponse:

@@ -38,7 +38,7 @@ from batcher.models import (
 )
 from server.client import READY_WITHIN_S, EngineReport, Status, WarmingStep
 from server.collector import tune_gc
-from server.schemas import ThreadsInfo
+from server.operator_schemas import ThreadsInfo
 from server.settings import ModelSpec, Settings
 from server.timeline import MAX_LATENCIES, Recent, Timeline
 
@@ -329,8 +329,10 @@ async def load_hosts(
     try:
         for spec in specs:
             assert spec.name is not None  # Settings.model_specs: several are named
+            # Request latencies are the server's (the middleware does not know the
+            # model): the default model's timeline shows them.
             host = await EngineHost.load(
-                settings, registry, None, latencies,
+                settings, registry, None, latencies if not hosts else None,
                 spec=spec, share=scheduler.join(spec.name), warm_lock=warm_lock,
             )  # fmt: skip
             hosts[spec.name] = LocalClient(host)

@@ -51,6 +51,11 @@ def problems(settings: Settings) -> list[str]:
             "--rate-limit-rps counts per process: with --workers it would let each client "
             "through N times the rate; use one of them"
         )
+    if settings.workers > 1 and len(settings.model_specs()) > 1:
+        found.append(
+            "--workers serves one model: several models are served in one process "
+            "(drop --workers, or run one server per model)"
+        )
     if settings.devices is not None and settings.device != "auto":
         found.append("--devices replaces --device: give one of them")
     if settings.workers == 1:

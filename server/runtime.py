@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -18,22 +18,14 @@ from batcher import EngineConfig
 from batcher.models import Encoder
 from server.cache import CachedEngine, ResultCache
 from server.client import EngineClient, EngineHandle, EngineReport, Status, WarmingStep
-from server.schemas import ThreadsInfo
+from server.errors import UnknownModel
+from server.operator_schemas import ThreadsInfo
 from server.settings import Settings
 from server.shared_cache import SharedCache
 from server.timeline import Recent
 from server.tokenizing import FRONT_END_INLINE_CHARS, INLINE_CHARS, Tokenizer
 
 logger = logging.getLogger("microbatch.server")
-
-
-class UnknownModel(LookupError):
-    """A request named a model this server does not serve (404 in the route's shape)."""
-
-    def __init__(self, name: str, known: Sequence[str]) -> None:
-        super().__init__(f"model {name!r} is not served here; served: {', '.join(known)}")
-        self.name = name
-        self.known = list(known)
 
 
 STATUS_ORDER: tuple[Status, ...] = ("failed", "warming", "draining", "ready")

@@ -16,14 +16,10 @@ from pydantic import (
     ValidationInfo,
     WithJsonSchema,
     field_validator,
-    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from batcher import BatchSizing, Policy, check_limit
 from batcher.models import Options
-from server.limits import limit_field
-from server.timeline import Event, Sample
 
 
 def _within_chars(text: str, info: ValidationInfo) -> str:
@@ -179,10 +175,18 @@ class OutputOptions(BaseModel):
         )
 
 
+MODEL_ANSWERS = (
+    "Which model answers, by its served name (GET /v1/models lists them); default: the "
+    "server's default model. Where one model is served, any name is accepted."
+)
+MODEL_FIELD = Field(None, description=MODEL_ANSWERS)
+
+
 class PredictRequest(OutputOptions):
     model_config = ConfigDict(extra="forbid")
 
     text: Text
+    model: StrictStr | None = MODEL_FIELD
     text_pair: Text | None = Field(
         None, description="classify/rerank: the second text of a pair (query, passage; NLI)."
     )
@@ -192,6 +196,7 @@ class BatchPredictRequest(OutputOptions):
     model_config = ConfigDict(extra="forbid")
 
     texts: Texts = Field(min_length=1, description="Texts, each batched on its own.")
+    model: StrictStr | None = MODEL_FIELD
     text_pairs: Texts | None = Field(
         None, description="classify/rerank: one second text per text, in the same order."
     )
@@ -246,135 +251,6 @@ class BatchResponse(PredictMeta):
     results: list[Embedding] | list[Label]
 
 
-class ConfiguredLimits(BaseModel):
-    max_batch_size: int
-    max_wait_ms: float
-
-
-class SloWindow(BaseModel):
-    p99_ms: float = Field(description="p99 of queue plus device time over the window.")
-    items: int
-    queue_growth: int = Field(description="Queue depth at its end minus at its start.")
-    queue_p99_ms: float = Field(description="p99 of the queue wait alone.")
-    device_p99_ms: float = Field(description="p99 of a batch's device time.")
-
-
-class SloChange(BaseModel):
-    action: Literal["tighten", "loosen", "back_off"]
-    reason: str
-
-
-class SloInfo(BaseModel):
-    target_p99_ms: float
-    step: int = Field(description="0: the configured limits; steps - 1: batches of one.")
-    steps: int
-    last_window: SloWindow | None = Field(description="The last judged window.")
-    last_change: SloChange | None
-    changes: int = Field(description="Changes made since the target was set.")
-
-
-class Batching(BaseModel):
-    """The live batching settings."""
-
-    max_batch_size: int = limit_field("max_batch_size")
-    max_wait_ms: float = limit_field("max_wait_ms")
-    max_batch_tokens: int | None = limit_field("max_batch_tokens")
-    max_queue_size: int = limit_field("max_queue_size")
-    policy: Policy = limit_field("policy")
-    batch_sizing: BatchSizing = limit_field("batch_sizing")
-    max_overtakes: int | None = limit_field("max_overtakes")
-    min_batch_gain: float = limit_field("min_batch_gain")
-    slo_p99_ms: float | None = limit_field("slo_p99_ms")
-    configured: ConfiguredLimits | None = Field(
-        None,
-        description="With slo_p99_ms set: the limits as configured, within which the SLO "
-        "controller chose max_batch_size and max_wait_ms above.",
-    )
-    slo: SloInfo | None = Field(None, description="The SLO controller; null when off.")
-
-
-class BatchingPatch(BaseModel):
-    """Fields to change; omitted ones keep their value. `null` lifts `max_batch_tokens`,
-    `max_overtakes` and `slo_p99_ms`; no other limit takes it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_batch_size: int | None = limit_field("max_batch_size", patch=True)
-    max_wait_ms: float | None = limit_field("max_wait_ms", patch=True)
-    max_batch_tokens: int | None = limit_field("max_batch_tokens", patch=True)
-    max_queue_size: int | None = limit_field("max_queue_size", patch=True)
-    policy: Policy | None = limit_field("policy", patch=True)
-    batch_sizing: BatchSizing | None = limit_field("batch_sizing", patch=True)
-    max_overtakes: int | None = limit_field("max_overtakes", patch=True)
-    min_batch_gain: float | None = limit_field("min_batch_gain", patch=True)
-    slo_p99_ms: float | None = limit_field("slo_p99_ms", patch=True)
-
-    @model_validator(mode="after")
-    def _null_only_where_allowed(self) -> BatchingPatch:
-        for name in self.model_fields_set:
-            if getattr(self, name) is None:
-                check_limit(name, None)  # ValueError: `name` must not be null
-        return self
-
-    def changes(self) -> dict[str, object]:
-        """The limits to change, by name."""
-        return self.model_dump(exclude_unset=True)
-
-
-class LearnedCost(BaseModel):
-    overhead_ms: float = Field(description="Fixed cost of one forward pass.")
-    per_token_us: float = Field(description="Cost per padded token.")
-
-
-class ReplicaInfo(BaseModel):
-    index: int
-    device: str
-    alive: bool = Field(description="False once taken out of rotation.")
-
-
-class ProbeInfo(BaseModel):
-    candidate: str = Field(description="The lower precision probed (bfloat16).")
-    inputs: int = Field(description="Probe inputs run in both precisions.")
-    worst_cosine: float = Field(description="The lowest cosine of an output to float32's.")
-    mean_cosine: float
-    min_accuracy: float = Field(description="The bound (--min-accuracy).")
-    kept: bool = Field(description="Whether the lower precision was kept.")
-
-
-class PrecisionInfo(BaseModel):
-    dtype: str
-    reason: str = Field(description="Why this dtype: asked for, the hardware, the probe.")
-    probe: ProbeInfo | None = Field(description="None when nothing was probed.")
-
-
-class ThreadsInfo(BaseModel):
-    torch: int = Field(description="torch intra-op threads.")
-    cpus: str = Field(description="The CPUs this process may use (affinity, cgroup quota).")
-    reason: str
-
-
-class ModelInfo(BaseModel):
-    """`GET /model`: what the model is and computes (its task, device, dtype, token
-    limit, labels, compile state, pooling or head: more fields, by task), and the
-    engine's live state."""
-
-    model_config = ConfigDict(extra="allow")
-
-    name: str | None = None
-    task: str | None = None
-    device: str | None = None
-    status: str
-    batching: Batching
-    learned_cost: LearnedCost | None = Field(description="None until enough batches ran.")
-    memory_cap_tokens: int | None = Field(
-        description="Padded tokens per batch learned from out-of-memory errors."
-    )
-    replicas: list[ReplicaInfo]
-    limits: dict[str, Any] = Field(description="The request limits in force.")
-    precision: PrecisionInfo | None = Field(None, description="The dtype, and why.")
-    threads: ThreadsInfo | None = Field(None, description="torch's threads, and why.")
-
-
 class Status(BaseModel):
     status: str
     detail: str | None = None
@@ -421,18 +297,3 @@ def error_responses(reply: type[BaseModel], invalid_status: int = 422) -> dict[i
         503: {"model": reply, "description": "Warming up or draining; see Retry-After."},
         504: {"model": reply, "description": "The deadline passed before it was computed."},
     }  # fmt: skip
-
-
-class DashboardData(BaseModel):
-    """What `GET /dashboard` draws: the samples after `since`, the limit changes, and the
-    live settings."""
-
-    status: str
-    model: str
-    device: str
-    dtype: str
-    interval_s: float
-    history_s: float
-    batching: Batching
-    samples: list[Sample]
-    events: list[Event]

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from fastapi import APIRouter
 from fastapi.exceptions import RequestValidationError
 
-from server.routes.parsing import RuntimeDep
-from server.runtime import Runtime
-from server.schemas import (
+from server.operator_schemas import (
     Batching,
     BatchingPatch,
     ConfiguredLimits,
     LearnedCost,
     ModelInfo,
+    ModelSummary,
     ReplicaInfo,
     SloChange,
     SloInfo,
     SloWindow,
 )
+from server.routes.parsing import ModelQuery, RuntimeDep
+from server.runtime import Runtime, Served
 
 router = APIRouter(tags=["admin"])
 
@@ -35,9 +38,9 @@ LIMITS_SHOWN = (
 )
 
 
-def batching_of(runtime: Runtime) -> Batching:
-    """The live batching settings, with the SLO controller's state when one is set."""
-    stats = runtime.engine.stats()
+def batching_of(served: Served) -> Batching:
+    """A model's live batching settings, with the SLO controller's state when one is set."""
+    stats = served.engine.stats()
     batching = Batching.model_validate(stats.config, from_attributes=True)
     slo = stats.slo
     if slo is None:
@@ -58,17 +61,37 @@ def batching_of(runtime: Runtime) -> Batching:
     )
 
 
+def summaries(runtime: Runtime) -> list[ModelSummary]:
+    """Every served model: name, task, pooling, state; the default first."""
+    found = []
+    for name, served in zip(runtime.names(), runtime.models.values(), strict=True):
+        described = served.describe()
+        pooling = described.get("pooling")
+        found.append(
+            ModelSummary(
+                name=name,
+                task=cast("str | None", described.get("task")),
+                pooling=cast("list[str]", pooling) if pooling is not None else None,
+                status=served.status,
+                default=served is runtime.default,
+            )
+        )
+    return found
+
+
 @router.get("/model", response_model=ModelInfo, summary="Model, task, compile state, batching")
-async def model_info(runtime: RuntimeDep) -> ModelInfo:
+async def model_info(runtime: RuntimeDep, model: ModelQuery = None) -> ModelInfo:
     await runtime.refresh()
-    stats = runtime.engine.stats()
+    served = runtime.model(model)
+    stats = served.engine.stats()
     cost = stats.learned_cost
-    devices = runtime.devices()
+    report = served.report()
+    devices = list(report.devices) if report is not None else []
     return ModelInfo.model_validate(
         {
-            **runtime.describe(),
-            "status": runtime.status,
-            "batching": batching_of(runtime),
+            **served.describe(),
+            "status": served.status if len(runtime.models) > 1 else runtime.status,
+            "batching": batching_of(served),
             "learned_cost": cost
             and LearnedCost(overhead_ms=cost.overhead_s * 1e3, per_token_us=cost.per_token_s * 1e6),
             "memory_cap_tokens": stats.memory_cap_tokens,
@@ -78,14 +101,15 @@ async def model_info(runtime: RuntimeDep) -> ModelInfo:
             ],
             "limits": {name: getattr(runtime.settings, name) for name in LIMITS_SHOWN},
             "threads": runtime.threads,
+            "models": summaries(runtime),
         }
     )
 
 
 @router.get("/admin/batching", response_model=Batching, summary="Live batching settings")
-async def get_batching(runtime: RuntimeDep) -> Batching:
+async def get_batching(runtime: RuntimeDep, model: ModelQuery = None) -> Batching:
     await runtime.refresh()
-    return batching_of(runtime)
+    return batching_of(runtime.model(model))
 
 
 @router.patch(
@@ -93,11 +117,14 @@ async def get_batching(runtime: RuntimeDep) -> Batching:
     response_model=Batching,
     summary="Change batching at run time (a larger max_batch_size is warmed first)",
 )
-async def patch_batching(patch: BatchingPatch, runtime: RuntimeDep) -> Batching:
+async def patch_batching(
+    patch: BatchingPatch, runtime: RuntimeDep, model: ModelQuery = None
+) -> Batching:
+    served = runtime.model(model)
     try:
-        await runtime.reconfigure(patch.changes())
+        await runtime.reconfigure(patch.changes(), served.name)
     except ValueError as exc:
         raise RequestValidationError(
             [{"loc": ("body",), "msg": str(exc), "type": "value_error"}]
         ) from None
-    return batching_of(runtime)
+    return batching_of(served)

@@ -20,6 +20,7 @@ from server.routes.parsing import (
     runtime_of,
 )
 from server.schemas import (
+    MODEL_ANSWERS,
     ErrorReply,
     OpenAIErrorReply,
     OutputOptions,
@@ -47,7 +48,7 @@ class RerankRequest(BaseModel):
     )
     top_n: StrictInt | None = Field(None, ge=1, description="Return only the best N.")
     return_documents: StrictBool = Field(False, description="Include each document.")
-    model: StrictStr | None = Field(None, description="Accepted; the served model answers.")
+    model: StrictStr | None = Field(None, description=MODEL_ANSWERS)
     max_chunks_per_doc: StrictInt | None = Field(
         None, description="Accepted and ignored: a document over the token limit is cut."
     )
@@ -91,7 +92,7 @@ async def rerank(request: Request) -> Response:
     docs = body.documents
     ranking = await rank(
         request, runtime, "/v1/rerank", body.query, docs, field="documents",
-        options=OutputOptions(), truncate=None, top_n=body.top_n,
+        options=OutputOptions(), truncate=None, top_n=body.top_n, model_name=body.model,
     )  # fmt: skip
     ranked = [
         RerankResult.model_construct(
@@ -104,7 +105,7 @@ async def rerank(request: Request) -> Response:
     response = RerankResponse.model_construct(
         id=request.state.request_id,
         results=ranked,
-        model=runtime.encoder.name,
+        model=ranking.model,
         usage=RerankUsage(prompt_tokens=ranking.tokens, total_tokens=ranking.tokens),
     )
     return reply(response.model_dump_json(exclude_none=True).encode(), ranking.results)
@@ -115,7 +116,7 @@ class V2RerankRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: StrictStr | None = Field(None, description="Accepted; the served model answers.")
+    model: StrictStr | None = Field(None, description=MODEL_ANSWERS)
     query: Text
     documents: Texts = Field(min_length=1, description="Texts to score against the query.")
     top_n: StrictInt | None = Field(None, ge=1, description="Return only the best N.")
@@ -164,7 +165,7 @@ class V2RerankResponse(BaseModel):
 async def rerank_v2(request: Request) -> Response:
     runtime = runtime_of(request)
     body = await parse(request, V2RerankRequest, runtime)
-    limit = runtime.encoder.max_tokens
+    limit = runtime.model(body.model).encoder.max_tokens
     if body.max_tokens_per_doc is not None and body.max_tokens_per_doc < limit:
         raise invalid(
             "max_tokens_per_doc",
@@ -173,7 +174,7 @@ async def rerank_v2(request: Request) -> Response:
         )
     ranking = await rank(
         request, runtime, "/v2/rerank", body.query, body.documents, field="documents",
-        options=OutputOptions(), truncate=None, top_n=body.top_n,
+        options=OutputOptions(), truncate=None, top_n=body.top_n, model_name=body.model,
     )  # fmt: skip
     response = V2RerankResponse.model_construct(
         id=request.state.request_id,

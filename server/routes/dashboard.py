@@ -9,9 +9,9 @@ from importlib.resources import files
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse
 
+from server.operator_schemas import DashboardData
 from server.routes.admin import batching_of
-from server.routes.parsing import RuntimeDep
-from server.schemas import DashboardData
+from server.routes.parsing import ModelQuery, RuntimeDep
 
 router = APIRouter(tags=["dashboard"])
 
@@ -30,18 +30,21 @@ async def dashboard() -> HTMLResponse:
 async def dashboard_data(
     runtime: RuntimeDep,
     since: float = Query(0.0, description="Only samples taken after this Unix time."),
+    model: ModelQuery = None,
 ) -> DashboardData:
     await runtime.refresh()
-    recent = await runtime.recent(since)
-    described = runtime.describe()
+    served = runtime.model(model)
+    recent = await served.client.recent(since)
+    described = served.describe()
     return DashboardData(
-        status=runtime.status,
-        model=runtime.encoder.name,
+        status=served.status if len(runtime.models) > 1 else runtime.status,
+        model=served.encoder.name,
+        models=runtime.names(),
         device=str(described.get("device", "")),
         dtype=str(described.get("dtype", "")),
         interval_s=recent.interval_s,
         history_s=recent.history_s,
-        batching=batching_of(runtime),
+        batching=batching_of(served),
         samples=recent.samples,
         events=recent.events,
     )

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from server.errors import NotFound
+from server.routes.admin import summaries
 from server.routes.parsing import (
     RuntimeDep,
     check_tokens,
@@ -26,7 +27,8 @@ from server.routes.parsing import (
     submit_all,
     vector,
 )
-from server.schemas import Inputs, OpenAIErrorReply, OutputOptions, error_responses
+from server.runtime import Runtime
+from server.schemas import MODEL_ANSWERS, Inputs, OpenAIErrorReply, OutputOptions, error_responses
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
 
@@ -35,13 +37,14 @@ STARTED = int(time.time())
 
 
 class EmbeddingsRequest(BaseModel):
-    """OpenAI's embeddings request. `model` may name any model: the server embeds with the
-    one it serves, and says which in the reply (clients hard-code OpenAI's names)."""
+    """OpenAI's embeddings request. `model` picks one of the served models; where only
+    one is served, any name is accepted (clients hard-code OpenAI's names), and the
+    reply says which model answered."""
 
     model_config = ConfigDict(extra="forbid")
 
     input: Inputs
-    model: StrictStr | None = Field(None, description="Accepted; the served model answers.")
+    model: StrictStr | None = Field(None, description=MODEL_ANSWERS)
     encoding_format: Literal["float", "base64"] = Field(
         "float",
         description="base64: little-endian float32 bytes, as OpenAI sends them (the SDK's "
@@ -72,10 +75,16 @@ class EmbeddingsResponse(BaseModel):
 
 
 class ModelObject(BaseModel):
+    """OpenAI's model object, with what this server knows of it besides."""
+
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "microbatch"
+    task: str | None = Field(None, description="embed, classify or rerank.")
+    pooling: list[str] | None = Field(None, description="embed: the pooling modes.")
+    status: str = Field("ready", description="warming, ready, draining or failed.")
+    default: bool = Field(True, description="Whether it answers requests naming no model.")
 
 
 class ModelList(BaseModel):
@@ -96,11 +105,12 @@ async def embeddings(request: Request) -> Response:
     """Each input is one item in the queue, batched with everything in flight."""
     runtime = runtime_of(request)
     body = await parse(request, EmbeddingsRequest, runtime)
-    model, engine = serving(runtime, request)
+    served, engine = serving(runtime, request, body.model)
+    model = served.encoder
     needs_task(model, "embed", "/v1/embeddings", "an embedding model")
     deadline = deadline_of(engine, runtime, request)
     options = OutputOptions(dimensions=body.dimensions)
-    items = await encode_inputs(runtime, body.input, options, "input")
+    items = await encode_inputs(served, body.input, options, "input")
     check_tokens(items, model, runtime, "input", None, listed=True)
     results = await submit_all(request, runtime, engine, items, deadline)
     tokens = sum(len(item.ids) for item in items)
@@ -116,22 +126,34 @@ async def embeddings(request: Request) -> Response:
     return reply(response, results)
 
 
-def _model(runtime: RuntimeDep) -> ModelObject:
-    return ModelObject(id=runtime.encoder.name, created=STARTED)
+def _models(runtime: Runtime) -> list[ModelObject]:
+    return [
+        ModelObject(
+            id=summary.name,
+            created=STARTED,
+            task=summary.task,
+            pooling=summary.pooling,
+            status=summary.status,
+            default=summary.default,
+        )
+        for summary in summaries(runtime)
+    ]
 
 
-@router.get("/models", response_model=ModelList, summary="The served model (OpenAI's shape)")
+@router.get("/models", response_model=ModelList, summary="The served models (OpenAI's shape)")
 async def list_models(runtime: RuntimeDep) -> ModelList:
-    return ModelList(data=[_model(runtime)])
+    return ModelList(data=_models(runtime))
 
 
 @router.get(
     "/models/{model_id:path}",
     response_model=ModelObject,
-    summary="One model (OpenAI's shape); 404 unless it is the served one",
+    summary="One model (OpenAI's shape); 404 unless it is served here",
 )
 async def retrieve_model(model_id: str, runtime: RuntimeDep) -> ModelObject:
-    served = _model(runtime)
-    if model_id != served.id:
-        raise NotFound(f"the model {model_id!r} does not exist; this server runs {served.id!r}")
-    return served
+    models = _models(runtime)
+    for model in models:
+        if model.id == model_id:
+            return model
+    served = ", ".join(repr(m.id) for m in models)
+    raise NotFound(f"the model {model_id!r} does not exist; this server runs {served}")

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, TypeVar, cast
 
 import numpy as np
 import orjson
-from fastapi import Depends, Request, Response
+from fastapi import Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
@@ -29,12 +29,8 @@ from batcher.models import (
 )
 from server.client import EngineHandle
 from server.errors import ClientDisconnected, NotReady, WrongTask
-from server.runtime import Runtime
-from server.schemas import (
-    ErrorReply,
-    OutputOptions,
-    request_limits,
-)
+from server.runtime import Runtime, Served
+from server.schemas import ErrorReply, OutputOptions, request_limits
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -46,6 +42,11 @@ async def get_runtime(request: Request) -> Runtime:
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
+ModelQuery = Annotated[
+    str | None,
+    Query(description="With several models: which one (its served name); default: the default."),
+]
+
 
 def runtime_of(request: Request) -> Runtime:
     """The predict routes' way to the runtime: a plain call. Their only parameter is the
@@ -55,13 +56,17 @@ def runtime_of(request: Request) -> Runtime:
     return runtime
 
 
-def serving(runtime: Runtime, request: Request) -> tuple[Encoder, EngineHandle]:
-    """The model's encoder and the engine a prediction goes to (behind the result cache,
-    unless the request says `Cache-Control: no-cache`)."""
+def serving(
+    runtime: Runtime, request: Request, model: str | None = None
+) -> tuple[Served, EngineHandle]:
+    """The model a request names (`model`; None: the default) and the engine its
+    prediction goes to (behind the result cache, unless the request says
+    `Cache-Control: no-cache`). Raises UnknownModel (404) and NotReady (503)."""
+    served = runtime.model(model)
     if runtime.status != "ready":
         raise NotReady(f"the server is {runtime.status}; retry when GET /ready says ready")
     fresh = "no-cache" in request.headers.get("cache-control", "").lower()
-    return runtime.encoder, runtime.engine_for(cached=not fresh)
+    return served, served.engine_for(cached=not fresh)
 
 
 def needs_task(model: Encoder, task: str, route: str, what: str) -> None:
@@ -115,27 +120,27 @@ def invalid(field: str, msg: str, kind: str = "value_error") -> RequestValidatio
 
 
 async def encode(
-    runtime: Runtime,
+    served: Served,
     texts: Sequence[str],
     pairs: Sequence[str] | None,
     body: OutputOptions,
     truncation_direction: TruncationDirection = "right",
 ) -> list[Encoded]:
-    """Tokenize under the request's options, off the loop and batched with other
-    requests (`server.tokenizing`); an option the model cannot honour is 422."""
-    model = runtime.encoder
+    """Tokenize for `served` under the request's options, off the loop and batched with
+    other requests (`server.tokenizing`); an option the model cannot honour is 422."""
+    model = served.encoder
     if body.all_scores and model.task == "embed":
         raise invalid("all_scores", "all_scores applies to classify and rerank models")
     if body.encoding_format != "float" and model.task != "embed":
         raise invalid("encoding_format", "encoding_format applies to embedding models")
     try:
-        return await runtime.tokenizer.encode(texts, pairs, body.options(), truncation_direction)
+        return await served.tokenizer.encode(texts, pairs, body.options(), truncation_direction)
     except InvalidOption as exc:
         raise invalid(exc.field, str(exc)) from None
 
 
 async def encode_inputs(
-    runtime: Runtime,
+    served: Served,
     inputs: Sequence[str | list[int]],
     body: OutputOptions,
     field: str,
@@ -143,14 +148,14 @@ async def encode_inputs(
 ) -> list[Encoded]:
     """Texts and token-id sequences, in one request and in order (OpenAI's and TEI's
     `input`): each kind encoded in one call."""
-    model = runtime.encoder
+    model = served.encoder
     texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
     if len(texts) == len(inputs):
-        return await encode(runtime, [t for _, t in texts], None, body, truncation_direction)
+        return await encode(served, [t for _, t in texts], None, body, truncation_direction)
     ids = [(i, x) for i, x in enumerate(inputs) if not isinstance(x, str)]
     out: list[Encoded | None] = [None] * len(inputs)
     if texts:
-        encoded = await encode(runtime, [t for _, t in texts], None, body, truncation_direction)
+        encoded = await encode(served, [t for _, t in texts], None, body, truncation_direction)
         for (i, _), item in zip(texts, encoded, strict=True):
             out[i] = item
     try:
@@ -197,6 +202,8 @@ class Ranking:
     tokens: int
     """Tokens the model read, pairs' special tokens included."""
     results: list[Result[Output]]
+    model: str
+    """The name of the model that scored them."""
 
 
 async def rank(
@@ -211,19 +218,22 @@ async def rank(
     truncate: bool | None,
     top_n: int | None,
     truncation_direction: TruncationDirection = "right",
+    model_name: str | None = None,
 ) -> Ranking:
     """What every rerank route does: each (query, text) pair is one item in the queue,
     batched, length-grouped and failure-isolated like any other, so a long list does
-    not wait behind itself; then the best first."""
-    model, engine = serving(runtime, request)
+    not wait behind itself; then the best first. `model_name`: the model the request
+    names (None: the default)."""
+    served, engine = serving(runtime, request, model_name)
+    model = served.encoder
     needs_task(model, "rerank", route, "a cross-encoder with one output score")
     deadline = deadline_of(engine, runtime, request)
-    items = await encode(runtime, [query] * len(texts), texts, options, truncation_direction)
+    items = await encode(served, [query] * len(texts), texts, options, truncation_direction)
     check_tokens(items, model, runtime, field, truncate)
     results = await submit_all(request, runtime, engine, items, deadline)
     scores = [cast("Classification", r.value).score for r in results]
     order = best_first(scores, top_n)
-    return Ranking(order, scores, sum(len(item.ids) for item in items), results)
+    return Ranking(order, scores, sum(len(item.ids) for item in items), results, model.name)
 
 
 EncodingFormat = Literal["float", "base64"]

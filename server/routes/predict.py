@@ -61,10 +61,11 @@ def _shape(
 async def predict(request: Request) -> Response:
     runtime = runtime_of(request)
     body = await parse(request, PredictRequest, runtime)
-    model, engine = serving(runtime, request)
+    served, engine = serving(runtime, request, body.model)
+    model = served.encoder
     pair = None if body.text_pair is None else [body.text_pair]
     deadline = deadline_of(engine, runtime, request)
-    [item] = await encode(runtime, [body.text], pair, body)
+    [item] = await encode(served, [body.text], pair, body)
     check_tokens([item], model, runtime, "text", body.truncate)
     result = await unless_disconnected(request, runtime, engine.submit(item, deadline=deadline))
     shaped = _shape(result.value, item, model.labels, body)
@@ -82,9 +83,10 @@ async def predict(request: Request) -> Response:
 async def predict_batch(request: Request) -> Response:
     runtime = runtime_of(request)
     body = await parse(request, BatchPredictRequest, runtime)
-    model, engine = serving(runtime, request)
+    served, engine = serving(runtime, request, body.model)
+    model = served.encoder
     deadline = deadline_of(engine, runtime, request)
-    items = await encode(runtime, body.texts, body.text_pairs, body)
+    items = await encode(served, body.texts, body.text_pairs, body)
     check_tokens(items, model, runtime, "texts", body.truncate)
     results = await submit_all(request, runtime, engine, items, deadline)
     shaped = [

@@ -9,9 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.routes.parsing import RuntimeDep
-from server.schemas import (
-    Status,
-)
+from server.schemas import Status
 
 router = APIRouter(tags=["probes"])
 

@@ -7,15 +7,16 @@ beside our own fields (`server.errors`)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, cast
+from typing import Any, cast
 
 import numpy as np
 import orjson
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter
+from pydantic import TypeAdapter
 
-from batcher.models import Classification, TruncationDirection
+from batcher.models import Classification
 from server.routes.parsing import (
+    ModelQuery,
     RuntimeDep,
     best_first,
     body_of,
@@ -33,168 +34,30 @@ from server.routes.parsing import (
     submit_all,
     to_json,
 )
-from server.schemas import Inputs, OutputOptions, TEIErrorReply, Text, Texts, error_responses
+from server.routes.tei_bodies import (
+    ClassifyParameters,
+    ClassifyRequest,
+    DecodeRequest,
+    EmbedRequest,
+    Info,
+    Prediction,
+    RerankRequest,
+    RerankResult,
+    SimilarityParameters,
+    SimilarityRequest,
+    SimpleToken,
+    TokenizeRequest,
+    cut_side,
+)
+from server.schemas import (
+    OutputOptions,
+    TEIErrorReply,
+    error_responses,
+)
 
 router = APIRouter(tags=["TEI"])
 
 TEI_ERRORS = error_responses(TEIErrorReply)
-
-Direction = Literal["right", "left", "Right", "Left"]
-"""TEI's `truncation_direction` (its enum is spelled Right/Left on the wire)."""
-
-
-def _direction(value: Direction) -> TruncationDirection:
-    return "left" if value.lower() == "left" else "right"
-
-
-class EmbedRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    inputs: Inputs
-    normalize: StrictBool = Field(True, description="L2-normalise (TEI's default: true).")
-    truncate: StrictBool | None = Field(
-        None, description="Cut inputs over the token limit (false: 422). Default: --truncate."
-    )
-    truncation_direction: Direction = Field("right", description="Which end to cut.")
-    prompt_name: StrictStr | None = Field(None, description="One of the model's prompts.")
-    dimensions: StrictInt | None = Field(None, ge=1, description="Keep the first N values.")
-
-
-class SimilarityInputs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    source_sentence: Text
-    sentences: Texts = Field(min_length=1, description="Texts to compare with the source.")
-
-
-class SimilarityParameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    truncate: StrictBool | None = Field(
-        None, description="Cut inputs over the token limit (false: 422). Default: --truncate."
-    )
-    truncation_direction: Direction = Field("right", description="Which end to cut.")
-    prompt_name: StrictStr | None = Field(None, description="One of the model's prompts.")
-
-
-class SimilarityRequest(BaseModel):
-    """TEI's similarity request (what `InferenceClient.sentence_similarity` sends)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    inputs: SimilarityInputs
-    parameters: SimilarityParameters | None = None
-
-
-class ClassifyParameters(BaseModel):
-    """The Inference API's text-classification parameters, as `InferenceClient` sends."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    top_k: StrictInt | None = Field(None, ge=1, description="Only the best K labels.")
-    function_to_apply: Literal["sigmoid", "softmax", "none"] | None = Field(
-        None,
-        description="`none`: the logits; the model's own activation (or its name) applies "
-        "otherwise, and asking for another is refused.",
-    )
-
-
-class ClassifyRequest(BaseModel):
-    """A classifier's request on `POST /`: the Inference API's text-classification body,
-    as `InferenceClient.text_classification` sends it, with TEI's predict options."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    inputs: Text | Annotated[Texts, Field(min_length=1)] = Field(
-        description="A text, or several (each classified on its own: TEI reads two strings "
-        "as one pair, which this route does not take)."
-    )
-    raw_scores: StrictBool = Field(False, description="The logits, without the activation.")
-    truncate: StrictBool | None = Field(
-        None, description="Cut inputs over the token limit (false: 422). Default: --truncate."
-    )
-    truncation_direction: Direction = Field("right", description="Which end to cut.")
-    parameters: ClassifyParameters | None = None
-
-
-class Prediction(BaseModel):
-    label: str
-    score: float
-
-
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    inputs: StrictStr | Texts = Field(description="A text or texts.")
-    add_special_tokens: StrictBool = Field(True, description="Include [CLS], [SEP], ...")
-    prompt_name: StrictStr | None = Field(None, description="Put this prompt first.")
-
-
-class DecodeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    ids: list[StrictInt] | list[list[StrictInt]] = Field(
-        min_length=1, description="Token ids, or several sequences of them."
-    )
-    skip_special_tokens: StrictBool = Field(True, description="Leave out [CLS], [SEP], ...")
-
-
-class SimpleToken(BaseModel):
-    id: int
-    text: str
-    special: bool
-    start: int | None = Field(description="Character offset in the input; null if special.")
-    stop: int | None
-
-
-class RerankRequest(BaseModel):
-    """TEI's rerank request."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    query: Text
-    texts: Texts = Field(
-        min_length=1, description="Texts to score against the query; each pair is batched."
-    )
-    top_n: StrictInt | None = Field(None, ge=1, description="Return only the best N.")
-    return_text: StrictBool = Field(False, description="Include each text in its result.")
-    raw_scores: StrictBool = Field(False, description="The logits, without the activation.")
-    truncate: StrictBool | None = Field(
-        None, description="Cut pairs over the token limit (false: 422). Default: --truncate."
-    )
-    truncation_direction: Direction = Field("right", description="Which end to cut.")
-
-
-class RerankResult(BaseModel):
-    index: int = Field(description="Position of the text in the request.")
-    score: float = Field(description="Relevance (the cross-encoder's activated score).")
-    text: str | None = Field(None, description="The text, with return_text.")
-
-
-class Info(BaseModel):
-    """TEI's `/info`, with the fields that apply to this server."""
-
-    model_id: str
-    model_sha: str | None = None
-    model_dtype: str
-    model_type: dict[str, dict[str, object]] = Field(
-        description='{"embedding": {"pooling": ...}}, or {"classifier"|"reranker": '
-        "{id2label, label2id}}."
-    )
-    max_concurrent_requests: int = Field(description="Items the queue holds (429 beyond).")
-    max_input_length: int = Field(description="The model's token limit.")
-    max_batch_tokens: int | None
-    max_batch_requests: int = Field(description="Items per forward pass.")
-    max_client_batch_size: int
-    auto_truncate: bool
-    tokenization_workers: int = Field(
-        description="Processes that tokenize: one per front-end (--workers), each with its "
-        "tokenizer thread."
-    )
-    version: str
-    sha: str | None = None
-    docker_label: str | None = None
-
 
 _TOKENS = TypeAdapter(list[list[SimpleToken]])
 _PREDICTIONS = TypeAdapter(list[list[Prediction]])
@@ -211,14 +74,15 @@ _RANKED = TypeAdapter(list[RerankResult])
 async def embed(request: Request) -> Response:
     runtime = runtime_of(request)
     body = await parse(request, EmbedRequest, runtime)
-    model, engine = serving(runtime, request)
+    served, engine = serving(runtime, request, body.model)
+    model = served.encoder
     needs_task(model, "embed", "/embed", "an embedding model")
     deadline = deadline_of(engine, runtime, request)
     options = OutputOptions(
         normalize=body.normalize, prompt_name=body.prompt_name, dimensions=body.dimensions
     )
-    direction = _direction(body.truncation_direction)
-    items = await encode_inputs(runtime, body.inputs, options, "inputs", direction)
+    direction = cut_side(body.truncation_direction)
+    items = await encode_inputs(served, body.inputs, options, "inputs", direction)
     check_tokens(items, model, runtime, "inputs", body.truncate, listed=True)
     results = await submit_all(request, runtime, engine, items, deadline)
     vectors = [cast("list[float]", r.value) for r in results]
@@ -239,7 +103,8 @@ async def rerank(request: Request) -> Response:
     ranking = await rank(
         request, runtime, "/rerank", body.query, body.texts, field="texts",
         options=OutputOptions(raw_scores=body.raw_scores), truncate=body.truncate,
-        top_n=body.top_n, truncation_direction=_direction(body.truncation_direction),
+        top_n=body.top_n, truncation_direction=cut_side(body.truncation_direction),
+        model_name=body.model,
     )  # fmt: skip
     ranked = [
         RerankResult.model_construct(
@@ -260,10 +125,10 @@ async def rerank(request: Request) -> Response:
 async def tokenize(request: Request) -> Response:
     runtime = runtime_of(request)
     body = await parse(request, TokenizeRequest, runtime)
-    serving(runtime, request)  # 503 unless ready
+    served, _ = serving(runtime, request, body.model)  # 503 unless ready
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     try:
-        tokens = await runtime.tokenizer.tokenize(texts, body.add_special_tokens, body.prompt_name)
+        tokens = await served.tokenizer.tokenize(texts, body.add_special_tokens, body.prompt_name)
     except ValueError as exc:  # InvalidOption: an unknown prompt
         raise invalid("prompt_name", str(exc)) from None
     shaped = [
@@ -279,25 +144,27 @@ async def tokenize(request: Request) -> Response:
 
 
 @router.get("/info", response_model=Info, summary="Model and limits (TEI's shape)")
-async def info(request: Request, runtime: RuntimeDep) -> Info:
-    model, settings = runtime.encoder, runtime.settings
-    described = runtime.describe()
-    config = runtime.engine.stats().config
-    if model.task == "embed":
+async def info(request: Request, runtime: RuntimeDep, model: ModelQuery = None) -> Info:
+    served = runtime.model(model)
+    settings = runtime.settings
+    described = served.describe()
+    config = served.engine.stats().config
+    encoder = served.encoder
+    if encoder.task == "embed":
         pooling = described.get("pooling") or ["mean"]
         model_type: dict[str, dict[str, object]] = {
             "embedding": {"pooling": "+".join(map(str, cast("list[object]", pooling)))}
         }
     else:
-        id2label = {str(i): label for i, label in enumerate(model.labels)}
+        id2label = {str(i): label for i, label in enumerate(encoder.labels)}
         labels = {"id2label": id2label, "label2id": {v: int(k) for k, v in id2label.items()}}
-        model_type = {"reranker" if model.task == "rerank" else "classifier": labels}
+        model_type = {"reranker" if encoder.task == "rerank" else "classifier": labels}
     return Info(
-        model_id=model.name,
+        model_id=encoder.name,
         model_dtype=str(described.get("dtype", "float32")),
         model_type=model_type,
         max_concurrent_requests=config.max_queue_size,
-        max_input_length=model.max_tokens,
+        max_input_length=encoder.max_tokens,
         max_batch_tokens=config.max_batch_tokens,
         max_batch_requests=config.max_batch_size,
         max_client_batch_size=settings.max_client_batch,
@@ -317,7 +184,7 @@ async def info(request: Request, runtime: RuntimeDep) -> Info:
 async def decode(request: Request) -> Response:
     runtime = runtime_of(request)
     body = await parse(request, DecodeRequest, runtime)
-    serving(runtime, request)  # 503 unless ready
+    served, _ = serving(runtime, request, body.model)  # 503 unless ready
     ids = cast("list[list[int]]", body.ids if isinstance(body.ids[0], list) else [body.ids])
     if len(ids) > runtime.settings.max_client_batch:
         raise invalid(
@@ -325,7 +192,7 @@ async def decode(request: Request) -> Response:
             f"at most {runtime.settings.max_client_batch} sequences a call (--max-client-batch)",
         )
     try:
-        texts = await runtime.tokenizer.decode(ids, body.skip_special_tokens)
+        texts = await served.tokenizer.decode(ids, body.skip_special_tokens)
     except ValueError as exc:  # InvalidOption: an id outside the vocabulary
         raise invalid("ids", str(exc)) from None
     return Response(orjson.dumps(texts), media_type="application/json")
@@ -343,14 +210,15 @@ async def decode(request: Request) -> Response:
 async def similarity(request: Request) -> Response:
     runtime = runtime_of(request)
     body = await parse(request, SimilarityRequest, runtime)
-    model, engine = serving(runtime, request)
+    served, engine = serving(runtime, request, body.model)
+    model = served.encoder
     needs_task(model, "embed", request.url.path, "an embedding model")
     deadline = deadline_of(engine, runtime, request)
     parameters = body.parameters or SimilarityParameters()
     options = OutputOptions(normalize=True, prompt_name=parameters.prompt_name)
     texts = [body.inputs.source_sentence, *body.inputs.sentences]
-    direction = _direction(parameters.truncation_direction)
-    items = await encode_inputs(runtime, texts, options, "inputs", direction)
+    direction = cut_side(parameters.truncation_direction)
+    items = await encode_inputs(served, texts, options, "inputs", direction)
     check_tokens(items, model, runtime, "inputs", parameters.truncate, listed=True)
     results = await submit_all(request, runtime, engine, items, deadline)
     vectors = np.asarray([cast("list[float]", r.value) for r in results], dtype=np.float32)
@@ -363,12 +231,13 @@ async def _classify(request: Request) -> Response:
     `InferenceClient.text_classification` reads; TEI's predict answers one input flat)."""
     runtime = runtime_of(request)
     body = await parse(request, ClassifyRequest, runtime)
-    model, engine = serving(runtime, request)
+    served, engine = serving(runtime, request, body.model)
+    model = served.encoder
     needs_task(model, "classify", "/", "a classifier")
     parameters = body.parameters or ClassifyParameters()
     function = parameters.function_to_apply
     if function not in (None, "none"):
-        own = str(runtime.describe().get("head_activation", "")).lower()
+        own = str(served.describe().get("head_activation", "")).lower()
         if function != own:
             raise invalid(
                 "parameters",
@@ -379,7 +248,7 @@ async def _classify(request: Request) -> Response:
     options = OutputOptions(raw_scores=body.raw_scores or function == "none")
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     items = await encode_inputs(
-        runtime, texts, options, "inputs", _direction(body.truncation_direction)
+        served, texts, options, "inputs", cut_side(body.truncation_direction)
     )
     check_tokens(items, model, runtime, "inputs", body.truncate, listed=True)
     results = await submit_all(request, runtime, engine, items, deadline)
@@ -396,12 +265,17 @@ async def _classify(request: Request) -> Response:
     return reply(_PREDICTIONS.dump_json(shaped), results)
 
 
-def _is_similarity(raw: bytes) -> bool:
+def _peek(raw: bytes) -> tuple[str | None, bool]:
+    """The model a root request names, and whether its body is `/similarity`'s (the
+    routes' own parsers say what is wrong with a bad body)."""
     try:
         body: Any = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return False  # the embed route's parser says what is wrong with it
-    return isinstance(body, dict) and isinstance(body.get("inputs"), dict)
+        return None, False
+    if not isinstance(body, dict):
+        return None, False
+    model = body.get("model")
+    return model if isinstance(model, str) else None, isinstance(body.get("inputs"), dict)
 
 
 @router.post(
@@ -417,12 +291,13 @@ def _is_similarity(raw: bytes) -> bool:
 )
 async def root(request: Request) -> Response:
     runtime = runtime_of(request)
-    serving(runtime, request)  # 503 unless ready: the task is known then
-    task = runtime.encoder.task
+    model, similar = _peek(await body_of(request))
+    served, _ = serving(runtime, request, model)  # 503 unless ready: the task is known then
+    task = served.encoder.task
     if task == "rerank":
         return await rerank(request)
     if task == "classify":
         return await _classify(request)
-    if _is_similarity(await body_of(request)):
+    if similar:
         return await similarity(request)
     return await embed(request)

@@ -1,5 +1,6 @@
 // microbatch's live page: polls /dashboard/data once a second, draws with uPlot (served
 // by this server), and changes the batching settings through PATCH /admin/batching.
+// With several models served, a picker shows one model's panel at a time (?model=NAME).
 "use strict";
 
 const REASONS = ["idle", "full", "tokens", "window", "drain"];
@@ -18,6 +19,7 @@ const state = {
   charts: {},
   polls: 0,
   errors: 0,
+  model: new URLSearchParams(location.search).get("model") || "",  // "" = the default
 };
 window.dashboard = state;  // for people (and tests) poking at the page
 
@@ -152,7 +154,8 @@ function showSettings(batching) {
 
 async function poll() {
   try {
-    const reply = await fetch(`/dashboard/data?since=${state.last}`, { cache: "no-store" });
+    const which = state.model ? `&model=${encodeURIComponent(state.model)}` : "";
+    const reply = await fetch(`/dashboard/data?since=${state.last}${which}`, { cache: "no-store" });
     if (!reply.ok) throw new Error(`HTTP ${reply.status}`);
     const data = await reply.json();
     state.polls += 1;
@@ -167,6 +170,7 @@ async function poll() {
       showEvents();
     }
     $("model").textContent = `${data.model} · ${data.device} · ${data.dtype}`;
+    showModels(data.models, data.model);
     const status = $("status");
     status.textContent = data.status;
     status.className = `pill ${data.status}`;
@@ -208,7 +212,8 @@ async function apply(event) {
   out.textContent = "applying…";
   out.className = "";
   try {
-    const reply = await fetch("/admin/batching", {
+    const which = state.model ? `?model=${encodeURIComponent(state.model)}` : "";
+    const reply = await fetch(`/admin/batching${which}`, {
       method: "PATCH", headers, body: JSON.stringify(body),
     });
     const data = await reply.json();
@@ -229,6 +234,26 @@ async function apply(event) {
   }
 }
 
+function showModels(models, shown) {
+  const pick = $("model-pick");
+  $("model-pick-label").hidden = models.length < 2;
+  if (pick.options.length !== models.length) {
+    pick.replaceChildren(...models.map((name) => new Option(name, name)));
+  }
+  pick.value = shown;
+}
+
+function switchModel(name) {
+  state.model = name;
+  state.samples = [];
+  state.events = [];
+  state.last = 0;
+  const url = new URL(location.href);
+  url.searchParams.set("model", name);
+  history.replaceState(null, "", url);
+  $("batching").dataset.dirty = "0";
+}
+
 function resize() {
   for (const [id, chart] of Object.entries(state.charts)) {
     chart.setSize({ width: $(id).clientWidth, height: 180 });
@@ -241,5 +266,6 @@ form.elements.admin_key.value = sessionStorage.getItem("microbatch-admin-key") |
 form.addEventListener("input", () => { form.dataset.dirty = "1"; });
 form.addEventListener("submit", apply);
 $("range").addEventListener("change", (e) => { state.rangeS = Number(e.target.value); draw(); });
+$("model-pick").addEventListener("change", (e) => switchModel(e.target.value));
 window.addEventListener("resize", resize);
 poll();

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import fields
 
 from batcher import LIMITS, EngineConfig
-from server.schemas import Batching, BatchingPatch
+from server.operator_schemas import Batching, BatchingPatch
 from server.settings import Settings
 
 
