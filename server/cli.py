@@ -85,6 +85,10 @@ def serve(argv: list[str]) -> int:
         settings = CliApp.run(Settings, cli_args=argv, cli_settings_source=source)
     except ValidationError as exc:
         for error in exc.errors():
+            if not error["loc"]:  # a check across settings: its message names them
+                message = str(error["msg"]).removeprefix("Value error, ")
+                print(f"microbatch serve: {message}", file=sys.stderr)
+                continue
             name = "--" + "-".join(str(p) for p in error["loc"]).replace("_", "-")
             print(f"microbatch serve: {name}: {error['msg']}", file=sys.stderr)
         return 2

@@ -38,6 +38,22 @@ def test_a_missing_model_directory_is_named(tmp_path: Path) -> None:
     assert "not a model directory: it has no config.json" in empty
 
 
+def test_several_models_need_names_once_each_and_one_process(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert one_line(serve("--model", f"emb={a}", "--model", str(b))) == (
+        f"microbatch serve: --model: with several models each needs a name (NAME=PATH); "
+        f"unnamed: {b}"
+    )
+    twice = one_line(serve("--model", f"emb={a}", "--model", f"emb={b}"))
+    assert twice == "microbatch serve: --model: the name 'emb' is given twice"
+    default = one_line(serve("--model", f"emb={a},rr={b}", "--default-model", "nli"))
+    assert default == "microbatch serve: --default-model 'nli' is not a served model; served: emb, rr"
+    assert "a model's name is letters" in one_line(serve("--model", f"=x{a}"))
+    workers = serve("--model", f"emb={a}", "--model", f"rr={b}", "--workers", "2")
+    assert workers.returncode == 2
+    assert "--workers serves one model" in workers.stderr.splitlines()[0]
+
+
 def test_a_per_process_rate_limit_with_several_workers_is_refused() -> None:
     line = one_line(serve("--workers", "2", "--rate-limit-rps", "10"))
     assert line.startswith("microbatch serve: --rate-limit-rps counts per process")
