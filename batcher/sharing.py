@@ -148,9 +148,15 @@ def size_within(
     return max(1, round(budget_s * items / totals.compute_s))
 
 
-ACTIVE_S = 1.0
+ACTIVE_S = 10.0
 """An engine whose last batch ended this recently counts as active: its next request is
-likely on the way, and a batch of another model should not make it wait long."""
+likely on the way, and a batch of another model should not make it wait long. Requests
+arriving a few a second leave gaps of over a second often enough (one in twenty at three
+a second) that a shorter memory let a flood's full batch in front of them."""
+BUDGET_SHARE = 0.5
+"""A batch granted while other engines are active takes about this share of their usual
+batch time: each of their requests then waits at most half a batch of theirs more than
+alone."""
 BATCH_DECAY = 0.8
 """Weight kept by the past in a share's usual batch time, at each batch."""
 
@@ -345,14 +351,13 @@ def budget_s(
     waiting_now: dict[int, float],
     now: float,
 ) -> float | None:
-    """The batch budget of `share`'s grant: the longest usual (or, with work waiting,
-    expected) batch time among the other active shares; None when no other is active."""
+    """The batch budget of `share`'s grant: `BUDGET_SHARE` of the longest usual batch
+    time among the other active shares; None when no other is active (or none has run
+    a batch yet)."""
     times = [
-        max(other.batch_s, waiting_now.get(other.index, 0.0))
+        other.batch_s
         for other in shares
         if other is not share and (other.index in waiting_now or other.active_until > now)
     ]
     known = [t for t in times if t > 0]
-    if not times:
-        return None
-    return max(known) if known else None
+    return BUDGET_SHARE * max(known) if known else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Callable
 
 from server.settings import Settings
 
@@ -60,6 +61,8 @@ def problems(settings: Settings) -> list[str]:
         found.append("--devices replaces --device: give one of them")
     if settings.workers == 1:
         found += device_problems(settings)
+        if not found and (problem := memory_problem(settings)) is not None:
+            found.append(problem)
     from batcher.models import source_problem
 
     for spec in settings.model_specs():
@@ -85,3 +88,46 @@ def device_problems(settings: Settings) -> list[str]:
         if (problem := device_problem(device)) is not None:
             found.append(f"{flag} {problem}")
     return found
+
+
+def memory_problem(
+    settings: Settings, memory: Callable[[str], int | None] | None = None
+) -> str | None:
+    """Why the models do not fit their devices, in one line naming each model's share;
+    None when they fit or cannot be sized (a hub id, a device of unknown size). Each
+    model's footprint is its weights at the served precision plus the activations of
+    its largest batch (`batcher.models.footprint`); every model has a replica on every
+    device. `memory(device)` is the device's bytes (default: what it has)."""
+    from batcher.models.footprint import GiB, device_memory, footprint
+
+    memory = memory if memory is not None else device_memory
+    specs = settings.model_specs()
+    for device in dict.fromkeys(settings.device_list()):
+        resolved = _resolved(device)
+        have = memory(resolved)
+        if have is None:
+            continue
+        sized = []
+        for spec in specs:
+            options = settings.load_options(resolved, spec)
+            found = footprint(options, settings.max_batch_size, resolved)
+            if found is not None:
+                sized.append((spec.name or spec.source or "the built-in model", found))
+        need = sum(f.total_bytes for _, f in sized)
+        if need > have:
+            parts = "; ".join(f"{name} {f.describe()}" for name, f in sized)
+            return (
+                f"--model: the models need {need / GiB:.2f} GiB on {resolved}, which has "
+                f"{have / GiB:.2f} GiB: {parts}; lower --max-batch-size or --max-tokens, or "
+                f"serve fewer models"
+            )
+    return None
+
+
+def _resolved(device: str) -> str:
+    """`auto` as the server resolves it between CUDA and the CPU (MPS is not sized)."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"

@@ -176,7 +176,7 @@ async def phases(
                 quantile(latencies, 0.99) * 1e3,
                 failed,
                 rate,
-            )  # fmt: skip
+            )
         )
     return made
 

@@ -54,6 +54,13 @@ def test_several_models_need_names_once_each_and_one_process(tmp_path: Path) -> 
     assert "--workers serves one model" in workers.stderr.splitlines()[0]
 
 
+def test_models_that_cannot_fit_the_device_are_refused_with_their_sizes() -> None:
+    line = one_line(serve("--device", "cpu", "--max-batch-size", "1000000"))
+    assert line.startswith("microbatch serve: --model: the models need ")
+    assert "the built-in model" in line and "activations of 1000000 x 256 tokens" in line
+    assert line.endswith("lower --max-batch-size or --max-tokens, or serve fewer models")
+
+
 def test_a_per_process_rate_limit_with_several_workers_is_refused() -> None:
     line = one_line(serve("--workers", "2", "--rate-limit-rps", "10"))
     assert line.startswith("microbatch serve: --rate-limit-rps counts per process")

@@ -1,0 +1,43 @@
+"""A model's footprint, read from its files before it loads, against what torch holds
+once it is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batcher.models import LoadOptions
+from batcher.models.footprint import footprint, parameters, value_bytes
+from tests.tiny_models import save_bert
+
+
+def test_the_weights_are_the_safetensors_values_at_the_served_precision(tmp_path: Path) -> None:
+    from transformers import AutoModel
+
+    path = save_bert(tmp_path / "bert")
+    loaded = AutoModel.from_pretrained(path)
+    values = sum(p.numel() for p in loaded.state_dict().values())
+    assert parameters(path) == values
+    fp32 = footprint(LoadOptions(source=str(path), dtype="float32"), 32, "cpu")
+    half = footprint(LoadOptions(source=str(path), dtype="bfloat16"), 32, "cpu")
+    assert fp32 is not None and half is not None
+    assert fp32.weights_bytes == 4 * values and half.weights_bytes == 2 * values
+    config = loaded.config
+    per_token = 3 * config.hidden_size + config.intermediate_size
+    per_token += config.num_attention_heads * config.max_position_embeddings
+    assert fp32.activation_bytes == 32 * config.max_position_embeddings * per_token * 4
+    smaller = footprint(LoadOptions(source=str(path), dtype="float32", max_tokens=16), 8, "cpu")
+    assert smaller is not None and smaller.activation_bytes < fp32.activation_bytes / 4
+
+
+@pytest.mark.parametrize(
+    ("dtype", "device", "size"),
+    [("auto", "cuda:0", 2), ("auto", "cpu", 4), ("float16", "cpu", 2), ("float32", "cuda", 4)],
+)
+def test_auto_counts_what_the_server_chooses(dtype: str, device: str, size: int) -> None:
+    assert value_bytes(dtype, device) == size  # type: ignore[arg-type]
+
+
+def test_a_hub_id_is_not_sized(tmp_path: Path) -> None:
+    assert footprint(LoadOptions(source="someone/some-model"), 32, "cpu") is None
