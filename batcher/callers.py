@@ -33,21 +33,23 @@ class Callers(Generic[InT, OutT]):
         """Items queued or computing, by identity."""
 
     def admit(
-        self, payload: InT, now: float, deadline: float | None, cost: int
+        self, payload: InT, now: float, deadline: float | None, cost: int, bulk: bool = False
     ) -> tuple[PendingItem[InT, OutT], bool]:
         """The item `payload`'s caller waits for, now also until `deadline`, and whether it
         is new (to be queued): the item of an identical input queued or computing, or a
-        new one that identical inputs may join until it is settled."""
+        new one that identical inputs may join until it is settled. An interactive caller
+        joining a bulk item moves it to the interactive lane."""
         key = None if self._identity is None else self._identity(payload)
         shared = None if key is None else self._shared.get(key)
         if shared is not None and not shared.future.done():
             shared.waiting += 1
+            shared.bulk = shared.bulk and bulk
             if shared.deadline is not None:  # wanted until its last caller's deadline
                 shared.deadline = None if deadline is None else max(deadline, shared.deadline)
             self._metrics.count("coalesced")
             return shared, False
         item: PendingItem[InT, OutT] = PendingItem(
-            payload, asyncio.get_running_loop().create_future(), now, deadline, cost
+            payload, asyncio.get_running_loop().create_future(), now, deadline, cost, bulk=bulk
         )
         if key is not None:
             self._shared[key] = item

@@ -19,7 +19,7 @@ from batcher.callers import Callers
 from batcher.config import EngineConfig
 from batcher.errors import DeadlineUnreachable, EngineClosed, ItemTooLarge
 from batcher.execution import Executor
-from batcher.items import PendingItem, Result
+from batcher.items import Lane, PendingItem, Result
 from batcher.metrics import EngineMetrics
 from batcher.padding import bucket_length
 from batcher.policy import Dispatch, DispatchReason, batch_limits, decide
@@ -70,7 +70,7 @@ class Engine(Generic[InT, OutT]):
         self._callers: Callers[InT, OutT] = Callers(identity, self.metrics)
         self._has_work = asyncio.Event()
         self._executor: Executor[InT, OutT] = Executor(
-            self._pool, self._queue.wanted, self.metrics, clock
+            self._pool, self._queue.wanted, self.metrics, clock, self._queue.lanes
         )
         ahead = self._executor.prepares_ahead
         self._steering = Steering(
@@ -226,27 +226,32 @@ class Engine(Generic[InT, OutT]):
 
     # -- admission ---------------------------------------------------------------------
 
-    async def submit(self, payload: InT, *, deadline: float | None = None) -> Result[OutT]:
+    async def submit(
+        self, payload: InT, *, deadline: float | None = None, lane: Lane = "interactive"
+    ) -> Result[OutT]:
         """Queue one input and wait for its result.
 
-        `deadline` is an absolute time on `engine.clock` (`engine.clock() + timeout_s`).
+        `deadline` is an absolute time on `engine.clock` (`engine.clock() + timeout_s`);
+        `lane`: `bulk` for work nobody waits on, which goes after interactive work while
+        keeping a share of the device (`batcher.lanes`).
         Raises QueueFull, EngineClosed or ItemTooLarge at once; DeadlineUnreachable at
         once when, at the rate the devices drain the queue, the item would reach a device
         only after its deadline; DeadlineExceeded when the deadline passes first;
         InferenceFailed when the model fails on this input.
         """
-        [result] = await self.submit_many([payload], deadline=deadline)
+        [result] = await self.submit_many([payload], deadline=deadline, lane=lane)
         return result
 
     async def submit_many(
-        self, payloads: Sequence[InT], *, deadline: float | None = None
-    ) -> list[Result[OutT]]:
+        self, payloads: Sequence[InT], *, deadline: float | None = None,
+        lane: Lane = "interactive",
+    ) -> list[Result[OutT]]:  # fmt: skip
         """Queue several inputs at once, all or none, and wait for all their results.
 
         Each input is batched on its own merits. If one fails, the others are cancelled
         (those not yet computed never will be) and its error is raised.
         """
-        items = self._admit(payloads, deadline)
+        items = self._admit(payloads, deadline, lane == "bulk")
         return await self._callers.wait(
             items, None if deadline is None else deadline - self.clock()
         )
@@ -258,7 +263,7 @@ class Engine(Generic[InT, OutT]):
         self._queue.check_room(n, self.config.max_queue_size)
 
     def _admit(
-        self, payloads: Sequence[InT], deadline: float | None
+        self, payloads: Sequence[InT], deadline: float | None, bulk: bool = False
     ) -> list[PendingItem[InT, OutT]]:
         if self._state != "running":
             self.metrics.count("rejected_closed", len(payloads))
@@ -279,7 +284,7 @@ class Engine(Generic[InT, OutT]):
         items: list[PendingItem[InT, OutT]] = []
         fresh: list[PendingItem[InT, OutT]] = []
         for payload, cost in zip(payloads, costs, strict=True):
-            item, new = self._callers.admit(payload, now, deadline, cost)
+            item, new = self._callers.admit(payload, now, deadline, cost, bulk)
             if new:
                 fresh.append(item)
             items.append(item)
@@ -342,6 +347,8 @@ class Engine(Generic[InT, OutT]):
                 grant.release(used=False)
             return
         self.metrics.record_dispatch(reason, len(batch), self.config.max_batch_size)
+        if grant is not None:
+            grant.bulk = batch[0].bulk
         self._in_flight += 1
         task = asyncio.create_task(self._execute(batch, grant))
         self._batches.add(task)

@@ -17,6 +17,7 @@ from typing import Generic, TypeVar, cast
 from batcher.cost import CostModel, DrainRate, MemoryCap
 from batcher.errors import DeviceOutOfMemory, EngineClosed, InferenceFailed
 from batcher.items import PendingItem, Result, settle_error, settle_result
+from batcher.lanes import LaneUsage
 from batcher.metrics import EngineMetrics
 from batcher.padding import padded_tokens
 from batcher.replicas import Replica, ReplicaPool
@@ -41,8 +42,10 @@ class Executor(Generic[InT, OutT]):
         wanted: Callable[[PendingItem[InT, OutT], float], bool],
         metrics: EngineMetrics,
         clock: Callable[[], float],
+        lanes: LaneUsage | None = None,
     ) -> None:
         self._pool = pool
+        self._lanes = lanes if lanes is not None else LaneUsage()
         self._wanted = wanted
         self._metrics = metrics
         self._clock = clock
@@ -219,5 +222,6 @@ class Executor(Generic[InT, OutT]):
         padded = padded_tokens(item.cost for item in batch)
         self.cost.observe(padded, inference_time_s)
         self.drain_rate.observe(len(batch), inference_time_s)
+        self._lanes.add("bulk" if batch[0].bulk else "interactive", inference_time_s, started)
         waits = (started - item.enqueued_at for item in batch)
         self._metrics.record_batch(replica.index, inference_time_s, real, padded, waits)

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar, get_args
 
 InT = TypeVar("InT")
 OutT = TypeVar("OutT")
+
+Lane = Literal["interactive", "bulk"]
+"""Whose work an item is: someone waiting for it (`interactive`), or a job that only
+needs it done (`bulk`, e.g. re-indexing). Interactive items go first; bulk keeps a share
+of the device (`batcher.lanes`)."""
+LANES: tuple[Lane, ...] = get_args(Lane)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +55,8 @@ class PendingItem(Generic[InT, OutT]):
     bounds it: `EngineConfig.max_overtakes`)."""
     waiting: int = 1
     """Callers still waiting for it."""
+    bulk: bool = False
+    """In the bulk lane (every caller of it asked for bulk)."""
 
 
 def settle_result(future: asyncio.Future[OutT], value: OutT) -> bool:

@@ -15,6 +15,7 @@ from batcher.config import EngineConfig
 from batcher.cost import LinearCost
 from batcher.errors import DeadlineExceeded, EngineError, QueueFull
 from batcher.items import PendingItem, settle_error
+from batcher.lanes import LaneUsage, next_lane
 from batcher.metrics import EngineMetrics
 from batcher.policy import select_batch
 
@@ -32,9 +33,11 @@ flowing: one stray short input among long ones does not count as short work."""
 
 
 class PendingQueue(Generic[InT, OutT]):
-    def __init__(self, metrics: EngineMetrics) -> None:
+    def __init__(self, metrics: EngineMetrics, lanes: LaneUsage | None = None) -> None:
         self._items: deque[PendingItem[InT, OutT]] = deque()
         self._metrics = metrics
+        self.lanes = lanes if lanes is not None else LaneUsage()
+        """The device time each lane had of late: which lane the next batch is from."""
         self._recent: deque[tuple[float, int]] = deque(maxlen=RECENT_ITEMS)
         """(admitted at, cost) of the last admissions."""
 
@@ -98,16 +101,22 @@ class PendingQueue(Generic[InT, OutT]):
     ) -> list[PendingItem[InT, OutT]]:
         """Remove and return the next batch (`policy.select_batch`), dropping the items
         no longer wanted; each item left behind older than one taken is overtaken once
-        more."""
+        more. The batch is all of one lane: interactive, unless none waits or the bulk
+        lane is owed its share (`batcher.lanes.next_lane`)."""
         live = [item for item in self._items if self.wanted(item, now)]
-        chosen = sorted(select_batch(live, limits, cost, now, self.recent_short(now)))
+        interactive = any(not item.bulk for item in live)
+        bulk = next_lane(interactive, any(item.bulk for item in live),
+                         self.lanes.bulk_share(now)) == "bulk"  # fmt: skip
+        lane = [i for i, item in enumerate(live) if item.bulk == bulk]
+        picked = select_batch([live[i] for i in lane], limits, cost, now, self.recent_short(now))
+        chosen = sorted(lane[j] for j in picked)
         taken = set(chosen)
         youngest = chosen[-1] if chosen else -1
         kept: deque[PendingItem[InT, OutT]] = deque()
         for i, item in enumerate(live):
             if i in taken:
                 continue
-            if i < youngest:
+            if i < youngest and item.bulk == bulk:
                 item.overtaken += 1
             kept.append(item)
         self._items = kept

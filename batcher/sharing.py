@@ -14,11 +14,16 @@ frees, `choose` picks among the engines that have work waiting:
    deadline would pass if it waited behind the fair choice's batch, and that can still
    make it, goes first, provided its start tag is within both batches' time of the fair
    choice's (so deadlines cannot be used to take more than a batch's share);
-3. ties go to the engine whose oldest item is older.
+3. ties go to the engine whose oldest item is older;
 
-And while other engines are active (work waiting, or a batch within the last
-`ACTIVE_S`), a granted batch is given a budget: the longest of their usual batch times.
-The engine sizes its batch to fit it (by its drain rate), so that a model flooded with
+and before all of these, lanes: engines with interactive work waiting go before those
+with only bulk work, unless the bulk lane has had less than its share of the device's
+recent time (`batcher.lanes`).
+
+And while lighter engines are active (work waiting, or a batch within the last
+`ACTIVE_S`; lighter: less work queued), a granted batch is given a budget: half the
+longest of their usual batch times. The engine sizes its batch to fit it (by its
+learned cost), so that a model flooded with
 long work does not hold the device for a whole large batch while another model's
 request waits behind it: a batch cannot be interrupted once it runs, so its length is
 the wait it imposes.
@@ -40,6 +45,7 @@ from typing import Any, Protocol
 
 from batcher.config import EngineConfig
 from batcher.cost import LinearCost
+from batcher.lanes import LaneUsage, next_lane
 from batcher.metrics import Totals
 from batcher.padding import bucket_length
 
@@ -59,6 +65,9 @@ class Queued(Protocol):
     @property
     def future(self) -> asyncio.Future[Any]: ...
 
+    @property
+    def bulk(self) -> bool: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Claim:
@@ -74,6 +83,8 @@ class Claim:
     """When its oldest waiting item was admitted (engine clock)."""
     deadline: float | None
     """The earliest deadline among its waiting items; None when none has one."""
+    interactive: bool = True
+    """Whether interactive items are among its waiting ones (else only bulk)."""
 
 
 def choose(claims: Sequence[Claim], now: float) -> Claim:
@@ -101,6 +112,9 @@ class Waiting:
     batch_s: float
     oldest: float
     deadline: float | None
+    interactive: bool = True
+    backlog: int = 0
+    """Tokens queued (among the first `DEADLINE_SCAN` items): how heavy its work is now."""
 
 
 DEADLINE_SCAN = 256
@@ -117,15 +131,14 @@ def waiting_work(
     if not queue:
         return None
     size = min(len(queue), max_batch_size)
-    deadlines = [
-        item.deadline
-        for item in islice(queue, DEADLINE_SCAN)
-        if item.deadline is not None and not item.future.done()
-    ]
+    head = [item for item in islice(queue, DEADLINE_SCAN) if not item.future.done()]
+    deadlines = [item.deadline for item in head if item.deadline is not None]
     return Waiting(
         size / rate if rate else 0.0,
         queue[0].enqueued_at,
         min(deadlines) if deadlines else None,
+        any(not item.bulk for item in head),
+        sum(item.cost for item in head),
     )
 
 
@@ -157,6 +170,9 @@ BUDGET_SHARE = 0.5
 """A batch granted while other engines are active takes about this share of their usual
 batch time: each of their requests then waits at most half a batch of theirs more than
 alone."""
+LIGHTER = 0.5
+"""A share with less than this much of another's queued tokens is the lighter one, whose
+requests the other's batches are cut for."""
 BATCH_DECAY = 0.8
 """Weight kept by the past in a share's usual batch time, at each batch."""
 
@@ -165,7 +181,7 @@ class Grant:
     """A device, held for one batch from the moment it is granted; `release` it when
     the batch is done. The holder is charged the seconds in between."""
 
-    __slots__ = ("_released", "_share", "budget_s", "device", "granted_at", "start")
+    __slots__ = ("_released", "_share", "budget_s", "bulk", "device", "granted_at", "start")
 
     def __init__(
         self, share: DeviceShare, device: int, start: float, budget_s: float | None
@@ -178,6 +194,8 @@ class Grant:
         """Device seconds the batch should fit in, while other engines are active; None
         when none is."""
         self.granted_at = share._scheduler.clock()
+        self.bulk = False
+        """Whether the batch formed on it is of the bulk lane (the engine says)."""
         self._released = False
 
     def limits(
@@ -276,6 +294,9 @@ class DeviceShare:
 
     def _released(self, grant: Grant, device_s: float) -> None:
         self.device_s += device_s
+        if device_s > 0:
+            now = self._scheduler.clock()
+            self._scheduler.lanes.add("bulk" if grant.bulk else "interactive", device_s, now)
         self.finish = grant.start + device_s / self.weight
         if device_s > 0:
             self.batches += 1
@@ -298,6 +319,8 @@ class DeviceScheduler:
         self._free = [True] * devices
         self._virtual = 0.0
         """The start tag of the batch granted last: where an engine back from idle starts."""
+        self.lanes = LaneUsage()
+        """The device time each lane had of late, over every engine."""
         self.shares: list[DeviceShare] = []
 
     def join(self, name: str, weight: float = 1.0) -> DeviceShare:
@@ -321,43 +344,57 @@ class DeviceScheduler:
         while True in self._free:
             now = self.clock()
             claims = []
+            backlog: dict[int, int] = {}
             for share in self.shares:
                 if share.reserved is not None:
                     continue
                 waiting = share.waiting()
+                backlog[share.index] = 0 if waiting is None else waiting.backlog
                 if waiting is None:
                     if share._waiter is None:
                         continue
                     waiting = Waiting(0.0, now, None)  # asks with nothing left: let it see
                 start = max(share.finish, self._virtual)
-                claims.append(
-                    Claim(share.index, start, waiting.batch_s, waiting.oldest, waiting.deadline)
-                )
+                claims.append(Claim(share.index, start, waiting.batch_s, waiting.oldest,
+                                    waiting.deadline, waiting.interactive))  # fmt: skip
             if not claims:
                 return
-            chosen = choose(claims, now)
+            chosen = choose(in_lane(claims, self.lanes.bulk_share(now)), now)
             device = self._free.index(True)
             self._free[device] = False
             self._virtual = chosen.start
             share = self.shares[chosen.share]
-            waiting_now = {claim.share: claim.batch_s for claim in claims}
-            budget = budget_s(share, self.shares, waiting_now, now)
+            budget = budget_s(share, self.shares, backlog, now)
             share._granted(Grant(share, device, chosen.start, budget))
 
 
+def in_lane(claims: list[Claim], bulk_share: float) -> list[Claim]:
+    """The claims the next grant is chosen among: those with interactive work, unless
+    none has any or the bulk lane is owed its share (`batcher.lanes.next_lane`); then
+    those with only bulk work (all of them, where every engine has both)."""
+    interactive = [c for c in claims if c.interactive]
+    bulk_only = [c for c in claims if not c.interactive]
+    if next_lane(bool(interactive), bool(bulk_only), bulk_share) == "bulk":
+        return bulk_only
+    return interactive or claims
+
+
 def budget_s(
-    share: DeviceShare,
-    shares: Sequence[DeviceShare],
-    waiting_now: dict[int, float],
-    now: float,
+    share: DeviceShare, shares: Sequence[DeviceShare], backlog: dict[int, int], now: float
 ) -> float | None:
     """The batch budget of `share`'s grant: `BUDGET_SHARE` of the longest usual batch
-    time among the other active shares; None when no other is active (or none has run
-    a batch yet)."""
+    time among the lighter shares that are active (work waiting, or a batch in the last
+    `ACTIVE_S`); None when there is none, or none has run a batch yet. Lighter: less work
+    queued (`backlog`, tokens) than `LIGHTER` of this share's, so a flood's batches are
+    cut for a light model's requests, never the light model's for the flood, and equals
+    keep full batches."""
+    heavy = backlog.get(share.index, 0)
     times = [
         other.batch_s
         for other in shares
-        if other is not share and (other.index in waiting_now or other.active_until > now)
+        if other is not share
+        and other.batch_s > 0
+        and (backlog.get(other.index, 0) > 0 or other.active_until > now)
+        and backlog.get(other.index, 0) < LIGHTER * heavy
     ]
-    known = [t for t in times if t > 0]
-    return BUDGET_SHARE * max(known) if known else None
+    return BUDGET_SHARE * max(times) if times else None

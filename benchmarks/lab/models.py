@@ -54,8 +54,9 @@ def build_reranker(path: Path) -> Path:
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-        intermediate_size=1536, max_position_embeddings=512, num_labels=1,
+        intermediate_size=1536, max_position_embeddings=512,
     )  # fmt: skip
+    config.num_labels = 1
     base = path.with_name(path.name + "-base")
     BertForSequenceClassification(config).save_pretrained(base)
     AutoTokenizer.from_pretrained(default_source()).save_pretrained(base)
@@ -72,6 +73,20 @@ class Phase:
     rerank_p99_ms: float
     rerank_failed: int
     embed_chunks_per_s: float | None
+    rerank_queue_p50_ms: float = 0.0
+    """The longest queue wait among a request's pairs (X-Queue-Time-Ms), median."""
+    rerank_queue_p99_ms: float = 0.0
+    rerank_inference_p50_ms: float = 0.0
+    """Device time of the request's slowest batch (X-Inference-Time-Ms), median."""
+
+
+@dataclass
+class Stream:
+    latencies: list[float]
+    """Seconds, request to reply."""
+    waits_ms: list[float]
+    device_ms: list[float]
+    failed: int
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -82,12 +97,14 @@ def quantile(values: list[float], q: float) -> float:
 async def rerank_stream(
     client: httpx.AsyncClient, url: str, model: str | None, rate: float, duration: float,
     docs: int, seed: int,
-) -> tuple[list[float], int]:  # fmt: skip
+) -> Stream:  # fmt: skip
     """Poisson arrivals at `rate` for `duration`: each a query and `docs` documents."""
     rng = random.Random(seed)
     sentences = builtin(4000, seed, 20, 40).texts
     queries = builtin(500, seed + 1, 8, 15).texts
     latencies: list[float] = []
+    waits: list[float] = []
+    device: list[float] = []
     failed = 0
 
     async def one(i: int) -> None:
@@ -102,6 +119,8 @@ async def rerank_stream(
         reply = await client.post(f"{url}/rerank", json=body, headers=NO_CACHE)
         if reply.status_code == 200:
             latencies.append(time.perf_counter() - started)
+            waits.append(float(reply.headers["x-queue-time-ms"]))
+            device.append(float(reply.headers["x-inference-time-ms"]))
         else:
             failed += 1
 
@@ -113,7 +132,7 @@ async def rerank_stream(
         i += 1
         await asyncio.sleep(rng.expovariate(rate))  # the stream's own clock
     await asyncio.gather(*tasks)
-    return latencies, failed
+    return Stream(latencies, waits, device, failed)
 
 
 async def flood(
@@ -149,33 +168,32 @@ async def phases(
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         await rerank_stream(client, rerank_url, rr, args.rate, args.warmup, args.docs, 7)
-        solo, solo_failed = await rerank_stream(
-            client, rerank_url, rr, args.rate, args.duration, args.docs, 1
-        )
+        solo = await rerank_stream(client, rerank_url, rr, args.rate, args.duration, args.docs, 1)
         stop = asyncio.Event()
         flooding = asyncio.create_task(flood(client, embed_url, emb, args.flood, args.chunks, stop))
         await asyncio.sleep(args.warmup)  # the flood's batches are running and learned
         started = time.perf_counter()
-        loaded, loaded_failed = await rerank_stream(
-            client, rerank_url, rr, args.rate, args.duration, args.docs, 1
-        )
+        loaded = await rerank_stream(client, rerank_url, rr, args.rate, args.duration, args.docs, 1)
         elapsed = time.perf_counter() - started
         stop.set()
         chunks = await flooding
     made = []
-    for phase, latencies, failed, rate in (
-        ("alone", solo, solo_failed, None),
-        ("beside the flood", loaded, loaded_failed, chunks / elapsed),
+    for phase, stream, rate in (
+        ("alone", solo, None),
+        ("beside the flood", loaded, chunks / elapsed),
     ):
         made.append(
             Phase(
                 setup,
                 phase,
-                len(latencies),
-                quantile(latencies, 0.5) * 1e3,
-                quantile(latencies, 0.99) * 1e3,
-                failed,
+                len(stream.latencies),
+                quantile(stream.latencies, 0.5) * 1e3,
+                quantile(stream.latencies, 0.99) * 1e3,
+                stream.failed,
                 rate,
+                quantile(stream.waits_ms, 0.5),
+                quantile(stream.waits_ms, 0.99),
+                quantile(stream.device_ms, 0.5),
             )
         )
     return made
@@ -225,13 +243,17 @@ def main() -> None:
               "phases": [asdict(r) for r in results]}  # fmt: skip
     (args.out / "models.json").write_text(json.dumps(report, indent=2))
     lines = [
-        "| setup | reranker | requests | p50 ms | p99 ms | failed | embedder chunks/s |",
-        "|---|---|---|---|---|---|---|",
+        "| setup | reranker | requests | p50 ms | p99 ms | queue p50 / p99 ms | device p50 ms "
+        "| failed | embedder chunks/s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         rate = "" if r.embed_chunks_per_s is None else f"{r.embed_chunks_per_s:.1f}"
-        lines.append(f"| {r.setup} | {r.phase} | {r.rerank_requests} | {r.rerank_p50_ms:.1f} | "
-                     f"{r.rerank_p99_ms:.1f} | {r.rerank_failed} | {rate} |")  # fmt: skip
+        lines.append(
+            f"| {r.setup} | {r.phase} | {r.rerank_requests} | {r.rerank_p50_ms:.1f} | "
+            f"{r.rerank_p99_ms:.1f} | {r.rerank_queue_p50_ms:.1f} / {r.rerank_queue_p99_ms:.1f} "
+            f"| {r.rerank_inference_p50_ms:.1f} | {r.rerank_failed} | {rate} |"
+        )
     for setup in dict.fromkeys(r.setup for r in results):
         alone, loaded = (r for r in results if r.setup == setup)
         lines.append(f"\n{setup}: p99 beside the flood / alone = "

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from batcher import Engine, EngineConfig
-from batcher.sharing import Claim, DeviceScheduler, choose
+from batcher.sharing import Claim, DeviceScheduler, Grant, budget_s, choose
 from tests.batcher.fakes import Call, PaddedCostRunner
 
 
@@ -229,3 +229,23 @@ async def test_a_shared_engine_closes_with_its_turn_pending() -> None:
     assert (await slow).value == "X"
     c = asyncio.create_task(asyncio.sleep(0))  # the loop is not stuck
     await c
+
+
+def test_only_the_model_with_more_work_queued_has_its_batches_cut() -> None:
+    """The budget protects the lighter model's requests from the heavier one's batches;
+    it never cuts the lighter model's batches, nor those of equals, nor anyone's once
+    the light model has gone quiet."""
+    now = [0.0]
+    scheduler = DeviceScheduler(1, clock=lambda: now[0])
+    heavy, light = scheduler.join("heavy"), scheduler.join("light")
+    for share, seconds in ((heavy, 0.2), (light, 0.04)):  # each ran a batch
+        grant = Grant(share, 0, 0.0, None)
+        now[0] += seconds
+        grant.release()
+    flood = {heavy.index: 64 * 256, light.index: 0}  # the light one: between requests
+    assert budget_s(heavy, scheduler.shares, flood, now[0]) == pytest.approx(0.02)
+    assert budget_s(light, scheduler.shares, flood, now[0]) is None
+    equals = {heavy.index: 4096, light.index: 4096}
+    assert budget_s(heavy, scheduler.shares, equals, now[0]) is None
+    now[0] += 11.0  # the light model's last batch is long past, and nothing waits
+    assert budget_s(heavy, scheduler.shares, flood, now[0]) is None

@@ -18,6 +18,8 @@ from tests.conftest import ServerProcess
 from tests.server.live import metric
 from tests.tiny_models import TEXTS, Kind, save_cross_encoder, save_embedder, save_nli_classifier
 
+pytestmark = [pytest.mark.slow, pytest.mark.reference]
+
 QUERY = "what is dynamic micro-batching?"
 
 
@@ -43,11 +45,13 @@ def test_every_model_is_listed_with_its_task_and_state(three: tuple[dict[str, Pa
     by_id = {m.id: m.model_dump() for m in listed.data}
     assert list(by_id) == ["emb", "rr", "nli"]
     assert [by_id[n]["task"] for n in by_id] == ["embed", "rerank", "classify"]
-    assert by_id["emb"]["pooling"] == ["cls"] and by_id["rr"]["pooling"] is None
+    assert by_id["emb"]["pooling"] == ["cls"]
+    assert by_id["rr"]["pooling"] is None
     assert all(m["status"] == "ready" for m in by_id.values())
     assert [m["default"] for m in by_id.values()] == [True, False, False]
     info = httpx.get(f"{url}/model").json()
-    assert info["name"] == "emb" and [m["name"] for m in info["models"]] == ["emb", "rr", "nli"]
+    assert info["name"] == "emb"
+    assert [m["name"] for m in info["models"]] == ["emb", "rr", "nli"]
     assert httpx.get(f"{url}/model", params={"model": "rr"}).json()["task"] == "rerank"
 
 
@@ -65,7 +69,8 @@ def test_each_request_goes_to_the_model_it_names(three: tuple[dict[str, Path], s
     assert np.min(np.sum(ours * reference, axis=1)) > 0.9999
     # Naming none is the default model, the embedder.
     default = httpx.post(f"{url}/predict", json={"text": texts[0]}).json()
-    assert default["model"] == "emb" and np.dot(default["embedding"], reference[0]) > 0.9999
+    assert default["model"] == "emb"
+    assert np.dot(default["embedding"], reference[0]) > 0.9999
 
     ranked = httpx.post(
         f"{url}/v1/rerank", json={"model": "rr", "query": QUERY, "documents": texts}
@@ -94,14 +99,18 @@ def test_an_unknown_model_is_404_naming_the_served_ones(three: tuple[dict[str, P
         ai.embeddings.create(input="x", model="text-embedding-3-small")
     assert "served: emb, rr, nli" in missing.value.message
     ours = httpx.post(f"{url}/predict", json={"model": "nope", "text": "x"})
-    assert ours.status_code == 404 and ours.json()["type"] == "model_not_found"
+    assert ours.status_code == 404
+    assert ours.json()["type"] == "model_not_found"
     tei = httpx.post(f"{url}/embed", json={"model": "nope", "inputs": "x"})
-    assert tei.status_code == 404 and "served: emb, rr, nli" in tei.json()["error"]
+    assert tei.status_code == 404
+    assert "served: emb, rr, nli" in tei.json()["error"]
     v2 = httpx.post(f"{url}/v2/rerank", json={"model": "nope", "query": "q", "documents": ["d"]})
-    assert v2.status_code == 404 and "'nope'" in v2.json()["message"]
+    assert v2.status_code == 404
+    assert "'nope'" in v2.json()["message"]
     # A model that exists but does the wrong task: 400, as with one model.
     wrong = httpx.post(f"{url}/v1/embeddings", json={"model": "rr", "input": "x"})
-    assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "wrong_task"
+    assert wrong.status_code == 400
+    assert wrong.json()["error"]["code"] == "wrong_task"
 
 
 def test_settings_metrics_and_the_dashboard_are_per_model(
@@ -121,7 +130,8 @@ def test_settings_metrics_and_the_dashboard_are_per_model(
     assert metric(text, 'microbatch_max_wait_seconds{model="rr"}') == pytest.approx(0.007)
     assert metric(text, 'microbatch_max_wait_seconds{model="emb"}') == before["max_wait_ms"] / 1e3
     data = httpx.get(f"{url}/dashboard/data", params={"model": "rr"}).json()
-    assert data["model"] == "rr" and data["models"] == ["emb", "rr", "nli"]
+    assert data["model"] == "rr"
+    assert data["models"] == ["emb", "rr", "nli"]
     assert data["batching"]["max_wait_ms"] == 7
     assert httpx.get(f"{url}/admin/batching", params={"model": "x"}).status_code == 404
 

@@ -47,7 +47,9 @@ def test_several_models_need_names_once_each_and_one_process(tmp_path: Path) -> 
     twice = one_line(serve("--model", f"emb={a}", "--model", f"emb={b}"))
     assert twice == "microbatch serve: --model: the name 'emb' is given twice"
     default = one_line(serve("--model", f"emb={a},rr={b}", "--default-model", "nli"))
-    assert default == "microbatch serve: --default-model 'nli' is not a served model; served: emb, rr"
+    assert (
+        default == "microbatch serve: --default-model 'nli' is not a served model; served: emb, rr"
+    )
     assert "a model's name is letters" in one_line(serve("--model", f"=x{a}"))
     workers = serve("--model", f"emb={a}", "--model", f"rr={b}", "--workers", "2")
     assert workers.returncode == 2
@@ -57,7 +59,8 @@ def test_several_models_need_names_once_each_and_one_process(tmp_path: Path) -> 
 def test_models_that_cannot_fit_the_device_are_refused_with_their_sizes() -> None:
     line = one_line(serve("--device", "cpu", "--max-batch-size", "1000000"))
     assert line.startswith("microbatch serve: --model: the models need ")
-    assert "the built-in model" in line and "activations of 1000000 x 256 tokens" in line
+    assert "the built-in model" in line
+    assert "activations of 1000000 x 256 tokens" in line
     assert line.endswith("lower --max-batch-size or --max-tokens, or serve fewer models")
 
 

@@ -21,14 +21,17 @@ def test_the_weights_are_the_safetensors_values_at_the_served_precision(tmp_path
     assert parameters(path) == values
     fp32 = footprint(LoadOptions(source=str(path), dtype="float32"), 32, "cpu")
     half = footprint(LoadOptions(source=str(path), dtype="bfloat16"), 32, "cpu")
-    assert fp32 is not None and half is not None
-    assert fp32.weights_bytes == 4 * values and half.weights_bytes == 2 * values
+    assert fp32 is not None
+    assert half is not None
+    assert fp32.weights_bytes == 4 * values
+    assert half.weights_bytes == 2 * values
     config = loaded.config
     per_token = 3 * config.hidden_size + config.intermediate_size
     per_token += config.num_attention_heads * config.max_position_embeddings
     assert fp32.activation_bytes == 32 * config.max_position_embeddings * per_token * 4
     smaller = footprint(LoadOptions(source=str(path), dtype="float32", max_tokens=16), 8, "cpu")
-    assert smaller is not None and smaller.activation_bytes < fp32.activation_bytes / 4
+    assert smaller is not None
+    assert smaller.activation_bytes < fp32.activation_bytes / 4
 
 
 @pytest.mark.parametrize(
