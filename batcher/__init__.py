@@ -25,7 +25,7 @@ from batcher.errors import (
     ItemTooLarge,
     QueueFull,
 )
-from batcher.items import Result
+from batcher.items import LANES, Lane, Result
 from batcher.metrics import OUTCOMES, SECONDS_BUCKETS, EngineMetrics, Totals
 from batcher.policy import DISPATCH_REASONS, DispatchReason
 from batcher.remote import EngineServer, RemoteEngine, socket_dir
@@ -37,6 +37,7 @@ from batcher.stats import EngineStats, ReplicaStats, State
 __all__ = [
     "BATCH_SIZINGS",
     "DISPATCH_REASONS",
+    "LANES",
     "LIMITS",
     "OUTCOMES",
     "POLICIES",
@@ -56,6 +57,7 @@ __all__ = [
     "EngineServer",
     "EngineStats",
     "InferenceFailed",
+    "Lane",
     "Limit",
     "ItemTooLarge",
     "Model",

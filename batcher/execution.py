@@ -16,7 +16,7 @@ from typing import Generic, TypeVar, cast
 
 from batcher.cost import CostModel, DrainRate, MemoryCap
 from batcher.errors import DeviceOutOfMemory, EngineClosed, InferenceFailed
-from batcher.items import PendingItem, Result, settle_error, settle_result
+from batcher.items import Lane, PendingItem, Result, settle_error, settle_result
 from batcher.lanes import LaneUsage
 from batcher.metrics import EngineMetrics
 from batcher.padding import padded_tokens
@@ -222,6 +222,7 @@ class Executor(Generic[InT, OutT]):
         padded = padded_tokens(item.cost for item in batch)
         self.cost.observe(padded, inference_time_s)
         self.drain_rate.observe(len(batch), inference_time_s)
-        self._lanes.add("bulk" if batch[0].bulk else "interactive", inference_time_s, started)
+        lane: Lane = "bulk" if batch[0].bulk else "interactive"
+        self._lanes.add(lane, inference_time_s, started)
         waits = (started - item.enqueued_at for item in batch)
-        self._metrics.record_batch(replica.index, inference_time_s, real, padded, waits)
+        self._metrics.record_batch(replica.index, inference_time_s, real, padded, waits, lane)

@@ -26,14 +26,17 @@ ControlOp = Literal["stats", "reconfigure", "call"]
 
 @dataclass(frozen=True, slots=True)
 class Submit:
-    """Queue `payloads` (all or none); `timeout_s` from now, on the engine's clock."""
+    """Queue `payloads` (all or none); `timeout_s` from now, on the engine's clock; in
+    the bulk lane with `bulk`."""
 
     call: int
     payloads: Sequence[Any]
     timeout_s: float | None
+    bulk: bool = False
+    """In the bulk lane (`batcher.lanes`)."""
 
     def __reduce__(self) -> tuple[type[Submit], tuple[Any, ...]]:
-        return Submit, (self.call, self.payloads, self.timeout_s)  # see _WIRE
+        return Submit, (self.call, self.payloads, self.timeout_s, self.bulk)  # see _WIRE
 
 
 @dataclass(frozen=True, slots=True)

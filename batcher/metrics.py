@@ -9,6 +9,7 @@ from weakref import WeakKeyDictionary
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from batcher.items import LANES, Lane
 from batcher.policy import DISPATCH_REASONS, DispatchReason
 from batcher.slo import ACTIONS, Adjustment, Judged
 
@@ -58,8 +59,9 @@ class _Families:
         )  # fmt: skip
         self.queue_wait = Histogram(
             "microbatch_queue_wait_seconds",
-            "Per item: from admission until its batch reached the device.",
-            buckets=SECONDS_BUCKETS, labelnames=MODEL, registry=r,
+            "Per item: from admission until its batch reached the device, by lane "
+            "(interactive, bulk).",
+            buckets=SECONDS_BUCKETS, labelnames=("model", "lane"), registry=r,
         )  # fmt: skip
         self.inference = Histogram(
             "microbatch_inference_seconds",
@@ -212,7 +214,7 @@ class EngineMetrics:
         if f is None:
             f = _FAMILIES[self.registry] = _Families(self.registry)
         self.batch_size = f.batch_size.labels(model)
-        self.queue_wait = f.queue_wait.labels(model)
+        self.queue_wait = {lane: f.queue_wait.labels(model, lane) for lane in LANES}
         self.inference = f.inference.labels(model)
         self.padding_ratio = f.padding_ratio.labels(model)
         self.padded_tokens = f.padded_tokens.labels(model)
@@ -278,6 +280,7 @@ class EngineMetrics:
         real_tokens: int,
         padded_tokens: int,
         queue_waits_s: Iterable[float],
+        lane: Lane = "interactive",
     ) -> None:
         """One computed batch: its size, device time, tokens and each item's wait."""
         waits = list(queue_waits_s)
@@ -294,4 +297,4 @@ class EngineMetrics:
         self.padded_tokens.inc(padded_tokens)
         self.padding_ratio.observe(padded_tokens / real_tokens if real_tokens else 1.0)
         for wait in waits:
-            self.queue_wait.observe(wait)
+            self.queue_wait[lane].observe(wait)

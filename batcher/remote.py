@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 
 from batcher.engine import Engine
 from batcher.errors import EngineClosed
-from batcher.items import Result
+from batcher.items import Lane, Result
 from batcher.link import (
     Cancel,
     Control,
@@ -163,7 +163,8 @@ class EngineServer(Generic[InT, OutT]):
     async def _submit(self, message: Submit) -> list[Result[OutT]]:
         engine = self.engine
         deadline = None if message.timeout_s is None else engine.clock() + message.timeout_s
-        return await engine.submit_many(message.payloads, deadline=deadline)
+        lane: Lane = "bulk" if message.bulk else "interactive"
+        return await engine.submit_many(message.payloads, deadline=deadline, lane=lane)
 
     async def _control(self, message: Control) -> Any:
         if message.op == "stats":
@@ -277,11 +278,13 @@ class RemoteEngine(Generic[InT, OutT]):
         return call, future
 
     async def submit_many(
-        self, payloads: Sequence[InT], *, deadline: float | None = None
-    ) -> list[Result[OutT]]:
+        self, payloads: Sequence[InT], *, deadline: float | None = None,
+        lane: Lane = "interactive",
+    ) -> list[Result[OutT]]:  # fmt: skip
         """As `Engine.submit_many`, in the engine process."""
         timeout_s = None if deadline is None else max(0.0, deadline - self.clock())
-        call, future = self._call(lambda c: Submit(c, list(payloads), timeout_s))
+        bulk = lane == "bulk"
+        call, future = self._call(lambda c: Submit(c, list(payloads), timeout_s, bulk))
         self._submitting += 1
         if self._idle is not None:
             self._idle.clear()
@@ -303,8 +306,10 @@ class RemoteEngine(Generic[InT, OutT]):
             for r in results
         ]
 
-    async def submit(self, payload: InT, *, deadline: float | None = None) -> Result[OutT]:
-        [result] = await self.submit_many([payload], deadline=deadline)
+    async def submit(
+        self, payload: InT, *, deadline: float | None = None, lane: Lane = "interactive"
+    ) -> Result[OutT]:
+        [result] = await self.submit_many([payload], deadline=deadline, lane=lane)
         return result
 
     @property

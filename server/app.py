@@ -121,7 +121,13 @@ def create_app(
             CORSMiddleware,
             allow_origins=settings.cors_origin_list(),
             allow_methods=["GET", "POST", "PATCH"],
-            allow_headers=["authorization", "content-type", "x-request-id", "x-request-timeout-ms"],
+            allow_headers=[
+                "authorization",
+                "content-type",
+                "x-request-id",
+                "x-request-timeout-ms",
+                "x-priority",
+            ],
             expose_headers=[
                 "x-request-id",
                 "x-queue-time-ms",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from batcher import EngineConfig, EngineStats, Result, State
+from batcher import EngineConfig, EngineStats, Lane, Result, State
 from batcher.models import Classification, Encoded, Output
 from server.client import EngineHandle
 from server.shared_cache import SharedCache
@@ -156,13 +156,16 @@ class CachedEngine:
     def check_room(self, n: int = 1) -> None:
         self._engine.check_room(n)
 
-    async def submit(self, payload: Encoded, *, deadline: float | None = None) -> Result[Output]:
-        [result] = await self.submit_many([payload], deadline=deadline)
+    async def submit(
+        self, payload: Encoded, *, deadline: float | None = None, lane: Lane = "interactive"
+    ) -> Result[Output]:
+        [result] = await self.submit_many([payload], deadline=deadline, lane=lane)
         return result
 
     async def submit_many(
-        self, payloads: Sequence[Encoded], *, deadline: float | None = None
-    ) -> list[Result[Output]]:
+        self, payloads: Sequence[Encoded], *, deadline: float | None = None,
+        lane: Lane = "interactive",
+    ) -> list[Result[Output]]:  # fmt: skip
         keys = [(self._model, payload.identity()) for payload in payloads]
         results: list[Result[Output] | None] = [None] * len(payloads)
         if self._read:
@@ -181,7 +184,7 @@ class CachedEngine:
             missing = [i for i in missing if results[i] is None]
         if missing:
             computed = await self._engine.submit_many(
-                [payloads[i] for i in missing], deadline=deadline
+                [payloads[i] for i in missing], deadline=deadline, lane=lane
             )
             for i, result in zip(missing, computed, strict=True):
                 self._cache.put(keys[i], payloads[i], result.value)

@@ -36,6 +36,7 @@ from batcher import (
     EngineClosed,
     EngineConfig,
     EngineStats,
+    Lane,
     QueueFull,
     RemoteEngine,
     Result,
@@ -129,12 +130,13 @@ class EngineHandle(Protocol):
     def check_room(self, n: int = 1) -> None: ...
 
     async def submit(
-        self, payload: Encoded, *, deadline: float | None = None
+        self, payload: Encoded, *, deadline: float | None = None, lane: Lane = "interactive"
     ) -> Result[Output]: ...
 
     async def submit_many(
-        self, payloads: Sequence[Encoded], *, deadline: float | None = None
-    ) -> list[Result[Output]]: ...
+        self, payloads: Sequence[Encoded], *, deadline: float | None = None,
+        lane: Lane = "interactive",
+    ) -> list[Result[Output]]: ...  # fmt: skip
 
 
 class EngineClient(Protocol):
@@ -213,21 +215,24 @@ class EngineView:
         if depth + n > limit:
             raise QueueFull(depth, limit)
 
-    async def submit(self, payload: Encoded, *, deadline: float | None = None) -> Result[Output]:
-        [result] = await self.submit_many([payload], deadline=deadline)
+    async def submit(
+        self, payload: Encoded, *, deadline: float | None = None, lane: Lane = "interactive"
+    ) -> Result[Output]:
+        [result] = await self.submit_many([payload], deadline=deadline, lane=lane)
         return result
 
     async def submit_many(
-        self, payloads: Sequence[Encoded], *, deadline: float | None = None
-    ) -> list[Result[Output]]:
+        self, payloads: Sequence[Encoded], *, deadline: float | None = None,
+        lane: Lane = "interactive",
+    ) -> list[Result[Output]]:  # fmt: skip
         """As the engine's; if the engine process has not answered `SUBMIT_MARGIN_S`
         after the deadline (its loop hangs), DeadlineExceeded (504) and a cancel."""
         if deadline is None:
-            return await self.remote.submit_many(payloads)
+            return await self.remote.submit_many(payloads, lane=lane)
         left = deadline - self.remote.clock() + SUBMIT_MARGIN_S
         try:
             async with asyncio.timeout(left):
-                return await self.remote.submit_many(payloads, deadline=deadline)
+                return await self.remote.submit_many(payloads, deadline=deadline, lane=lane)
         except TimeoutError:
             raise DeadlineExceeded("the engine process did not answer by the deadline") from None
 

@@ -147,6 +147,14 @@ class Settings(BaseSettings):
         "them. If it fails or is slow, requests are served without it (counted in "
         "microbatch_cache_shared_errors_total).",
     )
+    bulk_inputs: int = Field(
+        32,
+        ge=0,
+        description="A call with at least this many inputs to embed or classify goes to the "
+        "bulk lane (after interactive work, with a share of the device kept for it) unless "
+        "its X-Priority header says interactive; rerank calls are interactive whatever "
+        "their size; 0: only X-Priority: bulk sends work there.",
+    )
     saturated_at: float = Field(
         0.8,
         gt=0,

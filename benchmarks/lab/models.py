@@ -94,11 +94,12 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def rerank_stream(
+async def run_stream(
     client: httpx.AsyncClient, url: str, model: str | None, rate: float, duration: float,
     docs: int, seed: int,
 ) -> Stream:  # fmt: skip
-    """Poisson arrivals at `rate` for `duration`: each a query and `docs` documents."""
+    """Poisson arrivals at `rate` for `duration`: each a query and `docs` documents on
+    /rerank, or (`docs` 0) a query alone on /predict."""
     rng = random.Random(seed)
     sentences = builtin(4000, seed, 20, 40).texts
     queries = builtin(500, seed + 1, 8, 15).texts
@@ -109,14 +110,17 @@ async def rerank_stream(
 
     async def one(i: int) -> None:
         nonlocal failed
-        body: dict[str, object] = {
-            "query": queries[i % len(queries)],
-            "texts": [sentences[(i * docs + k) % len(sentences)] for k in range(docs)],
-        }
+        query = queries[i % len(queries)]
+        body: dict[str, object] = (
+            {"query": query,
+             "texts": [sentences[(i * docs + k) % len(sentences)] for k in range(docs)]}
+            if docs else {"text": query}
+        )  # fmt: skip
         if model is not None:
             body["model"] = model
         started = time.perf_counter()
-        reply = await client.post(f"{url}/rerank", json=body, headers=NO_CACHE)
+        route = "/rerank" if docs else "/predict"
+        reply = await client.post(f"{url}{route}", json=body, headers=NO_CACHE)
         if reply.status_code == 200:
             latencies.append(time.perf_counter() - started)
             waits.append(float(reply.headers["x-queue-time-ms"]))
@@ -137,12 +141,13 @@ async def rerank_stream(
 
 async def flood(
     client: httpx.AsyncClient, url: str, model: str | None, clients: int, chunks: int,
-    stop: asyncio.Event,
+    stop: asyncio.Event, priority: str | None = None,
 ) -> int:  # fmt: skip
     """`clients` closed-loop clients posting `chunks` RAG chunks each to /embed until
-    `stop`; returns the chunks embedded."""
+    `stop`, with `X-Priority: priority` if given; returns the chunks embedded."""
     texts = rag_chunks(400).texts
     done = 0
+    headers = NO_CACHE if priority is None else {**NO_CACHE, "x-priority": priority}
 
     async def loop(k: int) -> None:
         nonlocal done
@@ -152,7 +157,7 @@ async def flood(
             body: dict[str, object] = {"inputs": batch}
             if model is not None:
                 body["model"] = model
-            reply = await client.post(f"{url}/embed", json=body, headers=NO_CACHE)
+            reply = await client.post(f"{url}/embed", json=body, headers=headers)
             if reply.status_code == 200 and not stop.is_set():
                 done += chunks
             i += clients * chunks
@@ -162,18 +167,21 @@ async def flood(
 
 
 async def phases(
-    setup: str, rerank_url: str, embed_url: str, named: bool, args: argparse.Namespace
-) -> list[Phase]:
+    setup: str, rerank_url: str, embed_url: str, named: bool, args: argparse.Namespace,
+    priority: str | None = None,
+) -> list[Phase]:  # fmt: skip
     rr, emb = ("rr", "emb") if named else (None, None)
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        await rerank_stream(client, rerank_url, rr, args.rate, args.warmup, args.docs, 7)
-        solo = await rerank_stream(client, rerank_url, rr, args.rate, args.duration, args.docs, 1)
+        await run_stream(client, rerank_url, rr, args.rate, args.warmup, args.docs, 7)
+        solo = await run_stream(client, rerank_url, rr, args.rate, args.duration, args.docs, 1)
         stop = asyncio.Event()
-        flooding = asyncio.create_task(flood(client, embed_url, emb, args.flood, args.chunks, stop))
+        flooding = asyncio.create_task(
+            flood(client, embed_url, emb, args.flood, args.chunks, stop, priority)
+        )
         await asyncio.sleep(args.warmup)  # the flood's batches are running and learned
         started = time.perf_counter()
-        loaded = await rerank_stream(client, rerank_url, rr, args.rate, args.duration, args.docs, 1)
+        loaded = await run_stream(client, rerank_url, rr, args.rate, args.duration, args.docs, 1)
         elapsed = time.perf_counter() - started
         stop.set()
         chunks = await flooding
@@ -211,22 +219,33 @@ def shared_server(reranker: Path, out: Path) -> Iterator[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--rate", type=float, default=8.0, help="rerank requests/s")
+    parser.add_argument("--scenario", choices=("models", "lanes"), default="models")
+    parser.add_argument("--rate", type=float, default=3.0, help="stream requests/s")
     parser.add_argument("--docs", type=int, default=8, help="documents per rerank request")
     parser.add_argument("--flood", type=int, default=4, help="embedder clients")
-    parser.add_argument("--chunks", type=int, default=16, help="chunks per embed request")
+    parser.add_argument("--chunks", type=int, default=32, help="chunks per embed request")
     parser.add_argument("--duration", type=float, default=40.0)
     parser.add_argument("--warmup", type=float, default=5.0)
-    parser.add_argument("--setups", default="shared,two processes")
+    parser.add_argument("--setups", default=None)
     args = parser.parse_args()
+    if args.setups is None:
+        args.setups = "shared,two processes" if args.scenario == "models" else "lanes,one lane"
     args.out.mkdir(parents=True, exist_ok=True)
     pin(1)
     results: list[Phase] = []
     with tempfile.TemporaryDirectory() as tmp:
-        reranker = build_reranker(Path(tmp) / "reranker")
+        reranker = build_reranker(Path(tmp) / "reranker") if args.scenario == "models" else None
         for setup in args.setups.split(","):
             with ExitStack() as stack:
-                if setup == "shared":
+                priority = None
+                if args.scenario == "lanes":  # one model: short queries beside the job
+                    url = stack.enter_context(server(SERVE, args.out / f"server-{setup}.log",
+                                                     cpu=0))  # fmt: skip
+                    rerank_url, embed_url, named = url, url, False
+                    args.docs = 0
+                    priority = "interactive" if setup == "one lane" else None
+                elif setup == "shared":
+                    assert reranker is not None
                     url = stack.enter_context(shared_server(reranker, args.out))
                     rerank_url, embed_url, named = url, url, True
                 else:
@@ -237,14 +256,14 @@ def main() -> None:
                         server(SERVE, args.out / "server-emb.log", cpu=0)
                     )
                     named = False
-                results += asyncio.run(phases(setup, rerank_url, embed_url, named, args))
+                results += asyncio.run(phases(setup, rerank_url, embed_url, named, args, priority))
             print(*(asdict(r) for r in results[-2:]), sep="\n", flush=True)
     report = {"settings": vars(args) | {"out": str(args.out)}, "environment": describe(),
               "phases": [asdict(r) for r in results]}  # fmt: skip
-    (args.out / "models.json").write_text(json.dumps(report, indent=2))
+    (args.out / f"{args.scenario}.json").write_text(json.dumps(report, indent=2))
     lines = [
-        "| setup | reranker | requests | p50 ms | p99 ms | queue p50 / p99 ms | device p50 ms "
-        "| failed | embedder chunks/s |",
+        "| setup | stream | requests | p50 ms | p99 ms | queue p50 / p99 ms | device p50 ms "
+        "| failed | job's chunks/s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:

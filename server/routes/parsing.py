@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
-from batcher import Result
+from batcher import Lane, Result
 from batcher.models import (
     Classification,
     Encoded,
@@ -173,21 +173,25 @@ async def submit_all(
     engine: EngineHandle,
     items: Sequence[Encoded],
     deadline: float,
+    *,
+    by_size: bool = True,
 ) -> list[Result[Output]]:
-    """Every item through the queue, each batched on its own, results in order; the
-    request is cancelled if its client goes away. A client batch larger than half the
-    queue goes in waves of that size, so that it is split, not refused, however large
-    the cap on client batches (--max-client-batch) is set."""
+    """Every item through the queue, each batched on its own, results in order, in the
+    request's lane (`lane_of`); the request is cancelled if its client goes away. A
+    client batch larger than half the queue goes in waves of that size, so that it is
+    split, not refused, however large the cap on client batches (--max-client-batch)."""
+    lane = lane_of(request, runtime, len(items), by_size=by_size)
     wave = max(1, engine.config.max_queue_size // 2)
     if len(items) <= wave:
         return await unless_disconnected(
-            request, runtime, engine.submit_many(items, deadline=deadline)
+            request, runtime, engine.submit_many(items, deadline=deadline, lane=lane)
         )
 
     async def in_waves() -> list[Result[Output]]:
         results: list[Result[Output]] = []
         for start in range(0, len(items), wave):
-            results += await engine.submit_many(items[start : start + wave], deadline=deadline)
+            wave_items = items[start : start + wave]
+            results += await engine.submit_many(wave_items, deadline=deadline, lane=lane)
         return results
 
     return await unless_disconnected(request, runtime, in_waves())
@@ -230,7 +234,7 @@ async def rank(
     deadline = deadline_of(engine, runtime, request)
     items = await encode(served, [query] * len(texts), texts, options, truncation_direction)
     check_tokens(items, model, runtime, field, truncate)
-    results = await submit_all(request, runtime, engine, items, deadline)
+    results = await submit_all(request, runtime, engine, items, deadline, by_size=False)
     scores = [cast("Classification", r.value).score for r in results]
     order = best_first(scores, top_n)
     return Ranking(order, scores, sum(len(item.ids) for item in items), results, model.name)
@@ -335,6 +339,29 @@ def deadline_of(engine: EngineHandle, runtime: Runtime, request: Request) -> flo
             )
         timeout_s = timeout_ms / 1000
     return engine.clock() + timeout_s
+
+
+PRIORITY_HEADER = "x-priority"
+
+
+def lane_of(request: Request, runtime: Runtime, inputs: int, *, by_size: bool = True) -> Lane:
+    """The lane a request's items go to: its `X-Priority` (`interactive` or `bulk`);
+    else `bulk` for a call of at least `--bulk-inputs` inputs (`by_size`: a rerank's
+    documents are one user's query, never bulk by size); else `interactive`."""
+    asked = request.headers.get(PRIORITY_HEADER)
+    if asked is not None:
+        lane = asked.strip().lower()
+        if lane == "bulk":
+            return "bulk"
+        if lane == "interactive":
+            return "interactive"
+        raise RequestValidationError([{
+            "loc": ("header", "X-Priority"),
+            "msg": f"must be interactive or bulk, got {asked[:40]!r}",
+            "type": "literal_error",
+        }])  # fmt: skip
+    threshold = runtime.settings.bulk_inputs
+    return "bulk" if by_size and threshold and inputs >= threshold else "interactive"
 
 
 WATCH_AFTER_S = 0.05

@@ -13,6 +13,7 @@ from server.routes.parsing import (
     check_tokens,
     deadline_of,
     encode,
+    lane_of,
     meta,
     openapi_body,
     parse,
@@ -67,7 +68,9 @@ async def predict(request: Request) -> Response:
     deadline = deadline_of(engine, runtime, request)
     [item] = await encode(served, [body.text], pair, body)
     check_tokens([item], model, runtime, "text", body.truncate)
-    result = await unless_disconnected(request, runtime, engine.submit(item, deadline=deadline))
+    lane = lane_of(request, runtime, 1)
+    submitted = engine.submit(item, deadline=deadline, lane=lane)
+    result = await unless_disconnected(request, runtime, submitted)
     shaped = _shape(result.value, item, model.labels, body)
     kind = LabelResponse if isinstance(shaped, Label) else EmbeddingResponse
     return reply(kind.model_construct(**shaped.__dict__, **meta(request, model)), [result])

@@ -435,3 +435,30 @@ async def test_requests_without_an_id_get_distinct_ids() -> None:
     assert len(ids) == 20
     assert all(re.fullmatch("[0-9a-f]{32}", i) for i in ids)
     assert all(r.json()["request_id"] == r.headers["x-request-id"] for r in replies)
+
+
+async def test_the_lane_comes_from_x_priority_else_from_the_call_size() -> None:
+    model = FakeTextModel()
+    async with serve(model, bulk_inputs=4) as client:
+
+        async def lanes() -> dict[str, float]:
+            text = (await client.get("/metrics")).text
+            return {
+                lane: metric(text, f'microbatch_queue_wait_seconds_count{{lane="{lane}"}}')
+                for lane in ("interactive", "bulk")
+            }
+
+        bulk = {"x-priority": "bulk", "cache-control": "no-cache"}
+        assert (await client.post("/predict", json={"text": "a"}, headers=bulk)).status_code == 200
+        texts = {"texts": ["b", "c", "d", "e"]}
+        fresh = {"cache-control": "no-cache"}
+        assert (await client.post("/predict/batch", json=texts, headers=fresh)).status_code == 200
+        asked = {"x-priority": "Interactive", "cache-control": "no-cache"}
+        big = {"texts": ["f", "g", "h", "i", "j"]}
+        assert (await client.post("/predict/batch", json=big, headers=asked)).status_code == 200
+        assert await lanes() == {"interactive": 5, "bulk": 5}
+        wrong = await client.post("/predict", json={"text": "k"}, headers={"x-priority": "high"})
+    assert wrong.status_code == 422
+    [error] = wrong.json()["detail"]
+    assert error["loc"] == ["header", "X-Priority"]
+    assert "must be interactive or bulk" in error["msg"]
