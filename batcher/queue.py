@@ -18,6 +18,7 @@ from batcher.items import PendingItem, settle_error
 from batcher.lanes import LaneUsage, next_lane
 from batcher.metrics import EngineMetrics
 from batcher.policy import select_batch
+from batcher.sharing import size_within
 
 InT = TypeVar("InT")
 OutT = TypeVar("OutT")
@@ -108,6 +109,9 @@ class PendingQueue(Generic[InT, OutT]):
         bulk = next_lane(interactive, any(item.bulk for item in live),
                          self.lanes.bulk_share(now)) == "bulk"  # fmt: skip
         lane = [i for i, item in enumerate(live) if item.bulk == bulk]
+        budget = self.lanes.bulk_budget_s(now) if bulk else None
+        if budget is not None and (size := size_within(budget, cost, [live[lane[0]]])):
+            limits = limits.replace(max_batch_size=min(size, limits.max_batch_size))
         picked = select_batch([live[i] for i in lane], limits, cost, now, self.recent_short(now))
         chosen = sorted(lane[j] for j in picked)
         taken = set(chosen)

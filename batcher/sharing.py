@@ -143,7 +143,7 @@ def waiting_work(
 
 
 def size_within(
-    budget_s: float, cost: LinearCost | None, queue: Sequence[Queued], totals: Totals
+    budget_s: float, cost: LinearCost | None, queue: Sequence[Queued], totals: Totals | None = None
 ) -> int | None:
     """The batch size whose items take about `budget_s` of device time beyond the fixed
     cost every batch pays (by the learned `cost`, at the oldest item's length), else
@@ -155,6 +155,8 @@ def size_within(
         if per_item <= 0:
             return None
         return max(1, round(budget_s / per_item))
+    if totals is None:
+        return None
     items = sum(size * count for size, count in totals.batch_sizes.items())
     if not items or totals.compute_s <= 0:
         return None

@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.corpus import builtin, rag_chunks
-from benchmarks.environment import describe
+from benchmarks.environment import command_line, describe, portable_values
 from benchmarks.processes import pin, server
 
 NO_CACHE = {"cache-control": "no-cache"}
@@ -258,7 +258,8 @@ def main() -> None:
                     named = False
                 results += asyncio.run(phases(setup, rerank_url, embed_url, named, args, priority))
             print(*(asdict(r) for r in results[-2:]), sep="\n", flush=True)
-    report = {"settings": vars(args) | {"out": str(args.out)}, "environment": describe(),
+    settings = portable_values(vars(args) | {"out": str(args.out)})
+    report = {"settings": settings, "command": command_line(), "environment": describe(),
               "phases": [asdict(r) for r in results]}  # fmt: skip
     (args.out / f"{args.scenario}.json").write_text(json.dumps(report, indent=2))
     lines = [
