@@ -125,3 +125,35 @@ async def test_across_models_interactive_work_goes_before_another_models_bulk_fl
     batches = {name: len(runner.calls) for name, runner in runners.items()}
     bulk_share = batches["b"] / (batches["a"] + batches["b"])
     assert 0.5 * BULK_SHARE <= bulk_share <= 2 * BULK_SHARE, batches
+
+
+@pytest.mark.asyncio
+@pytest.mark.looptime
+async def test_a_bulk_batch_is_cut_short_while_interactive_work_is_active() -> None:
+    """A CPU-like device (2 ms + 0.2 ms per padded token): a bulk job of 256-token chunks
+    (a full batch of them: 1.6 s) and a query every 50 ms (5 ms alone). A query waits at
+    most about one chunk's batch, not a full one."""
+    runner = PaddedCostRunner(overhead_s=0.002, per_token_s=0.0002)
+    runner.gate.set()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    latencies: list[float] = []
+
+    async def job(k: int) -> None:
+        while not stop.is_set():
+            await engine.submit(f"{k}".ljust(250, "x"), lane="bulk")
+
+    async with make_engine(runner) as engine:
+        tasks = [asyncio.create_task(job(k)) for k in range(64)]
+        for i in range(200):
+            started = loop.time()
+            await engine.submit(f"q{i}".ljust(10, "y"))
+            if i >= 20:  # the cost is learned by then
+                latencies.append(loop.time() - started)
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.gather(*tasks)
+    chunk_alone = 0.002 + 0.0002 * 256
+    latencies.sort()
+    assert latencies[int(0.99 * len(latencies))] <= chunk_alone + 0.01
+    assert max(len(c.payloads) for c in runner.calls) == 32, "before any query, full batches"
