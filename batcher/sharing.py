@@ -21,12 +21,11 @@ with only bulk work, unless the bulk lane has had less than its share of the dev
 recent time (`batcher.lanes`).
 
 And while lighter engines are active (work waiting, or a batch within the last
-`ACTIVE_S`; lighter: less work queued), a granted batch is given a budget: half the
-longest of their usual batch times. The engine sizes its batch to fit it (by its
-learned cost), so that a model flooded with
-long work does not hold the device for a whole large batch while another model's
-request waits behind it: a batch cannot be interrupted once it runs, so its length is
-the wait it imposes.
+`ACTIVE_S`; lighter: less than half as many tokens queued), a granted batch is given a
+budget: half the longest of their usual batch times. The engine sizes its batch to fit
+it (by its learned cost), so that a model flooded with long work does not hold the
+device for a whole large batch while another model's request waits behind it: a batch
+cannot be interrupted once it runs, so its length is the wait it imposes.
 
 `choose` is pure (plain numbers in, a claim out), tested on virtual time. The scheduler
 around it grants at most one batch per device at a time. An engine chosen while its
