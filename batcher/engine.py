@@ -232,8 +232,7 @@ class Engine(Generic[InT, OutT]):
         """Queue one input and wait for its result.
 
         `deadline` is an absolute time on `engine.clock` (`engine.clock() + timeout_s`);
-        `lane`: `bulk` for work nobody waits on, which goes after interactive work while
-        keeping a share of the device (`batcher.lanes`).
+        `lane`: `bulk` goes after `interactive` work, with a share kept (`batcher.lanes`).
         Raises QueueFull, EngineClosed or ItemTooLarge at once; DeadlineUnreachable at
         once when, at the rate the devices drain the queue, the item would reach a device
         only after its deadline; DeadlineExceeded when the deadline passes first;

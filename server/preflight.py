@@ -96,14 +96,14 @@ def memory_problem(
     """Why the models do not fit their devices, in one line naming each model's share;
     None when they fit or cannot be sized (a hub id, a device of unknown size). Each
     model's footprint is its weights at the served precision plus the activations of
-    its largest batch (`batcher.models.footprint`); every model has a replica on every
+    its largest batch (`batcher.models.sizing`); every model has a replica on every
     device. `memory(device)` is the device's bytes (default: what it has)."""
-    from batcher.models.footprint import GiB, device_memory, footprint
+    from batcher.models import GiB, device_memory, footprint, resolve_device
 
     memory = memory if memory is not None else device_memory
     specs = settings.model_specs()
     for device in dict.fromkeys(settings.device_list()):
-        resolved = _resolved(device)
+        resolved = resolve_device(device)
         have = memory(resolved)
         if have is None:
             continue
@@ -122,12 +122,3 @@ def memory_problem(
                 f"serve fewer models"
             )
     return None
-
-
-def _resolved(device: str) -> str:
-    """`auto` as the server resolves it between CUDA and the CPU (MPS is not sized)."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda:0" if torch.cuda.is_available() else "cpu"

@@ -79,7 +79,13 @@ class NullEncoder:
     def encode_ids(
         self, sequences: Sequence[Sequence[int]], options: Options = DEFAULT_OPTIONS
     ) -> list[Encoded]:
-        """Token ids used as they are (code points, where texts are read back)."""
+        """Token ids used as they are (code points, where texts are read back); an id
+        that is not a code point is refused, as a real model refuses one outside its
+        vocabulary."""
+        for sequence in sequences:
+            for tid in sequence:
+                if not 0 <= tid <= sys.maxunicode:
+                    raise InvalidOption("input", f"token id {tid} is not in the vocabulary")
         limit = self.max_tokens
         return [Encoded(list(ids[:limit]), truncated=len(ids) > limit) for ids in sequences]
 

@@ -13,10 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from server.errors import NotFound
 from server.routes.admin import summaries
+from server.routes.headers import deadline_of
 from server.routes.parsing import (
     RuntimeDep,
     check_tokens,
-    deadline_of,
     encode_inputs,
     needs_task,
     openapi_body,

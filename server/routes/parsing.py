@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import math
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
-from batcher import Lane, Result
+from batcher import Result
 from batcher.models import (
     Classification,
     Encoded,
@@ -29,6 +28,7 @@ from batcher.models import (
 )
 from server.client import EngineHandle
 from server.errors import ClientDisconnected, NotReady, WrongTask
+from server.routes.headers import PRIORITY_HEADER, TIMEOUT_HEADER, deadline_of, lane_of
 from server.runtime import Runtime, Served
 from server.schemas import ErrorReply, OutputOptions, request_limits
 
@@ -251,8 +251,6 @@ def vector(values: list[float], encoding_format: EncodingFormat) -> list[float] 
     return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode("ascii")
 
 
-TIMEOUT_HEADER = "x-request-timeout-ms"
-
 Body = TypeVar("Body", bound=BaseModel)
 T = TypeVar("T")
 
@@ -283,7 +281,16 @@ def openapi_body(body: type[BaseModel], example: dict[str, Any] | None = None) -
                 "description": "This request's deadline in milliseconds, instead of the "
                 "server's --request-timeout-s (at most --max-request-timeout-s). 504 when "
                 "it passes.",
-            }
+            },
+            {
+                "name": PRIORITY_HEADER,
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "enum": ["interactive", "bulk"]},
+                "description": "Its lane: bulk goes after interactive work, keeping a "
+                "share of the device. Default: bulk for a call of at least --bulk-inputs "
+                "inputs to embed or classify, else interactive.",
+            },
         ],
     }
 
@@ -315,53 +322,6 @@ async def parse(request: Request, schema: type[Body], runtime: Runtime) -> Body:
         raise RequestValidationError(
             [{**error, "loc": ("body", *error["loc"])} for error in errors]
         ) from None
-
-
-def invalid_timeout(msg: str, kind: str) -> RequestValidationError:
-    return RequestValidationError([{"loc": ("header", TIMEOUT_HEADER), "msg": msg, "type": kind}])
-
-
-def deadline_of(engine: EngineHandle, runtime: Runtime, request: Request) -> float:
-    settings = runtime.settings
-    timeout_s = settings.request_timeout_s
-    header = request.headers.get(TIMEOUT_HEADER)
-    if header is not None:
-        try:
-            timeout_ms = float(header)
-        except ValueError:
-            raise invalid_timeout("must be a number of milliseconds", "float_parsing") from None
-        if not timeout_ms > 0:
-            raise invalid_timeout("must be greater than 0", "greater_than")
-        if not math.isfinite(timeout_ms) or timeout_ms / 1000 > settings.max_request_timeout_s:
-            limit = settings.max_request_timeout_s * 1000
-            raise invalid_timeout(
-                f"must be at most {limit:g} (--max-request-timeout-s)", "less_than_equal"
-            )
-        timeout_s = timeout_ms / 1000
-    return engine.clock() + timeout_s
-
-
-PRIORITY_HEADER = "x-priority"
-
-
-def lane_of(request: Request, runtime: Runtime, inputs: int, *, by_size: bool = True) -> Lane:
-    """The lane a request's items go to: its `X-Priority` (`interactive` or `bulk`);
-    else `bulk` for a call of at least `--bulk-inputs` inputs (`by_size`: a rerank's
-    documents are one user's query, never bulk by size); else `interactive`."""
-    asked = request.headers.get(PRIORITY_HEADER)
-    if asked is not None:
-        lane = asked.strip().lower()
-        if lane == "bulk":
-            return "bulk"
-        if lane == "interactive":
-            return "interactive"
-        raise RequestValidationError([{
-            "loc": ("header", "X-Priority"),
-            "msg": f"must be interactive or bulk, got {asked[:40]!r}",
-            "type": "literal_error",
-        }])  # fmt: skip
-    threshold = runtime.settings.bulk_inputs
-    return "bulk" if by_size and threshold and inputs >= threshold else "interactive"
 
 
 WATCH_AFTER_S = 0.05

@@ -8,12 +8,11 @@ from typing import cast
 from fastapi import APIRouter, Request, Response
 
 from batcher.models import Classification, Encoded, Output
+from server.routes.headers import deadline_of, lane_of
 from server.routes.parsing import (
     PREDICT_ERRORS,
     check_tokens,
-    deadline_of,
     encode,
-    lane_of,
     meta,
     openapi_body,
     parse,

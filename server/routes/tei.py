@@ -15,13 +15,13 @@ from fastapi import APIRouter, Request, Response
 from pydantic import TypeAdapter
 
 from batcher.models import Classification
+from server.routes.headers import deadline_of
 from server.routes.parsing import (
     ModelQuery,
     RuntimeDep,
     best_first,
     body_of,
     check_tokens,
-    deadline_of,
     encode_inputs,
     invalid,
     needs_task,

@@ -389,7 +389,7 @@ async def test_batch_sizing_can_be_switched_live_and_the_learned_cost_is_reporte
     assert cost["per_token_us"] >= 0
 
 
-async def test_openapi_documents_the_predict_bodies_header_and_replies() -> None:
+async def test_openapi_documents_the_predict_bodies_headers_and_replies() -> None:
     # The predict routes read their body and header themselves (for speed); clients
     # that generate code from /openapi.json must still see both, and the reply models.
     schema = create_app(Settings(), model=FakeTextModel()).openapi()  # type: ignore[arg-type]
@@ -398,8 +398,8 @@ async def test_openapi_documents_the_predict_bodies_header_and_replies() -> None
         body = operation["requestBody"]["content"]["application/json"]["schema"]
         assert field in body["required"]
         assert body["additionalProperties"] is False
-        [header] = operation["parameters"]
-        assert (header["name"], header["in"]) == ("x-request-timeout-ms", "header")
+        headers = [(h["name"], h["in"]) for h in operation["parameters"]]
+        assert headers == [("x-request-timeout-ms", "header"), ("x-priority", "header")]
         assert {"200", "400", "422", "429", "503", "504"} <= set(operation["responses"])
     reply = schema["paths"]["/predict"]["post"]["responses"]["200"]["content"]
     refs = str(reply["application/json"]["schema"])

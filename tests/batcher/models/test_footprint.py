@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from batcher.models import LoadOptions
-from batcher.models.footprint import footprint, parameters, value_bytes
+from batcher.models.sizing import footprint, parameters, value_bytes
 from tests.tiny_models import save_bert
 
 

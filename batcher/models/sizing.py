@@ -131,3 +131,12 @@ def device_memory(device: str) -> int | None:
     except OSError:
         return physical
     return min(physical, int(limit)) if limit.isdigit() else physical
+
+
+def resolve_device(device: str) -> str:
+    """`auto` as the server resolves it between CUDA and the CPU (MPS is not sized)."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
