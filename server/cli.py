@@ -60,6 +60,26 @@ def _unknown_flag(argv: list[str], settings_cls: Any) -> str | None:
     return None
 
 
+def _joined(flag: str, argv: list[str]) -> list[str]:
+    """`argv` with every `flag VALUE` (or `flag=VALUE`) given as one `flag V1,V2,...`,
+    where the first was: a repeated flag whose setting is a list (`--model a=x --model
+    b=y`), whatever the pydantic-settings release makes of repeats."""
+    values: list[str] = []
+    rest: list[str] = []
+    at: int | None = None
+    args = iter(argv)
+    for arg in args:
+        if arg == flag or arg.startswith(flag + "="):
+            value = arg.partition("=")[2] if "=" in arg else next(args, "")
+            at = len(rest) if at is None else at
+            values.append(value)
+        else:
+            rest.append(arg)
+    if at is None:
+        return argv
+    return [*rest[:at], flag, ",".join(values), *rest[at:]]
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -82,7 +102,8 @@ def serve(argv: list[str]) -> int:
         Settings, add_argument_method=_add_argument
     )
     try:
-        settings = CliApp.run(Settings, cli_args=argv, cli_settings_source=source)
+        settings = CliApp.run(Settings, cli_args=_joined("--model", argv),
+                              cli_settings_source=source)  # fmt: skip
     except ValidationError as exc:
         for error in exc.errors():
             if not error["loc"]:  # a check across settings: its message names them
