@@ -40,32 +40,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Protocol
+from typing import Any
 
 from batcher.config import EngineConfig
 from batcher.cost import LinearCost
+from batcher.items import PendingItem
 from batcher.lanes import LaneUsage, next_lane
 from batcher.metrics import Totals
 from batcher.padding import bucket_length
-
-
-class Queued(Protocol):
-    """What the scheduler reads of a queued item (`batcher.items.PendingItem`)."""
-
-    @property
-    def enqueued_at(self) -> float: ...
-
-    @property
-    def cost(self) -> int: ...
-
-    @property
-    def deadline(self) -> float | None: ...
-
-    @property
-    def future(self) -> asyncio.Future[Any]: ...
-
-    @property
-    def bulk(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +104,7 @@ per choice; later items reach a device after these anyway)."""
 
 
 def waiting_work(
-    queue: Sequence[Queued], max_batch_size: int, rate: float | None
+    queue: Sequence[PendingItem[Any, Any]], max_batch_size: int, rate: float | None
 ) -> Waiting | None:
     """What a queue (oldest first, its head live) asks of the device: its next batch's
     expected device time at `rate` items per second (0.0 while unknown), its oldest
@@ -142,7 +124,10 @@ def waiting_work(
 
 
 def size_within(
-    budget_s: float, cost: LinearCost | None, queue: Sequence[Queued], totals: Totals | None = None
+    budget_s: float,
+    cost: LinearCost | None,
+    queue: Sequence[PendingItem[Any, Any]],
+    totals: Totals | None = None,
 ) -> int | None:
     """The batch size whose items take about `budget_s` of device time beyond the fixed
     cost every batch pays (by the learned `cost`, at the oldest item's length), else
@@ -200,7 +185,7 @@ class Grant:
         self._released = False
 
     def limits(
-        self, limits: EngineConfig, cost: LinearCost | None, queue: Sequence[Queued],
+        self, limits: EngineConfig, cost: LinearCost | None, queue: Sequence[PendingItem[Any, Any]],
         totals: Totals,
     ) -> EngineConfig:  # fmt: skip
         """`limits` with the batch size cut to fit the budget (`size_within`)."""

@@ -22,7 +22,6 @@ from server.errors import UnknownModel
 from server.operator_schemas import ThreadsInfo
 from server.settings import Settings
 from server.shared_cache import SharedCache
-from server.timeline import Recent
 from server.tokenizing import FRONT_END_INLINE_CHARS, INLINE_CHARS, Tokenizer
 
 logger = logging.getLogger("microbatch.server")
@@ -285,9 +284,6 @@ class Runtime:
         """Bring the engine's state up to date before a reader that must not lag."""
         for client in self._clients():
             await client.refresh()
-
-    async def recent(self, since: float, model: str | None = None) -> Recent:
-        return await self.model(model).client.recent(since)
 
     async def metrics_text(self) -> bytes:
         """The metrics: every model's engine records into one registry, labelled by model."""
