@@ -86,15 +86,15 @@ class Engine(Generic[InT, OutT]):
         self._dispatcher: asyncio.Task[None] | None = None
         self._state: State = "new"
         self._failure: BaseException | None = None
-        self.metrics.busy_seconds.set_function(self.busy_for)
-        self.metrics.queue_depth.set_function(lambda: len(self._queue))
-        self.metrics.oldest_age.set_function(self.oldest_age)
-        self.metrics.in_flight.set_function(lambda: self._in_flight)
-        self.metrics.memory_cap.set_function(lambda: self._executor.memory_cap.tokens or 0)
-        self.metrics.max_batch_size.set_function(lambda: self.config.max_batch_size)
-        self.metrics.max_wait.set_function(lambda: self.config.max_wait_s)
-        self.metrics.slo_target.set_function(lambda: (self.config.slo_p99_ms or 0) / 1e3)
+        self.metrics.watch(self.busy_for, lambda: len(self._queue), self.oldest_age,
+                           lambda: self._in_flight, lambda: self._executor.memory_cap.tokens,
+                           lambda: self.config)  # fmt: skip
         self._executor.on_computed = self._steering.observer
+        self._share: DeviceShare | None = None
+        self.join(share)
+
+    def join(self, share: DeviceShare | None) -> None:
+        """Share the devices from the next batch on (None: no longer), e.g. live loads."""
         self._share = share
         if share is not None:
             share.bind(self._waiting, self._has_work.set)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from weakref import WeakKeyDictionary
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from batcher.config import EngineConfig
 from batcher.items import LANES, Lane
 from batcher.policy import DISPATCH_REASONS, DispatchReason
 from batcher.slo import ACTIONS, Adjustment, Judged
@@ -236,6 +238,7 @@ class EngineMetrics:
         self.slo_p99 = f.slo_p99.labels(model)
         self._items = f.items
         self._replica_batches = f.replica_batches
+        self._replicas: set[int] = set()
         self._slo_adjustments = f.slo_adjustments
         self.outcome = {name: f.items.labels(model, name) for name in OUTCOMES}
         self.counts: dict[str, int] = dict.fromkeys(("admitted", "coalesced", *OUTCOMES), 0)
@@ -245,8 +248,45 @@ class EngineMetrics:
         for action in ACTIONS:
             f.slo_adjustments.labels(model, action)
 
+    def watch(
+        self,
+        busy_for: Callable[[], float],
+        queue_depth: Callable[[], int],
+        oldest_age: Callable[[], float],
+        in_flight: Callable[[], int],
+        memory_cap: Callable[[], int | None],
+        config: Callable[[], EngineConfig],
+    ) -> None:
+        """The gauges read from the engine at each scrape."""
+        self.busy_seconds.set_function(busy_for)
+        self.queue_depth.set_function(queue_depth)
+        self.oldest_age.set_function(oldest_age)
+        self.in_flight.set_function(in_flight)
+        self.memory_cap.set_function(lambda: memory_cap() or 0)
+        self.max_batch_size.set_function(lambda: config().max_batch_size)
+        self.max_wait.set_function(lambda: config().max_wait_s)
+        self.slo_target.set_function(lambda: (config().slo_p99_ms or 0) / 1e3)
+
+    def forget(self) -> None:
+        """Remove this model's series (it was unloaded): a scrape no longer shows them."""
+        f = _FAMILIES[self.registry]
+        model = self.model
+        labelled = [
+            (f.queue_wait, LANES), (f.items, OUTCOMES), (f.batches, DISPATCH_REASONS),
+            (f.slo_adjustments, ACTIONS), (f.replica_batches, map(str, self._replicas)),
+        ]  # fmt: skip
+        for family, values in labelled:
+            for value in values:
+                with contextlib.suppress(KeyError):
+                    family.remove(model, value)
+        for family in vars(f).values():
+            if family not in [fam for fam, _ in labelled]:
+                with contextlib.suppress(KeyError):
+                    family.remove(model)
+
     def replica_batches(self, replica: int) -> Counter:
         """Forward passes that succeeded on `replica`."""
+        self._replicas.add(replica)
         return self._replica_batches.labels(self.model, str(replica))
 
     def record_slo(self, judged: Judged | None, adjustment: Adjustment | None) -> None:

@@ -317,6 +317,16 @@ class DeviceScheduler:
         self.shares.append(share)
         return share
 
+    def leave(self, share: DeviceShare) -> None:
+        """`share`'s engine has stopped (its model was unloaded): it is chosen no more,
+        and a device held for it is given back."""
+        if share.reserved is not None:
+            grant, share.reserved = share.reserved, None
+            grant.release(used=False)
+        self.shares.remove(share)
+        for index, left in enumerate(self.shares):
+            left.index = index
+
     @property
     def virtual_time(self) -> float:
         return self._virtual

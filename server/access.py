@@ -161,6 +161,7 @@ class AccessMiddleware:
                 message = f"{detail}: send 'Authorization: Bearer KEY'"
                 return Refusal(401, "unauthorized", message, headers)
             client = self._key_ids[key]
+            scope.setdefault("state", {})["route_key"] = client  # its id, never the key
         if self.buckets is not None:
             if client is None:
                 peer = scope.get("client")

@@ -29,6 +29,7 @@ from server.fastlane import LaneApp
 from server.middleware import RequestContextMiddleware
 from server.routes import fast_lane_routes, router
 from server.runtime import Runtime
+from server.served import ModelLoader
 from server.settings import Settings
 from server.timeline import MAX_LATENCIES
 
@@ -72,6 +73,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         clients: Mapping[str, EngineClient]
+        loader: ModelLoader | None = None
         if engine_path is not None:
             metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
             clients = {"": RemoteClient.start(
@@ -79,10 +81,12 @@ def create_app(
             )}  # fmt: skip
         else:
             # Only here: the engine side, which imports torch (a front-end never does).
-            from server.host import load_hosts
+            from server.fleet import Fleet
 
-            clients = await load_hosts(settings, registry, model, latencies)
-        runtime = Runtime(settings, clients, registry)
+            fleet = Fleet(settings, registry, latencies)
+            clients = await fleet.start(model)
+            loader = fleet
+        runtime = Runtime(settings, clients, registry, loader)
         app.state.runtime = runtime  # for `microbatch serve`'s signal handler
         try:
             yield {"runtime": runtime}

@@ -18,7 +18,6 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, generate_latest
 
 from batcher import (
-    DeviceScheduler,
     DeviceShare,
     Engine,
     EngineConfig,
@@ -82,6 +81,7 @@ class EngineHost:
         *,
         share: DeviceShare | None = None,
         warm_lock: asyncio.Lock | None = None,
+        label: str | None = None,
     ) -> None:
         if not models:
             raise ValueError("an engine host needs at least one model")
@@ -97,7 +97,9 @@ class EngineHost:
         self._runners = [
             ThreadRunner(m, thread_name=f"microbatch-device-{i}") for i, m in enumerate(self.models)
         ]
-        self.name = self.encoder.name
+        self.name = label or self.encoder.name
+        """Its `model` label in the metrics: its served key (`NAME@VERSION`)."""
+        self.share = share
         self.engine: Engine[Encoded, Output] = Engine(
             self._runners,
             settings.engine_config(),
@@ -159,7 +161,8 @@ class EngineHost:
             models = [model]
         for replica_model in models:
             replica_model.packed_outputs = packed_outputs
-        host = cls(settings, registry, models, latencies, share=share, warm_lock=warm_lock)
+        host = cls(settings, registry, models, latencies, share=share, warm_lock=warm_lock,
+                   label=spec.key if spec is not None and spec.key else None)  # fmt: skip
         host.threads = threads
         if model is None and (gpus := cuda_devices([str(m.describe()["device"]) for m in models])):
             with contextlib.suppress(ValueError):  # another model's host registered it
@@ -307,40 +310,6 @@ class EngineHost:
     def item_counts(self) -> dict[str, int]:
         """Items admitted and their outcomes so far (the counters of /metrics)."""
         return dict(self.engine.stats().items)
-
-
-async def load_hosts(
-    settings: Settings,
-    registry: CollectorRegistry,
-    model: ServedModel | Sequence[ServedModel] | None,
-    latencies: deque[float],
-) -> dict[str, LocalClient]:
-    """Every model `settings` names (or `model`), loaded one after the other, each
-    warming in turn in the background; with several, their engines share the devices
-    through one `DeviceScheduler`. By served name, the default first ("" for a lone
-    model served under its own name). A failed load closes those loaded before it."""
-    specs = settings.model_specs()
-    if model is not None or len(specs) == 1:
-        host = await EngineHost.load(settings, registry, model, latencies)
-        return {specs[0].name or "": LocalClient(host)}
-    scheduler = DeviceScheduler(len(settings.device_list()))
-    warm_lock = asyncio.Lock()
-    hosts: dict[str, LocalClient] = {}
-    try:
-        for spec in specs:
-            assert spec.name is not None  # Settings.model_specs: several are named
-            # Request latencies are the server's (the middleware does not know the
-            # model): the default model's timeline shows them.
-            host = await EngineHost.load(
-                settings, registry, None, latencies if not hosts else None,
-                spec=spec, share=scheduler.join(spec.name), warm_lock=warm_lock,
-            )  # fmt: skip
-            hosts[spec.name] = LocalClient(host)
-    except BaseException:
-        for client in hosts.values():
-            await client.aclose()
-        raise
-    return hosts
 
 
 def _set_threads(settings: Settings) -> ThreadsInfo:

@@ -16,13 +16,14 @@ from prometheus_client import CollectorRegistry, Counter
 
 from batcher import EngineConfig
 from batcher.models import Encoder
-from server.cache import CachedEngine, ResultCache
+from server.cache import ResultCache
 from server.client import EngineClient, EngineHandle, EngineReport, Status, WarmingStep
-from server.errors import UnknownModel
 from server.operator_schemas import ThreadsInfo
-from server.settings import Settings
-from server.shared_cache import SharedCache
-from server.tokenizing import FRONT_END_INLINE_CHARS, INLINE_CHARS, Tokenizer
+from server.routing import RoutePatch
+from server.served import Freed, ModelLoader, Served
+from server.settings import ModelSpec, Settings
+from server.tokenizing import Tokenizer
+from server.versions import Versions
 
 logger = logging.getLogger("microbatch.server")
 
@@ -31,115 +32,27 @@ STATUS_ORDER: tuple[Status, ...] = ("failed", "warming", "draining", "ready")
 """Several models' statuses as one: the first of these that any of them has."""
 
 
-class Served:
-    """One model as the HTTP side serves it: its engine client, encoder and tokenizer,
-    and its namespace in the shared cache."""
-
-    def __init__(self, name: str, client: EngineClient, runtime: Runtime) -> None:
-        self.name = name
-        self.client = client
-        self._runtime = runtime
-        self._tokenizer: Tokenizer | None = None
-        self._shared: SharedCache | None = None
-
-    @property
-    def encoder(self) -> Encoder:
-        """Its encoder: its name, task, labels and token limit, and how inputs become
-        token ids. Raises EngineClosed (503) while a front-end waits for it."""
-        return self.client.encoder
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        """Tokenizes the requests' texts off the loop, in batches (`server.tokenizing`).
-        A front-end tokenizes short texts on its loop always: its parallelism is the
-        processes, a core each."""
-        if self._tokenizer is None:
-            if self.client.front_end:
-                self._tokenizer = Tokenizer(
-                    self.encoder, inline_chars=FRONT_END_INLINE_CHARS, gather_short=False
-                )
-            else:
-                self._tokenizer = Tokenizer(self.encoder, inline_chars=INLINE_CHARS)
-        return self._tokenizer
-
-    @property
-    def engine(self) -> EngineHandle:
-        return self.client.engine
-
-    def engine_for(self, *, cached: bool) -> EngineHandle:
-        """The engine as a prediction sees it: behind the result cache when there is one
-        (`cached=False`: a request that asked for a fresh answer skips its lookups)."""
-        cache = self._runtime.cache
-        if cache is None:
-            return self.client.engine
-        return CachedEngine(self.client.engine, cache, self._shared_cache(), read=cached,
-                            model=self.name)  # fmt: skip
-
-    def _shared_cache(self) -> SharedCache | None:
-        """The Redis tier, made at the first prediction: its keys name the model and its
-        precision, known once the engine side is ready."""
-        runtime = self._runtime
-        url = runtime.settings.cache_url
-        if url is None or runtime.cache is None:
-            return None
-        if self._shared is None:
-            dtype = self.describe().get("dtype", "")
-            namespace = f"microbatch:1:{self.encoder.name}:{dtype}:"
-            self._shared = SharedCache(
-                url, namespace, runtime.settings.cache_ttl_s,
-                runtime.cache.shared_hits, runtime.cache.shared_errors,
-            )  # fmt: skip
-        return self._shared
-
-    @property
-    def status(self) -> Status:
-        return self.client.status
-
-    def report(self) -> EngineReport | None:
-        return self.client.report()
-
-    def describe(self) -> dict[str, object]:
-        """The model, as the process that runs it describes it."""
-        report = self.report()
-        return dict(report.description) if report is not None else {}
-
-    async def aclose(self) -> None:
-        if self._tokenizer is not None:
-            await self._tokenizer.aclose()
-        if self._shared is not None:
-            await self._shared.aclose()
-
-
 class Runtime:
     """One per app, built in its lifespan. Routes reach it through `RuntimeDep` (the
     predict routes through `request.state`, see `server.routes.parsing.runtime_of`).
 
-    It serves one model or several (`--model NAME=PATH` repeated): `model(name)` finds
-    one (the first, or `--default-model`, for a request that names none). What is about
-    the server as a whole (status, liveness, draining) is written here over all of
-    them; the properties `encoder`, `tokenizer`, `engine` and `describe` are the default
-    model's."""
+    It serves one model or several (`--model NAME=PATH` repeated), each in one version
+    or several (`NAME@VERSION=PATH`); `route(name, key)` finds the version that answers
+    a request (the traffic split of `server.routing`), `model(name)` the one an
+    operator means. What is about the server as a whole (status, liveness, draining) is
+    written here over all of them; the properties `encoder`, `tokenizer`, `engine` and
+    `describe` are the default model's. With a `loader`, versions are loaded and
+    unloaded while it runs (`add`, `remove`)."""
 
     def __init__(
         self,
         settings: Settings,
         client: EngineClient | Mapping[str, EngineClient],
         registry: CollectorRegistry,
+        loader: ModelLoader | None = None,
     ) -> None:
         self.settings = settings
         clients = client if isinstance(client, Mapping) else {"": client}
-        if not clients:
-            raise ValueError("a runtime needs at least one model")
-        self.models = {name: Served(name, c, self) for name, c in clients.items()}
-        """By name, the default first. A lone model handed in unnamed is found by
-        whatever name its encoder has, or by none."""
-        self.default = next(iter(self.models.values()))
-        self.disconnects = Counter(
-            "microbatch_client_disconnects",
-            "Requests whose client went away while their items waited (not computed).",
-            registry=registry,
-        )
-        self._draining = False
         self.cache = (
             ResultCache(settings.cache_size, int(settings.cache_mb * 2**20),
                         settings.cache_ttl_s, registry)
@@ -147,35 +60,57 @@ class Runtime:
             else None
         )  # fmt: skip
         """The result cache (`server.cache`), shared by the models; None when off."""
+        self.versions = Versions(settings, clients, registry, self.cache, loader)
+        """The served versions, by model, and the routes between them."""
+        self.disconnects = Counter(
+            "microbatch_client_disconnects",
+            "Requests whose client went away while their items waited (not computed).",
+            registry=registry,
+        )
+        self._draining = False
 
-    # -- the models ----------------------------------------------------------------------
+    # -- the models (`server.versions`) -------------------------------------------------
+
+    @property
+    def models(self) -> dict[str, Served]:
+        """Every served version by key, the default first."""
+        return self.versions.models
+
+    @property
+    def default(self) -> Served:
+        """The version that answers a request naming no model."""
+        return self.versions.default
 
     def model(self, name: str | None) -> Served:
-        """The model a request names (None or "": the default). Raises UnknownModel."""
-        if not name:
-            return self.default
-        served = self.models.get(name)
-        if served is not None:
-            return served
-        if len(self.models) == 1:
-            # One model answers to any name its clients know it by (OpenAI clients
-            # always send one); several are told apart by their served names.
-            return self.default
-        for served in self.models.values():  # its hub id or path, as /v1/models lists it
-            if self._encoder_name(served) == name:
-                return served
-        raise UnknownModel(name, self.names())
+        """The version an operator's `?model=` means. Raises UnknownModel."""
+        return self.versions.model(name)
+
+    def route(self, name: str | None, key: str | None) -> tuple[Served, list[Served]]:
+        """The version that answers a request naming `name` with route key `key`, and
+        those it is mirrored to. Raises UnknownModel."""
+        return self.versions.route(name, key)
 
     def names(self) -> list[str]:
-        """Every served model's name, the default first."""
-        return [self._encoder_name(served) or served.name for served in self.models.values()]
+        return self.versions.names()
 
-    @staticmethod
-    def _encoder_name(served: Served) -> str | None:
-        try:
-            return served.encoder.name
-        except Exception:  # a front-end still waiting for the engine process
-            return None
+    def set_routes(self, patches: Mapping[str, RoutePatch]) -> None:
+        self.versions.set_routes(patches)
+
+    def add(self, spec: ModelSpec) -> Served:
+        """Start loading a version (`POST /admin/models`). Raises ValueError."""
+        if self._draining:
+            raise ValueError("the server is draining")
+        return self.versions.add(spec)
+
+    def removal_problem(self, served: Served) -> str | None:
+        """Why `served` cannot be unloaded now; None when it can."""
+        if self._draining:
+            return "the server is draining"
+        return self.versions.removal_problem(served)
+
+    async def remove(self, served: Served) -> Freed | None:
+        """Unload a version (`DELETE /admin/models/...`); check `removal_problem` first."""
+        return await self.versions.remove(served)
 
     @property
     def encoder(self) -> Encoder:
@@ -203,12 +138,17 @@ class Runtime:
     # -- the server as a whole -------------------------------------------------------------
 
     def _clients(self) -> list[EngineClient]:
-        return [served.client for served in self.models.values()]
+        """The engine clients of the versions that make the server's state: those it
+        started with, and those loaded since once they were ready."""
+        return [s.client for s in self.models.values() if s.loaded and s.joined]
+
+    def _loaded(self) -> list[EngineClient]:
+        return [s.client for s in self.models.values() if s.loaded]
 
     @property
     def status(self) -> Status:
         statuses = {client.status for client in self._clients()}
-        engine_side = next(s for s in STATUS_ORDER if s in statuses)
+        engine_side: Status = next((s for s in STATUS_ORDER if s in statuses), "warming")
         if self._draining and engine_side != "failed":
             return "draining"
         return engine_side
@@ -216,6 +156,8 @@ class Runtime:
     def _reports(self) -> list[tuple[str, EngineReport]]:
         found = []
         for name, served in self.models.items():
+            if not served.joined:
+                continue
             report = served.report()
             if report is not None:
                 found.append((name, report))
@@ -227,6 +169,8 @@ class Runtime:
     @property
     def error(self) -> str | None:
         for name, served in self.models.items():
+            if not served.joined:
+                continue
             problem = served.client.problem()
             if problem is not None:
                 return self._named(name, problem)
@@ -257,6 +201,8 @@ class Runtime:
     def liveness_problem(self) -> str | None:
         """Why an orchestrator should restart this process; None while it is alive."""
         for name, served in self.models.items():
+            if not served.joined:
+                continue
             problem = served.client.problem()
             if problem is not None:
                 return self._named(name, problem)
@@ -299,13 +245,14 @@ class Runtime:
     def stop_admitting(self) -> None:
         """From now on `/ready` and new predictions answer 503 (safe in a signal handler)."""
         self._draining = True
-        for client in self._clients():
+        for client in self._loaded():
             client.stop_admitting()
 
     async def drain(self) -> None:
         """Stop admitting and answer every admitted request, within `drain_timeout_s`."""
         self.stop_admitting()
-        await asyncio.gather(*(client.drain() for client in self._clients()))
+        await self.versions.cancel_loads()
+        await asyncio.gather(*(client.drain() for client in self._loaded()))
 
     async def aclose(self) -> None:
         """Drain, then stop the tokenizers and the engine side (in one process, the
@@ -315,5 +262,5 @@ class Runtime:
         finally:
             for served in self.models.values():
                 await served.aclose()
-            for client in self._clients():
+            for client in self._loaded():
                 await client.aclose()

@@ -235,6 +235,7 @@ class Label(BaseModel):
 
 class PredictMeta(BaseModel):
     model: str
+    version: str = Field(description="The version of the model that answered.")
     request_id: str
     processing_time_ms: float = Field(description="Time in the server, admission to reply.")
 

@@ -21,33 +21,63 @@ from batcher.models import (
 )
 from server.limits import limit_field
 
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 """A served model's name: what clients put in `model`."""
+
+VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""A model's version: what follows `@` in `NAME@VERSION`."""
+
+DEFAULT_VERSION = "1"
+"""The version of a model served without one (`--model NAME=PATH`), as Triton's."""
 
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """One model to serve: its name (None: named after its source) and its source (a
-    directory or a hub id; None: the built-in model)."""
+    """One model to serve: its name (None: named after its source), its source (a
+    directory or a hub id; None: the built-in model) and its version (None: given
+    none, served as `DEFAULT_VERSION`)."""
 
     name: str | None
     source: str | None
+    version: str | None = None
 
     @classmethod
     def parse(cls, entry: str) -> ModelSpec:
-        """`NAME=PATH` or `PATH`. Raises ValueError for a malformed name."""
+        """`NAME=PATH`, `NAME@VERSION=PATH` or `PATH`. Raises ValueError for a
+        malformed name or version."""
         name, sep, source = entry.partition("=")
         if not sep:
             return cls(None, entry)
         name, source = name.strip(), source.strip()
-        if not MODEL_NAME.fullmatch(name):
-            raise ValueError(
-                f"--model {entry!r}: a model's name is letters, digits and . _ : @ -, "
-                f"starting with a letter or digit"
-            )
+        name, at, version = name.partition("@")
+        check_name(name, version if at else None, f"--model {entry!r}")
         if not source:
-            raise ValueError(f"--model {entry!r}: no path after {name}=")
-        return cls(name, source)
+            raise ValueError(f"--model {entry!r}: no path after =")
+        return cls(name, source, version if at else None)
+
+    @property
+    def served_version(self) -> str:
+        return self.version if self.version is not None else DEFAULT_VERSION
+
+    @property
+    def key(self) -> str:
+        """`NAME@VERSION` (the served name alone for an unversioned model): what names
+        this version in metrics, in the cache and in `DELETE /admin/models/...`."""
+        name = self.name or ""
+        return name if self.version is None else f"{name}@{self.version}"
+
+
+def check_name(name: str, version: str | None, where: str) -> None:
+    """Raises ValueError unless `name` (and `version`) are well formed."""
+    if not MODEL_NAME.fullmatch(name):
+        raise ValueError(
+            f"{where}: a model's name is letters, digits and . _ : -, starting with a "
+            f"letter or digit (NAME@VERSION gives a version)"
+        )
+    if version is not None and not VERSION.fullmatch(version):
+        raise ValueError(
+            f"{where}: a version is letters, digits and . _ -, starting with a letter or digit"
+        )
 
 
 class Settings(BaseSettings):
@@ -70,8 +100,16 @@ class Settings(BaseSettings):
     model: Annotated[tuple[str, ...], NoDecode] = Field(
         (),
         description="Local model directory or Hugging Face hub id; default: the built-in "
-        "all-MiniLM-L6-v2. NAME=PATH serves it as NAME; repeat the flag (or separate with "
-        "commas) to serve several models, which then share the devices fairly.",
+        "all-MiniLM-L6-v2. NAME=PATH serves it as NAME, NAME@VERSION=PATH as one version "
+        "of NAME; repeat the flag (or separate with commas) to serve several models or "
+        "versions, which then share the devices fairly.",
+    )
+    route: str | None = Field(
+        None,
+        description="How requests naming a model split over its versions, as JSON: "
+        '{"NAME": {"v1": 95, "v2": 5, "shadow": {"v3": 0.2}}} (weights; shadow: the '
+        "share of its traffic mirrored to a version, answered to no one). Default: each "
+        "model's first version takes all; PATCH /admin/routes changes it live.",
     )
     default_model: str | None = Field(
         None,
@@ -268,10 +306,13 @@ class Settings(BaseSettings):
                     f"--model: with several models each needs a name (NAME=PATH); "
                     f"unnamed: {', '.join(map(str, unnamed))}"
                 )
-            names = [s.name for s in specs]
-            repeated = sorted({n for n in names if names.count(n) > 1 and n is not None})
+            served = [(s.name, s.served_version) for s in specs]
+            repeated = sorted({n for n in served if served.count(n) > 1}, key=str)
             if repeated:
-                raise ValueError(f"--model: the name {repeated[0]!r} is given twice")
+                name, version = repeated[0]
+                if any(s.version for s in specs if s.name == name):
+                    raise ValueError(f"--model: '{name}@{version}' is given twice")
+                raise ValueError(f"--model: the name {name!r} is given twice")
         if self.default_model is not None:
             names = [s.name for s in specs]
             if self.default_model not in names:

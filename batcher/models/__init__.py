@@ -66,6 +66,8 @@ if TYPE_CHECKING:
     from batcher.models.memory import (
         GpuMemoryCollector,
         cuda_devices,
+        give_back_memory,
+        memory_in_use,
     )
     from batcher.models.sizing import (
         Footprint,
@@ -98,6 +100,8 @@ _LAZY = {
     "footprint": "batcher.models.sizing",
     "resolve_device": "batcher.models.sizing",
     "cuda_devices": "batcher.models.memory",
+    "give_back_memory": "batcher.models.memory",
+    "memory_in_use": "batcher.models.memory",
     "Loaded": "batcher.models.loading",
     "disable_progress_bars": "batcher.models.loading",
     "load": "batcher.models.loading",
@@ -145,6 +149,8 @@ __all__ = [
     "Footprint",
     "GiB",
     "GpuMemoryCollector",
+    "give_back_memory",
+    "memory_in_use",
     "InvalidOption",
     "LoadOptions",
     "Loaded",

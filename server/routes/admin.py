@@ -20,7 +20,8 @@ from server.operator_schemas import (
     SloWindow,
 )
 from server.routes.parsing import ModelQuery, RuntimeDep
-from server.runtime import Runtime, Served
+from server.runtime import Runtime
+from server.served import Served
 
 router = APIRouter(tags=["admin"])
 

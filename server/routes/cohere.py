@@ -108,7 +108,7 @@ async def rerank(request: Request) -> Response:
         model=ranking.model,
         usage=RerankUsage(prompt_tokens=ranking.tokens, total_tokens=ranking.tokens),
     )
-    return reply(response.model_dump_json(exclude_none=True).encode(), ranking.results)
+    return reply(request, response.model_dump_json(exclude_none=True).encode(), ranking.results)
 
 
 class V2RerankRequest(BaseModel):
@@ -184,4 +184,4 @@ async def rerank_v2(request: Request) -> Response:
         ],
         meta=V2Meta(api_version=ApiVersion(), tokens=MetaTokens(input_tokens=ranking.tokens)),
     )
-    return reply(response.model_dump_json().encode(), ranking.results)
+    return reply(request, response.model_dump_json().encode(), ranking.results)

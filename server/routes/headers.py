@@ -39,6 +39,20 @@ def deadline_of(engine: EngineHandle, runtime: Runtime, request: Request) -> flo
     return engine.clock() + timeout_s
 
 
+ROUTE_KEY_HEADER = "x-route-key"
+
+
+def route_key(request: Request) -> str | None:
+    """What keeps a user on one version of a model: its `X-Route-Key`, else its API
+    key's id (set by `server.access`), else nothing (each request drawn at random)."""
+    key = request.headers.get(ROUTE_KEY_HEADER)
+    if key:
+        return key
+    state: dict[str, object] = request.scope.get("state", {})
+    client = state.get("route_key")
+    return client if isinstance(client, str) else None
+
+
 PRIORITY_HEADER = "x-priority"
 
 

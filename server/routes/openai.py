@@ -121,9 +121,11 @@ async def embeddings(request: Request) -> Response:
         for i, r in enumerate(results)
     ]
     response = EmbeddingsResponse.model_construct(
-        data=data, model=model.name, usage=Usage(prompt_tokens=tokens, total_tokens=tokens)
+        data=data,
+        model=model.name,
+        usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
     )
-    return reply(response, results)
+    return reply(request, response, results)
 
 
 def _models(runtime: Runtime) -> list[ModelObject]:

@@ -26,11 +26,19 @@ from batcher.models import (
     Output,
     TruncationDirection,
 )
+from server.calls import Call
 from server.client import EngineHandle
 from server.errors import ClientDisconnected, NotReady, WrongTask
-from server.routes.headers import PRIORITY_HEADER, TIMEOUT_HEADER, deadline_of, lane_of
-from server.runtime import Runtime, Served
+from server.routes.headers import (
+    PRIORITY_HEADER,
+    TIMEOUT_HEADER,
+    deadline_of,
+    lane_of,
+    route_key,
+)
+from server.runtime import Runtime
 from server.schemas import ErrorReply, OutputOptions, request_limits
+from server.served import Served
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -59,12 +67,15 @@ def runtime_of(request: Request) -> Runtime:
 def serving(
     runtime: Runtime, request: Request, model: str | None = None
 ) -> tuple[Served, EngineHandle]:
-    """The model a request names (`model`; None: the default) and the engine its
+    """The version of the model a request names (`model`; None: the default) that
+    answers it, by the model's route and the request's route key, and the engine its
     prediction goes to (behind the result cache, unless the request says
-    `Cache-Control: no-cache`). Raises UnknownModel (404) and NotReady (503)."""
-    served = runtime.model(model)
+    `Cache-Control: no-cache`). The choice is kept in `request.state.call` for the reply
+    (`reply`). Raises UnknownModel (404) and NotReady (503)."""
     if runtime.status != "ready":
         raise NotReady(f"the server is {runtime.status}; retry when GET /ready says ready")
+    served, shadows = runtime.route(model, route_key(request))
+    request.state.call = Call(served, shadows)
     fresh = "no-cache" in request.headers.get("cache-control", "").lower()
     return served, served.engine_for(cached=not fresh)
 
@@ -375,18 +386,23 @@ async def unless_disconnected(
 
 def meta(request: Request, model: Encoder) -> dict[str, Any]:
     started: float = request.state.started
+    call: Call = request.state.call
     return {
         "model": model.name,
+        "version": call.served.version,
         "request_id": request.state.request_id,
         "processing_time_ms": round((time.perf_counter() - started) * 1000, 3),
     }
 
 
-def reply(body: BaseModel | bytes, results: Sequence[Result[Output]]) -> Response:
-    """The JSON reply, serialized once by orjson (`to_json`), with the timing headers.
-    Returning a Response skips FastAPI's validation of the returned model against
-    `response_model`, which the route declares for the OpenAPI schema only."""
+def reply(request: Request, body: BaseModel | bytes, results: Sequence[Result[Output]]) -> Response:
+    """The JSON reply, serialized once by orjson (`to_json`), with the timing headers
+    and the version that answered (`X-Model-Version`). Returning a Response skips
+    FastAPI's validation of the returned model against `response_model`, which the
+    route declares for the OpenAPI schema only."""
+    call: Call = request.state.call
     headers = {
+        "x-model-version": call.served.version,
         "x-queue-time-ms": f"{max(r.queue_time_s for r in results) * 1000:.3f}",
         "x-inference-time-ms": f"{max(r.inference_time_s for r in results) * 1000:.3f}",
         "x-batch-size": str(max(r.batch_size for r in results)),

@@ -72,7 +72,7 @@ async def predict(request: Request) -> Response:
     result = await unless_disconnected(request, runtime, submitted)
     shaped = _shape(result.value, item, model.labels, body)
     kind = LabelResponse if isinstance(shaped, Label) else EmbeddingResponse
-    return reply(kind.model_construct(**shaped.__dict__, **meta(request, model)), [result])
+    return reply(request, kind.model_construct(**shaped.__dict__, **meta(request, model)), [result])
 
 
 @router.post(
@@ -96,4 +96,6 @@ async def predict_batch(request: Request) -> Response:
     ]
     # One model, one task: the results are all embeddings or all labels.
     typed = cast("list[Embedding] | list[Label]", shaped)
-    return reply(BatchResponse.model_construct(results=typed, **meta(request, model)), results)
+    return reply(
+        request, BatchResponse.model_construct(results=typed, **meta(request, model)), results
+    )

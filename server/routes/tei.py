@@ -86,7 +86,7 @@ async def embed(request: Request) -> Response:
     check_tokens(items, model, runtime, "inputs", body.truncate, listed=True)
     results = await submit_all(request, runtime, engine, items, deadline)
     vectors = [cast("list[float]", r.value) for r in results]
-    return reply(to_json(vectors), results)
+    return reply(request, to_json(vectors), results)
 
 
 @router.post(
@@ -112,7 +112,7 @@ async def rerank(request: Request) -> Response:
         )
         for i in ranking.order
     ]
-    return reply(_RANKED.dump_json(ranked, exclude_none=True), ranking.results)
+    return reply(request, _RANKED.dump_json(ranked, exclude_none=True), ranking.results)
 
 
 @router.post(
@@ -222,7 +222,7 @@ async def similarity(request: Request) -> Response:
     check_tokens(items, model, runtime, "inputs", parameters.truncate, listed=True)
     results = await submit_all(request, runtime, engine, items, deadline)
     vectors = np.asarray([cast("list[float]", r.value) for r in results], dtype=np.float32)
-    return reply(to_json((vectors[1:] @ vectors[0]).tolist()), results)
+    return reply(request, to_json((vectors[1:] @ vectors[0]).tolist()), results)
 
 
 async def _classify(request: Request) -> Response:
@@ -262,7 +262,7 @@ async def _classify(request: Request) -> Response:
                 for i in best_first(scores, parameters.top_k)
             ]
         )
-    return reply(_PREDICTIONS.dump_json(shaped), results)
+    return reply(request, _PREDICTIONS.dump_json(shaped), results)
 
 
 def _peek(raw: bytes) -> tuple[str | None, bool]:

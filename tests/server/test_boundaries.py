@@ -167,8 +167,8 @@ def test_no_import_circle_in_batcher_or_server() -> None:
         graph[package] = set()  # a package's __init__ re-exports: an arrow down, not a loop
     assert circles(graph) == []
     # The check can fail: a circle put in by hand is found.
-    graph["server.tokenizing"].add("server.runtime")
-    assert ["server.runtime", "server.tokenizing"] in circles(graph)
+    graph["server.tokenizing"].add("server.served")
+    assert ["server.served", "server.tokenizing"] in circles(graph)
 
 
 def test_no_module_of_batcher_or_server_is_over_450_lines_and_the_engine_under_375() -> None:

@@ -213,7 +213,7 @@ def _replies() -> list[BaseModel]:
     vector = [0.1, -2.5e-07, 3.0, 1e300]
     embedding = Embedding.model_construct(embedding=vector, truncated=False)
     label = Label.model_construct(label="pos", score=0.75, scores={"pos": 0.75}, truncated=True)
-    meta = {"model": "m", "request_id": "r-1", "processing_time_ms": 1.25}
+    meta = {"model": "m", "version": "1", "request_id": "r-1", "processing_time_ms": 1.25}
     usage = Usage(prompt_tokens=3, total_tokens=3)
     return [
         EmbeddingResponse.model_construct(**embedding.__dict__, **meta),

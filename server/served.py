@@ -1,0 +1,178 @@
+"""One version of a model as the HTTP side serves it (`Served`), and the interface of
+what loads versions while the server runs (`ModelLoader`, `server.fleet.Fleet` on the
+engine side).
+
+This module imports neither torch nor transformers, nor does anything it imports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from batcher.models import Encoder
+from server.cache import CachedEngine, ResultCache
+from server.client import EngineClient, EngineHandle, EngineReport, Status
+from server.errors import NotReady
+from server.settings import ModelSpec, Settings
+from server.shared_cache import SharedCache
+from server.tokenizing import FRONT_END_INLINE_CHARS, INLINE_CHARS, Tokenizer
+
+ServedState = Literal["loading", "warming", "ready", "draining", "failed"]
+"""A version's state: `loading` while its weights load (`POST /admin/models`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Freed:
+    """What unloading a version gave back: `bytes` by `measure`, the CUDA allocator's
+    figure (`cuda allocated`) on a GPU, the process's resident set (`resident set`) on
+    a CPU, whose allocator may keep some of it."""
+
+    bytes: int
+    measure: str
+
+
+class ModelLoader(Protocol):
+    """Loads and unloads versions while the server runs (`server.fleet.Fleet`)."""
+
+    async def load(self, spec: ModelSpec) -> EngineClient:
+        """Load `spec` (off the loop) and start warming it; raises what a load raises."""
+        ...
+
+    async def unload(self, client: EngineClient) -> Freed:
+        """Drain `client`'s queue, stop it and free its memory."""
+        ...
+
+
+class Served:
+    """One version of a model as the HTTP side serves it: its engine client (None while
+    it loads), encoder and tokenizer, and its namespace in the shared cache."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        client: EngineClient | None,
+        settings: Settings,
+        cache: ResultCache | None,
+        *,
+        live: bool = False,
+    ) -> None:
+        self.name = spec.name or ""
+        """The model's served name ("" for a lone model served under its own)."""
+        self.version = spec.served_version
+        self.key = spec.key
+        """`NAME@VERSION`, or the name alone for a model given no version."""
+        self.spec = spec
+        self._client = client
+        self._settings = settings
+        self._cache = cache
+        self.live = live
+        """Loaded by `POST /admin/models`: counts in the server's status once ready."""
+        self._joined = not live
+        self.error: str | None = None
+        """Why its live load failed."""
+        self._tokenizer: Tokenizer | None = None
+        self._shared: SharedCache | None = None
+
+    @property
+    def client(self) -> EngineClient:
+        if self._client is None:
+            raise NotReady(f"the model {self.key} is still loading; retry when it is ready")
+        return self._client
+
+    @property
+    def loaded(self) -> bool:
+        return self._client is not None
+
+    def attach(self, client: EngineClient) -> None:
+        self._client = client
+
+    @property
+    def joined(self) -> bool:
+        """Counts in the server's status: started with it, or loaded since and ready once."""
+        if not self._joined and self._client is not None and self._client.status == "ready":
+            self._joined = True
+        return self._joined
+
+    @property
+    def state(self) -> ServedState:
+        if self._client is None:
+            return "failed" if self.error is not None else "loading"
+        return self._client.status
+
+    @property
+    def serving(self) -> bool:
+        """Ready to take requests."""
+        return self._client is not None and self._client.status == "ready"
+
+    @property
+    def encoder(self) -> Encoder:
+        """Its encoder: its name, task, labels and token limit, and how inputs become
+        token ids. Raises EngineClosed (503) while a front-end waits for it."""
+        return self.client.encoder
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """Tokenizes the requests' texts off the loop, in batches (`server.tokenizing`).
+        A front-end tokenizes short texts on its loop always: its parallelism is the
+        processes, a core each."""
+        if self._tokenizer is None:
+            if self.client.front_end:
+                self._tokenizer = Tokenizer(
+                    self.encoder, inline_chars=FRONT_END_INLINE_CHARS, gather_short=False
+                )
+            else:
+                self._tokenizer = Tokenizer(self.encoder, inline_chars=INLINE_CHARS)
+        return self._tokenizer
+
+    @property
+    def engine(self) -> EngineHandle:
+        return self.client.engine
+
+    def engine_for(self, *, cached: bool) -> EngineHandle:
+        """The engine as a prediction sees it: behind the result cache when there is one
+        (`cached=False`: a request that asked for a fresh answer skips its lookups)."""
+        cache = self._cache
+        if cache is None:
+            return self.client.engine
+        return CachedEngine(self.client.engine, cache, self._shared_cache(), read=cached,
+                            model=self.key)  # fmt: skip
+
+    def _shared_cache(self) -> SharedCache | None:
+        """The Redis tier, made at the first prediction: its keys name the model, its
+        version and its precision, known once the engine side is ready."""
+        url = self._settings.cache_url
+        if url is None or self._cache is None:
+            return None
+        if self._shared is None:
+            dtype = self.describe().get("dtype", "")
+            version = "" if self.spec.version is None else f"@{self.version}"
+            namespace = f"microbatch:1:{self.encoder.name}{version}:{dtype}:"
+            self._shared = SharedCache(
+                url, namespace, self._settings.cache_ttl_s,
+                self._cache.shared_hits, self._cache.shared_errors,
+            )  # fmt: skip
+        return self._shared
+
+    @property
+    def status(self) -> Status:
+        return self.client.status
+
+    def report(self) -> EngineReport | None:
+        return self._client.report() if self._client is not None else None
+
+    def describe(self) -> dict[str, object]:
+        """The model, as the process that runs it describes it."""
+        report = self.report()
+        return dict(report.description) if report is not None else {}
+
+    async def aclose(self) -> None:
+        if self._tokenizer is not None:
+            await self._tokenizer.aclose()
+        if self._shared is not None:
+            await self._shared.aclose()
+
+
+def spec_of(key: str) -> ModelSpec:
+    """The spec a served key stands for, where settings do not name it (models handed in)."""
+    name, at, version = key.partition("@")
+    return ModelSpec(name or None, None, version if at else None)
