@@ -124,19 +124,21 @@ def create_app(
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origin_list(),
-            allow_methods=["GET", "POST", "PATCH"],
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=[
                 "authorization",
                 "content-type",
                 "x-request-id",
                 "x-request-timeout-ms",
                 "x-priority",
+                "x-route-key",
             ],
             expose_headers=[
                 "x-request-id",
                 "x-queue-time-ms",
                 "x-inference-time-ms",
                 "x-batch-size",
+                "x-model-version",
             ],
         )
     app.add_middleware(

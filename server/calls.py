@@ -1,12 +1,19 @@
 """One request's way through the served versions: the version that answers it and those
-it is mirrored to (`server.versions`), kept on `request.state.call` from the moment a
-route picks the version (`server.routes.parsing.serving`) to its reply."""
+it is mirrored to (`server.versions`), and what it asked, kept on `request.state.call`
+from the moment a route picks the version (`server.routes.parsing.serving`) to its
+reply, where the shadows (`server.shadow`) and the prediction log (`server.prediction_log`)
+take it over."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from batcher.models import Encoded, Options, TruncationDirection
 from server.served import Served
+
+Input = str | list[int]
+"""A text, or a sequence of token ids (OpenAI's and TEI's `input`)."""
 
 
 @dataclass(slots=True)
@@ -15,3 +22,22 @@ class Call:
     """The version that answers."""
     shadows: list[Served] = field(default_factory=list)
     """The versions the request is mirrored to, answering no one."""
+    inputs: Sequence[Input] = ()
+    pairs: Sequence[str] | None = None
+    """Each input's second text (a cross-encoder's document), or None."""
+    options: Options | None = None
+    direction: TruncationDirection = "right"
+    items: Sequence[Encoded] = ()
+    """The inputs as the answering version tokenized them."""
+
+    def record(
+        self,
+        inputs: Sequence[Input],
+        pairs: Sequence[str] | None,
+        options: Options,
+        direction: TruncationDirection,
+        items: Sequence[Encoded],
+    ) -> None:
+        """What the request asked, once its inputs are tokenized."""
+        self.inputs, self.pairs, self.options = inputs, pairs, options
+        self.direction, self.items = direction, items

@@ -44,6 +44,11 @@ class NotFound(Exception):
     """The route exists, the thing asked for does not (HTTP 404)."""
 
 
+class Conflict(Exception):
+    """The request cannot be done in the server's present state, e.g. unloading the last
+    version of a model that takes traffic (HTTP 409)."""
+
+
 class UnknownModel(LookupError):
     """A request named a model this server does not serve (404, naming those it does)."""
 
@@ -210,6 +215,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound) -> JSONResponse:
         return error_response(request, 404, "not_found", str(exc))
+
+    @app.exception_handler(Conflict)
+    async def conflict(request: Request, exc: Conflict) -> JSONResponse:
+        return error_response(request, 409, "conflict", str(exc))
 
     @app.exception_handler(UnknownModel)
     async def unknown_model(request: Request, exc: UnknownModel) -> JSONResponse:

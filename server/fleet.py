@@ -14,7 +14,14 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry
 
 from batcher import DeviceScheduler
-from batcher.models import give_back_memory, memory_in_use
+from batcher.models import (
+    GiB,
+    footprint,
+    free_memory,
+    give_back_memory,
+    memory_in_use,
+    resolve_device,
+)
 from server.client import EngineClient
 from server.host import EngineHost, LocalClient, ServedModel
 from server.served import Freed
@@ -66,7 +73,10 @@ class Fleet:
 
     async def load(self, spec: ModelSpec) -> LocalClient:
         """Load `spec` and start warming it. From a second engine on, they all share the
-        devices."""
+        devices. Raises ValueError when it does not fit the memory its devices have
+        free now, and what a load raises (ModelLoadError, ValueError)."""
+        if self.hosts and (problem := await asyncio.to_thread(self._memory_problem, spec)):
+            raise ValueError(problem)
         if self.hosts and self._scheduler is None:
             self._scheduler = DeviceScheduler(len(self.settings.device_list()))
             for host in self.hosts:
@@ -80,6 +90,23 @@ class Fleet:
                                      spec=spec, share=share, warm_lock=self._warm_lock)  # fmt: skip
         self.hosts.append(host)
         return LocalClient(host)
+
+    def _memory_problem(self, spec: ModelSpec) -> str | None:
+        """Why `spec` would not fit on its devices beside what they hold now (its
+        weights at the served precision plus one largest batch's activations, as the
+        start-up check sizes it); None when it fits or cannot be sized."""
+        settings = self.settings
+        for device in dict.fromkeys(settings.device_list()):
+            resolved = resolve_device(device)
+            have = free_memory(resolved)
+            options = settings.load_options(resolved, spec)
+            found = footprint(options, settings.max_batch_size, resolved)
+            if have is not None and found is not None and found.total_bytes > have:
+                return (
+                    f"{spec.key} needs {found.describe()} on {resolved}, which has "
+                    f"{have / GiB:.2f} GiB free; unload a version first"
+                )
+        return None
 
     async def unload(self, client: EngineClient) -> Freed:
         """Drain `client`'s queue (every admitted item is answered), stop its device

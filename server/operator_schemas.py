@@ -121,15 +121,49 @@ class ThreadsInfo(BaseModel):
 
 
 class ModelSummary(BaseModel):
-    """One served model, in `GET /model`'s `models` and `GET /v1/models`."""
+    """One served version of a model, in `GET /model`'s `models`, `GET /v1/models` and
+    `GET /admin/models`."""
 
-    name: str
+    name: str = Field(description="What pins this version: NAME@VERSION (NAME alone for "
+                      "a model served without versions).")  # fmt: skip
+    model: str = Field(description="The model's name: a request naming it is routed.")
+    version: str
     task: str | None = Field(description="embed, classify or rerank; None while loading.")
     pooling: list[str] | None = Field(
         None, description="embed: the pooling modes (mean, cls, lasttoken, ...)."
     )
-    status: str = Field(description="warming, ready, draining or failed.")
+    status: str = Field(description="loading, warming, ready, draining or failed.")
     default: bool = Field(description="Whether it answers requests that name no model.")
+    traffic: float = Field(description="Its share of the model's requests by the route "
+                           "(0 to 1), among the versions ready now.")  # fmt: skip
+    shadow: float = Field(0.0, description="The share of the model's requests mirrored to it.")
+    error: str | None = Field(None, description="Why its live load failed.")
+
+
+class ModelLoad(BaseModel):
+    """`POST /admin/models`: a version to load while the server runs."""
+
+    name: str = Field(description="The model's name (letters, digits and . _ : -).")
+    version: str = Field(description="Its version (letters, digits and . _ -).")
+    path: str = Field(description="Its directory, or a Hugging Face hub id.")
+
+
+class Unloaded(BaseModel):
+    """`DELETE /admin/models/NAME@VERSION`: what unloading gave back."""
+
+    name: str
+    freed_bytes: int = Field(description="Memory freed, by `measure`.")
+    measure: str = Field(description="cuda allocated (the CUDA allocator's figure) or "
+                         "resident set (the process's, on a CPU).")  # fmt: skip
+
+
+class RouteInfo(BaseModel):
+    """One model's route: weights by version and the shadow shares."""
+
+    weights: dict[str, int]
+    shadow: dict[str, float]
+    served: dict[str, float] = Field(description="Each ready version's share of the "
+                                     "requests the route sends now (0 to 1).")  # fmt: skip
 
 
 class ModelInfo(BaseModel):

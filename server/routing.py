@@ -95,6 +95,13 @@ def pick(route: Route, ready: Container[str], at: float) -> str | None:
     return live[-1][0]
 
 
+def shares(route: Route, ready: Container[str]) -> dict[str, float]:
+    """Each ready version's share of the requests `route` sends now (`pick`'s odds)."""
+    live = [(v, w) for v, w in route.weights if w > 0 and v in ready]
+    total = sum(w for _, w in live)
+    return {v: w / total for v, w in live} if total else {}
+
+
 def shadows(route: Route, answering: str, ready: Container[str], draw: float) -> list[str]:
     """The versions a request answered by `answering` is mirrored to: each ready shadow
     version (other than the one answering) whose share exceeds `draw`."""

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter
 from server.cache import ResultCache
 from server.client import EngineClient
 from server.errors import UnknownModel
-from server.routing import Route, RoutePatch, parse_routes, pick, point, shadows
+from server.routing import Route, RoutePatch, parse_routes, pick, point, shadows, shares
 from server.served import Freed, ModelLoader, Served, spec_of
 from server.settings import ModelSpec, Settings
 
@@ -78,6 +78,13 @@ class Versions:
         if ready:
             return versions[ready[0]]
         return next(iter(versions.values()))
+
+    def shares(self, name: str) -> dict[str, float]:
+        """Each version's share of the model's requests now (the primary takes all
+        while no weighted version is ready)."""
+        versions = self._versions[name]
+        found = shares(self.route_of(name), {v for v, s in versions.items() if s.serving})
+        return found or {self._primary(name).version: 1.0}
 
     def route_of(self, name: str) -> Route:
         """A model's route: the one set, or all to its first version."""

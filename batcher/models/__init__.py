@@ -74,6 +74,7 @@ if TYPE_CHECKING:
         GiB,
         device_memory,
         footprint,
+        free_memory,
     )
     from batcher.models.text import (
         TextModel,
@@ -98,6 +99,7 @@ _LAZY = {
     "GiB": "batcher.models.sizing",
     "device_memory": "batcher.models.sizing",
     "footprint": "batcher.models.sizing",
+    "free_memory": "batcher.models.sizing",
     "resolve_device": "batcher.models.sizing",
     "cuda_devices": "batcher.models.memory",
     "give_back_memory": "batcher.models.memory",
@@ -174,6 +176,7 @@ __all__ = [
     "device_problem",
     "disable_progress_bars",
     "footprint",
+    "free_memory",
     "resolve_device",
     "graphs_compiled",
     "load",

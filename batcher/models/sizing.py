@@ -133,6 +133,28 @@ def device_memory(device: str) -> int | None:
     return min(physical, int(limit)) if limit.isdigit() else physical
 
 
+def free_memory(device: str) -> int | None:
+    """Bytes the device can still give: a CUDA device's free memory (the driver's
+    figure, less what other processes hold); on a CPU, what the kernel counts as
+    available (`MemAvailable`); None where unknown."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    if device not in ("cpu", "auto"):
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def resolve_device(device: str) -> str:
     """`auto` as the server resolves it between CUDA and the CPU (MPS is not sized)."""
     if device != "auto":

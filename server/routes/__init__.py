@@ -5,9 +5,9 @@ from fastapi import APIRouter
 from fastapi.routing import APIRoute
 
 from server.fastlane import direct_routes
-from server.routes import admin, cohere, dashboard, openai, predict, probes, tei
+from server.routes import admin, cohere, dashboard, openai, predict, probes, tei, versions
 
-FAMILIES = (predict, openai, tei, cohere, probes, admin, dashboard)
+FAMILIES = (predict, openai, tei, cohere, probes, admin, versions, dashboard)
 
 router = APIRouter()
 for family in FAMILIES:

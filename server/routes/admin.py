@@ -63,18 +63,27 @@ def batching_of(served: Served) -> Batching:
 
 
 def summaries(runtime: Runtime) -> list[ModelSummary]:
-    """Every served model: name, task, pooling, state; the default first."""
+    """Every served version: name, task, pooling, state, its share of the traffic; the
+    default first."""
     found = []
+    versions = runtime.versions
+    default = runtime.default
     for name, served in zip(runtime.names(), runtime.models.values(), strict=True):
         described = served.describe()
         pooling = described.get("pooling")
+        route = versions.route_of(served.name)
         found.append(
             ModelSummary(
                 name=name,
+                model=served.name or name,
+                version=served.version,
                 task=cast("str | None", described.get("task")),
                 pooling=cast("list[str]", pooling) if pooling is not None else None,
-                status=served.status,
-                default=served is runtime.default,
+                status=served.state,
+                default=served is default,
+                traffic=versions.shares(served.name).get(served.version, 0.0),
+                shadow=dict(route.shadow).get(served.version, 0.0),
+                error=served.error,
             )
         )
     return found
@@ -91,7 +100,7 @@ async def model_info(runtime: RuntimeDep, model: ModelQuery = None) -> ModelInfo
     return ModelInfo.model_validate(
         {
             **served.describe(),
-            "status": served.status if len(runtime.models) > 1 else runtime.status,
+            "status": served.state if len(runtime.models) > 1 else runtime.status,
             "batching": batching_of(served),
             "learned_cost": cost
             and LearnedCost(overhead_ms=cost.overhead_s * 1e3, per_token_us=cost.per_token_s * 1e6),

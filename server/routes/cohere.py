@@ -15,10 +15,10 @@ from server.routes.parsing import (
     invalid,
     openapi_body,
     parse,
-    rank,
     reply,
     runtime_of,
 )
+from server.routes.ranking import rank
 from server.schemas import (
     MODEL_ANSWERS,
     ErrorReply,

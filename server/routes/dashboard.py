@@ -37,7 +37,7 @@ async def dashboard_data(
     recent = await served.client.recent(since)
     described = served.describe()
     return DashboardData(
-        status=served.status if len(runtime.models) > 1 else runtime.status,
+        status=served.state if len(runtime.models) > 1 else runtime.status,
         model=served.encoder.name,
         models=runtime.names(),
         device=str(described.get("device", "")),

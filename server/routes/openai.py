@@ -13,11 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from server.errors import NotFound
 from server.routes.admin import summaries
+from server.routes.encoding import check_tokens, encode_inputs
 from server.routes.headers import deadline_of
 from server.routes.parsing import (
     RuntimeDep,
-    check_tokens,
-    encode_inputs,
     needs_task,
     openapi_body,
     parse,
@@ -83,7 +82,8 @@ class ModelObject(BaseModel):
     owned_by: str = "microbatch"
     task: str | None = Field(None, description="embed, classify or rerank.")
     pooling: list[str] | None = Field(None, description="embed: the pooling modes.")
-    status: str = Field("ready", description="warming, ready, draining or failed.")
+    version: str = Field("1", description="Its version; NAME@VERSION pins it.")
+    status: str = Field("ready", description="loading, warming, ready, draining or failed.")
     default: bool = Field(True, description="Whether it answers requests naming no model.")
 
 
@@ -110,7 +110,7 @@ async def embeddings(request: Request) -> Response:
     needs_task(model, "embed", "/v1/embeddings", "an embedding model")
     deadline = deadline_of(engine, runtime, request)
     options = OutputOptions(dimensions=body.dimensions)
-    items = await encode_inputs(served, body.input, options, "input")
+    items = await encode_inputs(request, body.input, options, "input")
     check_tokens(items, model, runtime, "input", None, listed=True)
     results = await submit_all(request, runtime, engine, items, deadline)
     tokens = sum(len(item.ids) for item in items)
@@ -133,6 +133,7 @@ def _models(runtime: Runtime) -> list[ModelObject]:
         ModelObject(
             id=summary.name,
             created=STARTED,
+            version=summary.version,
             task=summary.task,
             pooling=summary.pooling,
             status=summary.status,

@@ -7,8 +7,7 @@ import asyncio
 import base64
 import time
 from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar, cast
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 import orjson
@@ -19,12 +18,9 @@ from starlette.requests import ClientDisconnect
 
 from batcher import Result
 from batcher.models import (
-    Classification,
     Encoded,
     Encoder,
-    InvalidOption,
     Output,
-    TruncationDirection,
 )
 from server.calls import Call
 from server.client import EngineHandle
@@ -32,12 +28,11 @@ from server.errors import ClientDisconnected, NotReady, WrongTask
 from server.routes.headers import (
     PRIORITY_HEADER,
     TIMEOUT_HEADER,
-    deadline_of,
     lane_of,
     route_key,
 )
 from server.runtime import Runtime
-from server.schemas import ErrorReply, OutputOptions, request_limits
+from server.schemas import ErrorReply, request_limits
 from server.served import Served
 
 
@@ -101,81 +96,8 @@ def loc(field: str, index: int, listed: bool | None = None) -> tuple[str | int, 
     return ("body", field, index) if listed else ("body", field)
 
 
-def check_tokens(
-    items: Sequence[Encoded],
-    model: Encoder,
-    runtime: Runtime,
-    field: str,
-    truncate: bool | None,
-    listed: bool | None = None,
-) -> None:
-    allowed = runtime.settings.truncate if truncate is None else truncate
-    if allowed:
-        return
-    why = "(the server runs with --no-truncate)" if truncate is None else "(truncate: false)"
-    errors = [
-        {
-            "loc": loc(field, i, listed),
-            "msg": f"input is over the model's limit of {model.max_tokens} tokens {why}",
-            "type": "too_many_tokens",
-        }
-        for i, item in enumerate(items)
-        if item.truncated
-    ]
-    if errors:
-        raise RequestValidationError(errors)
-
-
 def invalid(field: str, msg: str, kind: str = "value_error") -> RequestValidationError:
     return RequestValidationError([{"loc": ("body", field), "msg": msg, "type": kind}])
-
-
-async def encode(
-    served: Served,
-    texts: Sequence[str],
-    pairs: Sequence[str] | None,
-    body: OutputOptions,
-    truncation_direction: TruncationDirection = "right",
-) -> list[Encoded]:
-    """Tokenize for `served` under the request's options, off the loop and batched with
-    other requests (`server.tokenizing`); an option the model cannot honour is 422."""
-    model = served.encoder
-    if body.all_scores and model.task == "embed":
-        raise invalid("all_scores", "all_scores applies to classify and rerank models")
-    if body.encoding_format != "float" and model.task != "embed":
-        raise invalid("encoding_format", "encoding_format applies to embedding models")
-    try:
-        return await served.tokenizer.encode(texts, pairs, body.options(), truncation_direction)
-    except InvalidOption as exc:
-        raise invalid(exc.field, str(exc)) from None
-
-
-async def encode_inputs(
-    served: Served,
-    inputs: Sequence[str | list[int]],
-    body: OutputOptions,
-    field: str,
-    truncation_direction: TruncationDirection = "right",
-) -> list[Encoded]:
-    """Texts and token-id sequences, in one request and in order (OpenAI's and TEI's
-    `input`): each kind encoded in one call."""
-    model = served.encoder
-    texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
-    if len(texts) == len(inputs):
-        return await encode(served, [t for _, t in texts], None, body, truncation_direction)
-    ids = [(i, x) for i, x in enumerate(inputs) if not isinstance(x, str)]
-    out: list[Encoded | None] = [None] * len(inputs)
-    if texts:
-        encoded = await encode(served, [t for _, t in texts], None, body, truncation_direction)
-        for (i, _), item in zip(texts, encoded, strict=True):
-            out[i] = item
-    try:
-        encoded = model.encode_ids([x for _, x in ids], body.options())
-    except InvalidOption as exc:
-        raise invalid(field if exc.field == "input" else exc.field, str(exc)) from None
-    for (i, _), item in zip(ids, encoded, strict=True):
-        out[i] = item
-    return [item for item in out if item is not None]
 
 
 async def submit_all(
@@ -206,49 +128,6 @@ async def submit_all(
         return results
 
     return await unless_disconnected(request, runtime, in_waves())
-
-
-@dataclass(frozen=True, slots=True)
-class Ranking:
-    """Texts scored against a query: `order` holds their indices, best first."""
-
-    order: list[int]
-    scores: list[float]
-    tokens: int
-    """Tokens the model read, pairs' special tokens included."""
-    results: list[Result[Output]]
-    model: str
-    """The name of the model that scored them."""
-
-
-async def rank(
-    request: Request,
-    runtime: Runtime,
-    route: str,
-    query: str,
-    texts: Sequence[str],
-    *,
-    field: str,
-    options: OutputOptions,
-    truncate: bool | None,
-    top_n: int | None,
-    truncation_direction: TruncationDirection = "right",
-    model_name: str | None = None,
-) -> Ranking:
-    """What every rerank route does: each (query, text) pair is one item in the queue,
-    batched, length-grouped and failure-isolated like any other, so a long list does
-    not wait behind itself; then the best first. `model_name`: the model the request
-    names (None: the default)."""
-    served, engine = serving(runtime, request, model_name)
-    model = served.encoder
-    needs_task(model, "rerank", route, "a cross-encoder with one output score")
-    deadline = deadline_of(engine, runtime, request)
-    items = await encode(served, [query] * len(texts), texts, options, truncation_direction)
-    check_tokens(items, model, runtime, field, truncate)
-    results = await submit_all(request, runtime, engine, items, deadline, by_size=False)
-    scores = [cast("Classification", r.value).score for r in results]
-    order = best_first(scores, top_n)
-    return Ranking(order, scores, sum(len(item.ids) for item in items), results, model.name)
 
 
 EncodingFormat = Literal["float", "base64"]

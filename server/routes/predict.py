@@ -8,11 +8,10 @@ from typing import cast
 from fastapi import APIRouter, Request, Response
 
 from batcher.models import Classification, Encoded, Output
+from server.routes.encoding import check_tokens, encode
 from server.routes.headers import deadline_of, lane_of
 from server.routes.parsing import (
     PREDICT_ERRORS,
-    check_tokens,
-    encode,
     meta,
     openapi_body,
     parse,
@@ -65,7 +64,7 @@ async def predict(request: Request) -> Response:
     model = served.encoder
     pair = None if body.text_pair is None else [body.text_pair]
     deadline = deadline_of(engine, runtime, request)
-    [item] = await encode(served, [body.text], pair, body)
+    [item] = await encode(request, [body.text], pair, body)
     check_tokens([item], model, runtime, "text", body.truncate)
     lane = lane_of(request, runtime, 1)
     submitted = engine.submit(item, deadline=deadline, lane=lane)
@@ -88,7 +87,7 @@ async def predict_batch(request: Request) -> Response:
     served, engine = serving(runtime, request, body.model)
     model = served.encoder
     deadline = deadline_of(engine, runtime, request)
-    items = await encode(served, body.texts, body.text_pairs, body)
+    items = await encode(request, body.texts, body.text_pairs, body)
     check_tokens(items, model, runtime, "texts", body.truncate)
     results = await submit_all(request, runtime, engine, items, deadline)
     shaped = [

@@ -15,25 +15,24 @@ from fastapi import APIRouter, Request, Response
 from pydantic import TypeAdapter
 
 from batcher.models import Classification
+from server.routes.encoding import check_tokens, encode_inputs
 from server.routes.headers import deadline_of
 from server.routes.parsing import (
     ModelQuery,
     RuntimeDep,
     best_first,
     body_of,
-    check_tokens,
-    encode_inputs,
     invalid,
     needs_task,
     openapi_body,
     parse,
-    rank,
     reply,
     runtime_of,
     serving,
     submit_all,
     to_json,
 )
+from server.routes.ranking import rank
 from server.routes.tei_bodies import (
     ClassifyParameters,
     ClassifyRequest,
@@ -82,7 +81,7 @@ async def embed(request: Request) -> Response:
         normalize=body.normalize, prompt_name=body.prompt_name, dimensions=body.dimensions
     )
     direction = cut_side(body.truncation_direction)
-    items = await encode_inputs(served, body.inputs, options, "inputs", direction)
+    items = await encode_inputs(request, body.inputs, options, "inputs", direction)
     check_tokens(items, model, runtime, "inputs", body.truncate, listed=True)
     results = await submit_all(request, runtime, engine, items, deadline)
     vectors = [cast("list[float]", r.value) for r in results]
@@ -218,7 +217,7 @@ async def similarity(request: Request) -> Response:
     options = OutputOptions(normalize=True, prompt_name=parameters.prompt_name)
     texts = [body.inputs.source_sentence, *body.inputs.sentences]
     direction = cut_side(parameters.truncation_direction)
-    items = await encode_inputs(served, texts, options, "inputs", direction)
+    items = await encode_inputs(request, texts, options, "inputs", direction)
     check_tokens(items, model, runtime, "inputs", parameters.truncate, listed=True)
     results = await submit_all(request, runtime, engine, items, deadline)
     vectors = np.asarray([cast("list[float]", r.value) for r in results], dtype=np.float32)
@@ -248,7 +247,7 @@ async def _classify(request: Request) -> Response:
     options = OutputOptions(raw_scores=body.raw_scores or function == "none")
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
     items = await encode_inputs(
-        served, texts, options, "inputs", cut_side(body.truncation_direction)
+        request, texts, options, "inputs", cut_side(body.truncation_direction)
     )
     check_tokens(items, model, runtime, "inputs", body.truncate, listed=True)
     results = await submit_all(request, runtime, engine, items, deadline)
