@@ -53,6 +53,8 @@ class Executor(Generic[InT, OutT]):
         """The device's cost per batch, learned from the batches run so far."""
         self.drain_rate = DrainRate()
         self.memory_cap = MemoryCap()
+        self.batches_run = 0
+        """Forward passes that succeeded; each result names its pass by this count."""
         first = pool.replicas[0].runner
         self._preparer = (
             first if isinstance(first, PreparingRunner) and first.collates_ahead else None
@@ -150,8 +152,11 @@ class Executor(Generic[InT, OutT]):
             return False
         self._record(batch, started, inference_time_s, replica)
         size, delivered = len(batch), 0
+        self.batches_run += 1
+        number = self.batches_run
         for item, value in zip(batch, outputs, strict=True):
-            result = Result(value, started - item.enqueued_at, inference_time_s, size)
+            result = Result(value, started - item.enqueued_at, inference_time_s, size,
+                            batch=number)  # fmt: skip
             delivered += settle_result(item.future, result)
         self._metrics.count("ok", delivered)
         if self.on_computed is not None:

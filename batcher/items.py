@@ -29,10 +29,13 @@ class Result(Generic[OutT]):
     """Items in that forward pass."""
     cached: bool = False
     """Answered from the server's result cache (no queue, no device): the times are 0."""
+    batch: int = 0
+    """Which of its engine's forward passes computed it, counted from 1 (0: none did)."""
 
     def __reduce__(self) -> tuple[type[Result[OutT]], tuple[object, ...]]:
         # Fast pickling across processes (batcher.remote): the constructor's arguments.
-        return Result, (self.value, self.queue_time_s, self.inference_time_s, self.batch_size)
+        return Result, (self.value, self.queue_time_s, self.inference_time_s, self.batch_size,
+                        self.cached, self.batch)  # fmt: skip
 
 
 @dataclass(slots=True, eq=False)

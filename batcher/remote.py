@@ -302,7 +302,9 @@ class RemoteEngine(Generic[InT, OutT]):
         if unpack is None:
             return results
         return [
-            Result(unpack(r.value), r.queue_time_s, r.inference_time_s, r.batch_size)
+            Result(
+                unpack(r.value), r.queue_time_s, r.inference_time_s, r.batch_size, batch=r.batch
+            )  # fmt: skip
             for r in results
         ]
 

@@ -89,6 +89,7 @@ def create_app(
         runtime = Runtime(settings, clients, registry, loader)
         app.state.runtime = runtime  # for `microbatch serve`'s signal handler
         try:
+            await runtime.start()
             yield {"runtime": runtime}
         finally:
             await runtime.aclose()

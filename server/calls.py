@@ -20,6 +20,9 @@ Input = str | list[int]
 class Call:
     served: Served
     """The version that answers."""
+    request_id: str = ""
+    route: str = ""
+    """The request's path."""
     shadows: list[Served] = field(default_factory=list)
     """The versions the request is mirrored to, answering no one."""
     inputs: Sequence[Input] = ()

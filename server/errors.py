@@ -155,6 +155,11 @@ def error_response(
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None)
+    call = getattr(request.state, "call", None)
+    if call is not None and call.items:  # it failed after its inputs were tokenized
+        log = getattr(getattr(request.state, "runtime", None), "log", None)
+        if log is not None:
+            log.record(call, None, None, kind)
     refusal = Refusal(status, kind, detail, headers or {})
     return refusal.response(request_id, request.url.path)
 

@@ -18,10 +18,13 @@ from batcher import EngineConfig
 from batcher.models import Encoder
 from server.cache import ResultCache
 from server.client import EngineClient, EngineHandle, EngineReport, Status, WarmingStep
+from server.log_sinks import sink_for
 from server.operator_schemas import ThreadsInfo
+from server.prediction_log import PredictionLog
 from server.routing import RoutePatch
 from server.served import Freed, ModelLoader, Served
 from server.settings import ModelSpec, Settings
+from server.shadow import Shadows
 from server.tokenizing import Tokenizer
 from server.versions import Versions
 
@@ -62,6 +65,18 @@ class Runtime:
         """The result cache (`server.cache`), shared by the models; None when off."""
         self.versions = Versions(settings, clients, registry, self.cache, loader)
         """The served versions, by model, and the routes between them."""
+        self.log = (
+            PredictionLog(
+                sink_for(settings.log_url), registry, capacity=settings.log_buffer,
+                inputs=settings.log_inputs, vectors=settings.log_vectors,
+                flush_timeout_s=settings.drain_timeout_s,
+            )
+            if settings.log_url is not None
+            else None
+        )  # fmt: skip
+        """The prediction log (`server.prediction_log`); None when off."""
+        self.shadows = Shadows(settings, registry, self.log)
+        """Mirrors answered requests to their shadow versions and compares the answers."""
         self.disconnects = Counter(
             "microbatch_client_disconnects",
             "Requests whose client went away while their items waited (not computed).",
@@ -110,6 +125,7 @@ class Runtime:
 
     async def remove(self, served: Served) -> Freed | None:
         """Unload a version (`DELETE /admin/models/...`); check `removal_problem` first."""
+        self.shadows.forget(served)
         return await self.versions.remove(served)
 
     @property
@@ -252,13 +268,22 @@ class Runtime:
         """Stop admitting and answer every admitted request, within `drain_timeout_s`."""
         self.stop_admitting()
         await self.versions.cancel_loads()
+        await self.shadows.aclose()
         await asyncio.gather(*(client.drain() for client in self._loaded()))
 
+    async def start(self) -> None:
+        """Start what runs beside the models: the prediction log's writer. Raises
+        SchemaTooNew (startup then fails)."""
+        if self.log is not None:
+            await self.log.start()
+
     async def aclose(self) -> None:
-        """Drain, then stop the tokenizers and the engine side (in one process, the
-        device threads too)."""
+        """Drain, then flush the prediction log and stop the tokenizers and the engine
+        side (in one process, the device threads too)."""
         try:
             await self.drain()
+            if self.log is not None:
+                await self.log.aclose()
         finally:
             for served in self.models.values():
                 await served.aclose()

@@ -276,6 +276,24 @@ class Settings(BaseSettings):
         "text", description="json: one JSON object per line, with the request id."
     )
     access_log: bool = Field(False, description="Log every request (costs throughput).")
+    log_url: str | None = Field(
+        None,
+        description="The prediction log, one row per answered input: sqlite:///FILE (or a "
+        "file path) or postgresql://USER@HOST/DB (pip install 'microbatch[postgres]'); "
+        "read it with microbatch log. Default: off.",
+    )
+    log_inputs: bool = Field(
+        False, description="Keep each input's text in the prediction log (else its hash)."
+    )
+    log_vectors: bool = Field(
+        False, description="Keep each embedding in the prediction log (else its norm)."
+    )
+    log_buffer: int = Field(
+        50_000,
+        ge=1,
+        description="Rows the prediction log holds while its database is slow or down; "
+        "beyond it new rows are dropped (counted), never a request.",
+    )
 
     @field_validator("model", mode="before")
     @classmethod

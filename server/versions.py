@@ -7,6 +7,7 @@ This module imports neither torch nor transformers, nor does anything it imports
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Mapping
@@ -229,6 +230,8 @@ class Versions:
         del self.models[served.key]
         versions = self._versions[served.name]
         del versions[served.version]
+        with contextlib.suppress(KeyError):
+            self.routed.remove(served.name, served.version)
         if served.name in self.routes:
             self.routes[served.name] = self.routes[served.name].without(served.version)
         await served.aclose()

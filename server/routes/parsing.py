@@ -70,7 +70,7 @@ def serving(
     if runtime.status != "ready":
         raise NotReady(f"the server is {runtime.status}; retry when GET /ready says ready")
     served, shadows = runtime.route(model, route_key(request))
-    request.state.call = Call(served, shadows)
+    request.state.call = Call(served, request.state.request_id, request.scope["path"], shadows)
     fresh = "no-cache" in request.headers.get("cache-control", "").lower()
     return served, served.engine_for(cached=not fresh)
 
@@ -280,6 +280,12 @@ def reply(request: Request, body: BaseModel | bytes, results: Sequence[Result[Ou
     FastAPI's validation of the returned model against `response_model`, which the
     route declares for the OpenAPI schema only."""
     call: Call = request.state.call
+    runtime = runtime_of(request)
+    if runtime.log is not None:
+        started: float = request.state.started
+        runtime.log.record(call, results, (time.perf_counter() - started) * 1e3)
+    if call.shadows:
+        runtime.shadows.mirror(call, results)
     headers = {
         "x-model-version": call.served.version,
         "x-queue-time-ms": f"{max(r.queue_time_s for r in results) * 1000:.3f}",
