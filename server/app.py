@@ -46,11 +46,12 @@ def _version() -> str:
 
 def create_app(
     settings: Settings | None = None,
-    model: ServedModel | Sequence[ServedModel] | None = None,
+    model: ServedModel | Sequence[ServedModel] | Mapping[str, ServedModel] | None = None,
     engine_path: str | None = None,
 ) -> FastAPI:
     """The ASGI app. `model` replaces the model that `settings` names (tests pass fakes;
-    a sequence is one replica each). With `engine_path`, the app is a front-end of the
+    a sequence is one replica each, a mapping several models or versions by served key,
+    `NAME@VERSION`). With `engine_path`, the app is a front-end of the
     engine process serving that socket (`microbatch serve --workers N`, see
     `server.workers`): it loads no model and imports neither torch nor transformers; it
     encodes with the encoder the engine process sends it once connected, and `/metrics`

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry
 
@@ -24,7 +24,7 @@ from batcher.models import (
 )
 from server.client import EngineClient
 from server.host import EngineHost, LocalClient, ServedModel
-from server.served import Freed
+from server.served import Freed, spec_of
 from server.settings import ModelSpec, Settings
 
 logger = logging.getLogger("microbatch.server")
@@ -48,34 +48,46 @@ class Fleet:
         self.hosts: list[EngineHost] = []
 
     async def start(
-        self, model: ServedModel | Sequence[ServedModel] | None = None
+        self, model: ServedModel | Sequence[ServedModel] | Mapping[str, ServedModel] | None = None
     ) -> dict[str, LocalClient]:
-        """Every model `settings` names (or `model`), loaded one after the other, each
-        warming in turn in the background. By served key, the default first ("" for a
-        lone model served under its own name). A failed load closes those loaded before
-        it."""
+        """Every model `settings` names (or `model`: one, its replicas, or several by
+        served key, `NAME@VERSION`), loaded one after the other, each warming in turn in
+        the background. By served key, the default first ("" for a lone model served
+        under its own name). A failed load closes those loaded before it."""
         specs = self.settings.model_specs()
+        if isinstance(model, Mapping):
+            return await self._start_all({key: spec_of(key) for key in model}, model)
         if model is not None or len(specs) == 1:
             host = await EngineHost.load(self.settings, self.registry, model, self._latencies,
                                          spec=specs[0], warm_lock=self._warm_lock)  # fmt: skip
             self.hosts.append(host)
             return {specs[0].key: LocalClient(host)}
+        return await self._start_all({spec.key: spec for spec in specs})
+
+    async def _start_all(
+        self, specs: Mapping[str, ModelSpec], models: Mapping[str, ServedModel] | None = None
+    ) -> dict[str, LocalClient]:
         self._scheduler = DeviceScheduler(len(self.settings.device_list()))
         clients: dict[str, LocalClient] = {}
         try:
-            for spec in specs:
-                clients[spec.key] = await self.load(spec)
+            for key, spec in specs.items():
+                given = None if models is None else models[key]
+                clients[key] = await self.load(spec, given)
         except BaseException:
             for client in clients.values():
                 await client.aclose()
             raise
         return clients
 
-    async def load(self, spec: ModelSpec) -> LocalClient:
+    async def load(self, spec: ModelSpec, model: ServedModel | None = None) -> LocalClient:
         """Load `spec` and start warming it. From a second engine on, they all share the
         devices. Raises ValueError when it does not fit the memory its devices have
         free now, and what a load raises (ModelLoadError, ValueError)."""
-        if self.hosts and (problem := await asyncio.to_thread(self._memory_problem, spec)):
+        if (
+            model is None
+            and self.hosts
+            and (problem := await asyncio.to_thread(self._memory_problem, spec))
+        ):
             raise ValueError(problem)
         if self.hosts and self._scheduler is None:
             self._scheduler = DeviceScheduler(len(self.settings.device_list()))
@@ -86,7 +98,7 @@ class Fleet:
         # Request latencies are the server's (the middleware does not know the model):
         # the first model's timeline shows them.
         latencies = self._latencies if not self.hosts else None
-        host = await EngineHost.load(self.settings, self.registry, None, latencies,
+        host = await EngineHost.load(self.settings, self.registry, model, latencies,
                                      spec=spec, share=share, warm_lock=self._warm_lock)  # fmt: skip
         self.hosts.append(host)
         return LocalClient(host)

@@ -62,6 +62,8 @@ class NullEncoder:
     ) -> Encoded:
         if options.prompt_name is not None:
             raise InvalidOption("prompt_name", "the null model has no prompts")
+        if pair is not None:  # a pair reads as the two texts, a space between
+            text = f"{text} {pair}"
         if self.fixed:
             count = len(text) // 4 + 2
             return Encoded([1] * min(count, self.max_tokens), truncated=count > self.max_tokens)
@@ -74,7 +76,9 @@ class NullEncoder:
         options: Options = DEFAULT_OPTIONS,
         truncation_direction: TruncationDirection = "right",
     ) -> list[Encoded]:
-        return [self.encode(t, None, options) for t in texts]
+        if pairs is None:
+            return [self.encode(t, None, options) for t in texts]
+        return [self.encode(t, p, options) for t, p in zip(texts, pairs, strict=True)]
 
     def encode_ids(
         self, sequences: Sequence[Sequence[int]], options: Options = DEFAULT_OPTIONS

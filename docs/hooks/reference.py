@@ -159,17 +159,38 @@ def cli_page() -> str:
 # -- metrics ----------------------------------------------------------------------------
 
 
+SHADOWED = ("emb", "cls", "rr")
+"""The docs' scrape serves these fake models in two versions each, the second a shadow
+of the first, so that every shadow family has a child."""
+
+
 async def _scrape_fake_server() -> str:
-    """`/metrics` of the real app on the tests' fake model after one prediction (so that
-    every labelled family has a child to show its labels)."""
-    import httpx
-    from asgi_lifespan import LifespanManager
+    """`/metrics` of the real app on the tests' fake models after one prediction each
+    (so that every labelled family has a child to show its labels), with the prediction
+    log on and a shadow version of each."""
+    import json
+    import tempfile
 
     from server.app import create_app
     from server.settings import Settings
     from tests.server.fakes import FakeTextModel
 
-    app = create_app(Settings(), model=FakeTextModel())
+    tasks = {"emb": "embed", "cls": "classify", "rr": "rerank"}
+    models = {
+        f"{name}@{version}": FakeTextModel(name=name, task=task)  # type: ignore[arg-type]
+        for name, task in tasks.items()
+        for version in ("1", "2")
+    }
+    route = json.dumps({name: {"1": 1, "shadow": {"2": 1.0}} for name in SHADOWED})
+    with tempfile.TemporaryDirectory() as directory:
+        settings = Settings(route=route, log_url=f"sqlite:///{directory}/log.db")
+        return await _scrape(create_app(settings, model=models))
+
+
+async def _scrape(app: Any) -> str:
+    import httpx
+    from asgi_lifespan import LifespanManager
+
     async with (
         LifespanManager(app, startup_timeout=60, shutdown_timeout=60) as manager,
         httpx.AsyncClient(
@@ -180,8 +201,15 @@ async def _scrape_fake_server() -> str:
             # the server's state, polled (nothing of ours to wait on)
             while (await client.get("/ready")).status_code != 200:  # noqa: ASYNC110
                 await asyncio.sleep(0.005)
-        reply = await client.post("/predict", json={"text": "counted"})
-        reply.raise_for_status()
+        for name in ("emb", "cls"):
+            reply = await client.post("/predict", json={"text": "counted", "model": name})
+            reply.raise_for_status()
+        ranked = {"query": "q", "texts": ["a", "bb"], "model": "rr"}
+        (await client.post("/rerank", json=ranked)).raise_for_status()
+        async with asyncio.timeout(60):
+            # the shadows answer in the background: wait for all three comparisons
+            while (await client.get("/metrics")).text.count('outcome="compared"') < 3:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
         return (await client.get("/metrics")).text
 
 
