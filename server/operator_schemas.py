@@ -157,6 +157,18 @@ class Unloaded(BaseModel):
                          "resident set (the process's, on a CPU).")  # fmt: skip
 
 
+class DriftInfo(BaseModel):
+    """`GET /admin/drift`: one version's reference and its recent window (`server.drift`)."""
+
+    model: str
+    version: str
+    task: str
+    reference: dict[str, Any] | None = Field(
+        description="None until its first --drift-window answers are in."
+    )
+    recent: dict[str, Any]
+
+
 class RouteInfo(BaseModel):
     """One model's route: weights by version and the shadow shares."""
 

@@ -18,6 +18,7 @@ from batcher import EngineConfig
 from batcher.models import Encoder
 from server.cache import ResultCache
 from server.client import EngineClient, EngineHandle, EngineReport, Status, WarmingStep
+from server.drift import Drift
 from server.log_sinks import sink_for
 from server.operator_schemas import ThreadsInfo
 from server.prediction_log import PredictionLog
@@ -75,7 +76,9 @@ class Runtime:
             else None
         )  # fmt: skip
         """The prediction log (`server.prediction_log`); None when off."""
-        self.shadows = Shadows(settings, registry, self.log)
+        self.drift = Drift(settings.drift_window, registry)
+        """Each version's recent answers against its reference (`server.drift`)."""
+        self.shadows = Shadows(settings, registry, self.log, self.drift)
         """Mirrors answered requests to their shadow versions and compares the answers."""
         self.disconnects = Counter(
             "microbatch_client_disconnects",
@@ -126,6 +129,7 @@ class Runtime:
     async def remove(self, served: Served) -> Freed | None:
         """Unload a version (`DELETE /admin/models/...`); check `removal_problem` first."""
         self.shadows.forget(served)
+        self.drift.forget(served.key)
         return await self.versions.remove(served)
 
     @property

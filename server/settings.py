@@ -276,6 +276,12 @@ class Settings(BaseSettings):
         "text", description="json: one JSON object per line, with the request id."
     )
     access_log: bool = Field(False, description="Log every request (costs throughput).")
+    drift_window: int = Field(
+        1000,
+        ge=0,
+        description="Answers in each version's drift windows: the reference (its first "
+        "answers after loading) and the recent one; 0 turns drift off.",
+    )
     log_url: str | None = Field(
         None,
         description="The prediction log, one row per answered input: sqlite:///FILE (or a "

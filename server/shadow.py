@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from batcher import Result
 from batcher.models import Classification, Encoded, InvalidOption, Output
 from server.calls import Call
+from server.drift import Drift
 from server.prediction_log import PredictionLog
 from server.served import Served
 from server.settings import Settings
@@ -67,10 +68,15 @@ class Shadows:
     """Mirrors calls to their shadow versions and records how the answers agree."""
 
     def __init__(
-        self, settings: Settings, registry: CollectorRegistry, log: PredictionLog | None = None
+        self,
+        settings: Settings,
+        registry: CollectorRegistry,
+        log: PredictionLog | None = None,
+        drift: Drift | None = None,
     ) -> None:
         self._settings = settings
         self._log = log
+        self._drift = drift
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: dict[str, int] = {}
         self.pairs: dict[tuple[str, str, str], Agreement] = {}
@@ -137,6 +143,9 @@ class Shadows:
             outcome = "compared"
             if self._log is not None:
                 self._log.record_shadow(call, shadow, items, answers, agreement)
+            if self._drift is not None:
+                self._drift.observe(shadow.key, shadow.name, shadow.version,
+                                    shadow.encoder.task, answers)  # fmt: skip
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a shadow's failure is counted, never the client's

@@ -183,7 +183,7 @@ async def _scrape_fake_server() -> str:
     }
     route = json.dumps({name: {"1": 1, "shadow": {"2": 1.0}} for name in SHADOWED})
     with tempfile.TemporaryDirectory() as directory:
-        settings = Settings(route=route, log_url=f"sqlite:///{directory}/log.db")
+        settings = Settings(route=route, log_url=f"sqlite:///{directory}/log.db", drift_window=1)
         return await _scrape(create_app(settings, model=models))
 
 
@@ -201,13 +201,16 @@ async def _scrape(app: Any) -> str:
             # the server's state, polled (nothing of ours to wait on)
             while (await client.get("/ready")).status_code != 200:  # noqa: ASYNC110
                 await asyncio.sleep(0.005)
-        for name in ("emb", "cls"):
-            reply = await client.post("/predict", json={"text": "counted", "model": name})
-            reply.raise_for_status()
-        ranked = {"query": "q", "texts": ["a", "bb"], "model": "rr"}
-        (await client.post("/rerank", json=ranked)).raise_for_status()
+        # Twice each: the first answers make the drift references (a window of 1), the
+        # second the recent windows.
+        for _ in range(2):
+            for name in ("emb", "cls"):
+                reply = await client.post("/predict", json={"text": "counted", "model": name})
+                reply.raise_for_status()
+            ranked = {"query": "q", "texts": ["a", "bb"], "model": "rr"}
+            (await client.post("/rerank", json=ranked)).raise_for_status()
         async with asyncio.timeout(60):
-            # the shadows answer in the background: wait for all three comparisons
+            # the shadows answer in the background: wait for each one's first comparison
             while (await client.get("/metrics")).text.count('outcome="compared"') < 3:  # noqa: ASYNC110
                 await asyncio.sleep(0.005)
         return (await client.get("/metrics")).text

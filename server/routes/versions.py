@@ -6,13 +6,15 @@ as every `/admin` route."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
 from fastapi.exceptions import RequestValidationError
 
+from server.drift import Reference
 from server.errors import Conflict, UnknownModel
-from server.operator_schemas import ModelLoad, ModelSummary, RouteInfo, Unloaded
+from server.operator_schemas import DriftInfo, ModelLoad, ModelSummary, RouteInfo, Unloaded
 from server.routes.admin import summaries
 from server.routes.parsing import RuntimeDep
 from server.routing import parse_patch
@@ -79,6 +81,39 @@ async def unload_version(key: str, runtime: RuntimeDep) -> Unloaded:
     if freed is None:
         return Unloaded(name=key, freed_bytes=0, measure="not loaded yet")
     return Unloaded(name=key, freed_bytes=freed.bytes, measure=freed.measure)
+
+
+@router.get("/admin/drift", summary="Each version's recent answers against its reference")
+async def get_drift(runtime: RuntimeDep) -> dict[str, DriftInfo]:
+    """By version (`NAME@VERSION`): its reference (save it, to `PUT` it back after a
+    restart) and its recent window's statistics."""
+    return {
+        key: DriftInfo(
+            model=d.model, version=d.version, task=d.task,
+            reference=None if d.reference is None else asdict(d.reference),
+            recent=d.recent(),
+        )
+        for key, d in runtime.drift.versions.items()
+    }  # fmt: skip
+
+
+@router.put("/admin/drift/{key:path}", summary="Compare a version with a saved reference")
+async def put_drift_reference(
+    key: str, reference: Annotated[dict[str, Any], Body()], runtime: RuntimeDep
+) -> DriftInfo:
+    """`reference` is what `GET /admin/drift` gave as one version's `reference`."""
+    served = runtime.models.get(key)
+    if served is None:
+        raise UnknownModel(key, runtime.names())
+    drift = runtime.drift.versions.get(key)
+    if drift is None:
+        raise Conflict(f"{key} has answered nothing yet (or drift is off: --drift-window 0)")
+    try:
+        drift.put_reference(Reference.parse(reference))
+    except ValueError as exc:
+        raise _invalid("reference", str(exc)) from None
+    return DriftInfo(model=drift.model, version=drift.version, task=drift.task,
+                     reference=reference, recent=drift.recent())  # fmt: skip
 
 
 def _routes(runtime: Runtime) -> dict[str, RouteInfo]:
