@@ -70,7 +70,11 @@ class RequestContextMiddleware:
         head = _Head.read(scope["headers"])
         request_id = head.request_id or _new_id()
         REQUEST_ID.set(request_id)
-        state = scope.setdefault("state", {})
+        # The request's own copy of the lifespan state, as uvicorn gives each request:
+        # a server that hands every request the same dict (asgi-lifespan's, in the
+        # tests) would otherwise let concurrent requests overwrite each other's ids and
+        # calls.
+        state = scope["state"] = {**scope.get("state", {})}
         state["request_id"], state["started"] = request_id, started
         id_header = (REQUEST_ID_HEADER, request_id.encode("latin-1"))
         status = 500

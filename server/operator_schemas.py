@@ -157,6 +157,19 @@ class Unloaded(BaseModel):
                          "resident set (the process's, on a CPU).")  # fmt: skip
 
 
+class ShadowAgreement(BaseModel):
+    """A shadow version against the version it shadows: means over what was compared."""
+
+    model: str
+    primary: str
+    shadow: str
+    items: int
+    cosine: float | None = Field(description="Embeddings: mean cosine.")
+    label_agreement: float | None = Field(description="Classifiers: share of same top labels.")
+    score_difference: float | None = Field(description="Mean |score difference|.")
+    rank_correlation: float | None = Field(description="Rerankers: mean Spearman correlation.")
+
+
 class DriftInfo(BaseModel):
     """`GET /admin/drift`: one version's reference and its recent window (`server.drift`)."""
 
@@ -217,3 +230,12 @@ class DashboardData(BaseModel):
     batching: Batching
     samples: list[Sample]
     events: list[Event]
+    versions: list[ModelSummary] = Field(
+        default_factory=list, description="The shown model's versions: state and traffic."
+    )
+    shadows: list[ShadowAgreement] = Field(
+        default_factory=list, description="How each shadow of the shown model agrees."
+    )
+    drift: dict[str, DriftInfo] = Field(
+        default_factory=dict, description="The shown model's versions' drift, by version."
+    )

@@ -30,7 +30,9 @@ from server.settings import Settings
 
 logger = logging.getLogger("microbatch.server")
 
-AGREEMENT_BUCKETS = (-0.5, 0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
+AGREEMENT_BUCKETS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
+"""No bucket below 0 (a negative cosine counts in `le="0.0"`): prometheus_client leaves
+out the `_sum` of a histogram with negative buckets, and the sum gives the mean."""
 DIFFERENCE_BUCKETS = (0.0001, 0.001, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 OUTCOMES = ("compared", "shed", "failed")
 PAIR = ("model", "primary", "shadow")

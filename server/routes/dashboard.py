@@ -9,9 +9,10 @@ from importlib.resources import files
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse
 
-from server.operator_schemas import DashboardData
-from server.routes.admin import batching_of
+from server.operator_schemas import DashboardData, ShadowAgreement
+from server.routes.admin import batching_of, summaries
 from server.routes.parsing import ModelQuery, RuntimeDep
+from server.routes.versions import drift_info
 
 router = APIRouter(tags=["dashboard"])
 
@@ -36,9 +37,10 @@ async def dashboard_data(
     served = runtime.model(model)
     recent = await served.client.recent(since)
     described = served.describe()
+    drift = runtime.drift.versions
     return DashboardData(
         status=served.state if len(runtime.models) > 1 else runtime.status,
-        model=served.encoder.name,
+        model=served.key or served.encoder.name,
         models=runtime.names(),
         device=str(described.get("device", "")),
         dtype=str(described.get("dtype", "")),
@@ -47,4 +49,13 @@ async def dashboard_data(
         batching=batching_of(served),
         samples=recent.samples,
         events=recent.events,
-    )
+        versions=[v for v in summaries(runtime) if v.model == (served.name or v.model)],
+        shadows=[
+            ShadowAgreement(model=p.model, primary=p.primary, shadow=p.shadow, items=p.items,
+                            **p.means())
+            for p in runtime.shadows.pairs.values()
+            if p.model == served.name
+        ],
+        drift={d.version: drift_info(d, centroid=False)
+               for d in drift.values() if d.model == served.name},
+    )  # fmt: skip

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body
 from fastapi.exceptions import RequestValidationError
 
-from server.drift import Reference
+from server.drift import Reference, VersionDrift
 from server.errors import Conflict, UnknownModel
 from server.operator_schemas import DriftInfo, ModelLoad, ModelSummary, RouteInfo, Unloaded
 from server.routes.admin import summaries
@@ -87,14 +87,17 @@ async def unload_version(key: str, runtime: RuntimeDep) -> Unloaded:
 async def get_drift(runtime: RuntimeDep) -> dict[str, DriftInfo]:
     """By version (`NAME@VERSION`): its reference (save it, to `PUT` it back after a
     restart) and its recent window's statistics."""
-    return {
-        key: DriftInfo(
-            model=d.model, version=d.version, task=d.task,
-            reference=None if d.reference is None else asdict(d.reference),
-            recent=d.recent(),
-        )
-        for key, d in runtime.drift.versions.items()
-    }  # fmt: skip
+    return {key: drift_info(d) for key, d in runtime.drift.versions.items()}
+
+
+def drift_info(drift: VersionDrift, *, centroid: bool = True) -> DriftInfo:
+    """One version's drift (`centroid=False`: without the reference's centroid, which
+    only a saved reference needs)."""
+    reference = None if drift.reference is None else asdict(drift.reference)
+    if reference is not None and not centroid:
+        reference.pop("centroid", None)
+    return DriftInfo(model=drift.model, version=drift.version, task=drift.task,
+                     reference=reference, recent=drift.recent())  # fmt: skip
 
 
 @router.put("/admin/drift/{key:path}", summary="Compare a version with a saved reference")
@@ -112,8 +115,7 @@ async def put_drift_reference(
         drift.put_reference(Reference.parse(reference))
     except ValueError as exc:
         raise _invalid("reference", str(exc)) from None
-    return DriftInfo(model=drift.model, version=drift.version, task=drift.task,
-                     reference=reference, recent=drift.recent())  # fmt: skip
+    return drift_info(drift)
 
 
 def _routes(runtime: Runtime) -> dict[str, RouteInfo]:

@@ -175,6 +175,7 @@ async function poll() {
     status.textContent = data.status;
     status.className = `pill ${data.status}`;
     showSettings(data.batching);
+    showVersions(data);
     draw();
   } catch (err) {
     state.errors += 1;
@@ -232,6 +233,54 @@ async function apply(event) {
     out.textContent = `refused: ${err.message}`;
     out.className = "error";
   }
+}
+
+const pct = (x) => (x == null ? "–" : `${(100 * x).toFixed(1)} %`);
+const num = (x, digits = 4) => (x == null ? "–" : x.toFixed(digits));
+
+function item(text) {
+  const li = document.createElement("li");
+  li.textContent = text;
+  return li;
+}
+
+// The shown model's versions: their state and share of its traffic, how each shadow
+// agrees with the version it shadows, and each version's drift.
+function showVersions(data) {
+  const versions = data.versions || [];
+  const drift = Object.values(data.drift || {});
+  $("versions-panel").hidden = versions.length < 2 && !data.shadows.length && !drift.length;
+  $("versions").tBodies[0].replaceChildren(...versions.map((v) => {
+    const row = document.createElement("tr");
+    for (const text of [v.version, v.status, pct(v.traffic), v.shadow ? pct(v.shadow) : "–"]) {
+      const cell = document.createElement("td");
+      cell.textContent = text;
+      row.append(cell);
+    }
+    return row;
+  }));
+  $("shadows").replaceChildren(...data.shadows.map((s) => {
+    const measures = [
+      s.cosine != null ? `cosine ${num(s.cosine)}` : null,
+      s.label_agreement != null ? `same label ${pct(s.label_agreement)}` : null,
+      s.rank_correlation != null ? `rank correlation ${num(s.rank_correlation, 3)}` : null,
+      s.score_difference != null ? `|Δscore| ${num(s.score_difference)}` : null,
+    ].filter(Boolean);
+    return item(`${s.shadow} vs ${s.primary}: ${measures.join(", ")} over ${s.items} inputs`);
+  }));
+  $("drift").replaceChildren(...drift.map((d) => {
+    const ref = d.reference;
+    const now = d.recent;
+    if (!ref) return item(`${d.version}: collecting its reference`);
+    if (d.task === "classify") return item(`${d.version}: PSI ${num(now.psi, 3)}`);
+    if (d.task === "embed") {
+      return item(`${d.version}: centroid cosine ${num(now.centroid_cosine)} ` +
+        `(reference ${num(ref.centroid_cosine)})`);
+    }
+    const q = (xs) => (xs ? xs.map((x) => num(x, 3)).join(" / ") : "–");
+    return item(`${d.version}: score p10/p50/p90 ${q(now.score_quantiles)} ` +
+      `(reference ${q(ref.score_quantiles)})`);
+  }));
 }
 
 function showModels(models, shown) {
