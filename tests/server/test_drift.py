@@ -39,7 +39,8 @@ def test_the_reference_is_the_first_answers_and_the_window_slides() -> None:
     drift.observe([label("a")] * 3)
     assert drift.reference is None
     drift.observe([label("a"), label("b")])
-    assert drift.reference is not None and drift.reference.label_shares == {"a": 1.0}
+    assert drift.reference is not None
+    assert drift.reference.label_shares == {"a": 1.0}
     assert drift.recent()["label_shares"] == {"b": 1.0}
     drift.observe([label("a")] * 4)
     assert drift.recent()["label_shares"] == {"a": 1.0}, "the window holds the last 4"
@@ -75,7 +76,8 @@ async def test_a_saved_reference_is_put_back_and_compared_with() -> None:
             await client.post("/predict", json={"text": f"{SHORT}{i}"})
         saved = (await client.get("/admin/drift")).json()["emb@1"]["reference"]
         before = (await client.get("/metrics")).text
-    assert saved["task"] == "embed" and len(saved["centroid"]) == 2
+    assert saved["task"] == "embed"
+    assert len(saved["centroid"]) == 2
     assert metric(before, 'microbatch_drift_centroid_cosine{window="reference"}') > 0.99
     models = {"emb@1": FakeTextModel(name="emb")}
     async with serve(models, drift_window=5) as client:

@@ -170,7 +170,8 @@ async def test_a_failing_shadow_fails_no_request_and_a_busy_one_is_shed() -> Non
         await until_metric(client, 'microbatch_shadow_requests_total{outcome="failed"}', 1)
         metrics = (await client.get("/metrics")).text
     assert metric(metrics, 'microbatch_shadow_requests_total{outcome="shed"}') == 1
-    assert models["emb@v2"].seen.count("boom") == 1 and "c" not in models["emb@v2"].seen
+    assert models["emb@v2"].seen.count("boom") == 1
+    assert "c" not in models["emb@v2"].seen
 
 
 async def test_a_classifier_shadow_records_label_agreement_and_the_dashboard_means() -> None:
