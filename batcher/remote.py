@@ -304,7 +304,7 @@ class RemoteEngine(Generic[InT, OutT]):
         return [
             Result(
                 unpack(r.value), r.queue_time_s, r.inference_time_s, r.batch_size, batch=r.batch
-            )  # fmt: skip
+            )
             for r in results
         ]
 

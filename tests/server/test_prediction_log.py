@@ -126,7 +126,7 @@ async def until_rows(db: Path, where: str, n: int) -> None:
     import asyncio
 
     async with asyncio.timeout(30):
-        while not db.exists() or len(rows(db, where)) < n:  # noqa: ASYNC110
+        while not db.exists() or len(rows(db, where)) < n:  # noqa: ASYNC110, ASYNC240
             await asyncio.sleep(0.02)
 
 
