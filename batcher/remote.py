@@ -302,9 +302,7 @@ class RemoteEngine(Generic[InT, OutT]):
         if unpack is None:
             return results
         return [
-            Result(
-                unpack(r.value), r.queue_time_s, r.inference_time_s, r.batch_size, batch=r.batch
-            )
+            Result(unpack(r.value), r.queue_time_s, r.inference_time_s, r.batch_size, batch=r.batch)
             for r in results
         ]
 
