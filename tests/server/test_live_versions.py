@@ -135,8 +135,8 @@ def test_a_new_version_replaces_the_old_under_load_without_a_failed_request(
     with SteadyLoad(url) as load, httpx.Client(base_url=url, timeout=60) as admin:
         while len(load.replies) < 20:
             time.sleep(0.01)  # the load is under way: watch another thread's progress
-        started = admin.post("/admin/models",
-                             json={"name": "emb", "version": "v2", "path": str(two_embedders["v2"])})  # fmt: skip
+        v2 = {"name": "emb", "version": "v2", "path": str(two_embedders["v2"])}
+        started = admin.post("/admin/models", json=v2)
         assert started.status_code == 202, started.text
         assert admin.patch("/admin/routes", json={"emb": {"v2": 1}}).status_code == 200
         deadline = time.monotonic() + 120
