@@ -85,6 +85,10 @@ def two_embedders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+def state_of(admin: httpx.Client, key: str) -> str:
+    return str({v["name"]: v["status"] for v in admin.get("/admin/models").json()}[key])
+
+
 class SteadyLoad:
     """Clients sending requests in a loop until stopped, keeping every reply."""
 
@@ -140,9 +144,7 @@ def test_a_new_version_replaces_the_old_under_load_without_a_failed_request(
         assert started.status_code == 202, started.text
         assert admin.patch("/admin/routes", json={"emb": {"v2": 1}}).status_code == 200
         deadline = time.monotonic() + 120
-        while {v["name"]: v["status"] for v in admin.get("/admin/models").json()}[
-            "emb@v2"
-        ] != "ready":
+        while state_of(admin, "emb@v2") != "ready":
             assert time.monotonic() < deadline, "v2 never became ready"
             time.sleep(0.05)  # the server's state, loading in the background
         while sum(1 for r in list(load.replies) if r[1] == "v2") < 20:
@@ -156,8 +158,10 @@ def test_a_new_version_replaces_the_old_under_load_without_a_failed_request(
     replies = list(load.replies)
     assert [r for r in replies if r[0] != 200] == [], "no request failed"
     versions = [r[1] for r in replies]
-    assert "v1" in versions and "v2" in versions
-    assert set(versions[after:]) == {"v2"}, "once v1 is gone, v2 answers everything"
+    assert "v1" in versions
+    assert "v2" in versions
+    # Each of the 4 clients may append a reply it had in hand when the unload returned.
+    assert set(versions[after + 4 :]) == {"v2"}, "once v1 is gone, v2 answers everything"
     assert listed == ["emb@v2"]
     for version in ("v1", "v2"):
         mine = [r for r in replies if r[1] == version][:16]
