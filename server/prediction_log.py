@@ -124,6 +124,11 @@ class PredictionLog:
             registry=registry,
         )  # fmt: skip
 
+    @property
+    def buffered_rows(self) -> int:
+        """Rows waiting for the writer."""
+        return self._pending_rows
+
     # -- the loop's side -----------------------------------------------------------------
 
     def record(

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from benchmarks.postgres import PostgresServer, available
 from server import log_report
 from tests.server.fakes import FakeTextModel
 from tests.server.live import metric
-from tests.server.postgres import PostgresServer, available
 from tests.server.test_versions import serve, until_metric
 
 pytestmark = [

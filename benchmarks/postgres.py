@@ -1,5 +1,5 @@
-"""A real PostgreSQL server for tests: Debian's `postgresql` binaries, a cluster made by
-`initdb` in a temporary directory, listening on a free localhost port. As root (CI's
+"""A real PostgreSQL server for tests and benchmarks: Debian's `postgresql` binaries, a
+cluster made by `initdb` in a temporary directory, listening on a free localhost port. As root (CI's
 containers), it runs as the `postgres` user the package creates: PostgreSQL refuses
 root."""
 
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.conftest import free_port
+from benchmarks.processes import free_port
 
 
 def binary(name: str) -> str | None:
