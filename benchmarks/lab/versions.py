@@ -8,10 +8,11 @@ text is new, so that each is computed.
 
 - `--scenario log`: 64 closed-loop clients on `/predict` for `--duration` s, against a
   server without the log, with the log in SQLite and (where PostgreSQL is installed)
-  in a PostgreSQL started here; runs alternate (off, on, off, on, ...) `--repeats`
-  times. Reported: requests/s, p50/p99, and the rows/s the log wrote meanwhile; then
-  the log's own write rate at saturation: rows handed to the writer as fast as it
-  takes them, without a server.
+  in a PostgreSQL started here; the setups run in turn, forward then backward (off,
+  sqlite, postgresql, postgresql, sqlite, off, ...), `--repeats` times in all, so that a
+  drift of the machine's speed over the run weighs on each alike. Reported: requests/s,
+  p50/p99, and the rows/s the log wrote meanwhile; then the log's own write rate at
+  saturation: rows handed to the writer as fast as it takes them, without a server.
 - `--scenario shadow`: one server on two versions of the model (`emb@v1` and `emb@v2`,
   the same files); a Poisson stream of `--rate` requests/s to `emb`, first with no
   shadow, then with every request mirrored to v2, then without again (one PATCH each).
@@ -157,7 +158,10 @@ def log_scenario(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     rates: dict[str, float] = {}
     try:
         for repeat in range(args.repeats):
-            for setup, flags in setups.items():
+            # Forward, then backward (off, sqlite, pg, pg, sqlite, off, ...): a drift of the
+            # machine's speed over the run weighs on every setup alike.
+            order = list(setups.items()) if repeat % 2 == 0 else list(setups.items())[::-1]
+            for setup, flags in order:
                 log = args.out / f"server-{setup}.log"
                 with server([*SERVE, *flags], log, cpu=0) as url:
                     runs.append(measure(url, setup, repeat, args))
@@ -284,7 +288,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=40.0, help="shadow: requests/s")
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--warmup", type=float, default=5.0)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     pin(1)
