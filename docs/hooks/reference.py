@@ -36,6 +36,7 @@ FIGURES = "benchmarks/results"
 CLI_COMMANDS: tuple[tuple[str, list[str]], ...] = (
     ("microbatch", []),
     ("microbatch serve", ["serve"]),
+    ("microbatch log", ["log"]),
     ("microbatch bench", ["bench"]),
     ("microbatch bench --compare", ["bench", "--compare"]),
     ("microbatch sweep", ["sweep"]),
@@ -147,8 +148,10 @@ def cli_page() -> str:
         "# Command line",
         "",
         "Generated from the command's own parsers when the docs are built: what each",
-        "`--help` prints. `microbatch bench`, `sweep`, `plot` and `soak` need the `bench`",
-        "extra; [Load testing](../benchmarking.md) shows them at work, and",
+        "`--help` prints. `microbatch log` reads the prediction log",
+        "([Rolling out a new version](../versions.md)). `microbatch bench`, `sweep`, `plot`",
+        "and `soak` need the `bench` extra; [Load testing](../benchmarking.md) shows them at",
+        "work, and",
         "[Settings](settings.md) has every flag of `microbatch serve` as a table.",
     ]
     for title, args in CLI_COMMANDS:
