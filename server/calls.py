@@ -2,7 +2,8 @@
 it is mirrored to (`server.versions`), and what it asked, kept on `request.state.call`
 from the moment a route picks the version (`server.routes.parsing.serving`) to its
 reply, where the shadows (`server.shadow`) and the prediction log (`server.prediction_log`)
-take it over."""
+take it over. A call counts as under way on its version until `release` (by the request
+middleware, once the request is over), so that unloading the version waits for it."""
 
 from __future__ import annotations
 
@@ -32,6 +33,17 @@ class Call:
     direction: TruncationDirection = "right"
     items: Sequence[Encoded] = ()
     """The inputs as the answering version tokenized them."""
+    _released: bool = False
+
+    def __post_init__(self) -> None:
+        self.served.enter()
+
+    def release(self) -> None:
+        """The request is done (answered, failed or gone): its version may unload.
+        Once; later calls do nothing."""
+        if not self._released:
+            self._released = True
+            self.served.leave()
 
     def record(
         self,

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batcher import SECONDS_BUCKETS
 from server.access import is_queued_route
+from server.calls import Call
 from server.errors import Refusal
 
 logger = logging.getLogger("microbatch.server")
@@ -107,6 +108,9 @@ class RequestContextMiddleware:
             refusal = Refusal(500, "internal_error", detail)
             await refusal.response(request_id, scope["path"])(scope, receive, send_with_id)
         finally:
+            call: Call | None = state.get("call")
+            if call is not None:  # its model version may unload now (`server.calls`)
+                call.release()
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
             took_s = time.perf_counter() - started

@@ -6,6 +6,7 @@ This module imports neither torch nor transformers, nor does anything it imports
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -70,6 +71,10 @@ class Served:
         self._joined = not live
         self.error: str | None = None
         """Why its live load failed."""
+        self.calls = 0
+        """Requests under way that chose this version (`enter`, `leave`)."""
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._tokenizer: Tokenizer | None = None
         self._shared: SharedCache | None = None
 
@@ -85,6 +90,34 @@ class Served:
 
     def attach(self, client: EngineClient) -> None:
         self._client = client
+
+    def detach(self) -> EngineClient:
+        """Hand over the engine client, to unload it: nothing here keeps its model alive."""
+        client = self.client
+        self._client = None
+        self.error = "unloaded"
+        return client
+
+    def enter(self) -> None:
+        """A request chose this version (`server.calls.Call`); `leave` when it is done."""
+        self.calls += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.calls -= 1
+        if self.calls == 0:
+            self._idle.set()
+
+    async def idle(self, timeout_s: float) -> bool:
+        """Wait until no request that chose this version is still under way (False if
+        `timeout_s` passed first): an unload lets them finish before it drains."""
+        if self.calls == 0:
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     @property
     def joined(self) -> bool:

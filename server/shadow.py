@@ -120,6 +120,7 @@ class Shadows:
                 self.requests.labels(shadow.name, shadow.version, "shed").inc()
                 continue
             self._in_flight[shadow.key] = self._in_flight.get(shadow.key, 0) + n
+            shadow.enter()  # an unload of the shadow waits for this mirror (`_run` leaves)
             task = asyncio.create_task(self._run(call, shadow, list(results)))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -153,6 +154,7 @@ class Shadows:
         except Exception as exc:  # a shadow's failure is counted, never the client's
             logger.debug("shadow %s failed: %s: %s", shadow.key, type(exc).__name__, exc)
         finally:
+            shadow.leave()
             self._in_flight[shadow.key] -= len(call.items)
             self.requests.labels(shadow.name, shadow.version, outcome).inc()
 

@@ -234,11 +234,17 @@ class Versions:
             self.routed.remove(served.name, served.version)
         if served.name in self.routes:
             self.routes[served.name] = self.routes[served.name].without(served.version)
-        await served.aclose()
         if not served.loaded:
+            await served.aclose()
             return None
+        # No request chooses it now; those that had (tokenizing, say) finish first, so
+        # that none meets a closed engine. Then its queue drains.
+        if not await served.idle(self._settings.drain_timeout_s):
+            logger.warning("unloading %s: %d requests still under way after %gs",
+                           served.key, served.calls, self._settings.drain_timeout_s)  # fmt: skip
+        await served.aclose()
         logger.info("unloading %s: draining its queue", served.key)
-        return await self.loader.unload(served.client)
+        return await self.loader.unload(served.detach())
 
     async def cancel_loads(self) -> None:
         """Stop the loads under way (the server is stopping)."""

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ServerProcess
-from tests.server.fakes import FakeTextModel
+from tests.server.fakes import EncodingBlocks, FakeTextModel, fake_embedding
 from tests.server.live import metric
 from tests.server.test_versions import serve
 from tests.tiny_models import Kind, save_bert, save_embedder
@@ -74,6 +74,29 @@ async def test_a_version_loads_takes_traffic_once_ready_and_the_old_one_unloads(
         metrics = (await client.get("/metrics")).text
     assert 'model="emb@v1"' not in metrics, "an unloaded version's series go with it"
     assert metric(metrics, 'microbatch_admitted_items_total{model="emb@v2"}') >= 1
+
+
+@pytest.mark.asyncio
+async def test_a_request_that_chose_a_version_before_its_unload_is_answered_by_it() -> None:
+    """The unload stops routing at once, but a request that chose the version and is
+    still tokenizing (before it reaches the queue that the unload drains) finishes on it."""
+    v1 = EncodingBlocks(name="emb")
+    models = {"emb@v1": v1, "emb@v2": FakeTextModel(name="emb", embedding=[0.0, 1.0])}
+    async with serve(models) as client:
+        v1.gate.clear()
+        text = "long " * 100  # over INLINE_CHARS: tokenized on a thread, behind the gate
+        chose = asyncio.create_task(client.post("/predict", json={"text": text, "model": "emb"}))
+        assert await asyncio.to_thread(v1.entered.wait, 30)
+        await client.patch("/admin/routes", json={"emb": {"v2": 1}})
+        unload = asyncio.create_task(client.delete("/admin/models/emb@v1"))
+        other = await client.post("/predict", json={"text": "short", "model": "emb"})
+        assert other.headers["x-model-version"] == "v2"
+        v1.gate.set()
+        reply = await chose
+        assert reply.status_code == 200, reply.text
+        assert reply.headers["x-model-version"] == "v1"
+        assert reply.json()["embedding"] == fake_embedding(text[:64])
+        assert (await unload).status_code == 200
 
 
 @pytest.fixture(scope="module")
