@@ -3,7 +3,7 @@ the table's columns, and the schema's numbered migrations.
 
 The schema is the server's: created at the first connection and migrated by numbered
 steps (`MIGRATIONS`), each applied once in a transaction that also records its number
-in `microbatch_schema`; a database whose schema is newer than this server knows is
+in `predictions_schema`; a database whose schema is newer than this server knows is
 refused (`SchemaTooNew`)."""
 
 from __future__ import annotations
@@ -90,9 +90,9 @@ class Sink(Protocol):
 def _migrate(conn: Any, dialect: str, placeholder: str) -> None:
     """Bring the schema to the newest step, each step in its own transaction."""
     cur = conn.cursor()
-    cur.execute("CREATE TABLE IF NOT EXISTS microbatch_schema (version INTEGER NOT NULL)")
+    cur.execute("CREATE TABLE IF NOT EXISTS predictions_schema (version INTEGER NOT NULL)")
     conn.commit()
-    cur.execute("SELECT MAX(version) FROM microbatch_schema")
+    cur.execute("SELECT MAX(version) FROM predictions_schema")
     row = cur.fetchone()
     current = int(row[0]) if row and row[0] is not None else 0
     if current > len(MIGRATIONS):
@@ -103,7 +103,7 @@ def _migrate(conn: Any, dialect: str, placeholder: str) -> None:
     for number, statements in enumerate(MIGRATIONS[current:], start=current + 1):
         for statement in statements:
             cur.execute(statement.format(**TYPES[dialect]))
-        cur.execute(f"INSERT INTO microbatch_schema (version) VALUES ({placeholder})", (number,))
+        cur.execute(f"INSERT INTO predictions_schema (version) VALUES ({placeholder})", (number,))
         conn.commit()
         logger.info("prediction log: schema migrated to version %d", number)
 

@@ -65,6 +65,9 @@ class Run:
     p99_ms: float
     failed: int
     log_rows_per_s: float | None
+    server_cpu_us_per_request: float
+    """The server process's CPU time per answered request (process_cpu_seconds_total):
+    what the log costs, less exposed than throughput to a noisy machine."""
 
 
 async def closed_loop(
@@ -104,9 +107,11 @@ def measure(url: str, setup: str, repeat: int, args: argparse.Namespace) -> Run:
     )
     after = Scrape.parse(httpx.get(f"{url}/metrics").text)
     rows = after.since(before, "microbatch_log_rows_written_total")
+    cpu_s = after.since(before, "process_cpu_seconds_total")
     return Run(setup, repeat, len(latencies) / elapsed, quantile(latencies, 0.5) * 1e3,
                quantile(latencies, 0.99) * 1e3, failed,
-               rows / elapsed if setup != "off" else None)  # fmt: skip
+               rows / elapsed if setup != "off" else None,
+               cpu_s / max(1, len(latencies)) * 1e6)  # fmt: skip
 
 
 def write_rate(sink_url: str, rows: int = 200_000) -> float:
@@ -149,7 +154,7 @@ def write_rate(sink_url: str, rows: int = 200_000) -> float:
 def log_scenario(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     setups: dict[str, list[str]] = {"off": [], "sqlite": ["--log-url", f"sqlite:///{tmp}/log.db"]}
     postgres = None
-    from benchmarks.postgres import PostgresServer, available
+    from benchmarks.lab.postgres import PostgresServer, available
 
     if available():
         postgres = PostgresServer().start()
@@ -172,20 +177,30 @@ def log_scenario(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     finally:
         if postgres is not None:
             postgres.stop()
-    lines = ["| setup | run | requests/s | p50 ms | p99 ms | failed | log rows/s |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| setup | run | requests/s | p50 ms | p99 ms | failed | log rows/s "
+             "| server CPU µs/request |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in runs:
         rows = "" if r.log_rows_per_s is None else f"{r.log_rows_per_s:.0f}"
         lines.append(f"| {r.setup} | {r.repeat + 1} | {r.requests_per_s:.1f} | {r.p50_ms:.1f} | "
-                     f"{r.p99_ms:.1f} | {r.failed} | {rows} |")  # fmt: skip
-    off = [r.requests_per_s for r in runs if r.setup == "off"]
+                     f"{r.p99_ms:.1f} | {r.failed} | {rows} "
+                     f"| {r.server_cpu_us_per_request:.0f} |")  # fmt: skip
+
+    def mean(setup: str, field: str) -> float:
+        values = [float(getattr(r, field)) for r in runs if r.setup == setup]
+        return sum(values) / len(values)
+
     for setup in setups:
         if setup == "off":
             continue
-        on = [r.requests_per_s for r in runs if r.setup == setup]
-        ratio = (sum(on) / len(on)) / (sum(off) / len(off))
-        lines.append(f"\n{setup}: throughput with the log / without = {ratio:.3f}x "
-                     f"(mean of {len(on)} runs each)")  # fmt: skip
+        ratio = mean(setup, "requests_per_s") / mean("off", "requests_per_s")
+        cpu = mean(setup, "server_cpu_us_per_request") / mean("off", "server_cpu_us_per_request")
+        lines.append(f"\n{setup}: throughput with the log / without = {ratio:.3f}x; server CPU "
+                     f"per request with / without = {cpu:.3f}x (means of {args.repeats} runs "
+                     f"each)")  # fmt: skip
+    spread = [r.requests_per_s for r in runs if r.setup == "off"]
+    lines.append(f"\nthe runs without the log alone ranged {min(spread):.1f} to "
+                 f"{max(spread):.1f} requests/s: the machine's own noise")  # fmt: skip
     for sink, rate in rates.items():
         lines.append(f"\nthe log's write rate at saturation, {sink}: {rate:,.0f} rows/s")
     return {"runs": [asdict(r) for r in runs], "write_rates": rates, "summary": lines}

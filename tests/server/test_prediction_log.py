@@ -154,7 +154,7 @@ def _schema_versions(db: Path) -> list[int]:
     conn = sqlite3.connect(db)
     try:
         return [
-            v for (v,) in conn.execute("SELECT version FROM microbatch_schema ORDER BY version")
+            v for (v,) in conn.execute("SELECT version FROM predictions_schema ORDER BY version")
         ]
     finally:
         conn.close()
@@ -185,8 +185,8 @@ async def test_a_log_whose_schema_is_newer_than_the_server_stops_the_start(tmp_p
 
     db = tmp_path / "log.db"
     conn = sqlite3.connect(db)
-    conn.execute("CREATE TABLE microbatch_schema (version INTEGER NOT NULL)")
-    conn.execute("INSERT INTO microbatch_schema VALUES (99)")
+    conn.execute("CREATE TABLE predictions_schema (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO predictions_schema VALUES (99)")
     conn.commit()
     conn.close()
     app = create_app(Settings(log_url=str(db)), model=FakeTextModel())

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from benchmarks.postgres import PostgresServer, available
+from benchmarks.lab.postgres import PostgresServer, available
 from server import log_report
 from tests.server.fakes import FakeTextModel
 from tests.server.live import metric
