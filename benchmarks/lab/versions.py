@@ -124,8 +124,12 @@ def write_rate(sink_url: str, rows: int = 200_000) -> float:
     from server.log_sinks import sink_for
     from server.prediction_log import PredictionLog
 
-    class Version:  # what the log reads of the answering version
+    class Version:  # what a call and the log read of the answering version
         name, version, encoder = "emb", "1", type("E", (), {"labels": ()})()
+
+        def enter(self) -> None: ...
+
+        def leave(self) -> None: ...
 
     async def run() -> float:
         log = PredictionLog(sink_for(sink_url), CollectorRegistry(), capacity=50_000)
