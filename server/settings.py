@@ -20,6 +20,7 @@ from batcher.models import (
     TaskOption,
 )
 from server.limits import limit_field
+from server.routing import RoutePatch, parse_routes
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 """A served model's name: what clients put in `model`."""
@@ -313,7 +314,32 @@ class Settings(BaseSettings):
     def _engine_limits_are_valid(self) -> Settings:
         self.engine_config()  # raises ValueError with the bad value
         self.model_specs()  # raises ValueError for a malformed or repeated name
+        self.routes()  # raises ValueError for a malformed route or an unknown version
         return self
+
+    def routes(self) -> dict[str, RoutePatch]:
+        """`--route`, parsed and checked against the served models and versions (where
+        the models are named; a lone unnamed one is known by no name yet). Raises
+        ValueError."""
+        if self.route is None:
+            return {}
+        routes = parse_routes(self.route)
+        specs = self.model_specs()
+        if any(spec.name is None for spec in specs):
+            return routes
+        versions: dict[str, set[str]] = {}
+        for spec in specs:
+            versions.setdefault(spec.name or "", set()).add(spec.served_version)
+        for name, patch in routes.items():
+            if name not in versions:
+                raise ValueError(f"--route: {name!r} is not a served model; served: "
+                                 f"{', '.join(versions)}")  # fmt: skip
+            named = {v for v, _ in patch.weights or ()} | {v for v, _ in patch.shadow or ()}
+            unknown = sorted(named - versions[name])
+            if unknown:
+                raise ValueError(f"--route: {name} has no version {unknown[0]!r}; versions: "
+                                 f"{', '.join(sorted(versions[name]))}")  # fmt: skip
+        return routes
 
     def model_specs(self) -> list[ModelSpec]:
         """The models to serve, in order (the built-in one when none is named). Raises

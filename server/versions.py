@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter
 from server.cache import ResultCache
 from server.client import EngineClient
 from server.errors import UnknownModel
-from server.routing import Route, RoutePatch, parse_routes, pick, point, shadows, shares
+from server.routing import Route, RoutePatch, pick, point, shadows, shares
 from server.served import Freed, ModelLoader, Served, spec_of
 from server.settings import ModelSpec, Settings
 
@@ -63,7 +63,7 @@ class Versions:
             registry=registry,
         )
         if settings.route is not None:
-            self.set_routes(parse_routes(settings.route))
+            self.set_routes(settings.routes())
 
     @property
     def default(self) -> Served:

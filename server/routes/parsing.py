@@ -27,6 +27,7 @@ from server.client import EngineHandle
 from server.errors import ClientDisconnected, NotReady, WrongTask
 from server.routes.headers import (
     PRIORITY_HEADER,
+    ROUTE_KEY_HEADER,
     TIMEOUT_HEADER,
     lane_of,
     route_key,
@@ -171,6 +172,15 @@ def openapi_body(body: type[BaseModel], example: dict[str, Any] | None = None) -
                 "description": "This request's deadline in milliseconds, instead of the "
                 "server's --request-timeout-s (at most --max-request-timeout-s). 504 when "
                 "it passes.",
+            },
+            {
+                "name": ROUTE_KEY_HEADER,
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "Keeps this caller on one version of the model while a route "
+                "splits its traffic (a user or session id); default: the API key, else a "
+                "random draw per request.",
             },
             {
                 "name": PRIORITY_HEADER,

@@ -56,6 +56,21 @@ def test_several_models_need_names_once_each_and_one_process(tmp_path: Path) -> 
     assert "--workers serves one model" in workers.stderr.splitlines()[0]
 
 
+def test_versions_and_routes_are_checked_before_anything_loads(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    versions = ["--model", f"emb@v1={a}", "--model", f"emb@v2={b}"]
+    twice = one_line(serve("--model", f"emb@v1={a}", "--model", f"emb@v1={b}"))
+    assert twice == "microbatch serve: --model: 'emb@v1' is given twice"
+    assert "a version is letters" in one_line(serve("--model", f"emb@/x={a}"))
+    route = one_line(serve(*versions, "--route", '{"emb": {"v3": 1}}'))
+    assert route == "microbatch serve: --route: emb has no version 'v3'; versions: v1, v2"
+    model = one_line(serve(*versions, "--route", '{"rr": {"v1": 1}}'))
+    assert model == "microbatch serve: --route: 'rr' is not a served model; served: emb"
+    weights = one_line(serve(*versions, "--route", '{"emb": {"v1": -1}}'))
+    assert weights == "microbatch serve: --route emb.v1: a weight is a whole number >= 0, got -1"
+    assert "--route is not JSON" in one_line(serve(*versions, "--route", "emb=v1"))
+
+
 def test_models_that_cannot_fit_the_device_are_refused_with_their_sizes() -> None:
     line = one_line(serve("--device", "cpu", "--max-batch-size", "1000000"))
     assert line.startswith("microbatch serve: --model: the models need ")
