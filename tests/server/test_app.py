@@ -399,7 +399,11 @@ async def test_openapi_documents_the_predict_bodies_headers_and_replies() -> Non
         assert field in body["required"]
         assert body["additionalProperties"] is False
         headers = [(h["name"], h["in"]) for h in operation["parameters"]]
-        assert headers == [("x-request-timeout-ms", "header"), ("x-priority", "header")]
+        assert headers == [
+            ("x-request-timeout-ms", "header"),
+            ("x-route-key", "header"),
+            ("x-priority", "header"),
+        ]
         assert {"200", "400", "422", "429", "503", "504"} <= set(operation["responses"])
     reply = schema["paths"]["/predict"]["post"]["responses"]["200"]["content"]
     refs = str(reply["application/json"]["schema"])
