@@ -17,6 +17,7 @@ statistics are computed when read."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
@@ -30,6 +31,9 @@ from prometheus_client.registry import Collector
 
 from batcher import Result
 from batcher.models import Classification, Output
+from server.served import Served
+
+logger = logging.getLogger("microbatch.server")
 
 QUANTILES = (0.1, 0.5, 0.9)
 PSI_FLOOR = 1e-4
@@ -77,8 +81,15 @@ class Reference:
 class VersionDrift:
     """One version's windows; `observe` runs on the loop."""
 
-    def __init__(self, model: str, version: str, task: str, window: int) -> None:
+    def __init__(
+        self, model: str, version: str, task: str, window: int, dimension: int | None = None
+    ) -> None:
         self.model, self.version, self.task, self.window = model, version, task, window
+        self.dimension = dimension
+        """An embedder's full width: answers cut to fewer `dimensions` by their request
+        are left out (a centroid is of one width). None: the first answer's width."""
+        self.failed = False
+        """Set when observing raised (a bug): drift is off for this version from then on."""
         self.reference: Reference | None = None
         self._first: list[Output] = []
         self._labels: deque[str] = deque(maxlen=window)
@@ -88,6 +99,11 @@ class VersionDrift:
 
     def observe(self, values: Iterable[Output]) -> None:
         for value in values:
+            if not isinstance(value, Classification):
+                if self.dimension is None:
+                    self.dimension = len(value)
+                if len(value) != self.dimension:
+                    continue
             if self.reference is None:
                 self._first.append(value)
                 if len(self._first) >= self.window:
@@ -100,7 +116,7 @@ class VersionDrift:
         if isinstance(value, Classification):
             self._labels.append(value.label)
             self._scores.append(value.score)
-        elif self._unit_centroid is not None and len(value) == len(self._unit_centroid):
+        elif self._unit_centroid is not None:
             x = np.asarray(value, dtype=np.float64)
             norm = float(np.linalg.norm(x))
             if norm > 0:
@@ -169,15 +185,25 @@ class Drift(Collector):
         if window > 0:
             registry.register(self)
 
-    def observe(self, key: str, model: str, version: str, task: str,
-                results: Sequence[Result[Output]]) -> None:  # fmt: skip
-        """A version's answers (skipped when drift is off: `--drift-window 0`)."""
+    def observe(self, served: Served, results: Sequence[Result[Output]]) -> None:
+        """A version's answers (skipped when drift is off: `--drift-window 0`). Never
+        raises: drift must not cost a request its answer."""
         if self.window <= 0:
             return
-        found = self.versions.get(key)
+        found = self.versions.get(served.key)
         if found is None:
-            found = self.versions[key] = VersionDrift(model, version, task, self.window)
-        found.observe(r.value for r in results if not r.cached)
+            dimension = served.describe().get("dimension")  # once per version
+            found = self.versions[served.key] = VersionDrift(
+                served.name, served.version, served.encoder.task, self.window,
+                dimension if isinstance(dimension, int) else None,
+            )  # fmt: skip
+        if found.failed:
+            return
+        try:
+            found.observe(r.value for r in results if not r.cached)
+        except Exception:
+            found.failed = True
+            logger.exception("drift of %s failed; it is off for this version (a bug)", served.key)
 
     def forget(self, key: str) -> None:
         self.versions.pop(key, None)

@@ -147,8 +147,7 @@ class Shadows:
             if self._log is not None:
                 self._log.record_shadow(call, shadow, items, answers, agreement)
             if self._drift is not None:
-                self._drift.observe(shadow.key, shadow.name, shadow.version,
-                                    shadow.encoder.task, answers)  # fmt: skip
+                self._drift.observe(shadow, answers)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a shadow's failure is counted, never the client's

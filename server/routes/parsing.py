@@ -294,8 +294,7 @@ def reply(request: Request, body: BaseModel | bytes, results: Sequence[Result[Ou
     if runtime.log is not None:
         started: float = request.state.started
         runtime.log.record(call, results, (time.perf_counter() - started) * 1e3)
-    served = call.served
-    runtime.drift.observe(served.key, served.name, served.version, served.encoder.task, results)
+    runtime.drift.observe(call.served, results)
     if call.shadows:
         runtime.shadows.mirror(call, results)
     headers = {

@@ -47,6 +47,33 @@ def test_the_reference_is_the_first_answers_and_the_window_slides() -> None:
     assert drift.recent()["psi"] == 0
 
 
+def test_embeddings_cut_to_fewer_dimensions_are_left_out_of_an_embedders_windows() -> None:
+    # Requests may ask for fewer `dimensions` (Matryoshka): a centroid is of one width.
+    drift = VersionDrift("emb", "1", "embed", window=3, dimension=4)
+    drift.observe([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0], [0.0, 1.0, 0.0, 0.0], [1.0]])
+    assert drift.reference is None, "two full-width answers so far"
+    drift.observe([[0.0, 0.0, 1.0, 0.0], [0.5, 0.5], [1.0, 0.0, 0.0, 0.0]])
+    assert drift.reference is not None
+    assert len(drift.reference.centroid or []) == 4
+    assert drift.recent()["answers"] == 1
+
+
+@pytest.mark.asyncio
+async def test_drift_that_fails_costs_no_request_its_answer(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(self: VersionDrift, values: object) -> None:
+        raise RuntimeError("a bug in drift")
+
+    monkeypatch.setattr(VersionDrift, "observe", broken)
+    async with serve({"emb@1": FakeTextModel(name="emb")}) as client:
+        replies = [await client.post("/predict", json={"text": f"t{i}"}) for i in range(3)]
+        metrics = await client.get("/metrics")
+    assert [r.status_code for r in replies] == [200, 200, 200]
+    assert metrics.status_code == 200
+    assert caplog.text.count("drift of emb@1 failed; it is off for this version") == 1
+
+
 @pytest.mark.asyncio
 async def test_a_classifier_whose_inputs_turn_long_shows_its_drift() -> None:
     models = {"cls@1": FakeTextModel(name="cls", task="classify")}
