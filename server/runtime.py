@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -103,8 +103,8 @@ class Runtime:
         """The version an operator's `?model=` means. Raises UnknownModel."""
         return self.versions.model(name)
 
-    def route(self, name: str | None, key: str | None) -> tuple[Served, list[Served]]:
-        """The version that answers a request naming `name` with route key `key`, and
+    def route(self, name: str | None, key: Callable[[], str | None]) -> tuple[Served, list[Served]]:
+        """The version that answers a request naming `name` with route key `key()`, and
         those it is mirrored to. Raises UnknownModel."""
         return self.versions.route(name, key)
 

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -62,6 +62,9 @@ class Versions:
             ["model", "version"],
             registry=registry,
         )
+        self._routed: dict[str, Counter] = {}
+        """Each version's child of `routed`, looked up once (`labels` takes a lock and
+        builds its key)."""
         if settings.route is not None:
             self.set_routes(settings.routes())
 
@@ -73,6 +76,8 @@ class Versions:
 
     def _primary(self, name: str) -> Served:
         versions = self._versions[name]
+        if len(versions) == 1:  # the common case, on every request's admission check
+            return next(iter(versions.values()))
         route = self.route_of(name)
         ready = [v for v, w in sorted(route.weights, key=lambda vw: -vw[1])
                  if w > 0 and v in versions and versions[v].serving]  # fmt: skip
@@ -120,29 +125,35 @@ class Versions:
         group, version = self._group(name)
         return self._versions[group][version] if version else self._primary(group)
 
-    def route(self, name: str | None, key: str | None) -> tuple[Served, list[Served]]:
+    def route(self, name: str | None, key: Callable[[], str | None]) -> tuple[Served, list[Served]]:
         """The version that answers a request naming `name` (None: the default model),
-        by its route and the request's route `key`, and the versions it is mirrored to.
-        Raises UnknownModel."""
+        by its route and the request's route key (`key()`, read only where a split
+        needs it), and the versions it is mirrored to. Raises UnknownModel."""
         group, version = self._group(name) if name else (self._default_name, None)
         versions = self._versions[group]
         if version is not None:
             served = versions[version]
-            self.routed.labels(served.name, served.version).inc()
+            self._count(served)
             return served, []
         if len(versions) == 1 and group not in self.routes:
             served = next(iter(versions.values()))
-            self.routed.labels(served.name, served.version).inc()
+            self._count(served)
             return served, []
         route = self.route_of(group)
         ready = {v for v, s in versions.items() if s.serving}
-        chosen = pick(route, ready, point(group, key))
+        chosen = pick(route, ready, point(group, key()))
         served = versions[chosen] if chosen is not None else self._primary(group)
-        self.routed.labels(served.name, served.version).inc()
+        self._count(served)
         if not route.shadow:
             return served, []
         mirrored = shadows(route, served.version, ready, random.random())
         return served, [versions[v] for v in mirrored]
+
+    def _count(self, served: Served) -> None:
+        child = self._routed.get(served.key)
+        if child is None:
+            child = self._routed[served.key] = self.routed.labels(served.name, served.version)
+        child.inc()
 
     def set_routes(self, patches: Mapping[str, RoutePatch]) -> None:
         """Apply `PATCH /admin/routes` (or `--route`): every model and version must be
@@ -230,6 +241,7 @@ class Versions:
         del self.models[served.key]
         versions = self._versions[served.name]
         del versions[served.version]
+        self._routed.pop(served.key, None)
         with contextlib.suppress(KeyError):
             self.routed.remove(served.name, served.version)
         if served.name in self.routes:

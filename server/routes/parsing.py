@@ -70,7 +70,7 @@ def serving(
     (`reply`). Raises UnknownModel (404) and NotReady (503)."""
     if runtime.status != "ready":
         raise NotReady(f"the server is {runtime.status}; retry when GET /ready says ready")
-    served, shadows = runtime.route(model, route_key(request))
+    served, shadows = runtime.route(model, lambda: route_key(request))
     request.state.call = Call(served, request.state.request_id, request.scope["path"], shadows)
     fresh = "no-cache" in request.headers.get("cache-control", "").lower()
     return served, served.engine_for(cached=not fresh)
