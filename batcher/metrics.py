@@ -279,8 +279,9 @@ class EngineMetrics:
             for value in values:
                 with contextlib.suppress(KeyError):
                     family.remove(model, value)
+        others = {id(family) for family, _ in labelled}
         for family in vars(f).values():
-            if family not in [fam for fam, _ in labelled]:
+            if id(family) not in others:  # labelled by model alone
                 with contextlib.suppress(KeyError):
                     family.remove(model)
 

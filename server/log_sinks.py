@@ -171,30 +171,26 @@ class PostgresSink:
             self._conn = None
 
 
-def sink_for(url: str) -> Sink:
+def sink_for(url: str) -> SqliteSink | PostgresSink:
     """`sqlite:///FILE` (or a plain file path) or `postgresql://...`. Raises ValueError."""
     if url.startswith(("postgresql://", "postgres://")):
         return PostgresSink(url)
     if url.startswith("sqlite:///"):
         return SqliteSink(Path(url.removeprefix("sqlite:///")))
     if "://" in url:
-        raise ValueError(f"--log-url {url!r}: give sqlite:///FILE or postgresql://...")
+        raise ValueError(f"{url!r}: give a file, sqlite:///FILE or postgresql://...")
     return SqliteSink(Path(url))
 
 
 def connect_to_read(url: str) -> Any:
-    """A DB-API connection to the log at `url`, for reading (`microbatch log`). Raises
-    ValueError for a URL that names neither, FileNotFoundError for a missing file."""
-    if url.startswith(("postgresql://", "postgres://")):
+    """A DB-API connection to the log at `url` (as `sink_for` reads it), for reading
+    (`microbatch log`). Raises ValueError for a URL that names neither,
+    FileNotFoundError for a missing file."""
+    sink = sink_for(url)
+    if isinstance(sink, PostgresSink):
         import psycopg
 
-        return psycopg.connect(url, connect_timeout=5)
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-    elif "://" in url:
-        raise ValueError(f"{url!r}: give a file, sqlite:///FILE or postgresql://...")
-    else:
-        path = Path(url)
-    if not path.is_file():
-        raise FileNotFoundError(f"no prediction log at {path}")
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        return psycopg.connect(sink.url, connect_timeout=5)
+    if not sink.path.is_file():
+        raise FileNotFoundError(f"no prediction log at {sink.path}")
+    return sqlite3.connect(f"file:{sink.path}?mode=ro", uri=True)

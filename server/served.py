@@ -7,12 +7,13 @@ This module imports neither torch nor transformers, nor does anything it imports
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from batcher.models import Encoder
+from batcher.models import Encoded, Encoder, Options, TruncationDirection
 from server.cache import CachedEngine, ResultCache
-from server.client import EngineClient, EngineHandle, EngineReport, Status
+from server.client import EngineClient, EngineHandle, EngineReport
 from server.errors import NotReady
 from server.settings import ModelSpec, Settings
 from server.shared_cache import SharedCache
@@ -66,9 +67,9 @@ class Served:
         self._client = client
         self._settings = settings
         self._cache = cache
-        self.live = live
-        """Loaded by `POST /admin/models`: counts in the server's status once ready."""
         self._joined = not live
+        """Counts in the server's status (`joined`): from the start, unless loaded by
+        `POST /admin/models` (`live`), then once ready."""
         self.error: str | None = None
         """Why its live load failed."""
         self.calls = 0
@@ -186,10 +187,6 @@ class Served:
             )  # fmt: skip
         return self._shared
 
-    @property
-    def status(self) -> Status:
-        return self.client.status
-
     def report(self) -> EngineReport | None:
         return self._client.report() if self._client is not None else None
 
@@ -197,6 +194,30 @@ class Served:
         """The model, as the process that runs it describes it."""
         report = self.report()
         return dict(report.description) if report is not None else {}
+
+    async def encode(
+        self,
+        inputs: Sequence[str | list[int]],
+        pairs: Sequence[str] | None,
+        options: Options,
+        direction: TruncationDirection,
+    ) -> list[Encoded]:
+        """Texts and token-id sequences, in order, as this version tokenizes them: the
+        texts in one call to its tokenizer (off the loop, batched with other requests),
+        the ids in one to its encoder. `pairs` go with texts only. Raises InvalidOption."""
+        texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
+        if len(texts) == len(inputs):
+            return await self.tokenizer.encode([t for _, t in texts], pairs, options, direction)
+        out: list[Encoded | None] = [None] * len(inputs)
+        if texts:
+            encoded = await self.tokenizer.encode([t for _, t in texts], None, options, direction)
+            for (i, _), item in zip(texts, encoded, strict=True):
+                out[i] = item
+        ids = [(i, x) for i, x in enumerate(inputs) if not isinstance(x, str)]
+        encoded = self.encoder.encode_ids([x for _, x in ids], options)
+        for (i, _), item in zip(ids, encoded, strict=True):
+            out[i] = item
+        return [item for item in out if item is not None]
 
     async def aclose(self) -> None:
         if self._tokenizer is not None:

@@ -21,7 +21,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from batcher import Result
-from batcher.models import Classification, Encoded, InvalidOption, Output
+from batcher.models import Classification, Output
 from server.calls import Call
 from server.drift import Drift
 from server.prediction_log import PredictionLog
@@ -137,7 +137,8 @@ class Shadows:
     async def _run(self, call: Call, shadow: Served, primary: list[Result[Output]]) -> None:
         outcome = "failed"
         try:
-            items = await _encode(shadow, call)
+            assert call.options is not None
+            items = await shadow.encode(call.inputs, call.pairs, call.options, call.direction)
             engine = shadow.engine_for(cached=True)
             deadline = engine.clock() + self._settings.request_timeout_s
             answers = await engine.submit_many(items, deadline=deadline, lane="bulk")
@@ -212,29 +213,6 @@ class Shadows:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-async def _encode(shadow: Served, call: Call) -> list[Encoded]:
-    """The call's inputs as the shadow version tokenizes them (its tokenizer may differ)."""
-    assert call.options is not None
-    inputs = call.inputs
-    texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
-    out: list[Encoded | None] = [None] * len(inputs)
-    if texts:
-        encoded = await shadow.tokenizer.encode(
-            [t for _, t in texts], call.pairs, call.options, call.direction
-        )
-        for (i, _), item in zip(texts, encoded, strict=True):
-            out[i] = item
-    ids = [(i, x) for i, x in enumerate(inputs) if not isinstance(x, str)]
-    if ids:
-        try:
-            encoded = shadow.encoder.encode_ids([x for _, x in ids], call.options)
-        except InvalidOption as exc:
-            raise ValueError(str(exc)) from None
-        for (i, _), item in zip(ids, encoded, strict=True):
-            out[i] = item
-    return [item for item in out if item is not None]
 
 
 def _cosine(a: list[float], b: list[float]) -> float | None:

@@ -13,7 +13,6 @@ from server.calls import Call
 from server.routes.parsing import invalid, loc
 from server.runtime import Runtime
 from server.schemas import OutputOptions
-from server.served import Served
 
 
 def check_tokens(
@@ -52,28 +51,7 @@ async def encode(
     options, off the loop and batched with other requests (`server.tokenizing`); an
     option the model cannot honour is 422. The inputs are kept on the request's call,
     for its shadows and the prediction log."""
-    call: Call = request.state.call
-    items = await _tokenize(call.served, texts, pairs, body, truncation_direction)
-    call.record(texts, pairs, body.options(), truncation_direction, items)
-    return items
-
-
-async def _tokenize(
-    served: Served,
-    texts: Sequence[str],
-    pairs: Sequence[str] | None,
-    body: OutputOptions,
-    truncation_direction: TruncationDirection,
-) -> list[Encoded]:
-    model = served.encoder
-    if body.all_scores and model.task == "embed":
-        raise invalid("all_scores", "all_scores applies to classify and rerank models")
-    if body.encoding_format != "float" and model.task != "embed":
-        raise invalid("encoding_format", "encoding_format applies to embedding models")
-    try:
-        return await served.tokenizer.encode(texts, pairs, body.options(), truncation_direction)
-    except InvalidOption as exc:
-        raise invalid(exc.field, str(exc)) from None
+    return await encode_inputs(request, texts, body, "text", truncation_direction, pairs)
 
 
 async def encode_inputs(
@@ -82,37 +60,22 @@ async def encode_inputs(
     body: OutputOptions,
     field: str,
     truncation_direction: TruncationDirection = "right",
+    pairs: Sequence[str] | None = None,
 ) -> list[Encoded]:
     """Texts and token-id sequences, in one request and in order (OpenAI's and TEI's
-    `input`): each kind encoded in one call."""
+    `input`): each kind encoded in one call (`Served.encode`). An option the model
+    cannot honour is 422, on `field` where it is about the inputs themselves."""
     call: Call = request.state.call
-    items = await _mixed(call.served, inputs, body, field, truncation_direction)
-    call.record(inputs, None, body.options(), truncation_direction, items)
-    return items
-
-
-async def _mixed(
-    served: Served,
-    inputs: Sequence[str | list[int]],
-    body: OutputOptions,
-    field: str,
-    truncation_direction: TruncationDirection = "right",
-) -> list[Encoded]:
-    """`encode_inputs` for one version."""
+    served = call.served
     model = served.encoder
-    texts = [(i, x) for i, x in enumerate(inputs) if isinstance(x, str)]
-    if len(texts) == len(inputs):
-        return await _tokenize(served, [t for _, t in texts], None, body, truncation_direction)
-    ids = [(i, x) for i, x in enumerate(inputs) if not isinstance(x, str)]
-    out: list[Encoded | None] = [None] * len(inputs)
-    if texts:
-        encoded = await _tokenize(served, [t for _, t in texts], None, body, truncation_direction)
-        for (i, _), item in zip(texts, encoded, strict=True):
-            out[i] = item
+    if body.all_scores and model.task == "embed":
+        raise invalid("all_scores", "all_scores applies to classify and rerank models")
+    if body.encoding_format != "float" and model.task != "embed":
+        raise invalid("encoding_format", "encoding_format applies to embedding models")
+    options = body.options()
     try:
-        encoded = model.encode_ids([x for _, x in ids], body.options())
+        items = await served.encode(inputs, pairs, options, truncation_direction)
     except InvalidOption as exc:
         raise invalid(field if exc.field == "input" else exc.field, str(exc)) from None
-    for (i, _), item in zip(ids, encoded, strict=True):
-        out[i] = item
-    return [item for item in out if item is not None]
+    call.record(inputs, pairs, options, truncation_direction, items)
+    return items

@@ -171,12 +171,12 @@ def test_a_new_version_replaces_the_old_under_load_without_a_failed_request(
             assert time.monotonic() < deadline, "v2 never became ready"
             time.sleep(0.05)  # the server's state, loading in the background
         while sum(1 for r in list(load.replies) if r[1] == "v2") < 20:
-            time.sleep(0.01)
+            time.sleep(0.01)  # the load's threads' progress, as above
         unloaded = admin.delete("/admin/models/emb@v1")
         assert unloaded.status_code == 200, unloaded.text
         after = len(load.replies)
         while len(load.replies) < after + 20:
-            time.sleep(0.01)
+            time.sleep(0.01)  # the load's threads' progress, as above
         listed = [m["id"] for m in admin.get("/v1/models").json()["data"]]
     replies = list(load.replies)
     assert [r for r in replies if r[0] != 200] == [], "no request failed"
