@@ -25,6 +25,7 @@ from batcher.errors import (
     ItemTooLarge,
     QueueFull,
 )
+from batcher.fairness import Owner
 from batcher.items import LANES, Lane, Result
 from batcher.metrics import OUTCOMES, SECONDS_BUCKETS, EngineMetrics, Totals
 from batcher.policy import DISPATCH_REASONS, DispatchReason
@@ -61,6 +62,7 @@ __all__ = [
     "Limit",
     "ItemTooLarge",
     "Model",
+    "Owner",
     "Policy",
     "QueueFull",
     "RemoteEngine",

@@ -16,6 +16,7 @@ from functools import partial
 from typing import Generic, TypeVar
 
 from batcher.errors import DeadlineExceeded
+from batcher.fairness import Owner
 from batcher.items import PendingItem, Result
 from batcher.metrics import EngineMetrics
 
@@ -33,8 +34,9 @@ class Callers(Generic[InT, OutT]):
         """Items queued or computing, by identity."""
 
     def admit(
-        self, payload: InT, now: float, deadline: float | None, cost: int, bulk: bool = False
-    ) -> tuple[PendingItem[InT, OutT], bool]:
+        self, payload: InT, now: float, deadline: float | None, cost: int, bulk: bool = False,
+        owner: Owner | None = None,
+    ) -> tuple[PendingItem[InT, OutT], bool]:  # fmt: skip
         """The item `payload`'s caller waits for, now also until `deadline`, and whether it
         is new (to be queued): the item of an identical input queued or computing, or a
         new one that identical inputs may join until it is settled. An interactive caller
@@ -49,8 +51,9 @@ class Callers(Generic[InT, OutT]):
             self._metrics.count("coalesced")
             return shared, False
         item: PendingItem[InT, OutT] = PendingItem(
-            payload, asyncio.get_running_loop().create_future(), now, deadline, cost, bulk=bulk
-        )
+            payload, asyncio.get_running_loop().create_future(), now, deadline, cost, bulk=bulk,
+            owner=owner,
+        )  # fmt: skip
         if key is not None:
             self._shared[key] = item
             item.future.add_done_callback(partial(self._forget, key, item))

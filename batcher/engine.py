@@ -19,6 +19,7 @@ from batcher.callers import Callers
 from batcher.config import EngineConfig
 from batcher.errors import DeadlineUnreachable, EngineClosed, ItemTooLarge
 from batcher.execution import Executor
+from batcher.fairness import Owner
 from batcher.items import Lane, PendingItem, Result
 from batcher.metrics import EngineMetrics
 from batcher.padding import bucket_length
@@ -227,33 +228,31 @@ class Engine(Generic[InT, OutT]):
     # -- admission ---------------------------------------------------------------------
 
     async def submit(
-        self, payload: InT, *, deadline: float | None = None, lane: Lane = "interactive"
-    ) -> Result[OutT]:
+        self, payload: InT, *, deadline: float | None = None, lane: Lane = "interactive",
+        owner: Owner | None = None,
+    ) -> Result[OutT]:  # fmt: skip
         """Queue one input and wait for its result.
 
         `deadline` is an absolute time on `engine.clock` (`engine.clock() + timeout_s`);
-        `lane`: `bulk` goes after `interactive` work, with a share kept (`batcher.lanes`).
-        Raises QueueFull, EngineClosed or ItemTooLarge at once; DeadlineUnreachable at
-        once when, at the rate the devices drain the queue, the item would reach a device
-        only after its deadline; DeadlineExceeded when the deadline passes first;
-        InferenceFailed when the model fails on this input.
-        """
-        [result] = await self.submit_many([payload], deadline=deadline, lane=lane)
+        `lane`: `bulk` goes after `interactive` work, with a share kept (`batcher.lanes`);
+        `owner`: the tenant whose item it is, for the fair share (`batcher.fairness`).
+        Raises QueueFull, EngineClosed or ItemTooLarge at once; DeadlineUnreachable at once
+        when, at the rate the devices drain the queue, it would reach a device only after
+        its deadline; DeadlineExceeded when the deadline passes first; InferenceFailed when
+        the model fails on this input."""
+        [result] = await self.submit_many([payload], deadline=deadline, lane=lane, owner=owner)
         return result
 
     async def submit_many(
         self, payloads: Sequence[InT], *, deadline: float | None = None,
-        lane: Lane = "interactive",
+        lane: Lane = "interactive", owner: Owner | None = None,
     ) -> list[Result[OutT]]:  # fmt: skip
-        """Queue several inputs at once, all or none, and wait for all their results.
-
-        Each input is batched on its own merits. If one fails, the others are cancelled
-        (those not yet computed never will be) and its error is raised.
-        """
-        items = self._admit(payloads, deadline, lane == "bulk")
-        return await self._callers.wait(
-            items, None if deadline is None else deadline - self.clock()
-        )
+        """Queue several inputs at once, all or none, and wait for all their results. Each
+        is batched on its own; if one fails, the others are cancelled (those not yet
+        computed never will be) and its error is raised."""
+        items = self._admit(payloads, deadline, lane == "bulk", owner)
+        wait_s = None if deadline is None else deadline - self.clock()
+        return await self._callers.wait(items, wait_s)
 
     def check_room(self, n: int = 1) -> None:
         """Raise QueueFull (and count it) unless `n` more items fit in the queue now.
@@ -262,8 +261,9 @@ class Engine(Generic[InT, OutT]):
         self._queue.check_room(n, self.config.max_queue_size)
 
     def _admit(
-        self, payloads: Sequence[InT], deadline: float | None, bulk: bool = False
-    ) -> list[PendingItem[InT, OutT]]:
+        self, payloads: Sequence[InT], deadline: float | None, bulk: bool = False,
+        owner: Owner | None = None,
+    ) -> list[PendingItem[InT, OutT]]:  # fmt: skip
         if self._state != "running":
             self.metrics.count("rejected_closed", len(payloads))
             raise EngineClosed(f"the engine is {self._state}; not admitting new items")
@@ -283,7 +283,7 @@ class Engine(Generic[InT, OutT]):
         items: list[PendingItem[InT, OutT]] = []
         fresh: list[PendingItem[InT, OutT]] = []
         for payload, cost in zip(payloads, costs, strict=True):
-            item, new = self._callers.admit(payload, now, deadline, cost, bulk)
+            item, new = self._callers.admit(payload, now, deadline, cost, bulk, owner)
             if new:
                 fresh.append(item)
             items.append(item)

@@ -16,6 +16,7 @@ from typing import Generic, TypeVar, cast
 
 from batcher.cost import CostModel, DrainRate, MemoryCap
 from batcher.errors import DeviceOutOfMemory, EngineClosed, InferenceFailed
+from batcher.fairness import item_cost
 from batcher.items import Lane, PendingItem, Result, settle_error, settle_result
 from batcher.lanes import LaneUsage
 from batcher.metrics import EngineMetrics
@@ -154,9 +155,12 @@ class Executor(Generic[InT, OutT]):
         size, delivered = len(batch), 0
         self.batches_run += 1
         number = self.batches_run
-        for item, value in zip(batch, outputs, strict=True):
+        cost = self.cost.estimate()
+        units = [item_cost(item.cost, size, cost) for item in batch]
+        per_unit = inference_time_s / (sum(units) or 1.0)
+        for item, value, unit in zip(batch, outputs, units, strict=True):
             result = Result(value, started - item.enqueued_at, inference_time_s, size,
-                            batch=number)  # fmt: skip
+                            batch=number, device_s=unit * per_unit)  # fmt: skip
             delivered += settle_result(item.future, result)
         self._metrics.count("ok", delivered)
         if self.on_computed is not None:

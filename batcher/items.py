@@ -6,6 +6,8 @@ import asyncio
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar, get_args
 
+from batcher.fairness import Owner
+
 InT = TypeVar("InT")
 OutT = TypeVar("OutT")
 
@@ -31,11 +33,14 @@ class Result(Generic[OutT]):
     """Answered from the server's result cache (no queue, no device): the times are 0."""
     batch: int = 0
     """Which of its engine's forward passes computed it, counted from 1 (0: none did)."""
+    device_s: float = 0.0
+    """Its share of that pass's device time (`batcher.fairness.item_cost`): what its
+    tenant is charged for it."""
 
     def __reduce__(self) -> tuple[type[Result[OutT]], tuple[object, ...]]:
         # Fast pickling across processes (batcher.remote): the constructor's arguments.
         return Result, (self.value, self.queue_time_s, self.inference_time_s, self.batch_size,
-                        self.cached, self.batch)  # fmt: skip
+                        self.cached, self.batch, self.device_s)  # fmt: skip
 
 
 @dataclass(slots=True, eq=False)
@@ -60,6 +65,9 @@ class PendingItem(Generic[InT, OutT]):
     """Callers still waiting for it."""
     bulk: bool = False
     """In the bulk lane (every caller of it asked for bulk)."""
+    owner: Owner | None = None
+    """Whose it is, for the tenants' fair share (`batcher.fairness`); None: no one's in
+    particular (the first caller's, when callers of identical inputs share it)."""
 
 
 def settle_result(future: asyncio.Future[OutT], value: OutT) -> bool:

@@ -34,9 +34,13 @@ class Submit:
     timeout_s: float | None
     bulk: bool = False
     """In the bulk lane (`batcher.lanes`)."""
+    tenant: str | None = None
+    """Whose items they are, and its weight, for the fair share (`batcher.fairness`)."""
+    weight: float = 1.0
 
     def __reduce__(self) -> tuple[type[Submit], tuple[Any, ...]]:
-        return Submit, (self.call, self.payloads, self.timeout_s, self.bulk)  # see _WIRE
+        return Submit, (self.call, self.payloads, self.timeout_s, self.bulk, self.tenant,
+                        self.weight)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

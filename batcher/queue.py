@@ -14,6 +14,7 @@ from typing import Generic, TypeVar
 from batcher.config import EngineConfig
 from batcher.cost import LinearCost
 from batcher.errors import DeadlineExceeded, EngineError, QueueFull
+from batcher.fairness import FairShare, Owned, contested, item_cost, owner_of
 from batcher.items import PendingItem, settle_error
 from batcher.lanes import LaneUsage, next_lane
 from batcher.metrics import EngineMetrics
@@ -39,6 +40,8 @@ class PendingQueue(Generic[InT, OutT]):
         self._metrics = metrics
         self.lanes = lanes if lanes is not None else LaneUsage()
         """The device time each lane had of late: which lane the next batch is from."""
+        self.fair = FairShare()
+        """The tenants' virtual clocks: whose items the next batch holds."""
         self._recent: deque[tuple[float, int]] = deque(maxlen=RECENT_ITEMS)
         """(admitted at, cost) of the last admissions."""
 
@@ -101,30 +104,47 @@ class PendingQueue(Generic[InT, OutT]):
         self, now: float, limits: EngineConfig, cost: LinearCost | None
     ) -> list[PendingItem[InT, OutT]]:
         """Remove and return the next batch (`policy.select_batch`), dropping the items
-        no longer wanted; each item left behind older than one taken is overtaken once
-        more. The batch is all of one lane: interactive, unless none waits or the bulk
-        lane is owed its share (`batcher.lanes.next_lane`)."""
+        no longer wanted; each item left behind older than one of its tenant's taken is
+        overtaken once more. The batch is all of one lane: interactive, unless none waits
+        or the bulk lane is owed its share (`batcher.lanes.next_lane`). While several
+        tenants have work, the lane is the one the tenant next in fair order would use,
+        and the batch is chosen among the lane's first items in fair order
+        (`batcher.fairness`), as many as a batch may hold."""
         live = [item for item in self._items if self.wanted(item, now)]
-        interactive = any(not item.bulk for item in live)
-        bulk = next_lane(interactive, any(item.bulk for item in live),
+        size = limits.max_batch_size
+
+        def unit(item: Owned) -> float:
+            return item_cost(item.cost, size, cost)
+
+        fair = contested(live)
+        pool = live
+        if fair:  # the lane of the tenant a fair server would serve next
+            lead = owner_of(live[self.fair.order(live, unit)[0]]).tenant
+            pool = [item for item in live if owner_of(item).tenant == lead]
+        bulk = next_lane(any(not item.bulk for item in pool), any(item.bulk for item in pool),
                          self.lanes.bulk_share(now)) == "bulk"  # fmt: skip
         lane = [i for i, item in enumerate(live) if item.bulk == bulk]
+        if fair:
+            first = self.fair.order([live[i] for i in lane], unit)[:size]
+            lane = sorted(lane[j] for j in first)
         budget = self.lanes.bulk_budget_s(now) if bulk else None
-        if budget is not None and (size := size_within(budget, cost, [live[lane[0]]])):
-            limits = limits.replace(max_batch_size=min(size, limits.max_batch_size))
+        if budget is not None and (fit := size_within(budget, cost, [live[lane[0]]])):
+            limits = limits.replace(max_batch_size=min(fit, limits.max_batch_size))
         picked = select_batch([live[i] for i in lane], limits, cost, now, self.recent_short(now))
         chosen = sorted(lane[j] for j in picked)
+        batch = [live[i] for i in chosen]
+        self.fair.charge(batch, lambda item: item_cost(item.cost, len(batch), cost))
+        youngest = {owner_of(item).tenant: i for i, item in zip(chosen, batch, strict=True)}
         taken = set(chosen)
-        youngest = chosen[-1] if chosen else -1
         kept: deque[PendingItem[InT, OutT]] = deque()
         for i, item in enumerate(live):
             if i in taken:
                 continue
-            if i < youngest and item.bulk == bulk:
+            if item.bulk == bulk and i < youngest.get(owner_of(item).tenant, -1):
                 item.overtaken += 1
             kept.append(item)
         self._items = kept
-        return [live[i] for i in chosen]
+        return batch
 
     def fail_all(self, error: EngineError) -> None:
         while self._items:

@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar
 
 from batcher.engine import Engine
 from batcher.errors import EngineClosed
+from batcher.fairness import Owner
 from batcher.items import Lane, Result
 from batcher.link import (
     Cancel,
@@ -164,7 +165,8 @@ class EngineServer(Generic[InT, OutT]):
         engine = self.engine
         deadline = None if message.timeout_s is None else engine.clock() + message.timeout_s
         lane: Lane = "bulk" if message.bulk else "interactive"
-        return await engine.submit_many(message.payloads, deadline=deadline, lane=lane)
+        owner = None if message.tenant is None else Owner(message.tenant, message.weight)
+        return await engine.submit_many(message.payloads, deadline=deadline, lane=lane, owner=owner)
 
     async def _control(self, message: Control) -> Any:
         if message.op == "stats":
@@ -279,12 +281,15 @@ class RemoteEngine(Generic[InT, OutT]):
 
     async def submit_many(
         self, payloads: Sequence[InT], *, deadline: float | None = None,
-        lane: Lane = "interactive",
+        lane: Lane = "interactive", owner: Owner | None = None,
     ) -> list[Result[OutT]]:  # fmt: skip
         """As `Engine.submit_many`, in the engine process."""
         timeout_s = None if deadline is None else max(0.0, deadline - self.clock())
         bulk = lane == "bulk"
-        call, future = self._call(lambda c: Submit(c, list(payloads), timeout_s, bulk))
+        tenant, weight = (None, 1.0) if owner is None else (owner.tenant, owner.weight)
+        call, future = self._call(
+            lambda c: Submit(c, list(payloads), timeout_s, bulk, tenant, weight)
+        )
         self._submitting += 1
         if self._idle is not None:
             self._idle.clear()
@@ -302,14 +307,22 @@ class RemoteEngine(Generic[InT, OutT]):
         if unpack is None:
             return results
         return [
-            Result(unpack(r.value), r.queue_time_s, r.inference_time_s, r.batch_size, batch=r.batch)
+            Result(
+                unpack(r.value),
+                r.queue_time_s,
+                r.inference_time_s,
+                r.batch_size,
+                batch=r.batch,
+                device_s=r.device_s,
+            )
             for r in results
         ]
 
     async def submit(
-        self, payload: InT, *, deadline: float | None = None, lane: Lane = "interactive"
-    ) -> Result[OutT]:
-        [result] = await self.submit_many([payload], deadline=deadline, lane=lane)
+        self, payload: InT, *, deadline: float | None = None, lane: Lane = "interactive",
+        owner: Owner | None = None,
+    ) -> Result[OutT]:  # fmt: skip
+        [result] = await self.submit_many([payload], deadline=deadline, lane=lane, owner=owner)
         return result
 
     @property
