@@ -25,7 +25,8 @@ from batcher.models import (
 from server.client import EngineClient
 from server.host import EngineHost, LocalClient, ServedModel
 from server.served import Freed, spec_of
-from server.settings import ModelSpec, Settings
+from server.settings import Settings
+from server.specs import ModelSpec
 
 logger = logging.getLogger("microbatch.server")
 

@@ -38,7 +38,8 @@ from batcher.models import (
 from server.client import READY_WITHIN_S, EngineReport, Status, WarmingStep
 from server.collector import tune_gc
 from server.operator_schemas import ThreadsInfo
-from server.settings import ModelSpec, Settings
+from server.settings import Settings
+from server.specs import ModelSpec
 from server.timeline import MAX_LATENCIES, Recent, Timeline
 
 logger = logging.getLogger("microbatch.server")

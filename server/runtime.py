@@ -24,8 +24,9 @@ from server.operator_schemas import ThreadsInfo
 from server.prediction_log import PredictionLog
 from server.routing import RoutePatch
 from server.served import Freed, ModelLoader, Served
-from server.settings import ModelSpec, Settings
+from server.settings import Settings
 from server.shadow import Shadows
+from server.specs import ModelSpec
 from server.tokenizing import Tokenizer
 from server.versions import Versions
 

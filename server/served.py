@@ -15,8 +15,9 @@ from batcher.models import Encoded, Encoder, Options, TruncationDirection
 from server.cache import CachedEngine, ResultCache
 from server.client import EngineClient, EngineHandle, EngineReport
 from server.errors import NotReady
-from server.settings import ModelSpec, Settings
+from server.settings import Settings
 from server.shared_cache import SharedCache
+from server.specs import ModelSpec
 from server.tokenizing import FRONT_END_INLINE_CHARS, INLINE_CHARS, Tokenizer
 
 ServedState = Literal["loading", "warming", "ready", "draining", "failed"]

@@ -19,7 +19,8 @@ from server.client import EngineClient
 from server.errors import UnknownModel
 from server.routing import Route, RoutePatch, pick, point, shadows, shares
 from server.served import Freed, ModelLoader, Served, spec_of
-from server.settings import ModelSpec, Settings
+from server.settings import Settings
+from server.specs import ModelSpec
 
 logger = logging.getLogger("microbatch.server")
 

@@ -19,7 +19,7 @@ from server.routes.admin import summaries
 from server.routes.parsing import RuntimeDep
 from server.routing import parse_patch
 from server.runtime import Runtime
-from server.settings import ModelSpec, check_name
+from server.specs import ModelSpec, check_name
 
 router = APIRouter(tags=["admin"])
 

@@ -96,10 +96,11 @@ def test_an_owner_needs_a_positive_weight() -> None:
 
 
 async def flood(
-    engine: Engine[str, str], clients: dict[Owner, int], seconds: float, text: str = "x" * 8
+    engine: Engine[str, str], clients: dict[Owner, int], seconds: float
 ) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Closed-loop clients per owner for `seconds` of virtual time: the device seconds
-    each tenant was charged, and each tenant's latencies."""
+    """Closed-loop clients per owner for `seconds` of virtual time, each sending its
+    tenant's one-letter name 8 times: the device seconds each tenant was charged, and
+    each tenant's latencies."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     device: dict[str, float] = {owner.tenant: 0.0 for owner in clients}
@@ -108,7 +109,7 @@ async def flood(
     async def client(owner: Owner) -> None:
         while not stop.is_set():
             started = loop.time()
-            result = await engine.submit(text, owner=owner)
+            result = await engine.submit(owner.tenant * 8, owner=owner)
             device[owner.tenant] += result.device_s
             latencies[owner.tenant].append(loop.time() - started)
 
@@ -173,11 +174,23 @@ async def test_a_light_tenant_is_not_slowed_by_a_flood() -> None:
 @pytest.mark.asyncio
 @pytest.mark.looptime
 async def test_the_flood_gets_what_an_idle_tenant_leaves() -> None:
+    """b (weight 5) floods beside a, then stops: from then on a's batches are full
+    again, not cut to the sixth that b's weight left it."""
     async with device_engine() as engine:
-        device, _ = await flood(engine, {Owner("a"): 40, Owner("b", 5.0): 0}, seconds=10.0)
-        batches = len(engine._runner.calls)  # type: ignore[attr-defined]
-    assert device["b"] == 0 and device["a"] > 0
-    assert batches <= 10.0 / (0.01 + 0.001 * 64) * 1.05  # full batches, the device busy
+        runner = engine._runner  # type: ignore[attr-defined]
+        b_done = asyncio.create_task(flood(engine, {Owner("b", 5.0): 40}, seconds=5.0))
+        a_done = asyncio.create_task(flood(engine, {Owner("a"): 40}, seconds=10.0))
+        await b_done
+        shared = list(runner.calls)
+        await a_done
+        after = runner.calls[len(shared) + 2 :]  # once b's last batches are gone
+    items = Counter(p[0] for call in shared[5:] for p in call.payloads)
+    assert items["a"] / items.total() == pytest.approx(1 / 6, abs=0.03)
+    a_after = [p for call in after for p in call.payloads]
+    assert set(a_after) == {"a" * 8}
+    # a alone: full batches back to back (8 items each per 74 ms).
+    assert len(a_after) >= 0.9 * 8 * len(after)
+    assert len(after) >= 0.9 * 5.0 / (0.01 + 0.001 * 64)
 
 
 @pytest.mark.asyncio
@@ -204,7 +217,9 @@ async def test_interactive_goes_before_bulk_within_a_tenant_and_a_bulk_tenant_ke
         stop.set()
         await asyncio.gather(*tasks)
         # Within one tenant: its query overtakes its own queued job.
-        job = [asyncio.create_task(engine.submit(f"job{i}", owner=a, lane="bulk")) for i in range(40)]
+        job = [
+            asyncio.create_task(engine.submit(f"job{i}", owner=a, lane="bulk")) for i in range(40)
+        ]
         await asyncio.sleep(0)
         started = loop.time()
         await engine.submit("query", owner=a)

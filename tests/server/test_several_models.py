@@ -137,7 +137,8 @@ def test_settings_metrics_and_the_dashboard_are_per_model(
 
 
 def test_models_are_named_by_flag_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from server.settings import ModelSpec, Settings
+    from server.settings import Settings
+    from server.specs import ModelSpec
 
     monkeypatch.delenv("MICROBATCH_MODEL", raising=False)
     assert Settings().model_specs() == [ModelSpec(None, None)]  # the built-in model
