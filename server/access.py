@@ -1,5 +1,7 @@
-"""Who may call what, and how often: API keys on the predict routes, an admin key on
-`/admin/*`, and a token-bucket rate limit per key (per client IP without keys).
+"""Who may call what, and how often: API keys and JWTs on the client routes, naming a
+tenant and its scopes (`server.tenants`, `server.tokens`); an admin key or the `admin`
+scope on `/admin/*`; each tenant's request rate (`server.quotas`); and a token-bucket
+rate limit per credential (per client IP without one).
 
 Pure ASGI and before the body is read, so a refused request costs a header lookup.
 Keys are compared in constant time and never logged or echoed.
@@ -7,18 +9,26 @@ Keys are compared in constant time and never logged or echoed.
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
+import logging
 import math
 import secrets
+import signal
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.errors import Refusal
+from server.errors import Refusal, TenantLimited
+from server.quotas import Ledger, TenantMetrics
+from server.settings import Settings
+from server.tenants import ADMIN, PREDICT, Principal, Tenants, TenantsFile
+from server.tokens import TokenRefused, Verifier, looks_like_jwt
+
+logger = logging.getLogger("microbatch.server")
 
 INFERENCE_PATHS = (
     "/predict", "/rerank", "/embed", "/similarity", "/tokenize", "/decode", "/v1/",
@@ -93,17 +103,130 @@ class TokenBuckets:
         return (1.0 - bucket.tokens) / self.rate
 
 
+@dataclass
+class Tenancy:
+    """Who may call: the tenants and their keys (`server.tenants`), the JWT verifier
+    (`server.tokens`, None without JWTs), each tenant's limits kept (`server.quotas`)
+    and its series in /metrics."""
+
+    tenants: Tenants
+    verifier: Verifier | None
+    ledger: Ledger
+    metrics: TenantMetrics
+
+    async def start(self) -> None:
+        """Read the JWKS. Raises ValueError for a file that cannot be used; a URL that
+        cannot be fetched now is logged, and fetched again when a token comes."""
+        jwks = None if self.verifier is None else self.verifier.jwks
+        if jwks is None:
+            return
+        try:
+            await jwks.load()
+        except ValueError as exc:
+            if not jwks.remote:
+                raise
+            logger.error("%s; tokens are refused until it can be fetched", exc)
+
+    def watch(self) -> Callable[[], None]:
+        """Read the tenants file again on SIGHUP (where signals can be handled); returns
+        what stops it."""
+        loop = asyncio.get_running_loop()
+        if self.tenants.path is None or not hasattr(signal, "SIGHUP"):
+            return lambda: None
+        try:
+            loop.add_signal_handler(signal.SIGHUP, lambda: self.tenants.reload())
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            return lambda: None
+
+        def unwatch() -> None:
+            loop.remove_signal_handler(signal.SIGHUP)
+
+        return unwatch
+
+    @property
+    def required(self) -> bool:
+        """Whether the client routes need a key or a token."""
+        return self.verifier is not None or self.tenants.keys_required
+
+    @property
+    def configured(self) -> bool:
+        """Whether credentials with scopes exist (a tenants file, or JWTs)."""
+        return self.verifier is not None or self.tenants.path is not None
+
+    async def identify(self, scope: Scope) -> Principal | Refusal | None:
+        """The principal of the request's bearer credential; a 401 for a missing or
+        invalid one where one is required; None on an open server."""
+        token = _bearer(scope)
+        self.tenants.refresh()
+        if token is not None and self.verifier is not None and looks_like_jwt(token):
+            try:
+                return await self.verifier.principal(token)
+            except TokenRefused as exc:
+                return _unauthorized(f"invalid token: {exc}", "invalid_token", str(exc))
+        if token is not None:
+            who = self.tenants.by_key(token)
+            if who is not None:
+                return who
+            if self.required:
+                return _unauthorized("invalid API key", "invalid_token", "unknown key")
+        if self.required:
+            what = "API key or token" if self.verifier is not None else "API key"
+            return _unauthorized(f"missing {what}: send 'Authorization: Bearer KEY'")
+        return None
+
+    def forbidden(self, who: Principal, needed: str) -> Refusal:
+        """403 for a credential that lacks scope `needed`."""
+        self.metrics.rejected.labels(self.metrics.label(who.tenant), "scope").inc()
+        detail = f"this credential (tenant {who.tenant!r}) lacks the {needed!r} scope"
+        challenge = f'Bearer realm="microbatch", error="insufficient_scope", scope="{needed}"'
+        return Refusal(403, "forbidden", detail, {"WWW-Authenticate": challenge})
+
+    def limited(self, who: Principal, exc: TenantLimited) -> Refusal:
+        self.metrics.rejected.labels(self.metrics.label(who.tenant), exc.limit).inc()
+        headers = {"Retry-After": exc.retry_after, "X-Limit": exc.limit}
+        return Refusal(429, "rate_limited", str(exc), headers)
+
+
+def tenancy_for(settings: Settings, registry: CollectorRegistry) -> Tenancy:
+    """The tenancy `settings` describe. Raises ValueError for a tenants file that cannot
+    be read or used."""
+
+    def check(parsed: TenantsFile) -> str | None:
+        if settings.workers > 1 and parsed.has_limits():
+            return ("tenants' rate, concurrency and quota limits count per process: with "
+                    "--workers they would let each tenant through N times; leave them out "
+                    "or serve without --workers")  # fmt: skip
+        return None
+
+    tenants = Tenants(settings.tenants_file, settings.api_key_list(), check=check)
+    jwt = settings.jwt_config()
+    metrics = TenantMetrics(registry, settings.tenant_labels)
+    for name in tenants.file.tenants:
+        metrics.name(name)
+    verifier = None if jwt is None else Verifier(jwt, tenants)
+    return Tenancy(tenants, verifier, Ledger(), metrics)
+
+
+def _unauthorized(detail: str, error: str | None = None, reason: str | None = None) -> Refusal:
+    challenge = 'Bearer realm="microbatch"'
+    if error is not None:
+        challenge += f', error="{error}", error_description="{reason}"'
+    return Refusal(401, "unauthorized", detail, {"WWW-Authenticate": challenge})
+
+
 class AccessMiddleware:
-    """401 without a valid API key on the client routes (INFERENCE_PATHS), 403 on /admin/*
-    without the admin key
-    (or always, when no admin key is set and the server listens beyond loopback),
-    429 over the rate limit or, through `admission`, while the queue is full."""
+    """401 without a valid key or token on the client routes (INFERENCE_PATHS), 403
+    without the `predict` scope there (a model's own, `predict:MODEL`, is checked once
+    the body names the model: `server.routes.parsing.serving`), 403 on /admin/* without
+    the admin key or the `admin` scope (or always, when no credential is configured and
+    the server listens beyond loopback), 429 over the tenant's request rate, over the
+    rate limit or, through `admission`, while the queue is full."""
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        api_keys: Iterable[str],
+        tenancy: Tenancy,
         admin_key: str | None,
         admin_open: bool,
         buckets: TokenBuckets | None,
@@ -111,9 +234,7 @@ class AccessMiddleware:
         registry: CollectorRegistry,
     ) -> None:
         self.app = app
-        self.api_keys = [k.encode() for k in api_keys]
-        # Rate-limit buckets are named by a digest, so no key is held in the limiter.
-        self._key_ids = {k: "key:" + hashlib.sha256(k).hexdigest()[:16] for k in self.api_keys}
+        self.tenancy = tenancy
         self.admin_key = admin_key.encode() if admin_key else None
         self.admin_open = admin_open
         self.buckets = buckets
@@ -136,11 +257,11 @@ class AccessMiddleware:
         path: str = scope["path"]
         method: str = scope["method"]
         if is_client_route(path, method):
-            refusal = self._predict_refusal(scope)
+            refusal = await self._client_refusal(scope)
             if refusal is None and is_queued_route(path, method):
                 refusal = self.admission(scope)
         elif path.startswith(ADMIN_PREFIX):
-            refusal = self._admin_refusal(scope)
+            refusal = await self._admin_refusal(scope)
         else:
             refusal = None
         if refusal is None:
@@ -150,18 +271,23 @@ class AccessMiddleware:
         request_id = scope.get("state", {}).get("request_id")
         await refusal.response(request_id, scope["path"])(scope, receive, send)
 
-    def _predict_refusal(self, scope: Scope) -> Refusal | None:
+    async def _client_refusal(self, scope: Scope) -> Refusal | None:
+        tenancy = self.tenancy
+        who = await tenancy.identify(scope)
+        if isinstance(who, Refusal):
+            return who
         client = None
-        if self.api_keys:
-            token = _bearer(scope)
-            key = _matching(token, self.api_keys)
-            if key is None:
-                detail = "missing API key" if token is None else "invalid API key"
-                headers = {"WWW-Authenticate": 'Bearer realm="microbatch"'}
-                message = f"{detail}: send 'Authorization: Bearer KEY'"
-                return Refusal(401, "unauthorized", message, headers)
-            client = self._key_ids[key]
-            scope.setdefault("state", {})["route_key"] = client  # its id, never the key
+        if who is not None:
+            if not who.may_predict():
+                return tenancy.forbidden(who, PREDICT)
+            try:
+                tenancy.ledger.request(who)
+            except TenantLimited as exc:
+                return tenancy.limited(who, exc)
+            tenancy.metrics.requests.labels(tenancy.metrics.label(who.tenant)).inc()
+            state = scope.setdefault("state", {})
+            state["principal"] = who
+            state["route_key"] = client = who.credential  # its id, never the key
         if self.buckets is not None:
             if client is None:
                 peer = scope.get("client")
@@ -173,17 +299,23 @@ class AccessMiddleware:
                 return Refusal(429, "rate_limited", detail, {"Retry-After": retry})
         return None
 
-    def _admin_refusal(self, scope: Scope) -> Refusal | None:
-        if self.admin_key is None:
+    async def _admin_refusal(self, scope: Scope) -> Refusal | None:
+        token = _bearer(scope)
+        if self.admin_key is not None and _matching(token, [self.admin_key]) is not None:
+            return None
+        if token is not None and self.tenancy.configured:
+            who = await self.tenancy.identify(scope)
+            if isinstance(who, Principal):
+                return None if who.may_admin() else self.tenancy.forbidden(who, ADMIN)
+        if self.admin_key is None and not self.tenancy.configured:
             if self.admin_open:
                 return None
             detail = "the admin API is off: set MICROBATCH_ADMIN_KEY to use it on this host"
             return Refusal(403, "forbidden", detail)
-        token = _bearer(scope)
-        if _matching(token, [self.admin_key]) is None:
-            detail = "admin key required: send 'Authorization: Bearer KEY'"
-            return Refusal(403, "forbidden", detail)
-        return None
+        detail = "admin key required: send 'Authorization: Bearer KEY'"
+        if self.tenancy.configured:
+            detail = "admin key or a credential with the 'admin' scope required"
+        return Refusal(403, "forbidden", detail)
 
 
 def _bearer(scope: Scope) -> bytes | None:

@@ -22,7 +22,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
 from server import errors
-from server.access import AccessMiddleware, TokenBuckets
+from server.access import AccessMiddleware, TokenBuckets, tenancy_for
 from server.admission import queue_gate
 from server.client import EngineClient, RemoteClient
 from server.fastlane import LaneApp
@@ -70,6 +70,7 @@ def create_app(
     if engine_path is None:  # a front-end's are the engine process's, in its /metrics
         ProcessCollector(registry=registry)  # process_resident_memory_bytes and friends
     latencies: deque[float] = deque(maxlen=MAX_LATENCIES)  # middleware -> timeline
+    tenancy = tenancy_for(settings, registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -89,10 +90,13 @@ def create_app(
             loader = fleet
         runtime = Runtime(settings, clients, registry, loader)
         app.state.runtime = runtime  # for `microbatch serve`'s signal handler
+        unwatch = tenancy.watch()
         try:
+            await tenancy.start()
             await runtime.start()
-            yield {"runtime": runtime}
+            yield {"runtime": runtime, "tenancy": tenancy}
         finally:
+            unwatch()
             await runtime.aclose()
 
     app = LaneApp(
@@ -115,7 +119,7 @@ def create_app(
     buckets = TokenBuckets(rate, settings.rate_limit_burst or max(1, round(rate))) if rate else None
     app.add_middleware(
         AccessMiddleware,
-        api_keys=settings.api_key_list(),
+        tenancy=tenancy,
         admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
         admin_open=settings.loopback,
         buckets=buckets,

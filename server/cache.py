@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from batcher import EngineConfig, EngineStats, Lane, Result, State
+from batcher import EngineConfig, EngineStats, Lane, Owner, Result, State
 from batcher.models import Classification, Encoded, Output
 from server.client import EngineHandle
 from server.shared_cache import SharedCache
@@ -157,14 +157,15 @@ class CachedEngine:
         self._engine.check_room(n)
 
     async def submit(
-        self, payload: Encoded, *, deadline: float | None = None, lane: Lane = "interactive"
-    ) -> Result[Output]:
-        [result] = await self.submit_many([payload], deadline=deadline, lane=lane)
+        self, payload: Encoded, *, deadline: float | None = None, lane: Lane = "interactive",
+        owner: Owner | None = None,
+    ) -> Result[Output]:  # fmt: skip
+        [result] = await self.submit_many([payload], deadline=deadline, lane=lane, owner=owner)
         return result
 
     async def submit_many(
         self, payloads: Sequence[Encoded], *, deadline: float | None = None,
-        lane: Lane = "interactive",
+        lane: Lane = "interactive", owner: Owner | None = None,
     ) -> list[Result[Output]]:  # fmt: skip
         keys = [(self._model, payload.identity()) for payload in payloads]
         results: list[Result[Output] | None] = [None] * len(payloads)
@@ -184,7 +185,7 @@ class CachedEngine:
             missing = [i for i in missing if results[i] is None]
         if missing:
             computed = await self._engine.submit_many(
-                [payloads[i] for i in missing], deadline=deadline, lane=lane
+                [payloads[i] for i in missing], deadline=deadline, lane=lane, owner=owner
             )
             for i, result in zip(missing, computed, strict=True):
                 self._cache.put(keys[i], payloads[i], result.value)

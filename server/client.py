@@ -37,6 +37,7 @@ from batcher import (
     EngineConfig,
     EngineStats,
     Lane,
+    Owner,
     QueueFull,
     RemoteEngine,
     Result,
@@ -130,12 +131,13 @@ class EngineHandle(Protocol):
     def check_room(self, n: int = 1) -> None: ...
 
     async def submit(
-        self, payload: Encoded, *, deadline: float | None = None, lane: Lane = "interactive"
-    ) -> Result[Output]: ...
+        self, payload: Encoded, *, deadline: float | None = None, lane: Lane = "interactive",
+        owner: Owner | None = None,
+    ) -> Result[Output]: ...  # fmt: skip
 
     async def submit_many(
         self, payloads: Sequence[Encoded], *, deadline: float | None = None,
-        lane: Lane = "interactive",
+        lane: Lane = "interactive", owner: Owner | None = None,
     ) -> list[Result[Output]]: ...  # fmt: skip
 
 
@@ -216,23 +218,26 @@ class EngineView:
             raise QueueFull(depth, limit)
 
     async def submit(
-        self, payload: Encoded, *, deadline: float | None = None, lane: Lane = "interactive"
-    ) -> Result[Output]:
-        [result] = await self.submit_many([payload], deadline=deadline, lane=lane)
+        self, payload: Encoded, *, deadline: float | None = None, lane: Lane = "interactive",
+        owner: Owner | None = None,
+    ) -> Result[Output]:  # fmt: skip
+        [result] = await self.submit_many([payload], deadline=deadline, lane=lane, owner=owner)
         return result
 
     async def submit_many(
         self, payloads: Sequence[Encoded], *, deadline: float | None = None,
-        lane: Lane = "interactive",
+        lane: Lane = "interactive", owner: Owner | None = None,
     ) -> list[Result[Output]]:  # fmt: skip
         """As the engine's; if the engine process has not answered `SUBMIT_MARGIN_S`
         after the deadline (its loop hangs), DeadlineExceeded (504) and a cancel."""
         if deadline is None:
-            return await self.remote.submit_many(payloads, lane=lane)
+            return await self.remote.submit_many(payloads, lane=lane, owner=owner)
         left = deadline - self.remote.clock() + SUBMIT_MARGIN_S
         try:
             async with asyncio.timeout(left):
-                return await self.remote.submit_many(payloads, deadline=deadline, lane=lane)
+                return await self.remote.submit_many(
+                    payloads, deadline=deadline, lane=lane, owner=owner
+                )
         except TimeoutError:
             raise DeadlineExceeded("the engine process did not answer by the deadline") from None
 

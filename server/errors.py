@@ -11,6 +11,7 @@ body plus Cohere's `id` and `message`, with 400 for invalid input."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,27 @@ class UnknownModel(LookupError):
         super().__init__(f"the model {name!r} is not served here; served: {', '.join(known)}")
         self.name = name
         self.known = known
+
+
+class TenantLimited(Exception):
+    """A tenant's limit is reached (429): which one, and when to retry."""
+
+    def __init__(self, limit: str, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+
+    @property
+    def retry_after(self) -> str:
+        return str(max(1, math.ceil(self.retry_after_s)))
+
+
+class Refused(Exception):
+    """A refusal a route raises as it is (a credential that lacks a model's scope)."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(str(refusal.detail))
+        self.refusal = refusal
 
 
 class ClientDisconnected(Exception):
@@ -233,6 +255,16 @@ def install(app: FastAPI) -> None:
     async def disconnected(request: Request, exc: ClientDisconnected) -> JSONResponse:
         # Nobody reads it; 499 (nginx's "client closed request") keeps the access log honest.
         return error_response(request, 499, "client_disconnected", "the client went away")
+
+    @app.exception_handler(TenantLimited)
+    async def tenant_limited(request: Request, exc: TenantLimited) -> JSONResponse:
+        headers = {"Retry-After": exc.retry_after, "X-Limit": exc.limit}
+        return error_response(request, 429, "rate_limited", str(exc), headers)
+
+    @app.exception_handler(Refused)
+    async def refused(request: Request, exc: Refused) -> JSONResponse:
+        r = exc.refusal
+        return error_response(request, r.status, r.kind, r.detail, r.headers)
 
     @app.exception_handler(ItemTooLarge)
     async def too_large(request: Request, exc: ItemTooLarge) -> JSONResponse:

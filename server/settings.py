@@ -4,6 +4,7 @@ variable (`MICROBATCH_MAX_WAIT_MS=20`) each. Flags win over the environment."""
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -21,6 +22,7 @@ from batcher.models import (
 from server.limits import limit_field
 from server.routing import RoutePatch, parse_routes
 from server.specs import ModelSpec
+from server.tokens import JwtConfig
 
 
 class Settings(BaseSettings):
@@ -187,11 +189,37 @@ class Settings(BaseSettings):
         description="Key for /admin/*. Unset: /admin/* is open on a loopback host and "
         "refused on any other.",
     )
+    tenants_file: Path | None = Field(
+        None,
+        description="TOML file of tenants: their API keys (with scopes), limits and weights "
+        "(docs/tenants.md). Read again when it changes, or on SIGHUP.",
+    )
+    jwt_secret: SecretStr | None = Field(
+        None, description="Accept JWT bearer tokens signed with this HS256 secret."
+    )
+    jwt_jwks: str | None = Field(
+        None,
+        description="Accept RS256/ES256 JWT bearer tokens signed by the keys of this JWKS "
+        "(a file, or an http(s) URL, cached and fetched again every 5 minutes).",
+    )
+    jwt_issuer: str | None = Field(None, description="A token's required `iss`.")
+    jwt_audience: str | None = Field(None, description="A token's required `aud`.")
+    jwt_tenant_claim: str = Field("sub", description="The claim that names a token's tenant.")
+    jwt_leeway_s: float = Field(
+        30.0, ge=0, le=600, description="Clock skew allowed on `exp` and `nbf`."
+    )
+    tenant_labels: int = Field(
+        50,
+        ge=0,
+        le=10_000,
+        description="Tenants with series of their own in /metrics (the tenants file's first); "
+        "the rest count as 'other'.",
+    )
     rate_limit_rps: float | None = Field(
         None,
         gt=0,
-        description="Requests per second per API key (per client IP without keys) on "
-        "the client routes; 429 above it. Default: no limit.",
+        description="Requests per second per credential (per client IP without one) on "
+        "the client routes; 429 above it. Default: no limit. Per tenant: --tenants-file.",
     )
     rate_limit_burst: int | None = Field(
         None, ge=1, description="Requests a client may send at once; default: rate-limit-rps."
@@ -322,6 +350,14 @@ class Settings(BaseSettings):
     def api_key_list(self) -> frozenset[str]:
         keys = self.api_keys.get_secret_value() if self.api_keys else ""
         return frozenset(k.strip() for k in keys.split(",") if k.strip())
+
+    def jwt_config(self) -> JwtConfig | None:
+        """JWT checking as set; None when no JWT is accepted."""
+        if self.jwt_secret is None and self.jwt_jwks is None:
+            return None
+        secret = self.jwt_secret.get_secret_value() if self.jwt_secret else None
+        return JwtConfig(secret, self.jwt_jwks, self.jwt_issuer, self.jwt_audience,
+                         self.jwt_tenant_claim, self.jwt_leeway_s)  # fmt: skip
 
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in (self.cors_origins or "").split(",") if o.strip()]

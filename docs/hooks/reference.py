@@ -186,8 +186,24 @@ async def _scrape_fake_server() -> str:
     }
     route = json.dumps({name: {"1": 1, "shadow": {"2": 1.0}} for name in SHADOWED})
     with tempfile.TemporaryDirectory() as directory:
-        settings = Settings(route=route, log_url=f"sqlite:///{directory}/log.db", drift_window=1)
+        tenants = Path(directory) / "tenants.toml"
+        tenants.write_text(TENANTS)
+        settings = Settings(route=route, log_url=f"sqlite:///{directory}/log.db", drift_window=1,
+                            tenants_file=tenants)  # fmt: skip
         return await _scrape(create_app(settings, model=models))
+
+
+TENANTS = """
+[[keys]]
+key = "docs-key"
+tenant = "docs"
+[[keys]]
+key = "docs-other"
+tenant = "other-team"
+scopes = ["predict:elsewhere"]
+"""
+"""The scrape's tenants: one whose requests are answered, one refused for its scope."""
+KEY = {"Authorization": "Bearer docs-key"}
 
 
 async def _scrape(app: Any) -> str:
@@ -208,10 +224,13 @@ async def _scrape(app: Any) -> str:
         # second the recent windows.
         for _ in range(2):
             for name in ("emb", "cls"):
-                reply = await client.post("/predict", json={"text": "counted", "model": name})
-                reply.raise_for_status()
+                body = {"text": "counted", "model": name}
+                (await client.post("/predict", json=body, headers=KEY)).raise_for_status()
             ranked = {"query": "q", "texts": ["a", "bb"], "model": "rr"}
-            (await client.post("/rerank", json=ranked)).raise_for_status()
+            (await client.post("/rerank", json=ranked, headers=KEY)).raise_for_status()
+        other = {"Authorization": "Bearer docs-other"}
+        refused = await client.post("/predict", json={"text": "x", "model": "emb"}, headers=other)
+        assert refused.status_code == 403, refused.text
         async with asyncio.timeout(60):
             # the shadows answer in the background: wait for each one's first comparison
             while (await client.get("/metrics")).text.count('outcome="compared"') < 3:  # noqa: ASYNC110

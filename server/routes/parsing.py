@@ -22,9 +22,11 @@ from batcher.models import (
     Encoder,
     Output,
 )
+from server.access import Tenancy
 from server.calls import Call
 from server.client import EngineHandle
-from server.errors import ClientDisconnected, NotReady, WrongTask
+from server.errors import ClientDisconnected, NotReady, Refused, WrongTask
+from server.quotas import TenantEngine
 from server.routes.headers import (
     PRIORITY_HEADER,
     ROUTE_KEY_HEADER,
@@ -35,6 +37,7 @@ from server.routes.headers import (
 from server.runtime import Runtime
 from server.schemas import ErrorReply, request_limits
 from server.served import Served
+from server.tenants import PREDICT, Principal
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -67,13 +70,23 @@ def serving(
     answers it, by the model's route and the request's route key, and the engine its
     prediction goes to (behind the result cache, unless the request says
     `Cache-Control: no-cache`). The choice is kept in `request.state.call` for the reply
-    (`reply`). Raises UnknownModel (404) and NotReady (503)."""
+    (`reply`); a tenant's request sees the engine through its limits
+    (`server.quotas.TenantEngine`). Raises UnknownModel (404), NotReady (503), and
+    Refused (403) for a credential without the model's scope."""
     if runtime.status != "ready":
         raise NotReady(f"the server is {runtime.status}; retry when GET /ready says ready")
     served, shadows = runtime.route(model, lambda: route_key(request))
+    who: Principal | None = getattr(request.state, "principal", None)
+    if who is not None and not who.may_predict(served.name):
+        tenancy: Tenancy = request.state.tenancy
+        raise Refused(tenancy.forbidden(who, f"{PREDICT}:{served.name}"))
     request.state.call = Call(served, request.state.request_id, request.scope["path"], shadows)
     fresh = "no-cache" in request.headers.get("cache-control", "").lower()
-    return served, served.engine_for(cached=not fresh)
+    engine = served.engine_for(cached=not fresh)
+    if who is None:
+        return served, engine
+    tenancy = request.state.tenancy
+    return served, TenantEngine(engine, who, tenancy.ledger, tenancy.metrics)
 
 
 def needs_task(model: Encoder, task: str, route: str, what: str) -> None:
