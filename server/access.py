@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from server.errors import Refusal, TenantLimited
 from server.quotas import Ledger, TenantMetrics
 from server.settings import Settings
-from server.tenants import ADMIN, PREDICT, Principal, Tenants, TenantsFile
+from server.tenants import ADMIN, PREDICT, Principal, Tenants, TenantsFile, per_process_problem
 from server.tokens import TokenRefused, Verifier, looks_like_jwt
 
 logger = logging.getLogger("microbatch.server")
@@ -192,11 +192,7 @@ def tenancy_for(settings: Settings, registry: CollectorRegistry) -> Tenancy:
     be read or used."""
 
     def check(parsed: TenantsFile) -> str | None:
-        if settings.workers > 1 and parsed.has_limits():
-            return ("tenants' rate, concurrency and quota limits count per process: with "
-                    "--workers they would let each tenant through N times; leave them out "
-                    "or serve without --workers")  # fmt: skip
-        return None
+        return per_process_problem(parsed, settings.workers)
 
     tenants = Tenants(settings.tenants_file, settings.api_key_list(), check=check)
     jwt = settings.jwt_config()

@@ -10,6 +10,7 @@ import socket
 from collections.abc import Callable
 
 from server.settings import Settings
+from server.tenants import TenantsFile, per_process_problem
 
 
 class PortUnavailable(Exception):
@@ -57,6 +58,14 @@ def problems(settings: Settings) -> list[str]:
             "--workers serves one model: several models are served in one process "
             "(drop --workers, or run one server per model)"
         )
+    if settings.tenants_file is not None:
+        try:
+            parsed = TenantsFile.read(settings.tenants_file)
+        except ValueError as exc:
+            found.append(str(exc))
+        else:
+            if (problem := per_process_problem(parsed, settings.workers)) is not None:
+                found.append(f"--tenants-file: {problem}")
     if settings.devices is not None and settings.device != "auto":
         found.append("--devices replaces --device: give one of them")
     if settings.workers == 1:

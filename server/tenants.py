@@ -122,6 +122,15 @@ class TenantsFile(BaseModel):
         return any(s.model_dump(exclude={"weight"}, exclude_none=True) for s in sections)
 
 
+def per_process_problem(parsed: TenantsFile, workers: int) -> str | None:
+    """Why `parsed` cannot be used with `workers` front-ends, or None."""
+    if workers > 1 and parsed.has_limits():
+        return ("tenants' rate, concurrency and quota limits count per process: with "
+                "--workers they would let each tenant through N times; leave them out "
+                "or serve without --workers")  # fmt: skip
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """Who a request comes from: its tenant, what it may call, its limits, and an id

@@ -6,11 +6,12 @@ is required; `nbf`, and `iss` and `aud` where set, are checked, each with
 `--jwt-leeway-s` of clock skew. The tenant is the claim `--jwt-tenant-claim` (`sub`);
 the scopes are `scope` (space-separated, RFC 8693) or `scp` (a list or a string).
 
-The JWKS is cached: a file is read again when it changes, a URL fetched again every
+The JWKS is cached: a file is read again when it changes (looked at once a second at
+most), a URL fetched again every
 `refresh_s` and when a token names a key id the set lacks (at most once every
 `MIN_REFETCH_S`, so that tokens with made-up key ids cannot make the server hammer the
-provider). A failed read or fetch keeps the last good set. Reads run on a thread: the
-event loop never waits on the file system or the network.
+provider). A failed read or fetch keeps the last good set. Reads and fetches run on a
+thread: the event loop never waits on a file's contents or on the network.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ logger = logging.getLogger("microbatch.server")
 SYMMETRIC = ("HS256",)
 ASYMMETRIC = ("RS256", "ES256")
 MIN_REFETCH_S = 30.0
+FILE_CHECK_S = 1.0
+"""How often, at most, a JWKS file's modification time is looked at."""
 FETCH_TIMEOUT_S = 5.0
 
 
@@ -80,11 +83,13 @@ class Jwks:
 
     async def key(self, kid: str | None) -> jwt.PyJWK:
         """The key named `kid` (the only key, for a token that names none)."""
-        now = self._clock()
-        age = now - self._read_at
-        if kid not in self._keys and (kid is not None or not self._keys) and age >= MIN_REFETCH_S:
+        age = self._clock() - self._read_at
+        missing = kid not in self._keys and (kid is not None or not self._keys)
+        if not self.remote and age >= FILE_CHECK_S:
+            await self._refresh()  # a look at the file's time; a read only if it changed
+        elif missing and age >= MIN_REFETCH_S:
             await self._refresh()  # a key rotated in: this token waits for the new set
-        elif age >= (self.refresh_s if self.remote else 1.0):
+        elif age >= self.refresh_s:
             self._refresh()  # the others are served from the set in force meanwhile
         if kid is None and len(self._keys) == 1:
             return next(iter(self._keys.values()))

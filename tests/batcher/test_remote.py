@@ -17,6 +17,7 @@ from batcher import (
     EngineClosed,
     EngineConfig,
     InferenceFailed,
+    Owner,
     QueueFull,
     Result,
 )
@@ -72,6 +73,24 @@ async def test_front_ends_share_batches_and_each_gets_its_own_results() -> None:
     second = runner.calls[1].payloads
     assert len(second) == 12, "one batch holds both front-ends' items"
     assert {p[0] for p in second} == {"a", "b"}
+
+
+async def test_owners_cross_the_link_and_the_fair_share_holds_across_front_ends() -> None:
+    """Front-end a queues ten of tenant x's items, then b two of y's: y's go in the next
+    batch beside x's oldest, as they would in one process (oldest first would send x's
+    four); and each result carries its share of the device time back."""
+    runner = GatedRunner()
+    async with served(runner, EngineConfig(max_batch_size=4)) as (engine, [a, b]):
+        first = asyncio.create_task(a.submit("first"))
+        await runner.wait_for_calls(1)
+        x = [asyncio.create_task(a.submit(f"x{i}", owner=Owner("x"))) for i in range(10)]
+        await until(lambda: engine.queue_depth >= 10)
+        y = [asyncio.create_task(b.submit(f"y{i}", owner=Owner("y", 2.0))) for i in range(2)]
+        await until(lambda: engine.queue_depth >= 12)
+        runner.gate.set()
+        results = await asyncio.gather(first, *x, *y)
+    assert sorted(runner.calls[1].payloads) == ["x0", "x1", "y0", "y1"]
+    assert all(r.device_s > 0 for r in results)
 
 
 async def test_the_one_bounded_queue_refuses_across_front_ends() -> None:
