@@ -33,6 +33,8 @@ class Call:
     direction: TruncationDirection = "right"
     items: Sequence[Encoded] = ()
     """The inputs as the answering version tokenized them."""
+    tenant: str | None = None
+    """Whose request it is (`server.tenants`); None on a server without tenants."""
     _released: bool = False
 
     def __post_init__(self) -> None:

@@ -21,7 +21,7 @@ COLUMNS = (
     "at", "request_id", "route", "model", "version", "shadow", "against", "position",
     "input_hash", "tokens", "input", "pair", "label", "score", "top_k", "norm", "vector",
     "agreement", "queue_ms", "compute_ms", "latency_ms", "batch_size", "batch", "cached",
-    "status",
+    "status", "tenant",
 )  # fmt: skip
 """A row's columns, in the order the writer fills them."""
 
@@ -57,6 +57,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX predictions_at ON predictions (at)",
         "CREATE INDEX predictions_version ON predictions (model, version, at)",
+    ),
+    (
+        "ALTER TABLE predictions ADD COLUMN tenant TEXT",
+        "CREATE INDEX predictions_tenant ON predictions (tenant, at)",
     ),
 )
 """The schema's steps, in order: step N (from 1) takes a database from version N-1 to N.

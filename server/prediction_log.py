@@ -70,6 +70,8 @@ class Entry:
     against: str | None = None
     """A shadow's row: the version it was compared with."""
     agreement: Sequence[float | None] | None = None
+    tenant: str | None = None
+    """Whose request it was (None without tenants)."""
 
     @property
     def rows(self) -> int:
@@ -143,6 +145,7 @@ class PredictionLog:
         self._add(Entry(
             time.time(), call.request_id, call.route, served.name, served.version,
             call.inputs, call.pairs, call.items, results, _labels(served), latency_ms, status,
+            tenant=call.tenant,
         ))  # fmt: skip
 
     def record_shadow(
@@ -157,7 +160,7 @@ class PredictionLog:
         self._add(Entry(
             time.time(), call.request_id, call.route, shadow.name, shadow.version,
             call.inputs, call.pairs, items, results, _labels(shadow), None, "ok", True,
-            call.served.version, agreement,
+            call.served.version, agreement, call.tenant,
         ))  # fmt: skip
 
     def _add(self, entry: Entry) -> None:
@@ -269,7 +272,7 @@ class PredictionLog:
                 result.batch_size if result is not None else None,
                 result.batch if result is not None else None,
                 result.cached if result is not None else None,
-                entry.status,
+                entry.status, entry.tenant,
             ))  # fmt: skip
         return found
 

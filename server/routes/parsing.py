@@ -80,7 +80,9 @@ def serving(
     if who is not None and not who.may_predict(served.name):
         tenancy: Tenancy = request.state.tenancy
         raise Refused(tenancy.forbidden(who, f"{PREDICT}:{served.name}"))
-    request.state.call = Call(served, request.state.request_id, request.scope["path"], shadows)
+    call = Call(served, request.state.request_id, request.scope["path"], shadows)
+    call.tenant = None if who is None else who.tenant
+    request.state.call = call
     fresh = "no-cache" in request.headers.get("cache-control", "").lower()
     engine = served.engine_for(cached=not fresh)
     if who is None:

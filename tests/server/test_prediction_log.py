@@ -164,19 +164,33 @@ def _schema_versions(db: Path) -> list[int]:
 async def test_the_schema_is_migrated_step_by_step_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A log made by a server of schema 1 (before tenants) gains the tenant column; a
+    later step is applied once, however often the server starts."""
     db = tmp_path / "log.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE predictions_schema (version INTEGER NOT NULL)")
+    for statement in log_sinks.MIGRATIONS[0]:
+        conn.execute(statement.format(**log_sinks.TYPES["sqlite"]))
+    conn.execute("INSERT INTO predictions_schema VALUES (1)")
+    conn.execute(
+        "INSERT INTO predictions (at, request_id, route, model, version, shadow, position, "
+        "input_hash, status) VALUES (1.0, 'old', '/predict', 'emb', '1', 0, 0, 'h', 'ok')"
+    )
+    conn.commit()
+    conn.close()
     models = {"emb@1": FakeTextModel(name="emb")}
     async with serve(models, log_url=str(db)) as client:
         await client.post("/predict", json={"text": "before"})
-    assert _schema_versions(db) == [1]
+    assert _schema_versions(db) == [1, 2]
     step = ("ALTER TABLE predictions ADD COLUMN note TEXT",)
     monkeypatch.setattr(log_sinks, "MIGRATIONS", (*log_sinks.MIGRATIONS, step))
     for _ in range(2):  # a second start finds it done: the ALTER would fail if run again
         async with serve({"emb@1": FakeTextModel(name="emb")}, log_url=str(db)) as client:
             await client.post("/predict", json={"text": "after"})
-    assert _schema_versions(db) == [1, 2]
-    assert [r["input_hash"] for r in rows(db)] == [blake("before"), blake("after"), blake("after")]
-    assert all("note" in r for r in rows(db))
+    assert _schema_versions(db) == [1, 2, 3]
+    hashes = [r["input_hash"] for r in rows(db)]
+    assert hashes == ["h", blake("before"), blake("after"), blake("after")]
+    assert all("note" in r and r["tenant"] is None for r in rows(db))
 
 
 @pytest.mark.asyncio
@@ -190,7 +204,7 @@ async def test_a_log_whose_schema_is_newer_than_the_server_stops_the_start(tmp_p
     conn.commit()
     conn.close()
     app = create_app(Settings(log_url=str(db)), model=FakeTextModel())
-    with pytest.raises(log_sinks.SchemaTooNew, match="version 99, newer than this server's 1"):
+    with pytest.raises(log_sinks.SchemaTooNew, match="version 99, newer than this server's 2"):
         async with LifespanManager(app, startup_timeout=30, shutdown_timeout=30):
             pass
 

@@ -4,6 +4,7 @@ family, per-tenant limits, per-tenant metrics; in process, on fake models."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import logging
@@ -18,7 +19,6 @@ import jwt
 import pytest
 from asgi_lifespan import LifespanManager
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from server import tenants as tenants_module
 from server import tokens as tokens_module
@@ -297,12 +297,21 @@ async def test_scopes_come_from_scope_or_scp_and_guard_each_route_family() -> No
     assert admin_bad.status_code == 403
 
 
-def jwks_of(*keys: tuple[str, Any, Any]) -> dict[str, Any]:
+def b64(number: int, size: int) -> str:
+    return base64.urlsafe_b64encode(number.to_bytes(size, "big")).rstrip(b"=").decode()
+
+
+def jwks_of(*keys: tuple[str, Any]) -> dict[str, Any]:
+    """A JWKS, as an identity provider publishes one, of the public halves of `keys`."""
     out = []
-    for kid, algorithm, private in keys:
-        jwk = json.loads(algorithm.to_jwk(private.public_key()))
-        jwk.update({"kid": kid, "use": "sig"})
-        out.append(jwk)
+    for kid, private in keys:
+        numbers = private.public_key().public_numbers()
+        if isinstance(private, rsa.RSAPrivateKey):
+            size = (numbers.n.bit_length() + 7) // 8
+            jwk = {"kty": "RSA", "n": b64(numbers.n, size), "e": b64(numbers.e, 3)}
+        else:
+            jwk = {"kty": "EC", "crv": "P-256", "x": b64(numbers.x, 32), "y": b64(numbers.y, 32)}
+        out.append({**jwk, "kid": kid, "use": "sig"})
     return {"keys": out}
 
 
@@ -314,7 +323,7 @@ async def test_keys_rotated_in_the_jwks_file_take_effect_and_old_ones_stop(
     ec_key = ec.generate_private_key(ec.SECP256R1())
     new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     path = tmp_path / "jwks.json"
-    path.write_text(json.dumps(jwks_of(("r1", RSAAlgorithm, rsa_key), ("e1", ECAlgorithm, ec_key))))
+    path.write_text(json.dumps(jwks_of(("r1", rsa_key), ("e1", ec_key))))
     rs = token(key=rsa_key, alg="RS256", kid="r1")
     es = token(key=ec_key, alg="ES256", kid="e1")
     rotated = token(key=new_key, alg="RS256", kid="r2")
@@ -326,7 +335,7 @@ async def test_keys_rotated_in_the_jwks_file_take_effect_and_old_ones_stop(
             return reply.status_code
 
         before = [await status(t) for t in (rs, es, rotated, hs)]
-        path.write_text(json.dumps(jwks_of(("r2", RSAAlgorithm, new_key))))
+        path.write_text(json.dumps(jwks_of(("r2", new_key))))
         after = [await status(t) for t in (rs, es, rotated)]
         path.write_text("not json")  # a broken file keeps the set in force
         kept = await status(rotated)
@@ -443,3 +452,21 @@ async def test_tenant_series_are_bounded(tmp_path: Path) -> None:
     assert metric(text, 'microbatch_tenant_requests_total{tenant="other"}') == 2
     assert 'tenant="t3"' not in text
     assert metric(text, 'microbatch_tenant_items_total{tenant="other"}') == 2
+
+
+async def test_the_prediction_log_names_each_rows_tenant(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = write_tenants(tmp_path / "tenants.toml")
+    db = tmp_path / "log.db"
+    model = FakeTextModel(name="emb")  # beta may call emb only
+    async with serve(model, tenants_file=path, log_url=str(db)) as client:
+        for key in ("acme-key", "beta-key"):
+            reply = await client.post("/predict", json={"text": key}, headers=bearer(key))
+            assert reply.status_code == 200
+    conn = sqlite3.connect(db)
+    try:
+        tenants = [t for (t,) in conn.execute("SELECT tenant FROM predictions ORDER BY id")]
+    finally:
+        conn.close()
+    assert tenants == ["acme", "beta"]
