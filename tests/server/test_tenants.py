@@ -459,7 +459,7 @@ async def test_the_prediction_log_names_each_rows_tenant(tmp_path: Path) -> None
 
     path = write_tenants(tmp_path / "tenants.toml")
     db = tmp_path / "log.db"
-    model = FakeTextModel(name="emb")  # beta may call emb only
+    model = {"emb": FakeTextModel(name="emb")}  # beta may call emb only
     async with serve(model, tenants_file=path, log_url=str(db)) as client:
         for key in ("acme-key", "beta-key"):
             reply = await client.post("/predict", json={"text": key}, headers=bearer(key))
