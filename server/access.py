@@ -176,13 +176,13 @@ class Tenancy:
 
     def forbidden(self, who: Principal, needed: str) -> Refusal:
         """403 for a credential that lacks scope `needed`."""
-        self.metrics.rejected.labels(self.metrics.label(who.tenant), "scope").inc()
+        self.metrics.refused(who.tenant, "scope")
         detail = f"this credential (tenant {who.tenant!r}) lacks the {needed!r} scope"
         challenge = f'Bearer realm="microbatch", error="insufficient_scope", scope="{needed}"'
         return Refusal(403, "forbidden", detail, {"WWW-Authenticate": challenge})
 
     def limited(self, who: Principal, exc: TenantLimited) -> Refusal:
-        self.metrics.rejected.labels(self.metrics.label(who.tenant), exc.limit).inc()
+        self.metrics.refused(who.tenant, exc.limit)
         headers = {"Retry-After": exc.retry_after, "X-Limit": exc.limit}
         return Refusal(429, "rate_limited", str(exc), headers)
 
@@ -280,7 +280,7 @@ class AccessMiddleware:
                 tenancy.ledger.request(who)
             except TenantLimited as exc:
                 return tenancy.limited(who, exc)
-            tenancy.metrics.requests.labels(tenancy.metrics.label(who.tenant)).inc()
+            tenancy.metrics.request(who.tenant)
             state = scope.setdefault("state", {})
             state["principal"] = who
             state["route_key"] = client = who.credential  # its id, never the key

@@ -170,6 +170,19 @@ class ShadowAgreement(BaseModel):
     rank_correlation: float | None = Field(description="Rerankers: mean Spearman correlation.")
 
 
+class TenantSummary(BaseModel):
+    """One tenant's counts since this process started (the tenants of `/metrics`, with
+    the same bound: the rest as `other`)."""
+
+    tenant: str
+    requests: int
+    items: int = Field(description="Inputs admitted.")
+    tokens: int = Field(description="Input tokens admitted.")
+    rejected: int = Field(description="Requests refused for a limit (429) or a scope (403).")
+    device_s: float = Field(description="Device seconds its inputs took.")
+    device_share: float = Field(description="Its share of every tenant's device seconds.")
+
+
 class DriftInfo(BaseModel):
     """`GET /admin/drift`: one version's reference and its recent window (`server.drift`)."""
 
@@ -238,4 +251,7 @@ class DashboardData(BaseModel):
     )
     drift: dict[str, DriftInfo] = Field(
         default_factory=dict, description="The shown model's versions' drift, by version."
+    )
+    tenants: list[TenantSummary] = Field(
+        default_factory=list, description="Each tenant's use, most device time first."
     )

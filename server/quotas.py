@@ -140,6 +140,17 @@ class Ledger:
         return 0 if account is None else account.in_flight
 
 
+@dataclass
+class TenantTotals:
+    """One tenant's counts since the start, in this process (the dashboard's)."""
+
+    requests: int = 0
+    items: int = 0
+    tokens: int = 0
+    rejected: int = 0
+    device_s: float = 0.0
+
+
 class TenantMetrics:
     """Per-tenant series in /metrics, at most `max_labels` tenants by name and `other`:
     the tenants file's tenants first, then others as they come; a tenant named once
@@ -148,6 +159,8 @@ class TenantMetrics:
     def __init__(self, registry: CollectorRegistry, max_labels: int) -> None:
         self.max_labels = max_labels
         self._labels: dict[str, str] = {}
+        self.totals: dict[str, TenantTotals] = {}
+        """By label."""
         labels = ["tenant"]
         self.requests = Counter("microbatch_tenant_requests", "Requests, by tenant.",
                                 labels, registry=registry)  # fmt: skip
@@ -188,13 +201,39 @@ class TenantMetrics:
             found = self._labels.get(tenant, OTHER)
         return found
 
+    def _totals(self, label: str) -> TenantTotals:
+        totals = self.totals.get(label)
+        if totals is None:
+            totals = self.totals[label] = TenantTotals()
+        return totals
+
+    def request(self, tenant: str) -> None:
+        label = self.label(tenant)
+        self.requests.labels(label).inc()
+        self._totals(label).requests += 1
+
+    def refused(self, tenant: str, limit: str) -> None:
+        label = self.label(tenant)
+        self.rejected.labels(label, limit).inc()
+        self._totals(label).rejected += 1
+
+    def admitted(self, tenant: str, items: int, tokens: int) -> None:
+        label = self.label(tenant)
+        self.items.labels(label).inc(items)
+        self.tokens.labels(label).inc(tokens)
+        totals = self._totals(label)
+        totals.items += items
+        totals.tokens += tokens
+
     def computed(self, tenant: str, results: Sequence[Result[Output]]) -> None:
         label = self.label(tenant)
         queue = self.queue.labels(label)
         for result in results:
             if not result.cached:
                 queue.observe(result.queue_time_s)
-        self.device.labels(label).inc(sum(r.device_s for r in results))
+        device_s = sum(r.device_s for r in results)
+        self.device.labels(label).inc(device_s)
+        self._totals(label).device_s += device_s
 
 
 class TenantEngine:
@@ -239,11 +278,9 @@ class TenantEngine:
         try:
             self._ledger.admit(who, len(payloads), tokens)
         except TenantLimited as exc:
-            metrics.rejected.labels(metrics.label(who.tenant), exc.limit).inc()
+            metrics.refused(who.tenant, exc.limit)
             raise
-        label = metrics.label(who.tenant)
-        metrics.items.labels(label).inc(len(payloads))
-        metrics.tokens.labels(label).inc(tokens)
+        metrics.admitted(who.tenant, len(payloads), tokens)
         try:
             results = await self._engine.submit_many(
                 payloads, deadline=deadline, lane=lane, owner=self._owner

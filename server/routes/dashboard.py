@@ -3,13 +3,15 @@ chart library included, under `/dashboard/static/`), and the data it polls."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from functools import cache
 from importlib.resources import files
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 
-from server.operator_schemas import DashboardData, ShadowAgreement
+from server.operator_schemas import DashboardData, ShadowAgreement, TenantSummary
+from server.quotas import TenantMetrics
 from server.routes.admin import batching_of, summaries
 from server.routes.parsing import ModelQuery, RuntimeDep
 from server.routes.versions import drift_info
@@ -29,6 +31,7 @@ async def dashboard() -> HTMLResponse:
 
 @router.get("/dashboard/data", response_model=DashboardData, summary="The dashboard's samples")
 async def dashboard_data(
+    request: Request,
     runtime: RuntimeDep,
     since: float = Query(0.0, description="Only samples taken after this Unix time."),
     model: ModelQuery = None,
@@ -58,4 +61,14 @@ async def dashboard_data(
         ],
         drift={d.version: drift_info(d, centroid=False)
                for d in drift.values() if d.model == served.name},
+        tenants=tenant_summaries(request.state.tenancy.metrics),
     )  # fmt: skip
+
+
+def tenant_summaries(metrics: TenantMetrics) -> list[TenantSummary]:
+    total_s = sum(t.device_s for t in metrics.totals.values()) or 1.0
+    found = [
+        TenantSummary(tenant=label, device_share=t.device_s / total_s, **asdict(t))
+        for label, t in metrics.totals.items()
+    ]
+    return sorted(found, key=lambda t: (-t.device_s, t.tenant))

@@ -176,6 +176,7 @@ async function poll() {
     status.className = `pill ${data.status}`;
     showSettings(data.batching);
     showVersions(data);
+    showTenants(data.tenants || []);
     draw();
   } catch (err) {
     state.errors += 1;
@@ -280,6 +281,21 @@ function showVersions(data) {
     const q = (xs) => (xs ? xs.map((x) => num(x, 3)).join(" / ") : "–");
     return item(`${d.version}: score p10/p50/p90 ${q(now.score_quantiles)} ` +
       `(reference ${q(ref.score_quantiles)})`);
+  }));
+}
+
+// Each tenant's use since the start: requests, inputs, refusals (429 and 403), and its
+// share of the device time.
+function showTenants(tenants) {
+  $("tenants-panel").hidden = !tenants.length;
+  $("tenants").tBodies[0].replaceChildren(...tenants.map((t) => {
+    const row = document.createElement("tr");
+    for (const text of [t.tenant, t.requests, t.items, t.rejected, pct(t.device_share)]) {
+      const cell = document.createElement("td");
+      cell.textContent = String(text);
+      row.append(cell);
+    }
+    return row;
   }));
 }
 

@@ -470,3 +470,19 @@ async def test_the_prediction_log_names_each_rows_tenant(tmp_path: Path) -> None
     finally:
         conn.close()
     assert tenants == ["acme", "beta"]
+
+
+async def test_the_dashboard_shows_each_tenants_share(tmp_path: Path) -> None:
+    path = write_tenants(tmp_path / "tenants.toml")
+    async with serve({"emb": FakeTextModel(name="emb")}, tenants_file=path) as client:
+        for key, n in (("acme-key", 3), ("beta-key", 1)):
+            for i in range(n):
+                body = {"text": f"{key}{i}"}
+                assert (await client.post("/predict", json=body, headers=bearer(key))).is_success
+        refused = await client.post("/predict", json={"text": "x"}, headers=bearer("ops-key"))
+        data = (await client.get("/dashboard/data")).json()
+    assert refused.status_code == 403
+    tenants = {t["tenant"]: t for t in data["tenants"]}
+    assert (tenants["acme"]["requests"], tenants["acme"]["items"]) == (3, 3)
+    assert (tenants["beta"]["requests"], tenants["ops"]["rejected"]) == (1, 1)
+    assert sum(t["device_share"] for t in data["tenants"]) == pytest.approx(1.0)
