@@ -73,10 +73,15 @@ class TenantLimits(BaseModel):
 class KeyEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    key: SecretStr | None = None
-    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
-    tenant: str = Field(min_length=1, max_length=128)
-    scopes: tuple[str, ...] = (PREDICT,)
+    key: SecretStr | None = Field(None, description="The key itself (or give `sha256`).")
+    sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-fA-F]{64}$",
+        description="The key's SHA-256, in hex, so that the file holds no key "
+        "(`printf %s KEY | sha256sum`).",
+    )
+    tenant: str = Field(min_length=1, max_length=128, description="Whose key it is.")
+    scopes: tuple[str, ...] = Field((PREDICT,), description=f"What it may call: {SCOPE_HELP}.")
 
     @model_validator(mode="after")
     def _check(self) -> Self:

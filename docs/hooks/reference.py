@@ -117,6 +117,35 @@ def settings_page() -> str:
     return "\n".join(lines) + "\n"
 
 
+# -- the tenants file -------------------------------------------------------------------
+
+
+def tenants_page() -> str:
+    """Every key of a tenants file, from the pydantic models that read it."""
+    _importable()
+    from server.tenants import KeyEntry, TenantLimits
+
+    lines = [
+        "# The tenants file",
+        "",
+        "Generated from `server/tenants.py` when the docs are built. A TOML file given by",
+        "`--tenants-file`; [Tenants and keys](../tenants.md) explains it. A limit left out",
+        "is no limit; a tenant's own section overrides `[defaults]` key by key.",
+        "",
+        "## `[defaults]` and `[tenants.NAME]`",
+        "",
+        "| key | default | description |",
+        "|---|---|---|",
+    ]
+    for name, field in TenantLimits.model_fields.items():
+        lines.append(f"| `{name}` | {_default(field.default)} | {_cell(field.description or '')} |")
+    lines += ["", "## `[[keys]]`", "", "| key | default | description |", "|---|---|---|"]
+    for name, field in KeyEntry.model_fields.items():
+        default = "required" if field.is_required() else _default(field.default)
+        lines.append(f"| `{name}` | {default} | {_cell(field.description or '')} |")
+    return "\n".join(lines) + "\n"
+
+
 # -- command line -----------------------------------------------------------------------
 
 
@@ -337,6 +366,7 @@ PAGES: dict[str, Callable[[], str]] = {
     "reference/settings.md": settings_page,
     "reference/cli.md": cli_page,
     "reference/metrics.md": metrics_page,
+    "reference/tenants-file.md": tenants_page,
 }
 """Each generated page, by its path in the site's docs, and what writes it."""
 
