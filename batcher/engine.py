@@ -254,11 +254,11 @@ class Engine(Generic[InT, OutT]):
         wait_s = None if deadline is None else deadline - self.clock()
         return await self._callers.wait(items, wait_s)
 
-    def check_room(self, n: int = 1) -> None:
-        """Raise QueueFull (and count it) unless `n` more items fit in the queue now.
-        `submit` calls it; a server may call it before parsing a request, to refuse
-        cheaply under overload."""
-        self._queue.check_room(n, self.config.max_queue_size)
+    def check_room(self, n: int = 1, owner: Owner | None = None) -> None:
+        """Raise QueueFull (and count it) unless `n` more items (of `owner`) fit in the
+        queue now (`PendingQueue.check_room`). `submit` calls it; a server may call it
+        before parsing a request, to refuse cheaply under overload."""
+        self._queue.check_room(n, self.config.max_queue_size, owner)
 
     def _admit(
         self, payloads: Sequence[InT], deadline: float | None, bulk: bool = False,
@@ -268,7 +268,7 @@ class Engine(Generic[InT, OutT]):
             self.metrics.count("rejected_closed", len(payloads))
             raise EngineClosed(f"the engine is {self._state}; not admitting new items")
         config = self.config
-        self.check_room(len(payloads))
+        self.check_room(len(payloads), owner)
         now = self.clock()
         if deadline is not None and len(self._queue):
             wait_s = self.expected_wait(len(payloads))

@@ -10,16 +10,21 @@ class EngineError(Exception):
 class QueueFull(EngineError):
     """The bounded queue has no room; raised at once by `submit` (HTTP 429)."""
 
-    def __init__(self, queue_size: int, max_queue_size: int) -> None:
-        super().__init__(
-            f"queue is full ({queue_size} of {max_queue_size} items waiting); "
-            "retry shortly or raise --max-queue-size"
-        )
+    def __init__(self, queue_size: int, max_queue_size: int, tenant: str | None = None) -> None:
+        if tenant is None:
+            message = (f"queue is full ({queue_size} of {max_queue_size} items waiting); "
+                       "retry shortly or raise --max-queue-size")  # fmt: skip
+        else:
+            message = (f"queue is nearly full ({queue_size} of {max_queue_size} items "
+                       f"waiting) and tenant {tenant!r} holds more than its share of it; "
+                       "its last tenth is kept for the other tenants: retry shortly")  # fmt: skip
+        super().__init__(message)
         self.queue_size = queue_size
         self.max_queue_size = max_queue_size
+        self.tenant = tenant
 
-    def __reduce__(self) -> tuple[type[QueueFull], tuple[int, int]]:
-        return type(self), (self.queue_size, self.max_queue_size)  # across processes
+    def __reduce__(self) -> tuple[type[QueueFull], tuple[int, int, str | None]]:
+        return type(self), (self.queue_size, self.max_queue_size, self.tenant)  # across processes
 
 
 class DeadlineUnreachable(EngineError):

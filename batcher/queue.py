@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 from batcher.config import EngineConfig
 from batcher.cost import LinearCost
 from batcher.errors import DeadlineExceeded, EngineError, QueueFull
-from batcher.fairness import FairShare, Owned, contested, item_cost, owner_of
+from batcher.fairness import FairShare, Owned, Owner, contested, item_cost, owner_of
 from batcher.items import PendingItem, settle_error
 from batcher.lanes import LaneUsage, next_lane
 from batcher.metrics import EngineMetrics
@@ -25,6 +25,8 @@ InT = TypeVar("InT")
 OutT = TypeVar("OutT")
 
 
+QUEUE_RESERVE = 0.1
+"""The share of the queue kept for tenants under their share of it (`check_room`)."""
 RECENT_ITEMS = 256
 """Admitted items whose lengths the policy weighs as the work that keeps arriving..."""
 RECENT_S = 10.0
@@ -53,13 +55,31 @@ class PendingQueue(Generic[InT, OutT]):
         """Oldest first; for the policy to read. Change it only through this class."""
         return self._items
 
-    def check_room(self, n: int, max_size: int) -> None:
-        """Raise QueueFull (and count it) unless `n` more items fit in `max_size`."""
+    def check_room(self, n: int, max_size: int, owner: Owner | None = None) -> None:
+        """Raise QueueFull (and count it) unless `n` more items fit in `max_size`; and,
+        for a tenant's items (`owner`), unless they fit its share: the last
+        `QUEUE_RESERVE` of the queue takes only the items of a tenant that holds at most
+        its weighted share of the rest (among the tenants with items queued, and it), so
+        that one tenant's flood cannot fill the queue and refuse everyone else."""
         if len(self._items) + n > max_size:
             self._items = deque(item for item in self._items if not item.future.done())
             if len(self._items) + n > max_size:
                 self._metrics.count("rejected_full", n)
                 raise QueueFull(len(self._items), max_size)
+        rest = (1 - QUEUE_RESERVE) * max_size
+        if owner is None or len(self._items) + n <= rest:
+            return
+        held = 0
+        weights = {owner.tenant: owner.weight}
+        for item in self._items:
+            if item.future.done():
+                continue
+            mine = owner_of(item)
+            weights[mine.tenant] = mine.weight
+            held += mine.tenant == owner.tenant
+        if held + n > rest * owner.weight / sum(weights.values()):
+            self._metrics.count("rejected_full", n)
+            raise QueueFull(len(self._items), max_size, owner.tenant)
 
     def extend(self, items: Iterable[PendingItem[InT, OutT]]) -> None:
         for item in items:

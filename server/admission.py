@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from starlette.types import Scope
 
-from batcher import QueueFull
+from batcher import Owner, QueueFull
 from server.errors import Refusal
 from server.runtime import Runtime
+from server.tenants import Principal
 
 
 def queue_gate(scope: Scope) -> Refusal | None:
-    """A 429 while the engine's queue is full; None otherwise (and before it runs).
+    """A 429 while the engine's queue is full (for the request's tenant: see
+    `batcher.queue.PendingQueue.check_room`); None otherwise (and before it runs).
     With several models the body names the model, so only the engine, at submit,
     knows whose queue to check."""
     runtime: Runtime | None = scope.get("state", {}).get("runtime")
@@ -23,8 +25,10 @@ def queue_gate(scope: Scope) -> Refusal | None:
     engine = runtime.engine
     if engine.state != "running":
         return None
+    who: Principal | None = scope["state"].get("principal")
+    owner = None if who is None else Owner(who.tenant, who.limits.weight)
     try:
-        engine.check_room()
+        engine.check_room(1, owner)
     except QueueFull as exc:
         return Refusal(429, "queue_full", str(exc), {"Retry-After": "1"})
     return None

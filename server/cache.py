@@ -153,8 +153,8 @@ class CachedEngine:
     def stats(self) -> EngineStats:
         return self._engine.stats()
 
-    def check_room(self, n: int = 1) -> None:
-        self._engine.check_room(n)
+    def check_room(self, n: int = 1, owner: Owner | None = None) -> None:
+        self._engine.check_room(n, owner)
 
     async def submit(
         self, payload: Encoded, *, deadline: float | None = None, lane: Lane = "interactive",

@@ -128,7 +128,7 @@ class EngineHandle(Protocol):
 
     def stats(self) -> EngineStats: ...
 
-    def check_room(self, n: int = 1) -> None: ...
+    def check_room(self, n: int = 1, owner: Owner | None = None) -> None: ...
 
     async def submit(
         self, payload: Encoded, *, deadline: float | None = None, lane: Lane = "interactive",
@@ -212,7 +212,8 @@ class EngineView:
     def stats(self) -> EngineStats:
         return self.last
 
-    def check_room(self, n: int = 1) -> None:
+    def check_room(self, n: int = 1, owner: Owner | None = None) -> None:
+        # The report has no tenants' holdings: the engine process checks those at submit.
         depth, limit = self.last.queue_depth, self.last.config.max_queue_size
         if depth + n > limit:
             raise QueueFull(depth, limit)

@@ -228,3 +228,38 @@ async def test_interactive_goes_before_bulk_within_a_tenant_and_a_bulk_tenant_ke
     share = device["b"] / (device["a"] + device["b"])
     assert share == pytest.approx(0.5, abs=0.05), f"the bulk tenant had {share:.1%}"
     assert waited < 3 * (0.01 + 0.001 * 8 * 8), f"the query waited {waited:.3f} s behind the job"
+
+
+@pytest.mark.asyncio
+async def test_a_flood_cannot_fill_the_queue_against_the_other_tenants() -> None:
+    """The last tenth of the queue takes only the items of a tenant under its share of
+    the rest: a's flood stops at 90 % of the queue, b still gets in; items without an
+    owner (a server without tenants) may fill it whole, as before."""
+    from batcher import QueueFull
+    from tests.batcher.fakes import GatedRunner
+
+    runner = GatedRunner()
+    loop = asyncio.get_running_loop()
+    config = EngineConfig(max_batch_size=1, max_queue_size=20)
+    async with Engine(runner, config, clock=loop.time) as engine:  # type: ignore[arg-type]
+        a, b = Owner("a"), Owner("b")
+        running = asyncio.create_task(engine.submit("run", owner=a))
+        await runner.wait_for_calls(1)
+        flood = [asyncio.create_task(engine.submit(f"a{i}", owner=a)) for i in range(18)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match="tenant 'a' holds more than its share"):
+            await engine.submit("a18", owner=a)
+        light = [asyncio.create_task(engine.submit(f"b{i}", owner=b)) for i in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match=r"queue is full \(20 of 20"):
+            await engine.submit("b2", owner=b)
+        runner.gate.set()
+        await asyncio.gather(running, *flood, *light)
+    async with Engine(GatedRunner(), config, clock=loop.time) as engine:  # type: ignore[arg-type]
+        running = asyncio.create_task(engine.submit("run"))
+        await engine._runner.wait_for_calls(1)  # type: ignore[attr-defined]
+        anonymous = [asyncio.create_task(engine.submit(f"x{i}")) for i in range(20)]
+        await asyncio.sleep(0)
+        assert all(not task.done() for task in anonymous)
+        engine._runner.gate.set()  # type: ignore[attr-defined]
+        await asyncio.gather(running, *anonymous)
