@@ -9,12 +9,9 @@ import io
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import jwt
 import pytest
 from asgi_lifespan import LifespanManager
@@ -27,7 +24,7 @@ from server.logs import configure
 from server.settings import Settings
 from tests.server.fakes import FakeTextModel
 from tests.server.live import metric
-from tests.server.test_app import wait_until_ready
+from tests.server.test_versions import serve
 
 pytestmark = pytest.mark.asyncio
 
@@ -72,21 +69,6 @@ def write_tenants(path: Path, text: str | None = None) -> Path:
 
 def bearer(credential: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {credential}"}
-
-
-@asynccontextmanager
-async def serve(
-    models: FakeTextModel | dict[str, FakeTextModel], **settings: object
-) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(Settings(**settings), model=models)  # type: ignore[arg-type]
-    async with (
-        LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=manager.app), base_url="http://test"
-        ) as client,
-    ):
-        await wait_until_ready(client)
-        yield client
 
 
 def two_models() -> dict[str, FakeTextModel]:

@@ -40,7 +40,7 @@ def embedders(**more: FakeTextModel) -> dict[str, FakeTextModel]:
 
 @asynccontextmanager
 async def serve(
-    models: dict[str, FakeTextModel], **settings: object
+    models: FakeTextModel | dict[str, FakeTextModel], **settings: object
 ) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(Settings(**settings), model=models)  # type: ignore[arg-type]
     async with (
