@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from batcher import EngineConfig, EngineStats, Lane, Owner, Result, State
+from batcher import Lane, Owner, Result
 from batcher.models import Classification, Encoded, Output
-from server.client import EngineHandle
+from server.client import EngineHandle, EngineInFront
 from server.shared_cache import SharedCache
 
 
@@ -118,7 +118,7 @@ class ResultCache:
         self.bytes -= self._entries.pop(key).size
 
 
-class CachedEngine:
+class CachedEngine(EngineInFront):
     """An `EngineHandle` that answers what `cache` holds, then what `shared` (Redis)
     holds, and sends the rest to `engine`, storing their results in both. `read=False`
     (a request's `Cache-Control: no-cache`) skips the lookups."""
@@ -132,29 +132,12 @@ class CachedEngine:
         read: bool = True,
         model: str = "",
     ) -> None:
-        self._engine = engine
+        super().__init__(engine)
         self._cache = cache
         self._shared = shared
         self._read = read
         self._model = model
         """Part of every key: one cache serves several models."""
-
-    @property
-    def state(self) -> State:
-        return self._engine.state
-
-    @property
-    def config(self) -> EngineConfig:
-        return self._engine.config
-
-    def clock(self) -> float:
-        return self._engine.clock()
-
-    def stats(self) -> EngineStats:
-        return self._engine.stats()
-
-    def check_room(self, n: int = 1, owner: Owner | None = None) -> None:
-        self._engine.check_room(n, owner)
 
     async def submit(
         self, payload: Encoded, *, deadline: float | None = None, lane: Lane = "interactive",

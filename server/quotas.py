@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from batcher import SECONDS_BUCKETS, EngineConfig, EngineStats, Lane, Owner, Result, State
+from batcher import SECONDS_BUCKETS, Lane, Owner, Result
 from batcher.models import Encoded, Output
-from server.client import EngineHandle
+from server.client import EngineHandle, EngineInFront
 from server.errors import TenantLimited
 from server.tenants import Principal
 
@@ -236,28 +236,15 @@ class TenantMetrics:
         self._totals(label).device_s += device_s
 
 
-class TenantEngine:
+class TenantEngine(EngineInFront):
     """The engine as one tenant's request sees it (`server.client.EngineHandle`)."""
 
     def __init__(
         self, engine: EngineHandle, who: Principal, ledger: Ledger, metrics: TenantMetrics
     ) -> None:
-        self._engine, self._who, self._ledger, self._metrics = engine, who, ledger, metrics
+        super().__init__(engine)
+        self._who, self._ledger, self._metrics = who, ledger, metrics
         self._owner = Owner(who.tenant, who.limits.weight)
-
-    @property
-    def state(self) -> State:
-        return self._engine.state
-
-    @property
-    def config(self) -> EngineConfig:
-        return self._engine.config
-
-    def clock(self) -> float:
-        return self._engine.clock()
-
-    def stats(self) -> EngineStats:
-        return self._engine.stats()
 
     def check_room(self, n: int = 1, owner: Owner | None = None) -> None:
         self._engine.check_room(n, self._owner)

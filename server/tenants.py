@@ -33,6 +33,7 @@ from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from batcher import Lane
 from server.specs import MODEL_NAME
 
 logger = logging.getLogger("microbatch.server")
@@ -64,6 +65,12 @@ class TenantLimits(BaseModel):
     )
     max_concurrent: int | None = Field(None, ge=1, description="Inputs queued or computing.")
     daily_items: int | None = Field(None, ge=1, description="Inputs a UTC day.")
+    lane: Lane = Field(
+        "interactive",
+        description="Its requests' lane. `bulk`: behind every tenant's interactive requests "
+        "(its X-Priority cannot lift them), with the bulk lane's share kept and its batches "
+        "cut short while interactive requests flow: for batch jobs.",
+    )
 
     def over(self, defaults: TenantLimits) -> TenantLimits:
         """These limits, with the ones this section leaves out taken from `defaults`."""
@@ -124,7 +131,8 @@ class TenantsFile(BaseModel):
     def has_limits(self) -> bool:
         """Whether any tenant has a rate, concurrency or quota limit."""
         sections = [self.defaults, *self.tenants.values()]
-        return any(s.model_dump(exclude={"weight"}, exclude_none=True) for s in sections)
+        kept = {"weight", "lane"}  # the engine's, not a count of this process
+        return any(s.model_dump(exclude=kept, exclude_none=True) for s in sections)
 
 
 def per_process_problem(parsed: TenantsFile, workers: int) -> str | None:

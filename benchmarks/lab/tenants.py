@@ -6,6 +6,8 @@ load generator on CPU 1) with a tenants file of two keys, in two setups:
 
 - `fair`: the keys belong to tenants `a` and `b` (weights `--weight-a`, `--weight-b`),
   so the engine shares the device between them (`batcher/fairness.py`);
+- `a bulk`: as `fair`, with `lane = "bulk"` for tenant `a` (a batch job's tenant):
+  its requests go behind b's, and its batches are cut short while b's flow;
 - `one tenant`: both keys belong to one tenant, what the server did before tenants.
 
 Phases, in each setup (short queries on /predict, `Cache-Control: no-cache`):
@@ -158,11 +160,12 @@ async def phases(url: str, setup: str, args: argparse.Namespace) -> dict[str, ob
         beside = await open_loop(client, url, "key-b", args.rate, args.duration, 1)
         flooded = await flood
         stop = asyncio.Event()
-        before = await device_seconds(client, url) if setup == "fair" else None
+        fair = setup != "one tenant"
+        before = await device_seconds(client, url) if fair else None
         a_task = asyncio.create_task(closed_loop(client, url, "key-a", 10 * args.clients, stop, 4))
         b_task = asyncio.create_task(closed_loop(client, url, "key-b", args.clients, stop, 5))
         await asyncio.sleep(args.duration)
-        after = await device_seconds(client, url) if setup == "fair" else None
+        after = await device_seconds(client, url) if fair else None
         stop.set()
         a_tally, b_tally = await a_task, await b_task
     b_share = b_tally.device_s / ((a_tally.device_s + b_tally.device_s) or 1.0)
@@ -185,10 +188,14 @@ async def phases(url: str, setup: str, args: argparse.Namespace) -> dict[str, ob
     return result
 
 
+SETUPS = ("fair", "a bulk", "one tenant")
+
+
 def tenants_file(path: Path, setup: str, args: argparse.Namespace) -> Path:
-    a, b = ("a", "b") if setup == "fair" else ("a", "a")
+    a, b = ("a", "a") if setup == "one tenant" else ("a", "b")
+    lane = 'lane = "bulk"\n' if setup == "a bulk" else ""
     path.write_text(
-        f"[tenants.a]\nweight = {args.weight_a}\n[tenants.b]\nweight = {args.weight_b}\n"
+        f"[tenants.a]\nweight = {args.weight_a}\n{lane}[tenants.b]\nweight = {args.weight_b}\n"
         f'[[keys]]\nkey = "key-a"\ntenant = "{a}"\n[[keys]]\nkey = "key-b"\ntenant = "{b}"\n'
     )
     return path
@@ -265,6 +272,7 @@ def main() -> None:
     parser.add_argument("--weight-b", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=30.0)
     parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--setups", default=",".join(SETUPS), help=f"of {', '.join(SETUPS)}")
     parser.add_argument("--verify-only", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -275,7 +283,7 @@ def main() -> None:
     measured = None
     if not args.verify_only:
         with tempfile.TemporaryDirectory() as tmp:
-            for setup in ("fair", "one tenant"):
+            for setup in args.setups.split(","):
                 path = tenants_file(Path(tmp) / f"{setup}.toml", setup, args)
                 log = args.out / f"server-{setup.replace(' ', '-')}.log"
                 with server([*SERVE, "--tenants-file", str(path)], log, cpu=0) as url:

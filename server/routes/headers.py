@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from batcher import Lane
 from server.client import EngineHandle
 from server.runtime import Runtime
+from server.tenants import Principal
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
 
@@ -57,20 +58,25 @@ PRIORITY_HEADER = "x-priority"
 
 
 def lane_of(request: Request, runtime: Runtime, inputs: int, *, by_size: bool = True) -> Lane:
-    """The lane a request's items go to: its `X-Priority` (`interactive` or `bulk`);
-    else `bulk` for a call of at least `--bulk-inputs` inputs (`by_size`: a rerank's
-    documents are one user's query, never bulk by size); else `interactive`."""
+    """The lane a request's items go to: `bulk` for a tenant whose lane is bulk
+    (`server.tenants`); else its `X-Priority` (`interactive` or `bulk`); else `bulk` for
+    a call of at least `--bulk-inputs` inputs (`by_size`: a rerank's documents are one
+    user's query, never bulk by size); else `interactive`."""
     asked = request.headers.get(PRIORITY_HEADER)
+    who: Principal | None = getattr(request.state, "principal", None)
+    bulk_tenant = who is not None and who.limits.lane == "bulk"
     if asked is not None:
         lane = asked.strip().lower()
         if lane == "bulk":
             return "bulk"
         if lane == "interactive":
-            return "interactive"
+            return "bulk" if bulk_tenant else "interactive"
         raise RequestValidationError([{
             "loc": ("header", "X-Priority"),
             "msg": f"must be interactive or bulk, got {asked[:40]!r}",
             "type": "literal_error",
         }])  # fmt: skip
+    if bulk_tenant:
+        return "bulk"
     threshold = runtime.settings.bulk_inputs
     return "bulk" if by_size and threshold and inputs >= threshold else "interactive"

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 from asgi_lifespan import LifespanManager
@@ -22,6 +23,7 @@ from server import tokens as tokens_module
 from server.app import create_app
 from server.logs import configure
 from server.settings import Settings
+from server.tenants import TenantsFile
 from tests.server.fakes import FakeTextModel
 from tests.server.live import metric
 from tests.server.test_versions import serve
@@ -468,3 +470,26 @@ async def test_the_dashboard_shows_each_tenants_share(tmp_path: Path) -> None:
     assert (tenants["acme"]["requests"], tenants["acme"]["items"]) == (3, 3)
     assert (tenants["beta"]["requests"], tenants["ops"]["rejected"]) == (1, 1)
     assert sum(t["device_share"] for t in data["tenants"]) == pytest.approx(1.0)
+
+
+async def test_a_bulk_tenants_requests_go_to_the_bulk_lane_whatever_they_ask(
+    tmp_path: Path,
+) -> None:
+    text = tenants_text() + '\n[tenants.beta]\nlane = "bulk"\n'
+    path = write_tenants(tmp_path / "tenants.toml", text)
+
+    async def lanes(client: httpx.AsyncClient) -> dict[str, float]:
+        scraped = (await client.get("/metrics")).text
+        return {
+            lane: metric(scraped, f'microbatch_queue_wait_seconds_count{{lane="{lane}"}}')
+            for lane in ("interactive", "bulk")
+        }
+
+    lifted = {**bearer("beta-key"), "x-priority": "interactive", "cache-control": "no-cache"}
+    async with serve({"emb": FakeTextModel(name="emb")}, tenants_file=path) as client:
+        await client.post("/predict", json={"text": "a"}, headers=bearer("acme-key"))
+        await client.post("/predict", json={"text": "b"}, headers=bearer("beta-key"))
+        await client.post("/predict", json={"text": "c"}, headers=lifted)
+        counted = await lanes(client)
+    assert counted == {"interactive": 1, "bulk": 2}
+    assert TenantsFile.model_validate({"defaults": {"lane": "bulk"}}).has_limits() is False
