@@ -64,6 +64,8 @@ def quantile(values: list[float], q: float) -> float:
 @dataclass
 class Tally:
     latencies: list[float] = field(default_factory=list)
+    queue_ms: list[float] = field(default_factory=list)
+    """The replies' X-Queue-Time-Ms: how much of the latency was the engine's queue."""
     device_s: float = 0.0
     """The replies' inference time over batch size: this tenant's share of the device."""
     failed: int = 0
@@ -95,6 +97,7 @@ async def call(client: aiohttp.ClientSession, url: str, key: str, text: str, tal
         tally.failed += 1
         return
     tally.latencies.append(time.perf_counter() - started)
+    tally.queue_ms.append(float(reply.headers["x-queue-time-ms"]))
     size = int(reply.headers["x-batch-size"])
     tally.device_s += float(reply.headers["x-inference-time-ms"]) / 1e3 / max(1, size)
 
@@ -176,6 +179,8 @@ async def phases(url: str, setup: str, args: argparse.Namespace) -> dict[str, ob
         "b_flooded_p50_ms": quantile(beside.latencies, 0.5) * 1e3,
         "b_flooded_p99_ms": quantile(beside.latencies, 0.99) * 1e3,
         "b_p99_ratio": quantile(beside.latencies, 0.99) / quantile(alone.latencies, 0.99),
+        "b_flooded_queue_p50_ms": quantile(beside.queue_ms, 0.5),
+        "b_flooded_queue_p99_ms": quantile(beside.queue_ms, 0.99),
         "b_failed": alone.failed + beside.failed,
         "a_answered_per_s": len(flooded.latencies) / (args.duration + args.warmup),
         "a_failed": flooded.failed,
