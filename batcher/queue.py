@@ -129,7 +129,9 @@ class PendingQueue(Generic[InT, OutT]):
         or the bulk lane is owed its share (`batcher.lanes.next_lane`). While several
         tenants have work, the lane is the one the tenant next in fair order would use,
         and the batch is chosen among the lane's first items in fair order
-        (`batcher.fairness`), as many as a batch may hold."""
+        (`batcher.fairness`), as many as a batch may hold, led by the first of them: the
+        input most owed goes, whatever its length (led by the longest-waiting, it could
+        lose its place to inputs of closer lengths batch after batch)."""
         live = [item for item in self._items if self.wanted(item, now)]
         size = limits.max_batch_size
 
@@ -144,13 +146,15 @@ class PendingQueue(Generic[InT, OutT]):
         bulk = next_lane(any(not item.bulk for item in pool), any(item.bulk for item in pool),
                          self.lanes.bulk_share(now)) == "bulk"  # fmt: skip
         lane = [i for i, item in enumerate(live) if item.bulk == bulk]
-        if fair:
-            first = self.fair.order([live[i] for i in lane], unit)[:size]
-            lane = sorted(lane[j] for j in first)
+        lead_at: float | None = now
+        if fair:  # the lane's first inputs in fair order; the first of them leads
+            lane = [lane[j] for j in self.fair.order([live[i] for i in lane], unit)[:size]]
+            lead_at = None  # `select_batch` then leads with the first it is given
         budget = self.lanes.bulk_budget_s(now) if bulk else None
         if budget is not None and (fit := size_within(budget, cost, [live[lane[0]]])):
             limits = limits.replace(max_batch_size=min(fit, limits.max_batch_size))
-        picked = select_batch([live[i] for i in lane], limits, cost, now, self.recent_short(now))
+        pending = [live[i] for i in lane]
+        picked = select_batch(pending, limits, cost, lead_at, self.recent_short(now))
         chosen = sorted(lane[j] for j in picked)
         batch = [live[i] for i in chosen]
         self.fair.charge(batch, lambda item: item_cost(item.cost, len(batch), cost))

@@ -263,3 +263,35 @@ async def test_a_flood_cannot_fill_the_queue_against_the_other_tenants() -> None
         assert all(not task.done() for task in anonymous)
         engine._runner.gate.set()  # type: ignore[attr-defined]
         await asyncio.gather(running, *anonymous)
+
+
+def test_the_input_most_owed_leads_the_batch_whatever_its_length() -> None:
+    """b is owed the device (a has had its share), but its input is long and a's are
+    short: grouping by length around a's oldest would leave b out batch after batch.
+    Led by the first in fair order, b's input goes now."""
+    import itertools
+
+    from batcher.cost import LinearCost
+    from batcher.items import PendingItem
+    from batcher.metrics import EngineMetrics
+    from batcher.queue import PendingQueue
+
+    loop = asyncio.new_event_loop()
+    try:
+        ticks = itertools.count()
+
+        def item(owner: Owner, tokens: int) -> PendingItem[str, str]:
+            return PendingItem("x", loop.create_future(), float(next(ticks)), None, tokens,
+                               owner=owner)  # fmt: skip
+
+        queue: PendingQueue[str, str] = PendingQueue(EngineMetrics())
+        a, b = Owner("a"), Owner("b")
+        queue.fair.charge([item(a, 8) for _ in range(16)], tokens)  # a had its share
+        flood = [item(a, 8) for _ in range(30)]
+        owed = item(b, 120)
+        queue.extend([*flood, owed])
+        cost = LinearCost(overhead_s=0.001, per_token_s=0.001)  # a CPU: padding costs
+        batch = queue.take(100.0, EngineConfig(max_batch_size=8), cost)
+    finally:
+        loop.close()
+    assert owed in batch
