@@ -20,7 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from batcher import Lane, Owner, Result
 from batcher.models import Classification, Encoded, Output
-from server.client import EngineHandle, EngineInFront
+from server.client import EngineHandle
+from server.in_front import EngineInFront
 from server.shared_cache import SharedCache
 
 

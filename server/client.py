@@ -141,31 +141,6 @@ class EngineHandle(Protocol):
     ) -> list[Result[Output]]: ...  # fmt: skip
 
 
-class EngineInFront:
-    """An `EngineHandle` in front of `engine` (a cache, a tenant's limits): what it does
-    not change is the engine's own."""
-
-    def __init__(self, engine: EngineHandle) -> None:
-        self._engine = engine
-
-    @property
-    def state(self) -> State:
-        return self._engine.state
-
-    @property
-    def config(self) -> EngineConfig:
-        return self._engine.config
-
-    def clock(self) -> float:
-        return self._engine.clock()
-
-    def stats(self) -> EngineStats:
-        return self._engine.stats()
-
-    def check_room(self, n: int = 1, owner: Owner | None = None) -> None:
-        self._engine.check_room(n, owner)
-
-
 class EngineClient(Protocol):
     """The engine, in this process or another, as the runtime uses it."""
 

@@ -1,6 +1,7 @@
 """`microbatch log FILE|URL`: what operators ask of the prediction log, per version and
-hour: requests, inputs, latency p50/p99 and errors; label shares over time; and how far
-each shadow version agrees with the version it shadows.
+hour: requests, inputs, latency p50/p99 and errors; label shares over time; how far
+each shadow version agrees with the version it shadows; and, on a server with tenants,
+requests, inputs, latency and errors per tenant and hour.
 
 Reads only the columns it needs, for the last `--hours`, and aggregates in Python, so
 that SQLite and PostgreSQL answer alike."""
@@ -47,14 +48,27 @@ class ShadowHour:
 
 
 @dataclass(slots=True)
+class TenantHour:
+    hour: str
+    tenant: str
+    requests: int
+    inputs: int
+    errors: int
+    p50_ms: float | None
+    p99_ms: float | None
+
+
+@dataclass(slots=True)
 class Report:
     versions: list[VersionHour]
     shadows: list[ShadowHour]
+    tenants: list[TenantHour] = field(default_factory=list)
+    """Rows that name a tenant (a server with tenants: `server.tenants`)."""
 
 
 QUERY = (
     "SELECT at, model, version, shadow, against, request_id, status, latency_ms, label, "
-    "agreement FROM predictions WHERE at >= {mark} ORDER BY at"
+    "agreement, tenant FROM predictions WHERE at >= {mark} ORDER BY at"
 )
 
 
@@ -79,7 +93,9 @@ def summarize(rows: Iterable[tuple[object, ...]]) -> Report:
     labels: dict[tuple[str, str, str], Counter[str]] = defaultdict(Counter)
     agreement: dict[tuple[str, str, str, str], list[float]] = defaultdict(list)
     shadow_inputs: Counter[tuple[str, str, str, str]] = Counter()
-    for at, model, version, shadow, against, request_id, status, latency_ms, label, agree in rows:
+    tenants: dict[tuple[str, str], _Tally] = defaultdict(_Tally)
+    for (at, model, version, shadow, against, request_id, status, latency_ms, label, agree,
+         tenant) in rows:  # fmt: skip
         hour = time.strftime("%Y-%m-%d %H:00", time.gmtime(float(at)))  # type: ignore[arg-type]
         if shadow:
             key4 = (hour, str(model), str(against), str(version))
@@ -87,6 +103,8 @@ def summarize(rows: Iterable[tuple[object, ...]]) -> Report:
             if agree is not None:
                 agreement[key4].append(float(agree))  # type: ignore[arg-type]
             continue
+        if tenant is not None:
+            tenants[hour, str(tenant)].add(str(request_id), status, latency_ms)
         key = (hour, str(model), str(version))
         requests[key].add(str(request_id))
         inputs[key] += 1
@@ -113,7 +131,30 @@ def summarize(rows: Iterable[tuple[object, ...]]) -> Report:
                    agreement=float(np.mean(agreement[key])) if agreement[key] else None)
         for key in sorted(shadow_inputs)
     ]  # fmt: skip
-    return Report(versions, shadows)
+    return Report(versions, shadows, [tally.hour(*key) for key, tally in sorted(tenants.items())])
+
+
+@dataclass(slots=True)
+class _Tally:
+    requests: set[str] = field(default_factory=set)
+    inputs: int = 0
+    errors: int = 0
+    latency: dict[str, float] = field(default_factory=dict)
+    """Each request's latency (its rows share it)."""
+
+    def add(self, request_id: str, status: object, latency_ms: object) -> None:
+        self.requests.add(request_id)
+        self.inputs += 1
+        if status != "ok":
+            self.errors += 1
+        elif latency_ms is not None:
+            self.latency[request_id] = float(latency_ms)  # type: ignore[arg-type]
+
+    def hour(self, hour: str, tenant: str) -> TenantHour:
+        times = np.asarray(list(self.latency.values()))
+        p50 = float(np.percentile(times, 50)) if times.size else None
+        p99 = float(np.percentile(times, 99)) if times.size else None
+        return TenantHour(hour, tenant, len(self.requests), self.inputs, self.errors, p50, p99)
 
 
 def render(report: Report) -> str:
@@ -135,6 +176,13 @@ def render(report: Report) -> str:
         for v in labelled:
             shares = ", ".join(f"{name} {share:.1%}" for name, share in v.labels.items())
             lines.append(f"{v.hour:<17} {v.model}@{v.version:<18} {shares}")
+    if report.tenants:
+        lines += ["", "requests per tenant and hour",
+                  f"{'hour':<17} {'tenant':<24} {'requests':>8} {'inputs':>8} "
+                  f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"]  # fmt: skip
+        for t in report.tenants:
+            lines.append(f"{t.hour:<17} {t.tenant:<24} {t.requests:>8} {t.inputs:>8} "
+                         f"{ms(t.p50_ms):>8} {ms(t.p99_ms):>8} {t.errors:>7}")  # fmt: skip
     if report.shadows:
         lines += ["", "shadow agreement per hour (cosine, same label, or rank correlation)",
                   f"{'hour':<17} {'model':<12} {'primary':<10} {'shadow':<10} {'inputs':>8} "
@@ -150,7 +198,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="microbatch log",
         description="What the prediction log (--log-url) says: requests, latency p50/p99 "
-        "and errors per version and hour; label shares; shadow agreement.",
+        "and errors per version and hour; label shares; shadow agreement; the same per "
+        "tenant.",
     )
     parser.add_argument("url", help="the log: a SQLite file, sqlite:///FILE or postgresql://...")
     parser.add_argument("--hours", type=float, default=24.0, help="how far back (default 24)")

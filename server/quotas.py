@@ -21,8 +21,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from batcher import SECONDS_BUCKETS, Lane, Owner, Result
 from batcher.models import Encoded, Output
-from server.client import EngineHandle, EngineInFront
+from server.client import EngineHandle
 from server.errors import TenantLimited
+from server.in_front import EngineInFront
 from server.tenants import Principal
 
 DAY_S = 86_400

@@ -212,11 +212,11 @@ async def test_a_log_whose_schema_is_newer_than_the_server_stops_the_start(tmp_p
 def test_the_report_reads_per_hour_latency_errors_and_label_shares() -> None:
     hour = 1_800_000_000.0  # 2027-01-15 08:00 UTC
     rows_ = [
-        (hour + 1, "cls", "1", False, None, "a", "ok", 10.0, "pos", None),
-        (hour + 2, "cls", "1", False, None, "a", "ok", 10.0, "neg", None),  # same request
-        (hour + 3, "cls", "1", False, None, "b", "ok", 30.0, "pos", None),
-        (hour + 4, "cls", "1", False, None, "c", "queue_full", None, None, None),
-        (hour + 3600, "cls", "2", False, None, "d", "ok", 5.0, "pos", None),
+        (hour + 1, "cls", "1", False, None, "a", "ok", 10.0, "pos", None, "acme"),
+        (hour + 2, "cls", "1", False, None, "a", "ok", 10.0, "neg", None, "acme"),  # same request
+        (hour + 3, "cls", "1", False, None, "b", "ok", 30.0, "pos", None, "beta"),
+        (hour + 4, "cls", "1", False, None, "c", "queue_full", None, None, None, "acme"),
+        (hour + 3600, "cls", "2", False, None, "d", "ok", 5.0, "pos", None, None),
     ]
     report = log_report.summarize(rows_)
     first, second = report.versions
@@ -225,3 +225,7 @@ def test_the_report_reads_per_hour_latency_errors_and_label_shares() -> None:
     assert first.p99_ms == pytest.approx(29.8)
     assert first.labels == {"pos": 2 / 3, "neg": 1 / 3}
     assert (second.hour, second.version) == ("2027-01-15 09:00", "2")
+    acme, beta = report.tenants  # the row without a tenant counts for no one
+    assert (acme.tenant, acme.requests, acme.inputs, acme.errors) == ("acme", 2, 3, 1)
+    assert (acme.p50_ms, beta.requests, beta.p99_ms) == (10.0, 1, 30.0)
+    assert "requests per tenant and hour" in log_report.render(report)
