@@ -493,3 +493,43 @@ async def test_a_bulk_tenants_requests_go_to_the_bulk_lane_whatever_they_ask(
         counted = await lanes(client)
     assert counted == {"interactive": 1, "bulk": 2}
     assert TenantsFile.model_validate({"defaults": {"lane": "bulk"}}).has_limits() is False
+
+
+async def test_a_jwks_url_is_fetched_again_for_a_new_key_and_its_outage_keeps_the_last_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real HTTP server publishes the JWKS, as an identity provider does: a key rotated
+    in is fetched when a token names it; once the provider is down, the keys fetched
+    before still verify, and a token naming a key nobody has is refused."""
+    import functools
+    import http.server
+    import threading
+
+    monkeypatch.setattr(tokens_module, "MIN_REFETCH_S", 0.0)
+    old, new = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in "ab")
+    (tmp_path / "jwks.json").write_text(json.dumps(jwks_of(("k1", old))))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    provider = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=provider.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{provider.server_address[1]}/jwks.json"
+    try:
+        async with serve(FakeTextModel(), jwt_jwks=url) as client:
+
+            async def status(credential: str) -> int:
+                reply = await client.post(
+                    "/predict", json={"text": "a"}, headers=bearer(credential)
+                )
+                return reply.status_code
+
+            first = await status(token(key=old, alg="RS256", kid="k1"))
+            (tmp_path / "jwks.json").write_text(json.dumps(jwks_of(("k1", old), ("k2", new))))
+            rotated = await status(token(key=new, alg="RS256", kid="k2"))
+            provider.shutdown()
+            provider.server_close()
+            kept = await status(token(key=old, alg="RS256", kid="k1", claims={"jti": "x"}))
+            unknown = await status(token(key=new, alg="RS256", kid="k3"))  # a failed fetch
+            after = await status(token(key=new, alg="RS256", kid="k2", claims={"jti": "y"}))
+    finally:
+        provider.server_close()
+    assert (first, rotated, kept, unknown, after) == (200, 200, 200, 401, 200)
