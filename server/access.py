@@ -206,7 +206,9 @@ def tenancy_for(settings: Settings, registry: CollectorRegistry) -> Tenancy:
 def _unauthorized(detail: str, error: str | None = None, reason: str | None = None) -> Refusal:
     challenge = 'Bearer realm="microbatch"'
     if error is not None:
-        challenge += f', error="{error}", error_description="{reason}"'
+        # The reason may quote what the client sent (a key id): printable, unquoted, short.
+        plain = "".join(c for c in reason or "" if c.isprintable() and c not in '"\\')[:200]
+        challenge += f', error="{error}", error_description="{plain}"'
     return Refusal(401, "unauthorized", detail, {"WWW-Authenticate": challenge})
 
 

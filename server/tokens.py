@@ -94,7 +94,8 @@ class Jwks:
             return next(iter(self._keys.values()))
         found = self._keys.get(kid)
         if found is None:
-            raise TokenRefused(f"no key {kid!r} in the JWKS" if kid else "token names no key id")
+            named = f"no key {str(kid)[:64]!r} in the JWKS"
+            raise TokenRefused(named if kid else "token names no key id")
         return found
 
     async def fresh(self, missing: bool = False) -> None:

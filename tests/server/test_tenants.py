@@ -323,6 +323,12 @@ async def test_keys_rotated_in_the_jwks_file_take_effect_and_old_ones_stop(
         after = [await status(t) for t in (rs, es, rotated)]
         path.write_text("not json")  # a broken file keeps the set in force
         kept = await status(rotated)
+        hostile = token(key=new_key, alg="RS256", kid='x"\r\nSet-Cookie: a=b' + "k" * 500)
+        refused = await client.post("/predict", json={"text": "a"}, headers=bearer(hostile))
+    assert refused.status_code == 401
+    assert "set-cookie" not in refused.headers
+    assert '"' not in refused.headers["www-authenticate"].split("error_description=")[1][1:-1]
+    assert len(refused.json()["detail"]) < 200
     assert before == [200, 200, 401, 401]
     assert after == [401, 401, 200]
     assert kept == 200
