@@ -17,6 +17,7 @@ USAGE = """usage: microbatch COMMAND [options]
 commands:
   serve     start the inference server (microbatch serve --help lists every setting)
   log       what the prediction log says: requests, p50/p99, errors per version and hour
+  key       make an API key for a tenant, and its entry for the tenants file
   version   print microbatch's version (also: microbatch --version)
   bench     load a running server: throughput and latency per load (closed or open loop)
   sweep     try batching settings live on a server and pick the best for a p99 target
@@ -213,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         from server import log_report
 
         return log_report.main(rest)
+    if command == "key":
+        from server.tenants import key_main
+
+        return key_main(rest)
     tool = TOOLS.get(command)
     if tool is not None:
         try:
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-    commands = ["serve", "log", "version", *TOOLS]
+    commands = ["serve", "log", "key", "version", *TOOLS]
     close = difflib.get_close_matches(command, commands, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     print(f"microbatch: unknown command {command!r}{hint} (microbatch --help)", file=sys.stderr)

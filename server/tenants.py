@@ -166,6 +166,44 @@ class Principal:
         return ADMIN in self.scopes
 
 
+def new_key(tenant: str, scopes: list[str]) -> tuple[str, str]:
+    """A fresh random API key, and its `[[keys]]` entry for the tenants file (its digest,
+    not the key). Raises ValueError for a bad tenant or scope."""
+    import secrets
+
+    key = "mb_" + secrets.token_urlsafe(32)
+    entry = KeyEntry(key=SecretStr(key), tenant=tenant, scopes=tuple(scopes))
+    listed = ", ".join(f'"{scope}"' for scope in entry.scopes)
+    toml = (f'[[keys]]\nsha256 = "{entry.digest().hex()}"\ntenant = "{entry.tenant}"\n'
+            f"scopes = [{listed}]\n")  # fmt: skip
+    return key, toml
+
+
+def key_main(argv: list[str]) -> int:
+    """`microbatch key`: print a new API key and its entry for the tenants file."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="microbatch key",
+        description="Make a new API key for a tenant: prints the key (give it to the "
+        "tenant; it is not kept anywhere) and the [[keys]] entry to add to the tenants "
+        "file, which holds only the key's SHA-256.",
+    )
+    parser.add_argument("--tenant", required=True, help="whose key it is")
+    scopes = f"what it may call (repeat the flag): {SCOPE_HELP}; default: predict"
+    parser.add_argument("--scope", action="append", dest="scopes", default=None, help=scopes)
+    args = parser.parse_args(argv)
+    try:
+        key, entry = new_key(args.tenant, args.scopes or [PREDICT])
+    except ValidationError as exc:
+        print(f"microbatch key: {exc.errors()[0]['msg']}", file=sys.stderr)
+        return 2
+    print(f"# the key, for the tenant (not kept anywhere): {key}")
+    print(entry, end="")
+    return 0
+
+
 def credential_id(kind: str, secret: bytes) -> str:
     """A short, stable name of a credential that cannot be turned back into it."""
     return f"{kind}:{hashlib.sha256(secret).hexdigest()[:16]}"

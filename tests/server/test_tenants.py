@@ -539,3 +539,22 @@ async def test_a_jwks_url_is_fetched_again_for_a_new_key_and_its_outage_keeps_th
     finally:
         provider.server_close()
     assert (first, rotated, kept, unknown, after) == (200, 200, 200, 401, 200)
+
+
+async def test_microbatch_key_prints_a_key_and_an_entry_that_lets_it_in(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from server.cli import main
+    from server.tenants import Tenants
+
+    assert main(["key", "--tenant", "acme", "--scope", "predict:emb", "--scope", "admin"]) == 0
+    printed = capsys.readouterr().out
+    key = printed.splitlines()[0].rsplit(" ", 1)[1]
+    entry = "\n".join(printed.splitlines()[1:])
+    assert key not in entry  # the file holds only its digest
+    path = write_tenants(tmp_path / "tenants.toml", entry)
+    who = Tenants(path).by_key(key.encode())
+    assert who is not None
+    assert (who.tenant, who.scopes) == ("acme", frozenset({"predict:emb", "admin"}))
+    assert main(["key", "--tenant", "acme", "--scope", "write"]) == 2
+    assert "scope 'write'" in capsys.readouterr().err
