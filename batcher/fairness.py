@@ -97,25 +97,39 @@ class FairShare:
         self._clocks: dict[str, float] = {}
         """Each tenant's virtual finish of its work served so far (only those ahead of
         `virtual`)."""
+        self.learned = False
+        """Whether the clocks count seconds of a learned cost (else tokens)."""
+
+    def measure(self, learned: bool) -> None:
+        """Count in seconds of the learned cost (`learned`) or in tokens from now on. A
+        change of unit starts every clock afresh: a lead of thousands of tokens, kept as
+        seconds, would take millions of inputs to make up."""
+        if learned != self.learned:
+            self.learned = learned
+            self.virtual = 0.0
+            self._clocks.clear()
 
     def clock(self, tenant: str) -> float:
         """Where `tenant`'s next item would start."""
         return max(self.virtual, self._clocks.get(tenant, self.virtual))
 
-    def order(self, items: Sequence[Owned], unit: Callable[[Owned], float]) -> list[int]:
+    def order(
+        self, items: Sequence[Owned], unit: Callable[[Owned], float], limit: int | None = None
+    ) -> list[int]:
         """Indices of `items` (oldest first) in the order a fair server would start them,
-        each item's cost given by `unit`."""
+        each item's cost given by `unit`: the first `limit` of them (None: all)."""
+        limit = len(items) if limit is None else min(limit, len(items))
         queues: dict[str, list[int]] = {}
         for i, item in enumerate(items):
             queues.setdefault(owner_of(item).tenant, []).append(i)
         if len(queues) <= 1:
-            return list(range(len(items)))
+            return list(range(limit))
         # (start, index of the tenant's next item, tenant, position in its queue); ties
         # go to the older item.
         heap = [(self.clock(t), q[0], t, 0) for t, q in queues.items()]
         heapq.heapify(heap)
         order: list[int] = []
-        while heap:
+        while heap and len(order) < limit:
             start, i, tenant, at = heapq.heappop(heap)
             order.append(i)
             queue = queues[tenant]

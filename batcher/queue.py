@@ -138,17 +138,18 @@ class PendingQueue(Generic[InT, OutT]):
         def unit(item: Owned) -> float:
             return item_cost(item.cost, size, cost)
 
+        self.fair.measure(cost is not None)
         fair = contested(live)
         pool = live
         if fair:  # the lane of the tenant a fair server would serve next
-            lead = owner_of(live[self.fair.order(live, unit)[0]]).tenant
+            lead = owner_of(live[self.fair.order(live, unit, 1)[0]]).tenant
             pool = [item for item in live if owner_of(item).tenant == lead]
         bulk = next_lane(any(not item.bulk for item in pool), any(item.bulk for item in pool),
                          self.lanes.bulk_share(now)) == "bulk"  # fmt: skip
         lane = [i for i, item in enumerate(live) if item.bulk == bulk]
         lead_at: float | None = now
         if fair:  # the lane's first inputs in fair order; the first of them leads
-            lane = [lane[j] for j in self.fair.order([live[i] for i in lane], unit)[:size]]
+            lane = [lane[j] for j in self.fair.order([live[i] for i in lane], unit, size)]
             lead_at = None  # `select_batch` then leads with the first it is given
         budget = self.lanes.bulk_budget_s(now) if bulk else None
         if budget is not None and (fit := size_within(budget, cost, [live[lane[0]]])):

@@ -26,7 +26,7 @@ from server.errors import Refusal, TenantLimited
 from server.quotas import Ledger, TenantMetrics
 from server.settings import Settings
 from server.tenants import ADMIN, PREDICT, Principal, Tenants, TenantsFile, per_process_problem
-from server.tokens import TokenRefused, Verifier, looks_like_jwt
+from server.tokens import TokenRefused, Verifier, jwks_problem, looks_like_jwt
 
 logger = logging.getLogger("microbatch.server")
 
@@ -196,6 +196,8 @@ def tenancy_for(settings: Settings, registry: CollectorRegistry) -> Tenancy:
 
     tenants = Tenants(settings.tenants_file, settings.api_key_list(), check=check)
     jwt = settings.jwt_config()
+    if jwt is not None and jwt.jwks is not None and (problem := jwks_problem(jwt.jwks)):
+        raise ValueError(problem)
     metrics = TenantMetrics(registry, settings.tenant_labels)
     for name in tenants.file.tenants:
         metrics.name(name)
@@ -206,8 +208,9 @@ def tenancy_for(settings: Settings, registry: CollectorRegistry) -> Tenancy:
 def _unauthorized(detail: str, error: str | None = None, reason: str | None = None) -> Refusal:
     challenge = 'Bearer realm="microbatch"'
     if error is not None:
-        # The reason may quote what the client sent (a key id): printable, unquoted, short.
-        plain = "".join(c for c in reason or "" if c.isprintable() and c not in '"\\')[:200]
+        # The reason may quote what the client sent (a key id): printable ASCII (a header
+        # is Latin-1 on the wire), unquoted, short.
+        plain = "".join(c for c in reason or "" if " " <= c <= "~" and c not in '"\\')[:200]
         challenge += f', error="{error}", error_description="{plain}"'
     return Refusal(401, "unauthorized", detail, {"WWW-Authenticate": challenge})
 
@@ -258,6 +261,8 @@ class AccessMiddleware:
             refusal = await self._client_refusal(scope)
             if refusal is None and is_queued_route(path, method):
                 refusal = self.admission(scope)
+            if refusal is None:  # only a request let in takes from its tenant's rate
+                refusal = self._tenant_rate(scope)
         elif path.startswith(ADMIN_PREFIX):
             refusal = await self._admin_refusal(scope)
         else:
@@ -278,11 +283,6 @@ class AccessMiddleware:
         if who is not None:
             if not who.may_predict():
                 return tenancy.forbidden(who, PREDICT)
-            try:
-                tenancy.ledger.request(who)
-            except TenantLimited as exc:
-                return tenancy.limited(who, exc)
-            tenancy.metrics.request(who.tenant)
             state = scope.setdefault("state", {})
             state["principal"] = who
             state["route_key"] = client = who.credential  # its id, never the key
@@ -295,6 +295,17 @@ class AccessMiddleware:
                 retry = str(max(1, math.ceil(wait_s)))
                 detail = f"rate limit of {self.buckets.rate:g} requests/s exceeded"
                 return Refusal(429, "rate_limited", detail, {"Retry-After": retry})
+        return None
+
+    def _tenant_rate(self, scope: Scope) -> Refusal | None:
+        who: Principal | None = scope.get("state", {}).get("principal")
+        if who is None:
+            return None
+        try:
+            self.tenancy.ledger.request(who)
+        except TenantLimited as exc:
+            return self.tenancy.limited(who, exc)
+        self.tenancy.metrics.request(who.tenant)
         return None
 
     async def _admin_refusal(self, scope: Scope) -> Refusal | None:

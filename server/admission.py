@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from starlette.types import Scope
 
-from batcher import Owner, QueueFull
+from batcher import QueueFull
 from server.errors import Refusal
 from server.runtime import Runtime
 from server.tenants import Principal
@@ -26,7 +26,7 @@ def queue_gate(scope: Scope) -> Refusal | None:
     if engine.state != "running":
         return None
     who: Principal | None = scope["state"].get("principal")
-    owner = None if who is None else Owner(who.tenant, who.limits.weight)
+    owner = None if who is None else who.owner
     try:
         engine.check_room(1, owner)
     except QueueFull as exc:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from server.settings import Settings
 from server.tenants import TenantsFile, per_process_problem
+from server.tokens import jwks_problem
 
 
 class PortUnavailable(Exception):
@@ -58,6 +59,8 @@ def problems(settings: Settings) -> list[str]:
             "--workers serves one model: several models are served in one process "
             "(drop --workers, or run one server per model)"
         )
+    if settings.jwt_jwks is not None and (problem := jwks_problem(settings.jwt_jwks)):
+        found.append(problem)
     if settings.tenants_file is not None:
         try:
             parsed = TenantsFile.read(settings.tenants_file)

@@ -19,10 +19,19 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from batcher import SECONDS_BUCKETS, Lane, Owner, Result
+from batcher import (
+    SECONDS_BUCKETS,
+    DeadlineUnreachable,
+    EngineClosed,
+    ItemTooLarge,
+    Lane,
+    Owner,
+    QueueFull,
+    Result,
+)
 from batcher.models import Encoded, Output
 from server.client import EngineHandle
-from server.errors import TenantLimited
+from server.errors import Refusal, Refused, TenantLimited
 from server.in_front import EngineInFront
 from server.tenants import Principal
 
@@ -30,6 +39,8 @@ DAY_S = 86_400
 MIN_TOKEN_BURST = 512
 LIMITS = ("requests_per_s", "tokens_per_s", "max_concurrent", "daily_items")
 OTHER = "other"
+REFUSED_AT_ONCE = (QueueFull, DeadlineUnreachable, ItemTooLarge, EngineClosed)
+"""What the engine refuses before computing anything: the tenant gets its quota back."""
 
 
 @dataclass
@@ -54,6 +65,11 @@ class _Account:
     in_flight: int = 0
     day: int = -1
     today: int = 0
+
+
+def _never(message: str) -> Refused:
+    """A request that no wait would let through: 422, not a 429 to retry forever."""
+    return Refused(Refusal(422, "too_many_inputs", message))
 
 
 class Ledger:
@@ -100,6 +116,9 @@ class Ledger:
         the first limit they would break (and take nothing)."""
         limits, account = who.limits, self._account(who.tenant)
         cap = limits.max_concurrent
+        if cap is not None and items > cap:
+            raise _never(f"the request has {items} inputs; tenant {who.tenant!r} may have {cap} "
+                         "in flight (max_concurrent): send fewer at a time")  # fmt: skip
         if cap is not None and account.in_flight + items > cap:
             message = (f"tenant {who.tenant!r} has {account.in_flight} inputs in flight; "
                        f"its limit is {cap} (max_concurrent)")  # fmt: skip
@@ -120,15 +139,26 @@ class Ledger:
             if account.tokens is None:
                 account.tokens = _Bucket(burst, now)
             if tokens > burst:
-                message = (f"the request has {tokens} tokens; tenant {who.tenant!r} may send "
-                           f"{burst} at once (token_burst): send fewer at a time")  # fmt: skip
-                raise TenantLimited("tokens_per_s", message, 1.0)
+                raise _never(f"the request has {tokens} tokens; tenant {who.tenant!r} may send "
+                             f"{burst} at once (token_burst): send fewer at a time")  # fmt: skip
             wait_s = account.tokens.take(tokens, rate, burst, now)
             if wait_s > 0:
                 message = f"tenant {who.tenant!r} is over its {rate:g} tokens/s"
                 raise TenantLimited("tokens_per_s", message, wait_s)
         account.in_flight += items
         account.today += items
+
+    def refund(self, who: Principal, items: int, tokens: int) -> None:
+        """Give back what `admit` took for inputs the engine then refused (its queue
+        full, the deadline out of reach): a refused request costs its tenant nothing."""
+        account = self._accounts.get(who.tenant)
+        if account is None:
+            return
+        account.today = max(0, account.today - items)
+        limits = who.limits
+        if account.tokens is not None and limits.tokens_per_s is not None:
+            burst = max(limits.token_burst or round(limits.tokens_per_s), MIN_TOKEN_BURST)
+            account.tokens.level = min(burst, account.tokens.level + tokens)
 
     def done(self, who: Principal, items: int) -> None:
         """`items` of the tenant's inputs are answered, failed or abandoned."""
@@ -245,7 +275,7 @@ class TenantEngine(EngineInFront):
     ) -> None:
         super().__init__(engine)
         self._who, self._ledger, self._metrics = who, ledger, metrics
-        self._owner = Owner(who.tenant, who.limits.weight)
+        self._owner = who.owner
 
     def check_room(self, n: int = 1, owner: Owner | None = None) -> None:
         self._engine.check_room(n, self._owner)
@@ -273,6 +303,9 @@ class TenantEngine(EngineInFront):
             results = await self._engine.submit_many(
                 payloads, deadline=deadline, lane=lane, owner=self._owner
             )
+        except REFUSED_AT_ONCE:
+            self._ledger.refund(who, len(payloads), tokens)
+            raise
         finally:
             self._ledger.done(who, len(payloads))
         metrics.computed(who.tenant, results)

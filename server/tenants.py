@@ -33,7 +33,7 @@ from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from batcher import Lane
+from batcher import Lane, Owner
 from server.specs import MODEL_NAME
 
 logger = logging.getLogger("microbatch.server")
@@ -153,6 +153,13 @@ class Principal:
     scopes: frozenset[str]
     credential: str
     limits: TenantLimits
+    shares: bool = True
+    """Whether its inputs carry its owner to the engine (the fair share, the queue's
+    reserve): not for `--api-keys` keys, which behave as before tenants."""
+
+    @property
+    def owner(self) -> Owner | None:
+        return Owner(self.tenant, self.limits.weight) if self.shares else None
 
     def may_predict(self, model: str | None = None) -> bool:
         """May call the predict routes: of `model`, or (None) of some model."""
@@ -242,8 +249,9 @@ class Tenants:
 
     @property
     def keys_required(self) -> bool:
-        """Whether the client routes need a key (some are configured)."""
-        return bool(self._legacy or self._keys)
+        """Whether the client routes need a key: some are configured, or a tenants file
+        is (whose last key removed closes the server, not opens it)."""
+        return bool(self._legacy or self._keys or self.path is not None)
 
     def limits(self, tenant: str) -> TenantLimits:
         own = self._file.tenants.get(tenant)
@@ -259,8 +267,8 @@ class Tenants:
                 entry.tenant, scopes, credential_id("key", token), self.limits(entry.tenant)
             )
         legacy = self._legacy.get(digest)
-        if legacy is not None:
-            return Principal(legacy, frozenset({PREDICT}), legacy, self.limits(legacy))
+        if legacy is not None:  # as before tenants: no share of its own in the engine
+            return Principal(legacy, frozenset({PREDICT}), legacy, self.limits(legacy), False)
         return None
 
     def refresh(self) -> None:

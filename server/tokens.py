@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+import urllib.parse
 import urllib.request
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -132,17 +133,21 @@ class Jwks:
     def _fetch(self) -> Mapping[str, Any]:
         try:
             if self.remote:
-                with urllib.request.urlopen(self.source, timeout=FETCH_TIMEOUT_S) as reply:
+                opener = urllib.request.build_opener(_NoDowngrade)
+                with opener.open(self.source, timeout=FETCH_TIMEOUT_S) as reply:
                     return dict(json.loads(reply.read()))
             return dict(json.loads(Path(self.source).read_text()))
         except (OSError, ValueError) as exc:
             raise ValueError(f"--jwt-jwks {self.source}: cannot read it: {exc}") from None
 
     def _use(self, data: Mapping[str, Any]) -> None:
-        try:
-            keys = jwt.PyJWKSet.from_dict(dict(data)).keys
-        except jwt.PyJWTError as exc:
-            raise ValueError(f"--jwt-jwks {self.source}: {exc}") from None
+        if data.get("keys") == []:  # every key withdrawn: every token refused
+            keys = []
+        else:
+            try:
+                keys = jwt.PyJWKSet.from_dict(dict(data)).keys
+            except jwt.PyJWTError as exc:
+                raise ValueError(f"--jwt-jwks {self.source}: {exc}") from None
         self._keys = {key.key_id: key for key in keys}
         self._read_at = self._clock()
         self.generation += 1
@@ -240,12 +245,39 @@ class Verifier:
             raise TokenRefused(f"token has no {exc.claim!r} claim") from None
         except jwt.PyJWTError as exc:
             raise TokenRefused(f"invalid token: {type(exc).__name__}") from None
+        except (TypeError, ValueError):  # the header's alg against a key of another type
+            raise TokenRefused(
+                f"the key {header.get('kid')!s:.64} is not a {algorithm} key"
+            ) from None
 
 
 def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
     raw = claims.get("scope", claims.get("scp", ""))
     words = raw.split() if isinstance(raw, str) else raw if isinstance(raw, list) else []
     return frozenset(w for w in words if isinstance(w, str) and valid_scope(w))
+
+
+def jwks_problem(source: str) -> str | None:
+    """Why a JWKS URL cannot be trusted (plain http beyond this machine: anyone on the
+    way could swap the keys), or None."""
+    parsed = urllib.parse.urlsplit(source)
+    if parsed.scheme == "http" and not _loopback(parsed.hostname):
+        return f"--jwt-jwks {source}: fetch the keys over https (http only from this machine)"
+    return None
+
+
+def _loopback(host: str | None) -> bool:
+    return host in ("localhost", "::1") or (host or "").startswith("127.")
+
+
+class _NoDowngrade(urllib.request.HTTPRedirectHandler):
+    """Follows a JWKS URL's redirect only to a URL as trusted (`jwks_problem`)."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:  # fmt: skip
+        if jwks_problem(newurl) is not None:
+            raise OSError(f"refused a redirect to {newurl}: not https")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def _stat(path: str) -> tuple[int, int] | None:

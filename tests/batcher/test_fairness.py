@@ -286,6 +286,7 @@ def test_the_input_most_owed_leads_the_batch_whatever_its_length() -> None:
 
         queue: PendingQueue[str, str] = PendingQueue(EngineMetrics())
         a, b = Owner("a"), Owner("b")
+        queue.fair.measure(learned=True)  # the cost below is learned
         queue.fair.charge([item(a, 8) for _ in range(16)], tokens)  # a had its share
         flood = [item(a, 8) for _ in range(30)]
         owed = item(b, 120)
@@ -295,3 +296,40 @@ def test_the_input_most_owed_leads_the_batch_whatever_its_length() -> None:
     finally:
         loop.close()
     assert owed in batch
+
+
+def test_a_change_of_unit_starts_the_clocks_afresh() -> None:
+    """Before the device cost is learned the clocks count tokens, then seconds: a lead
+    of a thousand tokens kept as seconds would starve the other tenant for millions of
+    inputs. Once the cost is learned, both share the next batches."""
+    import itertools
+
+    from batcher.cost import LinearCost
+    from batcher.items import PendingItem
+    from batcher.metrics import EngineMetrics
+    from batcher.queue import PendingQueue
+
+    loop = asyncio.new_event_loop()
+    try:
+        ticks = itertools.count()
+
+        def item(owner: Owner) -> PendingItem[str, str]:
+            return PendingItem("x", loop.create_future(), float(next(ticks)), None, 8,
+                               owner=owner)  # fmt: skip
+
+        queue: PendingQueue[str, str] = PendingQueue(EngineMetrics())
+        a, b = Owner("a"), Owner("b")
+        queue.extend([item(a) for _ in range(200)])
+        for _ in range(10):  # a alone, in tokens: its clock runs far ahead
+            queue.take(0.0, EngineConfig(max_batch_size=8), None)
+        queue.extend([item(b) for _ in range(200)])
+        queue.extend([item(a) for _ in range(200)])
+        cost = LinearCost(overhead_s=0.001, per_token_s=0.0001)
+        taken = Counter(
+            owner_of_item.owner.tenant  # type: ignore[union-attr]
+            for _ in range(10)
+            for owner_of_item in queue.take(1.0, EngineConfig(max_batch_size=8), cost)
+        )
+    finally:
+        loop.close()
+    assert min(taken["a"], taken["b"]) >= 30, taken

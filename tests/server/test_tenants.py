@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from server.settings import Settings
 from server.tenants import TenantsFile
 from tests.server.fakes import FakeTextModel
 from tests.server.live import metric
+from tests.server.test_app import wait_until_admitted
 from tests.server.test_versions import serve
 
 pytestmark = pytest.mark.asyncio
@@ -558,3 +560,74 @@ async def test_microbatch_key_prints_a_key_and_an_entry_that_lets_it_in(
     assert (who.tenant, who.scopes) == ("acme", frozenset({"predict:emb", "admin"}))
     assert main(["key", "--tenant", "acme", "--scope", "write"]) == 2
     assert "scope 'write'" in capsys.readouterr().err
+
+
+async def test_a_tenants_file_without_keys_keeps_the_server_closed(tmp_path: Path) -> None:
+    path = write_tenants(tmp_path / "tenants.toml", "[defaults]\nrequests_per_s = 5\n")
+    async with serve(FakeTextModel(), tenants_file=path) as client:
+        anonymous = await client.post("/predict", json={"text": "a"})
+    assert anonymous.status_code == 401
+
+
+async def test_hostile_token_headers_get_401_not_500(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token's header is the client's to write: an algorithm that does not fit the key
+    it names, a key id in any alphabet, a JWKS emptied by the provider."""
+    import jwt as pyjwt
+
+    monkeypatch.setattr(tokens_module, "FILE_CHECK_S", 0.0)
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps(jwks_of(("r1", rsa_key))))
+    mismatched = pyjwt.encode({"sub": "a", "scope": "predict", "exp": int(time.time()) + 60},
+                              ec_key, algorithm="ES256", headers={"kid": "r1"})  # fmt: skip
+    async with serve(FakeTextModel(), jwt_jwks=str(path)) as client:
+        replies = [
+            await client.post("/predict", json={"text": "a"}, headers=bearer(t))
+            for t in (mismatched, token(key=ec_key, alg="ES256", kid="clé-€-ключ"))
+        ]
+        good = token(key=rsa_key, alg="RS256", kid="r1")
+        before = await client.post("/predict", json={"text": "a"}, headers=bearer(good))
+        path.write_text(json.dumps({"keys": []}))  # every key withdrawn
+        withdrawn = await client.post("/predict", json={"text": "b"}, headers=bearer(good))
+    assert [r.status_code for r in replies] == [401, 401]
+    assert "is not a ES256 key" in replies[0].json()["detail"]
+    assert before.status_code == 200
+    assert withdrawn.status_code == 401
+
+
+async def test_a_jwks_over_plain_http_is_refused_beyond_loopback() -> None:
+    settings = Settings(jwt_jwks="http://idp.example/jwks.json")
+    with pytest.raises(ValueError, match="over https"):
+        create_app(settings, model=FakeTextModel())  # type: ignore[arg-type]
+
+
+async def test_oversized_requests_get_422_and_refused_ones_cost_no_quota(tmp_path: Path) -> None:
+    path = limited_file(tmp_path / "t.toml", "daily_items = 3\nmax_concurrent = 2")
+    model = FakeTextModel()
+    model.predict_gate.clear()
+    settings = {"tenants_file": path, "max_queue_size": 6, "max_batch_size": 1}
+    async with serve(model, **settings) as client:
+
+        def post(key: str, texts: list[str]) -> Awaitable[httpx.Response]:
+            return client.post("/predict/batch", json={"texts": texts}, headers=bearer(key))
+
+        too_many = await post("acme-key", ["a", "b", "c"])  # one wave: the queue's half
+        held = asyncio.create_task(post("beta-key", ["x"]))
+        await asyncio.to_thread(model.entered.wait, 10)
+        fill = [
+            asyncio.create_task(post("beta-key", t)) for t in (["y1", "y2", "y3"], ["z1", "z2"])
+        ]
+        await wait_until_admitted(client, 6)  # x on the device, five queued
+        full = await post("acme-key", ["a", "b"])  # past the early gate (one more fits)
+        model.predict_gate.set()
+        await asyncio.gather(held, *fill)
+        spent = [await post("acme-key", [f"t{i}"]) for i in range(4)]
+    assert too_many.status_code == 422
+    assert too_many.json()["type"] == "too_many_inputs"
+    assert (full.status_code, full.json()["type"]) == (429, "queue_full")
+    # Neither refusal counted against the quota of 3: three pass, the fourth does not.
+    assert [r.status_code for r in spent] == [200, 200, 200, 429]
+    assert spent[3].headers["x-limit"] == "daily_items"
