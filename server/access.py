@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import Refusal, TenantLimited
-from server.quotas import Ledger, TenantMetrics
+from server.quotas import Bucket, Ledger, TenantMetrics
 from server.settings import Settings
 from server.tenants import ADMIN, PREDICT, Principal, Tenants, TenantsFile, per_process_problem
 from server.tokens import TokenRefused, Verifier, jwks_problem, looks_like_jwt
@@ -60,12 +60,6 @@ ADMIN_PREFIX = "/admin/"
 REFUSAL_REASONS = ("unauthorized", "forbidden", "rate_limited", "queue_full")
 
 
-@dataclass
-class _Bucket:
-    tokens: float
-    updated: float
-
-
 class TokenBuckets:
     """One token bucket per client: `rate` tokens a second, at most `burst` saved up.
 
@@ -82,25 +76,16 @@ class TokenBuckets:
         max_clients: int = 10_000,
     ) -> None:
         self.rate, self.burst, self.clock, self.max_clients = rate, burst, clock, max_clients
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._buckets: OrderedDict[str, Bucket] = OrderedDict()
 
     def take(self, client: str) -> float:
         """Take one token for `client`: 0.0 if allowed, else seconds until one is free."""
         now = self.clock()
-        bucket = self._buckets.pop(client, None)
-        if bucket is None:
-            bucket = _Bucket(float(self.burst), now)
-        else:
-            elapsed = now - bucket.updated
-            bucket.tokens = min(float(self.burst), bucket.tokens + elapsed * self.rate)
-            bucket.updated = now
+        bucket = self._buckets.pop(client, None) or Bucket(float(self.burst), now)
         self._buckets[client] = bucket
         if len(self._buckets) > self.max_clients:
             self._buckets.popitem(last=False)
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
-            return 0.0
-        return (1.0 - bucket.tokens) / self.rate
+        return bucket.take(1.0, self.rate, self.burst, now)
 
 
 @dataclass

@@ -44,7 +44,10 @@ REFUSED_AT_ONCE = (QueueFull, DeadlineUnreachable, ItemTooLarge, EngineClosed)
 
 
 @dataclass
-class _Bucket:
+class Bucket:
+    """A token bucket: `level` tokens at loop time `at`; refilled at a rate, up to a burst,
+    as it is taken from."""
+
     level: float
     at: float
 
@@ -60,8 +63,8 @@ class _Bucket:
 
 @dataclass
 class _Account:
-    requests: _Bucket | None = None
-    tokens: _Bucket | None = None
+    requests: Bucket | None = None
+    tokens: Bucket | None = None
     in_flight: int = 0
     day: int = -1
     today: int = 0
@@ -104,7 +107,7 @@ class Ledger:
         account = self._account(who.tenant)
         now = self._clock()
         if account.requests is None:
-            account.requests = _Bucket(burst, now)
+            account.requests = Bucket(burst, now)
         wait_s = account.requests.take(1, rate, burst, now)
         if wait_s > 0:
             raise TenantLimited(
@@ -137,7 +140,7 @@ class Ledger:
             burst = max(limits.token_burst or round(rate), MIN_TOKEN_BURST)
             now = self._clock()
             if account.tokens is None:
-                account.tokens = _Bucket(burst, now)
+                account.tokens = Bucket(burst, now)
             if tokens > burst:
                 raise _never(f"the request has {tokens} tokens; tenant {who.tenant!r} may send "
                              f"{burst} at once (token_burst): send fewer at a time")  # fmt: skip

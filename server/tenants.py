@@ -309,8 +309,13 @@ class Tenants:
 
     def _stat(self) -> tuple[int, int] | None:
         assert self.path is not None
-        try:
-            info = os.stat(self.path)
-        except OSError:
-            return None
-        return info.st_mtime_ns, info.st_size
+        return file_stamp(self.path)
+
+
+def file_stamp(path: str | Path) -> tuple[int, int] | None:
+    """A file's modification time and size (None if it is gone): what tells a change."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size

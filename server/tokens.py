@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 import urllib.parse
 import urllib.request
@@ -31,7 +30,7 @@ from typing import Any
 
 import jwt
 
-from server.tenants import Principal, Tenants, valid_scope
+from server.tenants import Principal, Tenants, file_stamp, valid_scope
 
 logger = logging.getLogger("microbatch.server")
 
@@ -121,7 +120,7 @@ class Jwks:
     async def _read(self) -> None:
         self._read_at = self._clock()
         if not self.remote:
-            stamp = _stat(self.source)
+            stamp = file_stamp(self.source)
             if stamp == self._stamp and self._keys:
                 return
             self._stamp = stamp
@@ -278,11 +277,3 @@ class _NoDowngrade(urllib.request.HTTPRedirectHandler):
         if jwks_problem(newurl) is not None:
             raise OSError(f"refused a redirect to {newurl}: not https")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def _stat(path: str) -> tuple[int, int] | None:
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_mtime_ns, info.st_size
