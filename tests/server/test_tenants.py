@@ -631,3 +631,32 @@ async def test_oversized_requests_get_422_and_refused_ones_cost_no_quota(tmp_pat
     # Neither refusal counted against the quota of 3: three pass, the fourth does not.
     assert [r.status_code for r in spent] == [200, 200, 200, 429]
     assert spent[3].headers["x-limit"] == "daily_items"
+
+
+async def test_the_openai_sdk_raises_its_own_errors_for_each_refusal(tmp_path: Path) -> None:
+    """The official client hears a missing scope, a bad token and a tenant's limit as
+    the errors it defines for them, with our reason in the message."""
+    import openai
+
+    text = tenants_text().replace("weight = 3", "weight = 3\nrequests_per_s = 0.001\nburst = 1")
+    path = write_tenants(tmp_path / "tenants.toml", text)
+    models = {"emb": FakeTextModel(name="emb"), "other": FakeTextModel(name="other")}
+    app = create_app(Settings(tenants_file=path, jwt_secret=SECRET), model=models)  # type: ignore[arg-type]
+    async with LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+
+        def sdk(credential: str) -> openai.AsyncOpenAI:
+            http = httpx.AsyncClient(transport=transport, base_url="http://t")
+            return openai.AsyncOpenAI(base_url="http://t/v1", api_key=credential,
+                                      http_client=http, max_retries=0)  # fmt: skip
+
+        with pytest.raises(openai.PermissionDeniedError, match="'predict:other'"):
+            await sdk("beta-key").embeddings.create(model="other", input="a")
+        expired = token({"exp": int(time.time()) - 600})
+        with pytest.raises(openai.AuthenticationError, match="token expired"):
+            await sdk(expired).embeddings.create(model="emb", input="a")
+        acme = sdk("acme-key")
+        await acme.embeddings.create(model="emb", input="a")
+        with pytest.raises(openai.RateLimitError, match="requests/s") as limited:
+            await acme.embeddings.create(model="emb", input="a")
+    assert limited.value.response.headers["x-limit"] == "requests_per_s"
