@@ -27,7 +27,7 @@ from server.settings import Settings
 from server.tenants import TenantsFile
 from tests.server.fakes import FakeTextModel
 from tests.server.live import metric
-from tests.server.test_app import wait_until_admitted
+from tests.server.test_app import wait_until_admitted, wait_until_ready
 from tests.server.test_versions import serve
 
 pytestmark = pytest.mark.asyncio
@@ -644,6 +644,8 @@ async def test_the_openai_sdk_raises_its_own_errors_for_each_refusal(tmp_path: P
     app = create_app(Settings(tenants_file=path, jwt_secret=SECRET), model=models)  # type: ignore[arg-type]
     async with LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager:
         transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as probe:
+            await wait_until_ready(probe)
 
         def sdk(credential: str) -> openai.AsyncOpenAI:
             http = httpx.AsyncClient(transport=transport, base_url="http://t")
