@@ -31,14 +31,13 @@ from server.tokens import TokenRefused, Verifier, jwks_problem, looks_like_jwt
 logger = logging.getLogger("microbatch.server")
 
 INFERENCE_PATHS = (
-    "/predict", "/rerank", "/embed", "/similarity", "/tokenize", "/decode", "/v1/",
-    "/v2/rerank",
+    "/predict", "/rerank", "/embed", "/similarity", "/tokenize", "/decode", "/v1/", "/v2/",
 )  # fmt: skip
 """Routes that serve clients (ours, OpenAI's, TEI's, Cohere's): API keys and rate limits
 apply; and TEI's root route, `/` (`is_client_route`)."""
 QUEUED_PATHS = (
     "/predict", "/rerank", "/embed", "/similarity", "/v1/embeddings", "/v1/rerank",
-    "/v2/rerank",
+    "/v2/rerank", "/v2/embed",
 )  # fmt: skip
 """Routes whose items go through the engine's queue: the early 429 applies too; and `/`
 (`is_queued_route`)."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from batcher import Lane, Owner, Result
-from batcher.models import Classification, Encoded, Output
+from batcher.models import Classification, Encoded, Output, TokenVectors
 from server.client import EngineHandle
 from server.in_front import EngineInFront
 from server.shared_cache import SharedCache
@@ -32,6 +32,8 @@ def footprint(item: Encoded, value: Output) -> int:
     key = 120 + 36 * ids
     if isinstance(value, Classification):
         return key + 200 + 32 * len(value.scores) + len(value.label)
+    if isinstance(value, TokenVectors):
+        return key + 100 + len(value.data)
     return key + 56 + 32 * len(value)
 
 

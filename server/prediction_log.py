@@ -30,7 +30,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from batcher import Result
-from batcher.models import Classification, Encoded, Output
+from batcher.models import Classification, Encoded, Output, TokenVectors
 from server.calls import Call, Input
 from server.log_sinks import SchemaTooNew, Sink
 from server.served import Served
@@ -285,6 +285,8 @@ class PredictionLog:
                 order = sorted(range(len(value.scores)), key=lambda j: -value.scores[j])
                 top_k = json.dumps([[labels[j], value.scores[j]] for j in order[:TOP_K]])
             return value.label, value.score, top_k, None, None
+        if isinstance(value, TokenVectors):
+            return None, None, None, None, None
         array = np.asarray(value, dtype=np.float32)
         vector = array.tobytes() if self.vectors else None
         return None, None, None, float(np.linalg.norm(array)), vector

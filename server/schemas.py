@@ -19,7 +19,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from batcher.models import Options
+from batcher.models import EmbeddingType, Options
 
 
 def _within_chars(text: str, info: ValidationInfo) -> str:
@@ -162,7 +162,21 @@ class OutputOptions(BaseModel):
     encoding_format: Literal["float", "base64"] = Field(
         "float",
         description="embed: `base64` sends each vector as its little-endian float32 bytes, "
-        "base64-encoded (as OpenAI does): a quarter of the size of JSON numbers.",
+        "base64-encoded (as OpenAI does): a quarter of the size of JSON numbers; with an "
+        "embedding_type, its bytes.",
+    )
+    embedding_type: EmbeddingType = Field(
+        "float",
+        description="embed: int8 or uint8 (each value as one of 256 steps of its dimension's "
+        "range on the model's calibration texts), binary or ubinary (the signs, 8 values a "
+        "byte, signed or not), as sentence-transformers' quantize_embeddings computes them.",
+    )
+
+    token_embeddings: StrictBool = Field(
+        False,
+        description="embed: one vector per token (the model's last hidden states, special "
+        "tokens included, in /tokenize's order) instead of the pooled vector; as TEI's "
+        "/embed_all and sentence-transformers' output_value='token_embeddings'.",
     )
 
     def options(self) -> Options:
@@ -172,6 +186,7 @@ class OutputOptions(BaseModel):
             prompt=self.prompt,
             dimensions=self.dimensions,
             raw_scores=self.raw_scores,
+            token_embeddings=self.token_embeddings,
         )
 
 
@@ -215,10 +230,10 @@ class BatchPredictRequest(OutputOptions):
 
 
 class Embedding(BaseModel):
-    embedding: list[float] | str = Field(
+    embedding: list[float] | list[int] | list[list[float]] | str = Field(
         description="The model's embedding: its pooling, Dense and Normalize modules, with "
-        "this request's dimensions and normalize. A base64 string with "
-        "encoding_format: base64."
+        "this request's dimensions and normalize; integers with an embedding_type. A base64 "
+        "string with encoding_format: base64. With token_embeddings, one vector per token."
     )
     truncated: bool = Field(description="The text was cut to the model's token limit.")
 

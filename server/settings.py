@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     max_tokens: int | None = Field(
         None, ge=1, description="Truncate inputs to this many tokens; default: model's limit."
     )
+    calibration_file: Path | None = Field(
+        None,
+        description="Texts, one per line (the first 1024 are kept), whose embeddings fix the "
+        "ranges of int8 and uint8 outputs; default: 32 built-in texts of many kinds.",
+    )
     max_batch_size: int = limit_field("max_batch_size")
     max_wait_ms: float = limit_field("max_wait_ms")
     max_batch_tokens: int | None = limit_field("max_batch_tokens")
@@ -395,4 +400,5 @@ class Settings(BaseSettings):
             collate_ahead=self.collate_ahead,
             max_tokens=self.max_tokens,
             trust_remote_code=self.trust_remote_code,
+            calibration_file=None if self.calibration_file is None else str(self.calibration_file),
         )

@@ -172,7 +172,7 @@ class Shadows:
         if task == "embed":
             found: list[float | None] = []
             for a, b in zip(ours, theirs, strict=True):
-                cosine = _cosine(cast("list[float]", a), cast("list[float]", b))
+                cosine = _cosine(a, b)
                 found.append(cosine)
                 if cosine is not None:
                     self.cosine.labels(*key).observe(cosine)
@@ -215,8 +215,8 @@ class Shadows:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def _cosine(a: list[float], b: list[float]) -> float | None:
-    if len(a) != len(b):
+def _cosine(a: Output, b: Output) -> float | None:
+    if not (isinstance(a, list) and isinstance(b, list)) or len(a) != len(b):
         return None  # other dimensions: not comparable
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     norms = float(np.linalg.norm(x) * np.linalg.norm(y))

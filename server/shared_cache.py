@@ -22,7 +22,7 @@ import numpy as np
 import orjson
 from prometheus_client import Counter
 
-from batcher.models import Classification, Encoded, Output
+from batcher.models import Classification, Encoded, Output, TokenVectors
 
 logger = logging.getLogger("microbatch.server")
 
@@ -35,12 +35,16 @@ def shared_key(namespace: str, item: Encoded) -> bytes:
         h.update(b"|segments|" + np.asarray(item.type_ids, dtype="<i8").tobytes())
     options = (item.prompt_tokens, -1 if item.dimensions is None else item.dimensions)
     h.update(struct.pack("<qq??", *options, item.normalize, item.raw_scores))
+    if item.tokens:
+        h.update(b"|tokens")
     return namespace.encode() + h.digest()
 
 
 def encode_output(value: Output) -> bytes:
     if isinstance(value, Classification):
         return b"C" + orjson.dumps([value.label, value.score, value.scores])
+    if isinstance(value, TokenVectors):
+        return b"T" + struct.pack("<q", value.dimension) + value.data
     return b"E" + np.asarray(value, dtype="<f4").tobytes()
 
 
@@ -49,6 +53,11 @@ def decode_output(data: bytes) -> Output:
     if data[:1] == b"C":
         label, score, scores = orjson.loads(data[1:])
         return Classification(label, score, scores)
+    if data[:1] == b"T" and len(data) >= 9:
+        [dimension] = struct.unpack("<q", data[1:9])
+        if dimension < 1 or (len(data) - 9) % (4 * dimension):
+            raise ValueError("not a cached output")
+        return TokenVectors(data[9:], dimension)
     if data[:1] == b"E":
         return np.frombuffer(data[1:], dtype="<f4").astype(float).tolist()  # type: ignore[no-any-return]
     raise ValueError("not a cached output")

@@ -44,13 +44,11 @@ if TYPE_CHECKING:
     )
     from batcher.models.encoder import (
         DEFAULT_OPTIONS,
-        Classification,
         Encoded,
         Encoder,
         EncoderSpec,
         InvalidOption,
         Options,
-        Output,
         TextEncoder,
         Token,
         TruncationDirection,
@@ -68,6 +66,17 @@ if TYPE_CHECKING:
         cuda_devices,
         give_back_memory,
         memory_in_use,
+    )
+    from batcher.models.outputs import (
+        Classification,
+        Output,
+        TokenVectors,
+    )
+    from batcher.models.quantize import (
+        EMBEDDING_TYPES,
+        Calibration,
+        EmbeddingType,
+        quantize_as,
     )
     from batcher.models.sizing import (
         Footprint,
@@ -107,17 +116,22 @@ _LAZY = {
     "Loaded": "batcher.models.loading",
     "disable_progress_bars": "batcher.models.loading",
     "load": "batcher.models.loading",
-    "Classification": "batcher.models.encoder",
+    "Classification": "batcher.models.outputs",
     "DEFAULT_OPTIONS": "batcher.models.encoder",
     "Encoded": "batcher.models.encoder",
     "InvalidOption": "batcher.models.encoder",
     "Options": "batcher.models.encoder",
-    "Output": "batcher.models.encoder",
+    "Output": "batcher.models.outputs",
     "TextModel": "batcher.models.text",
+    "EMBEDDING_TYPES": "batcher.models.quantize",
+    "Calibration": "batcher.models.quantize",
+    "EmbeddingType": "batcher.models.quantize",
+    "quantize_as": "batcher.models.quantize",
     "Encoder": "batcher.models.encoder",
     "EncoderSpec": "batcher.models.encoder",
     "TextEncoder": "batcher.models.encoder",
     "Token": "batcher.models.encoder",
+    "TokenVectors": "batcher.models.outputs",
     "TruncationDirection": "batcher.models.encoder",
     "unpack_output": "batcher.models.wire",
 }
@@ -133,6 +147,10 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "EMBEDDING_TYPES",
+    "Calibration",
+    "EmbeddingType",
+    "quantize_as",
     "DEFAULT_HUB_ID",
     "DEFAULT_MIN_ACCURACY",
     "DEFAULT_OPTIONS",
@@ -165,6 +183,7 @@ __all__ = [
     "TextEncoder",
     "TextModel",
     "Token",
+    "TokenVectors",
     "TruncationDirection",
     "UnsupportedModel",
     "cpu_budget",

@@ -18,6 +18,7 @@ from typing import Any, Literal, Protocol
 from tokenizers import Tokenizer
 
 from batcher.models.probe import PROBE_TEXTS
+from batcher.models.quantize import Calibration
 
 logger = logging.getLogger("batcher.models")
 
@@ -36,6 +37,8 @@ class Options:
     """embed: keep the first N values (Matryoshka), then normalise if normalising."""
     raw_scores: bool = False
     """classify/rerank: the logits, without the head's activation."""
+    token_embeddings: bool = False
+    """embed: one vector per token (the model's last hidden states), not the pooled one."""
 
 
 DEFAULT_OPTIONS = Options()
@@ -64,31 +67,23 @@ class Encoded:
     dimensions: int | None = None
     normalize: bool = False
     raw_scores: bool = False
+    tokens: bool = False
+    """embed: answer `TokenVectors` (the hidden state of each token), not the pooled vector."""
 
     def identity(self) -> Hashable:
         """What makes two inputs compute the same output: the tokens and every output
         option (not whether the text was cut, which the output does not depend on)."""
         segments = None if self.type_ids is None else tuple(self.type_ids)
         return (tuple(self.ids), segments, self.prompt_tokens, self.dimensions,
-                self.normalize, self.raw_scores)  # fmt: skip
+                self.normalize, self.raw_scores, self.tokens)  # fmt: skip
 
     def __reduce__(self) -> tuple[type[Encoded], tuple[object, ...]]:
         # Fast pickling to an engine process (batcher.remote): the constructor's arguments.
         return Encoded, (self.ids, self.truncated, self.type_ids, self.prompt_tokens,
-                         self.dimensions, self.normalize, self.raw_scores)  # fmt: skip
+                         self.dimensions, self.normalize, self.raw_scores,
+                         self.tokens)  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
-class Classification:
-    label: str
-    """The label with the highest score."""
-    score: float
-    scores: list[float]
-    """Every label's score (probability, or logit with `raw_scores`), in the order of
-    `TextEncoder.labels`."""
-
-
-Output = list[float] | Classification
 TruncationDirection = Literal["right", "left"]
 
 CUT_CHARS_PER_TOKEN = 8
@@ -145,6 +140,10 @@ class EncoderSpec:
     """embed: whether pooling includes the prompt's tokens."""
     dimension: int | None = None
     """embed: the embedding's size."""
+    calibration: bytes = b""
+    """embed: the raw float32 outputs of the calibration texts (`batcher.models.quantize`),
+    whose ranges int8 and uint8 outputs are quantized by."""
+    calibration_source: str = ""
 
 
 class Encoder(Protocol):
@@ -155,6 +154,10 @@ class Encoder(Protocol):
     task: Literal["embed", "classify", "rerank"]
     labels: tuple[str, ...]
     max_tokens: int
+    calibration: Calibration | None
+    """embed: the fixed ranges of int8 and uint8 outputs; None: the model has none."""
+    prompts: Mapping[str, str]
+    """embed: the model's prompts by name."""
 
     def encode_many(
         self,
@@ -194,6 +197,12 @@ class TextEncoder:
         self.labels = spec.labels
         self.max_tokens = spec.max_tokens
         self.dimension = spec.dimension
+        self.prompts = spec.prompts
+        self.calibration: Calibration | None = None
+        if spec.calibration and spec.dimension is not None:
+            self.calibration = Calibration(
+                spec.calibration, spec.dimension, spec.calibration_source
+            )
         self._tokenizer = Tokenizer.from_str(spec.tokenizer_json)
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=spec.max_tokens)
@@ -359,6 +368,11 @@ class TextEncoder:
     def _resolve(self, options: Options, paired: bool) -> tuple[str, dict[str, Any]]:
         """The prompt text and the output fields of `Encoded`, or InvalidOption."""
         if self.task != "embed":
+            if options.token_embeddings:
+                raise InvalidOption(
+                    "token_embeddings",
+                    f"token vectors come from embedding models; this is a {self.task} model",
+                )
             for name in ("normalize", "prompt_name", "prompt", "dimensions"):
                 if getattr(options, name) is not None:
                     raise InvalidOption(
@@ -374,6 +388,12 @@ class TextEncoder:
             raise InvalidOption(
                 "raw_scores", "raw_scores applies to classify and rerank models; this one embeds"
             )
+        if options.token_embeddings:
+            for name in ("normalize", "dimensions"):
+                if getattr(options, name) is not None:
+                    raise InvalidOption(
+                        name, f"{name} applies to pooled embeddings, not to token vectors"
+                    )
         prompts = self.spec.prompts
         if options.prompt is not None and options.prompt_name is not None:
             raise InvalidOption("prompt", "give prompt_name or prompt, not both")
@@ -396,6 +416,8 @@ class TextEncoder:
                 "dimensions", f"dimensions must be between 1 and {self.dimension}, got {dims}"
             )
         normalize = self.spec.normalize if options.normalize is None else options.normalize
+        if options.token_embeddings:
+            return prompt, {"tokens": True}
         return prompt, {"dimensions": dims, "normalize": normalize}
 
     def _prompt_length(self, prompt: str) -> int:

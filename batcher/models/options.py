@@ -47,6 +47,9 @@ class LoadOptions:
     trust_remote_code: bool = False
     name: str | None = None
     """The name it is served under; default: its hub id or path."""
+    calibration_file: str | None = None
+    """embed: the texts (one per line) whose outputs fix the int8 and uint8 ranges;
+    default: the built-in probe texts (`batcher.models.quantize`)."""
 
 
 def default_source() -> str:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -18,18 +20,15 @@ import torch
 from batcher.errors import DeviceOutOfMemory
 from batcher.models.compiling import CompileState, compile_forward, graphs_compiled
 from batcher.models.description import Dense
-from batcher.models.encoder import (
-    Classification,
-    Encoded,
-    EncoderSpec,
-    Output,
-    TextEncoder,
-)
+from batcher.models.encoder import Encoded, EncoderSpec, TextEncoder
+from batcher.models.errors import ModelLoadError
 from batcher.models.heads import EmbeddingHead, finish_embeddings
 from batcher.models.loading import Loaded, load
 from batcher.models.options import CompileMode, LoadOptions, Task
+from batcher.models.outputs import Classification, Output, TokenVectors
 from batcher.models.precision import Precision, judge
 from batcher.models.probe import PROBE_TEXTS
+from batcher.models.quantize import MAX_CALIBRATION_TEXTS
 from batcher.padding import bucket_length
 
 logger = logging.getLogger("batcher.models")
@@ -40,7 +39,9 @@ WarmStep = Callable[[int, int, str], None]
 
 
 Inputs = dict[str, torch.Tensor]
-Forward = Callable[[Inputs, torch.Tensor], torch.Tensor]
+Forward = Callable[[Inputs, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+"""(inputs, pool mask) -> (pooled vectors or logits, an embedding model's last hidden
+states: what token vectors are cut from, already computed, so returned at no cost)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,18 +56,18 @@ class HostBatch:
 
 
 def _embed_forward(model: Any, head: EmbeddingHead) -> Forward:
-    def forward(inputs: Inputs, pool_mask: torch.Tensor) -> torch.Tensor:
+    def forward(inputs: Inputs, pool_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = model(**inputs).last_hidden_state
         out: torch.Tensor = head(hidden, inputs["attention_mask"], pool_mask)
-        return out
+        return out, hidden
 
     return forward
 
 
 def _classify_forward(model: Any) -> Forward:
-    def forward(inputs: Inputs, pool_mask: torch.Tensor) -> torch.Tensor:
+    def forward(inputs: Inputs, pool_mask: torch.Tensor) -> tuple[torch.Tensor, None]:
         logits: torch.Tensor = model(**inputs).logits
-        return logits.float()
+        return logits.float(), None
 
     return forward
 
@@ -158,7 +159,30 @@ class TextModel:
         )
         if model.loaded.probe_dtype is not None:
             model._probe_precision(model.loaded.probe_dtype, options.min_accuracy)
+        if model.task == "embed":
+            model._calibrate(options.calibration_file)
         return model
+
+    def _calibrate(self, path: str | None) -> None:
+        """Compute the raw outputs of the calibration texts (`batcher.models.quantize`),
+        in the precision the model serves in, and give them to the encoder: the probe
+        texts, or the first `MAX_CALIBRATION_TEXTS` non-blank lines of `path`."""
+        texts = list(PROBE_TEXTS)
+        source = f"built-in ({len(texts)} texts)"
+        if path is not None:
+            try:
+                with open(path, encoding="utf-8") as file:
+                    lines = (line.strip() for line in file)
+                    texts = list(itertools.islice(filter(None, lines), MAX_CALIBRATION_TEXTS))
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ModelLoadError(f"--calibration-file {path}: {exc}") from None
+            if not texts:
+                raise ModelLoadError(f"--calibration-file {path} has no text")
+            source = f"{os.path.basename(path)} ({len(texts)} texts)"
+        raw = self._outputs(self._eager, self.encoder.encode_many(texts))
+        spec = replace(self.encoder.spec, calibration=raw.numpy().astype("<f4").tobytes(),
+                       calibration_source=source)  # fmt: skip
+        self.encoder = TextEncoder(spec)
 
     def _probe_precision(self, dtype: torch.dtype, min_accuracy: float) -> Precision:
         """Run the probe inputs in the current (float32) weights and in a `dtype` copy,
@@ -195,7 +219,7 @@ class TextModel:
         with torch.inference_mode():
             for start in range(0, len(items), chunk):
                 inputs, pool_mask = self.collate(items[start : start + chunk])
-                outputs.append(forward(inputs, pool_mask).float().cpu())
+                outputs.append(forward(inputs, pool_mask)[0].float().cpu())
         return torch.cat(outputs)
 
     # -- on the event loop ---------------------------------------------------------------
@@ -272,7 +296,7 @@ class TextModel:
         try:
             inputs, pool_mask = self._to_device(prepared)
             with torch.inference_mode(), torch.compiler.set_stance(self.compile_state.stance):
-                out = self._forward(inputs, pool_mask)
+                out, hidden = self._forward(inputs, pool_mask)
         except torch.OutOfMemoryError:
             out_of_memory = True
         if out_of_memory:
@@ -286,9 +310,25 @@ class TextModel:
             dims, norms = [i.dimensions for i in items], [i.normalize for i in items]
             # Packed (for an engine process), each embedding is bytes until the
             # front-end unpacks it (`batcher.models.wire`).
-            finished = finish_embeddings(host, dims, norms, self.packed_outputs)
-            return cast("list[Output]", finished)
+            finished = cast(
+                "list[Output]", finish_embeddings(host, dims, norms, self.packed_outputs)
+            )
+            if hidden is not None and any(i.tokens for i in items):
+                self._token_vectors(items, hidden, finished)
+            return finished
         return self._classifications(host, [i.raw_scores for i in items])
+
+    def _token_vectors(
+        self, items: Sequence[Encoded], hidden: torch.Tensor, out: list[Output]
+    ) -> None:
+        """The items that asked for token vectors get their rows of `hidden` (real tokens
+        only), in place of the pooled vector: one host copy of those rows."""
+        rows = [row for row, item in enumerate(items) if item.tokens]
+        host = hidden[rows].float().cpu().numpy().astype("<f4", copy=False)
+        dimension = host.shape[-1]
+        for matrix, row in zip(host, rows, strict=True):
+            length = len(items[row].ids)
+            out[row] = TokenVectors(matrix[:length].tobytes(), dimension)
 
     def _classifications(self, logits: torch.Tensor, raw: Sequence[bool]) -> list[Output]:
         """One `tolist` of the logits and one of the activated scores, each only when
@@ -389,6 +429,9 @@ class TextModel:
                 "dimension": self.dimension,
                 "prompts": dict(d.prompts),
                 "default_prompt_name": d.default_prompt_name,
+                "calibration": None
+                if self.encoder.calibration is None
+                else self.encoder.calibration.source,
             }
         else:
             described |= {"head_activation": self.loaded.activation, "text_pairs": True}

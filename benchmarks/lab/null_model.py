@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from batcher.models import (
     DEFAULT_OPTIONS,
+    Calibration,
     Classification,
     Encoded,
     InvalidOption,
@@ -56,12 +57,16 @@ class NullEncoder:
     labels: tuple[str, ...] = ("short", "long")
     max_tokens: int = 256
     fixed: bool = False
+    calibration: Calibration | None = None
+    prompts: Mapping[str, str] = field(default_factory=dict)
 
     def encode(
         self, text: str, pair: str | None = None, options: Options = DEFAULT_OPTIONS
     ) -> Encoded:
         if options.prompt_name is not None:
             raise InvalidOption("prompt_name", "the null model has no prompts")
+        if options.token_embeddings:
+            raise InvalidOption("token_embeddings", "the null model has no token vectors")
         if pair is not None:  # a pair reads as the two texts, a space between
             text = f"{text} {pair}"
         if self.fixed:
@@ -86,6 +91,8 @@ class NullEncoder:
         """Token ids used as they are (code points, where texts are read back); an id
         that is not a code point is refused, as a real model refuses one outside its
         vocabulary."""
+        if options.token_embeddings:
+            raise InvalidOption("token_embeddings", "the null model has no token vectors")
         for sequence in sequences:
             for tid in sequence:
                 if not 0 <= tid <= sys.maxunicode:

@@ -5,9 +5,19 @@ from fastapi import APIRouter
 from fastapi.routing import APIRoute
 
 from server.fastlane import direct_routes
-from server.routes import admin, cohere, dashboard, openai, predict, probes, tei, versions
+from server.routes import (
+    admin,
+    cohere,
+    dashboard,
+    embedding_types,
+    openai,
+    predict,
+    probes,
+    tei,
+    versions,
+)
 
-FAMILIES = (predict, openai, tei, cohere, probes, admin, versions, dashboard)
+FAMILIES = (predict, embedding_types, openai, tei, cohere, probes, admin, versions, dashboard)
 
 router = APIRouter()
 for family in FAMILIES:

@@ -1,22 +1,30 @@
 """Cohere's (and Jina's) rerank API: `POST /v1/rerank` with `documents`, answered
 `{"results": [{"index", "relevance_score", "document"?}], ...}`, best first, errors in
-OpenAI's shape like the rest of `/v1`; and Cohere's v2, `POST /v2/rerank`, as
-`cohere.ClientV2.rerank` calls it, answered `{"id", "results": [{"index",
-"relevance_score"}], "meta"}`, errors with Cohere's `message`."""
+OpenAI's shape like the rest of `/v1`; and Cohere's v2, `POST /v2/rerank` and
+`POST /v2/embed`, as `cohere.ClientV2` calls them, errors with Cohere's `message`."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, cast
 
+import numpy as np
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from batcher.models import EmbeddingType, Encoder, TruncationDirection
+from server.routes.embedding_types import as_base64, as_type, check_embedding_type
+from server.routes.encoding import check_tokens, encode_inputs
+from server.routes.headers import deadline_of
 from server.routes.parsing import (
     invalid,
+    needs_task,
     openapi_body,
     parse,
     reply,
     runtime_of,
+    serving,
+    submit_all,
+    to_json,
 )
 from server.routes.ranking import rank
 from server.schemas import (
@@ -185,3 +193,165 @@ async def rerank_v2(request: Request) -> Response:
         meta=V2Meta(api_version=ApiVersion(), tokens=MetaTokens(input_tokens=ranking.tokens)),
     )
     return reply(request, response.model_dump_json().encode(), ranking.results)
+
+
+CohereType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
+EmbedInputType = Literal["search_document", "search_query", "classification", "clustering", "image"]
+
+COHERE_PROMPTS: dict[str, tuple[str, ...]] = {
+    "search_query": ("search_query", "query"),
+    "search_document": ("search_document", "document", "passage"),
+    "classification": ("classification",),
+    "clustering": ("clustering",),
+}
+"""`input_type` -> the prompt names it takes, in order: the first the model declares is
+put before the texts; a model that declares none of them gets its default prompt."""
+
+
+class EmbedText(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: Text
+
+
+class EmbedInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    content: list[EmbedText] = Field(min_length=1, max_length=1)
+
+
+class V2EmbedRequest(BaseModel):
+    """Cohere's v2 embed request, as `cohere.ClientV2.embed` sends it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr | None = Field(None, description=MODEL_ANSWERS)
+    texts: Texts | None = Field(None, min_length=1, description="Texts to embed.")
+    inputs: list[EmbedInput] | None = Field(
+        None,
+        min_length=1,
+        description='Inputs of one text part each: {"content": [{"type": "text", "text": ...}]}.',
+    )
+    images: list[StrictStr] | None = Field(None, description="Refused: this server embeds text.")
+    input_type: EmbedInputType | None = Field(
+        None,
+        description="Picks the model's prompt: search_query -> its query prompt, "
+        "search_document -> its document or passage prompt, classification and clustering "
+        "-> the prompt of that name; otherwise (or when absent) its default prompt.",
+    )
+    embedding_types: list[CohereType] | None = Field(
+        None,
+        min_length=1,
+        description="Any of float, int8, uint8, binary, ubinary, base64 "
+        "(float32 bytes), all in one reply. Default: float.",
+    )
+    output_dimension: StrictInt | None = Field(
+        None, ge=1, description="Keep the first N values (Matryoshka), then normalise."
+    )
+    max_tokens: StrictInt | None = Field(
+        None, ge=1, description="Accepted at or above the model's token limit; lower is refused."
+    )
+    truncate: Literal["NONE", "START", "END"] = Field(
+        "END",
+        description="An input over the token limit: NONE refuses it (400), START cuts "
+        "its start, END its end.",
+    )
+    priority: StrictInt | None = Field(None, description="Accepted and ignored.")
+
+
+class EmbeddingsByType(BaseModel):
+    float_: list[list[float]] | None = Field(None, alias="float")
+    int8: list[list[int]] | None = None
+    uint8: list[list[int]] | None = None
+    binary: list[list[int]] | None = None
+    ubinary: list[list[int]] | None = None
+    base64: list[str] | None = Field(None, description="Little-endian float32 bytes.")
+
+
+class BilledUnits(BaseModel):
+    input_tokens: int
+
+
+class V2EmbedMeta(BaseModel):
+    api_version: ApiVersion
+    billed_units: BilledUnits
+
+
+class V2EmbedResponse(BaseModel):
+    id: str = Field(description="This request's id (X-Request-ID).")
+    response_type: Literal["embeddings_by_type"] = "embeddings_by_type"
+    embeddings: EmbeddingsByType = Field(description="One list per embedding type asked for.")
+    texts: list[str]
+    meta: V2EmbedMeta
+
+
+def _prompt_for(model: Encoder, input_type: str | None) -> str | None:
+    """The prompt name `input_type` maps to on `model` (`COHERE_PROMPTS`), or None."""
+    for name in COHERE_PROMPTS.get(input_type or "", ()):
+        if name in model.prompts:
+            return name
+    return None
+
+
+def _v2_texts(body: V2EmbedRequest) -> list[str]:
+    if body.images is not None or body.input_type == "image":
+        raise invalid("images", "this server embeds text: images are not served")
+    given = [f for f in ("texts", "inputs") if getattr(body, f) is not None]
+    if len(given) != 1:
+        raise invalid("texts", "send texts, or inputs of one text each (not both)")
+    if body.texts is not None:
+        return body.texts
+    assert body.inputs is not None
+    return [i.content[0].text for i in body.inputs]
+
+
+@router.post(
+    "/v2/embed",
+    response_model=V2EmbedResponse,
+    response_model_exclude_none=True,
+    summary="Embed texts as float, int8, uint8, binary, ubinary or base64 (Cohere's v2 shape)",
+    responses=error_responses(ErrorReply, invalid_status=400),
+    openapi_extra=openapi_body(V2EmbedRequest, {"model": "embed", "texts": ["What is Deep "
+                               "Learning?"], "input_type": "search_query",
+                               "embedding_types": ["float", "int8", "ubinary"]}),
+)  # fmt: skip
+async def embed_v2(request: Request) -> Response:
+    runtime = runtime_of(request)
+    body = await parse(request, V2EmbedRequest, runtime)
+    texts = _v2_texts(body)
+    served, engine = serving(runtime, request, body.model)
+    model = served.encoder
+    needs_task(model, "embed", "/v2/embed", "an embedding model")
+    if body.max_tokens is not None and body.max_tokens < model.max_tokens:
+        raise invalid(
+            "max_tokens",
+            f"inputs are cut at the model's limit of {model.max_tokens} tokens; "
+            f"max_tokens {body.max_tokens} (below it) is not supported",
+        )
+    kinds = list(dict.fromkeys(body.embedding_types or ["float"]))
+    typed = cast("list[EmbeddingType]", [k for k in kinds if k != "base64"])
+    for kind in typed:
+        check_embedding_type(model, kind, "embedding_types")
+    deadline = deadline_of(engine, runtime, request)
+    options = OutputOptions(
+        prompt_name=_prompt_for(model, body.input_type), dimensions=body.output_dimension
+    )
+    direction: TruncationDirection = "left" if body.truncate == "START" else "right"
+    field = "texts" if body.texts is not None else "inputs"
+    items = await encode_inputs(request, texts, options, field, direction)
+    check_tokens(items, model, runtime, field, body.truncate != "NONE", why="(truncate: NONE)")
+    results = await submit_all(request, runtime, engine, items, deadline)
+    rows = [cast("list[float]", r.value) for r in results]
+    embeddings: dict[str, Any] = {}
+    for kind in typed:
+        embeddings[kind] = rows if kind == "float" else as_type(model, items, rows, kind).tolist()
+    if "base64" in kinds:
+        embeddings["base64"] = as_base64(np.asarray(rows, dtype=np.float32))
+    tokens = sum(len(item.ids) for item in items)
+    response = {
+        "id": request.state.request_id,
+        "response_type": "embeddings_by_type",
+        "embeddings": embeddings,
+        "texts": texts,
+        "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": tokens}},
+    }
+    return reply(request, to_json(response), results)

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 
 from batcher.models import Encoded, Encoder, InvalidOption, TruncationDirection
 from server.calls import Call
+from server.routes.embedding_types import check_embedding_type
 from server.routes.parsing import invalid, loc
 from server.runtime import Runtime
 from server.schemas import OutputOptions
@@ -22,11 +23,12 @@ def check_tokens(
     field: str,
     truncate: bool | None,
     listed: bool | None = None,
+    why: str = "(truncate: false)",
 ) -> None:
     allowed = runtime.settings.truncate if truncate is None else truncate
     if allowed:
         return
-    why = "(the server runs with --no-truncate)" if truncate is None else "(truncate: false)"
+    why = "(the server runs with --no-truncate)" if truncate is None else why
     errors = [
         {
             "loc": loc(field, i, listed),
@@ -72,6 +74,11 @@ async def encode_inputs(
         raise invalid("all_scores", "all_scores applies to classify and rerank models")
     if body.encoding_format != "float" and model.task != "embed":
         raise invalid("encoding_format", "encoding_format applies to embedding models")
+    check_embedding_type(model, body.embedding_type, "embedding_type")
+    if body.token_embeddings and (
+        body.embedding_type != "float" or body.encoding_format != "float"
+    ):
+        raise invalid("token_embeddings", "token vectors are sent as float JSON numbers only")
     options = body.options()
     try:
         items = await served.encode(inputs, pairs, options, truncation_direction)

@@ -7,7 +7,8 @@ from typing import cast
 
 from fastapi import APIRouter, Request, Response
 
-from batcher.models import Classification, Encoded, Output
+from batcher.models import Classification, Encoded, Encoder, Output, TokenVectors
+from server.routes.embedding_types import as_base64, as_type
 from server.routes.encoding import check_tokens, encode
 from server.routes.headers import deadline_of, lane_of
 from server.routes.parsing import (
@@ -37,17 +38,34 @@ router = APIRouter(tags=["microbatch"])
 
 
 def _shape(
-    value: Output, item: Encoded, labels: Sequence[str], body: OutputOptions
-) -> Embedding | Label:
+    model: Encoder, values: Sequence[Output], items: Sequence[Encoded], body: OutputOptions
+) -> list[Embedding] | list[Label]:
     # model_construct: the engine typed these values already; validating them again
-    # would be a second pass over every float.
-    if isinstance(value, Classification):
-        scores = dict(zip(labels, value.scores, strict=True)) if body.all_scores else None
-        return Label.model_construct(
-            label=value.label, score=value.score, scores=scores, truncated=item.truncated
-        )
-    embedding = vector(value, body.encoding_format)
-    return Embedding.model_construct(embedding=embedding, truncated=item.truncated)
+    # would be a second pass over every float. One model, one task: all embeddings or
+    # all labels.
+    if model.task != "embed":
+        labels = model.labels
+        shaped = []
+        for value, item in zip(values, items, strict=True):
+            assert isinstance(value, Classification)
+            scores = dict(zip(labels, value.scores, strict=True)) if body.all_scores else None
+            shaped.append(Label.model_construct(
+                label=value.label, score=value.score, scores=scores, truncated=item.truncated
+            ))  # fmt: skip
+        return shaped
+    rows = cast("list[list[float]]", values)
+    embeddings: Sequence[list[float] | list[int] | list[list[float]] | str]
+    if body.token_embeddings:
+        embeddings = [cast("TokenVectors", v).array().tolist() for v in values]
+    elif body.embedding_type == "float":
+        embeddings = [vector(row, body.encoding_format) for row in rows]
+    else:
+        array = as_type(model, items, rows, body.embedding_type)
+        embeddings = as_base64(array) if body.encoding_format == "base64" else array.tolist()
+    return [
+        Embedding.model_construct(embedding=e, truncated=item.truncated)
+        for e, item in zip(embeddings, items, strict=True)
+    ]
 
 
 @router.post(
@@ -69,7 +87,7 @@ async def predict(request: Request) -> Response:
     lane = lane_of(request, runtime, 1)
     submitted = engine.submit(item, deadline=deadline, lane=lane)
     result = await unless_disconnected(request, runtime, submitted)
-    shaped = _shape(result.value, item, model.labels, body)
+    [shaped] = _shape(model, [result.value], [item], body)
     kind = LabelResponse if isinstance(shaped, Label) else EmbeddingResponse
     return reply(request, kind.model_construct(**shaped.__dict__, **meta(request, model)), [result])
 
@@ -90,11 +108,7 @@ async def predict_batch(request: Request) -> Response:
     items = await encode(request, body.texts, body.text_pairs, body)
     check_tokens(items, model, runtime, "texts", body.truncate)
     results = await submit_all(request, runtime, engine, items, deadline)
-    shaped = [
-        _shape(r.value, item, model.labels, body) for r, item in zip(results, items, strict=True)
-    ]
-    # One model, one task: the results are all embeddings or all labels.
-    typed = cast("list[Embedding] | list[Label]", shaped)
+    shaped = _shape(model, [r.value for r in results], items, body)
     return reply(
-        request, BatchResponse.model_construct(results=typed, **meta(request, model)), results
+        request, BatchResponse.model_construct(results=shaped, **meta(request, model)), results
     )

@@ -14,7 +14,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import TypeAdapter
 
-from batcher.models import Classification
+from batcher.models import Classification, TokenVectors
 from server.routes.encoding import check_tokens, encode_inputs
 from server.routes.headers import deadline_of
 from server.routes.parsing import (
@@ -37,6 +37,7 @@ from server.routes.tei_bodies import (
     ClassifyParameters,
     ClassifyRequest,
     DecodeRequest,
+    EmbedAllRequest,
     EmbedRequest,
     Info,
     Prediction,
@@ -86,6 +87,30 @@ async def embed(request: Request) -> Response:
     results = await submit_all(request, runtime, engine, items, deadline)
     vectors = [cast("list[float]", r.value) for r in results]
     return reply(request, to_json(vectors), results)
+
+
+@router.post(
+    "/embed_all",
+    response_model=list[list[list[float]]],
+    summary="Token vectors (TEI's shape): per input, the model's last hidden state at each "
+    "token, special tokens included, in /tokenize's order",
+    responses=TEI_ERRORS,
+    openapi_extra=openapi_body(EmbedAllRequest, {"inputs": ["What is Deep Learning?"]}),
+)
+async def embed_all(request: Request) -> Response:
+    runtime = runtime_of(request)
+    body = await parse(request, EmbedAllRequest, runtime)
+    served, engine = serving(runtime, request, body.model)
+    model = served.encoder
+    needs_task(model, "embed", "/embed_all", "an embedding model")
+    deadline = deadline_of(engine, runtime, request)
+    options = OutputOptions(prompt_name=body.prompt_name, token_embeddings=True)
+    direction = cut_side(body.truncation_direction)
+    items = await encode_inputs(request, body.inputs, options, "inputs", direction)
+    check_tokens(items, model, runtime, "inputs", body.truncate, listed=True)
+    results = await submit_all(request, runtime, engine, items, deadline)
+    matrices = [cast("TokenVectors", r.value).array() for r in results]
+    return reply(request, orjson.dumps(matrices, option=orjson.OPT_SERIALIZE_NUMPY), results)
 
 
 @router.post(

@@ -32,6 +32,20 @@ class EmbedRequest(BaseModel):
     dimensions: StrictInt | None = Field(None, ge=1, description="Keep the first N values.")
 
 
+class EmbedAllRequest(BaseModel):
+    """TEI's `/embed_all` (and `/embed_sparse`) request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: Inputs
+    model: StrictStr | None = MODEL_FIELD
+    truncate: StrictBool | None = Field(
+        None, description="Cut inputs over the token limit (false: 422). Default: --truncate."
+    )
+    truncation_direction: Direction = Field("right", description="Which end to cut.")
+    prompt_name: StrictStr | None = Field(None, description="One of the model's prompts.")
+
+
 class SimilarityInputs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

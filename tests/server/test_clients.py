@@ -17,7 +17,13 @@ import pytest
 
 from batcher.models import DEFAULT_HUB_ID, default_source
 from tests.conftest import ServerProcess
-from tests.tiny_models import TEXTS, save_cross_encoder, save_nli_classifier
+from tests.tiny_models import (
+    EMBEDDERS,
+    TEXTS,
+    save_cross_encoder,
+    save_embedder,
+    save_nli_classifier,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.reference]
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -313,3 +319,136 @@ def test_tei_decode_gives_back_the_tokenizers_text(float32_server: ServerProcess
     assert special.json() == [reference.decode(ids[0], skip_special_tokens=False)]
     assert outside.status_code == 422
     assert "outside the vocabulary" in outside.json()["error"]
+
+
+def test_cohere_client_v2_embeds_every_embedding_type_in_one_reply(
+    float32_server: ServerProcess,
+) -> None:
+    """`ClientV2.embed` posts to `/v2/embed`: float is `/predict`'s vector; binary and
+    ubinary are `quantize_embeddings` of it; int8 and uint8 too, by the ranges the server
+    publishes (`GET /model/calibration`); base64 is its float32 bytes."""
+    import base64
+
+    import cohere
+    from sentence_transformers import quantize_embeddings
+
+    url = float32_server.url
+    co = cohere.ClientV2(base_url=url, api_key="unused")
+    kinds = ["float", "int8", "uint8", "binary", "ubinary", "base64"]
+    got = co.embed(model="embed-v4.0", texts=SENTENCES, input_type="search_document",
+                   embedding_types=kinds)  # fmt: skip
+    floats = ours(url, SENTENCES)
+    e = got.embeddings
+    assert e.float_ is not None
+    np.testing.assert_allclose(e.float_, floats, atol=1e-6)
+    ranges = np.array(httpx.get(f"{url}/model/calibration").json()["ranges"], dtype=np.float32)
+    exact = np.array(e.float_, dtype=np.float32)
+    for kind in ("binary", "ubinary"):
+        assert getattr(e, kind) == quantize_embeddings(exact, kind).tolist()
+    for kind in ("int8", "uint8"):
+        assert getattr(e, kind) == quantize_embeddings(exact, kind, ranges=ranges).tolist()
+    assert e.base64 is not None
+    decoded = [np.frombuffer(base64.b64decode(b), dtype="<f4") for b in e.base64]
+    np.testing.assert_array_equal(decoded, exact)
+    assert got.texts == SENTENCES
+    assert got.meta is not None
+    assert got.meta.billed_units is not None
+    tokens = httpx.post(f"{url}/tokenize", json={"inputs": SENTENCES}).json()
+    assert got.meta.billed_units.input_tokens == sum(len(t) for t in tokens)
+    short = co.embed(model="x", texts=SENTENCES, input_type="search_query", output_dimension=64,
+                     embedding_types=["float", "ubinary"])  # fmt: skip
+    np.testing.assert_allclose(short.embeddings.float_, ours(url, SENTENCES, dimensions=64),
+                               atol=1e-6)  # fmt: skip
+    assert short.embeddings.ubinary is not None
+    assert len(short.embeddings.ubinary[0]) == 8
+
+
+def test_cohere_client_v2_embed_cuts_or_refuses_long_texts_and_says_why(
+    float32_server: ServerProcess,
+) -> None:
+    import cohere
+
+    url = float32_server.url
+    co = cohere.ClientV2(base_url=url, api_key="unused")
+    long = " ".join(f"word{i}" for i in range(400))
+    end = co.embed(model="x", texts=[long], input_type="search_document", truncate="END")
+    start = co.embed(model="x", texts=[long], input_type="search_document", truncate="START")
+    cut = httpx.post(f"{url}/embed", json={"inputs": long, "truncation_direction": "left"})
+    np.testing.assert_allclose(end.embeddings.float_[0], ours(url, [long])[0], atol=1e-6)
+    np.testing.assert_allclose(start.embeddings.float_[0], cut.json()[0], atol=1e-6)
+    with pytest.raises(cohere.BadRequestError) as refused:
+        co.embed(model="x", texts=[long], input_type="search_document", truncate="NONE")
+    assert "limit of 256 tokens (truncate: NONE)" in refused.value.body["message"]
+    with pytest.raises(cohere.BadRequestError) as image:
+        co.embed(model="x", images=["data:image/png;base64,AAAA"], input_type="image")
+    assert "images are not served" in image.value.body["message"]
+    with pytest.raises(cohere.BadRequestError) as short:
+        co.embed(model="x", texts=["a"], input_type="search_query", max_tokens=8)
+    assert "max_tokens 8" in short.value.body["message"]
+
+
+def test_quantized_bytes_of_a_text_do_not_depend_on_its_batch(
+    float32_server: ServerProcess,
+) -> None:
+    """The int8 ranges are fixed at start: a text alone and among others gets the same
+    bytes; and `/predict` quantizes as sentence-transformers does."""
+    from sentence_transformers import quantize_embeddings
+
+    url = float32_server.url
+    ranges = np.array(httpx.get(f"{url}/model/calibration").json()["ranges"], dtype=np.float32)
+    others = [f"another text about topic {i}" for i in range(12)]
+    for kind in ("int8", "uint8", "binary", "ubinary"):
+        alone = httpx.post(f"{url}/predict", json={"text": SENTENCES[0], "embedding_type": kind})
+        among = ours(url, [*others, SENTENCES[0]], embedding_type=kind)
+        assert alone.json()["embedding"] == among[-1].tolist()
+        floats = ours(url, SENTENCES[:1]).astype(np.float32)
+        expected = quantize_embeddings(floats, kind, ranges=ranges if "int8" in kind else None)
+        assert alone.json()["embedding"] == expected[0].tolist()
+    packed = httpx.post(f"{url}/predict", json={"text": SENTENCES[0], "embedding_type": "int8",
+                                                "encoding_format": "base64"})  # fmt: skip
+    import base64
+
+    raw = np.frombuffer(base64.b64decode(packed.json()["embedding"]), dtype=np.int8)
+    assert raw.tolist() == ours(url, SENTENCES[:1], embedding_type="int8")[0].tolist()
+
+
+def test_embed_all_gives_the_references_token_embeddings(float32_server: ServerProcess) -> None:
+    """TEI's `/embed_all`: per input, one vector per token that `/tokenize` shows."""
+    from sentence_transformers import SentenceTransformer
+
+    url = float32_server.url
+    got = httpx.post(f"{url}/embed_all", json={"inputs": SENTENCES})
+    assert got.status_code == 200, got.text
+    st = SentenceTransformer(default_source(), device="cpu")
+    tokens = httpx.post(f"{url}/tokenize", json={"inputs": SENTENCES}).json()
+    for text, matrix, shown in zip(SENTENCES, got.json(), tokens, strict=True):
+        want = st.encode([text], output_value="token_embeddings")[0].numpy()
+        assert np.array(matrix).shape == want.shape == (len(shown), 384)
+        np.testing.assert_allclose(matrix, want, atol=1e-5)
+    same = httpx.post(f"{url}/predict", json={"text": SENTENCES[1], "token_embeddings": True})
+    np.testing.assert_allclose(same.json()["embedding"], got.json()[1], atol=1e-7)
+    wrong = httpx.post(f"{url}/predict", json={"text": "x", "token_embeddings": True,
+                                               "embedding_type": "int8"})  # fmt: skip
+    assert wrong.status_code == 422
+    assert "float JSON numbers only" in wrong.text
+
+
+@pytest.fixture(scope="module")
+def prompted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    [kind] = [k for k in EMBEDDERS if k.name == "prompts-excluded-from-pooling"]
+    yield from serve_tiny(tmp_path_factory, "prompted", lambda p: save_embedder(p, kind))
+
+
+def test_cohere_input_type_picks_the_models_prompt(prompted: tuple[Path, str]) -> None:
+    import cohere
+
+    _, url = prompted
+    co = cohere.ClientV2(base_url=url, api_key="unused")
+    # sentence-transformers 6 saves an empty "document" prompt beside the model's own.
+    prompts = httpx.get(f"{url}/model").json()["prompts"]
+    document = "document" if "document" in prompts else "passage"
+    for input_type, prompt in [("search_query", "query"), ("search_document", document),
+                               ("clustering", "query")]:  # fmt: skip
+        got = co.embed(model="x", texts=SENTENCES, input_type=input_type)
+        expected = ours(url, SENTENCES, prompt_name=prompt)
+        np.testing.assert_allclose(got.embeddings.float_, expected, atol=1e-6, err_msg=input_type)

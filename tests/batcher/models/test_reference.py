@@ -8,13 +8,23 @@ import asyncio
 import threading
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from batcher import Engine, EngineConfig, Result, ThreadRunner
-from batcher.models import Encoded, LoadOptions, Options, Output, TextModel
+from batcher.models import (
+    Encoded,
+    LoadOptions,
+    ModelLoadError,
+    Options,
+    Output,
+    TextModel,
+    TokenVectors,
+)
+from batcher.models.probe import PROBE_TEXTS
 from batcher.models.text import HostBatch
 from tests.tiny_models import (
     EMBEDDERS,
@@ -236,3 +246,68 @@ async def test_batches_prepared_ahead_give_sentence_transformers_vectors(
     assert "dev-collate_0" in threads
     reference = SentenceTransformer(str(path), device="cpu").encode(texts, batch_size=3)
     assert_same_vectors(np.array([r.value for r in results]), reference)
+
+
+def test_token_vectors_equal_sentence_transformers_token_embeddings(
+    embedder: tuple[Kind, Path],
+) -> None:
+    """`token_embeddings`: one vector per token (special tokens and any prompt included,
+    no padding rows), beside pooled items in the same batch."""
+    from sentence_transformers import SentenceTransformer
+
+    _, path = embedder
+    st = SentenceTransformer(str(path), device="cpu")
+    # One text a batch: the reference keeps left padding rows in a batch.
+    reference = [st.encode([t], output_value="token_embeddings")[0].numpy() for t in TEXTS]
+    model = load(path)
+    tokens = model.encoder.encode_many(TEXTS, options=Options(token_embeddings=True))
+    pooled = model.encoder.encode_many(TEXTS)
+    outputs = model.predict([x for pair in zip(tokens, pooled, strict=True) for x in pair])
+    for row, (want, item) in enumerate(zip(reference, tokens, strict=True)):
+        got = outputs[2 * row]
+        assert isinstance(got, TokenVectors)
+        assert got.array().shape == want.shape == (len(item.ids), want.shape[1])
+        assert cosines(got.array(), want).min() >= 0.9999
+        assert isinstance(outputs[2 * row + 1], list)
+    assert_same_vectors(np.array(outputs[1::2]), np.array(model.predict(pooled)))
+
+
+def test_int8_ranges_are_the_calibration_texts_extremes_under_the_reference(
+    embedder: tuple[Kind, Path],
+) -> None:
+    """The fixed int8/uint8 ranges: each dimension's minimum and maximum over the
+    sentence-transformers embeddings of the calibration texts, with and without a
+    Matryoshka cut."""
+    from sentence_transformers import SentenceTransformer
+
+    _, path = embedder
+    st = SentenceTransformer(str(path), device="cpu")
+    model = load(path)
+    calibration = model.encoder.calibration
+    assert calibration is not None
+    assert calibration.source == f"built-in ({len(PROBE_TEXTS)} texts)"
+    normalize = model.encoder.spec.normalize
+    for dims in (None, 8):
+        reference = st.encode(list(PROBE_TEXTS), truncate_dim=dims, normalize_embeddings=normalize)
+        extremes = np.vstack((reference.min(axis=0), reference.max(axis=0)))
+        np.testing.assert_allclose(calibration.ranges(dims, normalize), extremes, atol=2e-5)
+
+
+def test_a_calibration_file_sets_the_ranges(tmp_path: Path) -> None:
+    [kind] = [k for k in EMBEDDERS if k.name == "cls"]
+    path = save_embedder(tmp_path / "model", kind)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("first text\n\n  second text  \nthird\n", encoding="utf-8")
+    options = LoadOptions(source=str(path), dtype="float32", compile=False)
+    model = TextModel.load(replace(options, calibration_file=str(texts)))
+    assert model.encoder.calibration is not None
+    assert model.encoder.calibration.source == "texts.txt (3 texts)"
+    vectors = np.array(model.predict(model.encoder.encode_many(["first text", "second text",
+                                                                 "third"])))  # fmt: skip
+    extremes = np.vstack((vectors.min(axis=0), vectors.max(axis=0)))
+    np.testing.assert_allclose(model.encoder.calibration.ranges(None, True), extremes, atol=1e-6)
+    (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
+    with pytest.raises(ModelLoadError, match="has no text"):
+        TextModel.load(replace(options, calibration_file=str(tmp_path / "empty.txt")))
+    with pytest.raises(ModelLoadError, match=r"missing\.txt"):
+        TextModel.load(replace(options, calibration_file=str(tmp_path / "missing.txt")))

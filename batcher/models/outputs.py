@@ -1,0 +1,36 @@
+"""What a text model answers for one input: a pooled embedding (a list of floats), a
+`Classification`, or `TokenVectors`. Plain data: it crosses to front-end processes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    label: str
+    """The label with the highest score."""
+    score: float
+    scores: list[float]
+    """Every label's score (probability, or logit with `raw_scores`), in the order of
+    `TextEncoder.labels`."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenVectors:
+    """One input's token vectors: the model's last hidden state at each of its tokens
+    (special tokens included, padding not), in the order `tokenize` shows them, as the
+    bytes of a row-major little-endian float32 array (cheap to pickle across processes)."""
+
+    data: bytes
+    dimension: int
+
+    def array(self) -> np.ndarray[Any, Any]:
+        """[tokens, dimension], float32."""
+        return np.frombuffer(self.data, dtype="<f4").reshape(-1, self.dimension)
+
+
+Output = list[float] | Classification | TokenVectors
