@@ -35,6 +35,11 @@ class Call:
     """The inputs as the answering version tokenized them."""
     tenant: str | None = None
     """Whose request it is (`server.tenants`); None on a server without tenants."""
+    chunks: dict[int, list[Encoded]] = field(default_factory=dict)
+    """Inputs over the window computed as windows (`server.routes.chunking`), by index:
+    `items` holds their combined form, the engine receives the windows."""
+    weights: dict[int, list[int]] = field(default_factory=dict)
+    """Each chunked input's windows' counts of its tokens: the weights of their mean."""
     _released: bool = False
 
     def __post_init__(self) -> None:

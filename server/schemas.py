@@ -172,6 +172,12 @@ class OutputOptions(BaseModel):
         "byte, signed or not), as sentence-transformers' quantize_embeddings computes them.",
     )
 
+    chunking: Literal["none", "mean"] | None = Field(
+        None,
+        description="embed: mean computes a text over the token limit as windows of it, "
+        "each batched on its own, and answers their token-weighted mean (then "
+        "dimensions and normalize); none cuts or refuses it. Default: --chunking.",
+    )
     token_embeddings: StrictBool = Field(
         False,
         description="embed: one vector per token (the model's last hidden states, special "

@@ -152,6 +152,12 @@ class Settings(BaseSettings):
     )
     max_text_chars: int = Field(4096, ge=1, description="Longest accepted text, in characters.")
     truncate: bool = Field(True, description="Cut texts over the token limit (else they get 422).")
+    chunking: Literal["none", "mean"] = Field(
+        "none",
+        description="mean: embed a text over the token limit as windows of it, each batched "
+        "on its own, combined by their token-weighted mean (unless the request says "
+        "truncate: true); none: cut it (--truncate) or refuse it.",
+    )
     max_client_batch: int = Field(
         2048,
         ge=1,

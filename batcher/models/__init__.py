@@ -24,6 +24,7 @@ from batcher.models.options import (
 )
 
 if TYPE_CHECKING:
+    from batcher.models.chunking import Chunks, combine
     from batcher.models.compiling import (
         CompileState,
         graphs_compiled,
@@ -43,18 +44,20 @@ if TYPE_CHECKING:
         set_threads,
     )
     from batcher.models.encoder import (
-        DEFAULT_OPTIONS,
-        Encoded,
         Encoder,
         EncoderSpec,
-        InvalidOption,
-        Options,
         TextEncoder,
         Token,
         TruncationDirection,
     )
     from batcher.models.errors import (
         ModelLoadError,
+    )
+    from batcher.models.inputs import (
+        DEFAULT_OPTIONS,
+        Encoded,
+        InvalidOption,
+        Options,
     )
     from batcher.models.loading import (
         Loaded,
@@ -76,6 +79,7 @@ if TYPE_CHECKING:
         EMBEDDING_TYPES,
         Calibration,
         EmbeddingType,
+        finish,
         quantize_as,
     )
     from batcher.models.sizing import (
@@ -117,14 +121,17 @@ _LAZY = {
     "disable_progress_bars": "batcher.models.loading",
     "load": "batcher.models.loading",
     "Classification": "batcher.models.outputs",
-    "DEFAULT_OPTIONS": "batcher.models.encoder",
-    "Encoded": "batcher.models.encoder",
-    "InvalidOption": "batcher.models.encoder",
-    "Options": "batcher.models.encoder",
+    "DEFAULT_OPTIONS": "batcher.models.inputs",
+    "Encoded": "batcher.models.inputs",
+    "InvalidOption": "batcher.models.inputs",
+    "Options": "batcher.models.inputs",
     "Output": "batcher.models.outputs",
     "TextModel": "batcher.models.text",
     "EMBEDDING_TYPES": "batcher.models.quantize",
     "Calibration": "batcher.models.quantize",
+    "Chunks": "batcher.models.chunking",
+    "combine": "batcher.models.chunking",
+    "finish": "batcher.models.quantize",
     "EmbeddingType": "batcher.models.quantize",
     "quantize_as": "batcher.models.quantize",
     "Encoder": "batcher.models.encoder",
@@ -149,6 +156,9 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "EMBEDDING_TYPES",
     "Calibration",
+    "Chunks",
+    "combine",
+    "finish",
     "EmbeddingType",
     "quantize_as",
     "DEFAULT_HUB_ID",

@@ -11,77 +11,18 @@ as the model's own tokenizer does."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from tokenizers import Tokenizer
 
+from batcher.models.chunking import Chunks, Wrapping, windows
+from batcher.models.inputs import DEFAULT_OPTIONS, Encoded, InvalidOption, Options
 from batcher.models.probe import PROBE_TEXTS
 from batcher.models.quantize import Calibration
 
 logger = logging.getLogger("batcher.models")
-
-
-@dataclass(frozen=True, slots=True)
-class Options:
-    """One request's choices about its outputs; None means "as the model declares"."""
-
-    normalize: bool | None = None
-    """embed: L2-normalise (default: whether the model ends with a Normalize module)."""
-    prompt_name: str | None = None
-    """embed: one of the model's prompts (default: its `default_prompt_name`, if any)."""
-    prompt: str | None = None
-    """embed: a prompt of the caller's own, put before the text."""
-    dimensions: int | None = None
-    """embed: keep the first N values (Matryoshka), then normalise if normalising."""
-    raw_scores: bool = False
-    """classify/rerank: the logits, without the head's activation."""
-    token_embeddings: bool = False
-    """embed: one vector per token (the model's last hidden states), not the pooled one."""
-
-
-DEFAULT_OPTIONS = Options()
-
-
-class InvalidOption(ValueError):
-    """An option the model cannot honour; `field` names it, the message says what is
-    allowed."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-@dataclass(frozen=True, slots=True)
-class Encoded:
-    """One tokenized input: token ids with special tokens, truncated to the model's limit,
-    and what its output must look like."""
-
-    ids: list[int]
-    truncated: bool
-    type_ids: list[int] | None = None
-    """Segment ids (0 for the text, 1 for its pair), for models that take them."""
-    prompt_tokens: int = 0
-    """Leading tokens (the prompt) that the model leaves out of its pooling."""
-    dimensions: int | None = None
-    normalize: bool = False
-    raw_scores: bool = False
-    tokens: bool = False
-    """embed: answer `TokenVectors` (the hidden state of each token), not the pooled vector."""
-
-    def identity(self) -> Hashable:
-        """What makes two inputs compute the same output: the tokens and every output
-        option (not whether the text was cut, which the output does not depend on)."""
-        segments = None if self.type_ids is None else tuple(self.type_ids)
-        return (tuple(self.ids), segments, self.prompt_tokens, self.dimensions,
-                self.normalize, self.raw_scores, self.tokens)  # fmt: skip
-
-    def __reduce__(self) -> tuple[type[Encoded], tuple[object, ...]]:
-        # Fast pickling to an engine process (batcher.remote): the constructor's arguments.
-        return Encoded, (self.ids, self.truncated, self.type_ids, self.prompt_tokens,
-                         self.dimensions, self.normalize, self.raw_scores,
-                         self.tokens)  # fmt: skip
 
 
 TruncationDirection = Literal["right", "left"]
@@ -180,6 +121,10 @@ class Encoder(Protocol):
         id outside the vocabulary."""
         ...
 
+    def chunk(self, text: str, options: Options = ...) -> Chunks:
+        """A long text as windows that each fit the model (`batcher.models.chunking`)."""
+        ...
+
     def tokenize(
         self, texts: Sequence[str], add_special_tokens: bool = True, prompt_name: str | None = None
     ) -> list[list[Token]]: ...
@@ -207,6 +152,8 @@ class TextEncoder:
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=spec.max_tokens)
         self._left_tokenizer: Any = None
+        self._whole: Any = None
+        self._wrapping: Wrapping | None = None
         self._special_ids = spec.special_ids
         self.vocab_size = int(self._tokenizer.get_vocab_size(with_added_tokens=True))
         self._type_ids = spec.type_ids
@@ -343,6 +290,32 @@ class TextEncoder:
                 [list(s) for s in ids], skip_special_tokens=skip_special_tokens
             )
         )
+
+    def chunk(self, text: str, options: Options = DEFAULT_OPTIONS) -> Chunks:
+        """`text` as consecutive windows that each fit the model's limit
+        (`batcher.models.chunking`): special tokens, the prompt's tokens, a run of the
+        text's tokens; raw outputs asked for (no cut, no normalisation), which the caller
+        combines. Raises InvalidOption."""
+        prompt, _ = self._resolve(options, paired=False)
+        if self._wrapping is None:
+            self._whole = Tokenizer.from_str(self.spec.tokenizer_json)
+            self._whole.no_truncation()
+            self._whole.no_padding()
+            self._wrapping = Wrapping.of(self._whole)
+        before, after = self._wrapping.before, self._wrapping.after
+        prompt_ids = self._whole.encode(prompt, add_special_tokens=False).ids if prompt else []
+        size = self.max_tokens - len(before) - len(after) - len(prompt_ids)
+        if size < 1:
+            raise InvalidOption("chunking", "the prompt leaves no room for the text in a window")
+        content = self._whole.encode(text, add_special_tokens=False).ids
+        pooled_from = 0 if self._prompt_pooled or not prompt else len(before) + len(prompt_ids)
+        out, weights = [], []
+        for run in windows(content, size):
+            ids = [*before, *prompt_ids, *run, *after]
+            type_ids = [0] * len(ids) if self._type_ids else None
+            out.append(Encoded(ids, False, type_ids=type_ids, prompt_tokens=pooled_from))
+            weights.append(len(run))
+        return Chunks(out, weights)
 
     def tokenize(
         self, texts: Sequence[str], add_special_tokens: bool = True, prompt_name: str | None = None

@@ -20,9 +20,10 @@ import torch
 from batcher.errors import DeviceOutOfMemory
 from batcher.models.compiling import CompileState, compile_forward, graphs_compiled
 from batcher.models.description import Dense
-from batcher.models.encoder import Encoded, EncoderSpec, TextEncoder
+from batcher.models.encoder import EncoderSpec, TextEncoder
 from batcher.models.errors import ModelLoadError
 from batcher.models.heads import EmbeddingHead, finish_embeddings
+from batcher.models.inputs import Encoded
 from batcher.models.loading import Loaded, load
 from batcher.models.options import CompileMode, LoadOptions, Task
 from batcher.models.outputs import Classification, Output, TokenVectors

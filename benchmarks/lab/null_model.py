@@ -30,6 +30,7 @@ from typing import Any
 from batcher.models import (
     DEFAULT_OPTIONS,
     Calibration,
+    Chunks,
     Classification,
     Encoded,
     InvalidOption,
@@ -84,6 +85,12 @@ class NullEncoder:
         if pairs is None:
             return [self.encode(t, None, options) for t in texts]
         return [self.encode(t, p, options) for t, p in zip(texts, pairs, strict=True)]
+
+    def chunk(self, text: str, options: Options = DEFAULT_OPTIONS) -> Chunks:
+        """Windows of `max_tokens` code points, combined by the server as a real model's."""
+        ids = [ord(c) for c in text]
+        runs = [ids[i : i + self.max_tokens] for i in range(0, len(ids), self.max_tokens)]
+        return Chunks([Encoded(run, False) for run in runs], [len(run) for run in runs])
 
     def encode_ids(
         self, sequences: Sequence[Sequence[int]], options: Options = DEFAULT_OPTIONS

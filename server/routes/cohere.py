@@ -333,8 +333,9 @@ async def embed_v2(request: Request) -> Response:
         check_embedding_type(model, kind, "embedding_types")
     deadline = deadline_of(engine, runtime, request)
     options = OutputOptions(
-        prompt_name=_prompt_for(model, body.input_type), dimensions=body.output_dimension
-    )
+        prompt_name=_prompt_for(model, body.input_type), dimensions=body.output_dimension,
+        truncate=body.truncate != "NONE",
+    )  # fmt: skip
     direction: TruncationDirection = "left" if body.truncate == "START" else "right"
     field = "texts" if body.texts is not None else "inputs"
     items = await encode_inputs(request, texts, options, field, direction)

@@ -10,8 +10,9 @@ from fastapi.exceptions import RequestValidationError
 
 from batcher.models import Encoded, Encoder, InvalidOption, TruncationDirection
 from server.calls import Call
+from server.routes.chunking import chunk_long_inputs, chunks_long_inputs
 from server.routes.embedding_types import check_embedding_type
-from server.routes.parsing import invalid, loc
+from server.routes.parsing import invalid, loc, runtime_of
 from server.runtime import Runtime
 from server.schemas import OutputOptions
 
@@ -79,10 +80,13 @@ async def encode_inputs(
         body.embedding_type != "float" or body.encoding_format != "float"
     ):
         raise invalid("token_embeddings", "token vectors are sent as float JSON numbers only")
+    chunking = chunks_long_inputs(body, runtime_of(request), model)
     options = body.options()
     try:
         items = await served.encode(inputs, pairs, options, truncation_direction)
     except InvalidOption as exc:
         raise invalid(field if exc.field == "input" else exc.field, str(exc)) from None
+    if chunking:
+        items = await chunk_long_inputs(call, model, inputs, items, options)
     call.record(inputs, pairs, options, truncation_direction, items)
     return items

@@ -27,6 +27,7 @@ from server.calls import Call
 from server.client import EngineHandle
 from server.errors import ClientDisconnected, NotReady, Refused, WrongTask
 from server.quotas import TenantEngine
+from server.routes.chunking import combined, expand
 from server.routes.headers import (
     PRIORITY_HEADER,
     ROUTE_KEY_HEADER,
@@ -129,6 +130,22 @@ async def submit_all(
     request's lane (`lane_of`); the request is cancelled if its client goes away. A
     client batch larger than half the queue goes in waves of that size, so that it is
     split, not refused, however large the cap on client batches (--max-client-batch)."""
+    call: Call = request.state.call
+    if call.chunks:  # texts over the window, as windows: computed, then combined
+        flat, starts = expand(call, items)
+        results = await _submit(request, runtime, engine, flat, deadline, by_size)
+        return combined(call, items, starts, results)
+    return await _submit(request, runtime, engine, items, deadline, by_size)
+
+
+async def _submit(
+    request: Request,
+    runtime: Runtime,
+    engine: EngineHandle,
+    items: Sequence[Encoded],
+    deadline: float,
+    by_size: bool,
+) -> list[Result[Output]]:
     lane = lane_of(request, runtime, len(items), by_size=by_size)
     wave = max(1, engine.config.max_queue_size // 2)
     if len(items) <= wave:
@@ -310,7 +327,7 @@ def reply(request: Request, body: BaseModel | bytes, results: Sequence[Result[Ou
         started: float = request.state.started
         runtime.log.record(call, results, (time.perf_counter() - started) * 1e3)
     runtime.drift.observe(call.served, results)
-    if call.shadows:
+    if call.shadows and not call.chunks:  # a shadow would cut what was chunked here
         runtime.shadows.mirror(call, results)
     headers = {
         "x-model-version": call.served.version,

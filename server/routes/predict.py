@@ -84,9 +84,12 @@ async def predict(request: Request) -> Response:
     deadline = deadline_of(engine, runtime, request)
     [item] = await encode(request, [body.text], pair, body)
     check_tokens([item], model, runtime, "text", body.truncate)
-    lane = lane_of(request, runtime, 1)
-    submitted = engine.submit(item, deadline=deadline, lane=lane)
-    result = await unless_disconnected(request, runtime, submitted)
+    if request.state.call.chunks:  # a text over the window, as windows
+        [result] = await submit_all(request, runtime, engine, [item], deadline)
+    else:
+        lane = lane_of(request, runtime, 1)
+        submitted = engine.submit(item, deadline=deadline, lane=lane)
+        result = await unless_disconnected(request, runtime, submitted)
     [shaped] = _shape(model, [result.value], [item], body)
     kind = LabelResponse if isinstance(shaped, Label) else EmbeddingResponse
     return reply(request, kind.model_construct(**shaped.__dict__, **meta(request, model)), [result])

@@ -79,8 +79,9 @@ async def embed(request: Request) -> Response:
     needs_task(model, "embed", "/embed", "an embedding model")
     deadline = deadline_of(engine, runtime, request)
     options = OutputOptions(
-        normalize=body.normalize, prompt_name=body.prompt_name, dimensions=body.dimensions
-    )
+        normalize=body.normalize, prompt_name=body.prompt_name, dimensions=body.dimensions,
+        truncate=body.truncate,
+    )  # fmt: skip
     direction = cut_side(body.truncation_direction)
     items = await encode_inputs(request, body.inputs, options, "inputs", direction)
     check_tokens(items, model, runtime, "inputs", body.truncate, listed=True)

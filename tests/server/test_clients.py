@@ -452,3 +452,34 @@ def test_cohere_input_type_picks_the_models_prompt(prompted: tuple[Path, str]) -
         got = co.embed(model="x", texts=SENTENCES, input_type=input_type)
         expected = ours(url, SENTENCES, prompt_name=prompt)
         np.testing.assert_allclose(got.embeddings.float_, expected, atol=1e-6, err_msg=input_type)
+
+
+def test_a_chunked_long_text_is_the_token_weighted_mean_of_its_windows(
+    float32_server: ServerProcess,
+) -> None:
+    """`"truncate": false, "chunking": "mean"`: windows of 254 of the text's tokens
+    between [CLS] and [SEP], each pooled by sentence-transformers' own modules, averaged
+    by their token counts, then normalised as the model's Normalize does."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    url = float32_server.url
+    text = " ".join(f"sentence {i} says something about queues and batches." for i in range(60))
+    got = httpx.post(f"{url}/predict", json={"text": text, "truncate": False, "chunking": "mean"})
+    assert got.status_code == 200, got.text
+    st = SentenceTransformer(default_source(), device="cpu")
+    tokenizer = st.tokenizer
+    content = tokenizer(text, add_special_tokens=False)["input_ids"]
+    runs = [content[i : i + 254] for i in range(0, len(content), 254)]
+    assert len(runs) >= 3
+    pooled = []
+    for run in runs:
+        ids = torch.tensor([[tokenizer.cls_token_id, *run, tokenizer.sep_token_id]])
+        features = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                    "token_type_ids": torch.zeros_like(ids)}  # fmt: skip
+        with torch.no_grad():
+            pooled.append(st[1](st[0](features))["sentence_embedding"][0].numpy())
+    mean = np.average(pooled, axis=0, weights=[len(r) for r in runs])
+    np.testing.assert_allclose(got.json()["embedding"], mean / np.linalg.norm(mean), atol=1e-6)
+    short = ours(url, SENTENCES, chunking="mean", truncate=False)
+    np.testing.assert_array_equal(short, ours(url, SENTENCES))

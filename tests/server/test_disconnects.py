@@ -16,7 +16,7 @@ pytestmark = pytest.mark.asyncio
 
 
 async def raw_post(
-    port: int, text: str, path: str = "/predict", field: str = "text"
+    port: int, text: str | list[str], path: str = "/predict", field: str = "text"
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     body = json.dumps({field: text}).encode()
