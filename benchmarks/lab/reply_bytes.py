@@ -113,6 +113,39 @@ async def measure(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     return results
 
 
+def format_costs(repeat: int = 2000) -> dict[str, float]:
+    """Microseconds to turn one 384-float vector into its reply field, in this process, as
+    the server's code does it (`server.routes.embedding_types`, `parsing.vector`, orjson):
+    what each format adds to a request, apart from the model."""
+    import random
+    import timeit
+
+    import numpy as np
+    import orjson
+
+    from batcher.models import Calibration, Encoded
+    from server.routes.embedding_types import as_base64, as_type
+    from server.routes.parsing import vector
+
+    rng = random.Random(0)
+    row = [rng.gauss(0, 0.05) for _ in range(384)]
+    raw = np.array([[rng.gauss(0, 0.05) for _ in range(384)] for _ in range(32)], "<f4")
+
+    class Model:  # what as_type reads of an encoder
+        calibration = Calibration(raw.tobytes(), 384, "timing")
+
+    item = [Encoded([1], False)]
+    ways = {
+        "float": lambda: orjson.dumps(vector(row, "float")),
+        "base64": lambda: orjson.dumps(vector(row, "base64")),
+        "int8": lambda: orjson.dumps(as_type(Model, item, [row], "int8").tolist()[0]),  # type: ignore[arg-type]
+        "ubinary": lambda: orjson.dumps(as_type(Model, item, [row], "ubinary").tolist()[0]),  # type: ignore[arg-type]
+        "ubinary base64": lambda: orjson.dumps(as_base64(as_type(Model, item, [row], "ubinary"))),  # type: ignore[arg-type]
+    }
+    return {name: min(timeit.repeat(way, number=repeat, repeat=5)) / repeat * 1e6
+            for name, way in ways.items()}  # fmt: skip
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| format | clients | reply bytes | embedding bytes | requests/s | p50 ms | p99 ms "
@@ -133,15 +166,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--costs-only", action="store_true", help="only the in-process costs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     pin(1)
+    costs = format_costs()
+    print({k: round(v, 1) for k, v in costs.items()}, flush=True)
+    if args.costs_only:
+        return
     with server(SERVE, args.out / "server.log", cpu=0) as url:
         results = asyncio.run(measure(url, args))
     record = {
         "command": command_line(),
         "environment": describe(),
         "settings": portable_values({k: v for k, v in vars(args).items() if k != "out"}),
+        "format_costs_us": costs,
         "results": results,
     }
     (args.out / "reply_bytes.json").write_text(json.dumps(record, indent=2) + "\n")
