@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from batcher import Lane, Owner, Result
-from batcher.models import Classification, Encoded, Output, TokenVectors
+from batcher.models import Classification, Encoded, Output, SparseVector, TokenVectors
 from server.client import EngineHandle
 from server.in_front import EngineInFront
 from server.shared_cache import SharedCache
@@ -34,6 +34,8 @@ def footprint(item: Encoded, value: Output) -> int:
         return key + 200 + 32 * len(value.scores) + len(value.label)
     if isinstance(value, TokenVectors):
         return key + 100 + len(value.data)
+    if isinstance(value, SparseVector):
+        return key + 150 + len(value.indices) + len(value.values)
     return key + 56 + 32 * len(value)
 
 

@@ -30,7 +30,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from batcher import Result
-from batcher.models import Classification, Output, TokenVectors
+from batcher.models import Classification, Output, SparseVector, TokenVectors
 from server.served import Served
 
 logger = logging.getLogger("microbatch.server")
@@ -99,8 +99,8 @@ class VersionDrift:
 
     def observe(self, values: Iterable[Output]) -> None:
         for value in values:
-            if isinstance(value, TokenVectors):
-                continue  # token vectors: no one vector to follow
+            if isinstance(value, TokenVectors | SparseVector):
+                continue  # token or sparse vectors: no dense vector to follow
             if not isinstance(value, Classification):
                 if self.dimension is None:
                     self.dimension = len(value)

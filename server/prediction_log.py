@@ -30,7 +30,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from batcher import Result
-from batcher.models import Classification, Encoded, Output, TokenVectors
+from batcher.models import Classification, Encoded, Output, SparseVector, TokenVectors
 from server.calls import Call, Input
 from server.log_sinks import SchemaTooNew, Sink
 from server.served import Served
@@ -285,7 +285,7 @@ class PredictionLog:
                 order = sorted(range(len(value.scores)), key=lambda j: -value.scores[j])
                 top_k = json.dumps([[labels[j], value.scores[j]] for j in order[:TOP_K]])
             return value.label, value.score, top_k, None, None
-        if isinstance(value, TokenVectors):
+        if isinstance(value, TokenVectors | SparseVector):
             return None, None, None, None, None
         array = np.asarray(value, dtype=np.float32)
         vector = array.tobytes() if self.vectors else None

@@ -178,6 +178,12 @@ class OutputOptions(BaseModel):
         "each batched on its own, and answers their token-weighted mean (then "
         "dimensions and normalize); none cuts or refuses it. Default: --chunking.",
     )
+    top_k: StrictInt | None = Field(
+        None,
+        ge=1,
+        description="sparse: keep the k largest weights (sentence-transformers' "
+        "max_active_dims); default: every nonzero one.",
+    )
     token_embeddings: StrictBool = Field(
         False,
         description="embed: one vector per token (the model's last hidden states, special "
@@ -193,6 +199,7 @@ class OutputOptions(BaseModel):
             dimensions=self.dimensions,
             raw_scores=self.raw_scores,
             token_embeddings=self.token_embeddings,
+            top_k=self.top_k,
         )
 
 
@@ -244,6 +251,19 @@ class Embedding(BaseModel):
     truncated: bool = Field(description="The text was cut to the model's token limit.")
 
 
+class SparseWeight(BaseModel):
+    index: int = Field(description="The vocabulary entry (a token id: /decode names it).")
+    value: float
+
+
+class Sparse(BaseModel):
+    sparse: list[SparseWeight] = Field(
+        description="A sparse model's nonzero weights by vocabulary index (ascending): "
+        "sentence-transformers' SparseEncoder.encode."
+    )
+    truncated: bool
+
+
 class Label(BaseModel):
     label: str = Field(description="The label with the highest score.")
     score: float = Field(
@@ -269,8 +289,12 @@ class LabelResponse(Label, PredictMeta):
     pass
 
 
+class SparseResponse(Sparse, PredictMeta):
+    pass
+
+
 class BatchResponse(PredictMeta):
-    results: list[Embedding] | list[Label]
+    results: list[Embedding] | list[Label] | list[Sparse]
 
 
 class Status(BaseModel):

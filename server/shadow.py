@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -21,7 +22,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from batcher import Result
-from batcher.models import Classification, Output
+from batcher.models import Classification, Output, SparseVector
 from server.calls import Call
 from server.drift import Drift
 from server.prediction_log import PredictionLog
@@ -59,11 +60,17 @@ class Agreement:
         n, task = self.items, self.task
         ranked = self.rankings
         return {
-            "cosine": self.cosine_sum / n if n and task == "embed" else None,
+            "cosine": self.cosine_sum / n if n and task in VECTORS else None,
             "label_agreement": self.same_label / n if n and task == "classify" else None,
-            "score_difference": self.score_difference_sum / n if n and task != "embed" else None,
+            "score_difference": (
+                self.score_difference_sum / n if n and task not in VECTORS else None
+            ),
             "rank_correlation": self.rank_correlation_sum / ranked if ranked else None,
         }
+
+
+VECTORS = ("embed", "sparse")
+"""The tasks whose answers compare by cosine."""
 
 
 class Shadows:
@@ -169,7 +176,7 @@ class Shadows:
         pair = self.pairs.get(key)
         if pair is None:
             pair = self.pairs[key] = Agreement(*key, task=task)
-        if task == "embed":
+        if task in VECTORS:
             found: list[float | None] = []
             for a, b in zip(ours, theirs, strict=True):
                 cosine = _cosine(a, b)
@@ -216,11 +223,20 @@ class Shadows:
 
 
 def _cosine(a: Output, b: Output) -> float | None:
+    if isinstance(a, SparseVector) and isinstance(b, SparseVector):
+        return _sparse_cosine(a, b)
     if not (isinstance(a, list) and isinstance(b, list)) or len(a) != len(b):
         return None  # other dimensions: not comparable
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     norms = float(np.linalg.norm(x) * np.linalg.norm(y))
     return float(x @ y) / norms if norms > 0 else None
+
+
+def _sparse_cosine(a: SparseVector, b: SparseVector) -> float | None:
+    x = {int(p["index"]): p["value"] for p in a.pairs()}
+    y = {int(p["index"]): p["value"] for p in b.pairs()}
+    norms = math.sqrt(sum(v * v for v in x.values()) * sum(v * v for v in y.values()))
+    return sum(v * y.get(i, 0.0) for i, v in x.items()) / norms if norms > 0 else None
 
 
 def _score_of(answer: Classification, label: str, labels: Sequence[str]) -> float | None:

@@ -22,7 +22,7 @@ import numpy as np
 import orjson
 from prometheus_client import Counter
 
-from batcher.models import Classification, Encoded, Output, TokenVectors
+from batcher.models import Classification, Encoded, Output, SparseVector, TokenVectors
 
 logger = logging.getLogger("microbatch.server")
 
@@ -37,6 +37,8 @@ def shared_key(namespace: str, item: Encoded) -> bytes:
     h.update(struct.pack("<qq??", *options, item.normalize, item.raw_scores))
     if item.tokens:
         h.update(b"|tokens")
+    if item.top_k is not None:
+        h.update(b"|top_k" + struct.pack("<q", item.top_k))
     return namespace.encode() + h.digest()
 
 
@@ -45,6 +47,8 @@ def encode_output(value: Output) -> bytes:
         return b"C" + orjson.dumps([value.label, value.score, value.scores])
     if isinstance(value, TokenVectors):
         return b"T" + struct.pack("<q", value.dimension) + value.data
+    if isinstance(value, SparseVector):
+        return b"S" + struct.pack("<q", len(value.indices)) + value.indices + value.values
     return b"E" + np.asarray(value, dtype="<f4").tobytes()
 
 
@@ -58,6 +62,11 @@ def decode_output(data: bytes) -> Output:
         if dimension < 1 or (len(data) - 9) % (4 * dimension):
             raise ValueError("not a cached output")
         return TokenVectors(data[9:], dimension)
+    if data[:1] == b"S" and len(data) >= 9:
+        [size] = struct.unpack("<q", data[1:9])
+        if size < 0 or size % 4 or len(data) != 9 + 2 * size:
+            raise ValueError("not a cached output")
+        return SparseVector(data[9 : 9 + size], data[9 + size :])
     if data[:1] == b"E":
         return np.frombuffer(data[1:], dtype="<f4").astype(float).tolist()  # type: ignore[no-any-return]
     raise ValueError("not a cached output")

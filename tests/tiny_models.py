@@ -232,3 +232,36 @@ def save_multi_label_classifier(path: Path) -> Path:
 def save_nli_classifier(path: Path) -> Path:
     """A pair classifier with three softmax labels."""
     return _classifier(path, {0: "contradiction", 1: "entailment", 2: "neutral"})
+
+
+SPARSE_KINDS = [("max", "relu"), ("sum", "relu"), ("max", "log1p_relu")]
+"""SpladePooling's strategies and activations, as `save_sparse_encoder` takes them."""
+
+
+def save_sparse_encoder(
+    path: Path, pooling: str = "max", activation: str = "relu", *, legacy: bool = False
+) -> Path:
+    """A tiny SPLADE model: a BERT masked-language model and SpladePooling, saved by
+    sentence-transformers (`legacy`: with the older MLMTransformer module), with query and
+    document prompts."""
+    import torch
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.modules import MLMTransformer, SpladePooling
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    mlm = path.parent / f"{path.name}-mlm"
+    BertForMaskedLM(BertConfig(**TINY)).save_pretrained(mlm, safe_serialization=True)
+    _tokenizer().save_pretrained(mlm)
+    if legacy:
+        first: Any = MLMTransformer(str(mlm))
+    else:
+        from sentence_transformers.models import Transformer
+
+        first = Transformer(str(mlm), transformer_task="fill-mask")
+    splade = SpladePooling(pooling, activation_function=activation)  # type: ignore[arg-type]
+    model = SparseEncoder(
+        modules=[first, splade], prompts={"query": "query: ", "document": ""}, device="cpu"
+    )
+    model.save(str(path))
+    return path

@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     from batcher.models.outputs import (
         Classification,
         Output,
+        SparseVector,
         TokenVectors,
     )
     from batcher.models.quantize import (
@@ -139,6 +140,7 @@ _LAZY = {
     "TextEncoder": "batcher.models.encoder",
     "Token": "batcher.models.encoder",
     "TokenVectors": "batcher.models.outputs",
+    "SparseVector": "batcher.models.outputs",
     "TruncationDirection": "batcher.models.encoder",
     "unpack_output": "batcher.models.wire",
 }
@@ -194,6 +196,7 @@ __all__ = [
     "TextModel",
     "Token",
     "TokenVectors",
+    "SparseVector",
     "TruncationDirection",
     "UnsupportedModel",
     "cpu_budget",

@@ -1,8 +1,8 @@
 """What a model says it computes, read from its files the way sentence-transformers reads
 them: `modules.json`, the Transformer's `sentence_bert_config.json`, `1_Pooling/config.json`
 (the legacy `pooling_mode_*_token` flags and the current `pooling_mode` string), `Dense`,
-`Normalize`, and the prompts and CrossEncoder settings of
-`config_sentence_transformers.json` (and of `config.json` for older CrossEncoders).
+`Normalize`, a SparseEncoder's `SpladePooling`, and the prompts and CrossEncoder settings
+of `config_sentence_transformers.json` (and of `config.json` for older CrossEncoders).
 
 Pure file reading, no torch: the numbers these describe are computed in
 `batcher.models.heads`. A module that microbatch cannot reproduce exactly is refused here,
@@ -30,7 +30,7 @@ LEGACY_POOLING_FLAGS: dict[str, PoolingMode] = {
     "pooling_mode_lasttoken": "lasttoken",
 }
 
-Kind = Literal["sentence-transformers", "cross-encoder", "transformers"]
+Kind = Literal["sentence-transformers", "cross-encoder", "sparse-encoder", "transformers"]
 SUPPORTED_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
 TRANSFORMER_CONFIGS = (
     "sentence_bert_config.json",
@@ -83,6 +83,15 @@ Step = Dense | Normalize
 
 
 @dataclass(frozen=True, slots=True)
+class Splade:
+    """A SparseEncoder's `SpladePooling`: `pool(activation(logits))` over the tokens, one
+    weight per vocabulary entry. `relu`: log(1 + relu(x)); `log1p_relu`: log of that + 1."""
+
+    pooling: Literal["max", "sum"]
+    activation: Literal["relu", "log1p_relu"]
+
+
+@dataclass(frozen=True, slots=True)
 class Description:
     """Everything about a model that decides what its outputs are."""
 
@@ -102,6 +111,8 @@ class Description:
     default_prompt_name: str | None = None
     activation: str | None = None
     """A CrossEncoder's declared `activation_fn` (dotted name), if any."""
+    splade: Splade | None = None
+    """A SparseEncoder's pooling of its masked-language-model logits."""
 
     @property
     def embedding_dimension(self) -> int | None:
@@ -130,12 +141,14 @@ def read(root: Path | None) -> Description:
         return PLAIN
     st_config = _json(root / "config_sentence_transformers.json") or {}
     model_type = st_config.get("model_type")
-    if model_type not in (None, "SentenceTransformer", "CrossEncoder"):
+    if model_type not in (None, "SentenceTransformer", "CrossEncoder", "SparseEncoder"):
         raise UnsupportedModel(
             f"this is a sentence-transformers {model_type}; microbatch serves "
-            "SentenceTransformer (dense embeddings) and CrossEncoder models"
+            "SentenceTransformer (dense embeddings), SparseEncoder and CrossEncoder models"
         )
     modules = _json(root / "modules.json")
+    if model_type == "SparseEncoder":
+        return _sparse_encoder(root, modules or [], st_config)
     if model_type == "CrossEncoder" or (modules is None and _is_legacy_cross_encoder(root)):
         return _cross_encoder(root, modules, st_config)
     if modules is None:
@@ -241,7 +254,8 @@ def _transformer(root: Path, entry: Mapping[str, Any], *, task: str) -> _Transfo
             f"the Transformer module runs the task {declared!r}; microbatch computes {task!r} here"
         )
     text = (config.get("modality_config") or {}).get("text", {})
-    expected_output = "logits" if task == "sequence-classification" else "last_hidden_state"
+    logits = task in ("sequence-classification", "fill-mask")
+    expected_output = "logits" if logits else "last_hidden_state"
     output = text.get("method_output_name", expected_output)
     if text.get("method", "forward") != "forward" or output != expected_output:
         raise UnsupportedModel(
@@ -370,4 +384,45 @@ def _cross_encoder(
         max_seq_length=transformer.max_seq_length,
         do_lower_case=transformer.do_lower_case,
         activation=str(activation) if activation is not None else None,
+    )
+
+
+SPLADE_POOLINGS = ("max", "sum")
+SPLADE_ACTIVATIONS = ("relu", "log1p_relu")
+
+
+def _sparse_encoder(
+    root: Path, modules: list[dict[str, Any]], st_config: Mapping[str, Any]
+) -> Description:
+    """A SparseEncoder of one masked-language model and its `SpladePooling`; the
+    inference-free layout (a Router with a static query module) and sparse
+    auto-encoders (CSR) are refused."""
+    names = [_class_name(m) for m in modules]
+    if names[:1] not in (["Transformer"], ["MLMTransformer"]) or names[1:] != ["SpladePooling"]:
+        shown = ", ".join(names) or "no modules.json"
+        raise UnsupportedModel(
+            f"this SparseEncoder is made of {shown}; microbatch serves SparseEncoders of a "
+            "masked-language-model Transformer and SpladePooling (not inference-free "
+            "Routers or sparse auto-encoders)"
+        )
+    transformer = _transformer(root, modules[0], task="fill-mask")
+    path = str(modules[1].get("path", ""))
+    config = _json(root / path / "config.json") or {}
+    pooling = config.get("pooling_strategy", "max")
+    activation = config.get("activation_function", "relu")
+    if pooling not in SPLADE_POOLINGS or activation not in SPLADE_ACTIVATIONS:
+        raise UnsupportedModel(
+            f"SpladePooling with {pooling!r} pooling and {activation!r} activation; "
+            f"microbatch computes {', '.join(SPLADE_POOLINGS)} of "
+            f"{', '.join(SPLADE_ACTIVATIONS)}"
+        )
+    prompts, default_prompt_name = _prompts(st_config)
+    return Description(
+        kind="sparse-encoder",
+        transformer_path=transformer.path,
+        max_seq_length=transformer.max_seq_length,
+        do_lower_case=transformer.do_lower_case,
+        prompts=prompts,
+        default_prompt_name=default_prompt_name,
+        splade=Splade(pooling, activation),
     )

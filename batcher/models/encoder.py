@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 from batcher.models.chunking import Chunks, Wrapping, windows
 from batcher.models.inputs import DEFAULT_OPTIONS, Encoded, InvalidOption, Options
+from batcher.models.options import Task
 from batcher.models.probe import PROBE_TEXTS
 from batcher.models.quantize import Calibration
 
@@ -66,7 +67,7 @@ class EncoderSpec:
     front-end processes."""
 
     name: str
-    task: Literal["embed", "classify", "rerank"]
+    task: Task
     tokenizer_json: str
     max_tokens: int
     labels: tuple[str, ...] = ()
@@ -92,7 +93,7 @@ class Encoder(Protocol):
     its inputs turned into `Encoded` items. `TextEncoder` is the real one."""
 
     name: str
-    task: Literal["embed", "classify", "rerank"]
+    task: Task
     labels: tuple[str, ...]
     max_tokens: int
     calibration: Calibration | None
@@ -340,16 +341,19 @@ class TextEncoder:
 
     def _resolve(self, options: Options, paired: bool) -> tuple[str, dict[str, Any]]:
         """The prompt text and the output fields of `Encoded`, or InvalidOption."""
-        if self.task != "embed":
-            if options.token_embeddings:
-                raise InvalidOption(
-                    "token_embeddings",
-                    f"token vectors come from embedding models; this is a {self.task} model",
-                )
+        task = self.task
+        if options.token_embeddings and task != "embed":
+            raise InvalidOption(
+                "token_embeddings", f"token vectors come from embedding models; this is a "
+                f"{task} model",
+            )  # fmt: skip
+        if options.top_k is not None and task != "sparse":
+            raise InvalidOption("top_k", f"top_k applies to sparse models; this is a {task} model")
+        if task in ("classify", "rerank"):
             for name in ("normalize", "prompt_name", "prompt", "dimensions"):
                 if getattr(options, name) is not None:
                     raise InvalidOption(
-                        name, f"{name} applies to embedding models; this is a {self.task} model"
+                        name, f"{name} applies to embedding models; this is a {task} model"
                     )
             return "", {"raw_scores": options.raw_scores}
         if paired:
@@ -358,31 +362,20 @@ class TextEncoder:
                 "this model embeds single texts; text pairs need a classify or rerank model",
             )
         if options.raw_scores:
+            which = "this one embeds" if task == "embed" else f"this is a {task} model"
             raise InvalidOption(
-                "raw_scores", "raw_scores applies to classify and rerank models; this one embeds"
+                "raw_scores", f"raw_scores applies to classify and rerank models; {which}"
             )
-        if options.token_embeddings:
+        if task == "sparse" or options.token_embeddings:
+            what = "sparse vectors" if task == "sparse" else "token vectors"
             for name in ("normalize", "dimensions"):
                 if getattr(options, name) is not None:
-                    raise InvalidOption(
-                        name, f"{name} applies to pooled embeddings, not to token vectors"
-                    )
-        prompts = self.spec.prompts
-        if options.prompt is not None and options.prompt_name is not None:
-            raise InvalidOption("prompt", "give prompt_name or prompt, not both")
-        if options.prompt is not None:
-            prompt = options.prompt
-        elif options.prompt_name is not None:
-            if options.prompt_name not in prompts:
-                known = ", ".join(repr(p) for p in sorted(prompts)) or "none"
-                raise InvalidOption(
-                    "prompt_name",
-                    f"unknown prompt {options.prompt_name!r}; this model's prompts: {known} "
-                    "(or send your own in `prompt`)",
-                )
-            prompt = prompts[options.prompt_name]
-        else:
-            prompt = self.spec.default_prompt
+                    raise InvalidOption(name, f"{name} applies to pooled embeddings, not to {what}")
+        prompt = self._prompt(options)
+        if task == "sparse":
+            if options.top_k is not None and options.top_k < 1:
+                raise InvalidOption("top_k", f"top_k must be at least 1, got {options.top_k}")
+            return prompt, {"top_k": options.top_k}
         dims = options.dimensions
         if dims is not None and not (self.dimension is not None and 1 <= dims <= self.dimension):
             raise InvalidOption(
@@ -392,6 +385,25 @@ class TextEncoder:
         if options.token_embeddings:
             return prompt, {"tokens": True}
         return prompt, {"dimensions": dims, "normalize": normalize}
+
+    def _prompt(self, options: Options) -> str:
+        """The text put before the input: the request's own, one of the model's by name,
+        or the model's default (often none)."""
+        prompts = self.spec.prompts
+        if options.prompt is not None and options.prompt_name is not None:
+            raise InvalidOption("prompt", "give prompt_name or prompt, not both")
+        if options.prompt is not None:
+            return options.prompt
+        if options.prompt_name is None:
+            return self.spec.default_prompt
+        if options.prompt_name not in prompts:
+            known = ", ".join(repr(p) for p in sorted(prompts)) or "none"
+            raise InvalidOption(
+                "prompt_name",
+                f"unknown prompt {options.prompt_name!r}; this model's prompts: {known} "
+                "(or send your own in `prompt`)",
+            )
+        return prompts[options.prompt_name]
 
     def _prompt_length(self, prompt: str) -> int:
         """The prompt's tokens as sentence-transformers counts them: the prompt alone,

@@ -15,11 +15,13 @@ import importlib
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from batcher.models.description import Dense, Pooling, PoolingMode, Step
+from batcher.models.description import Dense, Pooling, PoolingMode, Splade, Step
+from batcher.models.outputs import SparseVector
 
 
 def activation_module(dotted: str) -> nn.Module:
@@ -132,6 +134,32 @@ class EmbeddingHead(nn.Module):
         for step in self.steps:
             x = step(x)
         return x
+
+
+def splade(logits: Tensor, attention_mask: Tensor, spec: Splade) -> Tensor:
+    """sentence-transformers' `SpladePooling`: one weight per vocabulary entry, the max
+    (or sum) over the real tokens of log(1 + relu(logit)) (`log1p_relu`: its log1p
+    again), in float32. Padding rows are zeroed before the activation, as there."""
+    mask = attention_mask.unsqueeze(-1).to(torch.float32)
+    weights = (logits.float() * mask).relu().log1p()
+    if spec.activation == "log1p_relu":
+        weights = weights.log1p()
+    return weights.amax(dim=1) if spec.pooling == "max" else weights.sum(dim=1)
+
+
+def sparse_rows(weights: Tensor, top_k: Sequence[int | None]) -> list[SparseVector]:
+    """Each row's nonzero weights by vocabulary index (ascending), the `top_k` largest
+    kept where asked (sentence-transformers' `max_active_dims`); one host copy."""
+    host = weights.float().cpu().numpy()
+    out = []
+    for row, k in zip(host, top_k, strict=True):
+        indices = np.flatnonzero(row)
+        if k is not None and len(indices) > k:
+            kept = np.argpartition(row[indices], len(indices) - k)[len(indices) - k :]
+            indices = np.sort(indices[kept])
+        values = row[indices].astype("<f4")
+        out.append(SparseVector(indices.astype("<i4").tobytes(), values.tobytes()))
+    return out
 
 
 K = TypeVar("K", bound=Hashable)

@@ -24,6 +24,8 @@ class Options:
     """classify/rerank: the logits, without the head's activation."""
     token_embeddings: bool = False
     """embed: one vector per token (the model's last hidden states), not the pooled one."""
+    top_k: int | None = None
+    """sparse: keep the k largest weights."""
 
 
 DEFAULT_OPTIONS = Options()
@@ -54,16 +56,18 @@ class Encoded:
     raw_scores: bool = False
     tokens: bool = False
     """embed: answer `TokenVectors` (the hidden state of each token), not the pooled vector."""
+    top_k: int | None = None
+    """sparse: keep the k largest weights."""
 
     def identity(self) -> Hashable:
         """What makes two inputs compute the same output: the tokens and every output
         option (not whether the text was cut, which the output does not depend on)."""
         segments = None if self.type_ids is None else tuple(self.type_ids)
         return (tuple(self.ids), segments, self.prompt_tokens, self.dimensions,
-                self.normalize, self.raw_scores, self.tokens)  # fmt: skip
+                self.normalize, self.raw_scores, self.tokens, self.top_k)  # fmt: skip
 
     def __reduce__(self) -> tuple[type[Encoded], tuple[object, ...]]:
         # Fast pickling to an engine process (batcher.remote): the constructor's arguments.
         return Encoded, (self.ids, self.truncated, self.type_ids, self.prompt_tokens,
                          self.dimensions, self.normalize, self.raw_scores,
-                         self.tokens)  # fmt: skip
+                         self.tokens, self.top_k)  # fmt: skip

@@ -12,6 +12,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
@@ -92,6 +93,14 @@ def resolve_task(option: TaskOption, config: Any, description: Description = PLA
     head for fails."""
     has_head = _has_head(config, description)
     labels = int(getattr(config, "num_labels", 0) or 0)
+    sparse = description.kind == "sparse-encoder"
+    if option == "auto" and sparse:
+        return "sparse"
+    if (option == "sparse") != sparse:
+        what = "a SparseEncoder (SPLADE)" if sparse else "not a SparseEncoder"
+        raise ModelLoadError(
+            f"task {option!r} does not fit this model: it is {what} (leave --task auto)"
+        )
     if option == "auto":
         if description.kind == "sentence-transformers" or not has_head:
             return "embed"
@@ -225,7 +234,9 @@ def load(options: LoadOptions) -> Loaded:
         tokenizer = AutoTokenizer.from_pretrained(
             where, subfolder=subfolder, trust_remote_code=remote
         )
-        auto = AutoModel if task == "embed" else AutoModelForSequenceClassification
+        auto = {"embed": AutoModel, "sparse": AutoModelForMaskedLM}.get(
+            task, AutoModelForSequenceClassification
+        )
         model = auto.from_pretrained(
             where, subfolder=subfolder, use_safetensors=True, trust_remote_code=remote,
             dtype=dtype,
@@ -261,6 +272,12 @@ def load(options: LoadOptions) -> Loaded:
         return Loaded(
             name, task, model, tokenizer, device, precision, max_tokens, (), description,
             head=head, probe_dtype=probe_dtype,
+        )  # fmt: skip
+    if task == "sparse":
+        logger.info("loaded %s for sparse on %s (%s): %s", name, device, shown, description)
+        return Loaded(
+            name, task, model, tokenizer, device, precision, max_tokens, (), description,
+            probe_dtype=probe_dtype,
         )  # fmt: skip
     id2label = config.id2label
     labels = tuple(str(id2label[i]) for i in range(len(id2label)))

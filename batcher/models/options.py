@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-Task = Literal["embed", "classify", "rerank"]
-TaskOption = Literal["auto", "embed", "classify", "rerank"]
+Task = Literal["embed", "classify", "rerank", "sparse"]
+TaskOption = Literal["auto", "embed", "classify", "rerank", "sparse"]
 TASKS: tuple[Task, ...] = get_args(Task)
 DtypeOption = Literal["auto", "float32", "float16", "bfloat16"]
 CompileMode = Literal["default", "reduce-overhead"]

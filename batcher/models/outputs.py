@@ -1,5 +1,6 @@
 """What a text model answers for one input: a pooled embedding (a list of floats), a
-`Classification`, or `TokenVectors`. Plain data: it crosses to front-end processes."""
+`Classification`, `TokenVectors`, or a `SparseVector`. Plain data: it crosses to front-end
+processes."""
 
 from __future__ import annotations
 
@@ -33,4 +34,19 @@ class TokenVectors:
         return np.frombuffer(self.data, dtype="<f4").reshape(-1, self.dimension)
 
 
-Output = list[float] | Classification | TokenVectors
+@dataclass(frozen=True, slots=True)
+class SparseVector:
+    """A sparse model's output: its nonzero weights, by vocabulary index (ascending), as
+    the bytes of little-endian int32 indices and float32 values."""
+
+    indices: bytes
+    values: bytes
+
+    def pairs(self) -> list[dict[str, float | int]]:
+        """`[{"index": i, "value": w}, ...]`, as TEI's `/embed_sparse` answers."""
+        indices = np.frombuffer(self.indices, dtype="<i4").tolist()
+        values = np.frombuffer(self.values, dtype="<f4").tolist()
+        return [{"index": i, "value": v} for i, v in zip(indices, values, strict=True)]
+
+
+Output = list[float] | Classification | TokenVectors | SparseVector

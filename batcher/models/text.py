@@ -5,7 +5,6 @@ split the outputs back, finished per item (`batcher.models.heads`), once per bat
 from __future__ import annotations
 
 import copy
-import inspect
 import itertools
 import logging
 import os
@@ -20,9 +19,10 @@ import torch
 from batcher.errors import DeviceOutOfMemory
 from batcher.models.compiling import CompileState, compile_forward, graphs_compiled
 from batcher.models.description import Dense
-from batcher.models.encoder import EncoderSpec, TextEncoder
+from batcher.models.encoder import TextEncoder
 from batcher.models.errors import ModelLoadError
-from batcher.models.heads import EmbeddingHead, finish_embeddings
+from batcher.models.forwards import Forward, Inputs, encoder_spec, forward_of
+from batcher.models.heads import finish_embeddings, sparse_rows
 from batcher.models.inputs import Encoded
 from batcher.models.loading import Loaded, load
 from batcher.models.options import CompileMode, LoadOptions, Task
@@ -39,12 +39,6 @@ WarmStep = Callable[[int, int, str], None]
 """Told of each warm-up shape before it runs: (step, steps, what)."""
 
 
-Inputs = dict[str, torch.Tensor]
-Forward = Callable[[Inputs, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
-"""(inputs, pool mask) -> (pooled vectors or logits, an embedding model's last hidden
-states: what token vectors are cut from, already computed, so returned at no cost)."""
-
-
 @dataclass(frozen=True, slots=True)
 class HostBatch:
     """A batch's padded inputs on the host (`TextModel.prepare`), before the device."""
@@ -54,56 +48,6 @@ class HostBatch:
     token_type_ids: torch.Tensor | None
     pool_mask: torch.Tensor | None
     """The tokens to pool, where it differs from `attention_mask` (a prompt not pooled)."""
-
-
-def _embed_forward(model: Any, head: EmbeddingHead) -> Forward:
-    def forward(inputs: Inputs, pool_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = model(**inputs).last_hidden_state
-        out: torch.Tensor = head(hidden, inputs["attention_mask"], pool_mask)
-        return out, hidden
-
-    return forward
-
-
-def _classify_forward(model: Any) -> Forward:
-    def forward(inputs: Inputs, pool_mask: torch.Tensor) -> tuple[torch.Tensor, None]:
-        logits: torch.Tensor = model(**inputs).logits
-        return logits.float(), None
-
-    return forward
-
-
-def _forward_of(loaded: Loaded) -> Forward:
-    if loaded.task == "embed":
-        assert loaded.head is not None, "an embedding model needs its head; this is a bug"
-        return _embed_forward(loaded.model, loaded.head)
-    return _classify_forward(loaded.model)
-
-
-def _takes_type_ids(loaded: Loaded) -> bool:
-    accepts = inspect.signature(loaded.model.forward).parameters
-    names = getattr(loaded.tokenizer, "model_input_names", ())
-    return "token_type_ids" in accepts and "token_type_ids" in names
-
-
-def encoder_spec(loaded: Loaded) -> EncoderSpec:
-    """What the HTTP side needs to encode inputs for `loaded`, as plain data."""
-    description = loaded.description
-    pooling = description.pooling
-    return EncoderSpec(
-        name=loaded.name,
-        task=loaded.task,
-        tokenizer_json=loaded.tokenizer.backend_tokenizer.to_str(),
-        max_tokens=loaded.max_tokens,
-        labels=loaded.labels,
-        type_ids=_takes_type_ids(loaded),
-        special_ids=frozenset(getattr(loaded.tokenizer, "all_special_ids", ())),
-        normalize=description.normalize,
-        prompts=dict(description.prompts),
-        default_prompt=description.default_prompt,
-        prompt_pooled=pooling is None or pooling.include_prompt,
-        dimension=description.embedding_dimension if loaded.task == "embed" else None,
-    )
 
 
 class TextModel:
@@ -131,7 +75,7 @@ class TextModel:
         self._pad_id = int(loaded.tokenizer.pad_token_id or 0)
         self._type_ids = self.encoder.spec.type_ids
         self._prompt_pooled = self.encoder.spec.prompt_pooled
-        self._eager: Forward = _forward_of(loaded)
+        self._eager: Forward = forward_of(loaded)
         self._forward: Forward = self._eager
         self.compile_state = CompileState(requested=compile, mode=compile_mode)
         self._collate_ahead = collate_ahead
@@ -195,14 +139,14 @@ class TextModel:
         reference = self._outputs(self._eager, items)
         lower: Any = copy.deepcopy(self.loaded.model)
         lower.to(dtype)
-        candidate = self._outputs(_forward_of(replace(self.loaded, model=lower)), items)
+        candidate = self._outputs(forward_of(replace(self.loaded, model=lower)), items)
         precision = judge(reference, candidate, dtype, min_accuracy)
         if precision.dtype == dtype:
             self.loaded = replace(self.loaded, model=lower, precision=precision, probe_dtype=None)
         else:
             self.loaded = replace(self.loaded, precision=precision, probe_dtype=None)
         del lower
-        self._eager = self._forward = _forward_of(self.loaded)
+        self._eager = self._forward = forward_of(self.loaded)
         log = logger.info if precision.dtype == dtype else logger.warning
         log("precision %s (probe %.1fs): %s", precision.name, time.perf_counter() - started,
             precision.reason)  # fmt: skip
@@ -306,6 +250,8 @@ class TextModel:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise DeviceOutOfMemory(f"a batch of {len(items)} did not fit on {self.device}")
+        if self.task == "sparse":
+            return cast("list[Output]", sparse_rows(out, [i.top_k for i in items]))
         host = out.cpu()
         if self.task == "embed":
             dims, norms = [i.dimensions for i in items], [i.normalize for i in items]
@@ -433,6 +379,16 @@ class TextModel:
                 "calibration": None
                 if self.encoder.calibration is None
                 else self.encoder.calibration.source,
+            }
+        elif self.task == "sparse":
+            splade_ = self.description.splade
+            assert splade_ is not None
+            described |= {
+                "pooling": ["splade"],
+                "splade": {"pooling": splade_.pooling, "activation": splade_.activation},
+                "dimension": int(self.loaded.model.config.vocab_size),
+                "prompts": dict(self.description.prompts),
+                "default_prompt_name": self.description.default_prompt_name,
             }
         else:
             described |= {"head_activation": self.loaded.activation, "text_pairs": True}

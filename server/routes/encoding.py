@@ -71,7 +71,7 @@ async def encode_inputs(
     call: Call = request.state.call
     served = call.served
     model = served.encoder
-    if body.all_scores and model.task == "embed":
+    if body.all_scores and model.task in ("embed", "sparse"):
         raise invalid("all_scores", "all_scores applies to classify and rerank models")
     if body.encoding_format != "float" and model.task != "embed":
         raise invalid("encoding_format", "encoding_format applies to embedding models")

@@ -7,7 +7,7 @@ from typing import cast
 
 from fastapi import APIRouter, Request, Response
 
-from batcher.models import Classification, Encoded, Encoder, Output, TokenVectors
+from batcher.models import Classification, Encoded, Encoder, Output, SparseVector, TokenVectors
 from server.routes.embedding_types import as_base64, as_type
 from server.routes.encoding import check_tokens, encode
 from server.routes.headers import deadline_of, lane_of
@@ -31,7 +31,10 @@ from server.schemas import (
     Label,
     LabelResponse,
     OutputOptions,
+    PredictMeta,
     PredictRequest,
+    Sparse,
+    SparseResponse,
 )
 
 router = APIRouter(tags=["microbatch"])
@@ -39,10 +42,15 @@ router = APIRouter(tags=["microbatch"])
 
 def _shape(
     model: Encoder, values: Sequence[Output], items: Sequence[Encoded], body: OutputOptions
-) -> list[Embedding] | list[Label]:
+) -> list[Embedding] | list[Label] | list[Sparse]:
     # model_construct: the engine typed these values already; validating them again
     # would be a second pass over every float. One model, one task: all embeddings or
     # all labels.
+    if model.task == "sparse":
+        return [
+            Sparse.model_construct(sparse=cast("SparseVector", v).pairs(), truncated=i.truncated)  # type: ignore[arg-type]
+            for v, i in zip(values, items, strict=True)
+        ]
     if model.task != "embed":
         labels = model.labels
         shaped = []
@@ -70,7 +78,7 @@ def _shape(
 
 @router.post(
     "/predict",
-    response_model=EmbeddingResponse | LabelResponse,
+    response_model=EmbeddingResponse | LabelResponse | SparseResponse,
     summary="Predict for one text; batched with concurrent requests",
     responses=PREDICT_ERRORS,
     openapi_extra=openapi_body(PredictRequest),
@@ -91,7 +99,9 @@ async def predict(request: Request) -> Response:
         submitted = engine.submit(item, deadline=deadline, lane=lane)
         result = await unless_disconnected(request, runtime, submitted)
     [shaped] = _shape(model, [result.value], [item], body)
-    kind = LabelResponse if isinstance(shaped, Label) else EmbeddingResponse
+    kind: type[PredictMeta] = EmbeddingResponse
+    if isinstance(shaped, Label | Sparse):
+        kind = LabelResponse if isinstance(shaped, Label) else SparseResponse
     return reply(request, kind.model_construct(**shaped.__dict__, **meta(request, model)), [result])
 
 

@@ -14,7 +14,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import TypeAdapter
 
-from batcher.models import Classification, TokenVectors
+from batcher.models import Classification, SparseVector, TokenVectors
 from server.routes.encoding import check_tokens, encode_inputs
 from server.routes.headers import deadline_of
 from server.routes.parsing import (
@@ -39,6 +39,7 @@ from server.routes.tei_bodies import (
     DecodeRequest,
     EmbedAllRequest,
     EmbedRequest,
+    EmbedSparseRequest,
     Info,
     Prediction,
     RerankRequest,
@@ -46,6 +47,7 @@ from server.routes.tei_bodies import (
     SimilarityParameters,
     SimilarityRequest,
     SimpleToken,
+    SparseValue,
     TokenizeRequest,
     cut_side,
 )
@@ -115,6 +117,31 @@ async def embed_all(request: Request) -> Response:
 
 
 @router.post(
+    "/embed_sparse",
+    response_model=list[list[SparseValue]],
+    summary="Sparse vectors of a SPLADE model (TEI's shape): per input, its nonzero "
+    "weights by vocabulary index",
+    responses=TEI_ERRORS,
+    openapi_extra=openapi_body(EmbedSparseRequest, {"inputs": ["What is Deep Learning?"]}),
+)
+async def embed_sparse(request: Request) -> Response:
+    runtime = runtime_of(request)
+    body = await parse(request, EmbedSparseRequest, runtime)
+    served, engine = serving(runtime, request, body.model)
+    model = served.encoder
+    needs_task(model, "sparse", "/embed_sparse", "a sparse model (a SPLADE SparseEncoder)")
+    deadline = deadline_of(engine, runtime, request)
+    options = OutputOptions(prompt_name=body.prompt_name, top_k=body.top_k, truncate=body.truncate)
+    direction = cut_side(body.truncation_direction)
+    items = await encode_inputs(request, body.inputs, options, "inputs", direction)
+    check_tokens(items, model, runtime, "inputs", body.truncate, listed=True)
+    results = await submit_all(request, runtime, engine, items, deadline)
+    return reply(
+        request, to_json([cast("SparseVector", r.value).pairs() for r in results]), results
+    )
+
+
+@router.post(
     "/rerank",
     response_model=list[RerankResult],
     summary="Score texts against a query with a cross-encoder, best first (TEI's shape)",
@@ -175,7 +202,7 @@ async def info(request: Request, runtime: RuntimeDep, model: ModelQuery = None) 
     described = served.describe()
     config = served.engine.stats().config
     encoder = served.encoder
-    if encoder.task == "embed":
+    if encoder.task in ("embed", "sparse"):
         pooling = described.get("pooling") or ["mean"]
         model_type: dict[str, dict[str, object]] = {
             "embedding": {"pooling": "+".join(map(str, cast("list[object]", pooling)))}
@@ -323,6 +350,8 @@ async def root(request: Request) -> Response:
         return await rerank(request)
     if task == "classify":
         return await _classify(request)
+    if task == "sparse":
+        return await embed_sparse(request)
     if similar:
         return await similarity(request)
     return await embed(request)

@@ -33,7 +33,7 @@ class EmbedRequest(BaseModel):
 
 
 class EmbedAllRequest(BaseModel):
-    """TEI's `/embed_all` (and `/embed_sparse`) request."""
+    """TEI's `/embed_all` request."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -44,6 +44,22 @@ class EmbedAllRequest(BaseModel):
     )
     truncation_direction: Direction = Field("right", description="Which end to cut.")
     prompt_name: StrictStr | None = Field(None, description="One of the model's prompts.")
+
+
+class EmbedSparseRequest(EmbedAllRequest):
+    """TEI's `/embed_sparse` request, and our `top_k`."""
+
+    top_k: StrictInt | None = Field(
+        None,
+        ge=1,
+        description="Keep the k largest weights (sentence-transformers' "
+        "max_active_dims); default: every nonzero one.",
+    )
+
+
+class SparseValue(BaseModel):
+    index: int = Field(description="The vocabulary entry (a token id: /decode names it).")
+    value: float
 
 
 class SimilarityInputs(BaseModel):

@@ -23,6 +23,7 @@ from tests.tiny_models import (
     save_cross_encoder,
     save_embedder,
     save_nli_classifier,
+    save_sparse_encoder,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.reference]
@@ -483,3 +484,36 @@ def test_a_chunked_long_text_is_the_token_weighted_mean_of_its_windows(
     np.testing.assert_allclose(got.json()["embedding"], mean / np.linalg.norm(mean), atol=1e-6)
     short = ours(url, SENTENCES, chunking="mean", truncate=False)
     np.testing.assert_array_equal(short, ours(url, SENTENCES))
+
+
+@pytest.fixture(scope="module")
+def splade(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    yield from serve_tiny(tmp_path_factory, "splade", save_sparse_encoder)
+
+
+def test_embed_sparse_gives_sparse_encoder_encode(splade: tuple[Path, str]) -> None:
+    """TEI's `/embed_sparse` and `/predict` on a SPLADE model: every nonzero weight, by
+    vocabulary index, as `SparseEncoder.encode` computes them; `top_k` keeps the largest."""
+    from sentence_transformers import SparseEncoder
+
+    path, url = splade
+    st = SparseEncoder(str(path), device="cpu")
+    reference = st.encode(SENTENCES).to_dense().numpy()
+    got = httpx.post(f"{url}/embed_sparse", json={"inputs": SENTENCES})
+    assert got.status_code == 200, got.text
+    for row, weights in enumerate(got.json()):
+        indices = [w["index"] for w in weights]
+        assert indices == list(np.flatnonzero(reference[row]))
+        np.testing.assert_allclose([w["value"] for w in weights], reference[row, indices],
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+    one = httpx.post(f"{url}/predict", json={"text": SENTENCES[0], "top_k": 3}).json()
+    kept = st.encode(SENTENCES[:1], max_active_dims=3).to_dense().numpy()[0]
+    assert [w["index"] for w in one["sparse"]] == list(np.flatnonzero(kept))
+    root = httpx.post(f"{url}/", json={"inputs": SENTENCES[:1]})
+    assert root.json() == got.json()[:1]
+    dense = httpx.post(f"{url}/embed", json={"inputs": "x"})
+    assert dense.status_code == 400
+    assert "needs an embedding model" in dense.json()["error"]
+    wrong = httpx.post(f"{url}/predict", json={"text": "x", "dimensions": 8})
+    assert wrong.status_code == 422
+    assert "not to sparse vectors" in wrong.text

@@ -37,6 +37,7 @@ def test_every_route_that_reads_its_own_body_takes_the_lane() -> None:
         "/",
         "/embed",
         "/embed_all",
+        "/embed_sparse",
         "/similarity",
         "/rerank",
         "/tokenize",

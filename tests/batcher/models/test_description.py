@@ -77,14 +77,28 @@ def test_dense_weights_must_be_safetensors(saved: Path, tmp_path: Path) -> None:
         load(LoadOptions(source=str(path)))
 
 
-def test_sparse_encoders_are_refused(saved: Path, tmp_path: Path) -> None:
+def test_sparse_encoders_other_than_mlm_and_splade_pooling_are_refused(
+    saved: Path, tmp_path: Path
+) -> None:
     path = copy_of(saved, tmp_path / "model")
     config = json.loads((path / "config_sentence_transformers.json").read_text())
     (path / "config_sentence_transformers.json").write_text(
         json.dumps({**config, "model_type": "SparseEncoder"})
     )
-    with pytest.raises(ModelLoadError, match="sentence-transformers SparseEncoder"):
+    with pytest.raises(ModelLoadError, match="this SparseEncoder is made of Transformer, Pooling"):
         load(LoadOptions(source=str(path)))
+    # The inference-free layout: a Router with a static query module.
+    router = "sentence_transformers.base.modules.router.Router"
+    (path / "modules.json").write_text(
+        json.dumps([{"idx": 0, "name": "0", "path": "", "type": router}])
+    )
+    with pytest.raises(ModelLoadError, match="not inference-free Routers"):
+        load(LoadOptions(source=str(path)))
+
+
+def test_a_sparse_task_needs_a_sparse_encoder(saved: Path) -> None:
+    with pytest.raises(ModelLoadError, match="it is not a SparseEncoder"):
+        load(LoadOptions(source=str(saved), task="sparse"))
 
 
 def test_a_plain_transformers_directory_is_mean_pooled_and_says_so(

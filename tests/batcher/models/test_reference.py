@@ -21,6 +21,7 @@ from batcher.models import (
     ModelLoadError,
     Options,
     Output,
+    SparseVector,
     TextModel,
     TokenVectors,
 )
@@ -28,12 +29,14 @@ from batcher.models.probe import PROBE_TEXTS
 from batcher.models.text import HostBatch
 from tests.tiny_models import (
     EMBEDDERS,
+    SPARSE_KINDS,
     TEXTS,
     Kind,
     save_cross_encoder,
     save_embedder,
     save_multi_label_classifier,
     save_nli_classifier,
+    save_sparse_encoder,
 )
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -311,3 +314,51 @@ def test_a_calibration_file_sets_the_ranges(tmp_path: Path) -> None:
         TextModel.load(replace(options, calibration_file=str(tmp_path / "empty.txt")))
     with pytest.raises(ModelLoadError, match=r"missing\.txt"):
         TextModel.load(replace(options, calibration_file=str(tmp_path / "missing.txt")))
+
+
+def _dense(outputs: Sequence[Output], width: int) -> np.ndarray:
+    out = np.zeros((len(outputs), width), dtype=np.float32)
+    for row, value in enumerate(outputs):
+        assert isinstance(value, SparseVector)
+        pairs = value.pairs()
+        indices = [int(p["index"]) for p in pairs]
+        assert indices == sorted(indices)
+        out[row, indices] = [p["value"] for p in pairs]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("pooling", "activation", "legacy"),
+    [*((p, a, False) for p, a in SPARSE_KINDS), ("max", "relu", True)],
+    ids=lambda v: str(v),
+)
+def test_sparse_vectors_equal_sparse_encoder_encode(
+    tmp_path: Path, pooling: str, activation: str, legacy: bool
+) -> None:
+    """SPLADE: our weights are `SparseEncoder.encode`'s, the same entries nonzero; the
+    query prompt as `encode_query`; `top_k` as `max_active_dims`."""
+    from sentence_transformers import SparseEncoder
+
+    path = save_sparse_encoder(tmp_path / "model", pooling, activation, legacy=legacy)
+    st = SparseEncoder(str(path), device="cpu")
+    model = load(path)
+    assert model.task == "sparse"
+    reference = st.encode(TEXTS, batch_size=3).to_dense().numpy()
+    width = reference.shape[1]
+    assert model.describe()["dimension"] == width
+    items = model.encoder.encode_many(TEXTS)
+    ours = _dense(model.predict(items), width)
+    np.testing.assert_array_equal(ours != 0, reference != 0)
+    np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=1e-5)
+    queries = model.encoder.encode_many(TEXTS, options=Options(prompt_name="query"))
+    np.testing.assert_allclose(
+        _dense(model.predict(queries), width), st.encode_query(TEXTS).to_dense().numpy(),
+        atol=1e-5, rtol=1e-5,
+    )  # fmt: skip
+    top = model.encoder.encode_many(TEXTS, options=Options(top_k=7))
+    kept = _dense(model.predict(top), width)
+    expected = st.encode(TEXTS, max_active_dims=7).to_dense().numpy()
+    np.testing.assert_array_equal(kept != 0, expected != 0)
+    np.testing.assert_allclose(kept, expected, atol=1e-5, rtol=1e-5)
+    alone = _dense(model.predict(items[:1]), width)
+    np.testing.assert_allclose(alone[0], ours[0], atol=1e-6)
