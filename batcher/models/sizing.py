@@ -5,7 +5,8 @@ it is asked to serve against the device's memory and refuses a set that cannot f
 
 The activation figure is an upper bound for one encoder layer at a time, which is what
 inference holds: the hidden states in and out, the feed-forward's inner states and the
-attention scores, for `max_batch_size` inputs of the model's longest length.
+attention scores, for `max_batch_size` inputs of the model's longest length; for a sparse
+model, also its logits over the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -94,6 +95,12 @@ def footprint(options: LoadOptions, max_batch_size: int, device: str) -> Footpri
         return None
     size = value_bytes(options.dtype, device)
     per_token = 3 * hidden + inner + heads * tokens
+    architectures = config.get("architectures") or []
+    if any(str(a).endswith("ForMaskedLM") for a in architectures):
+        # A sparse (SPLADE) model: its logits over the vocabulary at every token, in the
+        # model's precision, and their float32 weights before the pooling.
+        vocab = int(config.get("vocab_size") or 0)
+        per_token += vocab + vocab * 4 // size
     return Footprint(count * size, max_batch_size * tokens * per_token * size,
                      max_batch_size, tokens)  # fmt: skip
 

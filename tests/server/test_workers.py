@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.conftest import ServerProcess
@@ -279,3 +280,38 @@ def test_the_dashboard_counts_every_front_ends_requests(workers: ServerProcess) 
         counted = sum(s["requests"] for s in data["samples"])
     assert data["status"] == "ready"
     assert data["dtype"] == "float32"
+
+
+def test_quantized_token_and_chunked_outputs_cross_the_engine_link(
+    workers: ServerProcess,
+) -> None:
+    """The calibration ranges reach every front-end with the encoder: a text's int8 bytes
+    are the same whichever front-end answers (one connection each) and are
+    `quantize_embeddings` of its vector; token vectors and a chunked text's windows come
+    back across the processes."""
+    from sentence_transformers import SentenceTransformer, quantize_embeddings
+
+    from batcher.models import default_source
+
+    url = workers.url
+    text = "one text, the same bytes from every front-end"
+    answers = set()
+    for _ in range(6):  # new connections land on either front-end
+        with httpx.Client(base_url=url, timeout=60) as client:
+            reply = client.post("/predict", json={"text": text, "embedding_type": "int8"})
+            assert reply.status_code == 200, reply.text
+            answers.add(tuple(reply.json()["embedding"]))
+    assert len(answers) == 1
+    ranges = httpx.get(f"{url}/model/calibration").json()["ranges"]
+    floats = httpx.post(f"{url}/predict", json={"text": text}).json()["embedding"]
+    expected = quantize_embeddings(np.array([floats], dtype=np.float32), "int8",
+                                   ranges=np.array(ranges, dtype=np.float32))  # fmt: skip
+    assert list(answers.pop()) == expected[0].tolist()
+    st = SentenceTransformer(default_source(), device="cpu")
+    tokens = httpx.post(f"{url}/embed_all", json={"inputs": text}).json()[0]
+    want = st.encode([text], output_value="token_embeddings")[0].numpy()
+    np.testing.assert_allclose(tokens, want, atol=1e-5)
+    chunked = httpx.post(f"{url}/predict", json={"text": LONG + LONG[:1200], "chunking": "mean"})
+    assert chunked.status_code == 200, chunked.text
+    assert chunked.json()["truncated"] is False
+    assert cosine(chunked.json()["embedding"], st.encode(LONG)) > 0.9

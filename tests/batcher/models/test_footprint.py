@@ -9,7 +9,7 @@ import pytest
 
 from batcher.models import LoadOptions
 from batcher.models.sizing import footprint, parameters, value_bytes
-from tests.tiny_models import save_bert
+from tests.tiny_models import save_bert, save_sparse_encoder
 
 
 def test_the_weights_are_the_safetensors_values_at_the_served_precision(tmp_path: Path) -> None:
@@ -44,3 +44,22 @@ def test_auto_counts_what_the_server_chooses(dtype: str, device: str, size: int)
 
 def test_a_hub_id_is_not_sized(tmp_path: Path) -> None:
     assert footprint(LoadOptions(source="someone/some-model"), 32, "cpu") is None
+
+
+def test_a_sparse_model_counts_its_logits_over_the_vocabulary(tmp_path: Path) -> None:
+    """A SPLADE model's batch holds logits of the vocabulary's width at every token, and
+    their float32 weights: 30,522 values a token where the layers hold a few hundred."""
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    path = save_sparse_encoder(tmp_path / "splade")
+    dense = footprint(LoadOptions(source=str(save_bert(tmp_path / "bert")), dtype="float32"),
+                      8, "cpu")  # fmt: skip
+    sparse = footprint(LoadOptions(source=str(path), dtype="float32"), 8, "cpu")
+    assert dense is not None
+    assert sparse is not None
+    model = AutoModelForMaskedLM.from_pretrained(path)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.ones((8, sparse.tokens), dtype=torch.long)).logits
+    held = logits.numel() * logits.element_size() * 2  # the logits and their float32 weights
+    assert sparse.activation_bytes - dense.activation_bytes == held
