@@ -517,3 +517,22 @@ def test_embed_sparse_gives_sparse_encoder_encode(splade: tuple[Path, str]) -> N
     wrong = httpx.post(f"{url}/predict", json={"text": "x", "dimensions": 8})
     assert wrong.status_code == 422
     assert "not to sparse vectors" in wrong.text
+
+
+def test_llamaindex_tei_client_embeds_as_predict_does(float32_server: ServerProcess) -> None:
+    """LlamaIndex's `TextEmbeddingsInference` posts to `/embed`: a new URL is all it needs."""
+    import asyncio
+
+    from llama_index.embeddings.text_embeddings_inference import TextEmbeddingsInference
+
+    url = float32_server.url
+    client = TextEmbeddingsInference(model_name="any", base_url=url, timeout=60)
+    one = client.get_text_embedding(SENTENCES[0])
+    query = client.get_query_embedding(SENTENCES[1])
+    batch = client.get_text_embedding_batch(SENTENCES)
+    later = asyncio.run(client.aget_text_embedding(SENTENCES[2]))
+    reference = ours(url, SENTENCES)
+    np.testing.assert_allclose(one, reference[0], atol=1e-7)
+    np.testing.assert_allclose(query, reference[1], atol=1e-7)
+    np.testing.assert_allclose(batch, reference, atol=1e-7)
+    np.testing.assert_allclose(later, reference[2], atol=1e-7)
