@@ -97,7 +97,10 @@ def _parse_failure(exc: HTTPException) -> str | None:
 
 
 OPENAI_PREFIX = "/v1/"
-TEI_PATHS = frozenset({"/", "/embed", "/rerank", "/similarity", "/tokenize", "/decode", "/info"})
+TEI_PATHS = frozenset({
+    "/", "/embed", "/embed_all", "/embed_sparse", "/rerank", "/similarity", "/tokenize",
+    "/decode", "/info",
+})  # fmt: skip
 COHERE_V2_PATHS = frozenset({"/v2/rerank", "/v2/embed"})
 """Cohere's v2 API: invalid input is 400, and the reason is in `message`."""
 

@@ -33,7 +33,7 @@ def _within_chars(text: str, info: ValidationInfo) -> str:
     return text
 
 
-def _within_count(texts: Any, info: ValidationInfo) -> Any:
+def within_count(texts: Any, info: ValidationInfo) -> Any:
     # Before the items are validated: an oversized list gets one error, not one per item.
     limit = (info.context or {}).get("max_client_batch")
     if limit is not None and isinstance(texts, list) and len(texts) > limit:
@@ -49,7 +49,7 @@ Text = Annotated[
     StrictStr, Field(min_length=1, description="One input text."), AfterValidator(_within_chars)
 ]
 """A text, at most `max_text_chars` long when the request limits are in the context."""
-Texts = Annotated[list[Text], BeforeValidator(_within_count)]
+Texts = Annotated[list[Text], BeforeValidator(within_count)]
 """At most `max_client_batch` texts when the request limits are in the context."""
 
 
@@ -177,6 +177,13 @@ class OutputOptions(BaseModel):
         description="embed: mean computes a text over the token limit as windows of it, "
         "each batched on its own, and answers their token-weighted mean (then "
         "dimensions and normalize); none cuts or refuses it. Default: --chunking.",
+    )
+    input_type: Literal["query", "document"] | None = Field(
+        None,
+        description="embed, sparse: what the text is, as sentence-transformers' encode_query "
+        "and encode_document: the model's prompt of that name where it has one (unless "
+        "prompt_name or prompt is given); an inference-free sparse model computes a query "
+        "from its static table, without the model.",
     )
     top_k: StrictInt | None = Field(
         None,

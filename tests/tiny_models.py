@@ -265,3 +265,29 @@ def save_sparse_encoder(
     )
     model.save(str(path))
     return path
+
+
+def save_inference_free_sparse_encoder(path: Path) -> Path:
+    """A tiny inference-free SPLADE model: a Router whose queries take a
+    SparseStaticEmbedding (random weights, a tenth of them zero) and whose documents a
+    BERT masked-language model and SpladePooling; saved by sentence-transformers."""
+    import torch
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.models import Router, Transformer
+    from sentence_transformers.sparse_encoder.modules import SparseStaticEmbedding, SpladePooling
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    mlm = path.parent / f"{path.name}-mlm"
+    BertForMaskedLM(BertConfig(**TINY)).save_pretrained(mlm, safe_serialization=True)
+    _tokenizer().save_pretrained(mlm)
+    document = Transformer(str(mlm), transformer_task="fill-mask")
+    static = SparseStaticEmbedding(tokenizer=document.tokenizer, frozen=False)
+    weights = torch.rand(static.weight.shape) * 3
+    static.weight.data = torch.where(torch.rand(weights.shape) < 0.1, 0.0, weights)
+    router = Router.for_query_document(
+        query_modules=[static], document_modules=[document, SpladePooling("max")]
+    )
+    model = SparseEncoder(modules=[router], similarity_fn_name="dot", device="cpu")
+    model.save(str(path))
+    return path

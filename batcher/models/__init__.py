@@ -90,6 +90,7 @@ if TYPE_CHECKING:
         footprint,
         free_memory,
     )
+    from batcher.models.static_sparse import StaticSparse
     from batcher.models.text import (
         TextModel,
     )
@@ -131,6 +132,7 @@ _LAZY = {
     "EMBEDDING_TYPES": "batcher.models.quantize",
     "Calibration": "batcher.models.quantize",
     "Chunks": "batcher.models.chunking",
+    "StaticSparse": "batcher.models.static_sparse",
     "combine": "batcher.models.chunking",
     "finish": "batcher.models.quantize",
     "EmbeddingType": "batcher.models.quantize",
@@ -159,6 +161,7 @@ __all__ = [
     "EMBEDDING_TYPES",
     "Calibration",
     "Chunks",
+    "StaticSparse",
     "combine",
     "finish",
     "EmbeddingType",

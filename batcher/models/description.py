@@ -113,6 +113,10 @@ class Description:
     """A CrossEncoder's declared `activation_fn` (dotted name), if any."""
     splade: Splade | None = None
     """A SparseEncoder's pooling of its masked-language-model logits."""
+    static_query: str | None = None
+    """An inference-free SparseEncoder: the folder of the `SparseStaticEmbedding` its
+    queries go through (a weight per token, no model), where documents take the
+    Transformer and SpladePooling."""
 
     @property
     def embedding_dimension(self) -> int | None:
@@ -134,29 +138,7 @@ class Description:
 PLAIN = Description(kind="transformers")
 
 
-def read(root: Path | None) -> Description:
-    """The description of the model in directory `root` (None: files not available, e.g.
-    a hub id not downloaded). Raises UnsupportedModel."""
-    if root is None:
-        return PLAIN
-    st_config = _json(root / "config_sentence_transformers.json") or {}
-    model_type = st_config.get("model_type")
-    if model_type not in (None, "SentenceTransformer", "CrossEncoder", "SparseEncoder"):
-        raise UnsupportedModel(
-            f"this is a sentence-transformers {model_type}; microbatch serves "
-            "SentenceTransformer (dense embeddings), SparseEncoder and CrossEncoder models"
-        )
-    modules = _json(root / "modules.json")
-    if model_type == "SparseEncoder":
-        return _sparse_encoder(root, modules or [], st_config)
-    if model_type == "CrossEncoder" or (modules is None and _is_legacy_cross_encoder(root)):
-        return _cross_encoder(root, modules, st_config)
-    if modules is None:
-        return PLAIN
-    return _sentence_transformer(root, modules, st_config)
-
-
-def _json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     if not path.is_file():
         return None
     try:
@@ -165,7 +147,7 @@ def _json(path: Path) -> Any:
         raise UnsupportedModel(f"{path.name} is not valid JSON: {exc}") from None
 
 
-def _class_name(entry: Mapping[str, Any]) -> str:
+def class_name(entry: Mapping[str, Any]) -> str:
     kind = str(entry.get("type", ""))
     if not kind.startswith("sentence_transformers."):
         raise UnsupportedModel(
@@ -175,27 +157,27 @@ def _class_name(entry: Mapping[str, Any]) -> str:
     return kind.rsplit(".", 1)[-1]
 
 
-def _sentence_transformer(
+def sentence_transformer(
     root: Path, modules: list[dict[str, Any]], st_config: Mapping[str, Any]
 ) -> Description:
-    if not modules or _class_name(modules[0]) != "Transformer":
-        first = _class_name(modules[0]) if modules else "nothing"
+    if not modules or class_name(modules[0]) != "Transformer":
+        first = class_name(modules[0]) if modules else "nothing"
         raise UnsupportedModel(
             f"the first module is {first}; microbatch serves models whose first module is a "
             "Hugging Face Transformer"
         )
-    transformer = _transformer(root, modules[0], task="feature-extraction")
+    transformer = transformer_of(root, modules[0], task="feature-extraction")
     pooling: Pooling | None = None
     steps: list[Step] = []
     for entry in modules[1:]:
-        name = _class_name(entry)
+        name = class_name(entry)
         path = str(entry.get("path", ""))
         if name == "Pooling" and pooling is None and not steps:
             pooling = _pooling(root / path)
         elif name == "Dense" and pooling is not None:
             steps.append(_dense(root, path))
         elif name == "Normalize" and pooling is not None:
-            _check_io(_json(root / path / "config.json") or {}, f"Normalize module {path!r}")
+            _check_io(read_json(root / path / "config.json") or {}, f"Normalize module {path!r}")
             steps.append(Normalize())
         else:
             raise UnsupportedModel(_refusal(entry, name, path))
@@ -207,7 +189,7 @@ def _sentence_transformer(
     normalize = bool(steps) and isinstance(steps[-1], Normalize)
     if normalize:
         steps.pop()
-    prompts, default_prompt_name = _prompts(st_config)
+    prompts, default_prompt_name = prompts_of(st_config)
     return Description(
         kind="sentence-transformers",
         transformer_path=transformer.path,
@@ -240,11 +222,11 @@ class _Transformer:
     do_lower_case: bool
 
 
-def _transformer(root: Path, entry: Mapping[str, Any], *, task: str) -> _Transformer:
+def transformer_of(root: Path, entry: Mapping[str, Any], *, task: str) -> _Transformer:
     path = str(entry.get("path", ""))
     config: dict[str, Any] = {}
     for name in TRANSFORMER_CONFIGS:
-        found = _json(root / path / name)
+        found = read_json(root / path / name)
         if found is not None:
             config = found
             break
@@ -271,7 +253,7 @@ def _transformer(root: Path, entry: Mapping[str, Any], *, task: str) -> _Transfo
 
 
 def _pooling(folder: Path) -> Pooling:
-    config = _json(folder / "config.json")
+    config = read_json(folder / "config.json")
     if config is None:
         raise UnsupportedModel(f"the Pooling module has no config.json in {folder.name!r}")
     dimension = config.get("embedding_dimension", config.get("word_embedding_dimension"))
@@ -307,7 +289,7 @@ def _check_io(config: Mapping[str, Any], what: str) -> None:
 
 
 def _dense(root: Path, path: str) -> Dense:
-    config = _json(root / path / "config.json")
+    config = read_json(root / path / "config.json")
     if config is None:
         raise UnsupportedModel(f"the Dense module has no config.json in {path!r}")
     _check_io(config, f"Dense module {path!r}")
@@ -327,7 +309,7 @@ def _dense(root: Path, path: str) -> Dense:
     )
 
 
-def _prompts(st_config: Mapping[str, Any]) -> tuple[dict[str, str], str | None]:
+def prompts_of(st_config: Mapping[str, Any]) -> tuple[dict[str, str], str | None]:
     prompts = st_config.get("prompts") or {}
     if not isinstance(prompts, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()
@@ -344,30 +326,30 @@ def _prompts(st_config: Mapping[str, Any]) -> tuple[dict[str, str], str | None]:
     return dict(prompts), default
 
 
-def _is_legacy_cross_encoder(root: Path) -> bool:
-    config = _json(root / "config.json") or {}
+def is_legacy_cross_encoder(root: Path) -> bool:
+    config = read_json(root / "config.json") or {}
     return "sentence_transformers" in config or "sbert_ce_default_activation_function" in config
 
 
-def _cross_encoder(
+def cross_encoder(
     root: Path, modules: list[dict[str, Any]] | None, st_config: Mapping[str, Any]
 ) -> Description:
     transformer = _Transformer(path="", max_seq_length=None, do_lower_case=False)
     if modules is not None:
-        if len(modules) != 1 or _class_name(modules[0]) != "Transformer":
+        if len(modules) != 1 or class_name(modules[0]) != "Transformer":
             names = ", ".join(str(m.get("type")) for m in modules)
             raise UnsupportedModel(
                 f"this CrossEncoder is made of {names}; microbatch serves CrossEncoders "
                 "that are one sequence-classification Transformer"
             )
-        transformer = _transformer(root, modules[0], task="sequence-classification")
-    prompts, default_prompt_name = _prompts(st_config)
+        transformer = transformer_of(root, modules[0], task="sequence-classification")
+    prompts, default_prompt_name = prompts_of(st_config)
     if default_prompt_name is not None and prompts[default_prompt_name]:
         raise UnsupportedModel(
             f"this CrossEncoder prepends the prompt {default_prompt_name!r} to its inputs; "
             "microbatch does not serve CrossEncoder prompts"
         )
-    config = _json(root / transformer.path / "config.json") or {}
+    config = read_json(root / transformer.path / "config.json") or {}
     activation = st_config.get("activation_fn")
     if activation is None:
         activation = (config.get("sentence_transformers") or {}).get("activation_fn")
@@ -384,45 +366,4 @@ def _cross_encoder(
         max_seq_length=transformer.max_seq_length,
         do_lower_case=transformer.do_lower_case,
         activation=str(activation) if activation is not None else None,
-    )
-
-
-SPLADE_POOLINGS = ("max", "sum")
-SPLADE_ACTIVATIONS = ("relu", "log1p_relu")
-
-
-def _sparse_encoder(
-    root: Path, modules: list[dict[str, Any]], st_config: Mapping[str, Any]
-) -> Description:
-    """A SparseEncoder of one masked-language model and its `SpladePooling`; the
-    inference-free layout (a Router with a static query module) and sparse
-    auto-encoders (CSR) are refused."""
-    names = [_class_name(m) for m in modules]
-    if names[:1] not in (["Transformer"], ["MLMTransformer"]) or names[1:] != ["SpladePooling"]:
-        shown = ", ".join(names) or "no modules.json"
-        raise UnsupportedModel(
-            f"this SparseEncoder is made of {shown}; microbatch serves SparseEncoders of a "
-            "masked-language-model Transformer and SpladePooling (not inference-free "
-            "Routers or sparse auto-encoders)"
-        )
-    transformer = _transformer(root, modules[0], task="fill-mask")
-    path = str(modules[1].get("path", ""))
-    config = _json(root / path / "config.json") or {}
-    pooling = config.get("pooling_strategy", "max")
-    activation = config.get("activation_function", "relu")
-    if pooling not in SPLADE_POOLINGS or activation not in SPLADE_ACTIVATIONS:
-        raise UnsupportedModel(
-            f"SpladePooling with {pooling!r} pooling and {activation!r} activation; "
-            f"microbatch computes {', '.join(SPLADE_POOLINGS)} of "
-            f"{', '.join(SPLADE_ACTIVATIONS)}"
-        )
-    prompts, default_prompt_name = _prompts(st_config)
-    return Description(
-        kind="sparse-encoder",
-        transformer_path=transformer.path,
-        max_seq_length=transformer.max_seq_length,
-        do_lower_case=transformer.do_lower_case,
-        prompts=prompts,
-        default_prompt_name=default_prompt_name,
-        splade=Splade(pooling, activation),
     )

@@ -22,6 +22,7 @@ from batcher.models.inputs import DEFAULT_OPTIONS, Encoded, InvalidOption, Optio
 from batcher.models.options import Task
 from batcher.models.probe import PROBE_TEXTS
 from batcher.models.quantize import Calibration
+from batcher.models.static_sparse import StaticQuery, StaticSparse
 
 logger = logging.getLogger("batcher.models")
 
@@ -86,6 +87,8 @@ class EncoderSpec:
     """embed: the raw float32 outputs of the calibration texts (`batcher.models.quantize`),
     whose ranges int8 and uint8 outputs are quantized by."""
     calibration_source: str = ""
+    static_query: StaticQuery | None = None
+    """sparse, inference-free: the table and tokenizer queries take instead of the model."""
 
 
 class Encoder(Protocol):
@@ -100,6 +103,8 @@ class Encoder(Protocol):
     """embed: the fixed ranges of int8 and uint8 outputs; None: the model has none."""
     prompts: Mapping[str, str]
     """embed: the model's prompts by name."""
+    static: StaticSparse | None
+    """sparse, inference-free: computes queries without the model."""
 
     def encode_many(
         self,
@@ -126,6 +131,10 @@ class Encoder(Protocol):
         """A long text as windows that each fit the model (`batcher.models.chunking`)."""
         ...
 
+    def static_queries(self, texts: Sequence[str], options: Options = ...) -> list[Encoded]:
+        """Queries of an inference-free sparse model, tokenized for its static table."""
+        ...
+
     def tokenize(
         self, texts: Sequence[str], add_special_tokens: bool = True, prompt_name: str | None = None
     ) -> list[list[Token]]: ...
@@ -144,6 +153,9 @@ class TextEncoder:
         self.max_tokens = spec.max_tokens
         self.dimension = spec.dimension
         self.prompts = spec.prompts
+        self.static: StaticSparse | None = None
+        if spec.static_query is not None:
+            self.static = StaticSparse(spec.static_query)
         self.calibration: Calibration | None = None
         if spec.calibration and spec.dimension is not None:
             self.calibration = Calibration(
@@ -302,7 +314,11 @@ class TextEncoder:
             self._whole = Tokenizer.from_str(self.spec.tokenizer_json)
             self._whole.no_truncation()
             self._whole.no_padding()
-            self._wrapping = Wrapping.of(self._whole)
+            try:
+                self._wrapping = Wrapping.of(self._whole)
+            except ValueError as exc:
+                message = f"this model's texts cannot be chunked: {exc}"
+                raise InvalidOption("chunking", message) from None
         before, after = self._wrapping.before, self._wrapping.after
         prompt_ids = self._whole.encode(prompt, add_special_tokens=False).ids if prompt else []
         size = self.max_tokens - len(before) - len(after) - len(prompt_ids)
@@ -317,6 +333,15 @@ class TextEncoder:
             out.append(Encoded(ids, False, type_ids=type_ids, prompt_tokens=pooled_from))
             weights.append(len(run))
         return Chunks(out, weights)
+
+    def static_queries(
+        self, texts: Sequence[str], options: Options = DEFAULT_OPTIONS
+    ) -> list[Encoded]:
+        """Queries of an inference-free sparse model (`static` is set), tokenized for its
+        static table under the request's prompt and `top_k`. Raises InvalidOption."""
+        assert self.static is not None, "only an inference-free sparse model; a bug"
+        prompt, fields = self._resolve(options, paired=False)
+        return self.static.encode(texts, prompt, fields["top_k"])
 
     def tokenize(
         self, texts: Sequence[str], add_special_tokens: bool = True, prompt_name: str | None = None

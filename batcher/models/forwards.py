@@ -79,4 +79,5 @@ def encoder_spec(loaded: Loaded) -> EncoderSpec:
         default_prompt=description.default_prompt,
         prompt_pooled=pooling is None or pooling.include_prompt,
         dimension=description.embedding_dimension if loaded.task == "embed" else None,
+        static_query=loaded.static_query,
     )

@@ -25,7 +25,6 @@ from batcher.models.description import (
     Pooling,
     Step,
     UnsupportedModel,
-    read,
 )
 from batcher.models.devices import pick_device
 from batcher.models.errors import ModelLoadError
@@ -38,6 +37,8 @@ from batcher.models.options import (
     default_source,
 )
 from batcher.models.precision import Precision, plan
+from batcher.models.reading import read
+from batcher.models.static_sparse import StaticQuery
 
 logger = logging.getLogger("batcher.models")
 
@@ -66,10 +67,36 @@ class Loaded:
     probe_dtype: torch.dtype | None = None
     """A lower precision to probe against this float32 load (`--dtype auto` on a CPU
     with native bfloat16); the adapter runs the probe."""
+    static_query: StaticQuery | None = None
+    """sparse, inference-free: what queries take instead of the model."""
 
     @property
     def dtype(self) -> torch.dtype:
         return self.precision.dtype
+
+
+def _static_query(folder: Path) -> StaticQuery:
+    import json
+
+    from safetensors.torch import load_file
+
+    weights = folder / "model.safetensors"
+    if not weights.is_file() or not (folder / "tokenizer.json").is_file():
+        raise ModelLoadError(
+            f"the SparseStaticEmbedding in {folder.name!r} needs model.safetensors and "
+            "tokenizer.json (microbatch loads safetensors and fast tokenizers only)"
+        )
+    weight = load_file(weights).get("weight")
+    if weight is None or weight.dim() != 1:
+        raise ModelLoadError(f"{folder.name}/model.safetensors holds no 1-d 'weight'")
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    limit = config.get("model_max_length")
+    return StaticQuery(
+        weight.float().numpy().astype("<f4").tobytes(),
+        (folder / "tokenizer.json").read_text(encoding="utf-8"),
+        int(limit) if isinstance(limit, int) and 0 < limit < 1_000_000 else 512,
+    )
 
 
 def disable_progress_bars() -> None:
@@ -274,10 +301,13 @@ def load(options: LoadOptions) -> Loaded:
             head=head, probe_dtype=probe_dtype,
         )  # fmt: skip
     if task == "sparse":
+        static = None
+        if description.static_query is not None:
+            static = _static_query((root or Path(source)) / description.static_query)
         logger.info("loaded %s for sparse on %s (%s): %s", name, device, shown, description)
         return Loaded(
             name, task, model, tokenizer, device, precision, max_tokens, (), description,
-            probe_dtype=probe_dtype,
+            probe_dtype=probe_dtype, static_query=static,
         )  # fmt: skip
     id2label = config.id2label
     labels = tuple(str(id2label[i]) for i in range(len(id2label)))

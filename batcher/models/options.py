@@ -85,7 +85,7 @@ def source_problem(source: str | None, timeout_s: float = 5.0) -> str | None:
     if path.exists():
         if not path.is_dir():
             return f"{source} is a file; give the model's directory"
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
             return f"{source} is not a model directory: it has no config.json"
         return None
     if _looks_like_path(source) or not _HUB_ID.fullmatch(source):

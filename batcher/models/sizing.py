@@ -95,14 +95,23 @@ def footprint(options: LoadOptions, max_batch_size: int, device: str) -> Footpri
         return None
     size = value_bytes(options.dtype, device)
     per_token = 3 * hidden + inner + heads * tokens
-    architectures = config.get("architectures") or []
-    if any(str(a).endswith("ForMaskedLM") for a in architectures):
+    if _is_sparse(directory):
         # A sparse (SPLADE) model: its logits over the vocabulary at every token, in the
         # model's precision, and their float32 weights before the pooling.
         vocab = int(config.get("vocab_size") or 0)
         per_token += vocab + vocab * 4 // size
     return Footprint(count * size, max_batch_size * tokens * per_token * size,
                      max_batch_size, tokens)  # fmt: skip
+
+
+def _is_sparse(directory: Path) -> bool:
+    """A SparseEncoder, by its sentence-transformers config (not by its architecture: many
+    dense models are saved as `...ForMaskedLM`)."""
+    declared = directory / "config_sentence_transformers.json"
+    try:
+        return bool(json.loads(declared.read_text()).get("model_type") == "SparseEncoder")
+    except (OSError, ValueError):
+        return False
 
 
 def _longest(directory: Path, config: dict[str, object]) -> int:

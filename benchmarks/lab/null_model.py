@@ -36,6 +36,7 @@ from batcher.models import (
     InvalidOption,
     Options,
     Output,
+    StaticSparse,
     Task,
     Token,
     TruncationDirection,
@@ -60,6 +61,7 @@ class NullEncoder:
     fixed: bool = False
     calibration: Calibration | None = None
     prompts: Mapping[str, str] = field(default_factory=dict)
+    static: StaticSparse | None = None
 
     def encode(
         self, text: str, pair: str | None = None, options: Options = DEFAULT_OPTIONS
@@ -91,6 +93,11 @@ class NullEncoder:
         ids = [ord(c) for c in text]
         runs = [ids[i : i + self.max_tokens] for i in range(0, len(ids), self.max_tokens)]
         return Chunks([Encoded(run, False) for run in runs], [len(run) for run in runs])
+
+    def static_queries(
+        self, texts: Sequence[str], options: Options = DEFAULT_OPTIONS
+    ) -> list[Encoded]:
+        raise InvalidOption("input_type", "the null model has no static query table")
 
     def encode_ids(
         self, sequences: Sequence[Sequence[int]], options: Options = DEFAULT_OPTIONS

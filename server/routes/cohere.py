@@ -35,6 +35,7 @@ from server.schemas import (
     Text,
     Texts,
     error_responses,
+    within_count,
 )
 
 router = APIRouter(tags=["Cohere"])
@@ -200,12 +201,13 @@ EmbedInputType = Literal["search_document", "search_query", "classification", "c
 
 COHERE_PROMPTS: dict[str, tuple[str, ...]] = {
     "search_query": ("search_query", "query"),
-    "search_document": ("search_document", "document", "passage"),
+    "search_document": ("search_document", "document", "passage", "corpus"),
     "classification": ("classification",),
     "clustering": ("clustering",),
 }
 """`input_type` -> the prompt names it takes, in order: the first the model declares is
-put before the texts; a model that declares none of them gets its default prompt."""
+put before the texts; a model that declares none of them gets its default prompt (as
+sentence-transformers' `encode_query` and `encode_document` do)."""
 
 
 class EmbedText(BaseModel):
@@ -226,7 +228,7 @@ class V2EmbedRequest(BaseModel):
 
     model: StrictStr | None = Field(None, description=MODEL_ANSWERS)
     texts: Texts | None = Field(None, min_length=1, description="Texts to embed.")
-    inputs: list[EmbedInput] | None = Field(
+    inputs: Annotated[list[EmbedInput], BeforeValidator(within_count)] | None = Field(
         None,
         min_length=1,
         description='Inputs of one text part each: {"content": [{"type": "text", "text": ...}]}.',

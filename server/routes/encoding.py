@@ -4,11 +4,12 @@ of them on the request's call (`server.calls`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 
-from batcher.models import Encoded, Encoder, InvalidOption, TruncationDirection
+from batcher.models import Encoded, Encoder, InvalidOption, Options, TruncationDirection
 from server.calls import Call
 from server.routes.chunking import chunk_long_inputs, chunks_long_inputs
 from server.routes.embedding_types import check_embedding_type
@@ -81,12 +82,51 @@ async def encode_inputs(
     ):
         raise invalid("token_embeddings", "token vectors are sent as float JSON numbers only")
     chunking = chunks_long_inputs(body, runtime_of(request), model)
-    options = body.options()
+    options = _with_input_type(body, model)
     try:
-        items = await served.encode(inputs, pairs, options, truncation_direction)
+        if body.input_type == "query" and model.static is not None:
+            items = _static_queries(call, model, inputs, options, field)
+        else:
+            items = await served.encode(inputs, pairs, options, truncation_direction)
+        if chunking:
+            items = await chunk_long_inputs(call, model, inputs, items, options)
     except InvalidOption as exc:
         raise invalid(field if exc.field == "input" else exc.field, str(exc)) from None
-    if chunking:
-        items = await chunk_long_inputs(call, model, inputs, items, options)
     call.record(inputs, pairs, options, truncation_direction, items)
+    return items
+
+
+INPUT_TYPE_PROMPTS = {"query": ("query",), "document": ("document", "passage", "corpus")}
+"""The prompts `input_type` takes, the first the model has: sentence-transformers'
+`encode_query` and `encode_document`; a model with none of them gets its default prompt."""
+
+
+def _with_input_type(body: OutputOptions, model: Encoder) -> Options:
+    """The request's options, with `input_type`'s prompt where the model has one and the
+    request names none (sentence-transformers' `encode_query`, `encode_document`)."""
+    options = body.options()
+    kind = body.input_type
+    if kind is None:
+        return options
+    if model.task not in ("embed", "sparse"):
+        raise invalid("input_type", f"input_type applies to embedding and sparse models; "
+                      f"this is a {model.task} model")  # fmt: skip
+    if options.prompt is None and options.prompt_name is None:
+        for name in INPUT_TYPE_PROMPTS[kind]:
+            if name in model.prompts:
+                return replace(options, prompt_name=name)
+    return options
+
+
+def _static_queries(
+    call: Call, model: Encoder, inputs: Sequence[str | list[int]], options: Options, field: str
+) -> list[Encoded]:
+    """An inference-free sparse model's queries, answered here from its static table:
+    no engine, no batch (`call.computed`). Cut at the table's tokenizer's limit, as the
+    reference cuts them."""
+    assert model.static is not None
+    if not all(isinstance(text, str) for text in inputs):
+        raise invalid(field, "a query of an inference-free model is a text, not token ids")
+    items = model.static_queries([str(text) for text in inputs], options)
+    call.computed = list(model.static.vectors(items))
     return items

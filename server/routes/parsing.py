@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 
-from batcher import Result
+from batcher import Lane, Result
 from batcher.models import (
     Encoded,
     Encoder,
@@ -131,11 +131,15 @@ async def submit_all(
     client batch larger than half the queue goes in waves of that size, so that it is
     split, not refused, however large the cap on client batches (--max-client-batch)."""
     call: Call = request.state.call
+    if call.computed is not None:  # answered without the engine (static sparse queries)
+        return [Result(value, 0.0, 0.0, 0) for value in call.computed]
     if call.chunks:  # texts over the window, as windows: computed, then combined
         flat, starts = expand(call, items)
-        results = await _submit(request, runtime, engine, flat, deadline, by_size)
+        lane = lane_of(request, runtime, len(items), by_size=by_size)  # by inputs, not windows
+        results = await _submit(request, runtime, engine, flat, deadline, lane)
         return combined(call, items, starts, results)
-    return await _submit(request, runtime, engine, items, deadline, by_size)
+    lane = lane_of(request, runtime, len(items), by_size=by_size)
+    return await _submit(request, runtime, engine, items, deadline, lane)
 
 
 async def _submit(
@@ -144,9 +148,8 @@ async def _submit(
     engine: EngineHandle,
     items: Sequence[Encoded],
     deadline: float,
-    by_size: bool,
+    lane: Lane,
 ) -> list[Result[Output]]:
-    lane = lane_of(request, runtime, len(items), by_size=by_size)
     wave = max(1, engine.config.max_queue_size // 2)
     if len(items) <= wave:
         return await unless_disconnected(

@@ -92,7 +92,8 @@ async def predict(request: Request) -> Response:
     deadline = deadline_of(engine, runtime, request)
     [item] = await encode(request, [body.text], pair, body)
     check_tokens([item], model, runtime, "text", body.truncate)
-    if request.state.call.chunks:  # a text over the window, as windows
+    call = request.state.call
+    if call.chunks or call.computed is not None:  # as windows, or without the engine
         [result] = await submit_all(request, runtime, engine, [item], deadline)
     else:
         lane = lane_of(request, runtime, 1)

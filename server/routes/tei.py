@@ -107,7 +107,9 @@ async def embed_all(request: Request) -> Response:
     model = served.encoder
     needs_task(model, "embed", "/embed_all", "an embedding model")
     deadline = deadline_of(engine, runtime, request)
-    options = OutputOptions(prompt_name=body.prompt_name, token_embeddings=True)
+    options = OutputOptions(
+        prompt_name=body.prompt_name, token_embeddings=True, truncate=body.truncate
+    )
     direction = cut_side(body.truncation_direction)
     items = await encode_inputs(request, body.inputs, options, "inputs", direction)
     check_tokens(items, model, runtime, "inputs", body.truncate, listed=True)
@@ -131,7 +133,8 @@ async def embed_sparse(request: Request) -> Response:
     model = served.encoder
     needs_task(model, "sparse", "/embed_sparse", "a sparse model (a SPLADE SparseEncoder)")
     deadline = deadline_of(engine, runtime, request)
-    options = OutputOptions(prompt_name=body.prompt_name, top_k=body.top_k, truncate=body.truncate)
+    options = OutputOptions(prompt_name=body.prompt_name, top_k=body.top_k, truncate=body.truncate,
+                            input_type=body.input_type)  # fmt: skip
     direction = cut_side(body.truncation_direction)
     items = await encode_inputs(request, body.inputs, options, "inputs", direction)
     check_tokens(items, model, runtime, "inputs", body.truncate, listed=True)
@@ -267,7 +270,9 @@ async def similarity(request: Request) -> Response:
     needs_task(model, "embed", request.url.path, "an embedding model")
     deadline = deadline_of(engine, runtime, request)
     parameters = body.parameters or SimilarityParameters()
-    options = OutputOptions(normalize=True, prompt_name=parameters.prompt_name)
+    options = OutputOptions(
+        normalize=True, prompt_name=parameters.prompt_name, truncate=parameters.truncate
+    )
     texts = [body.inputs.source_sentence, *body.inputs.sentences]
     direction = cut_side(parameters.truncation_direction)
     items = await encode_inputs(request, texts, options, "inputs", direction)

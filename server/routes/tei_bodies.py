@@ -47,8 +47,13 @@ class EmbedAllRequest(BaseModel):
 
 
 class EmbedSparseRequest(EmbedAllRequest):
-    """TEI's `/embed_sparse` request, and our `top_k`."""
+    """TEI's `/embed_sparse` request, and our `top_k` and `input_type`."""
 
+    input_type: Literal["query", "document"] | None = Field(
+        None,
+        description="encode_query's or encode_document's prompt; an inference-free "
+        "model answers a query from its static table, without the model.",
+    )
     top_k: StrictInt | None = Field(
         None,
         ge=1,

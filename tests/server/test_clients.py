@@ -17,11 +17,13 @@ import pytest
 
 from batcher.models import DEFAULT_HUB_ID, default_source
 from tests.conftest import ServerProcess
+from tests.server.live import metric
 from tests.tiny_models import (
     EMBEDDERS,
     TEXTS,
     save_cross_encoder,
     save_embedder,
+    save_inference_free_sparse_encoder,
     save_nli_classifier,
     save_sparse_encoder,
 )
@@ -357,7 +359,17 @@ def test_cohere_client_v2_embeds_every_embedding_type_in_one_reply(
     tokens = httpx.post(f"{url}/tokenize", json={"inputs": SENTENCES}).json()
     assert got.meta.billed_units.input_tokens == sum(len(t) for t in tokens)
     short = co.embed(model="x", texts=SENTENCES, input_type="search_query", output_dimension=64,
-                     embedding_types=["float", "ubinary"])  # fmt: skip
+                     embedding_types=["float", "ubinary", "int8"])  # fmt: skip
+    cut = httpx.get(f"{url}/model/calibration", params={"dimensions": 64}).json()
+    assert cut["dimensions"] == 64
+    assert len(cut["ranges"][0]) == 64
+    exact_cut = np.array(short.embeddings.float_, dtype=np.float32)
+    assert (
+        short.embeddings.int8
+        == quantize_embeddings(
+            exact_cut, "int8", ranges=np.array(cut["ranges"], dtype=np.float32)
+        ).tolist()
+    )
     np.testing.assert_allclose(short.embeddings.float_, ours(url, SENTENCES, dimensions=64),
                                atol=1e-6)  # fmt: skip
     assert short.embeddings.ubinary is not None
@@ -484,6 +496,10 @@ def test_a_chunked_long_text_is_the_token_weighted_mean_of_its_windows(
     np.testing.assert_allclose(got.json()["embedding"], mean / np.linalg.norm(mean), atol=1e-6)
     short = ours(url, SENTENCES, chunking="mean", truncate=False)
     np.testing.assert_array_equal(short, ours(url, SENTENCES))
+    no_room = httpx.post(f"{url}/predict", json={"text": text, "chunking": "mean",
+                                                 "prompt": "word " * 300})  # fmt: skip
+    assert no_room.status_code == 422
+    assert "the prompt leaves no room" in no_room.text
 
 
 @pytest.fixture(scope="module")
@@ -536,3 +552,39 @@ def test_llamaindex_tei_client_embeds_as_predict_does(float32_server: ServerProc
     np.testing.assert_allclose(query, reference[1], atol=1e-7)
     np.testing.assert_allclose(batch, reference, atol=1e-7)
     np.testing.assert_allclose(later, reference[2], atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def inference_free(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    yield from serve_tiny(tmp_path_factory, "if", save_inference_free_sparse_encoder)
+
+
+def test_an_inference_free_models_queries_never_reach_the_engine(
+    inference_free: tuple[Path, str],
+) -> None:
+    """`"input_type": "query"` on an inference-free SPLADE model: `encode_query`'s weights,
+    from the static table, answered without a batch; documents by the model."""
+    from sentence_transformers import SparseEncoder
+
+    path, url = inference_free
+    st = SparseEncoder(str(path), device="cpu")
+    queries = st.encode_query(SENTENCES).to_dense().numpy()
+    documents = st.encode_document(SENTENCES).to_dense().numpy()
+    before = httpx.get(f"{url}/metrics").text
+    got = httpx.post(f"{url}/embed_sparse", json={"inputs": SENTENCES, "input_type": "query"})
+    after = httpx.get(f"{url}/metrics").text
+    assert got.status_code == 200, got.text
+    assert got.headers["x-batch-size"] == "0"
+    assert metric(after, "microbatch_batches_total") == metric(before, "microbatch_batches_total")
+    for row, weights in enumerate(got.json()):
+        assert [w["index"] for w in weights] == list(np.flatnonzero(queries[row]))
+        np.testing.assert_allclose([w["value"] for w in weights],
+                                   queries[row][queries[row] != 0], rtol=1e-6)  # fmt: skip
+    document = httpx.post(f"{url}/predict/batch", json={"texts": SENTENCES}).json()["results"]
+    for row, result in enumerate(document):
+        indices = [w["index"] for w in result["sparse"]]
+        np.testing.assert_allclose([w["value"] for w in result["sparse"]],
+                                   documents[row, indices], atol=1e-5, rtol=1e-5)  # fmt: skip
+    ids = httpx.post(f"{url}/embed_sparse", json={"inputs": [[101, 102]], "input_type": "query"})
+    assert ids.status_code == 422
+    assert "not token ids" in ids.text

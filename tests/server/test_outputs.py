@@ -81,6 +81,7 @@ async def test_each_option_a_model_cannot_honour_is_refused_with_the_reason() ->
             ("/predict", {"text": "x", "token_embeddings": True, "encoding_format": "base64"},
              422, "float JSON numbers only"),
             ("/embed_all", {"inputs": "x"}, 422, "no token vectors"),
+            ("/embed_sparse", {"inputs": "x"}, 400, "needs a sparse model"),
             ("/v2/embed", {"texts": ["x"], "embedding_types": ["uint8"]},
              400, "needs calibration ranges"),
             ("/v2/embed", {"texts": ["x"], "inputs": [{"content": [{"type": "text",
@@ -103,6 +104,10 @@ async def test_each_option_a_model_cannot_honour_is_refused_with_the_reason() ->
         assert answer.status_code == status, (path, answer.text)
         assert reason in answer.text, (path, answer.text)
     assert [a.status_code for a in wrong] == [422, 422, 400, 400]
+    # TEI's routes answer in TEI's shape, the new ones too.
+    assert wrong[2].json()["error_type"] == "Validation"
+    assert "/embed_all needs an embedding model" in wrong[2].json()["error"]
+    assert answers[4].json()["error_type"] == "Validation"
     assert "applies to embedding models" in wrong[0].text
     assert "chunking applies to embedding models" in wrong[1].text
     assert "/embed_all needs an embedding model" in wrong[2].text

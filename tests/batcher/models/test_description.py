@@ -87,12 +87,16 @@ def test_sparse_encoders_other_than_mlm_and_splade_pooling_are_refused(
     )
     with pytest.raises(ModelLoadError, match="this SparseEncoder is made of Transformer, Pooling"):
         load(LoadOptions(source=str(path)))
-    # The inference-free layout: a Router with a static query module.
+    # A Router whose query route is not a SparseStaticEmbedding.
     router = "sentence_transformers.base.modules.router.Router"
     (path / "modules.json").write_text(
         json.dumps([{"idx": 0, "name": "0", "path": "", "type": router}])
     )
-    with pytest.raises(ModelLoadError, match="not inference-free Routers"):
+    (path / "router_config.json").write_text(json.dumps({
+        "types": {"query_0_X": "sentence_transformers.sparse_encoder.modules.SparseAutoEncoder"},
+        "structure": {"query": ["query_0_X"], "document": []},
+    }))  # fmt: skip
+    with pytest.raises(ModelLoadError, match="through \\['SparseAutoEncoder'\\] for queries"):
         load(LoadOptions(source=str(path)))
 
 

@@ -3,6 +3,7 @@ once it is loaded."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,10 @@ def test_a_sparse_model_counts_its_logits_over_the_vocabulary(tmp_path: Path) ->
         logits = model(input_ids=torch.ones((8, sparse.tokens), dtype=torch.long)).logits
     held = logits.numel() * logits.element_size() * 2  # the logits and their float32 weights
     assert sparse.activation_bytes - dense.activation_bytes == held
+    # A dense model saved as ...ForMaskedLM (all-mpnet-base-v2 is) holds no such logits.
+    declared = path / "config_sentence_transformers.json"
+    config = json.loads(declared.read_text())
+    declared.write_text(json.dumps({**config, "model_type": "SentenceTransformer"}))
+    again = footprint(LoadOptions(source=str(path), dtype="float32"), 8, "cpu")
+    assert again is not None
+    assert again.activation_bytes == dense.activation_bytes

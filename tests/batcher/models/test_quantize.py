@@ -62,6 +62,33 @@ def test_int8_is_the_references_bit_for_bit_given_the_same_ranges(kind: str) -> 
     assert ours.max() == high
 
 
+@pytest.mark.parametrize(
+    ("dims", "normalize"), [(None, True), (4, True), (None, False), (7, False)]
+)
+def test_a_calibration_quantizes_as_the_reference_calibrated_on_its_vectors(
+    dims: int | None, normalize: bool
+) -> None:
+    """The reference, given the calibration set's vectors under the request's options as
+    `calibration_embeddings`, gives the same bytes as our fixed ranges for those options."""
+    from sentence_transformers import quantize_embeddings
+
+    if not _reference_clips():
+        pytest.skip("this sentence-transformers wraps values outside the ranges around")
+    raw = RNG.standard_normal((40, 16)).astype(np.float32) * 3
+    calibration = Calibration(raw.astype("<f4").tobytes(), 16, "test (40 texts)")
+    x = RNG.standard_normal((25, 16)).astype(np.float32) * 3
+    x = x[:, :dims] if dims is not None else x
+    if normalize:
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    cut = raw[:, :dims] if dims is not None else raw
+    if normalize:
+        cut = cut / np.linalg.norm(cut, axis=1, keepdims=True)
+    for kind in ("int8", "uint8"):
+        ours = quantize_as(x, kind, calibration.ranges(dims, normalize))  # type: ignore[arg-type]
+        reference = quantize_embeddings(x, kind, calibration_embeddings=cut)
+        np.testing.assert_array_equal(ours, reference)
+
+
 def test_ranges_follow_each_requests_cut_and_normalisation() -> None:
     raw = RNG.standard_normal((40, 16)).astype(np.float32) * 3
     calibration = Calibration(raw.astype("<f4").tobytes(), 16, "test (40 texts)")

@@ -34,6 +34,7 @@ from tests.tiny_models import (
     Kind,
     save_cross_encoder,
     save_embedder,
+    save_inference_free_sparse_encoder,
     save_multi_label_classifier,
     save_nli_classifier,
     save_sparse_encoder,
@@ -362,3 +363,29 @@ def test_sparse_vectors_equal_sparse_encoder_encode(
     np.testing.assert_allclose(kept, expected, atol=1e-5, rtol=1e-5)
     alone = _dense(model.predict(items[:1]), width)
     np.testing.assert_allclose(alone[0], ours[0], atol=1e-6)
+
+
+def test_an_inference_free_model_answers_queries_from_its_table_and_documents_by_splade(
+    tmp_path: Path,
+) -> None:
+    """A Router's query route (a SparseStaticEmbedding, no model) as `encode_query`, its
+    document route (the default) as `encode_document` and `encode`."""
+    from sentence_transformers import SparseEncoder
+
+    path = save_inference_free_sparse_encoder(tmp_path / "model")
+    st = SparseEncoder(str(path), device="cpu")
+    model = load(path)
+    assert model.task == "sparse"
+    assert model.encoder.static is not None
+    queries = st.encode_query(TEXTS).to_dense().numpy()
+    width = queries.shape[1]
+    items = model.encoder.static_queries(TEXTS)
+    ours = _dense(model.encoder.static.vectors(items), width)
+    np.testing.assert_array_equal(ours != 0, queries != 0)
+    np.testing.assert_allclose(ours, queries, rtol=1e-6)
+    top = model.encoder.static.vectors(model.encoder.static_queries(TEXTS, Options(top_k=2)))
+    expected = st.encode_query(TEXTS, max_active_dims=2).to_dense().numpy()
+    np.testing.assert_allclose(_dense(top, width), expected, rtol=1e-6)
+    documents = _dense(model.predict(model.encoder.encode_many(TEXTS)), width)
+    for reference in (st.encode_document(TEXTS), st.encode(TEXTS)):
+        np.testing.assert_allclose(documents, reference.to_dense().numpy(), atol=1e-5, rtol=1e-5)
