@@ -389,3 +389,49 @@ def test_an_inference_free_model_answers_queries_from_its_table_and_documents_by
     documents = _dense(model.predict(model.encoder.encode_many(TEXTS)), width)
     for reference in (st.encode_document(TEXTS), st.encode(TEXTS)):
         np.testing.assert_allclose(documents, reference.to_dense().numpy(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [k for k in EMBEDDERS if not k.decoder and k.layout == "current"],
+    ids=lambda k: k.name,
+)
+def test_a_chunked_texts_windows_are_what_sentence_transformers_pools(
+    tmp_path: Path, kind: Kind
+) -> None:
+    """`chunking`: each window is [CLS] + the prompt + a run of the text's tokens + [SEP],
+    as long as fits, pooled by sentence-transformers' own modules (the prompt left out
+    where the Pooling excludes it), before the final Normalize; their token-weighted mean
+    is what the server combines."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    path = save_embedder(tmp_path / "model", kind)
+    st = SentenceTransformer(str(path), device="cpu")
+    model = load(path)
+    text = " ".join(TEXTS) * 4
+    prompt = st.prompts.get(kind.default_prompt_name or "", "")
+    tokenizer = st.tokenizer
+    content = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    size = model.max_tokens - 2 - len(prompt_ids)
+    runs = [content[i : i + size] for i in range(0, len(content), size)]
+    assert len(runs) >= 2
+    chunks = model.encoder.chunk(text)
+    assert chunks.weights == [len(r) for r in runs]
+    modules = [m for m in st if type(m).__name__ != "Normalize"]
+    expected = []
+    for run in runs:
+        ids = torch.tensor([[tokenizer.cls_token_id, *prompt_ids, *run, tokenizer.sep_token_id]])
+        features = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "token_type_ids": torch.zeros_like(ids),
+            "prompt_length": 1 + len(prompt_ids),
+        }
+        with torch.no_grad():
+            for module in modules:
+                features = module(features)
+        expected.append(features["sentence_embedding"][0].numpy())
+    ours = model.predict([replace(w, normalize=False) for w in chunks.windows])
+    assert_same_vectors(np.array(ours), np.array(expected))
