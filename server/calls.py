@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from batcher.models import Encoded, Options, Output, TruncationDirection
+from batcher.models import Chunks, Encoded, Options, Output, TruncationDirection
 from server.served import Served
 
 Input = str | list[int]
@@ -35,14 +35,12 @@ class Call:
     """The inputs as the answering version tokenized them."""
     tenant: str | None = None
     """Whose request it is (`server.tenants`); None on a server without tenants."""
-    chunks: dict[int, list[Encoded]] = field(default_factory=dict)
+    chunks: dict[int, Chunks] = field(default_factory=dict)
     """Inputs over the window computed as windows (`server.routes.chunking`), by index:
     `items` holds their combined form, the engine receives the windows."""
     computed: list[Output] | None = None
     """The answers, where the front-end computed them without the engine (the queries of
     an inference-free sparse model)."""
-    weights: dict[int, list[int]] = field(default_factory=dict)
-    """Each chunked input's windows' counts of its tokens: the weights of their mean."""
     _released: bool = False
 
     def __post_init__(self) -> None:

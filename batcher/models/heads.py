@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from batcher.models.description import Dense, Pooling, PoolingMode, Splade, Step
-from batcher.models.outputs import SparseVector
+from batcher.models.outputs import SparseVector, sparse_vector
 
 
 def activation_module(dotted: str) -> nn.Module:
@@ -154,11 +154,7 @@ def sparse_rows(weights: Tensor, top_k: Sequence[int | None]) -> list[SparseVect
     out = []
     for row, k in zip(host, top_k, strict=True):
         indices = np.flatnonzero(row)
-        if k is not None and len(indices) > k:
-            kept = np.argpartition(row[indices], len(indices) - k)[len(indices) - k :]
-            indices = np.sort(indices[kept])
-        values = row[indices].astype("<f4")
-        out.append(SparseVector(indices.astype("<i4").tobytes(), values.tobytes()))
+        out.append(sparse_vector(indices, row[indices], k))
     return out
 
 

@@ -49,4 +49,15 @@ class SparseVector:
         return [{"index": i, "value": v} for i, v in zip(indices, values, strict=True)]
 
 
+def sparse_vector(indices: Any, values: Any, top_k: int | None) -> SparseVector:
+    """A `SparseVector` of `values` at ascending `indices` (numpy arrays): the nonzero
+    ones, the `top_k` largest where asked (sentence-transformers' `max_active_dims`)."""
+    nonzero = values != 0
+    indices, values = indices[nonzero], values[nonzero]
+    if top_k is not None and len(values) > top_k:
+        kept = np.sort(np.argpartition(values, len(values) - top_k)[len(values) - top_k :])
+        indices, values = indices[kept], values[kept]
+    return SparseVector(indices.astype("<i4").tobytes(), values.astype("<f4").tobytes())
+
+
 Output = list[float] | Classification | TokenVectors | SparseVector

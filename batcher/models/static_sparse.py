@@ -14,7 +14,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from batcher.models.inputs import Encoded
-from batcher.models.outputs import SparseVector
+from batcher.models.outputs import SparseVector, sparse_vector
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,13 +47,5 @@ class StaticSparse:
         out = []
         for item in items:
             indices = np.unique(np.asarray(item.ids, dtype=np.int64))
-            values = self.weights[indices]
-            indices, values = indices[values != 0], values[values != 0]
-            k = item.top_k
-            if k is not None and len(indices) > k:
-                kept = np.sort(np.argpartition(values, len(values) - k)[len(values) - k :])
-                indices, values = indices[kept], values[kept]
-            out.append(
-                SparseVector(indices.astype("<i4").tobytes(), values.astype("<f4").tobytes())
-            )
+            out.append(sparse_vector(indices, self.weights[indices], item.top_k))
         return out

@@ -58,8 +58,7 @@ async def chunk_long_inputs(
     chunked = await asyncio.to_thread(lambda: [model.chunk(str(t), options) for t in texts])
     out = list(items)
     for i, chunks in zip(long, chunked, strict=True):
-        call.chunks[i] = chunks.windows
-        call.weights[i] = chunks.weights
+        call.chunks[i] = chunks
         ids = [t for window in chunks.windows for t in window.ids]
         type_ids = None if items[i].type_ids is None else [0] * len(ids)
         out[i] = replace(items[i], ids=ids, truncated=False, type_ids=type_ids)
@@ -73,7 +72,8 @@ def expand(call: Call, items: Sequence[Encoded]) -> tuple[list[Encoded], list[in
     starts = []
     for i, item in enumerate(items):
         starts.append(len(flat))
-        flat.extend(call.chunks.get(i, [item]))
+        chunks = call.chunks.get(i)
+        flat.extend(chunks.windows if chunks is not None else [item])
     return flat, starts
 
 
@@ -84,12 +84,12 @@ def combined(
     mean, then the request's cut and normalisation), with its windows' times."""
     out = []
     for i, item in enumerate(items):
-        windows = call.chunks.get(i)
-        if windows is None:
+        chunks = call.chunks.get(i)
+        if chunks is None:
             out.append(results[starts[i]])
             continue
-        parts = results[starts[i] : starts[i] + len(windows)]
-        mean = combine(cast("list[list[float]]", [p.value for p in parts]), call.weights[i])
+        parts = results[starts[i] : starts[i] + len(chunks.windows)]
+        mean = combine(cast("list[list[float]]", [p.value for p in parts]), chunks.weights)
         vector = finish(mean[None, :], item.dimensions, item.normalize)[0].tolist()
         out.append(Result(
             vector,

@@ -11,9 +11,9 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from batcher.models import EmbeddingType, Encoder, TruncationDirection
+from batcher.models import EmbeddingType, TruncationDirection
 from server.routes.embedding_types import as_base64, as_type, check_embedding_type
-from server.routes.encoding import check_tokens, encode_inputs
+from server.routes.encoding import check_tokens, encode_inputs, first_prompt
 from server.routes.headers import deadline_of
 from server.routes.parsing import (
     invalid,
@@ -237,8 +237,9 @@ class V2EmbedRequest(BaseModel):
     input_type: EmbedInputType | None = Field(
         None,
         description="Picks the model's prompt: search_query -> its query prompt, "
-        "search_document -> its document or passage prompt, classification and clustering "
-        "-> the prompt of that name; otherwise (or when absent) its default prompt.",
+        "search_document -> its document, passage or corpus prompt, classification and "
+        "clustering -> the prompt of that name; otherwise (or when absent) its default "
+        "prompt.",
     )
     embedding_types: list[CohereType] | None = Field(
         None,
@@ -286,14 +287,6 @@ class V2EmbedResponse(BaseModel):
     meta: V2EmbedMeta
 
 
-def _prompt_for(model: Encoder, input_type: str | None) -> str | None:
-    """The prompt name `input_type` maps to on `model` (`COHERE_PROMPTS`), or None."""
-    for name in COHERE_PROMPTS.get(input_type or "", ()):
-        if name in model.prompts:
-            return name
-    return None
-
-
 def _v2_texts(body: V2EmbedRequest) -> list[str]:
     if body.images is not None or body.input_type == "image":
         raise invalid("images", "this server embeds text: images are not served")
@@ -334,10 +327,10 @@ async def embed_v2(request: Request) -> Response:
     for kind in typed:
         check_embedding_type(model, kind, "embedding_types")
     deadline = deadline_of(engine, runtime, request)
+    prompt = first_prompt(model, COHERE_PROMPTS.get(body.input_type or "", ()))
     options = OutputOptions(
-        prompt_name=_prompt_for(model, body.input_type), dimensions=body.output_dimension,
-        truncate=body.truncate != "NONE",
-    )  # fmt: skip
+        prompt_name=prompt, dimensions=body.output_dimension, truncate=body.truncate != "NONE"
+    )
     direction: TruncationDirection = "left" if body.truncate == "START" else "right"
     field = "texts" if body.texts is not None else "inputs"
     items = await encode_inputs(request, texts, options, field, direction)

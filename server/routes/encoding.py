@@ -111,11 +111,15 @@ def _with_input_type(body: OutputOptions, model: Encoder) -> Options:
     if model.task not in ("embed", "sparse"):
         raise invalid("input_type", f"input_type applies to embedding and sparse models; "
                       f"this is a {model.task} model")  # fmt: skip
-    if options.prompt is None and options.prompt_name is None:
-        for name in INPUT_TYPE_PROMPTS[kind]:
-            if name in model.prompts:
-                return replace(options, prompt_name=name)
+    name = first_prompt(model, INPUT_TYPE_PROMPTS[kind])
+    if options.prompt is None and options.prompt_name is None and name is not None:
+        return replace(options, prompt_name=name)
     return options
+
+
+def first_prompt(model: Encoder, names: Sequence[str]) -> str | None:
+    """The first of `names` that the model has a prompt of, or None."""
+    return next((name for name in names if name in model.prompts), None)
 
 
 def _static_queries(

@@ -14,7 +14,8 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import TypeAdapter
 
-from batcher.models import Classification, SparseVector, TokenVectors
+from batcher import Result
+from batcher.models import Classification, Output, SparseVector, TokenVectors
 from server.routes.encoding import check_tokens, encode_inputs
 from server.routes.headers import deadline_of
 from server.routes.parsing import (
@@ -74,22 +75,34 @@ _RANKED = TypeAdapter(list[RerankResult])
     openapi_extra=openapi_body(EmbedRequest, {"inputs": ["What is Deep Learning?"]}),
 )
 async def embed(request: Request) -> Response:
-    runtime = runtime_of(request)
-    body = await parse(request, EmbedRequest, runtime)
-    served, engine = serving(runtime, request, body.model)
-    model = served.encoder
-    needs_task(model, "embed", "/embed", "an embedding model")
-    deadline = deadline_of(engine, runtime, request)
+    body = await parse(request, EmbedRequest, runtime_of(request))
     options = OutputOptions(
         normalize=body.normalize, prompt_name=body.prompt_name, dimensions=body.dimensions,
         truncate=body.truncate,
     )  # fmt: skip
+    results = await _compute(request, body, options, ("embed", "/embed", "an embedding model"))
+    vectors = [cast("list[float]", r.value) for r in results]
+    return reply(request, to_json(vectors), results)
+
+
+async def _compute(
+    request: Request,
+    body: EmbedRequest | EmbedAllRequest,
+    options: OutputOptions,
+    needs: tuple[str, str, str],
+) -> list[Result[Output]]:
+    """What `/embed`, `/embed_all` and `/embed_sparse` share: the model the body names
+    (`needs`: its task, the route, what it needs), its inputs encoded under `options`,
+    cut or refused as `truncate` says, and computed, in order."""
+    runtime = runtime_of(request)
+    served, engine = serving(runtime, request, body.model)
+    model = served.encoder
+    needs_task(model, *needs)
+    deadline = deadline_of(engine, runtime, request)
     direction = cut_side(body.truncation_direction)
     items = await encode_inputs(request, body.inputs, options, "inputs", direction)
     check_tokens(items, model, runtime, "inputs", body.truncate, listed=True)
-    results = await submit_all(request, runtime, engine, items, deadline)
-    vectors = [cast("list[float]", r.value) for r in results]
-    return reply(request, to_json(vectors), results)
+    return await submit_all(request, runtime, engine, items, deadline)
 
 
 @router.post(
@@ -101,19 +114,12 @@ async def embed(request: Request) -> Response:
     openapi_extra=openapi_body(EmbedAllRequest, {"inputs": ["What is Deep Learning?"]}),
 )
 async def embed_all(request: Request) -> Response:
-    runtime = runtime_of(request)
-    body = await parse(request, EmbedAllRequest, runtime)
-    served, engine = serving(runtime, request, body.model)
-    model = served.encoder
-    needs_task(model, "embed", "/embed_all", "an embedding model")
-    deadline = deadline_of(engine, runtime, request)
+    body = await parse(request, EmbedAllRequest, runtime_of(request))
     options = OutputOptions(
         prompt_name=body.prompt_name, token_embeddings=True, truncate=body.truncate
     )
-    direction = cut_side(body.truncation_direction)
-    items = await encode_inputs(request, body.inputs, options, "inputs", direction)
-    check_tokens(items, model, runtime, "inputs", body.truncate, listed=True)
-    results = await submit_all(request, runtime, engine, items, deadline)
+    needs = ("embed", "/embed_all", "an embedding model")
+    results = await _compute(request, body, options, needs)
     matrices = [cast("TokenVectors", r.value).array() for r in results]
     return reply(request, orjson.dumps(matrices, option=orjson.OPT_SERIALIZE_NUMPY), results)
 
@@ -127,18 +133,11 @@ async def embed_all(request: Request) -> Response:
     openapi_extra=openapi_body(EmbedSparseRequest, {"inputs": ["What is Deep Learning?"]}),
 )
 async def embed_sparse(request: Request) -> Response:
-    runtime = runtime_of(request)
-    body = await parse(request, EmbedSparseRequest, runtime)
-    served, engine = serving(runtime, request, body.model)
-    model = served.encoder
-    needs_task(model, "sparse", "/embed_sparse", "a sparse model (a SPLADE SparseEncoder)")
-    deadline = deadline_of(engine, runtime, request)
+    body = await parse(request, EmbedSparseRequest, runtime_of(request))
     options = OutputOptions(prompt_name=body.prompt_name, top_k=body.top_k, truncate=body.truncate,
                             input_type=body.input_type)  # fmt: skip
-    direction = cut_side(body.truncation_direction)
-    items = await encode_inputs(request, body.inputs, options, "inputs", direction)
-    check_tokens(items, model, runtime, "inputs", body.truncate, listed=True)
-    results = await submit_all(request, runtime, engine, items, deadline)
+    needs = ("sparse", "/embed_sparse", "a sparse model (a SPLADE SparseEncoder)")
+    results = await _compute(request, body, options, needs)
     return reply(
         request, to_json([cast("SparseVector", r.value).pairs() for r in results]), results
     )
