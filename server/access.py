@@ -30,11 +30,17 @@ from server.tokens import TokenRefused, Verifier, jwks_problem, looks_like_jwt
 
 logger = logging.getLogger("microbatch.server")
 
+KSERVE_MODELS = "/v2/models/"
+KSERVE_INFER = "/infer"
+
 INFERENCE_PATHS = (
-    "/predict", "/rerank", "/embed", "/similarity", "/tokenize", "/decode", "/v1/", "/v2/",
+    "/predict", "/rerank", "/embed", "/similarity", "/tokenize", "/decode", "/v1/",
+    "/v2/rerank", "/v2/embed", KSERVE_MODELS,
 )  # fmt: skip
-"""Routes that serve clients (ours, OpenAI's, TEI's, Cohere's): API keys and rate limits
-apply; and TEI's root route, `/` (`is_client_route`)."""
+"""Routes that serve clients (ours, OpenAI's, TEI's, Cohere's, the Open Inference
+Protocol's models): API keys and rate limits apply; and TEI's root route, `/`
+(`is_client_route`). The Open Inference Protocol's `/v2` and `/v2/health/*` stay open,
+as `/health` and `/ready` do: they are probes."""
 QUEUED_PATHS = (
     "/predict", "/rerank", "/embed", "/similarity", "/v1/embeddings", "/v1/rerank",
     "/v2/rerank", "/v2/embed",
@@ -52,6 +58,10 @@ def is_client_route(path: str, method: str = "POST") -> bool:
 
 
 def is_queued_route(path: str, method: str = "POST") -> bool:
+    """The early 429 applies: the routes of QUEUED_PATHS, `POST /` and the Open
+    Inference Protocol's `.../infer`."""
+    if path.startswith(KSERVE_MODELS):
+        return path.endswith(KSERVE_INFER)
     return (path == ROOT and method == "POST") or path.startswith(QUEUED_PATHS)
 
 

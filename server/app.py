@@ -91,12 +91,21 @@ def create_app(
         runtime = Runtime(settings, clients, registry, loader)
         app.state.runtime = runtime  # for `microbatch serve`'s signal handler
         unwatch = tenancy.watch()
+        state = {"runtime": runtime, "tenancy": tenancy}
+        grpc_server = None
         try:
             await tenancy.start()
             await runtime.start()
-            yield {"runtime": runtime, "tenancy": tenancy}
+            if settings.grpc_port is not None:
+                from server.kserve.grpc_server import GrpcServer
+
+                grpc_server = GrpcServer(app, state, settings, registry)
+                app.state.grpc_port = await grpc_server.start()
+            yield state
         finally:
             unwatch()
+            if grpc_server is not None:
+                await grpc_server.stop()
             await runtime.aclose()
 
     app = LaneApp(

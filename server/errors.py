@@ -6,7 +6,8 @@ Each protocol family hears its errors in its own shape, decided by the path in o
 (`error_body`): on `/v1/*` OpenAI's `{"error": {"message", "type", "param", "code"}}`,
 with 400 for invalid input as OpenAI answers it (the SDK raises BadRequestError); on
 TEI's routes our body plus TEI's `error` and `error_type`; on Cohere's v2 routes our
-body plus Cohere's `id` and `message`, with 400 for invalid input."""
+body plus Cohere's `id` and `message`, with 400 for invalid input; on the Open Inference
+Protocol's (KServe v2) our body plus its `error`, with 400 for invalid input."""
 
 from __future__ import annotations
 
@@ -103,6 +104,14 @@ TEI_PATHS = frozenset({
 })  # fmt: skip
 COHERE_V2_PATHS = frozenset({"/v2/rerank", "/v2/embed"})
 """Cohere's v2 API: invalid input is 400, and the reason is in `message`."""
+KSERVE_PREFIXES = ("/v2/models/", "/v2/health/")
+
+
+def is_kserve(path: str) -> bool:
+    """The Open Inference Protocol's paths (`server.routes.kserve`): invalid input is
+    400, and the reason is in `error`, where Triton's and KServe's clients read it."""
+    return path == "/v2" or path.startswith(KSERVE_PREFIXES)
+
 
 _OPENAI_TYPES = {
     400: "invalid_request_error",
@@ -131,7 +140,9 @@ def _message(detail: Any) -> tuple[str, str | None]:
 def error_status(status: int, path: str) -> int:
     """The status a refusal is sent with on `path`: OpenAI and Cohere answer invalid
     input 400."""
-    if status == 422 and (path.startswith(OPENAI_PREFIX) or path in COHERE_V2_PATHS):
+    if status == 422 and (
+        path.startswith(OPENAI_PREFIX) or path in COHERE_V2_PATHS or is_kserve(path)
+    ):
         return 400
     return status
 
@@ -151,6 +162,8 @@ def error_body(
     if path in COHERE_V2_PATHS:
         body["id"] = request_id
         body["message"] = _message(detail)[0]
+    if is_kserve(path):
+        body["error"] = _message(detail)[0]
     if path in TEI_PATHS:
         body["error"] = _message(detail)[0]
         body["error_type"] = _TEI_TYPES.get(status, "Validation")

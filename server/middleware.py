@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batcher import SECONDS_BUCKETS
-from server.access import is_queued_route
+from server.access import KSERVE_MODELS, is_queued_route
 from server.calls import Call
 from server.errors import Refusal
 
@@ -132,6 +132,8 @@ class RequestContextMiddleware:
         if (head.content_length or 0) > self.max_body_bytes:
             return Refusal(413, "http_error", self._too_large())
         if scope["method"] in _BODY_METHODS and not _is_json(head.content_type):
+            if _is_binary_infer(scope["path"], head.content_type):
+                return None
             detail = "send the body as Content-Type: application/json"
             return Refusal(415, "unsupported_media_type", detail)
         return None
@@ -184,6 +186,13 @@ def _new_id() -> str:
     again in each forked child), not from `secrets`, whose os.urandom call cost 3 % of a
     front-end's CPU per request (py-spy)."""
     return f"{random.getrandbits(128):032x}"
+
+
+def _is_binary_infer(path: str, content_type: bytes | None) -> bool:
+    """An Open Inference Protocol request with binary tensors: Triton's clients send it
+    with no content type, or as application/octet-stream."""
+    binary = content_type is None or content_type.startswith(b"application/octet-stream")
+    return binary and path.startswith(KSERVE_MODELS)
 
 
 def _is_json(value: bytes | None) -> bool:

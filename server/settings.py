@@ -42,6 +42,14 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    grpc_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Also serve the Open Inference Protocol (KServe v2, Triton's clients) "
+        "over gRPC on this port, on --host, in the same processes as HTTP (8001 is "
+        "Triton's). Default: off.",
+    )
     model: Annotated[tuple[str, ...], NoDecode] = Field(
         (),
         description="Local model directory or Hugging Face hub id; default: the built-in "

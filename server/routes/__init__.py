@@ -10,6 +10,7 @@ from server.routes import (
     cohere,
     dashboard,
     embedding_types,
+    kserve,
     openai,
     predict,
     probes,
@@ -17,7 +18,9 @@ from server.routes import (
     versions,
 )
 
-FAMILIES = (predict, embedding_types, openai, tei, cohere, probes, admin, versions, dashboard)
+FAMILIES = (
+    predict, embedding_types, openai, tei, cohere, kserve, probes, admin, versions, dashboard,
+)  # fmt: skip
 
 router = APIRouter()
 for family in FAMILIES:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
@@ -319,11 +319,17 @@ def meta(request: Request, model: Encoder) -> dict[str, Any]:
     }
 
 
-def reply(request: Request, body: BaseModel | bytes, results: Sequence[Result[Output]]) -> Response:
+def reply(
+    request: Request,
+    body: BaseModel | bytes,
+    results: Sequence[Result[Output]],
+    media_type: str = "application/json",
+    extra: Mapping[str, str] | None = None,
+) -> Response:
     """The JSON reply, serialized once by orjson (`to_json`), with the timing headers
-    and the version that answered (`X-Model-Version`). Returning a Response skips
-    FastAPI's validation of the returned model against `response_model`, which the
-    route declares for the OpenAPI schema only."""
+    and the version that answered (`X-Model-Version`), and `extra` headers. Returning a
+    Response skips FastAPI's validation of the returned model against `response_model`,
+    which the route declares for the OpenAPI schema only."""
     call: Call = request.state.call
     runtime = runtime_of(request)
     if runtime.log is not None:
@@ -339,8 +345,10 @@ def reply(request: Request, body: BaseModel | bytes, results: Sequence[Result[Ou
         "x-batch-size": str(max(r.batch_size for r in results)),
         "x-cache": _cache_header(results),
     }
+    if extra:
+        headers.update(extra)
     content = body if isinstance(body, bytes) else to_json(body)
-    return Response(content, media_type="application/json", headers=headers)
+    return Response(content, media_type=media_type, headers=headers)
 
 
 def _cache_header(results: Sequence[Result[Output]]) -> str:

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.routes.parsing import RuntimeDep
+from server.runtime import Runtime
 from server.schemas import Status
 
 router = APIRouter(tags=["probes"])
@@ -32,24 +33,30 @@ async def health(runtime: RuntimeDep) -> Any:
     summary="Readiness: loaded, warmed, not draining and not saturated",
 )
 async def ready(runtime: RuntimeDep) -> Any:
-    detail: str | None
-    if (problem := runtime.liveness_problem()) is not None:
-        status, detail = "failed", problem
-    elif runtime.status == "warming":
-        warming = runtime.warming
-        status = "warming"
-        detail = warming.describe() if warming else "loading the model for warm-up"
-    elif runtime.status != "ready":
-        status, detail = runtime.status, runtime.error
-    elif (waiting := runtime.incomplete()) is not None:
-        status, detail = "warming", waiting
-    elif runtime.saturated:
-        status, detail = "saturated", "the queue is nearly full; send traffic elsewhere"
-    else:
+    unready = not_ready(runtime)
+    if unready is None:
         return Status(status="ready")
+    status, detail = unready
     return JSONResponse(
         {"status": status, "detail": detail}, status_code=503, headers={"Retry-After": "1"}
     )
+
+
+def not_ready(runtime: Runtime) -> tuple[str, str | None] | None:
+    """Why the server should take no traffic now (its status and the detail), or None
+    when it is ready: `/ready`'s answer, and the Open Inference Protocol's."""
+    if (problem := runtime.liveness_problem()) is not None:
+        return "failed", problem
+    if runtime.status == "warming":
+        warming = runtime.warming
+        return "warming", warming.describe() if warming else "loading the model for warm-up"
+    if runtime.status != "ready":
+        return runtime.status, runtime.error
+    if (waiting := runtime.incomplete()) is not None:
+        return "warming", waiting
+    if runtime.saturated:
+        return "saturated", "the queue is nearly full; send traffic elsewhere"
+    return None
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

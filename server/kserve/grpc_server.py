@@ -1,0 +1,215 @@
+"""`--grpc-port`: the gRPC server of one process, started and stopped with the app's
+lifespan (`server.app`), and its RPCs (`InferenceService`, answered through the app by
+`server.kserve.grpc_service.Bridge`) and health service (`Health`).
+
+With `--workers N` every front-end runs one, all bound to the port with SO_REUSEPORT,
+and the kernel spreads connections over them, as the supervisor's shared socket does for
+HTTP. A single process binds it alone, so that a port in use is an error."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, Counter
+from starlette.types import ASGIApp
+
+from server.kserve import messages as pb
+from server.kserve.grpc_service import (
+    Bridge,
+    fail,
+    infer_body,
+    infer_response,
+    model_path,
+)
+from server.kserve.tensors import HEADER_LENGTH
+from server.routes.probes import not_ready
+from server.runtime import Runtime
+from server.settings import Settings
+
+logger = logging.getLogger("microbatch.server")
+
+LIVE_SERVICE = "live"
+READY_SERVICES = ("", pb.SERVICE)
+"""Health service names that answer as `/ready`; `live` answers as `/health`."""
+HEALTH_POLL_S = 0.5
+"""How often the health service's statuses follow the server's, for `Watch`; `Check`
+reads them afresh."""
+
+
+class InferenceService:
+    """The RPCs of `inference.GRPCInferenceService`."""
+
+    def __init__(self, bridge: Bridge, calls: Counter) -> None:
+        self.bridge = bridge
+        self.calls = calls
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        reply = await self.bridge.request(context, "GET", "/v2/health/live")
+        return pb.ServerLiveResponse(live=reply.status == 200)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        reply = await self.bridge.request(context, "GET", "/v2/health/ready")
+        return pb.ServerReadyResponse(ready=reply.status == 200)
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        path = model_path(request.name, request.version, "/ready")
+        reply = await self.bridge.request(context, "GET", path)
+        if reply.status not in (200, 503):
+            await fail(context, reply)
+        return pb.ModelReadyResponse(ready=reply.status == 200)
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        reply = await self.bridge.request(context, "GET", "/v2")
+        return pb.ServerMetadataResponse(**reply.json())
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        path = model_path(request.name, request.version)
+        reply = await self.bridge.request(context, "GET", path)
+        if reply.status != 200:
+            await fail(context, reply)
+        return pb.ModelMetadataResponse(**reply.json())
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            body, json_size = infer_body(request)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        path = model_path(request.model_name, request.model_version, "/infer")
+        headers = {HEADER_LENGTH: str(json_size), "content-type": "application/octet-stream"}
+        reply = await self.bridge.request(context, "POST", path, body, headers)
+        if reply.status != 200:
+            await fail(context, reply)
+        context.set_trailing_metadata(
+            tuple((k, v) for k, v in reply.headers.items() if k.startswith("x-"))
+        )
+        return infer_response(reply)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service by its path, `/inference.GRPCInferenceService/METHOD`, each RPC
+        counted by its gRPC code."""
+        names = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata",
+                 "ModelMetadata", "ModelInfer")  # fmt: skip
+        handlers = {}
+        for name in names:
+            request_type = getattr(pb, f"{name}Request")
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                self._counted(name, getattr(self, name)),
+                request_deserializer=request_type.FromString,
+                response_serializer=lambda message: message.SerializeToString(),
+            )
+        return grpc.method_handlers_generic_handler(pb.SERVICE, handlers)
+
+    def _counted(
+        self, name: str, method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            code = "OK"
+            try:
+                return await method(request, context)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except BaseException:
+                found = context.code()
+                code = found.name if isinstance(found, grpc.StatusCode) else "UNKNOWN"
+                raise
+            finally:
+                self.calls.labels(name, code).inc()
+
+        return counted
+
+
+class Health(health.aio.HealthServicer):  # type: ignore[misc]
+    """gRPC's health service (`grpc.health.v1.Health`), as Kubernetes' gRPC probes call
+    it: service "" (and `inference.GRPCInferenceService`) SERVING when `/ready` would
+    say ready, `live` SERVING when `/health` would say ok."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__()
+        self.runtime = runtime
+
+    async def refresh(self) -> None:
+        ready = not_ready(self.runtime) is None
+        live = self.runtime.liveness_problem() is None
+        serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
+                                health_pb2.HealthCheckResponse.NOT_SERVING)  # fmt: skip
+        for service in READY_SERVICES:
+            await self.set(service, serving if ready else not_serving)
+        await self.set(LIVE_SERVICE, serving if live else not_serving)
+
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await self.refresh()
+        return await super().Check(request, context)
+
+
+class GrpcServer:
+    """One process's gRPC server: the inference service and the health service."""
+
+    def __init__(
+        self, app: ASGIApp, state: Mapping[str, Any], settings: Settings,
+        registry: CollectorRegistry,
+    ) -> None:  # fmt: skip
+        self.settings = settings
+        self.runtime: Runtime = state["runtime"]
+        calls = Counter(
+            "microbatch_grpc_calls",
+            "gRPC calls by method and status code (their HTTP twins are in "
+            "microbatch_request_duration_seconds too).",
+            ["method", "code"],
+            registry=registry,
+        )
+        self.service = InferenceService(Bridge(app, state, settings), calls)
+        self.health = Health(self.runtime)
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._poll: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        """Listen on --host:--grpc-port; the port bound (for 0, the one picked). Raises
+        OSError where the port cannot be bound."""
+        settings = self.settings
+        assert settings.grpc_port is not None
+        options = [
+            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+            ("grpc.max_receive_message_length", settings.max_body_bytes),
+            ("grpc.max_send_message_length", -1),
+        ]
+        server = grpc.aio.server(options=options)
+        server.add_generic_rpc_handlers((self.service.handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        address = f"{host}:{settings.grpc_port}"
+        try:
+            port = int(server.add_insecure_port(address))
+        except RuntimeError as exc:
+            port = 0
+            logger.debug("gRPC bind failed: %s", exc)
+        if port == 0:
+            raise OSError(f"--grpc-port {settings.grpc_port}: cannot listen on {address}")
+        await server.start()
+        self._server, self.port = server, port
+        await self.health.refresh()
+        self._poll = asyncio.create_task(self._follow())
+        logger.info("gRPC (Open Inference Protocol) on %s:%d", settings.host, port)
+        return port
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_POLL_S)
+            with contextlib.suppress(Exception):
+                await self.health.refresh()
+
+    async def stop(self) -> None:
+        """Refuse new calls and let those under way finish (the drain has answered
+        their items by now), within --drain-timeout-s."""
+        if self._poll is not None:
+            self._poll.cancel()
+        if self._server is not None:
+            await self.health.enter_graceful_shutdown()
+            await self._server.stop(self.settings.drain_timeout_s)

@@ -1,0 +1,188 @@
+"""What a served model looks like as an Open Inference Protocol model: its input and
+output tensors by task, and how a request's tensors and parameters become texts and
+options, and results become tensors.
+
+- embed: `text` BYTES [-1] -> `embedding` FP32 [-1, d];
+- classify: `text` BYTES [-1] (and `text_pair` BYTES [-1]) -> `label` BYTES [-1],
+  `score` FP32 [-1], `scores` FP32 [-1, labels];
+- rerank: `text` BYTES [-1], and `query` BYTES [1] or `text_pair` BYTES [-1] ->
+  `score` FP32 [-1], `index` INT64 [-1].
+
+A text input may also be shaped [n, 1], as Triton's examples send strings. A rerank's
+`index` names each score's input; in input order, or with `top_n` the best first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import numpy as np
+from fastapi.exceptions import RequestValidationError
+from pydantic import ConfigDict, Field, StrictInt, ValidationError
+
+from batcher import Result
+from batcher.models import Classification, Encoder, Output
+from server.kserve.tensors import InferRequest, Input, invalid
+from server.kserve.tensors import Output as Tensor
+from server.schemas import OutputOptions
+
+TEXT, PAIR, QUERY = "text", "text_pair", "query"
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """A tensor's metadata: `-1` for a dimension of any size."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+def inputs_of(model: Encoder) -> list[Spec]:
+    texts = [Spec(TEXT, "BYTES", (-1,))]
+    if model.task == "classify":
+        return [*texts, Spec(PAIR, "BYTES", (-1,))]
+    if model.task == "rerank":
+        return [*texts, Spec(QUERY, "BYTES", (1,)), Spec(PAIR, "BYTES", (-1,))]
+    return texts
+
+
+def outputs_of(model: Encoder, dimension: object = None) -> list[Spec]:
+    """The model's outputs; an embedding's width where it is known (an int), else -1."""
+    if model.task == "embed":
+        width = dimension if isinstance(dimension, int) else -1
+        return [Spec("embedding", "FP32", (-1, width))]
+    if model.task == "classify":
+        labels = len(model.labels)
+        return [Spec("label", "BYTES", (-1,)), Spec("score", "FP32", (-1,)),
+                Spec("scores", "FP32", (-1, labels))]  # fmt: skip
+    if model.task == "rerank":
+        return [Spec("score", "FP32", (-1,)), Spec("index", "INT64", (-1,))]
+    return []
+
+
+class Parameters(OutputOptions):
+    """A request's parameters: the options of `/predict` that apply to tensors, a
+    rerank's `top_n` and `truncation_direction`, and Triton's `timeout` (microseconds)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_n: StrictInt | None = Field(None, ge=1, description="rerank: the best n only.")
+    truncation_direction: Literal["right", "left"] = "right"
+    timeout: StrictInt | None = Field(
+        None, gt=0, description="Triton's: this request's deadline in microseconds."
+    )
+
+
+IGNORED = frozenset({"priority", "sequence_id", "sequence_start", "sequence_end"})
+"""Triton's parameters that mean nothing here (a lane is `X-Priority`; the models keep
+no state between requests)."""
+NOT_FOR_TENSORS = frozenset({"encoding_format", "embedding_type", "token_embeddings",
+                             "all_scores", "top_k"})  # fmt: skip
+
+
+def parameters(request: InferRequest) -> Parameters:
+    asked = {k: v for k, v in request.parameters.items() if k not in IGNORED}
+    for name in asked.keys() & NOT_FOR_TENSORS:
+        raise invalid(("parameters", name), "not an option of the Open Inference Protocol's "
+                      "routes: outputs are tensors")  # fmt: skip
+    try:
+        return Parameters.model_validate(asked)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        raise RequestValidationError(
+            [{**e, "loc": ("body", "parameters", *e["loc"])} for e in errors]
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Texts:
+    """A request's inputs as the model reads them."""
+
+    texts: list[str]
+    pairs: list[str] | None
+    by_size: bool
+    """Whether the call may go to the bulk lane by its number of inputs (not a rerank)."""
+
+
+def texts_of(model: Encoder, request: InferRequest, max_texts: int, max_chars: int) -> Texts:
+    """The texts of the request's inputs, checked against the model's signature and the
+    server's limits (422 naming the input)."""
+    known = {spec.name for spec in inputs_of(model)}
+    for name in request.inputs:
+        if name not in known:
+            raise invalid(("inputs", name), f"this {model.task} model takes the inputs "
+                          f"{', '.join(sorted(known))}")  # fmt: skip
+    if TEXT not in request.inputs:
+        raise invalid(("inputs",), f"give the input {TEXT!r} (BYTES)")
+    texts = _strings(request.inputs[TEXT], max_texts, max_chars)
+    query, pair = request.inputs.get(QUERY), request.inputs.get(PAIR)
+    if query is not None and pair is not None:
+        raise invalid(("inputs", QUERY), f"give {QUERY!r} or {PAIR!r}, not both")
+    if query is not None:
+        [one] = _strings(query, 1, max_chars) or [""]
+        if len(query.elements) != 1:
+            raise invalid(("inputs", QUERY), "one query: shape [1]")
+        return Texts([one] * len(texts), texts, by_size=False)
+    if model.task == "rerank" and pair is None:
+        raise invalid(("inputs",), f"a rerank model scores pairs: give {QUERY!r} or {PAIR!r}")
+    pairs = None if pair is None else _strings(pair, max_texts, max_chars)
+    if pairs is not None and len(pairs) != len(texts):
+        raise invalid(("inputs", PAIR), f"one pair per text: {len(texts)}, got {len(pairs)}")
+    return Texts(texts, pairs, by_size=model.task != "rerank")
+
+
+def _strings(tensor: Input, max_texts: int, max_chars: int) -> list[str]:
+    if tensor.datatype != "BYTES":
+        raise invalid(("inputs", tensor.name, "datatype"), "texts come as BYTES")
+    shape = tensor.shape
+    if not shape or len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
+        raise invalid(("inputs", tensor.name, "shape"), f"texts are shaped [n] or [n, 1], "
+                      f"not {shape}")  # fmt: skip
+    if not tensor.elements:
+        raise invalid(("inputs", tensor.name), "give at least one text")
+    if len(tensor.elements) > max_texts:
+        raise invalid(("inputs", tensor.name), f"at most {max_texts} texts a request "
+                      "(--max-client-batch)")  # fmt: skip
+    texts = []
+    for i, raw in enumerate(cast("list[bytes]", tensor.elements)):
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            raise invalid(("inputs", tensor.name, i), "a text is UTF-8") from None
+        if len(text) > max_chars:
+            raise invalid(("inputs", tensor.name, i), f"at most {max_chars} characters "
+                          "(--max-text-chars)")  # fmt: skip
+        texts.append(text)
+    return texts
+
+
+def outputs_for(
+    model: Encoder, results: Sequence[Result[Output]], asked: Parameters
+) -> list[Tensor]:
+    """Every output of the model's task, from the results in input order."""
+    values = [r.value for r in results]
+    n = len(values)
+    if model.task == "embed":
+        array = np.asarray(values, dtype=np.float32).reshape(n, -1)
+        return [Tensor("embedding", "FP32", list(array.shape), array)]
+    found = cast("list[Classification]", values)
+    scores = np.asarray([c.score for c in found], dtype=np.float32)
+    if model.task == "rerank":
+        order = (
+            sorted(range(n), key=lambda i: -scores[i])[: asked.top_n] if asked.top_n else range(n)
+        )
+        index = np.asarray(list(order), dtype=np.int64)
+        return [Tensor("score", "FP32", [len(index)], scores[index]),
+                Tensor("index", "INT64", [len(index)], index)]  # fmt: skip
+    every = np.asarray([c.scores for c in found], dtype=np.float32).reshape(n, -1)
+    return [
+        Tensor("label", "BYTES", [n], [c.label for c in found]),
+        Tensor("score", "FP32", [n], scores),
+        Tensor("scores", "FP32", list(every.shape), every),
+    ]
