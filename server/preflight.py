@@ -44,6 +44,26 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def grpc_port_problem(settings: Settings) -> str | None:
+    """Why `--grpc-port` cannot be served: the HTTP port, 0 where several front-ends
+    would each pick their own, or a port something listens on (tried by binding it;
+    the gRPC server binds it for good once the app starts)."""
+    port = settings.grpc_port
+    if port is None:
+        return None
+    if port == 0:
+        if settings.workers > 1:
+            return "--grpc-port 0: with --workers every front-end serves gRPC; give a port"
+        return None
+    if port == settings.port:
+        return f"--grpc-port {port}: that is --port; gRPC needs a port of its own"
+    try:
+        listen(settings.host, port).close()
+    except PortUnavailable as exc:
+        return str(exc).replace("--port", "--grpc-port", 1)
+    return None
+
+
 def problems(settings: Settings) -> list[str]:
     """Every reason the server cannot start with `settings`, found without loading the
     model (the port is `listen`'s). With `--workers N` the devices are checked by the
@@ -59,6 +79,8 @@ def problems(settings: Settings) -> list[str]:
             "--workers serves one model: several models are served in one process "
             "(drop --workers, or run one server per model)"
         )
+    if (problem := grpc_port_problem(settings)) is not None:
+        found.append(problem)
     if settings.jwt_jwks is not None and (problem := jwks_problem(settings.jwt_jwks)):
         found.append(problem)
     if settings.tenants_file is not None:
