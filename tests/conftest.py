@@ -55,12 +55,19 @@ class ServerProcess:
     url: str = ""
     startup_s: float = 0.0
     ready_statuses: tuple[int, ...] = ()
+    grpc: bool = False
+    """Serve gRPC too, on a free port (`grpc_target`)."""
+    grpc_target: str = ""
 
     def start(self, timeout_s: float = 240) -> ServerProcess:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), *self.args]
+        if self.grpc:
+            grpc_port = free_port()
+            self.grpc_target = f"127.0.0.1:{grpc_port}"
+            command += ["--grpc-port", str(grpc_port)]
         started = time.perf_counter()
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -110,7 +117,8 @@ def float32_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
     ahead as it would on CUDA (`--collate-ahead on`; off on a CPU by default), so that the
     path a GPU takes is held to the reference libraries here too."""
     args = ["--dtype", "float32", "--collate-ahead", "on"]
-    server = ServerProcess(args, tmp_path_factory.mktemp("logs") / "float32.log").start()
+    log = tmp_path_factory.mktemp("logs") / "float32.log"
+    server = ServerProcess(args, log, grpc=True).start()
     yield server
     assert server.stop() == 0, server.log()
 
