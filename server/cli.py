@@ -7,10 +7,13 @@ import signal
 import sys
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from pydantic_settings import CliApp, CliSettingsSource
+
+if TYPE_CHECKING:
+    from server.settings import Settings
 
 USAGE = """usage: microbatch COMMAND [options]
 
@@ -90,22 +93,33 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def serve(argv: list[str]) -> int:
-    """Parse settings (flags over MICROBATCH_* variables over defaults) and run uvicorn
-    with uvloop (where installed) and httptools until SIGINT/SIGTERM, then drain (see
-    server.draining)."""
+class UnknownFlag(ValueError):
+    """A flag `microbatch serve` does not have; the message suggests the nearest."""
+
+
+def parse_serve_args(argv: list[str]) -> Settings:
+    """The settings `microbatch serve ARGV` runs with: flags over MICROBATCH_* variables
+    over defaults. Raises UnknownFlag, or pydantic's ValidationError."""
     from server.settings import Settings
 
     unknown = _unknown_flag(argv, Settings)
     if unknown is not None:
-        print(unknown, file=sys.stderr)
-        return 2
+        raise UnknownFlag(unknown)
     source: CliSettingsSource[Settings] = CliSettingsSource(
         Settings, add_argument_method=_add_argument
     )
+    return CliApp.run(Settings, cli_args=_joined("--model", argv), cli_settings_source=source)
+
+
+def serve(argv: list[str]) -> int:
+    """Parse settings (flags over MICROBATCH_* variables over defaults) and run uvicorn
+    with uvloop (where installed) and httptools until SIGINT/SIGTERM, then drain (see
+    server.draining)."""
     try:
-        settings = CliApp.run(Settings, cli_args=_joined("--model", argv),
-                              cli_settings_source=source)  # fmt: skip
+        settings = parse_serve_args(argv)
+    except UnknownFlag as exc:
+        print(exc, file=sys.stderr)
+        return 2
     except ValidationError as exc:
         for error in exc.errors():
             if not error["loc"]:  # a check across settings: its message names them

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
         cli_hide_none_type=True,
         frozen=True,
         extra="ignore",
+        # MICROBATCH_GRPC_PORT=null turns off what an image's environment turned on.
+        env_parse_none_str="null",
     )
 
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all).")

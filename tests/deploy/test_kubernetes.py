@@ -12,6 +12,7 @@ import yaml
 from asgi_lifespan import LifespanManager
 
 from server.app import create_app
+from server.kserve.grpc_server import READY_SERVICES
 from server.settings import Settings
 from tests.server.fakes import FakeTextModel
 
@@ -48,29 +49,58 @@ async def served_metrics() -> str:
             return (await client.get("/metrics")).text
 
 
+def exposed_ports(dockerfile: str) -> set[int]:
+    """Every port the Dockerfile's EXPOSE lines name."""
+    lines = re.findall(r"^EXPOSE (.+)$", dockerfile, re.MULTILINE)
+    return {int(port) for line in lines for port in line.split()}
+
+
 def test_ports_agree_between_container_service_settings_and_dockerfile() -> None:
-    [port] = CONTAINER["ports"]
-    assert port["name"] == "http"
-    assert int(ENV["MICROBATCH_PORT"]) == port["containerPort"]
+    http, grpc = CONTAINER["ports"]
+    assert (http["name"], grpc["name"]) == ("http", "grpc")
+    assert int(ENV["MICROBATCH_PORT"]) == http["containerPort"]
+    assert int(ENV["MICROBATCH_GRPC_PORT"]) == grpc["containerPort"]
     assert ENV["MICROBATCH_HOST"] == "0.0.0.0"
-    [service_port] = DOCS["Service"]["spec"]["ports"]
-    assert service_port["targetPort"] == port["name"]
+    service_http, service_grpc = DOCS["Service"]["spec"]["ports"]
+    assert service_http["targetPort"] == http["name"]
+    assert service_grpc["targetPort"] == grpc["name"]
+    assert service_grpc["appProtocol"] == "kubernetes.io/h2c", "gRPC is HTTP/2 without TLS"
     dockerfile = (ROOT / "Dockerfile.cuda").read_text()
-    assert f"EXPOSE {port['containerPort']}" in dockerfile
-    assert f"MICROBATCH_PORT={port['containerPort']}" in dockerfile
+    assert exposed_ports(dockerfile) == {http["containerPort"], grpc["containerPort"]}
+    assert f"MICROBATCH_PORT={http['containerPort']}" in dockerfile
+    assert f"MICROBATCH_GRPC_PORT={grpc['containerPort']}" in dockerfile
 
 
-def test_probes_use_the_apps_liveness_and_readiness_routes() -> None:
+def test_the_compose_file_publishes_the_ports_the_image_serves() -> None:
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    microbatch = compose["services"]["microbatch"]
+    published = {int(p.split(":")[0]): int(p.split(":")[1]) for p in microbatch["ports"]}
+    environment = microbatch["environment"]
+    ports = {int(environment["MICROBATCH_PORT"]), int(environment["MICROBATCH_GRPC_PORT"])}
+    assert published == {port: port for port in ports}
+    assert ports == exposed_ports((ROOT / "Dockerfile.cuda").read_text())
+
+
+def test_liveness_and_startup_use_the_apps_health_route() -> None:
     routes = app_routes()
-    assert CONTAINER["livenessProbe"]["httpGet"]["path"] == "/health"
-    assert CONTAINER["startupProbe"]["httpGet"]["path"] == "/health"
-    assert CONTAINER["readinessProbe"]["httpGet"]["path"] == "/ready"
-    for probe in ("livenessProbe", "startupProbe", "readinessProbe"):
-        assert CONTAINER[probe]["httpGet"]["path"] in routes
-        assert CONTAINER[probe]["httpGet"]["port"] == "http"
+    for probe in ("livenessProbe", "startupProbe"):
+        assert CONTAINER[probe]["httpGet"] == {"path": "/health", "port": "http"}
+        assert "/health" in routes
     startup = CONTAINER["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "compile + warm-up"
     assert "/health" in (ROOT / "Dockerfile.cuda").read_text()
+
+
+def test_readiness_asks_the_grpc_health_service_what_ready_answers() -> None:
+    """The gRPC health service's "" means what GET /ready does, and probing it also
+    proves the gRPC listener (liveness proves the HTTP one). A gRPC probe's port is a
+    number: Kubernetes has no named ports for it."""
+    readiness = CONTAINER["readinessProbe"]
+    [grpc] = [port for port in CONTAINER["ports"] if port["name"] == "grpc"]
+    assert readiness["grpc"]["port"] == grpc["containerPort"]
+    assert readiness["grpc"].get("service", "") in READY_SERVICES, "readiness, not liveness"
+    assert "httpGet" not in readiness
+    assert readiness["periodSeconds"] * readiness["failureThreshold"] <= 2, "out of rotation fast"
 
 
 def test_grace_period_covers_pre_stop_and_the_drain() -> None:
@@ -86,7 +116,7 @@ def test_every_environment_variable_is_a_setting() -> None:
         assert name.startswith("MICROBATCH_")
         assert name.removeprefix("MICROBATCH_").lower() in fields, name
     settings = Settings(**{k.removeprefix("MICROBATCH_").lower(): v for k, v in ENV.items() if v})
-    assert settings.port == 8000
+    assert (settings.port, settings.grpc_port) == (8000, 8001)
 
 
 def test_one_gpu_per_pod_and_the_images_user() -> None:
