@@ -7,6 +7,7 @@ item, and a dead process noticed (a front-end restarted, a dead engine: exit 1).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -50,7 +51,8 @@ def pids(server: ServerProcess) -> tuple[int, list[int]]:
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     args = [*EAGER, "--max-queue-size", "8"]
-    server = ServerProcess(args, tmp_path_factory.mktemp("logs") / "workers.log").start()
+    log = tmp_path_factory.mktemp("logs") / "workers.log"
+    server = ServerProcess(args, log, grpc=True).start()
     yield server
     assert server.stop() == 0, server.log()
     log = whole_log(server)
@@ -315,3 +317,52 @@ def test_quantized_token_and_chunked_outputs_cross_the_engine_link(
     assert chunked.status_code == 200, chunked.text
     assert chunked.json()["truncated"] is False
     assert cosine(chunked.json()["embedding"], st.encode(LONG)) > 0.9
+
+
+def listening_pids(port: int) -> set[int]:
+    """The processes with a socket listening on TCP `port` (from /proc: Linux)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                    inodes.add(fields[9])
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    found.add(int(pid))
+    return found
+
+
+def test_every_front_end_serves_grpc_and_answers_as_http(workers: ServerProcess) -> None:
+    """Both front-ends listen on --grpc-port (SO_REUSEPORT), the engine process does not;
+    calls on 16 new connections, whichever front-end takes them, get /predict's vectors."""
+    import grpc
+
+    from server.kserve import messages as pb
+    from server.kserve.tensors import pack_bytes
+
+    engine, front_ends = pids(workers)
+    port = int(workers.grpc_target.rsplit(":", 1)[1])
+    listening = listening_pids(port)
+    assert listening == set(front_ends)
+    assert engine not in listening
+    texts = [f"grpc across front-ends {i}" for i in range(16)]
+    for text in texts:
+        with grpc.insecure_channel(workers.grpc_target) as channel:
+            infer = channel.unary_unary(
+                f"/{pb.SERVICE}/ModelInfer",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=pb.ModelInferResponse.FromString,
+            )
+            request = pb.ModelInferRequest(model_name="any")
+            request.inputs.add(name="text", datatype="BYTES", shape=[1])
+            request.raw_input_contents.append(pack_bytes([text.encode()]))
+            reply = infer(request, timeout=60)
+        ours = np.frombuffer(reply.raw_output_contents[0], dtype="<f4")
+        theirs = httpx.post(f"{workers.url}/predict", json={"text": text}).json()["embedding"]
+        assert cosine(ours.tolist(), theirs) >= 0.9999
