@@ -28,6 +28,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.routing import APIRoute
 from starlette.middleware import Middleware
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -35,11 +36,12 @@ Handler = Callable[[Request, Exception], Awaitable[Response]]
 
 
 def direct_routes(routes: Iterable[Any]) -> dict[str, APIRoute]:
-    """The POST routes of static paths whose function takes only the request: the ones
-    this lane can call without FastAPI solving anything for them."""
+    """The POST routes whose function takes only the request: the ones this lane can
+    call without FastAPI solving anything for them (a path's parameters, such as the
+    Open Inference Protocol's model name, are matched here as Starlette matches them)."""
     direct = {}
     for route in routes:
-        if not isinstance(route, APIRoute) or route.methods != {"POST"} or "{" in route.path:
+        if not isinstance(route, APIRoute) or route.methods != {"POST"}:
             continue
         parameters = list(inspect.signature(route.endpoint).parameters.values())
         if len(parameters) == 1 and parameters[0].annotation in (Request, "Request"):
@@ -61,13 +63,16 @@ class FastLane:
         handlers: Mapping[Any, Callable[..., Any]],
     ) -> None:
         self.app = app
-        self.routes = dict(routes)
+        self.routes = {path: r for path, r in routes.items() if "{" not in path}
+        self.templated = [r for path, r in routes.items() if "{" in path]
         self.handlers = handlers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = None
         if scope["type"] == "http" and scope["method"] == "POST":
             route = self.routes.get(scope["path"])
+            if route is None and self.templated:
+                route = self._templated(scope)
         if route is None:
             await self.app(scope, receive, send)
             return
@@ -84,6 +89,15 @@ class FastLane:
             response = await handler(request, exc)
         await response(scope, receive, send)
 
+    def _templated(self, scope: Scope) -> APIRoute | None:
+        """The route of a path with parameters, which it sets as `path_params`."""
+        for route in self.templated:
+            match, child = route.matches(scope)
+            if match is Match.FULL:
+                scope["path_params"] = child["path_params"]
+                return route
+        return None
+
     def _handler(self, exc: Exception) -> Handler | None:
         """The handler of the nearest class in `exc`'s hierarchy, as Starlette looks it
         up."""
@@ -96,11 +110,12 @@ class FastLane:
 
 class LaneApp(FastAPI):
     """FastAPI whose entrance hands a request for the lane (a POST to one of the paths
-    given to `add_fast_lane`) to the outermost of the app's own middleware, as if FastAPI
-    had passed it there. What that skips per request: `FastAPI.__call__`'s checks (its
-    telemetry switch reads `os.environ`), Starlette's `ServerErrorMiddleware` and its
-    wrapper of every `send`, and FastAPI's body-limit and exception-telemetry layers; 6 %
-    of a front-end's CPU with a model that costs nothing.
+    given to `add_fast_lane`, or under the fixed start of one with parameters) to the
+    outermost of the app's own middleware, as if FastAPI had passed it there. What that
+    skips per request: `FastAPI.__call__`'s checks (its telemetry switch reads
+    `os.environ`), Starlette's `ServerErrorMiddleware` and its wrapper of every `send`,
+    and FastAPI's body-limit and exception-telemetry layers; 6 % of a front-end's CPU with
+    a model that costs nothing.
 
     What they did for these requests, the app's middleware does already: our outermost
     (`RequestContextMiddleware`) answers an unhandled exception with a 500 of its own, and
@@ -114,12 +129,14 @@ class LaneApp(FastAPI):
 
     _entrance: ASGIApp | None = None
     _lane_paths: frozenset[str] = frozenset()
+    _lane_prefixes: tuple[str, ...] = ()
 
     def add_fast_lane(self, routes: Mapping[str, APIRoute]) -> None:
         """Add `FastLane` for `routes` as the innermost middleware added so far (add it
         before the others), with this app's exception handlers."""
         self.add_middleware(FastLane, routes=routes, handlers=self.exception_handlers)
-        self._lane_paths = frozenset(routes)
+        self._lane_paths = frozenset(p for p in routes if "{" not in p)
+        self._lane_prefixes = tuple({p.split("{", 1)[0] for p in routes if "{" in p})
 
     def build_middleware_stack(self) -> ASGIApp:
         self._entrance = None
@@ -143,7 +160,7 @@ class LaneApp(FastAPI):
             door is not None
             and scope["type"] == "http"
             and scope["method"] == "POST"
-            and scope["path"] in self._lane_paths
+            and (scope["path"] in self._lane_paths or scope["path"].startswith(self._lane_prefixes))
         ):
             scope["app"] = self  # as Starlette sets it: `request.app`
             await door(scope, receive, send)

@@ -42,6 +42,8 @@ def test_every_route_that_reads_its_own_body_takes_the_lane() -> None:
         "/rerank",
         "/tokenize",
         "/decode",
+        "/v2/models/{name:path}/infer",
+        "/v2/models/{name:path}/versions/{version}/infer",
     }
 
 
@@ -205,7 +207,9 @@ async def test_the_server_enters_the_lane_at_its_request_context(outer_layers: l
         assert (await c.get("/health")).status_code == 200
         door = app._entrance
     assert type(door) is RequestContextMiddleware
-    assert app._lane_paths == set(fast_lane_routes())
+    lane = set(fast_lane_routes())
+    assert app._lane_paths == {p for p in lane if "{" not in p}
+    assert app._lane_prefixes == ("/v2/models/",)
     assert "/health" in outer_layers
     assert "/predict" not in outer_layers
 
