@@ -5,6 +5,8 @@ drift from it.
   environment variable, its default and its description.
 - `reference/cli.md`: the `--help` of `microbatch` and of the subcommands users run, as
   their own argparse parsers print it.
+- `reference/open-inference-protocol.md`: each task's tensors, the parameters and the
+  gRPC status codes of `server/kserve/`.
 - `reference/metrics.md`: every metric family of `/metrics`, read from a real app
   (`create_app` on the tests' fake model, its lifespan run in process), and the GPU memory
   gauges, which exist only on CUDA, from their collector.
@@ -147,6 +149,60 @@ def tenants_page() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _json_types(schema: dict[str, Any]) -> list[str]:
+    """A JSON schema's types: `boolean`, `integer`, an enum's values; null left out."""
+    if "enum" in schema:
+        return [str(v) for v in schema["enum"]]
+    if "anyOf" in schema:
+        return [t for option in schema["anyOf"] for t in _json_types(option)]
+    kind = schema.get("type")
+    return [] if kind in (None, "null") else [str(kind)]
+
+
+def protocol_page() -> str:
+    """The Open Inference Protocol as served: each task's tensors, the parameters and the
+    gRPC code of each HTTP status, from `server/kserve/`."""
+    _importable()
+    from benchmarks.lab.null_model import NullEncoder
+    from server.kserve.grpc_service import CODES
+    from server.kserve.signatures import IGNORED, NOT_FOR_TENSORS, Parameters, inputs_of, outputs_of
+
+    def tensors(specs: Any, wide: str) -> str:
+        shown = []
+        for spec in specs:
+            dims = [wide if i == 1 and d in (-1, 0) else str(d) for i, d in enumerate(spec.shape)]
+            shown.append(f"`{spec.name}` {spec.datatype} [{', '.join(dims)}]")
+        return "<br>".join(shown)
+
+    lines = [
+        "# The Open Inference Protocol",
+        "",
+        "Generated from `server/kserve/` when the docs are built; [Triton and KServe",
+        "clients](../kserve.md) explains it. `-1`: any size; `n` texts a request.",
+        "",
+        "## Tensors, by task",
+        "",
+        "| task | inputs | outputs |",
+        "|---|---|---|",
+    ]
+    for task, wide in (("embed", "d"), ("classify", "labels"), ("rerank", "")):
+        model = NullEncoder(task, labels=())  # type: ignore[arg-type]
+        lines.append(f"| {task} | {tensors(inputs_of(model), wide)} | "
+                     f"{tensors(outputs_of(model), wide)} |")  # fmt: skip
+    lines += ["", "## Parameters", "", "| parameter | type | description |", "|---|---|---|"]
+    schema = Parameters.model_json_schema()["properties"]
+    for name, field in Parameters.model_fields.items():
+        if name not in NOT_FOR_TENSORS:
+            kind = _cell(" | ".join(_json_types(schema[name])))
+            lines.append(f"| `{name}` | {kind} | {_cell(field.description or '')} |")
+    ignored = ", ".join(f"`{n}`" for n in sorted(IGNORED))
+    lines += ["", f"Accepted and ignored: {ignored}.", "", "## gRPC status codes", ""]
+    lines += ["| HTTP status | gRPC code |", "|---|---|"]
+    lines += [f"| {status} | `{code.name}` |" for status, code in CODES.items()]
+    lines += ["| any other | `INTERNAL` |"]
+    return "\n".join(lines) + "\n"
+
+
 # -- command line -----------------------------------------------------------------------
 
 
@@ -220,7 +276,7 @@ async def _scrape_fake_server() -> str:
         tenants = Path(directory) / "tenants.toml"
         tenants.write_text(TENANTS)
         settings = Settings(route=route, log_url=f"sqlite:///{directory}/log.db", drift_window=1,
-                            tenants_file=tenants)  # fmt: skip
+                            tenants_file=tenants, grpc_port=0)  # fmt: skip
         return await _scrape(create_app(settings, model=models))
 
 
@@ -369,6 +425,7 @@ PAGES: dict[str, Callable[[], str]] = {
     "reference/cli.md": cli_page,
     "reference/metrics.md": metrics_page,
     "reference/tenants-file.md": tenants_page,
+    "reference/open-inference-protocol.md": protocol_page,
 }
 """Each generated page, by its path in the site's docs, and what writes it."""
 

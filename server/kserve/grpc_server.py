@@ -37,6 +37,9 @@ logger = logging.getLogger("microbatch.server")
 LIVE_SERVICE = "live"
 READY_SERVICES = ("", pb.SERVICE)
 """Health service names that answer as `/ready`; `live` answers as `/health`."""
+METHODS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
+           "ModelInfer")  # fmt: skip
+"""The RPCs served; the proto's model repository RPCs answer UNIMPLEMENTED."""
 HEALTH_POLL_S = 0.5
 """How often the health service's statuses follow the server's, for `Watch`; `Check`
 reads them afresh."""
@@ -93,10 +96,8 @@ class InferenceService:
     def handler(self) -> grpc.GenericRpcHandler:
         """The service by its path, `/inference.GRPCInferenceService/METHOD`, each RPC
         counted by its gRPC code."""
-        names = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata",
-                 "ModelMetadata", "ModelInfer")  # fmt: skip
         handlers = {}
-        for name in names:
+        for name in METHODS:
             request_type = getattr(pb, f"{name}Request")
             handlers[name] = grpc.unary_unary_rpc_method_handler(
                 self._counted(name, getattr(self, name)),
@@ -164,6 +165,8 @@ class GrpcServer:
             ["method", "code"],
             registry=registry,
         )
+        for method in METHODS:  # each series exists from the start, at 0
+            calls.labels(method, "OK")
         self.service = InferenceService(Bridge(app, state, settings), calls)
         self.health = Health(self.runtime)
         self.port: int | None = None

@@ -73,7 +73,9 @@ class Parameters(OutputOptions):
     model_config = ConfigDict(extra="forbid")
 
     top_n: StrictInt | None = Field(None, ge=1, description="rerank: the best n only.")
-    truncation_direction: Literal["right", "left"] = "right"
+    truncation_direction: Literal["right", "left"] = Field(
+        "right", description="Which end of an input over the token limit is cut."
+    )
     timeout: StrictInt | None = Field(
         None, gt=0, description="Triton's: this request's deadline in microseconds."
     )

@@ -17,6 +17,8 @@ import pytest
 from server.kserve.tensors import pack_bytes, unpack_bytes
 from tests.server.fakes import FakeTextModel, fake_embedding
 from tests.server.test_app import serve, wait_until_admitted
+from tests.server.test_versions import V1, V2, embedders, route
+from tests.server.test_versions import serve as serve_versions
 
 pytestmark = pytest.mark.asyncio
 
@@ -300,3 +302,26 @@ async def test_a_triton_timeout_parameter_is_the_deadline() -> None:
         await blocker
     assert late.status_code == 504, late.text
     assert "in a hurry" not in model.seen
+
+
+async def test_several_models_and_versions_map_to_the_protocols_names() -> None:
+    models = {
+        **embedders(),
+        "cls": FakeTextModel(name="cls", task="classify"),
+    }
+    body = {"inputs": [text_input(["a text"])]}
+    async with serve_versions(models, route=route(emb={"v1": 0, "v2": 100})) as client:
+        emb = (await client.get("/v2/models/emb")).json()
+        v1 = await client.post("/v2/models/emb/versions/v1/infer", json=body)
+        routed = await client.post("/v2/models/emb/infer", json=body)
+        cls = await client.post("/v2/models/cls/infer", json=body)
+        v1_ready = await client.get("/v2/models/emb/versions/v1/ready")
+        unknown = await client.post("/v2/models/nope/infer", json=body)
+        no_version = await client.get("/v2/models/emb/versions/v9")
+    assert emb["versions"] == ["v1", "v2"]
+    assert (v1.json()["model_version"], v1.json()["outputs"][0]["data"]) == ("v1", V1)
+    assert (routed.json()["model_version"], routed.json()["outputs"][0]["data"]) == ("v2", V2)
+    assert [o["name"] for o in cls.json()["outputs"]] == ["label", "score", "scores"]
+    assert v1_ready.status_code == 200
+    assert unknown.status_code == no_version.status_code == 404
+    assert "emb@v1, emb@v2, cls" in unknown.json()["error"]
