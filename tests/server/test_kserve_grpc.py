@@ -121,7 +121,7 @@ async def test_every_rpc_answers_as_its_http_twin() -> None:
         http_metadata = (await g.http.get("/v2/models/fake")).json()
         call = g.rpc("ModelInfer")(infer_request("hello", "a longer text"), timeout=30)
         reply = await call
-        trailers = dict(await call.trailing_metadata())
+        trailers = await call.trailing_metadata()  # indexed by key (grpc's Metadata)
         typed = await g.infer("hello", raw=False)
         metrics = (await g.http.get("/metrics")).text
     assert live.live
@@ -198,7 +198,7 @@ async def test_a_full_queue_is_resource_exhausted_with_retry_info() -> None:
         await asyncio.gather(*held)
     error = full.value
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    trailers = dict(error.trailing_metadata() or ())
+    trailers = error.trailing_metadata()
     assert int(trailers["grpc-retry-pushback-ms"]) >= 1000
     status = rpc_status.from_call(error)
     assert status is not None
