@@ -61,7 +61,7 @@ def is_queued_route(path: str, method: str = "POST") -> bool:
     """The early 429 applies: the routes of QUEUED_PATHS, `POST /` and the Open
     Inference Protocol's `.../infer`."""
     if path.startswith(KSERVE_MODELS):
-        return path.endswith(KSERVE_INFER)
+        return method == "POST" and path.endswith(KSERVE_INFER)
     return (path == ROOT and method == "POST") or path.startswith(QUEUED_PATHS)
 
 

@@ -104,7 +104,8 @@ def create_app(
             yield state
         finally:
             unwatch()
-            if grpc_server is not None:
+            if grpc_server is not None:  # its calls' items answered first, then it stops
+                await runtime.drain()
                 await grpc_server.stop()
             await runtime.aclose()
 

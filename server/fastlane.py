@@ -12,7 +12,9 @@ What the routes rely on stays where it was: ids, timing, size and type checks, C
 and the early 429 are the middleware outside this one, and an exception the route raises
 goes to the same handler FastAPI would pick (`server.errors`), by the exception's class
 hierarchy. Everything else (other methods, other paths, a trailing slash) goes through
-FastAPI as before, and the routes stay registered there for the OpenAPI schema.
+FastAPI as before, and the routes stay registered there for the OpenAPI schema; a POST
+under the fixed start of a lane route with parameters (`/v2/models/`) that matches none
+of them goes to FastAPI's router from the lane, past FastAPI's outer layers.
 
 `LaneApp` is the other half: the app's entrance hands those requests to the outermost of
 our middleware directly, past FastAPI's and Starlette's outer layers, which have nothing
@@ -136,7 +138,10 @@ class LaneApp(FastAPI):
         before the others), with this app's exception handlers."""
         self.add_middleware(FastLane, routes=routes, handlers=self.exception_handlers)
         self._lane_paths = frozenset(p for p in routes if "{" not in p)
-        self._lane_prefixes = tuple({p.split("{", 1)[0] for p in routes if "{" in p})
+        prefixes = {p.split("{", 1)[0] for p in routes if "{" in p}
+        if any(len(prefix) < 2 for prefix in prefixes):  # "/" would take every POST
+            raise ValueError(f"a lane route with parameters needs a fixed start: {prefixes}")
+        self._lane_prefixes = tuple(prefixes)
 
     def build_middleware_stack(self) -> ASGIApp:
         self._entrance = None

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batcher import SECONDS_BUCKETS
-from server.access import KSERVE_MODELS, is_queued_route
+from server.access import KSERVE_INFER, KSERVE_MODELS, is_queued_route
 from server.calls import Call
 from server.errors import Refusal
 
@@ -191,8 +191,8 @@ def _new_id() -> str:
 def _is_binary_infer(path: str, content_type: bytes | None) -> bool:
     """An Open Inference Protocol request with binary tensors: Triton's clients send it
     with no content type, or as application/octet-stream."""
-    binary = content_type is None or content_type.startswith(b"application/octet-stream")
-    return binary and path.startswith(KSERVE_MODELS)
+    binary = content_type is None or content_type.lower().startswith(b"application/octet-stream")
+    return binary and path.startswith(KSERVE_MODELS) and path.endswith(KSERVE_INFER)
 
 
 def _is_json(value: bytes | None) -> bool:

@@ -18,7 +18,7 @@ class PortUnavailable(Exception):
     """The server cannot listen where it was asked to; the message names the flags."""
 
 
-def listen(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int, flag: str = "--port") -> socket.socket:
     """The server's listening socket, bound and listening before anything loads: from
     then on the port is this server's, and a second server started on it a moment later
     is refused at once, not after its model has loaded (0 picks a free port). Raises
@@ -35,10 +35,10 @@ def listen(host: str, port: int) -> socket.socket:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise PortUnavailable(
-                f"--port {port}: the port is in use on {host} (0 picks a free one)"
+                f"{flag} {port}: the port is in use on {host} (0 picks a free one)"
             ) from None
         raise PortUnavailable(
-            f"--host {host} --port {port}: cannot listen there: {exc.strerror}"
+            f"--host {host} {flag} {port}: cannot listen there: {exc.strerror}"
         ) from None
     sock.set_inheritable(True)  # the front-ends of --workers accept on it
     return sock
@@ -58,9 +58,9 @@ def grpc_port_problem(settings: Settings) -> str | None:
     if port == settings.port:
         return f"--grpc-port {port}: that is --port; gRPC needs a port of its own"
     try:
-        listen(settings.host, port).close()
+        listen(settings.host, port, "--grpc-port").close()
     except PortUnavailable as exc:
-        return str(exc).replace("--port", "--grpc-port", 1)
+        return str(exc)
     return None
 
 

@@ -38,8 +38,6 @@ class Settings(BaseSettings):
         cli_hide_none_type=True,
         frozen=True,
         extra="ignore",
-        # MICROBATCH_GRPC_PORT=null turns off what an image's environment turned on.
-        env_parse_none_str="null",
     )
 
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all).")
@@ -300,6 +298,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @field_validator("grpc_port", mode="before")
+    @classmethod
+    def _grpc_off(cls, value: object) -> object:
+        """`null` (MICROBATCH_GRPC_PORT=null) turns off what an image's environment
+        turned on."""
+        return None if isinstance(value, str) and value.strip().lower() == "null" else value
 
     @model_validator(mode="after")
     def _engine_limits_are_valid(self) -> Settings:

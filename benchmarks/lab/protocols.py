@@ -111,12 +111,12 @@ async def run(calls: list[Call], session: aiohttp.ClientSession, url: str,
         while time.perf_counter() < stop:
             started = time.perf_counter()
             status, sent, got = await calls[k](texts[i % len(texts)])
+            i += clients  # the next text, answered or not: a failure is not retried
             if status != 200:
                 failed += 1
                 continue
             latencies.append(time.perf_counter() - started)
             sizes.append((sent, got))
-            i += clients
 
     cpu_before, started = await cpu_seconds(session, url), time.perf_counter()
     await asyncio.gather(*(loop(k) for k in range(clients)))

@@ -9,7 +9,6 @@ HTTP. A single process binds it alone, so that a port in use is an error."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -21,11 +20,13 @@ from starlette.types import ASGIApp
 
 from server.kserve import messages as pb
 from server.kserve.grpc_service import (
+    BadCall,
     Bridge,
     fail,
     infer_body,
     infer_response,
     model_path,
+    trailers,
 )
 from server.kserve.tensors import HEADER_LENGTH
 from server.routes.probes import not_ready
@@ -40,17 +41,19 @@ READY_SERVICES = ("", pb.SERVICE)
 METHODS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
            "ModelInfer")  # fmt: skip
 """The RPCs served; the proto's model repository RPCs answer UNIMPLEMENTED."""
-HEALTH_POLL_S = 0.5
-"""How often the health service's statuses follow the server's, for `Watch`; `Check`
-reads them afresh."""
+SETTLE_S = 2.0
+"""How long stopping the gRPC server waits for calls still under way, once the drain has
+answered every admitted item: their replies are on their way; what is left are health
+`Watch` streams, which never end on their own."""
 
 
 class InferenceService:
     """The RPCs of `inference.GRPCInferenceService`."""
 
-    def __init__(self, bridge: Bridge, calls: Counter) -> None:
+    def __init__(self, bridge: Bridge, calls: Counter, health: Health) -> None:
         self.bridge = bridge
         self.calls = calls
+        self.health = health
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         reply = await self.bridge.request(context, "GET", "/v2/health/live")
@@ -69,28 +72,32 @@ class InferenceService:
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         reply = await self.bridge.request(context, "GET", "/v2")
-        return pb.ServerMetadataResponse(**reply.json())
+        if reply.status != 200:
+            await fail(context, reply)
+        found = reply.json()
+        return pb.ServerMetadataResponse(
+            name=found["name"], version=found["version"], extensions=found["extensions"]
+        )
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         path = model_path(request.name, request.version)
         reply = await self.bridge.request(context, "GET", path)
         if reply.status != 200:
             await fail(context, reply)
-        return pb.ModelMetadataResponse(**reply.json())
+        found = reply.json()
+        return pb.ModelMetadataResponse(
+            name=found["name"], versions=found["versions"], platform=found["platform"],
+            inputs=found["inputs"], outputs=found["outputs"],
+        )  # fmt: skip
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            body, json_size = infer_body(request)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        body, json_size = infer_body(request)
         path = model_path(request.model_name, request.model_version, "/infer")
         headers = {HEADER_LENGTH: str(json_size), "content-type": "application/octet-stream"}
         reply = await self.bridge.request(context, "POST", path, body, headers)
         if reply.status != 200:
             await fail(context, reply)
-        context.set_trailing_metadata(
-            tuple((k, v) for k, v in reply.headers.items() if k.startswith("x-"))
-        )
+        context.set_trailing_metadata(trailers(reply))
         return infer_response(reply)
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -112,7 +119,11 @@ class InferenceService:
         async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
             code = "OK"
             try:
-                return await method(request, context)
+                await self.health.refresh()  # Watch streams see changes as calls come
+                try:
+                    return await method(request, context)
+                except BadCall as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except asyncio.CancelledError:
                 code = "CANCELLED"
                 raise
@@ -129,15 +140,23 @@ class InferenceService:
 class Health(health.aio.HealthServicer):  # type: ignore[misc]
     """gRPC's health service (`grpc.health.v1.Health`), as Kubernetes' gRPC probes call
     it: service "" (and `inference.GRPCInferenceService`) SERVING when `/ready` would
-    say ready, `live` SERVING when `/health` would say ok."""
+    say ready, `live` SERVING when `/health` would say ok. `Check` reads the server's
+    state afresh; a `Watch` stream hears of a change when the next call (a `Check`, an
+    inference) reads it, and NOT_SERVING at shutdown."""
 
     def __init__(self, runtime: Runtime) -> None:
         super().__init__()
         self.runtime = runtime
+        self._last: tuple[bool, bool] | None = None
 
     async def refresh(self) -> None:
+        """The statuses, read from the server now; set (and sent to `Watch` streams) where
+        they changed."""
         ready = not_ready(self.runtime) is None
         live = self.runtime.liveness_problem() is None
+        if self._last == (ready, live):
+            return
+        self._last = (ready, live)
         serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
                                 health_pb2.HealthCheckResponse.NOT_SERVING)  # fmt: skip
         for service in READY_SERVICES:
@@ -167,11 +186,10 @@ class GrpcServer:
         )
         for method in METHODS:  # each series exists from the start, at 0
             calls.labels(method, "OK")
-        self.service = InferenceService(Bridge(app, state, settings), calls)
         self.health = Health(self.runtime)
+        self.service = InferenceService(Bridge(app, state, settings), calls, self.health)
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
-        self._poll: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Listen on --host:--grpc-port; the port bound (for 0, the one picked). Raises
@@ -198,21 +216,12 @@ class GrpcServer:
         await server.start()
         self._server, self.port = server, port
         await self.health.refresh()
-        self._poll = asyncio.create_task(self._follow())
         logger.info("gRPC (Open Inference Protocol) on %s:%d", settings.host, port)
         return port
 
-    async def _follow(self) -> None:
-        while True:
-            await asyncio.sleep(HEALTH_POLL_S)
-            with contextlib.suppress(Exception):
-                await self.health.refresh()
-
     async def stop(self) -> None:
-        """Refuse new calls and let those under way finish (the drain has answered
-        their items by now), within --drain-timeout-s."""
-        if self._poll is not None:
-            self._poll.cancel()
+        """Refuse new calls (UNAVAILABLE) and end those under way within `SETTLE_S`:
+        call it once the drain has answered every admitted item."""
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
-            await self._server.stop(self.settings.drain_timeout_s)
+            await self._server.stop(SETTLE_S)

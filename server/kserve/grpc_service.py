@@ -1,10 +1,8 @@
-"""The Open Inference Protocol over gRPC (`inference.GRPCInferenceService`, the service
-Triton's and KServe's clients call), and gRPC's standard health service, on
-`--grpc-port`, served by `grpc.aio` in the process and event loop of the HTTP server.
-
-Each call is answered by the app itself: the call becomes the HTTP request that means
-the same (`ModelInfer` a binary `POST /v2/models/NAME/infer`, the others their GETs),
-sent through the whole ASGI app, middleware included. Keys (the `authorization`
+"""How a call of the Open Inference Protocol over gRPC (`inference.GRPCInferenceService`,
+served by `server.kserve.grpc_server`) is answered: by the app itself. The call becomes
+the HTTP request that means the same (`ModelInfer` a binary `POST
+/v2/models/NAME/infer`, the others their GETs), sent through the whole ASGI app,
+middleware included. Keys (the `authorization`
 metadata), rate limits, tenants, the early 429, deadlines, lanes, the result cache, the
 prediction log, metrics and errors are then those of HTTP, from the same code. What
 gRPC adds:
@@ -24,6 +22,7 @@ import asyncio
 import contextlib
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -60,13 +59,18 @@ CONTENTS = {"BOOL": "bool_contents", "INT32": "int_contents", "INT64": "int64_co
             "FP32": "fp32_contents", "FP64": "fp64_contents"}  # fmt: skip
 
 
+class BadCall(ValueError):
+    """A call that cannot become an HTTP request (INVALID_ARGUMENT): metadata that is not
+    printable ASCII, or a model name that would read as another route."""
+
+
+@dataclass(slots=True)
 class Reply:
     """What the app answered: status, headers, body."""
 
-    def __init__(self) -> None:
-        self.status = 500
-        self.headers: dict[str, str] = {}
-        self.body = bytearray()
+    status: int = 500
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytearray = field(default_factory=bytearray)
 
     def json(self) -> Any:
         return orjson.loads(bytes(self.body))
@@ -124,6 +128,8 @@ class Bridge:
         headers: dict[str, str] = {}
         for key, value in context.invocation_metadata() or ():
             if isinstance(value, str) and not key.endswith("-bin") and not key.startswith(":"):
+                if not (value.isascii() and value.isprintable()):
+                    raise BadCall(f"metadata {key!r}: a value is printable ASCII (or a -bin key)")
                 headers[key.lower()] = value
         headers.update(extra)
         headers["content-length"] = str(len(body))
@@ -156,8 +162,14 @@ def _peer(peer: str | None) -> tuple[str, int] | None:
     return host.strip("[]"), int(port) if port.isdigit() else 0
 
 
+ROUTE_WORDS = ("/ready", "/infer", "/versions/")
+
+
 def model_path(name: str, version: str, tail: str = "") -> str:
-    """The HTTP path of a model (of a version, where one is named), and `tail`."""
+    """The HTTP path of a model (of a version, where one is named), and `tail`. Raises
+    BadCall for a name or version the path would read otherwise."""
+    if not name or any(word in f"{name}/" for word in ROUTE_WORDS) or "/" in version:
+        raise BadCall(f"model {name!r} version {version!r}: not a model's name")
     return f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + tail
 
 
@@ -176,15 +188,15 @@ async def fail(context: grpc.aio.ServicerContext, reply: Reply) -> None:
         detail = status_pb2.Status(code=code.value[0], message=message)
         detail.details.add().Pack(info)
         status = rpc_status.to_status(detail)
-        trailers = (*status.trailing_metadata, ("grpc-retry-pushback-ms", str(seconds * 1000)),
+        retrying = (*status.trailing_metadata, ("grpc-retry-pushback-ms", str(seconds * 1000)),
                     ("retry-after", retry))  # fmt: skip
-        context.set_trailing_metadata(_trailers(reply) + trailers)
+        context.set_trailing_metadata(trailers(reply) + retrying)
         await context.abort(status.code, status.details)
-    context.set_trailing_metadata(_trailers(reply))
+    context.set_trailing_metadata(trailers(reply))
     await context.abort(code, message)
 
 
-def _trailers(reply: Reply) -> tuple[tuple[str, str], ...]:
+def trailers(reply: Reply) -> tuple[tuple[str, str], ...]:
     return tuple((k, reply.headers[k]) for k in TRAILERS if k in reply.headers)
 
 
@@ -198,7 +210,7 @@ def infer_body(request: Any) -> tuple[bytes, int]:
     length."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
-        raise ValueError(f"raw_input_contents holds {len(raw)} tensors for "
+        raise BadCall(f"raw_input_contents holds {len(raw)} tensors for "
                          f"{len(request.inputs)} inputs")  # fmt: skip
     inputs, blobs = [], []
     for i, tensor in enumerate(request.inputs):
@@ -228,7 +240,7 @@ def infer_body(request: Any) -> tuple[bytes, int]:
 
 def infer_response(reply: Reply) -> Any:
     """The app's binary infer reply as a ModelInferResponse with raw contents."""
-    size = int(reply.headers.get(HEADER_LENGTH.lower(), len(reply.body)))
+    size = int(reply.headers.get(HEADER_LENGTH, len(reply.body)))
     body = bytes(reply.body)
     header = orjson.loads(body[:size])
     response = pb.ModelInferResponse(

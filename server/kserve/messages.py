@@ -5,9 +5,9 @@ Not protoc's generated `_pb2` modules: those register `inference.*` in protobuf'
 default pool, where Triton's client (`tritonclient.grpc`) registers the same names from
 its own proto, so a process that imported both would fail with "duplicate symbol". A
 private pool holds ours apart; on the wire the two are the same messages. The service
-itself is registered by its path (`server.kserve.grpc_service`), which needs no
-descriptor. No generated code also means no protoc version that the installed protobuf
-and grpcio must match.
+itself is registered by its path (`server.kserve.grpc_server.InferenceService.handler`),
+which needs no descriptor. No generated code also means no protoc version that the
+installed protobuf and grpcio must match.
 
 `grpc_predict_v2.pb` is the descriptor set of `grpc_predict_v2.proto`, checked in (no
 compiler at install time), made by
@@ -60,4 +60,3 @@ ModelMetadataRequest = message("ModelMetadataRequest")
 ModelMetadataResponse = message("ModelMetadataResponse")
 ModelInferRequest = message("ModelInferRequest")
 ModelInferResponse = message("ModelInferResponse")
-InferParameter = message("InferParameter")

@@ -8,6 +8,10 @@ options, and results become tensors.
 - rerank: `text` BYTES [-1], and `query` BYTES [1] or `text_pair` BYTES [-1] ->
   `score` FP32 [-1], `index` INT64 [-1].
 
+Pairs are read as `/predict/batch` reads `texts` and `text_pairs`: (`text[i]`,
+`text_pair[i]`); a `query` is scored against each `text` as `/rerank` scores its texts:
+(`query`, `text[i]`).
+
 A text input may also be shaped [n, 1], as Triton's examples send strings. A rerank's
 `index` names each score's input; in input order, or with `top_n` the best first.
 """
@@ -127,9 +131,9 @@ def texts_of(model: Encoder, request: InferRequest, max_texts: int, max_chars: i
     if query is not None and pair is not None:
         raise invalid(("inputs", QUERY), f"give {QUERY!r} or {PAIR!r}, not both")
     if query is not None:
-        [one] = _strings(query, 1, max_chars) or [""]
         if len(query.elements) != 1:
             raise invalid(("inputs", QUERY), "one query: shape [1]")
+        [one] = _strings(query, 1, max_chars)
         return Texts([one] * len(texts), texts, by_size=False)
     if model.task == "rerank" and pair is None:
         raise invalid(("inputs",), f"a rerank model scores pairs: give {QUERY!r} or {PAIR!r}")
@@ -162,6 +166,24 @@ def _strings(tensor: Input, max_texts: int, max_chars: int) -> list[str]:
                           "(--max-text-chars)")  # fmt: skip
         texts.append(text)
     return texts
+
+
+def wanted(model: Encoder, request: InferRequest) -> dict[str, bool]:
+    """The outputs to send, each with whether it goes binary: those the request names
+    (each as it asks, else as its `binary_data_output`), or all of the model's. An output
+    the model has not, or an empty list, is 400, before anything is computed."""
+    names = [spec.name for spec in outputs_of(model)]
+    if request.outputs is None:
+        return dict.fromkeys(names, request.binary)
+    if not request.outputs:
+        raise invalid(("outputs",), f"name at least one output: {', '.join(names)}")
+    for name in request.outputs:
+        if name not in names:
+            raise invalid(("outputs",), f"no output {name!r}; this model's: {', '.join(names)}")
+    return {
+        name: request.binary if binary is None else binary
+        for name, binary in request.outputs.items()
+    }
 
 
 def outputs_for(

@@ -94,7 +94,7 @@ def header_length(value: str | None, body_size: int) -> int | None:
     """`Inference-Header-Content-Length`, checked against the body."""
     if value is None:
         return None
-    if not value.isdigit() or int(value) > body_size:
+    if not (value.isascii() and value.isdigit()) or int(value) > body_size:
         raise RequestValidationError([{
             "loc": ("header", "Inference-Header-Content-Length"),
             "msg": f"must be a number of bytes, at most the body's {body_size}",
@@ -103,10 +103,11 @@ def header_length(value: str | None, body_size: int) -> int | None:
     return int(value)
 
 
-def read_request(body: bytes, json_size: int | None) -> InferRequest:
+def read_request(body: bytes, json_size: int | None, max_elements: int) -> InferRequest:
     """The request's inputs, each BYTES element as bytes; RequestValidationError (422,
-    naming the input) for a shape and a number of elements that disagree, binary data
-    of the wrong size, or a body that is not the protocol's JSON."""
+    naming the input) for a shape and a number of elements that disagree, a tensor of
+    more than `max_elements` (checked before it is read), binary data of the wrong size,
+    or a body that is not the protocol's JSON."""
     header, binary = (body, b"") if json_size is None else (body[:json_size], body[json_size:])
     try:
         parsed = _Request.model_validate_json(header)
@@ -120,6 +121,10 @@ def read_request(body: bytes, json_size: int | None) -> InferRequest:
     for i, tensor in enumerate(parsed.inputs):
         if tensor.name in inputs:
             raise invalid(("inputs", i, "name"), f"input {tensor.name!r} is given twice")
+        count = math.prod(tensor.shape)
+        if count > max_elements:
+            raise invalid(("inputs", i), f"at most {max_elements} elements a tensor "
+                          "(--max-client-batch)")  # fmt: skip
         size = tensor.parameters.get(BINARY_SIZE)
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -128,10 +133,9 @@ def read_request(body: bytes, json_size: int | None) -> InferRequest:
                 raise invalid(("inputs", i), "the body holds less binary data than declared")
             raw = binary[offset : offset + size]
             offset += size
-            elements = _unpacked(raw, tensor, i)
+            elements = _unpacked(raw, tensor, i, count)
         else:
             elements = _flat(tensor, i)
-        count = math.prod(tensor.shape)
         if len(elements) != count:
             raise invalid(("inputs", i), f"shape {tensor.shape} holds {count} elements; "
                           f"{len(elements)} were sent")  # fmt: skip
@@ -144,7 +148,12 @@ def read_request(body: bytes, json_size: int | None) -> InferRequest:
         for o in parsed.outputs:
             wanted = o.parameters.get("binary_data")
             outputs[o.name] = None if wanted is None else bool(wanted)
-    binary_out = bool(parsed.parameters.pop(BINARY_OUTPUT, False))
+    binary_out = parsed.parameters.pop(BINARY_OUTPUT, False)
+    if not isinstance(binary_out, bool):
+        raise invalid(("parameters", BINARY_OUTPUT), "must be true or false")
+    for o in parsed.outputs or ():
+        if not isinstance(o.parameters.get("binary_data", False), bool):
+            raise invalid(("outputs", o.name, "parameters", "binary_data"), "must be true or false")
     return InferRequest(parsed.id, dict(parsed.parameters), inputs, outputs, binary_out)
 
 
@@ -152,14 +161,12 @@ def _flat(tensor: _Tensor, index: int) -> list[Any]:
     """A JSON tensor's `data`, flattened row-major; BYTES elements as UTF-8 bytes."""
     if tensor.data is None:
         raise invalid(("inputs", index, "data"), "give data, or binary_data_size and the bytes")
+    data = tensor.data if isinstance(tensor.data, list) else [tensor.data]
     flat: list[Any] = []
-    stack = [tensor.data]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, list):
-            stack.extend(reversed(value))
-        else:
-            flat.append(value)
+    if data and isinstance(data[0], list):  # nested: it must be the declared shape
+        _nested(data, tensor.shape, flat, ("inputs", index, "data"))
+    else:
+        flat = data
     if tensor.datatype == "BYTES":
         if not all(isinstance(v, str) for v in flat):
             raise invalid(("inputs", index, "data"), "a BYTES tensor's data are strings")
@@ -167,23 +174,40 @@ def _flat(tensor: _Tensor, index: int) -> list[Any]:
     return flat
 
 
-def _unpacked(raw: bytes, tensor: _Tensor, index: int) -> list[Any]:
+def _nested(data: Any, shape: list[int], flat: list[Any], where: tuple[str | int, ...]) -> None:
+    """`data` flattened row-major into `flat`, if its nesting is `shape`."""
+    if not shape:
+        if isinstance(data, list):
+            raise invalid(where, "the data are nested deeper than the shape")
+        flat.append(data)
+        return
+    if not isinstance(data, list) or len(data) != shape[0]:
+        raise invalid(where, f"the data's nesting is not the shape {shape}")
+    for row in data:
+        _nested(row, shape[1:], flat, where)
+
+
+def _unpacked(raw: bytes, tensor: _Tensor, index: int, count: int) -> list[Any]:
     if tensor.datatype != "BYTES":
         dtype = DTYPES.get(tensor.datatype)
         if dtype is None or len(raw) % np.dtype(dtype).itemsize:
             raise invalid(("inputs", index, "datatype"), f"cannot read {tensor.datatype} "
                           f"from {len(raw)} bytes")  # fmt: skip
         return list(np.frombuffer(raw, dtype=dtype).tolist())
-    return unpack_bytes(raw, ("inputs", index))
+    return unpack_bytes(raw, ("inputs", index), count)
 
 
-def unpack_bytes(raw: bytes | memoryview, where: tuple[str | int, ...]) -> list[bytes]:
+def unpack_bytes(
+    raw: bytes | memoryview, where: tuple[str | int, ...], count: int | None = None
+) -> list[bytes]:
     """A BYTES tensor's serialized elements (each a 4-byte little-endian length, then
-    the bytes)."""
+    the bytes); more than `count` of them is an error, found without reading them all."""
     elements: list[bytes] = []
     view = memoryview(raw)
     at = 0
     while at < len(view):
+        if count is not None and len(elements) == count:
+            raise invalid(where, f"the binary data hold more than the shape's {count} elements")
         if at + 4 > len(view):
             raise invalid(where, "a BYTES element's 4-byte length is cut short")
         size = int.from_bytes(view[at : at + 4], "little")

@@ -12,14 +12,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 
 from server.errors import NotFound
-from server.kserve.signatures import inputs_of, outputs_for, outputs_of, parameters, texts_of
+from server.kserve.signatures import (
+    inputs_of,
+    outputs_for,
+    outputs_of,
+    parameters,
+    texts_of,
+    wanted,
+)
 from server.kserve.tensors import (
     HEADER_LENGTH,
-    InferRequest,
     header_length,
     invalid,
     read_request,
@@ -82,6 +88,8 @@ def metadata(runtime: Runtime, served: Served) -> dict[str, Any]:
 
 
 async def model_metadata(name: str, runtime: RuntimeDep) -> dict[str, Any]:
+    if name.endswith("/infer"):  # `{name:path}` would take it for a model's name
+        raise HTTPException(405, "POST to .../infer; GET the model's metadata without it")
     return metadata(runtime, version_of(runtime, name))
 
 
@@ -123,6 +131,13 @@ INFER: dict[str, Any] = {
 }  # fmt: skip
 
 
+def infer_openapi(*more: str) -> dict[str, Any]:
+    """The OpenAPI of an infer route, which reads its path's parameters itself."""
+    path = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+            for p in ("name", *more)]  # fmt: skip
+    return {**INFER, "openapi_extra": {**INFER["openapi_extra"], "parameters": path}}
+
+
 async def infer(request: Request) -> Response:
     return await _infer(request, request.path_params["name"], None)
 
@@ -135,7 +150,9 @@ async def infer_version(request: Request) -> Response:
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     runtime = runtime_of(request)
     raw = await body_of(request)
-    parsed = read_request(raw, header_length(request.headers.get(HEADER_LENGTH), len(raw)))
+    settings = runtime.settings
+    json_size = header_length(request.headers.get(HEADER_LENGTH), len(raw))
+    parsed = read_request(raw, json_size, settings.max_client_batch)
     served, engine = serving(runtime, request, name if version is None else f"{name}@{version}")
     model = served.encoder
     if model.task == "sparse":
@@ -143,21 +160,19 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     asked = parameters(parsed)
     if asked.top_n is not None and model.task != "rerank":
         raise invalid(("parameters", "top_n"), "top_n applies to rerank models")
-    settings = runtime.settings
+    binary = wanted(model, parsed)
     texts = texts_of(model, parsed, settings.max_client_batch, settings.max_text_chars)
     deadline = deadline_of(engine, runtime, request)
     if asked.timeout is not None:  # Triton's own deadline, in microseconds
         deadline = min(deadline, engine.clock() + asked.timeout / 1e6)
     direction = asked.truncation_direction
     items = await encode(request, texts.texts, texts.pairs, asked, direction)
-    where = "text_pair" if texts.pairs is not None and model.task == "rerank" else "text"
-    check_tokens(items, model, runtime, where, asked.truncate, listed=True)
+    check_tokens(items, model, runtime, "text", asked.truncate, listed=True)
     results = await submit_all(request, runtime, engine, items, deadline, by_size=texts.by_size)
     outputs = outputs_for(model, results, asked)
     head = {"model_name": served.name or model.name, "model_version": served.version}
     if parsed.id is not None:
         head["id"] = parsed.id
-    binary = _binary(parsed, [o.name for o in outputs])
     body, json_size = write_response(head, [o for o in outputs if o.name in binary], binary)
     if json_size is None:
         return reply(request, body, results)
@@ -165,27 +180,14 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     return reply(request, body, results, "application/octet-stream", extra)
 
 
-def _binary(request: InferRequest, names: list[str]) -> dict[str, bool]:
-    """Which outputs go binary: each as it asked (`binary_data`), else as the request's
-    `binary_data_output`. Outputs it did not name are left out, where it named some; a
-    name the model has no output of is 400."""
-    if request.outputs is None:
-        return {name: request.binary for name in names}
-    for asked in request.outputs:
-        if asked not in names:
-            raise invalid(("outputs",), f"no output {asked!r}; this model's: {', '.join(names)}")
-    return {
-        name: request.binary if wanted is None else wanted
-        for name, wanted in request.outputs.items()
-    }
-
-
 # A model's name may hold slashes (a hub id), so each path below ends in its own words
 # and the more specific go first: Starlette takes the first that matches.
 MODEL = "/v2/models/{name:path}"
 VERSION = MODEL + "/versions/{version}"
-router.add_api_route(VERSION + "/infer", infer_version, methods=["POST"], **INFER)
-router.add_api_route(MODEL + "/infer", infer, methods=["POST"], **INFER)
+router.add_api_route(
+    VERSION + "/infer", infer_version, methods=["POST"], **infer_openapi("version")
+)
+router.add_api_route(MODEL + "/infer", infer, methods=["POST"], **infer_openapi())
 router.add_api_route(VERSION + "/ready", version_ready, summary="Whether a version is ready")
 router.add_api_route(
     MODEL + "/ready", model_ready, summary="Whether the model takes requests (200 or 503)"

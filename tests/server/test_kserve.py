@@ -160,18 +160,20 @@ async def test_a_classifier_answers_label_score_and_every_score() -> None:
 
 async def test_a_reranker_scores_a_query_against_texts_as_rerank_does() -> None:
     query = "which one"
-    async with serve(FakeTextModel(task="rerank")) as client:
+    model = FakeTextModel(task="rerank")
+    async with serve(model) as client:
         plain = await client.post("/v2/models/fake/infer", json={
             "inputs": [text_input(TEXTS), text_input([query], name="query")],
         })  # fmt: skip
+        as_queried = sorted(model.seen)
         top = await client.post("/v2/models/fake/infer", json={
             "inputs": [text_input(TEXTS), text_input([query], name="query")],
             "parameters": {"top_n": 2},
         })  # fmt: skip
-        pairs = await client.post("/v2/models/fake/infer", json={
-            "inputs": [text_input(TEXTS), text_input([query] * 3, name="text_pair")],
-        })  # fmt: skip
         ranked = await client.post("/rerank", json={"query": query, "texts": TEXTS})
+        two = await client.post("/v2/models/fake/infer", json={
+            "inputs": [text_input(TEXTS), text_input([query, query], name="query")],
+        })  # fmt: skip
     outputs = {o["name"]: o["data"] for o in plain.json()["outputs"]}
     assert outputs["index"] == [0, 1, 2]
     by_index = {x["index"]: x["score"] for x in ranked.json()}
@@ -179,8 +181,36 @@ async def test_a_reranker_scores_a_query_against_texts_as_rerank_does() -> None:
     best = {o["name"]: o["data"] for o in top.json()["outputs"]}
     assert best["index"] == [x["index"] for x in ranked.json()][:2]
     assert np.allclose(best["score"], [x["score"] for x in ranked.json()][:2])
-    # pairs read (text, text_pair); the fake model scores the joined text's length only
-    assert pairs.status_code == 200, pairs.text
+    # the fake model reads each pair back as "FIRST SECOND": the query comes first
+    assert as_queried == sorted(f"{query} {t}" for t in TEXTS)
+    assert (two.status_code, "one query: shape [1]" in two.json()["error"]) == (400, True)
+
+
+async def test_pairs_are_read_as_predict_batch_reads_texts_and_text_pairs() -> None:
+    pairs = ["first pair", "second", "third one"]
+    for task in ("rerank", "classify"):
+        model = FakeTextModel(task=task)
+        async with serve(model) as client:
+            r = await client.post("/v2/models/fake/infer", json={
+                "inputs": [text_input(TEXTS), text_input(pairs, name="text_pair")],
+            })  # fmt: skip
+            seen = list(model.seen)
+            batch = await client.post("/predict/batch", json={"texts": TEXTS, "text_pairs": pairs})
+        assert sorted(seen) == sorted(f"{t} {p}" for t, p in zip(TEXTS, pairs, strict=True))
+        scores = {o["name"]: o["data"] for o in r.json()["outputs"]}["score"]
+        assert np.allclose(scores, [x["score"] for x in batch.json()["results"]]), task
+
+
+async def test_an_unknown_output_is_refused_before_anything_is_computed() -> None:
+    model = FakeTextModel()
+    async with serve(model) as client:
+        r = await client.post("/v2/models/fake/infer", json={
+            "inputs": [text_input(["never computed"])], "outputs": [{"name": "vector"}],
+        })  # fmt: skip
+        get_infer = await client.get("/v2/models/fake/infer")
+    assert r.status_code == 400
+    assert model.seen == []
+    assert get_infer.status_code == 405
 
 
 @pytest.mark.parametrize(
@@ -195,6 +225,11 @@ async def test_a_reranker_scores_a_query_against_texts_as_rerank_does() -> None:
         ({"inputs": [text_input(["a"])], "parameters": {"top_n": 1}}, "top_n"),
         ({"inputs": [text_input(["a"])], "parameters": {"embedding_type": "int8"}}, "embedding"),
         ({"inputs": [text_input(["a"])], "outputs": [{"name": "vector"}]}, "vector"),
+        ({"inputs": [text_input(["a"])], "outputs": []}, "at least one output"),
+        ({"inputs": [text_input(["a"])], "parameters": {"binary_data_output": "no"}}, "binary"),
+        ({"inputs": [text_input(["a", "b"], shape=[2, 1]) | {"data": [["a", "b"]]}]}, "nesting"),
+        ({"inputs": [text_input(["a"] * 3, shape=[1, 3])]}, "shape"),
+        ({"inputs": [{**text_input(["a"]), "shape": [1000, 1000]}]}, "elements a tensor"),
         ({"inputs": [text_input([])]}, "at least one"),
         ({"inputs": [text_input(["a"] * 5)]}, "max-client-batch"),
         ({"inputs": []}, "inputs"),
@@ -220,16 +255,20 @@ async def test_bad_tensors_get_400_naming_what_is_wrong(
         (b"\x01\x00", None, "cut short"),
         (pack_bytes([b"\xff\xfe"]), None, "UTF-8"),
         (pack_bytes([b"fine"]), "99999", "Inference-Header-Content-Length"),
+        (pack_bytes([b"fine"]), b"\xb2", "Inference-Header-Content-Length"),
+        (pack_bytes([b"a", b"b"]), None, "more than the shape's 1"),
         (pack_bytes([b"fine"]) + b"extra", None, "more binary data"),
     ],
 )
-async def test_broken_binary_tensors_get_400(blob: bytes, length: str | None, reason: str) -> None:
+async def test_broken_binary_tensors_get_400(
+    blob: bytes, length: str | bytes | None, reason: str
+) -> None:
     declared = {"binary_data_size": len(blob)}
     tensor = {"name": "text", "datatype": "BYTES", "shape": [1], "parameters": declared}
     head = json.dumps({"inputs": [tensor]}).encode()
     if reason == "more binary data":
         head = head.replace(str(len(blob)).encode(), str(len(blob) - 5).encode())
-    headers = {"Inference-Header-Content-Length": length or str(len(head))}
+    headers: dict[str, str | bytes] = {"Inference-Header-Content-Length": length or str(len(head))}
     async with serve(FakeTextModel()) as client:
         r = await client.post("/v2/models/fake/infer", content=head + blob, headers=headers)
     assert r.status_code == 400, r.text

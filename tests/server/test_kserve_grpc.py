@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from benchmarks.processes import free_port
 from server.app import create_app
 from server.kserve import messages as pb
+from server.kserve.grpc_service import BadCall, Bridge
 from server.kserve.tensors import pack_bytes
 from server.settings import Settings
 from tests.server.fakes import FakeTextModel, fake_embedding
@@ -155,12 +156,17 @@ async def test_bad_input_is_invalid_argument_and_an_unknown_version_not_found() 
             codes[name] = (caught.value.code(), caught.value.details())
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await g.rpc("ModelReady")(pb.ModelReadyRequest(name="fake", version="9"))
+        for name in ("fake/ready", "fake/infer", "a/versions/1", ""):
+            with pytest.raises(grpc.aio.AioRpcError) as routed:
+                await g.rpc("ModelMetadata")(pb.ModelMetadataRequest(name=name))
+            codes[f"name {name}"] = (routed.value.code(), routed.value.details())
         after = await g.infer("still fine")
     assert {k: c for k, (c, _) in codes.items()} == dict.fromkeys(
         codes, grpc.StatusCode.INVALID_ARGUMENT
     )
     assert "3 elements; 2 were sent" in codes["shape"][1]
     assert "normalise" in codes["parameter"][1]
+    assert "not a model's name" in codes["name fake/ready"][1]
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
     assert embeddings(after) == [fake_embedding("still fine")]
 
@@ -281,8 +287,11 @@ async def test_the_health_service_follows_warm_up() -> None:
     server = _InLoopServer(config)
     task = asyncio.create_task(server.serve())
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            g = Grpc(httpx.AsyncClient(), channel, app)
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel,
+            httpx.AsyncClient() as unused,
+        ):
+            g = Grpc(unused, channel, app)
             await channel.channel_ready()
             warming = (await g.health(), await g.health("live"))
             model.warm_gate.set()
@@ -342,32 +351,79 @@ MESSAGES = st.builds(
 )
 
 
+NAMES = st.sampled_from(["fake", "fake/ready", "a/versions/2", "x/infer", "ünï", ""])
+METADATA = st.lists(
+    st.tuples(
+        st.sampled_from(["x-priority", "x-request-timeout-ms", "x-route-key", "authorization"]),
+        st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=12),
+    ),
+    max_size=2,
+)
+
+
 async def test_fuzzed_requests_get_a_status_never_an_internal_error() -> None:
     async with serve_grpc(FakeTextModel()) as g:
         seen: list[grpc.StatusCode] = []
 
         @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-        @given(st.lists(MESSAGES, min_size=0, max_size=3))
-        def build(tensors: list[Any]) -> None:
-            request = pb.ModelInferRequest(model_name="fake")
+        @given(st.lists(MESSAGES, min_size=0, max_size=3), NAMES, METADATA)
+        def build(tensors: list[Any], name: str, metadata: list[tuple[str, str]]) -> None:
+            request = pb.ModelInferRequest(model_name=name)
             for name, dtype, shape, raw, params in tensors:
                 request.inputs.add(name=name, datatype=dtype, shape=[abs(s) for s in shape])
                 request.raw_input_contents.append(b"".join(raw))
                 for key, value in params.items():
                     kind = {bool: "bool_param", int: "int64_param", str: "string_param"}
                     setattr(request.parameters[key], kind[type(value)], value)
-            requests.append(request)
+            requests.append((request, metadata))
 
         requests: list[Any] = []
         build()
-        for request in requests:
+        for request, metadata in requests:
             try:
-                await g.rpc("ModelInfer")(request, timeout=30)
+                await g.rpc("ModelInfer")(request, metadata=metadata, timeout=30)
                 seen.append(grpc.StatusCode.OK)
             except grpc.aio.AioRpcError as exc:
                 seen.append(exc.code())
         after = await g.infer("alive")
     assert grpc.StatusCode.INTERNAL not in seen
     assert grpc.StatusCode.UNKNOWN not in seen
-    assert set(seen) <= {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
+    assert set(seen) <= {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT,
+                         grpc.StatusCode.NOT_FOUND}  # fmt: skip
     assert embeddings(after) == [fake_embedding("alive")]
+
+
+async def test_grpc_null_in_the_environment_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MICROBATCH_GRPC_PORT", "null")
+    monkeypatch.setenv("MICROBATCH_API_KEYS", "null")
+    found = Settings()
+    assert found.grpc_port is None
+    assert found.api_key_list() == frozenset({"null"}), "null means no port, not no keys"
+
+
+class Metadata:
+    """What `Bridge` reads of a call's context."""
+
+    def __init__(self, *pairs: tuple[str, str]) -> None:
+        self.pairs = pairs
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.pairs
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:5000"
+
+
+@pytest.mark.parametrize("value", ["5 €", "a\x01b", "tab\there"])
+async def test_metadata_that_is_not_printable_ascii_is_a_bad_call(value: str) -> None:
+    """gRPC's core passes such values through (the Python client refuses to send them);
+    an HTTP header is Latin-1, so the call cannot become a request."""
+    bridge = Bridge(app=None, state={}, settings=Settings())  # type: ignore[arg-type]
+    with pytest.raises(BadCall, match="printable ASCII"):
+        bridge._scope(Metadata(("x-note", value)), "GET", "/v2", b"", {})  # type: ignore[arg-type]
+    scope = bridge._scope(Metadata(("x-note", "fine")), "GET", "/v2", b"", {})  # type: ignore[arg-type]
+    assert (b"x-note", b"fine") in scope["headers"]
+    assert scope["client"] == ("127.0.0.1", 5000)
