@@ -258,9 +258,16 @@ def load(options: LoadOptions) -> Loaded:
     try:
         config = AutoConfig.from_pretrained(where, subfolder=subfolder, trust_remote_code=remote)
         task = resolve_task(options.task, config, description)
-        tokenizer = AutoTokenizer.from_pretrained(
-            where, subfolder=subfolder, trust_remote_code=remote
-        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                where, subfolder=subfolder, trust_remote_code=remote
+            )
+        except TypeError as exc:
+            # transformers 4.x, with protobuf installed, reports a missing vocabulary
+            # file as a TypeError from its slow tokenizer (os.path.isfile(None)).
+            raise ModelLoadError(
+                f"cannot load model {source!r}: no tokenizer files could be read ({exc})"
+            ) from exc
         auto = {"embed": AutoModel, "sparse": AutoModelForMaskedLM}.get(
             task, AutoModelForSequenceClassification
         )
