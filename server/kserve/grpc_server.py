@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -41,6 +42,8 @@ READY_SERVICES = ("", pb.SERVICE)
 METHODS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
            "ModelInfer")  # fmt: skip
 """The RPCs served; the proto's model repository RPCs answer UNIMPLEMENTED."""
+FOLLOW_S = 0.5
+"""How often calls read the server's state for the health service's `Watch` streams."""
 SETTLE_S = 2.0
 """How long stopping the gRPC server waits for calls still under way, once the drain has
 answered every admitted item: their replies are on their way; what is left are health
@@ -54,6 +57,7 @@ class InferenceService:
         self.bridge = bridge
         self.calls = calls
         self.health = health
+        self._children: dict[tuple[str, str], Any] = {}
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         reply = await self.bridge.request(context, "GET", "/v2/health/live")
@@ -113,13 +117,21 @@ class InferenceService:
             )
         return grpc.method_handlers_generic_handler(pb.SERVICE, handlers)
 
+    def _counter(self, method: str, code: str) -> Any:
+        """The counter's child for (method, code), looked up once (`labels` takes a lock
+        and builds its key)."""
+        child = self._children.get((method, code))
+        if child is None:
+            child = self._children[(method, code)] = self.calls.labels(method, code)
+        return child
+
     def _counted(
         self, name: str, method: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
     ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
         async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
             code = "OK"
             try:
-                await self.health.refresh()  # Watch streams see changes as calls come
+                await self.health.follow()  # Watch streams see changes as calls come
                 try:
                     return await method(request, context)
                 except BadCall as exc:
@@ -132,7 +144,7 @@ class InferenceService:
                 code = found.name if isinstance(found, grpc.StatusCode) else "UNKNOWN"
                 raise
             finally:
-                self.calls.labels(name, code).inc()
+                self._counter(name, code).inc()
 
         return counted
 
@@ -141,13 +153,14 @@ class Health(health.aio.HealthServicer):  # type: ignore[misc]
     """gRPC's health service (`grpc.health.v1.Health`), as Kubernetes' gRPC probes call
     it: service "" (and `inference.GRPCInferenceService`) SERVING when `/ready` would
     say ready, `live` SERVING when `/health` would say ok. `Check` reads the server's
-    state afresh; a `Watch` stream hears of a change when the next call (a `Check`, an
-    inference) reads it, and NOT_SERVING at shutdown."""
+    state afresh; a `Watch` stream hears of a change when the next call reads it (a
+    `Check`, or any call, at most every `FOLLOW_S`), and NOT_SERVING at shutdown."""
 
     def __init__(self, runtime: Runtime) -> None:
         super().__init__()
         self.runtime = runtime
         self._last: tuple[bool, bool] | None = None
+        self._read_at = 0.0
 
     async def refresh(self) -> None:
         """The statuses, read from the server now; set (and sent to `Watch` streams) where
@@ -162,6 +175,13 @@ class Health(health.aio.HealthServicer):  # type: ignore[misc]
         for service in READY_SERVICES:
             await self.set(service, serving if ready else not_serving)
         await self.set(LIVE_SERVICE, serving if live else not_serving)
+
+    async def follow(self) -> None:
+        """`refresh`, at most once every `FOLLOW_S` (a call's cost stays a clock read)."""
+        now = time.monotonic()
+        if now - self._read_at >= FOLLOW_S:
+            self._read_at = now
+            await self.refresh()
 
     async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         await self.refresh()
