@@ -34,7 +34,7 @@ import grpc
 
 from benchmarks.corpus import builtin
 from benchmarks.environment import command_line, describe, portable_values
-from benchmarks.lab.reply_bytes import cpu_seconds, quantile
+from benchmarks.lab.reply_bytes import closed_loop, cpu_seconds
 from benchmarks.processes import free_port, pin, server
 from server.kserve import messages as pb
 from server.kserve.tensors import pack_bytes
@@ -124,15 +124,9 @@ async def run(calls: list[Call], session: aiohttp.ClientSession, url: str,
     cpu = await cpu_seconds(session, url) - cpu_before
     n = len(latencies)
     return {
-        "clients": clients,
-        "requests": n,
-        "failed": failed,
-        "requests_per_s": n / elapsed,
-        "p50_ms": quantile(latencies, 0.5) * 1e3,
-        "p99_ms": quantile(latencies, 0.99) * 1e3,
+        **closed_loop(clients, latencies, failed, elapsed, cpu),
         "request_bytes": sum(s for s, _ in sizes) / max(1, n),
         "reply_bytes": sum(g for _, g in sizes) / max(1, n),
-        "server_cpu_us_per_request": cpu / max(1, n) * 1e6,
     }
 
 

@@ -88,14 +88,25 @@ async def run(
     cpu = await cpu_seconds(client, url) - cpu_before
     n = len(latencies)
     return {
+        **closed_loop(clients, latencies, failed, elapsed, cpu),
+        "reply_bytes": sum(sizes) / max(1, n),
+        "embedding_bytes": sum(field_sizes) / max(1, n),
+    }
+
+
+def closed_loop(
+    clients: int, latencies: list[float], failed: int, elapsed: float, cpu: float
+) -> dict[str, Any]:
+    """What a closed loop of `clients` measured: requests/s, p50 and p99, and the
+    server's CPU (`cpu` seconds) per request answered."""
+    n = len(latencies)
+    return {
         "clients": clients,
         "requests": n,
         "failed": failed,
         "requests_per_s": n / elapsed,
         "p50_ms": quantile(latencies, 0.5) * 1e3,
         "p99_ms": quantile(latencies, 0.99) * 1e3,
-        "reply_bytes": sum(sizes) / max(1, n),
-        "embedding_bytes": sum(field_sizes) / max(1, n),
         "server_cpu_us_per_request": cpu / max(1, n) * 1e6,
     }
 

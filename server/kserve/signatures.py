@@ -30,6 +30,7 @@ from batcher import Result
 from batcher.models import Classification, Encoder, Output
 from server.kserve.tensors import InferRequest, Input, invalid
 from server.kserve.tensors import Output as Tensor
+from server.routes.parsing import best_first
 from server.schemas import OutputOptions
 
 TEXT, PAIR, QUERY = "text", "text_pair", "query"
@@ -197,10 +198,8 @@ def outputs_for(
         return [Tensor("embedding", "FP32", list(array.shape), array)]
     found = cast("list[Classification]", values)
     scores = np.asarray([c.score for c in found], dtype=np.float32)
-    if model.task == "rerank":
-        order = (
-            sorted(range(n), key=lambda i: -scores[i])[: asked.top_n] if asked.top_n else range(n)
-        )
+    if model.task == "rerank":  # best first as /rerank orders them, by the unrounded scores
+        order = best_first([c.score for c in found], asked.top_n) if asked.top_n else range(n)
         index = np.asarray(list(order), dtype=np.int64)
         return [Tensor("score", "FP32", [len(index)], scores[index]),
                 Tensor("index", "INT64", [len(index)], index)]  # fmt: skip
