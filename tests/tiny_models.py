@@ -291,3 +291,87 @@ def save_inference_free_sparse_encoder(path: Path) -> Path:
     model = SparseEncoder(modules=[router], similarity_fn_name="dot", device="cpu")
     model.save(str(path))
     return path
+
+
+VISION_TINY = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
+}
+"""The vision tower of every test image model: 32 x 32 pictures, 16 patches."""
+
+IMAGE_LABELS = {0: "cat", 1: "dog", 2: "bird", 3: "fish"}
+
+
+def save_image_classifier(path: Path, **config: Any) -> Path:
+    """A tiny ViT with an image-classification head and its image processor (resize to
+    32 x 32), saved by transformers."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from batcher.models.vision import image_processor
+
+    torch.manual_seed(0)
+    labels = {"id2label": IMAGE_LABELS, "label2id": {v: k for k, v in IMAGE_LABELS.items()}}
+    model = ViTForImageClassification(ViTConfig(**VISION_TINY, **labels, **config))
+    model.save_pretrained(path, safe_serialization=True)
+    _processor_class("ViT")(size={"height": 32, "width": 32}).save_pretrained(path)
+    assert image_processor(path) is not None
+    return path
+
+
+def _processor_class(family: str) -> Any:
+    """transformers' Pillow image processor of `family` (`ViTImageProcessorPil` in 5.x,
+    the slow `ViTImageProcessor` in 4.x)."""
+    import transformers
+
+    return getattr(transformers, f"{family}ImageProcessorPil", None) or getattr(
+        transformers, f"{family}ImageProcessor"
+    )
+
+
+def save_clip(path: Path, family: str = "clip") -> Path:
+    """A tiny CLIP (or SigLIP) with its image processor and the default model's tokenizer
+    (its [SEP] as CLIP's end of text), saved by transformers."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    torch.manual_seed(0)
+    text = {"vocab_size": 30522, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "pad_token_id": 0,
+            "bos_token_id": 101, "eos_token_id": 102}  # fmt: skip
+    vision = dict(VISION_TINY)
+    tokenizer = _tokenizer()
+    if family == "clip":
+        text["max_position_embeddings"] = 77
+        model: Any = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+        processor = _processor_class("CLIP")(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        )
+        tokenizer.model_max_length = 77
+    else:
+        text["max_position_embeddings"] = 64
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+        processor = _processor_class("Siglip")(size={"height": 32, "width": 32})
+        tokenizer.model_max_length = 64
+    model.save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_st_clip(path: Path, *, normalize: bool = False) -> Path:
+    """A tiny CLIP saved by sentence-transformers (its multimodal Transformer module, with
+    a Normalize module after it if asked)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Normalize
+
+    plain = save_clip(path.parent / f"{path.name}-transformers")
+    model = SentenceTransformer(str(plain), device="cpu")
+    if normalize:
+        model.append(Normalize())
+    model.save(str(path))
+    return path

@@ -59,6 +59,11 @@ class Encoded:
     top_k: int | None = None
     """sparse: keep the k largest weights."""
 
+    @property
+    def n_tokens(self) -> int:
+        """Its length in tokens (what usage and token quotas count)."""
+        return len(self.ids)
+
     def identity(self) -> Hashable:
         """What makes two inputs compute the same output: the tokens and every output
         option (not whether the text was cut, which the output does not depend on)."""

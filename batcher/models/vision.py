@@ -1,0 +1,493 @@
+"""Image models behind the engine: an image classifier (`AutoModelForImageClassification`:
+ViT, ConvNeXt, ResNet, ...) and the models that embed images and texts in one space (CLIP,
+SigLIP; in transformers' layout or sentence-transformers' CLIP layout).
+
+A batch of images is one `[B, 3, H, W]` tensor: the processor makes every image the same
+size (checked at load), so nothing is padded and the batch size is the only dimension
+that varies (one graph, dynamic in it). A CLIP-like model's texts go through its text
+tower in the same batches, padded to the tower's fixed length as the reference pads them
+(SigLIP: `padding="max_length"` with no mask, as it was trained). What an output *is*
+comes from the reference: `pipeline("image-classification")`'s scores, and
+`get_image_features` / `get_text_features` (which sentence-transformers' CLIP returns)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from batcher.errors import DeviceOutOfMemory
+from batcher.models.compiling import CompileState, compile_forward, graphs_compiled
+from batcher.models.description import UnsupportedModel, class_name, read_json
+from batcher.models.devices import pick_device
+from batcher.models.encoder import EncoderSpec
+from batcher.models.errors import ModelLoadError
+from batcher.models.heads import finish_embeddings, score_activation
+from batcher.models.inputs import Encoded
+from batcher.models.options import CompileMode, LoadOptions, Task, default_source
+from batcher.models.outputs import Classification, Output
+from batcher.models.pixels import ImageEncoder, ImageSpec, Pixels, VisionKind
+from batcher.models.precision import Precision, judge, plan
+from batcher.models.probe import PROBE_TEXTS
+
+logger = logging.getLogger("batcher.models")
+
+EMBEDDERS = {"clip": "clip", "siglip": "siglip"}
+"""model_type -> kind, for the image-text models served exactly."""
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """Where an image model's transformers files are, and what its layout declares."""
+
+    kind: VisionKind
+    folder: Path
+    normalize: bool | None
+    """sentence-transformers' layout: whether a Normalize module follows; None: none."""
+
+
+def find_vision(root: Path) -> Found | None:
+    """The image model in `root` (a classifier, CLIP or SigLIP, in transformers' layout
+    or sentence-transformers' CLIP layout), or None for a text model. Raises
+    ModelLoadError for an image model that cannot be served exactly."""
+    folder, normalize = root, None
+    try:
+        modules = read_json(root / "modules.json")
+    except UnsupportedModel as exc:
+        raise ModelLoadError(str(exc)) from None
+    if isinstance(modules, list) and modules:
+        first = modules[0]
+        try:
+            name = class_name(first)
+        except UnsupportedModel:
+            return None
+        folder = root / str(first.get("path", ""))
+        if name not in ("CLIPModel", "Transformer") or _kind(folder) not in ("clip", "siglip"):
+            return None
+        rest = [class_name(entry) for entry in modules[1:]]
+        if any(module != "Normalize" for module in rest):
+            raise ModelLoadError(
+                f"cannot serve the image model in {root.name!r}: modules after its "
+                f"{name} ({', '.join(rest)}) are not served; only Normalize is"
+            )
+        normalize = bool(rest)
+    kind = _kind(folder)
+    return None if kind is None else Found(kind, folder, normalize)
+
+
+def _kind(folder: Path) -> VisionKind | None:
+    try:
+        config = read_json(folder / "config.json")
+    except UnsupportedModel as exc:
+        raise ModelLoadError(str(exc)) from None
+    if not isinstance(config, dict):
+        return None
+    model_type = str(config.get("model_type", ""))
+    architectures = [str(a) for a in config.get("architectures") or []]
+    if model_type in EMBEDDERS:
+        return cast("VisionKind", EMBEDDERS[model_type])
+    if any(a.endswith("ForImageClassification") for a in architectures):
+        return "classifier"
+    if model_type.startswith(("clip", "siglip")) or any("Vision" in a for a in architectures):
+        raise ModelLoadError(
+            f"{folder.name or 'the model'} is a {model_type} model ({', '.join(architectures)}), "
+            "which is not served: image classifiers (…ForImageClassification) and CLIP and "
+            "SigLIP (image and text embeddings) are"
+        )
+    return None
+
+
+def image_processor(folder: str | Path) -> Any:
+    """The model's image processor, in its Pillow backend: the one every installation
+    has (transformers picks torchvision's when installed, whose resize differs)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(str(folder), backend="pil")
+    except TypeError:  # transformers 4.x: the slow processor is the Pillow one
+        return AutoImageProcessor.from_pretrained(str(folder), use_fast=False)
+
+
+def probe_pictures() -> list[Any]:
+    """Images of many sizes and contents (gradients, noise, flat colour, stripes): what
+    the precision probe and the load-time check of the processor's shape run."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    sizes = [(224, 224), (640, 480), (97, 311), (1024, 768), (32, 32), (300, 200)]
+    pictures = []
+    for i, (w, h) in enumerate(sizes):
+        y, x = np.mgrid[0:h, 0:w]
+        base = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1),
+                         (x + y) * 127 // max(w + h - 2, 1)], axis=-1)  # fmt: skip
+        if i % 2:
+            base = base + rng.integers(-60, 60, size=base.shape)
+        if i == 4:
+            base = np.where((x // 4) % 2 == 0, 255, 0)[..., None].repeat(3, axis=-1)
+        pictures.append(Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB"))
+    return pictures
+
+
+def _features(out: Any) -> torch.Tensor:
+    # transformers 5 returns an output with the projected features as `pooler_output`.
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedVision:
+    name: str
+    task: Task
+    kind: VisionKind
+    model: Any
+    device: torch.device
+    precision: Precision
+    spec: ImageSpec
+    processor: Any
+    text_length: int = 0
+    """clip/siglip: the text tower's fixed length, every text padded to it."""
+    pad_id: int = 0
+    activation: str = ""
+    score: Callable[[torch.Tensor], torch.Tensor] | None = None
+    probe_dtype: torch.dtype | None = None
+
+
+def _patches(config: Any, shape: tuple[int, int, int]) -> int:
+    vision = getattr(config, "vision_config", None) or config
+    patch = getattr(vision, "patch_size", None)
+    side = patch if isinstance(patch, int) and patch > 0 else 16
+    return (shape[1] // side) * (shape[2] // side) + 1
+
+
+def load_vision(options: LoadOptions, found: Found) -> LoadedVision:
+    """Load an image model (safetensors only) and its processor; check that the
+    processor makes one shape. Raises ModelLoadError."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, AutoTokenizer
+
+    source = options.source or default_source()
+    device = pick_device(options.device)
+    precision, probe_dtype = plan(options.dtype, device)
+    task: Task = "classify" if found.kind == "classifier" else "embed"
+    if options.task not in ("auto", task):
+        raise ModelLoadError(f"task {options.task!r} does not fit this model: it is an image "
+                             f"{'classifier' if task == 'classify' else 'embedding model'} "
+                             "(leave --task auto)")  # fmt: skip
+    folder, remote = str(found.folder), options.trust_remote_code
+    name = options.name or source
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=remote)
+        auto = AutoModelForImageClassification if task == "classify" else AutoModel
+        model = auto.from_pretrained(folder, use_safetensors=True, trust_remote_code=remote,
+                                     dtype=precision.dtype)  # fmt: skip
+        processor = image_processor(folder)
+        tokenizer = None
+        if task == "embed":
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote)
+    except (OSError, ValueError, ImportError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model {source!r}: {reason}") from exc
+    model.eval().requires_grad_(False).to(device)
+    shapes = {tuple(a.shape) for a in _processed(processor, probe_pictures())}
+    if len(shapes) != 1:
+        raise ModelLoadError(f"cannot serve model {source!r}: its image processor makes "
+                             f"pictures of several sizes ({sorted(shapes)}); a batch is one "
+                             "fixed-shape tensor")  # fmt: skip
+    [shape] = shapes
+    image_shape = cast("tuple[int, int, int]", shape)
+    if task == "classify":
+        labels = tuple(str(config.id2label[i]) for i in range(len(config.id2label)))
+        activation, score = score_activation(config, None)
+        spec = ImageSpec(name, task, found.kind, image_shape, _patches(config, image_shape),
+                         labels=labels)  # fmt: skip
+        logger.info("loaded %s for classify on %s (%s), images %s, %s head", name, device,
+                    precision.name, image_shape, activation)  # fmt: skip
+        return LoadedVision(name, task, found.kind, model, device, precision, spec, processor,
+                            activation=activation, score=score, probe_dtype=probe_dtype)  # fmt: skip
+    normalize = True if found.normalize is None else found.normalize
+    dimension = int(config.projection_dim) if found.kind == "clip" else int(
+        config.text_config.hidden_size)  # fmt: skip
+    length = int(config.text_config.max_position_embeddings)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelLoadError(f"model {source!r} has no fast (Rust) tokenizer for its texts")
+    pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    text = EncoderSpec(
+        name=name, task="embed", tokenizer_json=tokenizer.backend_tokenizer.to_str(),
+        max_tokens=length, special_ids=frozenset(tokenizer.all_special_ids),
+        normalize=normalize, dimension=dimension,
+    )  # fmt: skip
+    spec = ImageSpec(name, task, found.kind, image_shape, _patches(config, image_shape),
+                     normalize=normalize, dimension=dimension, text=text)  # fmt: skip
+    logger.info("loaded %s (%s) for image and text embeddings on %s (%s), images %s, texts "
+                "of %d tokens", name, found.kind, device, precision.name, image_shape,
+                length)  # fmt: skip
+    return LoadedVision(name, task, found.kind, model, device, precision, spec, processor,
+                        text_length=length, pad_id=pad_id, probe_dtype=probe_dtype)  # fmt: skip
+
+
+def _processed(processor: Any, pictures: Sequence[Any]) -> np.ndarray[Any, Any]:
+    return np.asarray(processor(images=list(pictures), return_tensors="np")["pixel_values"])
+
+
+Forwards = dict[str, Callable[..., torch.Tensor]]
+
+
+def _forwards(loaded: LoadedVision) -> Forwards:
+    model = loaded.model
+    if loaded.task == "classify":
+        return {"image": lambda pixels: model(pixel_values=pixels).logits}
+    forwards: Forwards = {
+        "image": lambda pixels: _features(model.get_image_features(pixel_values=pixels))
+    }
+    if loaded.kind == "siglip":  # trained on texts padded to the length, with no mask
+        forwards["text"] = lambda ids: _features(model.get_text_features(input_ids=ids))
+    else:
+        forwards["text"] = lambda ids, mask: _features(
+            model.get_text_features(input_ids=ids, attention_mask=mask)
+        )
+    return forwards
+
+
+class VisionModel:
+    """A loaded image model that implements `batcher.Model[Pixels | Encoded, Output]`
+    (`predict` runs on the device worker thread); its `encoder` makes the items."""
+
+    def __init__(
+        self,
+        loaded: LoadedVision,
+        *,
+        compile: bool = True,
+        compile_mode: CompileMode = "default",
+    ) -> None:
+        self.loaded = loaded
+        self.name = loaded.name
+        self.task = loaded.task
+        self.device = loaded.device
+        self.encoder = ImageEncoder(loaded.spec, loaded.processor)
+        self._eager = _forwards(loaded)
+        self._forward = self._eager
+        self.compile_state = CompileState(requested=compile, mode=compile_mode)
+        self.warmed = False
+        self.packed_outputs = False
+        """Embeddings as float32 bytes (`batcher.models.wire`), for an engine process."""
+
+    @property
+    def precision(self) -> Precision:
+        return self.loaded.precision
+
+    @classmethod
+    def load(cls, options: LoadOptions, found: Found) -> VisionModel:
+        model = cls(load_vision(options, found), compile=options.compile,
+                    compile_mode=options.compile_mode)  # fmt: skip
+        if model.loaded.probe_dtype is not None:
+            model._probe_precision(model.loaded.probe_dtype, options.min_accuracy)
+        return model
+
+    def _probe_precision(self, dtype: torch.dtype, min_accuracy: float) -> None:
+        """As `TextModel`'s probe: the probe images (and texts) in float32 and in a
+        `dtype` copy, eager; the copy is kept only if every output agrees."""
+        started = time.perf_counter()
+        items = self._probe_items()
+        reference = self._outputs(self._eager, items)
+        lower = copy.deepcopy(self.loaded.model).to(dtype)
+        lowered = LoadedVision(**{**_fields(self.loaded), "model": lower})
+        candidate = self._outputs(_forwards(lowered), items)
+        precision = judge(reference, candidate, dtype, min_accuracy)
+        kept = precision.dtype == dtype
+        model = lower if kept else self.loaded.model
+        self.loaded = LoadedVision(**{**_fields(self.loaded), "model": model,
+                                      "precision": precision, "probe_dtype": None})  # fmt: skip
+        self._eager = self._forward = _forwards(self.loaded)
+        (logger.info if kept else logger.warning)(
+            "precision %s (probe %.1fs): %s", precision.name, time.perf_counter() - started,
+            precision.reason,
+        )  # fmt: skip
+
+    def _probe_items(self) -> list[Pixels | Encoded]:
+        items: list[Pixels | Encoded] = []
+        for pixels in self.encoder.pixel_values(probe_pictures()):
+            data = np.ascontiguousarray(pixels, dtype="<f4").tobytes()
+            items.append(Pixels(data, self.loaded.spec.image_shape, b"", 0))
+        if self.encoder.text is not None:
+            items += self.encoder.text.encode_many(list(PROBE_TEXTS))
+        return items
+
+    def _outputs(self, forwards: Forwards, items: Sequence[Pixels | Encoded]) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.cat([self._raw(forwards, items[i : i + 8]).float().cpu()
+                              for i in range(0, len(items), 8)])  # fmt: skip
+
+    # -- on the event loop ---------------------------------------------------------------
+
+    def cost(self, item: Pixels | Encoded) -> int:
+        return item.n_tokens
+
+    # -- on the device worker -------------------------------------------------------------
+
+    def _pixels(self, items: Sequence[Pixels]) -> torch.Tensor:
+        array = np.stack([item.array() for item in items])
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        dtype = self.loaded.precision.dtype
+        return tensor.to(self.device, non_blocking=self.device.type == "cuda").to(dtype)
+
+    def _texts(self, items: Sequence[Encoded]) -> list[torch.Tensor]:
+        length, rows = self.loaded.text_length, len(items)
+        ids = np.full((rows, length), self.loaded.pad_id, dtype=np.int64)
+        mask = np.zeros((rows, length), dtype=np.int64)
+        for row, item in enumerate(items):
+            ids[row, : len(item.ids)] = item.ids
+            mask[row, : len(item.ids)] = 1
+        tensors = [torch.from_numpy(ids).to(self.device)]
+        if self.loaded.kind != "siglip":
+            tensors.append(torch.from_numpy(mask).to(self.device))
+        return tensors
+
+    def _raw(self, forwards: Forwards, items: Sequence[Pixels | Encoded]) -> torch.Tensor:
+        """The raw outputs (logits, features) of `items`, images and texts, in order."""
+        images = [i for i, item in enumerate(items) if isinstance(item, Pixels)]
+        texts = [i for i, item in enumerate(items) if not isinstance(item, Pixels)]
+        parts: list[tuple[list[int], torch.Tensor]] = []
+        if images:
+            pixels = self._pixels([cast("Pixels", items[i]) for i in images])
+            parts.append((images, forwards["image"](pixels)))
+        if texts:
+            tensors = self._texts([cast("Encoded", items[i]) for i in texts])
+            parts.append((texts, forwards["text"](*tensors)))
+        if len(parts) == 1:
+            return parts[0][1]
+        out = torch.empty((len(items), parts[0][1].shape[-1]), dtype=parts[0][1].dtype,
+                          device=parts[0][1].device)  # fmt: skip
+        for rows, values in parts:
+            out[rows] = values
+        return out
+
+    def predict(self, items: Sequence[Pixels | Encoded]) -> list[Output]:
+        """One forward pass for the batch's images (one `[B, 3, H, W]` tensor) and one
+        for its texts; one host copy and one `tolist` per batch."""
+        out_of_memory = False
+        try:
+            with torch.inference_mode(), torch.compiler.set_stance(self.compile_state.stance):
+                raw = self._raw(self._forward, items)
+        except torch.OutOfMemoryError:
+            out_of_memory = True
+        if out_of_memory:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise DeviceOutOfMemory(f"a batch of {len(items)} did not fit on {self.device}")
+        host = raw.float().cpu()
+        if self.task == "embed":
+            dims, norms = [i.dimensions for i in items], [i.normalize for i in items]
+            return cast("list[Output]", finish_embeddings(host, dims, norms, self.packed_outputs))
+        assert self.loaded.score is not None
+        labels = self.loaded.spec.labels
+        best = host.argmax(dim=-1).tolist()
+        raw_rows = [i.raw_scores for i in items]
+        logit_rows = host.tolist() if any(raw_rows) else []
+        score_rows = self.loaded.score(host).tolist() if not all(raw_rows) else []
+        return [
+            Classification(labels[label], rows[row][label], rows[row])
+            for row, (label, is_raw) in enumerate(zip(best, raw_rows, strict=True))
+            for rows in [logit_rows if is_raw else score_rows]
+        ]
+
+    def warm_up(
+        self, max_batch_size: int, on_step: Callable[[int, int, str], None] | None = None
+    ) -> None:
+        """Compile (when asked) and run batches of 1, 2 and `max_batch_size` images (and
+        texts), so that no request compiles; falls back to eager on a compile failure."""
+        started = time.perf_counter()
+        if self.warmed:
+            before, stance = graphs_compiled(), self.compile_state.stance
+            self.compile_state.stance = "default"
+            try:
+                self._run_shapes(max_batch_size, None)
+            finally:
+                self.compile_state.stance = stance
+                if self.compile_state.graphs_at_warm_up is not None:
+                    self.compile_state.graphs_at_warm_up += graphs_compiled() - before
+            return
+        try:
+            if self.compile_state.requested:
+                self._forward = {k: compile_forward(f, self.compile_state)
+                                 for k, f in self._eager.items()}  # fmt: skip
+            self._run_shapes(max_batch_size, on_step)
+        except Exception as exc:
+            if self._forward is self._eager:
+                raise
+            logger.warning("torch.compile failed (%s: %s); running eager", type(exc).__name__, exc)
+            self.compile_state.fail(exc)
+            self._forward = self._eager
+            self._run_shapes(max_batch_size, on_step)
+        self.compile_state.finish_warm_up()
+        self.warmed = True
+        logger.info("warm-up done in %.1fs (%s)", time.perf_counter() - started, self.compile_state)
+
+    def _run_shapes(self, max_batch_size: int, on_step: Callable[[int, int, str], None] | None) -> None:
+        spec = self.loaded.spec
+        image = Pixels(np.zeros(spec.image_shape, dtype="<f4").tobytes(), spec.image_shape, b"", 0)
+        kinds: list[tuple[str, Pixels | Encoded]] = [("images", image)]
+        if self.encoder.text is not None:
+            kinds.append(("texts", Encoded([self.loaded.pad_id + 1], False)))
+        shapes = [(kind, item, size) for kind, item in kinds
+                  for size in sorted({1, 2, max_batch_size})]  # fmt: skip
+        for step, (kind, item, size) in enumerate(shapes, start=1):
+            if on_step is not None:
+                on_step(step, len(shapes), f"batch of {size} {kind}")
+            self.predict([item] * size)
+
+    def describe(self) -> dict[str, object]:
+        spec = self.loaded.spec
+        described: dict[str, object] = {
+            "name": self.name,
+            "task": self.task,
+            "modalities": list(self.encoder.modalities),
+            "architecture": spec.kind,
+            "device": str(self.device),
+            "dtype": self.precision.name,
+            "precision": self.precision.describe(),
+            "image_shape": list(spec.image_shape),
+            "max_tokens": self.encoder.max_tokens,
+            "labels": list(spec.labels),
+            "compile": self.compile_state.describe(),
+            "collate_ahead": False,
+            "description": "transformers",
+        }
+        if self.task == "embed":
+            described |= {"normalize": spec.normalize, "dimension": spec.dimension,
+                          "prompts": {}, "default_prompt_name": None}  # fmt: skip
+        else:
+            described |= {"head_activation": self.loaded.activation, "text_pairs": False}
+        return described
+
+
+def _fields(loaded: LoadedVision) -> dict[str, Any]:
+    return {name: getattr(loaded, name) for name in LoadedVision.__slots__}
+
+
+def load_model(options: LoadOptions) -> Any:
+    """The model `options` name: a `VisionModel` for an image model, else a `TextModel`.
+    Raises ModelLoadError."""
+    from batcher.models.loading import _files
+    from batcher.models.text import TextModel
+
+    source = options.source or default_source()
+    root = _files(source)
+    found = find_vision(root) if root is not None else None
+    if found is None:
+        return TextModel.load(options)
+    if not Path(source).is_dir():  # a hub id: its files come whole from the hub's cache
+        from huggingface_hub import snapshot_download
+
+        try:
+            whole = Path(snapshot_download(source))
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load model {source!r}: {exc}") from exc
+        found = Found(found.kind, whole / found.folder.relative_to(root), found.normalize)
+    return VisionModel.load(options, found)
