@@ -160,6 +160,7 @@ def create_app(
     app.add_middleware(
         RequestContextMiddleware,
         max_body_bytes=settings.max_body_bytes,
+        image_body_bytes=settings.image_body_bytes(),
         registry=registry,
         latencies=latencies,
     )

@@ -28,7 +28,7 @@ from server.shared_cache import SharedCache
 def footprint(item: Encoded, value: Output) -> int:
     """Approximate bytes an entry holds in CPython: the key's tuple of ids (most ids are
     ints above the interpreter's cached small ones) and the value's floats."""
-    ids = len(item.ids) * (2 if item.type_ids is not None else 1)
+    ids = item.n_tokens * (2 if item.type_ids is not None else 1)
     key = 120 + 36 * ids
     if isinstance(value, Classification):
         return key + 200 + 32 * len(value.scores) + len(value.label)

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from batcher.models import Chunks, Encoded, Options, Output, TruncationDirection
 from server.served import Served
 
-Input = str | list[int]
-"""A text, or a sequence of token ids (OpenAI's and TEI's `input`)."""
+Input = str | list[int] | bytes
+"""A text, or a sequence of token ids (OpenAI's and TEI's `input`), or an image (base64, a
+data URI, or an uploaded file's bytes) when `Call.images`."""
 
 
 @dataclass(slots=True)
@@ -38,6 +39,8 @@ class Call:
     chunks: dict[int, Chunks] = field(default_factory=dict)
     """Inputs over the window computed as windows (`server.routes.chunking`), by index:
     `items` holds their combined form, the engine receives the windows."""
+    images: bool = False
+    """The inputs are images (`server.routes.encoding.encode_images`)."""
     computed: list[Output] | None = None
     """The answers, where the front-end computed them without the engine (the queries of
     an inference-free sparse model)."""

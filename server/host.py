@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -29,10 +29,10 @@ from batcher.models import (
     Encoder,
     GpuMemoryCollector,
     Output,
-    TextModel,
     cpu_budget,
     cuda_devices,
     default_threads,
+    load_model,
     set_threads,
 )
 from server.client import READY_WITHIN_S, EngineReport, Status, WarmingStep
@@ -67,6 +67,12 @@ class ServedModel(Protocol):
         ...
 
     def describe(self) -> dict[str, object]: ...
+
+
+def _identity(item: Encoded) -> Hashable:
+    """What makes two items compute the same output (a text's tokens and options, an
+    image's pixels and options)."""
+    return item.identity()
 
 
 class EngineHost:
@@ -105,7 +111,7 @@ class EngineHost:
             self._runners,
             settings.engine_config(),
             metrics=EngineMetrics(registry, model=self.name),
-            identity=Encoded.identity if settings.coalesce else None,
+            identity=_identity if settings.coalesce else None,
             share=share,
         )
         self._warm_lock = warm_lock if warm_lock is not None else asyncio.Lock()
@@ -153,7 +159,7 @@ class EngineHost:
                 options = settings.load_options(device, spec)
                 logger.info("loading %d/%d: %s on %s", replica, len(devices),
                             options.source or "the built-in model", device)  # fmt: skip
-                models.append(await asyncio.to_thread(TextModel.load, options))
+                models.append(await asyncio.to_thread(load_model, options))
                 logger.info("loaded %d/%d, %.1fs so far", replica, len(devices),
                             time.perf_counter() - started)  # fmt: skip
         elif isinstance(model, Sequence):

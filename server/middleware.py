@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
 from starlette.exceptions import HTTPException
@@ -48,11 +49,14 @@ class RequestContextMiddleware:
         app: ASGIApp,
         *,
         max_body_bytes: int,
+        image_body_bytes: int | None = None,
         registry: CollectorRegistry,
         latencies: deque[float] | None = None,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.image_body_bytes = max(max_body_bytes, image_body_bytes or 0)
+        """The limit of a server that serves an image model (`Settings.image_body_bytes`)."""
         self.latencies = latencies
         self.duration = Histogram(
             "microbatch_request_duration_seconds",
@@ -89,13 +93,16 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            refusal = self._refusal(scope, head)
+            limit = self._limit(state, head)
+            refusal = self._refusal(scope, head, limit)
             if refusal is not None:
                 await refusal.response(request_id, scope["path"])(scope, receive, send_with_id)
             else:
                 # A declared length was checked above, and the server reads no more than
                 # it; only a chunked body must be counted as it streams in.
-                limited = receive if head.content_length is not None else self._limited(receive)
+                limited = (
+                    receive if head.content_length is not None else self._limited(receive, limit)
+                )
                 await self.app(scope, limited, send_with_id)
         except Exception:
             # Logged once, here, with the request id; the client gets the id, not the
@@ -127,21 +134,36 @@ class RequestContextMiddleware:
             child = self._children[key] = self.duration.labels(path, str(status))
         return child
 
-    def _refusal(self, scope: Scope, head: _Head) -> Refusal | None:
+    def _limit(self, state: dict[str, Any], head: _Head) -> int:
+        """The body limit: `max_body_bytes`, or the larger one of a server that serves
+        an image model (looked up only for a body that needs it)."""
+        if self.image_body_bytes == self.max_body_bytes:
+            return self.max_body_bytes
+        if head.content_length is not None and head.content_length <= self.max_body_bytes:
+            return self.max_body_bytes
+        runtime = state.get("runtime")
+        takes_images = runtime is not None and runtime.takes_images
+        return self.image_body_bytes if takes_images else self.max_body_bytes
+
+    def _refusal(self, scope: Scope, head: _Head, limit: int) -> Refusal | None:
         """A request refused before its body is read: too large, or not JSON."""
-        if (head.content_length or 0) > self.max_body_bytes:
-            return Refusal(413, "http_error", self._too_large())
+        if (head.content_length or 0) > limit:
+            return Refusal(413, "http_error", self._too_large(limit))
         if scope["method"] in _BODY_METHODS and not _is_json(head.content_type):
             if _is_binary_infer(scope["path"], head.content_type):
+                return None
+            if _is_upload(scope["path"], head.content_type):
                 return None
             detail = "send the body as Content-Type: application/json"
             return Refusal(415, "unsupported_media_type", detail)
         return None
 
-    def _too_large(self) -> str:
-        return f"request body is over {self.max_body_bytes} bytes (--max-body-bytes)"
+    def _too_large(self, limit: int) -> str:
+        if limit > self.max_body_bytes:
+            return f"request body is over {limit} bytes (--max-image-bytes, in base64)"
+        return f"request body is over {limit} bytes (--max-body-bytes)"
 
-    def _limited(self, receive: Receive) -> Receive:
+    def _limited(self, receive: Receive, limit: int) -> Receive:
         """Counts a streamed (chunked) body; FastAPI passes the HTTPException through."""
         seen = 0
 
@@ -150,8 +172,8 @@ class RequestContextMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_body_bytes:
-                    raise HTTPException(413, self._too_large())
+                if seen > limit:
+                    raise HTTPException(413, self._too_large(limit))
             return message
 
         return receive_limited
@@ -193,6 +215,15 @@ def _is_binary_infer(path: str, content_type: bytes | None) -> bool:
     with no content type, or as application/octet-stream."""
     binary = content_type is None or content_type.lower().startswith(b"application/octet-stream")
     return binary and path.startswith(KSERVE_MODELS) and path.endswith(KSERVE_INFER)
+
+
+def _is_upload(path: str, content_type: bytes | None) -> bool:
+    """An image uploaded as a file to /predict (`server.routes.uploads`)."""
+    return (
+        path == "/predict"
+        and content_type is not None
+        and content_type.lower().startswith(b"multipart/form-data")
+    )
 
 
 def _is_json(value: bytes | None) -> bool:

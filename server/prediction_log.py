@@ -30,7 +30,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from batcher import Result
-from batcher.models import Classification, Encoded, Output, SparseVector, TokenVectors
+from batcher.models import Classification, Encoded, Output, Pixels, SparseVector, TokenVectors
 from server.calls import Call, Input
 from server.log_sinks import SchemaTooNew, Sink
 from server.served import Served
@@ -262,8 +262,8 @@ class PredictionLog:
             agreement = entry.agreement[i] if entry.agreement is not None else None
             found.append((
                 entry.at, entry.request_id, entry.route, entry.model, entry.version,
-                entry.shadow, entry.against, i, _hash(text, pair), len(item.ids),
-                text if self.inputs and isinstance(text, str) else None,
+                entry.shadow, entry.against, i, _hash(text, pair), item.n_tokens,
+                text if self.inputs and isinstance(text, str) and not _image(item) else None,
                 pair if self.inputs else None,
                 label, score, top_k, norm, vector, agreement,
                 result.queue_time_s * 1e3 if result is not None else None,
@@ -315,6 +315,11 @@ def _labels(served: Served) -> Sequence[str]:
         return ()
 
 
+def _image(item: object) -> bool:
+    """An image's input is its file, not text the log keeps (only its hash)."""
+    return isinstance(item, Pixels)
+
+
 def _hash(text: Input | None, pair: str | None) -> str | None:
     """The input as a hash (BLAKE2b, 128 bits): equal inputs have equal hashes, and the
     text cannot be read back."""
@@ -323,6 +328,8 @@ def _hash(text: Input | None, pair: str | None) -> str | None:
     digest = hashlib.blake2b(digest_size=16)
     if isinstance(text, str):
         digest.update(text.encode())
+    elif isinstance(text, bytes):  # an uploaded image's file
+        digest.update(text)
     else:
         digest.update(np.asarray(text, dtype=np.int64).tobytes())
     if pair is not None:

@@ -295,7 +295,7 @@ class TenantEngine(EngineInFront):
         lane: Lane = "interactive", owner: Owner | None = None,
     ) -> list[Result[Output]]:  # fmt: skip
         who, metrics = self._who, self._metrics
-        tokens = sum(len(p.ids) for p in payloads)
+        tokens = sum(p.n_tokens for p in payloads)
         try:
             self._ledger.admit(who, len(payloads), tokens)
         except TenantLimited as exc:

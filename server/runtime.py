@@ -9,6 +9,7 @@ This module imports neither torch nor transformers, nor does anything it imports
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 
@@ -208,6 +209,15 @@ class Runtime:
         return None
 
     @property
+    def takes_images(self) -> bool:
+        """Whether a loaded model reads images (their bodies may be larger)."""
+        for served in self.models.values():
+            with contextlib.suppress(Exception):  # a front-end still waiting for its engine
+                if served.loaded and served.takes_images:
+                    return True
+        return False
+
+    @property
     def saturated(self) -> bool:
         """A queue is nearly full: a load balancer should send new traffic elsewhere."""
         return any(report.saturated for _, report in self._reports())
@@ -292,5 +302,6 @@ class Runtime:
         finally:
             for served in self.models.values():
                 await served.aclose()
+            await asyncio.to_thread(self.versions.imaging.close)
             for client in self._loaded():
                 await client.aclose()

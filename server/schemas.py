@@ -16,6 +16,7 @@ from pydantic import (
     ValidationInfo,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -51,6 +52,13 @@ Text = Annotated[
 """A text, at most `max_text_chars` long when the request limits are in the context."""
 Texts = Annotated[list[Text], BeforeValidator(within_count)]
 """At most `max_client_batch` texts when the request limits are in the context."""
+Image = Annotated[
+    StrictStr,
+    Field(min_length=1, description="One image: base64 (of a PNG, JPEG, WebP, GIF, BMP or "
+          "TIFF file) or a data URI (data:image/png;base64,...). URLs are not fetched."),
+]  # fmt: skip
+Images = Annotated[list[Image], BeforeValidator(within_count)]
+"""At most `max_client_batch` images when the request limits are in the context."""
 
 
 INPUTS_SCHEMA: dict[str, Any] = {
@@ -220,21 +228,51 @@ MODEL_FIELD = Field(None, description=MODEL_ANSWERS)
 class PredictRequest(OutputOptions):
     model_config = ConfigDict(extra="forbid")
 
-    text: Text
+    text: Text | None = Field(None, description="One input text (or send an image).")
+    image: Image | None = Field(
+        None, description="An image model's input (an image classifier, CLIP, SigLIP): base64 "
+        "or a data URI; or upload the file as multipart/form-data, field image.",
+    )  # fmt: skip
     model: StrictStr | None = MODEL_FIELD
     text_pair: Text | None = Field(
         None, description="classify/rerank: the second text of a pair (query, passage; NLI)."
     )
 
+    @model_validator(mode="after")
+    def _text_or_image(self) -> PredictRequest:
+        if (self.text is None) == (self.image is None):
+            raise PydanticCustomError(
+                "missing" if self.text is None else "value_error",
+                "send text or image (one of them)",
+            )
+        if self.image is not None and self.text_pair is not None:
+            raise PydanticCustomError("value_error", "text_pair goes with text, not an image")
+        return self
+
 
 class BatchPredictRequest(OutputOptions):
     model_config = ConfigDict(extra="forbid")
 
-    texts: Texts = Field(min_length=1, description="Texts, each batched on its own.")
+    texts: Texts | None = Field(None, min_length=1, description="Texts, each batched on its own.")
+    images: Images | None = Field(
+        None, min_length=1, description="Images (base64 or data URIs), each batched on its "
+        "own, for an image model; instead of texts.",
+    )  # fmt: skip
     model: StrictStr | None = MODEL_FIELD
     text_pairs: Texts | None = Field(
         None, description="classify/rerank: one second text per text, in the same order."
     )
+
+    @model_validator(mode="after")
+    def _texts_or_images(self) -> BatchPredictRequest:
+        if (self.texts is None) == (self.images is None):
+            raise PydanticCustomError(
+                "missing" if self.texts is None else "value_error",
+                "send texts or images (one of them)",
+            )
+        if self.images is not None and self.text_pairs is not None:
+            raise PydanticCustomError("value_error", "text_pairs go with texts, not images")
+        return self
 
     @field_validator("text_pairs")
     @classmethod

@@ -15,6 +15,7 @@ from batcher.models import Encoded, Encoder, Options, TruncationDirection
 from server.cache import CachedEngine, ResultCache
 from server.client import EngineClient, EngineHandle, EngineReport
 from server.errors import NotReady
+from server.imaging import Decoded, Imaging
 from server.settings import Settings
 from server.shared_cache import SharedCache
 from server.specs import ModelSpec
@@ -58,6 +59,7 @@ class Served:
         cache: ResultCache | None,
         *,
         live: bool = False,
+        imaging: Imaging | None = None,
     ) -> None:
         self.name = spec.name or ""
         """The model's served name ("" for a lone model served under its own)."""
@@ -78,6 +80,7 @@ class Served:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tokenizer: Tokenizer | None = None
+        self._imaging = imaging
         self._shared: SharedCache | None = None
 
     @property
@@ -219,6 +222,19 @@ class Served:
         for (i, _), item in zip(ids, encoded, strict=True):
             out[i] = item
         return [item for item in out if item is not None]
+
+    @property
+    def takes_images(self) -> bool:
+        """Whether its model reads images (an image classifier, CLIP, SigLIP)."""
+        return hasattr(self.encoder, "encode_images")
+
+    async def encode_images(self, images: Sequence[str | bytes], options: Options) -> Decoded:
+        """Each image as this version's `Pixels`, or why it was refused; off the loop
+        (`server.imaging`). Raises InvalidOption."""
+        if self._imaging is None:
+            raise RuntimeError("this version was made without the image threads; this is a bug")
+        return await self._imaging.encode(self.key or self.encoder.name, self.encoder, images,
+                                          options)  # fmt: skip
 
     async def aclose(self) -> None:
         if self._tokenizer is not None:

@@ -176,6 +176,21 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         2_097_152, ge=1024, description="Largest request body (413); TEI's default, 2 MiB."
     )
+    max_image_bytes: int = Field(
+        20 * 1024 * 1024,
+        ge=1024,
+        description="Largest image file (its bytes, before base64); an image model's "
+        "server takes bodies up to a third more than this, whatever --max-body-bytes says.",
+    )
+    max_image_pixels: int = Field(
+        50_000_000,
+        ge=1,
+        description="Most pixels (width x height) in an image, read from its header before "
+        "it is decoded (a decompression bomb gets 422).",
+    )
+    image_threads: int = Field(
+        0, ge=0, description="Threads that decode and preprocess images; 0: up to 4, one a core."
+    )
     request_timeout_s: float = Field(
         30.0, gt=0, description="Default deadline of a request in the server; 504 after it."
     )
@@ -368,6 +383,11 @@ class Settings(BaseSettings):
                 )
             specs.sort(key=lambda s: s.name != self.default_model)
         return specs
+
+    def image_body_bytes(self) -> int:
+        """The body limit of a server that serves an image model: an image of
+        `max_image_bytes` in base64, and the rest of its request."""
+        return max(self.max_body_bytes, self.max_image_bytes * 4 // 3 + 65536)
 
     def engine_config(self) -> EngineConfig:
         """The batching limits, by name: every EngineConfig field is a setting here."""

@@ -22,7 +22,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from batcher import Result
-from batcher.models import Classification, Output, SparseVector
+from batcher.models import Classification, Encoded, Output, SparseVector
 from server.calls import Call
 from server.drift import Drift
 from server.prediction_log import PredictionLog
@@ -145,7 +145,13 @@ class Shadows:
         outcome = "failed"
         try:
             assert call.options is not None
-            items = await shadow.encode(call.inputs, call.pairs, call.options, call.direction)
+            if call.images:
+                decoded = await shadow.encode_images(cast("list[str | bytes]", call.inputs),
+                                                     call.options)  # fmt: skip
+                items = cast("list[Encoded]", decoded.pixels)
+            else:
+                texts = cast("list[str | list[int]]", call.inputs)
+                items = await shadow.encode(texts, call.pairs, call.options, call.direction)
             engine = shadow.engine_for(cached=True)
             deadline = engine.clock() + self._settings.request_timeout_s
             answers = await engine.submit_many(items, deadline=deadline, lane="bulk")

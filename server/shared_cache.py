@@ -22,15 +22,19 @@ import numpy as np
 import orjson
 from prometheus_client import Counter
 
-from batcher.models import Classification, Encoded, Output, SparseVector, TokenVectors
+from batcher.models import Classification, Encoded, Output, Pixels, SparseVector, TokenVectors
 
 logger = logging.getLogger("microbatch.server")
 
 
 def shared_key(namespace: str, item: Encoded) -> bytes:
-    """A stable key for `item` across processes: its tokens and output options."""
+    """A stable key for `item` across processes: its tokens (an image: its pixels) and
+    output options."""
     h = hashlib.sha256()
-    h.update(np.asarray(item.ids, dtype="<i8").tobytes())
+    if isinstance(item, Pixels):  # an image: its pixels' digest
+        h.update(b"|image|" + item.digest)
+    else:
+        h.update(np.asarray(item.ids, dtype="<i8").tobytes())
     if item.type_ids is not None:
         h.update(b"|segments|" + np.asarray(item.type_ids, dtype="<i8").tobytes())
     options = (item.prompt_tokens, -1 if item.dimensions is None else item.dimensions)

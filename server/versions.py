@@ -14,9 +14,11 @@ from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter
 
+from batcher.models import ImageLimits
 from server.cache import ResultCache
 from server.client import EngineClient
 from server.errors import UnknownModel
+from server.imaging import Imaging
 from server.routing import Route, RoutePatch, pick, point, shadows, shares
 from server.served import Freed, ModelLoader, Served, spec_of
 from server.settings import Settings
@@ -42,8 +44,12 @@ class Versions:
         self._cache = cache
         self.loader = loader
         specs = {spec.key: spec for spec in settings.model_specs()}
+        limits = ImageLimits(max_bytes=settings.max_image_bytes,
+                             max_pixels=settings.max_image_pixels)  # fmt: skip
+        self.imaging = Imaging(registry, limits, settings.image_threads or None)
+        """Decodes requests' images off the loop, for every version."""
         self.models: dict[str, Served] = {
-            key: Served(specs.get(key) or spec_of(key), c, settings, cache)
+            key: Served(specs.get(key) or spec_of(key), c, settings, cache, imaging=self.imaging)
             for key, c in clients.items()
         }
         """By key (`NAME@VERSION`, or the name of an unversioned model), the default
@@ -199,7 +205,7 @@ class Versions:
             )
         if spec.key in self.models:
             raise ValueError(f"{spec.key} is served already; unload it first")
-        served = Served(spec, None, self._settings, self._cache, live=True)
+        served = Served(spec, None, self._settings, self._cache, live=True, imaging=self.imaging)
         self.models[spec.key] = served
         self._versions.setdefault(served.name, {})[served.version] = served
         task = asyncio.create_task(self._load(served), name=f"microbatch-load-{spec.key}")

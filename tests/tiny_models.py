@@ -347,7 +347,9 @@ def save_clip(path: Path, family: str = "clip") -> Path:
     tokenizer = _tokenizer()
     if family == "clip":
         text["max_position_embeddings"] = 77
-        model: Any = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+        model: Any = CLIPModel(
+            CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+        )
         processor = _processor_class("CLIP")(
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
         )

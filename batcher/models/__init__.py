@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from batcher.models.errors import (
         ModelLoadError,
     )
+    from batcher.models.images import BadImage, ImageLimits
     from batcher.models.inputs import (
         DEFAULT_OPTIONS,
         Encoded,
@@ -76,6 +77,7 @@ if TYPE_CHECKING:
         SparseVector,
         TokenVectors,
     )
+    from batcher.models.pixels import ImageEncoder, Pixels
     from batcher.models.quantize import (
         EMBEDDING_TYPES,
         Calibration,
@@ -94,6 +96,7 @@ if TYPE_CHECKING:
     from batcher.models.text import (
         TextModel,
     )
+    from batcher.models.vision import VisionModel, load_model
 
 _LAZY = {
     "CompileState": "batcher.models.compiling",
@@ -129,6 +132,12 @@ _LAZY = {
     "Options": "batcher.models.inputs",
     "Output": "batcher.models.outputs",
     "TextModel": "batcher.models.text",
+    "BadImage": "batcher.models.images",
+    "ImageLimits": "batcher.models.images",
+    "ImageEncoder": "batcher.models.pixels",
+    "Pixels": "batcher.models.pixels",
+    "VisionModel": "batcher.models.vision",
+    "load_model": "batcher.models.vision",
     "EMBEDDING_TYPES": "batcher.models.quantize",
     "Calibration": "batcher.models.quantize",
     "Chunks": "batcher.models.chunking",
@@ -197,6 +206,12 @@ __all__ = [
     "TaskOption",
     "TextEncoder",
     "TextModel",
+    "BadImage",
+    "ImageLimits",
+    "ImageEncoder",
+    "Pixels",
+    "VisionModel",
+    "load_model",
     "Token",
     "TokenVectors",
     "SparseVector",

@@ -342,7 +342,7 @@ async def embed_v2(request: Request) -> Response:
         embeddings[kind] = rows if kind == "float" else as_type(model, items, rows, kind).tolist()
     if "base64" in kinds:
         embeddings["base64"] = as_base64(np.asarray(rows, dtype=np.float32))
-    tokens = sum(len(item.ids) for item in items)
+    tokens = sum(item.n_tokens for item in items)
     response = {
         "id": request.state.request_id,
         "response_type": "embeddings_by_type",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import cast
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -133,4 +134,45 @@ def _static_queries(
         raise invalid(field, "a query of an inference-free model is a text, not token ids")
     items = model.static_queries([str(text) for text in inputs], options)
     call.computed = list(model.static.vectors(items))
+    return items
+
+
+async def encode_images(
+    request: Request,
+    images: Sequence[str | bytes],
+    body: OutputOptions,
+    field: str,
+    listed: bool | None = None,
+) -> list[Encoded]:
+    """Images for the version that answers the request, decoded and preprocessed off the
+    loop (`server.imaging`); 422 for a model that takes no images, an option an image
+    cannot take, and each image that cannot be read, naming its position and why (its
+    `type` is the kind: `not_an_image`, `too_many_pixels`, ...). Kept on the request's
+    call, for its shadows and the prediction log."""
+    call: Call = request.state.call
+    served = call.served
+    model = served.encoder
+    if not served.takes_images:
+        raise invalid(field, f"{model.name} is a text model; send text, not images")
+    if body.all_scores and model.task == "embed":
+        raise invalid("all_scores", "all_scores applies to classifiers")
+    if body.encoding_format != "float" and model.task != "embed":
+        raise invalid("encoding_format", "encoding_format applies to embedding models")
+    check_embedding_type(model, body.embedding_type, "embedding_type")
+    if body.input_type is not None:
+        raise invalid("input_type", "input_type applies to texts, not images")
+    try:
+        decoded = await served.encode_images(images, body.options())
+    except InvalidOption as exc:
+        raise invalid(exc.field, str(exc)) from None
+    if decoded.bad:
+        raise RequestValidationError([
+            {"loc": loc(field, i, listed), "msg": str(bad), "type": bad.kind}
+            for i, bad in decoded.bad
+        ])  # fmt: skip
+    # Pixels go where Encoded items go (the engine, the cache, the log): they carry every
+    # field the server reads of an item.
+    items = cast("list[Encoded]", decoded.pixels)
+    call.record(images, None, body.options(), "right", items)
+    call.images = True
     return items

@@ -113,7 +113,7 @@ async def embeddings(request: Request) -> Response:
     items = await encode_inputs(request, body.input, options, "input")
     check_tokens(items, model, runtime, "input", None, listed=True)
     results = await submit_all(request, runtime, engine, items, deadline)
-    tokens = sum(len(item.ids) for item in items)
+    tokens = sum(item.n_tokens for item in items)
     data = [
         EmbeddingObject.model_construct(
             index=i, embedding=vector(cast("list[float]", r.value), body.encoding_format)

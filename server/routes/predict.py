@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 
 from batcher.models import Classification, Encoded, Encoder, Output, SparseVector, TokenVectors
 from server.routes.embedding_types import as_base64, as_type
-from server.routes.encoding import check_tokens, encode
+from server.routes.encoding import check_tokens, encode, encode_images
 from server.routes.headers import deadline_of, lane_of
 from server.routes.parsing import (
     PREDICT_ERRORS,
@@ -23,6 +23,7 @@ from server.routes.parsing import (
     unless_disconnected,
     vector,
 )
+from server.routes.uploads import is_upload, parse_upload
 from server.schemas import (
     BatchPredictRequest,
     BatchResponse,
@@ -85,13 +86,21 @@ def _shape(
 )
 async def predict(request: Request) -> Response:
     runtime = runtime_of(request)
-    body = await parse(request, PredictRequest, runtime)
+    upload = None
+    if is_upload(request):
+        body, upload = await parse_upload(request)
+    else:
+        body = await parse(request, PredictRequest, runtime)
     served, engine = serving(runtime, request, body.model)
     model = served.encoder
-    pair = None if body.text_pair is None else [body.text_pair]
     deadline = deadline_of(engine, runtime, request)
-    [item] = await encode(request, [body.text], pair, body)
-    check_tokens([item], model, runtime, "text", body.truncate)
+    if body.text is not None:
+        pair = None if body.text_pair is None else [body.text_pair]
+        [item] = await encode(request, [body.text], pair, body)
+        check_tokens([item], model, runtime, "text", body.truncate)
+    else:
+        assert body.image is not None
+        [item] = await encode_images(request, [upload or body.image], body, "image")
     call = request.state.call
     if call.chunks or call.computed is not None:  # as windows, or without the engine
         [result] = await submit_all(request, runtime, engine, [item], deadline)
@@ -119,8 +128,12 @@ async def predict_batch(request: Request) -> Response:
     served, engine = serving(runtime, request, body.model)
     model = served.encoder
     deadline = deadline_of(engine, runtime, request)
-    items = await encode(request, body.texts, body.text_pairs, body)
-    check_tokens(items, model, runtime, "texts", body.truncate)
+    if body.texts is not None:
+        items = await encode(request, body.texts, body.text_pairs, body)
+        check_tokens(items, model, runtime, "texts", body.truncate)
+    else:
+        assert body.images is not None
+        items = await encode_images(request, body.images, body, "images")
     results = await submit_all(request, runtime, engine, items, deadline)
     shaped = _shape(model, [r.value for r in results], items, body)
     return reply(

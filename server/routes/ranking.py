@@ -57,4 +57,4 @@ async def rank(
     results = await submit_all(request, runtime, engine, items, deadline, by_size=False)
     scores = [cast("Classification", r.value).score for r in results]
     order = best_first(scores, top_n)
-    return Ranking(order, scores, sum(len(item.ids) for item in items), results, model.name)
+    return Ranking(order, scores, sum(item.n_tokens for item in items), results, model.name)
