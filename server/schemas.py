@@ -101,7 +101,7 @@ def _as_inputs(value: Any, info: ValidationInfo) -> list[str | list[int]]:
                 raise PydanticCustomError(
                     "string_too_short", "input {index} is an empty text", {"index": index}
                 )
-            if chars is not None and len(item) > chars:
+            if chars is not None and len(item) > chars and not is_image_uri(item):
                 raise PydanticCustomError(
                     "string_too_long",
                     "input {index} has {n} characters; the limit is {limit} (--max-text-chars)",
@@ -116,6 +116,12 @@ def _as_inputs(value: Any, info: ValidationInfo) -> list[str | list[int]]:
                 {"index": index},
             )
     return value
+
+
+def is_image_uri(text: str) -> bool:
+    """A data URI of an image (`data:image/png;base64,...`): an image model's input in
+    OpenAI's and TEI's `input`, as Infinity takes it; not a text."""
+    return text[:11].lower() == "data:image/"
 
 
 def _is_id(value: Any) -> bool:

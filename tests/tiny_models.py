@@ -312,7 +312,7 @@ def save_image_classifier(path: Path, **config: Any) -> Path:
     import torch
     from transformers import ViTConfig, ViTForImageClassification
 
-    from batcher.models.vision import image_processor
+    from batcher.models.vision_loading import image_processor
 
     torch.manual_seed(0)
     labels = {"id2label": IMAGE_LABELS, "label2id": {v: k for k, v in IMAGE_LABELS.items()}}
@@ -369,7 +369,11 @@ def save_st_clip(path: Path, *, normalize: bool = False) -> Path:
     """A tiny CLIP saved by sentence-transformers (its multimodal Transformer module, with
     a Normalize module after it if asked)."""
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import Normalize
+
+    try:
+        from sentence_transformers.sentence_transformer.modules import Normalize
+    except ImportError:  # before sentence-transformers 6.1
+        from sentence_transformers.models import Normalize
 
     plain = save_clip(path.parent / f"{path.name}-transformers")
     model = SentenceTransformer(str(plain), device="cpu")

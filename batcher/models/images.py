@@ -63,6 +63,9 @@ def image_bytes(text: str, limits: ImageLimits) -> bytes:
     """The file a client's string holds: base64, or a data URI of an image. Raises
     BadImage."""
     text = text.strip()
+    if text[:8].lower().startswith(("http://", "https://")):
+        raise BadImage("not_an_image", "URLs are not fetched: send the image itself, as "
+                       "base64 or a data URI")  # fmt: skip
     if text[:5].lower() == "data:":
         match = DATA_URI.match(text)
         if match is None:

@@ -80,7 +80,8 @@ def _kind(folder: Path) -> VisionKind | None:
         return cast("VisionKind", EMBEDDERS[model_type])
     if any(a.endswith("ForImageClassification") for a in architectures):
         return "classifier"
-    if model_type.startswith(("clip", "siglip")) or any("Vision" in a for a in architectures):
+    pictures = any(key in config for key in ("num_channels", "image_size", "vision_config"))
+    if pictures or model_type.startswith(("clip", "siglip")):
         raise ModelLoadError(
             f"{folder.name or 'the model'} is a {model_type} model ({', '.join(architectures)}), "
             "which is not served: image classifiers (…ForImageClassification) and CLIP and "
@@ -175,7 +176,10 @@ def load_vision(options: LoadOptions, found: Found) -> LoadedVision:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model {source!r}: {reason}") from exc
     model.eval().requires_grad_(False).to(device)
-    shapes = {tuple(a.shape) for a in _processed(processor, probe_pictures())}
+    try:
+        shapes = {tuple(a.shape) for a in _processed(processor, probe_pictures())}
+    except ValueError:  # numpy could not stack them: they differ
+        shapes = {tuple(np.asarray(a).shape) for a in processor(probe_pictures())["pixel_values"]}
     if len(shapes) != 1:
         raise ModelLoadError(f"cannot serve model {source!r}: its image processor makes "
                              f"pictures of several sizes ({sorted(shapes)}); a batch is one "

@@ -218,7 +218,7 @@ class GrpcServer:
         assert settings.grpc_port is not None
         options = [
             ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
-            ("grpc.max_receive_message_length", settings.max_body_bytes),
+            ("grpc.max_receive_message_length", settings.image_body_bytes()),
             ("grpc.max_send_message_length", -1),
         ]
         server = grpc.aio.server(options=options)

@@ -12,6 +12,10 @@ Pairs are read as `/predict/batch` reads `texts` and `text_pairs`: (`text[i]`,
 `text_pair[i]`); a `query` is scored against each `text` as `/rerank` scores its texts:
 (`query`, `text[i]`).
 
+An image model takes `image` BYTES [-1] (each element an image file's bytes, or in JSON
+its base64 or data URI): a classifier's outputs as for texts; a CLIP-like model's
+`embedding`, and `text` in its own requests.
+
 A text input may also be shaped [n, 1], as Triton's examples send strings. A rerank's
 `index` names each score's input; in input order, or with `top_n` the best first.
 """
@@ -33,7 +37,8 @@ from server.kserve.tensors import Output as Tensor
 from server.routes.parsing import best_first
 from server.schemas import OutputOptions
 
-TEXT, PAIR, QUERY = "text", "text_pair", "query"
+TEXT, PAIR, QUERY, IMAGE = "text", "text_pair", "query", "image"
+BASE64 = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_= \r\n\t")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +55,9 @@ class Spec:
 
 def inputs_of(model: Encoder) -> list[Spec]:
     texts = [Spec(TEXT, "BYTES", (-1,))]
+    if hasattr(model, "encode_images"):  # an image model; CLIP-like ones take texts too
+        images = [Spec(IMAGE, "BYTES", (-1,))]
+        return images if model.task == "classify" else [*images, *texts]
     if model.task == "classify":
         return [*texts, Spec(PAIR, "BYTES", (-1,))]
     if model.task == "rerank":
@@ -144,18 +152,43 @@ def texts_of(model: Encoder, request: InferRequest, max_texts: int, max_chars: i
     return Texts(texts, pairs, by_size=model.task != "rerank")
 
 
-def _strings(tensor: Input, max_texts: int, max_chars: int) -> list[str]:
+def images_of(model: Encoder, request: InferRequest, max_images: int) -> list[str | bytes] | None:
+    """The images of an `image` input (None where the request sends texts): each element
+    an image file's bytes (binary tensors), or its base64 or data URI (JSON, where bytes
+    travel as text)."""
+    if IMAGE not in request.inputs:
+        return None
+    known = {spec.name for spec in inputs_of(model)}
+    others = sorted(set(request.inputs) - {IMAGE})
+    if IMAGE not in known:
+        raise invalid(("inputs", IMAGE), f"this {model.task} model takes the inputs "
+                      f"{', '.join(sorted(known))}")  # fmt: skip
+    if others:
+        raise invalid(("inputs", others[0]), f"send {IMAGE!r} alone (images and texts go in "
+                      "separate requests)")  # fmt: skip
+    tensor = request.inputs[IMAGE]
+    _check_bytes(tensor, max_images, "images")
+    elements = cast("list[bytes]", tensor.elements)
+    return [e.decode("ascii") if (e and set(e) <= BASE64) or e[:5].lower() == b"data:" else e
+            for e in elements]  # fmt: skip
+
+
+def _check_bytes(tensor: Input, most: int, what: str) -> None:
     if tensor.datatype != "BYTES":
-        raise invalid(("inputs", tensor.name, "datatype"), "texts come as BYTES")
+        raise invalid(("inputs", tensor.name, "datatype"), f"{what} come as BYTES")
     shape = tensor.shape
     if not shape or len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
-        raise invalid(("inputs", tensor.name, "shape"), f"texts are shaped [n] or [n, 1], "
+        raise invalid(("inputs", tensor.name, "shape"), f"{what} are shaped [n] or [n, 1], "
                       f"not {shape}")  # fmt: skip
     if not tensor.elements:
-        raise invalid(("inputs", tensor.name), "give at least one text")
-    if len(tensor.elements) > max_texts:
-        raise invalid(("inputs", tensor.name), f"at most {max_texts} texts a request "
+        raise invalid(("inputs", tensor.name), f"give at least one of the {what}")
+    if len(tensor.elements) > most:
+        raise invalid(("inputs", tensor.name), f"at most {most} {what} a request "
                       "(--max-client-batch)")  # fmt: skip
+
+
+def _strings(tensor: Input, max_texts: int, max_chars: int) -> list[str]:
+    _check_bytes(tensor, max_texts, "texts")
     texts = []
     for i, raw in enumerate(cast("list[bytes]", tensor.elements)):
         try:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, 
 
 from batcher.models import EmbeddingType, TruncationDirection
 from server.routes.embedding_types import as_base64, as_type, check_embedding_type
-from server.routes.encoding import check_tokens, encode_inputs, first_prompt
+from server.routes.encoding import check_tokens, encode_images, encode_inputs, first_prompt
 from server.routes.headers import deadline_of
 from server.routes.parsing import (
     invalid,
@@ -233,7 +233,10 @@ class V2EmbedRequest(BaseModel):
         min_length=1,
         description='Inputs of one text part each: {"content": [{"type": "text", "text": ...}]}.',
     )
-    images: list[StrictStr] | None = Field(None, description="Refused: this server embeds text.")
+    images: Annotated[list[StrictStr], BeforeValidator(within_count)] | None = Field(
+        None, min_length=1, description="Images as data URIs (data:image/png;base64,...), "
+        "for an image model (CLIP, SigLIP); with input_type image.",
+    )  # fmt: skip
     input_type: EmbedInputType | None = Field(
         None,
         description="Picks the model's prompt: search_query -> its query prompt, "
@@ -288,11 +291,13 @@ class V2EmbedResponse(BaseModel):
 
 
 def _v2_texts(body: V2EmbedRequest) -> list[str]:
-    if body.images is not None or body.input_type == "image":
-        raise invalid("images", "this server embeds text: images are not served")
-    given = [f for f in ("texts", "inputs") if getattr(body, f) is not None]
+    given = [f for f in ("texts", "inputs", "images") if getattr(body, f) is not None]
     if len(given) != 1:
-        raise invalid("texts", "send texts, or inputs of one text each (not both)")
+        raise invalid("texts", "send texts, inputs of one text each, or images (one of them)")
+    if body.images is not None:
+        return body.images
+    if body.input_type == "image":
+        raise invalid("input_type", "input_type image goes with images")
     if body.texts is not None:
         return body.texts
     assert body.inputs is not None
@@ -332,9 +337,14 @@ async def embed_v2(request: Request) -> Response:
         prompt_name=prompt, dimensions=body.output_dimension, truncate=body.truncate != "NONE"
     )
     direction: TruncationDirection = "left" if body.truncate == "START" else "right"
-    field = "texts" if body.texts is not None else "inputs"
-    items = await encode_inputs(request, texts, options, field, direction)
-    check_tokens(items, model, runtime, field, body.truncate != "NONE", why="(truncate: NONE)")
+    field = next(f for f in ("texts", "inputs", "images") if getattr(body, f) is not None)
+    if body.images is not None:
+        options = OutputOptions(dimensions=body.output_dimension)
+        items = await encode_images(request, texts, options, "images")
+        texts = []
+    else:
+        items = await encode_inputs(request, texts, options, field, direction)
+        check_tokens(items, model, runtime, field, body.truncate != "NONE", why="(truncate: NONE)")
     results = await submit_all(request, runtime, engine, items, deadline)
     rows = [cast("list[float]", r.value) for r in results]
     embeddings: dict[str, Any] = {}

@@ -16,7 +16,8 @@ from server.routes.chunking import chunk_long_inputs, chunks_long_inputs
 from server.routes.embedding_types import check_embedding_type
 from server.routes.parsing import invalid, loc, runtime_of
 from server.runtime import Runtime
-from server.schemas import OutputOptions
+from server.schemas import OutputOptions, is_image_uri
+from server.served import Served
 
 
 def check_tokens(
@@ -176,3 +177,18 @@ async def encode_images(
     call.record(images, None, body.options(), "right", items)
     call.images = True
     return items
+
+
+def image_inputs(served: Served, inputs: Sequence[str | list[int]], field: str) -> list[str] | None:
+    """OpenAI's or TEI's `input` as images, when they are data URIs of images (None when
+    they are texts); 422 for images to a text model, and for images and texts in one
+    request (sentence-transformers encodes one modality a call too)."""
+    uris = [isinstance(x, str) and is_image_uri(x) for x in inputs]
+    if not any(uris):
+        return None
+    if not served.takes_images:
+        raise invalid(field, f"{served.encoder.name} is a text model; image inputs "
+                      "(data:image/... URIs) need an image model")  # fmt: skip
+    if not all(uris):
+        raise invalid(field, "send images and texts in separate requests (this one mixes them)")
+    return cast("list[str]", list(inputs))

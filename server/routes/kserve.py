@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 
 from server.errors import NotFound
 from server.kserve.signatures import (
+    images_of,
     inputs_of,
     outputs_for,
     outputs_of,
@@ -31,7 +32,7 @@ from server.kserve.tensors import (
     read_request,
     write_response,
 )
-from server.routes.encoding import check_tokens, encode
+from server.routes.encoding import check_tokens, encode, encode_images
 from server.routes.headers import deadline_of
 from server.routes.parsing import (
     PREDICT_ERRORS,
@@ -161,14 +162,22 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     if asked.top_n is not None and model.task != "rerank":
         raise invalid(("parameters", "top_n"), "top_n applies to rerank models")
     binary = wanted(model, parsed)
-    texts = texts_of(model, parsed, settings.max_client_batch, settings.max_text_chars)
+    images = images_of(model, parsed, settings.max_client_batch)
+    texts = None
+    if images is None:
+        texts = texts_of(model, parsed, settings.max_client_batch, settings.max_text_chars)
     deadline = deadline_of(engine, runtime, request)
     if asked.timeout is not None:  # Triton's own deadline, in microseconds
         deadline = min(deadline, engine.clock() + asked.timeout / 1e6)
-    direction = asked.truncation_direction
-    items = await encode(request, texts.texts, texts.pairs, asked, direction)
-    check_tokens(items, model, runtime, "text", asked.truncate, listed=True)
-    results = await submit_all(request, runtime, engine, items, deadline, by_size=texts.by_size)
+    if texts is not None:
+        direction = asked.truncation_direction
+        items = await encode(request, texts.texts, texts.pairs, asked, direction)
+        check_tokens(items, model, runtime, "text", asked.truncate, listed=True)
+    else:
+        assert images is not None
+        items = await encode_images(request, images, asked, "image", listed=True)
+    by_size = texts is None or texts.by_size
+    results = await submit_all(request, runtime, engine, items, deadline, by_size=by_size)
     outputs = outputs_for(model, results, asked)
     head = {"model_name": served.name or model.name, "model_version": served.version}
     if parsed.id is not None:
