@@ -232,7 +232,10 @@ MODEL_FIELD = Field(None, description=MODEL_ANSWERS)
 
 
 class PredictRequest(OutputOptions):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"oneOf": [{"required": ["text"]}, {"required": ["image"]}]},
+    )
 
     text: Text | None = Field(None, description="One input text (or send an image).")
     image: Image | None = Field(
@@ -257,7 +260,10 @@ class PredictRequest(OutputOptions):
 
 
 class BatchPredictRequest(OutputOptions):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"oneOf": [{"required": ["texts"]}, {"required": ["images"]}]},
+    )
 
     texts: Texts | None = Field(None, min_length=1, description="Texts, each batched on its own.")
     images: Images | None = Field(

@@ -263,7 +263,7 @@ async def _scrape_fake_server() -> str:
 
     from server.app import create_app
     from server.settings import Settings
-    from tests.server.fakes import FakeTextModel
+    from tests.server.fakes import FakeImageModel, FakeTextModel
 
     tasks = {"emb": "embed", "cls": "classify", "rr": "rerank"}
     models = {
@@ -271,6 +271,7 @@ async def _scrape_fake_server() -> str:
         for name, task in tasks.items()
         for version in ("1", "2")
     }
+    models["img"] = FakeImageModel(name="img")  # type: ignore[assignment]
     route = json.dumps({name: {"1": 1, "shadow": {"2": 1.0}} for name in SHADOWED})
     with tempfile.TemporaryDirectory() as directory:
         tenants = Path(directory) / "tenants.toml"
@@ -291,6 +292,11 @@ scopes = ["predict:elsewhere"]
 """
 """The scrape's tenants: one whose requests are answered, one refused for its scope."""
 KEY = {"Authorization": "Bearer docs-key"}
+TINY_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGNkYGRiZmZmYWNjY2ZmBgABFwAtLr"
+    "t4pAAAAABJRU5ErkJggg=="
+)
+"""A 2 x 2 PNG, for the image model's families."""
 
 
 async def _scrape(app: Any) -> str:
@@ -307,6 +313,8 @@ async def _scrape(app: Any) -> str:
             # the server's state, polled (nothing of ours to wait on)
             while (await client.get("/ready")).status_code != 200:  # noqa: ASYNC110
                 await asyncio.sleep(0.005)
+        image = {"image": TINY_PNG, "model": "img"}
+        (await client.post("/predict", json=image, headers=KEY)).raise_for_status()
         # Twice each: the first answers make the drift references (a window of 1), the
         # second the recent windows.
         for _ in range(2):

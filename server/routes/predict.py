@@ -23,7 +23,7 @@ from server.routes.parsing import (
     unless_disconnected,
     vector,
 )
-from server.routes.uploads import is_upload, parse_upload
+from server.routes.uploads import is_upload, parse_upload, upload_openapi
 from server.schemas import (
     BatchPredictRequest,
     BatchResponse,
@@ -82,7 +82,7 @@ def _shape(
     response_model=EmbeddingResponse | LabelResponse | SparseResponse,
     summary="Predict for one text; batched with concurrent requests",
     responses=PREDICT_ERRORS,
-    openapi_extra=openapi_body(PredictRequest),
+    openapi_extra=upload_openapi(openapi_body(PredictRequest)),
 )
 async def predict(request: Request) -> Response:
     runtime = runtime_of(request)

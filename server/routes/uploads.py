@@ -6,6 +6,7 @@ fields of `PredictRequest` beside it as text (`model`, `normalize`, `dimensions`
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import orjson
@@ -19,6 +20,9 @@ from server.schemas import PredictRequest
 
 UPLOAD_FIELD = "image"
 MAX_FIELDS = 16
+PART_LIMIT = "max_part_size" in inspect.signature(Request.form).parameters
+"""Whether Starlette bounds a text field's size (0.40 and later); older ones read each
+field whole, within the request's body limit."""
 
 
 def is_upload(request: Request) -> bool:
@@ -28,8 +32,11 @@ def is_upload(request: Request) -> bool:
 async def parse_upload(request: Request) -> tuple[PredictRequest, bytes]:
     """The request's fields as a `PredictRequest`, and the uploaded image's bytes; 422
     for a form without the file, with another file, or with an invalid field."""
+    limits: dict[str, int] = {"max_files": 1, "max_fields": MAX_FIELDS}
+    if PART_LIMIT:
+        limits["max_part_size"] = 65536
     try:
-        form = await request.form(max_files=1, max_fields=MAX_FIELDS, max_part_size=65536)
+        form = await request.form(**limits)
     except Exception as exc:  # python-multipart's and Starlette's parse errors
         raise invalid(UPLOAD_FIELD, f"the multipart form cannot be read: {exc}") from None
     try:
@@ -65,3 +72,18 @@ def _value(text: str) -> Any:
     except orjson.JSONDecodeError:
         return text
     return value if isinstance(value, bool | int | float) or value is None else text
+
+
+def upload_openapi(extra: dict[str, Any]) -> dict[str, Any]:
+    """`/predict`'s OpenAPI with the upload beside its JSON body."""
+    properties = {
+        UPLOAD_FIELD: {"type": "string", "format": "binary", "description": "The image file."},
+        "model": {"type": "string"},
+        "all_scores": {"type": "boolean"},
+        "raw_scores": {"type": "boolean"},
+        "normalize": {"type": "boolean"},
+        "dimensions": {"type": "integer", "minimum": 1},
+    }
+    form = {"schema": {"type": "object", "properties": properties, "required": [UPLOAD_FIELD]}}
+    extra["requestBody"]["content"]["multipart/form-data"] = form
+    return extra

@@ -5,10 +5,24 @@ defaults these tests were written against."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from batcher.models import DEFAULT_OPTIONS, Encoded, Options, TruncationDirection
+import numpy as np
+
+from batcher.models import (
+    DEFAULT_OPTIONS,
+    Classification,
+    Encoded,
+    ImageEncoder,
+    Options,
+    Output,
+    Pixels,
+    Task,
+    TruncationDirection,
+)
+from batcher.models.pixels import ImageSpec
 from benchmarks.lab.null_model import NullEncoder, NullModel, checksum_embedding
 
 fake_embedding = checksum_embedding
@@ -88,4 +102,56 @@ class EncodingBlocks(FakeTextModel):
         return self._encoder
 
 
-__all__ = ["EncodingBlocks", "EncodingFails", "FakeTextModel", "fake_embedding"]
+class ShrinkProcessor:
+    """A stand-in image processor: each picture shrunk to 4 x 4 by Pillow, scaled to
+    [0, 1], channels first (what `ImageEncoder` asks of a processor)."""
+
+    def __call__(self, images: Sequence[Any], return_tensors: str = "np") -> dict[str, Any]:
+        rows = [np.asarray(p.resize((4, 4)), dtype=np.float32).transpose(2, 0, 1) / 255
+                for p in images]  # fmt: skip
+        return {"pixel_values": np.stack(rows)}
+
+
+@dataclass
+class FakeImageModel:
+    """An image classifier (`dark` or `bright`, by the mean of its pixels) or, with
+    task `embed`, an image embedder ([mean, spread]), with no torch: for in-process
+    tests of the image routes. `batches` records the size of every forward pass."""
+
+    name: str = "fake-image"
+    task: Task = "classify"
+    labels: tuple[str, ...] = ("dark", "bright")
+    packed_outputs: bool = False
+    batches: list[int] = field(default_factory=list)
+
+    @property
+    def encoder(self) -> ImageEncoder:
+        kind = "classifier" if self.task == "classify" else "clip"
+        labels = self.labels if self.task == "classify" else ()
+        spec = ImageSpec(self.name, self.task, kind, (3, 4, 4), 17, labels=labels,  # type: ignore[arg-type]
+                         dimension=2, normalize=False)  # fmt: skip
+        return ImageEncoder(spec, ShrinkProcessor())
+
+    def cost(self, item: Pixels) -> int:
+        return item.n_tokens
+
+    def predict(self, items: Sequence[Pixels]) -> list[Output]:
+        self.batches.append(len(items))
+        means = [float(item.array().mean()) for item in items]
+        if self.task == "embed":
+            return [[m, float(item.array().std())] for m, item in zip(means, items, strict=True)]
+        return [Classification("bright" if m > 0.5 else "dark", max(m, 1 - m), [1 - m, m])
+                for m in means]  # fmt: skip
+
+    def warm_up(
+        self, max_batch_size: int, on_step: Callable[[int, int, str], None] | None = None
+    ) -> None:
+        if on_step is not None:
+            on_step(1, 1, f"batch of {max_batch_size} images")
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name, "task": self.task, "device": "cpu", "labels": list(self.labels),
+                "modalities": ["image"]}  # fmt: skip
+
+
+__all__ = ["EncodingBlocks", "EncodingFails", "FakeImageModel", "FakeTextModel", "fake_embedding"]

@@ -1,0 +1,247 @@
+"""Images through a real `microbatch serve` (uvicorn on a free port) with tiny image
+models: a CLIP and a ViT classifier, built here. Every way an image comes in (`/predict`
+as base64 or a data URI, a multipart upload, `/predict/batch`, OpenAI's `input` through
+the `openai` SDK, Cohere's SDK, the KServe v2 routes) answers what the reference model
+computes; a bad image gets a 422 that names it and its reason, and harms no other
+request; the metrics count images apart."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from batcher.models.vision_loading import image_processor
+from tests.conftest import ServerProcess
+from tests.tiny_models import IMAGE_LABELS, save_clip, save_image_classifier
+
+transformers = pytest.importorskip("transformers")
+
+
+def photo(seed: int, size: tuple[int, int] = (64, 48), fmt: str = "JPEG") -> bytes:
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(array, "RGB").save(out, format=fmt)
+    return out.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def uri(data: bytes, mime: str = "image/jpeg") -> str:
+    return f"data:{mime};base64,{b64(data)}"
+
+
+PHOTOS = [photo(seed) for seed in range(6)]
+
+
+def bomb() -> bytes:
+    """A small PNG of 10,000 x 10,000 pixels: over the 50-megapixel limit."""
+    out = io.BytesIO()
+    Image.new("L", (10_000, 10_000)).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
+
+
+@pytest.fixture(scope="module")
+def clip_server(
+    tmp_path_factory: pytest.TempPathFactory, clip_dir: Path
+) -> Iterator[ServerProcess]:
+    args = ["--model", str(clip_dir), "--no-compile", "--dtype", "float32"]
+    server = ServerProcess(args, tmp_path_factory.mktemp("logs") / "clip.log").start()
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+@pytest.fixture(scope="module")
+def vit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_image_classifier(tmp_path_factory.mktemp("vit") / "tiny-vit")
+
+
+@pytest.fixture(scope="module")
+def vit_server(tmp_path_factory: pytest.TempPathFactory, vit_dir: Path) -> Iterator[ServerProcess]:
+    args = ["--model", str(vit_dir), "--no-compile", "--dtype", "float32"]
+    server = ServerProcess(args, tmp_path_factory.mktemp("logs") / "vit.log").start()
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+def clip_reference(path: Path, photos: list[bytes], texts: list[str]) -> torch.Tensor:
+    """CLIPModel's image features, then its text features, L2-normalised (the default of
+    a plain transformers CLIP directory)."""
+    model = transformers.CLIPModel.from_pretrained(path)
+    processor = image_processor(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    load = transformers.image_utils.load_image
+    with torch.no_grad():
+        out = []
+        if photos:
+            pictures = processor([load(b64(p)) for p in photos], return_tensors="pt")
+            out.append(model.get_image_features(**pictures))
+        if texts:
+            out.append(model.get_text_features(**tokenizer(texts, padding=True,
+                                                           return_tensors="pt")))  # fmt: skip
+    rows = [o if isinstance(o, torch.Tensor) else o.pooler_output for o in out]
+    return torch.nn.functional.normalize(torch.cat(rows))
+
+
+def close(ours: object, expected: torch.Tensor) -> None:
+    got = torch.tensor(ours, dtype=torch.float32)
+    assert torch.nn.functional.cosine_similarity(got, expected).min() >= 0.9999
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_predict_takes_base64_data_uris_and_texts(
+    clip_server: ServerProcess, clip_dir: Path
+) -> None:
+    expected = clip_reference(clip_dir, PHOTOS[:2], ["a photo of a cat"])
+    url = clip_server.url
+    a = httpx.post(f"{url}/predict", json={"image": b64(PHOTOS[0])}).json()
+    b = httpx.post(f"{url}/predict", json={"image": uri(PHOTOS[1])}).json()
+    t = httpx.post(f"{url}/predict", json={"text": "a photo of a cat"}).json()
+    close([a["embedding"], b["embedding"], t["embedding"]], expected)
+    batch = httpx.post(f"{url}/predict/batch", json={"images": [b64(p) for p in PHOTOS[:2]]})
+    close([r["embedding"] for r in batch.json()["results"]], expected[:2])
+    model = httpx.get(f"{url}/model").json()
+    assert model["modalities"] == ["image", "text"]
+    assert model["image_shape"] == [3, 32, 32]
+
+
+def test_the_openai_sdk_embeds_data_uris(clip_server: ServerProcess, clip_dir: Path) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{clip_server.url}/v1", api_key="unused")
+    reply = client.embeddings.create(model="clip", input=[uri(p) for p in PHOTOS[:3]])
+    close([d.embedding for d in reply.data], clip_reference(clip_dir, PHOTOS[:3], []))
+    assert reply.usage.prompt_tokens == 3 * 17  # 16 patches and the class token each
+    texts = client.embeddings.create(model="clip", input=["a dog", "a cat"])
+    close([d.embedding for d in texts.data],
+          clip_reference(clip_dir, PHOTOS[:0], ["a dog", "a cat"]))  # fmt: skip
+    with pytest.raises(openai.BadRequestError, match="separate requests"):
+        client.embeddings.create(model="clip", input=[uri(PHOTOS[0]), "a dog"])
+
+
+def test_cohere_sdk_embeds_images(clip_server: ServerProcess, clip_dir: Path) -> None:
+    cohere = pytest.importorskip("cohere")
+    client = cohere.ClientV2(api_key="unused", base_url=clip_server.url)
+    reply = client.embed(model="clip", input_type="image", embedding_types=["float"],
+                         images=[uri(p) for p in PHOTOS[:2]])  # fmt: skip
+    close(reply.embeddings.float_, clip_reference(clip_dir, PHOTOS[:2], []))
+
+
+def test_kserve_v2_takes_an_image_tensor(clip_server: ServerProcess, clip_dir: Path) -> None:
+    expected = clip_reference(clip_dir, PHOTOS[:2], [])
+    url = f"{clip_server.url}/v2/models/clip"
+    metadata = httpx.get(url).json()
+    inputs = [i["name"] for i in metadata["inputs"]]
+    assert inputs == ["image", "text"]
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2],
+                        "data": [b64(PHOTOS[0]), uri(PHOTOS[1])]}]}  # fmt: skip
+    reply = httpx.post(f"{url}/infer", json=body).json()
+    [out] = reply["outputs"]
+    close(np.asarray(out["data"]).reshape(out["shape"]).tolist(), expected)
+    tritonclient = pytest.importorskip("tritonclient.http")
+    client = tritonclient.InferenceServerClient(clip_server.url.removeprefix("http://"))
+    tensor = tritonclient.InferInput("image", [2], "BYTES")
+    tensor.set_data_from_numpy(np.array(PHOTOS[:2], dtype=np.object_), binary_data=True)
+    result = client.infer("clip", [tensor])
+    close(result.as_numpy("embedding").tolist(), expected)
+
+
+def test_a_multipart_upload_equals_base64(vit_server: ServerProcess) -> None:
+    url = vit_server.url
+    sent = httpx.post(f"{url}/predict", json={"image": b64(PHOTOS[0]), "all_scores": True})
+    files = {"image": ("photo.jpg", PHOTOS[0], "image/jpeg")}
+    uploaded = httpx.post(f"{url}/predict", files=files, data={"all_scores": "true"})
+    assert uploaded.status_code == 200, uploaded.text
+    assert uploaded.json()["scores"] == sent.json()["scores"]
+    assert sent.json()["label"] in IMAGE_LABELS.values()
+    none = httpx.post(f"{url}/predict", files={"other": ("a.txt", b"x")})
+    assert none.status_code == 422
+    assert "field 'image'" in none.text
+
+
+def test_the_classifier_equals_the_pipeline(vit_server: ServerProcess, vit_dir: Path) -> None:
+    processor = image_processor(vit_dir)
+    pipe = transformers.pipeline("image-classification", model=str(vit_dir), top_k=None,
+                                 image_processor=processor, device="cpu")  # fmt: skip
+    reply = httpx.post(f"{vit_server.url}/predict/batch",
+                       json={"images": [b64(p) for p in PHOTOS], "all_scores": True})  # fmt: skip
+    for data, answer in zip(PHOTOS, reply.json()["results"], strict=True):
+        reference = {r["label"]: r["score"] for r in pipe(b64(data))}
+        assert answer["label"] == max(reference, key=reference.__getitem__)
+        assert answer["scores"] == pytest.approx(reference, abs=1e-5)
+
+
+BAD = [
+    ("not_an_image", b64(b"hello, I am text")),
+    ("truncated", b64(photo(9)[:300])),
+    ("too_many_pixels", b64(bomb())),
+    ("unsupported_format", b64(photo(9, fmt="ICO"))),
+    ("not_an_image", "https://example.com/cat.jpg"),
+    ("not_an_image", "data:text/plain;base64,aGVsbG8="),
+]
+
+
+def test_bad_images_fail_alone_with_their_reason(vit_server: ServerProcess) -> None:
+    url = vit_server.url
+    good = [httpx.post(f"{url}/predict", json={"image": b64(p)}).json()["label"] for p in PHOTOS]
+
+    async def burst() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            fine = [client.post("/predict", json={"image": b64(p)}) for p in PHOTOS]
+            bad = [client.post("/predict", json={"image": image}) for _, image in BAD]
+            replies = await asyncio.gather(*fine, *bad)
+        return list(replies[: len(PHOTOS)]), list(replies[len(PHOTOS) :])
+
+    fine, bad = asyncio.run(burst())
+    assert [r.json()["label"] for r in fine] == good
+    for (kind, _), reply in zip(BAD, bad, strict=True):
+        assert reply.status_code == 422, reply.text
+        [error] = reply.json()["detail"]
+        assert (error["type"], error["loc"]) == (kind, ["body", "image"]), error
+    batch = httpx.post(f"{url}/predict/batch", json={"images": [b64(PHOTOS[0]), BAD[0][1]]})
+    assert batch.status_code == 422
+    assert [e["loc"] for e in batch.json()["detail"]] == [["body", "images", 1]]
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'microbatch_images_total{model="' in metrics
+    assert 'outcome="too_many_pixels"} 1.0' in metrics
+    assert "microbatch_image_decode_seconds_count" in metrics
+    assert "microbatch_image_preprocess_seconds_count" in metrics
+
+
+def test_what_does_not_fit_the_model_is_refused(
+    vit_server: ServerProcess, classifier_server: ServerProcess
+) -> None:
+    text = httpx.post(f"{vit_server.url}/predict", json={"text": "a cat"})
+    assert text.status_code == 422
+    assert "send an image" in text.text
+    image = httpx.post(f"{classifier_server.url}/predict", json={"image": b64(PHOTOS[0])})
+    assert image.status_code == 422
+    assert "text model" in image.text
+    both = httpx.post(f"{vit_server.url}/predict", json={"image": b64(PHOTOS[0]), "text": "x"})
+    assert both.status_code == 422
+
+
+def test_an_image_model_takes_photos_over_the_text_body_limit(
+    vit_server: ServerProcess, classifier_server: ServerProcess
+) -> None:
+    big = photo(1, size=(1200, 1000), fmt="PNG")  # about 3.6 MB: over 2 MiB in base64
+    assert len(b64(big)) > 2 * 1024 * 1024
+    answered = httpx.post(f"{vit_server.url}/predict", json={"image": b64(big)}, timeout=60)
+    assert answered.status_code == 200, answered.text
+    text_server = httpx.post(f"{classifier_server.url}/predict", json={"image": b64(big)})
+    assert text_server.status_code == 413
