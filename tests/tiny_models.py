@@ -312,25 +312,15 @@ def save_image_classifier(path: Path, **config: Any) -> Path:
     import torch
     from transformers import ViTConfig, ViTForImageClassification
 
-    from batcher.models.vision_loading import image_processor
+    from batcher.models.vision_loading import image_processor, pil_processor_class
 
     torch.manual_seed(0)
     labels = {"id2label": IMAGE_LABELS, "label2id": {v: k for k, v in IMAGE_LABELS.items()}}
     model = ViTForImageClassification(ViTConfig(**VISION_TINY, **labels, **config))
     model.save_pretrained(path, safe_serialization=True)
-    _processor_class("ViT")(size={"height": 32, "width": 32}).save_pretrained(path)
+    pil_processor_class("ViT")(size={"height": 32, "width": 32}).save_pretrained(path)
     assert image_processor(path) is not None
     return path
-
-
-def _processor_class(family: str) -> Any:
-    """transformers' Pillow image processor of `family` (`ViTImageProcessorPil` in 5.x,
-    the slow `ViTImageProcessor` in 4.x)."""
-    import transformers
-
-    return getattr(transformers, f"{family}ImageProcessorPil", None) or getattr(
-        transformers, f"{family}ImageProcessor"
-    )
 
 
 def save_clip(path: Path, family: str = "clip") -> Path:
@@ -338,6 +328,8 @@ def save_clip(path: Path, family: str = "clip") -> Path:
     (its [SEP] as CLIP's end of text), saved by transformers."""
     import torch
     from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    from batcher.models.vision_loading import pil_processor_class
 
     torch.manual_seed(0)
     text = {"vocab_size": 30522, "hidden_size": 32, "intermediate_size": 64,
@@ -350,14 +342,14 @@ def save_clip(path: Path, family: str = "clip") -> Path:
         model: Any = CLIPModel(
             CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
         )
-        processor = _processor_class("CLIP")(
+        processor = pil_processor_class("CLIP")(
             size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
         )
         tokenizer.model_max_length = 77
     else:
         text["max_position_embeddings"] = 64
         model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
-        processor = _processor_class("Siglip")(size={"height": 32, "width": 32})
+        processor = pil_processor_class("Siglip")(size={"height": 32, "width": 32})
         tokenizer.model_max_length = 64
     model.save_pretrained(path, safe_serialization=True)
     processor.save_pretrained(path)

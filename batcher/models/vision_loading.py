@@ -101,6 +101,16 @@ def image_processor(folder: str | Path) -> Any:
         return AutoImageProcessor.from_pretrained(str(folder), use_fast=False)
 
 
+def pil_processor_class(family: str) -> Any:
+    """transformers' Pillow image processor of `family` ("ViT", "CLIP", "Siglip"):
+    `ViTImageProcessorPil` in transformers 5, the slow `ViTImageProcessor` in 4."""
+    import transformers
+
+    return getattr(transformers, f"{family}ImageProcessorPil", None) or getattr(
+        transformers, f"{family}ImageProcessor"
+    )
+
+
 def probe_pictures() -> list[Any]:
     """Images of many sizes and contents (gradients, noise, flat colour, stripes): what
     the precision probe and the load-time check of the processor's shape run."""
