@@ -394,7 +394,7 @@ def test_cohere_client_v2_embed_cuts_or_refuses_long_texts_and_says_why(
     assert "limit of 256 tokens (truncate: NONE)" in refused.value.body["message"]
     with pytest.raises(cohere.BadRequestError) as image:
         co.embed(model="x", images=["data:image/png;base64,AAAA"], input_type="image")
-    assert "images are not served" in image.value.body["message"]
+    assert "is a text model" in image.value.body["message"]
     with pytest.raises(cohere.BadRequestError) as short:
         co.embed(model="x", texts=["a"], input_type="search_query", max_tokens=8)
     assert "max_tokens 8" in short.value.body["message"]

@@ -85,7 +85,7 @@ async def test_each_option_a_model_cannot_honour_is_refused_with_the_reason() ->
             ("/v2/embed", {"texts": ["x"], "embedding_types": ["uint8"]},
              400, "needs calibration ranges"),
             ("/v2/embed", {"texts": ["x"], "inputs": [{"content": [{"type": "text",
-             "text": "y"}]}]}, 400, "not both"),
+             "text": "y"}]}]}, 400, "(one of them)"),
             ("/v2/embed", {"texts": ["x"], "embedding_types": ["int4"]}, 400, "embedding_types"),
             ("/model/calibration", None, 422, "needs calibration ranges"),
         ]  # fmt: skip
