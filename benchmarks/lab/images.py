@@ -112,7 +112,7 @@ async def run(
     row["images_per_s"] = row.pop("requests_per_s")
     row["server_cpu_ms_per_image"] = row.pop("server_cpu_us_per_request") / 1e3
     if "decode" in after:
-        spent = after["decode"] + after["preprocess"] - before["decode"] - before["preprocess"]
+        spent = sum(after[k] - before.get(k, 0.0) for k in ("decode", "preprocess"))
         row["decode_share_of_cpu"] = spent / cpu if cpu > 0 else float("nan")
     return row
 
