@@ -16,6 +16,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -109,13 +110,11 @@ class VisionModel:
         items = self._probe_items()
         reference = self._outputs(self._eager, items)
         lower = copy.deepcopy(self.loaded.model).to(dtype)
-        lowered = LoadedVision(**{**_fields(self.loaded), "model": lower})
-        candidate = self._outputs(_forwards(lowered), items)
+        candidate = self._outputs(_forwards(replace(self.loaded, model=lower)), items)
         precision = judge(reference, candidate, dtype, min_accuracy)
         kept = precision.dtype == dtype
         model = lower if kept else self.loaded.model
-        self.loaded = LoadedVision(**{**_fields(self.loaded), "model": model,
-                                      "precision": precision, "probe_dtype": None})  # fmt: skip
+        self.loaded = replace(self.loaded, model=model, precision=precision, probe_dtype=None)
         self._eager = self._forward = _forwards(self.loaded)
         (logger.info if kept else logger.warning)(
             "precision %s (probe %.1fs): %s", precision.name, time.perf_counter() - started,
@@ -205,11 +204,11 @@ class VisionModel:
         raw_rows = [i.raw_scores for i in items]
         logit_rows = host.tolist() if any(raw_rows) else []
         score_rows = self.loaded.score(host).tolist() if not all(raw_rows) else []
-        return [
-            Classification(labels[label], rows[row][label], rows[row])
-            for row, (label, is_raw) in enumerate(zip(best, raw_rows, strict=True))
-            for rows in [logit_rows if is_raw else score_rows]
-        ]
+        out: list[Output] = []
+        for row, (label, is_raw) in enumerate(zip(best, raw_rows, strict=True)):
+            scores = logit_rows[row] if is_raw else score_rows[row]
+            out.append(Classification(labels[label], scores[label], scores))
+        return out
 
     def warm_up(
         self, max_batch_size: int, on_step: Callable[[int, int, str], None] | None = None
@@ -281,10 +280,6 @@ class VisionModel:
         else:
             described |= {"head_activation": self.loaded.activation, "text_pairs": False}
         return described
-
-
-def _fields(loaded: LoadedVision) -> dict[str, Any]:
-    return {name: getattr(loaded, name) for name in LoadedVision.__slots__}
 
 
 def load_model(options: LoadOptions) -> Any:

@@ -93,12 +93,12 @@ def _kind(folder: Path) -> VisionKind | None:
 def image_processor(folder: str | Path) -> Any:
     """The model's image processor, in its Pillow backend: the one every installation
     has (transformers picks torchvision's when installed, whose resize differs)."""
+    import transformers
     from transformers import AutoImageProcessor
 
-    try:
+    if int(transformers.__version__.split(".")[0]) >= 5:
         return AutoImageProcessor.from_pretrained(str(folder), backend="pil")
-    except TypeError:  # transformers 4.x: the slow processor is the Pillow one
-        return AutoImageProcessor.from_pretrained(str(folder), use_fast=False)
+    return AutoImageProcessor.from_pretrained(str(folder), use_fast=False)  # the Pillow one
 
 
 def pil_processor_class(family: str) -> Any:

@@ -166,6 +166,7 @@ def protocol_page() -> str:
     from benchmarks.lab.null_model import NullEncoder
     from server.kserve.grpc_service import CODES
     from server.kserve.signatures import IGNORED, NOT_FOR_TENSORS, Parameters, inputs_of, outputs_of
+    from tests.server.fakes import FakeImageModel
 
     def tensors(specs: Any, wide: str) -> str:
         shown = []
@@ -189,6 +190,11 @@ def protocol_page() -> str:
         model = NullEncoder(task, labels=())  # type: ignore[arg-type]
         lines.append(f"| {task} | {tensors(inputs_of(model), wide)} | "
                      f"{tensors(outputs_of(model), wide)} |")  # fmt: skip
+    for task, wide, what in (("classify", "labels", "image classifier"),
+                             ("embed", "d", "CLIP, SigLIP")):  # fmt: skip
+        image = FakeImageModel(task=task).encoder  # type: ignore[arg-type]
+        lines.append(f"| {task} ({what}) | {tensors(inputs_of(image), wide)} | "
+                     f"{tensors(outputs_of(image), wide)} |")  # fmt: skip
     lines += ["", "## Parameters", "", "| parameter | type | description |", "|---|---|---|"]
     schema = Parameters.model_json_schema()["properties"]
     for name, field in Parameters.model_fields.items():

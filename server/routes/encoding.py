@@ -69,11 +69,15 @@ async def encode_inputs(
     pairs: Sequence[str] | None = None,
 ) -> list[Encoded]:
     """Texts and token-id sequences, in one request and in order (OpenAI's and TEI's
-    `input`): each kind encoded in one call (`Served.encode`). An option the model
-    cannot honour is 422, on `field` where it is about the inputs themselves."""
+    `input`): each kind encoded in one call (`Served.encode`); or data URIs of images,
+    for an image model (`image_inputs`). An option the model cannot honour is 422, on
+    `field` where it is about the inputs themselves."""
     call: Call = request.state.call
     served = call.served
     model = served.encoder
+    images = image_inputs(served, inputs, field)
+    if images is not None:  # data URIs of images, for an image model
+        return await encode_images(request, images, body, field, listed=True)
     if body.all_scores and model.task in ("embed", "sparse"):
         raise invalid("all_scores", "all_scores applies to classify and rerank models")
     if body.encoding_format != "float" and model.task != "embed":

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from server.errors import NotFound
 from server.routes.admin import summaries
-from server.routes.encoding import check_tokens, encode_images, encode_inputs, image_inputs
+from server.routes.encoding import check_tokens, encode_inputs
 from server.routes.headers import deadline_of
 from server.routes.parsing import (
     RuntimeDep,
@@ -110,12 +110,8 @@ async def embeddings(request: Request) -> Response:
     needs_task(model, "embed", "/v1/embeddings", "an embedding model")
     deadline = deadline_of(engine, runtime, request)
     options = OutputOptions(dimensions=body.dimensions)
-    images = image_inputs(served, body.input, "input")
-    if images is not None:
-        items = await encode_images(request, images, options, "input", listed=True)
-    else:
-        items = await encode_inputs(request, body.input, options, "input")
-        check_tokens(items, model, runtime, "input", None, listed=True)
+    items = await encode_inputs(request, body.input, options, "input")
+    check_tokens(items, model, runtime, "input", None, listed=True)
     results = await submit_all(request, runtime, engine, items, deadline)
     tokens = sum(item.n_tokens for item in items)
     data = [

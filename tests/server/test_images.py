@@ -62,7 +62,7 @@ def clip_server(
     tmp_path_factory: pytest.TempPathFactory, clip_dir: Path
 ) -> Iterator[ServerProcess]:
     args = ["--model", str(clip_dir), "--no-compile", "--dtype", "float32"]
-    server = ServerProcess(args, tmp_path_factory.mktemp("logs") / "clip.log").start()
+    server = ServerProcess(args, tmp_path_factory.mktemp("logs") / "clip.log", grpc=True).start()
     yield server
     assert server.stop() == 0, server.log()
 
@@ -134,6 +134,24 @@ def test_the_openai_sdk_embeds_data_uris(clip_server: ServerProcess, clip_dir: P
         client.embeddings.create(model="clip", input=[uri(PHOTOS[0]), "a dog"])
 
 
+def test_tei_embed_takes_data_uris_and_a_text_model_refuses_them(
+    clip_server: ServerProcess, clip_dir: Path, tmp_path: Path, tiny_encoder_dir: Path
+) -> None:
+    embedded = httpx.post(f"{clip_server.url}/embed", json={"inputs": [uri(PHOTOS[0])]})
+    close(embedded.json(), clip_reference(clip_dir, PHOTOS[:1], []))
+    args = ["--model", str(tiny_encoder_dir), "--no-compile", "--dtype", "float32"]
+    text_server = ServerProcess(args, tmp_path / "text.log").start()
+    try:
+        openai = httpx.post(f"{text_server.url}/v1/embeddings",
+                            json={"input": [uri(PHOTOS[0])], "model": "x"})  # fmt: skip
+        tei = httpx.post(f"{text_server.url}/embed", json={"inputs": uri(PHOTOS[0])})
+    finally:
+        assert text_server.stop() == 0, text_server.log()
+    for refused in (openai, tei):
+        assert refused.status_code in (400, 422), refused.text
+        assert "is a text model" in refused.text
+
+
 def test_cohere_sdk_embeds_images(clip_server: ServerProcess, clip_dir: Path) -> None:
     cohere = pytest.importorskip("cohere")
     client = cohere.ClientV2(api_key="unused", base_url=clip_server.url)
@@ -159,6 +177,11 @@ def test_kserve_v2_takes_an_image_tensor(clip_server: ServerProcess, clip_dir: P
     tensor.set_data_from_numpy(np.array(PHOTOS[:2], dtype=np.object_), binary_data=True)
     result = client.infer("clip", [tensor])
     close(result.as_numpy("embedding").tolist(), expected)
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    channel = grpcclient.InferenceServerClient(clip_server.grpc_target)
+    tensor = grpcclient.InferInput("image", [2], "BYTES")
+    tensor.set_data_from_numpy(np.array(PHOTOS[:2], dtype=np.object_))
+    close(channel.infer("clip", [tensor]).as_numpy("embedding").tolist(), expected)
 
 
 def test_a_multipart_upload_equals_base64(vit_server: ServerProcess) -> None:
