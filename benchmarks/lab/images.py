@@ -3,7 +3,9 @@ google/vit-base-patch16-224: 12 layers of 768, 224 x 224 pictures in 16 x 16 pat
 1000 labels), against the textbook server and the raw batched ceiling, on one core.
 
 - `microbatch`: `microbatch serve --model DIR --torch-threads 1` (compiled, `--dtype auto`),
-  clients posting `{"image": base64}` to `/predict`;
+  clients posting `{"image": base64}` to `/predict`; and `microbatch float32`, the same
+  with `--dtype float32` (the naive server's precision: what batching and compiling give
+  apart from bfloat16);
 - `naive`: the textbook server, a sync FastAPI endpoint that decodes, preprocesses and runs
   one forward pass a request (float32, eager), as `pipeline("image-classification")` would;
 - `ceiling`: the raw loop of microbatch's own forward (the same precision and compiled
@@ -211,7 +213,7 @@ def table(results: dict[str, Any]) -> str:
     lines = ["| server | clients | images/s | p50 ms | p99 ms | server CPU ms/image | "
              "decoding's share of it | decoding, wall ms/image |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for name in ("microbatch", "naive"):
+    for name in ("microbatch", "microbatch float32", "naive"):
         for r in results[name]:
             cpu = r["server_cpu_ms_per_image"]
             wall = r.get("decode_wall_ms_per_image")
@@ -256,8 +258,10 @@ def main() -> None:
         results: dict[str, Any] = {"ceiling": json.loads(found.stdout.splitlines()[-1])}
         print(results["ceiling"], flush=True)
         pin(1)
+        serve = ["server.cli", "serve", "--model", model, "--torch-threads", "1"]
         servers = {
-            "microbatch": ["server.cli", "serve", "--model", model, "--torch-threads", "1"],
+            "microbatch": serve,
+            "microbatch float32": [*serve, "--dtype", "float32"],
             "naive": ["benchmarks.lab.images", "--serve-naive", model],
         }
         for name, args_ in servers.items():
