@@ -80,7 +80,7 @@ def _shape(
 @router.post(
     "/predict",
     response_model=EmbeddingResponse | LabelResponse | SparseResponse,
-    summary="Predict for one text; batched with concurrent requests",
+    summary="Predict for one text or image; batched with concurrent requests",
     responses=PREDICT_ERRORS,
     openapi_extra=upload_openapi(openapi_body(PredictRequest)),
 )
@@ -118,7 +118,7 @@ async def predict(request: Request) -> Response:
 @router.post(
     "/predict/batch",
     response_model=BatchResponse,
-    summary="Predict for several texts; each is batched on its own, results in order",
+    summary="Predict for several texts or images; each is batched on its own, results in order",
     responses=PREDICT_ERRORS,
     openapi_extra=openapi_body(BatchPredictRequest),
 )
