@@ -93,8 +93,9 @@ def clip_reference(path: Path, photos: list[bytes], texts: list[str]) -> torch.T
             pictures = processor([load(b64(p)) for p in photos], return_tensors="pt")
             out.append(model.get_image_features(**pictures))
         if texts:
-            out.append(model.get_text_features(**tokenizer(texts, padding=True,
-                                                           return_tensors="pt")))  # fmt: skip
+            tokens = tokenizer(texts, padding=True, return_tensors="pt")
+            out.append(model.get_text_features(input_ids=tokens["input_ids"],
+                                               attention_mask=tokens["attention_mask"]))  # fmt: skip
     rows = [o if isinstance(o, torch.Tensor) else o.pooler_output for o in out]
     return torch.nn.functional.normalize(torch.cat(rows))
 

@@ -30,6 +30,9 @@ def picture(mode: str, size: tuple[int, int], seed: int = 0) -> Image.Image:
         rgba = rgb.convert("RGBA")
         rgba.putalpha(alpha)
         return rgba
+    if mode == "I;16":  # 16-bit grey, built directly (Pillow before 11 cannot convert to it)
+        grey = np.asarray(rgb.convert("L"), dtype=np.uint16) * 257
+        return Image.fromarray(grey)
     return rgb.convert(mode)
 
 
@@ -102,7 +105,7 @@ def bomb(width: int, height: int) -> bytes:
         (encoded(picture("RGB", (64, 64)), "PNG")[:200], "truncated"),
         (encoded(picture("RGB", (64, 64)), "JPEG")[:300], "truncated"),
         (bomb(10_000, 10_000), "too_many_pixels"),
-        (encoded(picture("RGB", (8, 8)), "ICO"), "unsupported_format"),
+        (encoded(picture("RGB", (32, 32)), "ICO"), "unsupported_format"),
         (encoded(picture("RGB", (8, 8)), "PPM"), "unsupported_format"),
     ],
     ids=["empty", "text", "truncated-png", "truncated-jpeg", "bomb", "ico", "ppm"],

@@ -129,7 +129,9 @@ def test_image_and_text_embeddings_equal_the_reference(
         else:
             tokens = tokenizer(texts, padding=True, truncation=True, max_length=77,
                                return_tensors="pt")  # fmt: skip
-            text_features = features(reference.get_text_features(**tokens))
+            text_features = features(reference.get_text_features(
+                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+            ))  # fmt: skip
     expected = torch.cat([image_features, text_features])
     assert cosines(ours, expected).min() >= 0.9999
     assert torch.allclose(torch.tensor(ours), expected, atol=1e-4)
