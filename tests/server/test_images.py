@@ -94,8 +94,8 @@ def clip_reference(path: Path, photos: list[bytes], texts: list[str]) -> torch.T
             out.append(model.get_image_features(**pictures))
         if texts:
             tokens = tokenizer(texts, padding=True, return_tensors="pt")
-            out.append(model.get_text_features(input_ids=tokens["input_ids"],
-                                               attention_mask=tokens["attention_mask"]))  # fmt: skip
+            ids, mask = tokens["input_ids"], tokens["attention_mask"]
+            out.append(model.get_text_features(input_ids=ids, attention_mask=mask))
     rows = [o if isinstance(o, torch.Tensor) else o.pooler_output for o in out]
     return torch.nn.functional.normalize(torch.cat(rows))
 
