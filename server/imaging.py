@@ -29,8 +29,10 @@ OUTCOMES = ("ok", "not_an_image", "unsupported_format", "too_many_bytes", "too_m
 
 
 def default_threads() -> int:
-    """Threads that decode images: up to four, never more than the cores."""
-    return max(1, min(4, os.cpu_count() or 1))
+    """Threads that decode images: up to four, never more than the cores this process
+    may run on."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(4, cores or 1))
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,7 +117,8 @@ def probe_pictures() -> list[Any]:
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    sizes = [(224, 224), (640, 480), (97, 311), (1024, 768), (32, 32), (300, 200)]
+    sizes = [(224, 224), (640, 480), (97, 311), (1024, 768), (32, 32), (300, 200),
+             (480, 640), (256, 256), (1280, 720), (64, 400), (500, 500), (128, 96)]  # fmt: skip
     pictures = []
     for i, (w, h) in enumerate(sizes):
         y, x = np.mgrid[0:h, 0:w]

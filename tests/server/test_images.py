@@ -269,3 +269,23 @@ def test_an_image_model_takes_photos_over_the_text_body_limit(
     assert answered.status_code == 200, answered.text
     text_server = httpx.post(f"{classifier_server.url}/predict", json={"image": b64(big)})
     assert text_server.status_code == 413
+
+
+def test_front_ends_of_workers_decode_images(vit_dir: Path, vit_server: ServerProcess,
+                                             tmp_path: Path) -> None:  # fmt: skip
+    """With `--workers 2` each front-end decodes its own requests' images (its copy of the
+    encoder holds the image processor) and answers what one process answers."""
+    body = {"all_scores": True}
+    expected = [httpx.post(f"{vit_server.url}/predict", json={"image": b64(p), **body})
+                .json()["scores"] for p in PHOTOS]  # fmt: skip
+    args = ["--model", str(vit_dir), "--no-compile", "--dtype", "float32", "--workers", "2"]
+    workers = ServerProcess(args, tmp_path / "workers.log").start()
+    try:
+        for data, scores in zip(PHOTOS * 2, expected * 2, strict=True):
+            with httpx.Client() as fresh:  # a new connection: either front-end may take it
+                reply = fresh.post(f"{workers.url}/predict", json={"image": b64(data), **body})
+            assert reply.json()["scores"] == pytest.approx(scores, abs=1e-6)
+        upload = httpx.post(f"{workers.url}/predict", files={"image": ("a.jpg", PHOTOS[0])})
+        assert upload.status_code == 200, upload.text
+    finally:
+        assert workers.stop() == 0, workers.log()

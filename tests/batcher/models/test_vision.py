@@ -221,15 +221,19 @@ def test_unservable_image_models_are_refused_at_load(tmp_path: Path, classifier_
 
 
 @pytest.mark.slow
-def test_compiled_batches_of_any_size_never_recompile(classifier_dir: Path) -> None:
-    model = load_model(LoadOptions(source=str(classifier_dir), device="cpu", compile=True,
-                                   dtype="float32"))  # fmt: skip
-    model.warm_up(8)
-    assert model.compile_state.enabled, model.compile_state
-    eager = served(classifier_dir)
-    for size in (1, 3, 5, 8, 2, 7):
-        batch = pixels(model, IMAGES[:size])
-        got = model.predict(batch)
-        want = eager.predict(batch)
-        assert [g.label for g in got] == [w.label for w in want]
-    assert model.compile_state.graphs_since_warm_up == 0
+def test_compiled_batches_of_any_size_never_recompile(classifier_dir: Path, clip_dir: Path) -> None:
+    for path in (classifier_dir, clip_dir):
+        model = load_model(LoadOptions(source=str(path), device="cpu", compile=True,
+                                       dtype="float32"))  # fmt: skip
+        model.warm_up(8)
+        assert model.compile_state.enabled, model.compile_state
+        eager = served(path)
+        texts = [] if path == classifier_dir else eager.encoder.encode_many(["a", "b c", "d"])
+        for size in (1, 3, 5, 8, 2, 7):
+            batch = [*pixels(model, IMAGES[:size]), *texts[: size % 4]]
+            got, want = model.predict(batch), eager.predict(batch)
+            if path == classifier_dir:
+                assert [g.label for g in got] == [w.label for w in want]
+            else:
+                assert cosines(got, want).min() >= 0.9999
+        assert model.compile_state.graphs_since_warm_up == 0
