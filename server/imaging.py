@@ -24,8 +24,6 @@ from batcher.models import BadImage, Encoder, ImageLimits, Options, Pixels
 IMAGE_SECONDS_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 )  # fmt: skip
-OUTCOMES = ("ok", "not_an_image", "unsupported_format", "too_many_bytes", "too_many_pixels",
-            "truncated", "unsupported_mode")  # fmt: skip
 
 
 def default_threads() -> int:

@@ -55,7 +55,8 @@ Texts = Annotated[list[Text], BeforeValidator(within_count)]
 Image = Annotated[
     StrictStr,
     Field(min_length=1, description="One image: base64 (of a PNG, JPEG, WebP, GIF, BMP or "
-          "TIFF file) or a data URI (data:image/png;base64,...). URLs are not fetched."),
+          "TIFF file), a data URI (data:image/png;base64,...), or a URL under the server's "
+          "--image-url-allow (no URL is fetched by default)."),
 ]  # fmt: skip
 Images = Annotated[list[Image], BeforeValidator(within_count)]
 """At most `max_client_batch` images when the request limits are in the context."""

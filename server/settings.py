@@ -188,6 +188,11 @@ class Settings(BaseSettings):
         description="Most pixels (width x height) in an image, read from its header before "
         "it is decoded (a decompression bomb gets 422).",
     )
+    image_url_allow: str | None = Field(
+        None,
+        description="Comma-separated URL prefixes (https://images.example.com/public/) whose "
+        "images a request may name instead of sending them; default: no URL is fetched.",
+    )
     image_threads: int = Field(
         0, ge=0, description="Threads that decode and preprocess images; 0: up to 4, one a core."
     )
@@ -326,6 +331,11 @@ class Settings(BaseSettings):
         self.engine_config()  # raises ValueError with the bad value
         self.model_specs()  # raises ValueError for a malformed or repeated name
         self.routes()  # raises ValueError for a malformed route or an unknown version
+        if prefixes := self.image_url_prefixes():
+            from batcher.models.images import prefix_problem  # Pillow, only when asked
+
+            for problem in filter(None, map(prefix_problem, prefixes)):
+                raise ValueError(f"--image-url-allow: {problem}")
         return self
 
     def routes(self) -> dict[str, RoutePatch]:
@@ -383,6 +393,9 @@ class Settings(BaseSettings):
                 )
             specs.sort(key=lambda s: s.name != self.default_model)
         return specs
+
+    def image_url_prefixes(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in (self.image_url_allow or "").split(",") if p.strip())
 
     def image_body_bytes(self) -> int:
         """The body limit of a server that serves an image model: an image of

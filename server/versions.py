@@ -45,7 +45,8 @@ class Versions:
         self.loader = loader
         specs = {spec.key: spec for spec in settings.model_specs()}
         limits = ImageLimits(max_bytes=settings.max_image_bytes,
-                             max_pixels=settings.max_image_pixels)  # fmt: skip
+                             max_pixels=settings.max_image_pixels,
+                             url_prefixes=settings.image_url_prefixes())  # fmt: skip
         self.imaging = Imaging(registry, limits, settings.image_threads or None)
         """Decodes requests' images off the loop, for every version."""
         self.models: dict[str, Served] = {

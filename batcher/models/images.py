@@ -3,8 +3,11 @@ as transformers' `load_image` (what `pipeline("image-classification")` and
 sentence-transformers' CLIP read) decodes it, so the pixels equal the reference's, and
 with the limits a server needs before it trusts an upload.
 
-What a client sends: base64 (standard or URL-safe alphabet, padding optional), or a data
-URI (`data:image/png;base64,...`). URLs are not fetched here.
+What a client sends: base64 (standard or URL-safe alphabet, padding optional), a data
+URI (`data:image/png;base64,...`), or a URL under one of the operator's allowed prefixes
+(`ImageLimits.url_prefixes`; none by default: a server that fetches any URL a client
+names is a server-side request forgery hole). A URL is fetched with no redirects, within
+`FETCH_TIMEOUT_S` and `max_bytes`.
 
 What is refused, each with its reason (`BadImage.kind`):
 - `not_an_image`: not base64, or bytes no decoder recognises;
@@ -14,7 +17,10 @@ What is refused, each with its reason (`BadImage.kind`):
 - `too_many_pixels`: more than `ImageLimits.max_pixels`, read from the header before the
   pixels are (a decompression bomb: a small file of a huge picture);
 - `truncated`: the file ends before its pixels do, or its data are corrupt;
-- `unsupported_mode`: a pixel mode that has no RGB conversion.
+- `unsupported_mode`: a pixel mode that has no RGB conversion;
+- `url_not_allowed`: a URL outside the allowed prefixes (or any URL, by default);
+- `url_failed`: an allowed URL that did not answer 200 with the image in time (a
+  redirect, an error status, a timeout, a refused connection).
 
 Runs on a thread of the tokenizer's pool, never on the event loop: decoding costs
 milliseconds.
@@ -26,16 +32,22 @@ import base64
 import binascii
 import io
 import re
+import urllib.error
+import urllib.request
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 BadImageKind = Literal[
     "not_an_image", "unsupported_format", "too_many_bytes", "too_many_pixels", "truncated",
-    "unsupported_mode",
+    "unsupported_mode", "url_not_allowed", "url_failed",
 ]  # fmt: skip
+FETCH_TIMEOUT_S = 10.0
+"""How long an allowed URL has to answer, for each of connecting and each read."""
 FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"})
 """The formats read by default: what cameras, browsers and screenshot tools write."""
 DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,", re.I)
@@ -57,15 +69,17 @@ class ImageLimits:
     """Width times height: a 50-megapixel photo, and a bound on the memory one image can
     take once decoded (about 150 MB in RGB)."""
     formats: frozenset[str] = field(default=FORMATS)
+    url_prefixes: tuple[str, ...] = ()
+    """URLs fetched: those under one of these (`https://images.example.com/public/`);
+    none by default."""
 
 
 def image_bytes(text: str, limits: ImageLimits) -> bytes:
-    """The file a client's string holds: base64, or a data URI of an image. Raises
-    BadImage."""
+    """The file a client's string holds: base64, a data URI of an image, or the file at
+    an allowed URL (`fetch`). Raises BadImage."""
     text = text.strip()
     if text[:8].lower().startswith(("http://", "https://")):
-        raise BadImage("not_an_image", "URLs are not fetched: send the image itself, as "
-                       "base64 or a data URI")  # fmt: skip
+        return fetch(text, limits)
     if text[:5].lower() == "data:":
         match = DATA_URI.match(text)
         if match is None:
@@ -83,6 +97,78 @@ def image_bytes(text: str, limits: ImageLimits) -> bytes:
         return base64.b64decode(padded, altchars=alphabet, validate=True)
     except (binascii.Error, ValueError):
         raise BadImage("not_an_image", "the image is not base64") from None
+
+
+def allowed(url: str, prefixes: Sequence[str]) -> bool:
+    """Whether `url` is under one of `prefixes`: the same scheme, host and port, and a
+    path that starts with the prefix's path at a segment boundary. A URL with a user or
+    password, or one that does not parse, is under none."""
+    try:
+        target = urlsplit(url)
+        port = target.port
+    except ValueError:
+        return False
+    if target.username is not None or target.password is not None or not target.hostname:
+        return False
+    if any(part in (".", "..") for part in unquote(target.path).split("/")):
+        return False  # a server would resolve it out of the prefix
+    for prefix in prefixes:
+        base = urlsplit(prefix)
+        if (target.scheme.lower(), target.hostname, port or _PORTS.get(target.scheme.lower())) != (
+            base.scheme.lower(), base.hostname, base.port or _PORTS.get(base.scheme.lower())
+        ):  # fmt: skip
+            continue
+        path = base.path if base.path.endswith("/") else base.path + "/"
+        if (target.path or "/").startswith(path) or target.path == base.path:
+            return True
+    return False
+
+
+def prefix_problem(prefix: str) -> str | None:
+    """Why `prefix` cannot be an allowed URL prefix, or None."""
+    try:
+        parts = urlsplit(prefix)
+        parts.port  # noqa: B018 (raises ValueError for a bad port)
+    except ValueError as exc:
+        return f"{prefix!r} is not a URL: {exc}"
+    if parts.scheme.lower() not in _PORTS or not parts.hostname:
+        return f"{prefix!r} is not an http:// or https:// URL with a host"
+    if parts.username or parts.password or parts.query or parts.fragment:
+        return f"{prefix!r} has a user, password, query or fragment; give scheme, host and path"
+    return None
+
+
+_PORTS = {"http": 80, "https": 443}
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # the 3xx is then an HTTPError: a redirect could leave the allow-list
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
+def fetch(url: str, limits: ImageLimits) -> bytes:
+    """The file at `url`, if `limits` allow it: at most `max_bytes`, no redirects, within
+    FETCH_TIMEOUT_S. Raises BadImage."""
+    if not allowed(url, limits.url_prefixes):
+        where = "this server fetches no URLs" if not limits.url_prefixes else (
+            "it is outside the URLs this server fetches (--image-url-allow)")  # fmt: skip
+        raise BadImage("url_not_allowed", f"the image's URL is not fetched: {where}; send "
+                       "the image itself, as base64 or a data URI")  # fmt: skip
+    request = urllib.request.Request(url, headers={"User-Agent": "microbatch"})
+    try:
+        with _OPENER.open(request, timeout=FETCH_TIMEOUT_S) as reply:
+            data: bytes = reply.read(limits.max_bytes + 1)
+    except urllib.error.HTTPError as exc:
+        raise BadImage("url_failed", f"the image's URL answered {exc.code} (redirects are "
+                       "not followed)") from None  # fmt: skip
+    except (OSError, ValueError) as exc:  # refused, timed out, reset, a bad URL
+        raise BadImage("url_failed", f"the image's URL could not be read: {exc}") from None
+    if len(data) > limits.max_bytes:
+        raise BadImage("too_many_bytes", f"the image is over {limits.max_bytes} bytes")
+    return data
 
 
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.server
 import io
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -215,7 +217,7 @@ BAD = [
     ("truncated", b64(photo(9)[:300])),
     ("too_many_pixels", b64(bomb())),
     ("unsupported_format", b64(photo(9, fmt="ICO"))),
-    ("not_an_image", "https://example.com/cat.jpg"),
+    ("url_not_allowed", "https://example.com/cat.jpg"),
     ("not_an_image", "data:text/plain;base64,aGVsbG8="),
 ]
 
@@ -289,3 +291,71 @@ def test_front_ends_of_workers_decode_images(vit_dir: Path, vit_server: ServerPr
         assert upload.status_code == 200, upload.text
     finally:
         assert workers.stop() == 0, workers.log()
+
+
+class Origin(http.server.BaseHTTPRequestHandler):
+    """A real HTTP server's handler: `/photos/N.jpg` is PHOTOS[N], `/photos/moved.jpg`
+    redirects to the first, anything else is 404."""
+
+    def do_GET(self) -> None:
+        name = self.path.rsplit("/", 1)[-1]
+        if self.path == "/photos/moved.jpg":
+            self.send_response(302)
+            self.send_header("Location", "/photos/0.jpg")
+            self.end_headers()
+            return
+        if not self.path.startswith("/photos/") or not name.removesuffix(".jpg").isdigit():
+            self.send_error(404)
+            return
+        data = PHOTOS[int(name.removesuffix(".jpg")) % len(PHOTOS)]
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_urls_are_fetched_from_the_allowed_prefixes_only(vit_dir: Path, tmp_path: Path) -> None:
+    origin = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Origin)
+    serving = threading.Thread(target=origin.serve_forever, daemon=True)
+    serving.start()
+    base = f"http://127.0.0.1:{origin.server_address[1]}"
+    args = ["--model", str(vit_dir), "--no-compile", "--dtype", "float32",
+            "--image-url-allow", f"{base}/photos/"]  # fmt: skip
+    server = ServerProcess(args, tmp_path / "urls.log").start()
+    try:
+        url = server.url + "/predict"
+        fetched = httpx.post(url, json={"image": f"{base}/photos/1.jpg", "all_scores": True})
+        sent = httpx.post(url, json={"image": b64(PHOTOS[1]), "all_scores": True})
+        assert fetched.status_code == 200, fetched.text
+        assert fetched.json()["scores"] == sent.json()["scores"]
+        refused = {
+            f"{base}/secret/1.jpg": "url_not_allowed",
+            f"{base}/photos/../secret/1.jpg": "url_not_allowed",
+            f"{base}/photos/moved.jpg": "url_failed",  # a redirect could leave the list
+            f"{base}/photos/missing.png": "url_failed",
+        }
+        for image, kind in refused.items():
+            reply = httpx.post(url, json={"image": image})
+            assert reply.status_code == 422, reply.text
+            assert reply.json()["detail"][0]["type"] == kind, (image, reply.text)
+        origin.shutdown()  # the origin dies mid-run: its URLs fail, nothing else does
+        origin.server_close()
+        gone = httpx.post(url, json={"image": f"{base}/photos/2.jpg"})
+        assert gone.status_code == 422
+        assert gone.json()["detail"][0]["type"] == "url_failed"
+        assert httpx.post(url, json={"image": b64(PHOTOS[2])}).status_code == 200
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def test_a_prefix_that_is_no_url_fails_at_start() -> None:
+    from pydantic import ValidationError
+
+    from server.settings import Settings
+
+    with pytest.raises(ValidationError, match="--image-url-allow"):
+        Settings(image_url_allow="images.example.com/public/")

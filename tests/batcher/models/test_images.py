@@ -164,3 +164,51 @@ def test_fuzzed_files_decode_or_are_refused_never_anything_else(data: st.DataObj
         outcome = refused.kind
     assert outcome in ("RGB", "not_an_image", "truncated", "too_many_pixels",
                        "unsupported_format", "unsupported_mode")  # fmt: skip
+
+
+PREFIXES = ("https://images.example.com/public/", "http://127.0.0.1:8123")
+
+
+@pytest.mark.parametrize(
+    ("url", "fetched"),
+    [
+        ("https://images.example.com/public/cat.jpg", True),
+        ("https://IMAGES.example.com/public/a/b.png", True),
+        ("https://images.example.com:443/public/cat.jpg", True),
+        ("http://127.0.0.1:8123/anything.png", True),
+        ("https://images.example.com/publicity/cat.jpg", False),  # not at a segment boundary
+        ("https://images.example.com/private/cat.jpg", False),
+        ("https://images.example.com/public/../private/cat.jpg", False),
+        ("https://images.example.com/public/%2e%2e/private/cat.jpg", False),
+        ("http://images.example.com/public/cat.jpg", False),  # another scheme
+        ("https://images.example.com.evil.test/public/cat.jpg", False),
+        ("https://user@images.example.com/public/cat.jpg", False),
+        ("https://images.example.com:8443/public/cat.jpg", False),
+        ("http://127.0.0.1:8124/anything.png", False),
+        ("http://127.0.0.1/anything.png", False),
+        ("http://[::1/broken", False),
+    ],
+)
+def test_only_urls_under_an_allowed_prefix_are_fetched(url: str, fetched: bool) -> None:
+    from batcher.models.images import allowed
+
+    assert allowed(url, PREFIXES) is fetched
+
+
+def test_no_url_is_fetched_by_default() -> None:
+    with pytest.raises(BadImage) as refused:
+        image_bytes("https://images.example.com/public/cat.jpg", ImageLimits())
+    assert refused.value.kind == "url_not_allowed"
+    assert "send the image itself" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    ["ftp://host/", "images.example.com/public/", "https://u:p@host/", "https://host/?q=1",
+     "https://host:99999/"],
+)  # fmt: skip
+def test_a_prefix_that_is_not_a_plain_http_url_is_refused(prefix: str) -> None:
+    from batcher.models.images import prefix_problem
+
+    assert prefix_problem(prefix) is not None
+    assert prefix_problem("https://images.example.com/public/") is None
