@@ -176,23 +176,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         2_097_152, ge=1024, description="Largest request body (413); TEI's default, 2 MiB."
     )
-    max_image_bytes: int = Field(
-        20 * 1024 * 1024,
-        ge=1024,
-        description="Largest image file (its bytes, before base64); an image model's "
-        "server takes bodies up to a third more than this, whatever --max-body-bytes says.",
-    )
-    max_image_pixels: int = Field(
-        50_000_000,
-        ge=1,
-        description="Most pixels (width x height) in an image, read from its header before "
-        "it is decoded (a decompression bomb gets 422).",
-    )
-    image_url_allow: str | None = Field(
-        None,
-        description="Comma-separated URL prefixes (https://images.example.com/public/) whose "
-        "images a request may name instead of sending them; default: no URL is fetched.",
-    )
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest image file "
+                                 "(an image model's server takes bodies a third larger, in "
+                                 "base64, whatever --max-body-bytes says).")  # fmt: skip
+    max_image_pixels: int = Field(50_000_000, ge=1, description="Most pixels in an image, "
+                                  "read from its header before decoding.")  # fmt: skip
+    image_url_allow: str | None = Field(None, description="Comma-separated URL prefixes "
+                                        "(https://images.example.com/public/) whose images a "
+                                        "request may name; default: none.")  # fmt: skip
     image_threads: int = Field(
         0, ge=0, description="Threads that decode and preprocess images; 0: up to 4, one a core."
     )
@@ -332,7 +323,7 @@ class Settings(BaseSettings):
         self.model_specs()  # raises ValueError for a malformed or repeated name
         self.routes()  # raises ValueError for a malformed route or an unknown version
         if prefixes := self.image_url_prefixes():
-            from batcher.models.images import prefix_problem  # Pillow, only when asked
+            from batcher.models import prefix_problem  # Pillow, only when asked
 
             for problem in filter(None, map(prefix_problem, prefixes)):
                 raise ValueError(f"--image-url-allow: {problem}")

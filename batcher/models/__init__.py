@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from batcher.models.errors import (
         ModelLoadError,
     )
-    from batcher.models.images import BadImage, ImageLimits
+    from batcher.models.images import BadImage, ImageLimits, prefix_problem
     from batcher.models.inputs import (
         DEFAULT_OPTIONS,
         Encoded,
@@ -134,6 +134,7 @@ _LAZY = {
     "TextModel": "batcher.models.text",
     "BadImage": "batcher.models.images",
     "ImageLimits": "batcher.models.images",
+    "prefix_problem": "batcher.models.images",
     "ImageEncoder": "batcher.models.pixels",
     "Pixels": "batcher.models.pixels",
     "VisionModel": "batcher.models.vision",
@@ -208,6 +209,7 @@ __all__ = [
     "TextModel",
     "BadImage",
     "ImageLimits",
+    "prefix_problem",
     "ImageEncoder",
     "Pixels",
     "VisionModel",
