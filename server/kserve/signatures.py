@@ -169,8 +169,9 @@ def images_of(model: Encoder, request: InferRequest, max_images: int) -> list[st
     tensor = request.inputs[IMAGE]
     _check_bytes(tensor, max_images, "images")
     elements = cast("list[bytes]", tensor.elements)
-    return [e.decode("ascii") if (e and set(e) <= BASE64) or e[:5].lower() == b"data:" else e
-            for e in elements]  # fmt: skip
+    # latin-1 never fails: a non-ASCII byte then fails as base64 does, as a bad image.
+    return [e.decode("latin-1") if (e and set(e) <= BASE64) or e[:5].lower() == b"data:"
+            else e for e in elements]  # fmt: skip
 
 
 def _check_bytes(tensor: Input, most: int, what: str) -> None:

@@ -172,6 +172,11 @@ def test_kserve_v2_takes_an_image_tensor(clip_server: ServerProcess, clip_dir: P
     body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2],
                         "data": [b64(PHOTOS[0]), uri(PHOTOS[1])]}]}  # fmt: skip
     reply = httpx.post(f"{url}/infer", json=body).json()
+    broken = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                          "data": ["data:image/png;base64,\u00e9\u00e9"]}]}  # fmt: skip
+    refused = httpx.post(f"{url}/infer", json=broken)
+    assert refused.status_code == 400, refused.text  # the protocol's invalid input
+    assert "not_an_image" in refused.text
     [out] = reply["outputs"]
     close(np.asarray(out["data"]).reshape(out["shape"]).tolist(), expected)
     tritonclient = pytest.importorskip("tritonclient.http")
