@@ -191,6 +191,8 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
         raise BadImage("too_many_pixels", f"the image is over {limits.max_pixels} pixels") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise BadImage("truncated", f"the image cannot be read: {exc}") from None
+    except Exception as exc:  # a decoder's own failure on a malformed header
+        raise BadImage("truncated", f"the image cannot be read ({type(exc).__name__})") from None
     width, height = picture.size
     if width * height > limits.max_pixels:
         raise BadImage("too_many_pixels", f"the image is {width} x {height}, over "
@@ -204,6 +206,8 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
             raise BadImage("unsupported_mode", f"{picture.mode} images have no RGB "
                            "conversion") from None  # fmt: skip
         raise BadImage("truncated", f"the image is cut short or corrupt: {exc}") from None
+    except Exception as exc:  # a decoder's own failure on malformed data
+        raise BadImage("truncated", f"the image is corrupt ({type(exc).__name__})") from None
 
 
 def _format_of(data: bytes) -> str | None:

@@ -132,7 +132,9 @@ class ImageEncoder:
             started = time.perf_counter()
             try:
                 data = image if isinstance(image, bytes) else image_bytes(image, limits)
-                pictures.append(decode_image(data, limits))
+                picture = decode_image(data, limits)
+                self._check_resized(picture.size, limits)
+                pictures.append(picture)
                 out.append(_PENDING)
             except BadImage as exc:
                 out.append(exc)
@@ -149,6 +151,28 @@ class ImageEncoder:
                 out[i] = Pixels(data, self.spec.image_shape, hashlib.sha256(data).digest(),
                                 self.spec.patches, **fields)  # fmt: skip
         return out
+
+    def _check_resized(self, size: tuple[int, int], limits: ImageLimits) -> None:
+        """A processor that resizes to a shortest edge (CLIP's) keeps the aspect ratio: a
+        1 x 40,000 picture would become 224 x 8,960,000 before its crop. Refused when the
+        resized picture would be over `max_pixels`."""
+        wanted = self.processor_size.get("shortest_edge")
+        width, height = size
+        if not isinstance(wanted, int) or min(width, height) >= wanted:
+            return
+        scale = wanted / max(1, min(width, height))
+        if width * height * scale * scale > limits.max_pixels:
+            raise BadImage("too_many_pixels", f"the image is {width} x {height}: resized to the "
+                           f"model's shortest edge of {wanted} it would be over "
+                           f"{limits.max_pixels} pixels")  # fmt: skip
+
+    @property
+    def processor_size(self) -> dict[str, Any]:
+        """The processor's `size` as a dict (transformers 5 has a `SizeDict`)."""
+        size = getattr(self.processor, "size", None)
+        if isinstance(size, dict):
+            return size
+        return {k: v for k, v in vars(size).items() if v is not None} if size is not None else {}
 
     def pixel_values(self, pictures: Sequence[Any]) -> np.ndarray[Any, Any]:
         """The processor's `pixel_values` for RGB pictures: float32 `[n, 3, H, W]`."""

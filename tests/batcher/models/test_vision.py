@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from batcher.models import BadImage, InvalidOption, LoadOptions, ModelLoadError, Options, Pixels
+from batcher.models import (
+    BadImage,
+    ImageLimits,
+    InvalidOption,
+    LoadOptions,
+    ModelLoadError,
+    Options,
+    Pixels,
+)
 from batcher.models.vision import VisionModel, load_model
 from batcher.models.vision_loading import image_processor
 from tests.batcher.models.test_images import CASES, encoded, picture
@@ -237,3 +245,17 @@ def test_compiled_batches_of_any_size_never_recompile(classifier_dir: Path, clip
             else:
                 assert cosines(got, want).min() >= 0.9999
         assert model.compile_state.graphs_since_warm_up == 0
+
+
+def test_a_sliver_that_the_resize_would_blow_up_is_refused(clip_dir: Path) -> None:
+    # CLIP resizes the shortest edge to 32 here, keeping the aspect ratio: a 1 x 40,000
+    # picture would become 32 x 1,280,000 before its crop.
+    model = served(clip_dir)
+    sliver = base64.b64encode(encoded(picture("RGB", (40_000, 1)), "PNG")).decode()
+    limits = ImageLimits(max_pixels=1_000_000)
+    [refused] = model.encoder.encode_images([sliver], Options(), limits)
+    assert isinstance(refused, BadImage)
+    assert refused.kind == "too_many_pixels"
+    assert "shortest edge of 32" in str(refused)
+    [fine] = model.encoder.encode_images([IMAGES[0]], Options(), limits)
+    assert isinstance(fine, Pixels)
