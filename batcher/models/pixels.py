@@ -210,7 +210,10 @@ class ImageEncoder:
 
     # -- texts (CLIP-like models) ------------------------------------------------------
 
-    def _text(self) -> TextEncoder:
+    def _text(self, options: Options = DEFAULT_OPTIONS) -> TextEncoder:
+        if options.token_embeddings:
+            raise InvalidOption("token_embeddings", f"{self.name} answers pooled embeddings "
+                                "only; its towers' token vectors are not served")  # fmt: skip
         if self.text is None:
             raise InvalidOption(
                 "input", f"{self.name} classifies images; send an image, not text "
@@ -225,18 +228,18 @@ class ImageEncoder:
         options: Options = DEFAULT_OPTIONS,
         truncation_direction: TruncationDirection = "right",
     ) -> list[Encoded]:
-        return self._text().encode_many(texts, pairs, options, truncation_direction)
+        return self._text(options).encode_many(texts, pairs, options, truncation_direction)
 
     def encode_ids(
         self, sequences: Sequence[Sequence[int]], options: Options = DEFAULT_OPTIONS
     ) -> list[Encoded]:
-        return self._text().encode_ids(sequences, options)
+        return self._text(options).encode_ids(sequences, options)
 
     def decode(self, ids: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
         return self._text().decode(ids, skip_special_tokens)
 
     def chunk(self, text: str, options: Options = DEFAULT_OPTIONS) -> Chunks:
-        return self._text().chunk(text, options)
+        return self._text(options).chunk(text, options)
 
     def static_queries(
         self, texts: Sequence[str], options: Options = DEFAULT_OPTIONS

@@ -364,3 +364,43 @@ def test_a_prefix_that_is_no_url_fails_at_start() -> None:
 
     with pytest.raises(ValidationError, match="--image-url-allow"):
         Settings(image_url_allow="images.example.com/public/")
+
+
+def test_no_route_fails_on_an_image_model(
+    clip_server: ServerProcess, vit_server: ServerProcess
+) -> None:
+    """Every prediction route, with texts and with images, and the describing routes, on
+    both image models: each answers or refuses (4xx), never a 500."""
+    image, data = b64(PHOTOS[0]), uri(PHOTOS[0])
+    calls: list[tuple[str, str, object]] = [
+        ("POST", "/predict", {"text": "hi"}), ("POST", "/predict", {"image": image}),
+        ("POST", "/predict", {"image": image, "embedding_type": "int8"}),
+        ("POST", "/predict", {"image": image, "encoding_format": "base64"}),
+        ("POST", "/predict", {"image": image, "token_embeddings": True}),
+        ("POST", "/predict", {"text": "hi", "token_embeddings": True}),
+        ("POST", "/predict", {"image": image, "input_type": "query"}),
+        ("POST", "/predict", {"text": "hi", "text_pair": "there"}),
+        ("POST", "/predict/batch", {"images": [image, data]}),
+        ("POST", "/v1/embeddings", {"input": [data], "model": "m"}),
+        ("POST", "/v1/embeddings", {"input": "hello", "model": "m"}),
+        ("POST", "/embed", {"inputs": [data]}), ("POST", "/embed", {"inputs": "hello"}),
+        ("POST", "/embed_all", {"inputs": [data]}), ("POST", "/embed_all", {"inputs": "hello"}),
+        ("POST", "/embed_sparse", {"inputs": "hello"}),
+        ("POST", "/rerank", {"query": "q", "texts": ["a"]}),
+        ("POST", "/similarity", {"inputs": {"source_sentence": "a", "sentences": ["b"]}}),
+        ("POST", "/tokenize", {"inputs": "hello"}), ("POST", "/decode", {"ids": [1, 2]}),
+        ("POST", "/", {"inputs": "hello"}), ("POST", "/", {"inputs": data}),
+        ("POST", "/v1/rerank", {"query": "q", "documents": ["a"]}),
+        ("POST", "/v2/embed", {"images": [data], "input_type": "image", "model": "m"}),
+        ("POST", "/v2/embed", {"texts": ["a"], "model": "m", "embedding_types": ["float"]}),
+        ("POST", "/v2/rerank", {"query": "q", "documents": ["a"], "model": "m"}),
+        ("POST", "/v2/models/m/infer", {"inputs": [{"name": "text", "datatype": "BYTES",
+                                                    "shape": [1], "data": ["hi"]}]}),
+        ("GET", "/info", None), ("GET", "/model", None), ("GET", "/v1/models", None),
+        ("GET", "/v2/models/m", None), ("GET", "/model/calibration", None),
+        ("GET", "/dashboard/data", None), ("GET", "/admin/models", None),
+    ]  # fmt: skip
+    for server in (clip_server, vit_server):
+        for method, path, body in calls:
+            reply = httpx.request(method, server.url + path, json=body, timeout=30)
+            assert reply.status_code < 500, (server.url, path, body, reply.text)

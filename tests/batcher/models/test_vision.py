@@ -183,6 +183,8 @@ def test_dimensions_and_options(clip_dir: Path, classifier_dir: Path) -> None:
     for bad in (Options(prompt="x"), Options(dimensions=17), Options(raw_scores=True)):
         with pytest.raises(InvalidOption):
             model.encoder.encode_images(IMAGES[:1], bad)
+    with pytest.raises(InvalidOption, match="pooled embeddings only"):
+        model.encoder.encode_many(["a text"], options=Options(token_embeddings=True))
     classifier = served(classifier_dir)
     with pytest.raises(InvalidOption, match="send an image"):
         classifier.encoder.encode_many(["a text"])
