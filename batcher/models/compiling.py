@@ -62,6 +62,19 @@ class CompileState:
         self.graphs_at_warm_up = graphs_compiled()
         self.stance = self.after_warm_up
 
+    @contextlib.contextmanager
+    def warming_more(self) -> Iterator[None]:
+        """Shapes warmed after warm-up (a live rise of the batch limit): compiled on
+        purpose, with the default stance, and not counted as request recompiles."""
+        before, stance = graphs_compiled(), self.stance
+        self.stance = "default"
+        try:
+            yield
+        finally:
+            self.stance = stance
+            if self.graphs_at_warm_up is not None:
+                self.graphs_at_warm_up += graphs_compiled() - before
+
     @property
     def graphs_since_warm_up(self) -> int:
         if self.graphs_at_warm_up is None:

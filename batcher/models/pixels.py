@@ -106,6 +106,14 @@ class ImageEncoder:
         self.max_tokens = 0 if self.text is None else self.text.max_tokens
         self.prompts: Mapping[str, str] = {}
         self.modalities: tuple[str, ...] = ("image",) if self.text is None else ("image", "text")
+        size = getattr(processor, "size", None)  # a dict, or transformers 5's SizeDict
+        edge = (
+            size.get("shortest_edge")
+            if isinstance(size, dict)
+            else getattr(size, "shortest_edge", None)
+        )
+        self._shortest_edge = edge if isinstance(edge, int) else None
+        """The processor resizes the shortest edge to this, keeping the aspect ratio."""
 
     def __reduce__(self) -> tuple[type[ImageEncoder], tuple[ImageSpec, Any]]:
         return ImageEncoder, (self.spec, self.processor)
@@ -156,23 +164,15 @@ class ImageEncoder:
         """A processor that resizes to a shortest edge (CLIP's) keeps the aspect ratio: a
         1 x 40,000 picture would become 224 x 8,960,000 before its crop. Refused when the
         resized picture would be over `max_pixels`."""
-        wanted = self.processor_size.get("shortest_edge")
+        wanted = self._shortest_edge
         width, height = size
-        if not isinstance(wanted, int) or min(width, height) >= wanted:
+        if wanted is None or min(width, height) >= wanted:
             return
         scale = wanted / max(1, min(width, height))
         if width * height * scale * scale > limits.max_pixels:
             raise BadImage("too_many_pixels", f"the image is {width} x {height}: resized to the "
                            f"model's shortest edge of {wanted} it would be over "
                            f"{limits.max_pixels} pixels")  # fmt: skip
-
-    @property
-    def processor_size(self) -> dict[str, Any]:
-        """The processor's `size` as a dict (transformers 5 has a `SizeDict`)."""
-        size = getattr(self.processor, "size", None)
-        if isinstance(size, dict):
-            return size
-        return {k: v for k, v in vars(size).items() if v is not None} if size is not None else {}
 
     def pixel_values(self, pictures: Sequence[Any]) -> np.ndarray[Any, Any]:
         """The processor's `pixel_values` for RGB pictures: float32 `[n, 3, H, W]`."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from batcher.errors import DeviceOutOfMemory
-from batcher.models.compiling import CompileState, compile_forward, graphs_compiled
+from batcher.models.compiling import CompileState, compile_forward
 from batcher.models.description import Dense
 from batcher.models.encoder import TextEncoder
 from batcher.models.errors import ModelLoadError
@@ -317,16 +317,8 @@ class TextModel:
         logger.info("warm-up done in %.1fs (%s)", time.perf_counter() - started, self.compile_state)
 
     def _warm_more(self, max_batch_size: int) -> None:
-        state = self.compile_state
-        before, stance = graphs_compiled(), state.stance
-        state.stance = "default"
-        try:
+        with self.compile_state.warming_more():
             self._run_shapes(max_batch_size)
-        finally:
-            state.stance = stance
-            if state.graphs_at_warm_up is not None:
-                # Graphs made here were made on purpose: they are not request recompiles.
-                state.graphs_at_warm_up += graphs_compiled() - before
         logger.info("warmed batches of up to %d", max_batch_size)
 
     def _run_shapes(

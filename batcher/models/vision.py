@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from batcher.errors import DeviceOutOfMemory
-from batcher.models.compiling import CompileState, compile_forward, graphs_compiled
+from batcher.models.compiling import CompileState, compile_forward
 from batcher.models.errors import ModelLoadError
 from batcher.models.heads import finish_embeddings
 from batcher.models.inputs import Encoded
@@ -217,14 +217,8 @@ class VisionModel:
         texts), so that no request compiles; falls back to eager on a compile failure."""
         started = time.perf_counter()
         if self.warmed:
-            before, stance = graphs_compiled(), self.compile_state.stance
-            self.compile_state.stance = "default"
-            try:
+            with self.compile_state.warming_more():
                 self._run_shapes(max_batch_size, None)
-            finally:
-                self.compile_state.stance = stance
-                if self.compile_state.graphs_at_warm_up is not None:
-                    self.compile_state.graphs_at_warm_up += graphs_compiled() - before
             return
         try:
             if self.compile_state.requested:
